@@ -1,0 +1,261 @@
+// CPU top-k + log-sum-exp: one read of each row, in chunks that stay in L1.
+// Per chunk: a vectorised max / NaN scan and exp-sum (the exp is a polynomial so the loop
+// vectorises without -ffast-math), then a scalar scan only when the chunk can change the top-k.
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <functional>
+#include <limits>
+#include <vector>
+
+#include "cpu_kernels.h"
+
+// The 64-byte vector type below is internal to this file; its ABI note does not concern us.
+#pragma GCC diagnostic ignored "-Wpsabi"
+
+namespace torchspec {
+namespace cpu {
+namespace {
+
+constexpr int kChunk = 256;  // floats: 1 KiB, in L1 for the passes over it
+constexpr int kLanes = 16;
+constexpr int kGroups = kChunk / kLanes;
+static_assert(kGroups <= 31, "group bits must fit an int32 mask");
+
+inline uint32_t float_bits(float v) {
+  uint32_t b;
+  std::memcpy(&b, &v, 4);
+  return b;
+}
+
+inline float bits_float(uint32_t b) {
+  float v;
+  std::memcpy(&v, &b, 4);
+  return v;
+}
+
+// 16 floats as one GCC/Clang vector: each target clone lowers it to its own SIMD instructions
+// (one AVX-512 register, two AVX2 registers: enough independent work either way).
+typedef float f32x16 __attribute__((vector_size(64)));
+typedef int32_t i32x16 __attribute__((vector_size(64)));
+typedef uint32_t u32x16 __attribute__((vector_size(64)));
+
+// 2^y for y <= 0, 16 lanes (relative error about 2e-7); results below 2^-125 are not exact but
+// tiny. A NaN lane gives an unspecified value: rows holding NaN get lse = NaN anyway.
+__attribute__((always_inline)) inline f32x16 exp2_nonpositive(f32x16 y) {
+  y = y < -125.0f ? f32x16{} - 125.0f : y;
+  const f32x16 shifted = y + 12582912.0f;  // 1.5 * 2^23: rounds y to an integer in the low bits
+  const u32x16 n = (u32x16)shifted - 0x4B400000u;
+  const f32x16 f = y - (shifted - 12582912.0f);  // in [-0.5, 0.5]
+  f32x16 p = f * 1.535336188319500e-4f + 1.339887440266574e-3f;
+  p = p * f + 9.618437357674640e-3f;
+  p = p * f + 5.550332471162809e-2f;
+  p = p * f + 2.402264791363012e-1f;
+  p = p * f + 6.931472028550421e-1f;
+  p = p * f + 1.0f;
+  return (f32x16)((u32x16)p + (n << 23));
+}
+
+// Horizontal reductions by halving (lane-by-lane extraction compiles to far slower code).
+typedef float f32x8 __attribute__((vector_size(32)));
+typedef float f32x4 __attribute__((vector_size(16)));
+typedef int32_t i32x8 __attribute__((vector_size(32)));
+typedef int32_t i32x4 __attribute__((vector_size(16)));
+
+__attribute__((always_inline)) inline float reduce_sum(f32x16 v) {
+  const f32x8 a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
+                  __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+  const f32x4 b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
+  return (b[0] + b[1]) + (b[2] + b[3]);
+}
+
+// Maximum of lanes that hold no NaN.
+__attribute__((always_inline)) inline float reduce_max(f32x16 v) {
+  const f32x8 lo = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7);
+  const f32x8 hi = __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+  const f32x8 a = lo > hi ? lo : hi;
+  const f32x4 b0 = __builtin_shufflevector(a, a, 0, 1, 2, 3), b1 = __builtin_shufflevector(a, a, 4, 5, 6, 7);
+  const f32x4 b = b0 > b1 ? b0 : b1;
+  const float c0 = b[0] > b[1] ? b[0] : b[1], c1 = b[2] > b[3] ? b[2] : b[3];
+  return c0 > c1 ? c0 : c1;
+}
+
+__attribute__((always_inline)) inline int32_t reduce_or(i32x16 v) {
+  const i32x8 a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) |
+                  __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+  const i32x4 b = __builtin_shufflevector(a, a, 0, 1, 2, 3) | __builtin_shufflevector(a, a, 4, 5, 6, 7);
+  return (b[0] | b[1]) | (b[2] | b[3]);
+}
+
+inline float half_to_float(uint16_t h) {
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+  const uint32_t em = h & 0x7FFFu;
+  // Normal and subnormal halves: shift into a float's mantissa and rescale the exponent by 2^112.
+  float mag = bits_float(em << 13) * 5.192296858534828e33f;
+  if (em >= 0x7C00u) mag = bits_float((em << 13) | 0x7F800000u);  // inf and NaN
+  return bits_float(float_bits(mag) | sign);
+}
+
+inline void load_chunk(const void* row, ScalarKind dtype, int64_t begin, int n, float* out) {
+  switch (dtype) {
+    case ScalarKind::kFloat32: {
+      const float* src = static_cast<const float*>(row) + begin;
+      for (int i = 0; i < n; ++i) out[i] = src[i];
+      break;
+    }
+    case ScalarKind::kBFloat16: {
+      const uint16_t* src = static_cast<const uint16_t*>(row) + begin;
+      for (int i = 0; i < n; ++i) out[i] = bits_float(static_cast<uint32_t>(src[i]) << 16);
+      break;
+    }
+    case ScalarKind::kFloat16: {
+      const uint16_t* src = static_cast<const uint16_t*>(row) + begin;
+      for (int i = 0; i < n; ++i) out[i] = half_to_float(src[i]);
+      break;
+    }
+  }
+}
+
+inline size_t element_size(ScalarKind dtype) { return dtype == ScalarKind::kFloat32 ? 4 : 2; }
+
+// The k best keys of a stream. Keys above the threshold are appended to a buffer; when it
+// fills, nth_element keeps the best k and the k-th becomes the new threshold (cheaper than a heap
+// update per accepted key: for random logits most offers arrive while the threshold is low).
+class TopK {
+ public:
+  void reset(size_t k) {
+    k_ = k;
+    capacity_ = std::max<size_t>(2 * k, k + 256);
+    keys_.clear();
+    keys_.reserve(capacity_);
+    threshold_ = 0;
+    has_threshold_ = false;
+  }
+  // True once k keys above `threshold()` are known; before that every key is taken.
+  bool has_threshold() const { return has_threshold_; }
+  uint64_t threshold() const { return threshold_; }
+  void offer(uint64_t key) {
+    if (key <= threshold_) return;
+    keys_.push_back(key);
+    if (keys_.size() == capacity_) keep_best();
+  }
+  // The k best keys, sorted best first.
+  const std::vector<uint64_t>& finish() {
+    if (keys_.size() > k_) keep_best();
+    std::sort(keys_.begin(), keys_.end(), std::greater<uint64_t>());
+    return keys_;
+  }
+
+ private:
+  void keep_best() {
+    std::nth_element(keys_.begin(), keys_.begin() + (k_ - 1), keys_.end(), std::greater<uint64_t>());
+    threshold_ = keys_[k_ - 1];
+    keys_.resize(k_);
+    has_threshold_ = true;
+  }
+  std::vector<uint64_t> keys_;
+  size_t k_ = 0, capacity_ = 0;
+  uint64_t threshold_ = 0;  // keys at or below it are not among the k best
+  bool has_threshold_ = false;
+};
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define TORCHSPEC_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define TORCHSPEC_CPU_CLONES
+#endif
+
+TORCHSPEC_CPU_CLONES
+void rows_impl(const TopkLseParams& p, int64_t row_begin, int64_t row_end) {
+  const float ninf = -std::numeric_limits<float>::infinity();
+  const float exp2_scale = p.inv_temperature * 1.4426950408889634f;  // 1/T in log2 units
+  const size_t esize = element_size(p.dtype);
+  TopK top;
+  float buf[kChunk];
+  for (int64_t r = row_begin; r < row_end; ++r) {
+    const void* row = static_cast<const char*>(p.logits) + r * p.row_stride * esize;
+    top.reset(static_cast<size_t>(p.k));
+    if (p.seed_values != nullptr) {
+      for (int j = 0; j < p.k; ++j) top.offer(make_key(p.seed_values[r * p.k + j], p.seed_indices[r * p.k + j]));
+    }
+    float m = ninf;  // running raw maximum (NaN ignored)
+    float s = 0.0f;  // sum of exp((x - m) / T)
+    bool saw_nan = false;
+    // Values at or below this can't enter the top k (see the scan below); -inf until known.
+    float threshold = ninf;
+    for (int64_t c0 = 0; c0 < p.vocab; c0 += kChunk) {
+      const int n = static_cast<int>(std::min<int64_t>(kChunk, p.vocab - c0));
+      const float* x = buf;
+      if (p.dtype == ScalarKind::kFloat32 && n == kChunk) {
+        x = static_cast<const float*>(row) + c0;  // no copy needed
+      } else {
+        load_chunk(row, p.dtype, c0, n, buf);
+        for (int i = n; i < kChunk; ++i) buf[i] = ninf;  // a -inf pad changes neither max nor sum
+      }
+      // One pass over the chunk in registers: the maximum (NaN ignored), NaN presence, and which
+      // 16-lane groups hold a value above the top-k threshold (bit g of `above` for group g).
+      f32x16 vmax = f32x16{} + ninf;
+      i32x16 vnan = {};
+      i32x16 above = {};
+#pragma GCC unroll 2
+      for (int g = 0; g < kGroups; ++g) {
+        f32x16 v;
+        std::memcpy(&v, x + g * kLanes, sizeof(v));
+        vmax = v > vmax ? v : vmax;  // NaN lanes compare false
+        vnan |= v != v;
+        above |= (v > threshold) & (1 << g);
+      }
+      const float cmax = reduce_max(vmax);
+      const bool chunk_nan = reduce_or(vnan) != 0;
+      const int32_t groups_above = reduce_or(above);
+      saw_nan |= chunk_nan;
+      if (cmax > m) {
+        s = (m == ninf) ? 0.0f : s * std::exp2((m - cmax) * exp2_scale);
+        m = cmax;
+      }
+      if (std::isfinite(m)) {
+        f32x16 vsum = {};
+#pragma GCC unroll 2
+        for (int g = 0; g < kGroups; ++g) {
+          f32x16 v;
+          std::memcpy(&v, x + g * kLanes, sizeof(v));
+          vsum += exp2_nonpositive((v - m) * exp2_scale);
+        }
+        s += reduce_sum(vsum);
+      }
+      const int64_t base = p.index_offset + c0;
+      if (!top.has_threshold() || chunk_nan) {
+        for (int i = 0; i < n; ++i) top.offer(make_key(x[i], base + i));
+      } else if (groups_above != 0) {
+        // Only groups with a value above the threshold; a value equal to it never enters (it has
+        // a higher index than the threshold key). Pad lanes are -inf and never above it.
+        for (int g = 0; g < kGroups; ++g) {
+          if (!(groups_above & (1 << g))) continue;
+          for (int i = g * kLanes; i < (g + 1) * kLanes; ++i) {
+            if (x[i] > threshold) top.offer(make_key(x[i], base + i));
+          }
+        }
+      }
+      if (top.has_threshold()) threshold = key_value(top.threshold());
+    }
+    float lse = finish_lse(saw_nan, m, s, p.inv_temperature);
+    if (p.seed_lse != nullptr) lse = log_add_exp(lse, p.seed_lse[r]);
+    const std::vector<uint64_t>& best = top.finish();
+    for (int j = 0; j < p.k; ++j) {
+      const uint64_t key = best[j];
+      const float v = key_value(key);
+      p.out_values[r * p.k + j] = p.finalize ? v * p.inv_temperature - lse : v;
+      p.out_indices[r * p.k + j] = key_index(key);
+    }
+    p.out_lse[r] = lse;
+  }
+}
+
+}  // namespace
+
+void topk_lse_rows(const TopkLseParams& p, int64_t row_begin, int64_t row_end) {
+  rows_impl(p, row_begin, row_end);
+}
+
+}  // namespace cpu
+}  // namespace torchspec

@@ -1,0 +1,15 @@
+// CUDA kernels, framework-free: raw pointers and a stream in, cudaError_t out.
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include "../common/topk_lse.h"
+
+namespace torchspec {
+namespace cuda {
+
+// Top-k of each row with its log-sum-exp (see TopkLseParams); one thread block per row.
+cudaError_t topk_lse(const TopkLseParams& p, cudaStream_t stream);
+
+}  // namespace cuda
+}  // namespace torchspec

@@ -1,0 +1,87 @@
+"""Python wrappers of the ``torch.ops.torchspec`` ops, with their fake (meta) kernels.
+
+Every op runs on CPU and CUDA tensors, under autograd where it has a gradient, and under
+``torch.compile(fullgraph=True)``. Argument errors are raised by the compiled checks with the
+argument named (``RuntimeError`` / ``torch.fx`` wraps them under compile).
+"""
+
+from typing import Tuple
+
+import torch
+from torch import Tensor
+
+__all__ = ["topk_logprobs", "linear_topk_logprobs", "MAX_TOPK"]
+
+#: Largest k supported by the top-k ops.
+MAX_TOPK = 1024
+
+
+def topk_logprobs(logits: Tensor, k: int, temperature: float = 1.0) -> Tuple[Tensor, Tensor, Tensor]:
+    """Top-k log-probabilities of ``softmax(logits / temperature)`` and the log-sum-exp, in one read.
+
+    Args:
+        logits: ``[..., V]`` float32, bfloat16 or float16; rows may be strided.
+        k: ``1 <= k <= min(V, 1024)``.
+        temperature: ``> 0``.
+
+    Returns:
+        ``(logprobs, indices, lse)``: ``logprobs [..., k]`` float32 sorted descending,
+        ``indices [..., k]`` int64 (among equal logits the lower index first),
+        ``lse [...]`` float32 with ``lse = log(sum_v exp(logits[..., v] / temperature))`` and
+        ``logprobs = logits[..., indices] / temperature - lse``.
+
+    Non-finite logits give what the float64 formula gives: a row holding NaN has ``lse = NaN`` and
+    NaN log-probabilities, its NaNs ranked first (as ``torch.topk`` ranks them); a row holding
+    ``+inf`` has ``lse = +inf``, log-probability NaN at the ``+inf`` entries and ``-inf`` elsewhere;
+    a row of only ``-inf`` has ``lse = -inf`` and NaN log-probabilities; ``-inf`` entries of an
+    otherwise finite row have log-probability ``-inf``.
+    """
+    return torch.ops.torchspec.topk_logprobs.default(logits, k, temperature)
+
+
+def linear_topk_logprobs(
+    hidden: Tensor, weight: Tensor, k: int, temperature: float = 1.0
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """``topk_logprobs(hidden @ weight.T, k, temperature)`` without materialising ``[tokens, V]``.
+
+    Args:
+        hidden: ``[..., H]`` float32, bfloat16 or float16.
+        weight: ``[V, H]`` of the same dtype and device (the LM head).
+
+    The logits are computed tile by tile (a block of rows times a vocabulary chunk, in the
+    input dtype as ``hidden @ weight.T`` would be) and each tile is merged into a running
+    top-k and log-sum-exp, so the extra memory is one tile.
+    """
+    return torch.ops.torchspec.linear_topk_logprobs.default(hidden, weight, k, temperature)
+
+
+def _topk_outputs(batch_shape, k: int, like: Tensor):
+    shape = list(batch_shape)
+    return (
+        like.new_empty(shape + [k], dtype=torch.float32),
+        like.new_empty(shape + [k], dtype=torch.int64),
+        like.new_empty(shape, dtype=torch.float32),
+    )
+
+
+def _check_k(k: int, vocab: int, op: str) -> None:
+    # Mirrors the compiled check so that shapes under torch.compile are never built from a bad k.
+    if not 1 <= k <= min(vocab, MAX_TOPK):
+        raise RuntimeError(f"torchspec.{op}: k must be in [1, min(V, {MAX_TOPK})], got k={k} with V={vocab}")
+
+
+@torch.library.register_fake("torchspec::topk_logprobs")
+def _topk_logprobs_fake(logits, k, temperature=1.0):
+    _check_k(k, logits.shape[-1], "topk_logprobs")
+    return _topk_outputs(logits.shape[:-1], k, logits)
+
+
+@torch.library.register_fake("torchspec::linear_topk_logprobs")
+def _linear_topk_logprobs_fake(hidden, weight, k, temperature=1.0):
+    torch._check(weight.dim() == 2, lambda: "torchspec.linear_topk_logprobs: weight must be 2-D [V, H]")
+    torch._check(
+        weight.shape[1] == hidden.shape[-1],
+        lambda: "torchspec.linear_topk_logprobs: weight must be [V, H] with H = hidden.size(-1)",
+    )
+    _check_k(k, weight.shape[0], "linear_topk_logprobs")
+    return _topk_outputs(hidden.shape[:-1], k, hidden)
