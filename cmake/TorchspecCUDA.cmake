@@ -1,0 +1,57 @@
+# Locating the real CUDA toolkit before enable_language(CUDA).
+#
+# An `nvcc` on PATH may be a wrapper script (here /usr/local/bin/nvcc runs
+# `exec /usr/local/cuda-13.0/bin/nvcc "$@"`); CMake derives the toolkit's include and library
+# folders from the compiler's location, so it must be given the real nvcc.
+
+# The nvcc behind `path`: follows symlinks and small shell scripts that `exec .../nvcc`.
+function(torchspec_resolve_nvcc path out_var)
+  set(nvcc "${path}")
+  foreach(depth RANGE 4)
+    get_filename_component(nvcc "${nvcc}" REALPATH)
+    if(NOT EXISTS "${nvcc}" OR IS_DIRECTORY "${nvcc}")
+      break()
+    endif()
+    file(READ "${nvcc}" magic LIMIT 2)
+    if(NOT magic MATCHES "^#!")
+      break()
+    endif()
+    file(STRINGS "${nvcc}" exec_lines LIMIT_INPUT 4096 REGEX "exec[ \t]+[\"']?[^ \t\"']*nvcc")
+    if(NOT exec_lines)
+      break()
+    endif()
+    list(GET exec_lines 0 exec_line)
+    string(REGEX MATCH "exec[ \t]+[\"']?([^ \t\"']*nvcc)" _ "${exec_line}")
+    set(nvcc "${CMAKE_MATCH_1}")
+  endforeach()
+  set(${out_var} "${nvcc}" PARENT_SCOPE)
+endfunction()
+
+# The nvcc to use, or "" when there is none: CMAKE_CUDA_COMPILER as given, else CUDA_HOME or
+# CUDA_PATH, else nvcc on PATH, else /usr/local/cuda/bin/nvcc (all but the first resolved).
+function(torchspec_find_nvcc out_var)
+  if(CMAKE_CUDA_COMPILER)
+    set(${out_var} "${CMAKE_CUDA_COMPILER}" PARENT_SCOPE)
+    return()
+  endif()
+  set(candidates "")
+  foreach(var CUDA_HOME CUDA_PATH)
+    if(DEFINED ENV{${var}} AND EXISTS "$ENV{${var}}/bin/nvcc")
+      list(APPEND candidates "$ENV{${var}}/bin/nvcc")
+    endif()
+  endforeach()
+  find_program(TORCHSPEC_NVCC_ON_PATH nvcc)
+  mark_as_advanced(TORCHSPEC_NVCC_ON_PATH)
+  if(TORCHSPEC_NVCC_ON_PATH)
+    list(APPEND candidates "${TORCHSPEC_NVCC_ON_PATH}")
+  endif()
+  list(APPEND candidates /usr/local/cuda/bin/nvcc)
+  foreach(candidate IN LISTS candidates)
+    torchspec_resolve_nvcc("${candidate}" nvcc)
+    if(EXISTS "${nvcc}" AND NOT IS_DIRECTORY "${nvcc}")
+      set(${out_var} "${nvcc}" PARENT_SCOPE)
+      return()
+    endif()
+  endforeach()
+  set(${out_var} "" PARENT_SCOPE)
+endfunction()

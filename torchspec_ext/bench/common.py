@@ -1,0 +1,219 @@
+"""Timing, bandwidth, memory and reporting helpers shared by the benchmarks."""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import glob
+import math
+import platform
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+
+MiB = 1 << 20
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is available")
+    return torch.device(name)
+
+
+@dataclass(frozen=True)
+class Timing:
+    repeat: int
+    warmup: int
+    budget_s: float | None = None  # stop after MIN_REPEAT calls once this much time is spent
+
+    def describe(self, device: torch.device) -> str:
+        how = "CUDA events" if device.type == "cuda" else "time.perf_counter"
+        if self.budget_s is None:
+            return f"median of {self.repeat} calls after {self.warmup} warm-up, {how}"
+        return (
+            f"median of {MIN_REPEAT} to {self.repeat} calls (fewer once {self.budget_s:g} s is spent) "
+            f"after {self.warmup} warm-up, {how}"
+        )
+
+
+MIN_REPEAT = 3
+
+
+def timing_for(args: Any, device: torch.device) -> Timing:
+    if device.type == "cuda":
+        return Timing(args.repeat or 20, 3)
+    # Without --repeat, slow CPU cases take fewer samples so that the whole run stays well under a minute.
+    return Timing(args.repeat, 1) if args.repeat else Timing(5, 1, budget_s=2.0)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "cpu"
+
+
+def cache_bytes(device: torch.device) -> int:
+    """The GPU's L2, or the CPU's largest cache (32 MiB when sysfs does not say)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).L2_cache_size
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    sizes = []
+    for path in glob.glob("/sys/devices/system/cpu/cpu0/cache/index*/size"):
+        with open(path) as f:
+            text = f.read().strip()
+        sizes.append(int(text[:-1]) * units[text[-1]] if text[-1] in units else int(text))
+    return max(sizes, default=32 * MiB)
+
+
+def input_set_count(bytes_per_set: int, device: torch.device) -> int:
+    """How many distinct input sets to rotate among so that together they exceed twice the cache,
+    so no timed call finds its input left in cache by the previous one (two at least on CUDA)."""
+    n = math.ceil(2 * cache_bytes(device) / max(1, bytes_per_set))
+    return max(2 if device.type == "cuda" else 1, min(64, n))
+
+
+def time_ms(fn: Callable[..., Any], inputs: Sequence[tuple], device: torch.device, timing: Timing) -> float:
+    """Median milliseconds of ``fn(*inputs[i % len(inputs)])`` over the timed calls after the warm-up."""
+    n = len(inputs)
+    for i in range(timing.warmup):
+        fn(*inputs[i % n])
+    synchronize(device)
+    if device.type == "cuda":
+        pairs = [
+            (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(timing.repeat)
+        ]
+        for i, (start, end) in enumerate(pairs):
+            start.record()
+            fn(*inputs[(timing.warmup + i) % n])
+            end.record()
+        torch.cuda.synchronize(device)
+        return statistics.median(start.elapsed_time(end) for start, end in pairs)
+    times: list[float] = []
+    began = time.perf_counter()
+    for i in range(timing.repeat):
+        t0 = time.perf_counter()
+        fn(*inputs[(timing.warmup + i) % n])  # the outputs are freed inside the timed span, as in real use
+        times.append((time.perf_counter() - t0) * 1e3)
+        if timing.budget_s is not None and len(times) >= MIN_REPEAT and time.perf_counter() - began > timing.budget_s:
+            break
+    return statistics.median(times)
+
+
+def read_bandwidth(device: torch.device) -> tuple[float, str]:
+    """Measured memory bandwidth in bytes/s, and how it was measured."""
+    nbytes = max(256 * MiB, 8 * cache_bytes(device))
+    if device.type == "cuda":
+        nbytes = max(nbytes, 1 << 30)
+        src = torch.randn(nbytes // 4, device=device)
+        dst = torch.empty_like(src)
+        ms = time_ms(lambda: dst.copy_(src), [()], device, Timing(20, 3))
+        return 2 * nbytes / (ms * 1e-3), f"device-to-device copy of {nbytes // MiB} MiB, bytes read + written"
+    x = torch.randn(nbytes // 4)
+    ms = time_ms(lambda: x.sum(), [()], device, Timing(7, 1))
+    return nbytes / (ms * 1e-3), f"x.sum() over {nbytes // MiB} MiB of float32, {torch.get_num_threads()} threads"
+
+
+def tensor_bytes(obj: Any) -> int:
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, (tuple, list)):
+        return sum(tensor_bytes(o) for o in obj)
+    return 0
+
+
+def _proc_status_bytes(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    raise OSError(f"{key} not in /proc/self/status")
+
+
+def peak_extra_bytes(fn: Callable[..., Any], args: tuple, device: torch.device) -> int | None:
+    """Peak memory ``fn(*args)`` takes beyond its inputs (already live) and its outputs; ``None``
+    where it cannot be measured. Call it after ``fn`` has run once, so lazy set-up is not counted.
+
+    CUDA: the caching allocator's peak (``torch.cuda.max_memory_allocated``). CPU (Linux): the rise
+    of the process's peak resident set (VmHWM, reset via ``/proc/self/clear_refs``) after
+    ``malloc_trim`` returns freed heap pages, so it counts every page touched, BLAS scratch included,
+    at page granularity (anything else the process touches meanwhile counts too).
+    """
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        out = fn(*args)
+        torch.cuda.synchronize(device)
+        return max(0, torch.cuda.max_memory_allocated(device) - base - tensor_bytes(out))
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)  # glibc only
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current resident set
+        base = _proc_status_bytes("VmRSS")
+        out = fn(*args)
+        return max(0, _proc_status_bytes("VmHWM") - base - tensor_bytes(out))
+    except (OSError, AttributeError):
+        return None
+
+
+def fmt_num(digits: int = 3) -> Callable[[Any], str]:
+    """``digits`` significant digits without an exponent (1234.5 -> "1235", 0.01234 -> "0.0123")."""
+
+    def fmt(v: float) -> str:
+        magnitude = math.floor(math.log10(abs(v))) if v and math.isfinite(v) else 0
+        return f"{v:.{max(0, digits - 1 - magnitude)}f}"
+
+    return fmt
+
+
+def fmt_fixed(decimals: int, suffix: str = "") -> Callable[[Any], str]:
+    return lambda v: f"{v:.{decimals}f}{suffix}"
+
+
+def fmt_percent(decimals: int) -> Callable[[Any], str]:
+    return lambda v: f"{v:.{decimals}%}"
+
+
+@dataclass
+class Column:
+    key: str
+    title: str
+    fmt: Callable[[Any], str] = str
+
+
+@dataclass
+class Report:
+    name: str
+    header: dict[str, Any]  # shown as a list above the table and stored as is in the JSON
+    columns: list[Column]
+    rows: list[dict[str, Any]] = field(default_factory=list)
+
+    def markdown(self) -> str:
+        lines = [f"## {self.name}", ""]
+        lines += [f"- {key}: {value}" for key, value in self.header.items()]
+        lines += ["", "| " + " | ".join(c.title for c in self.columns) + " |"]
+        lines.append("|" + "|".join("---" for _ in self.columns) + "|")
+        for row in self.rows:
+            cells = ["—" if row.get(c.key) is None else c.fmt(row[c.key]) for c in self.columns]
+            lines.append("| " + " | ".join(cells) + " |")
+        return "\n".join(lines)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"benchmark": self.name, "header": self.header, "rows": self.rows}

@@ -1,0 +1,238 @@
+"""``topk_logprobs`` and ``linear_topk_logprobs`` against eager torch, in the same run.
+
+Baseline: ``torch.topk`` then ``torch.logsumexp`` of the float32 logits and the subtraction; for
+the linear op ``hidden @ weight.T`` first, and the GEMM alone is timed too (the GPU target is
+within 1.15x of it). Bandwidth columns count the bytes of logits read; they are left blank for
+the linear op, whose logits are made tile by tile in cache and never read from memory.
+"""
+
+from __future__ import annotations
+
+import gc
+import sys
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+from torchspec_ext.bench.common import (
+    MiB,
+    Column,
+    Report,
+    Timing,
+    cache_bytes,
+    device_name,
+    fmt_fixed,
+    fmt_num,
+    fmt_percent,
+    input_set_count,
+    peak_extra_bytes,
+    read_bandwidth,
+    resolve_device,
+    time_ms,
+    timing_for,
+)
+from torchspec_ext.ops import linear_topk_logprobs, topk_logprobs
+
+TOPK, LINEAR = "topk_logprobs", "linear_topk_logprobs"
+DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+@dataclass(frozen=True)
+class Case:
+    op: str
+    n: int
+    v: int
+    k: int
+    dtype: torch.dtype
+    h: int | None = None  # hidden size, linear op only
+    temperature: float = 1.0
+    # Targets, None where the case has none.
+    min_speedup: float | None = None
+    min_bandwidth_fraction: float | None = None  # of the measured read bandwidth
+    max_gemm_ratio: float | None = None  # ours / GEMM alone
+    max_extra_fraction: float | None = None  # extra memory / full [N, V] logits
+
+    @property
+    def logits_bytes(self) -> int:
+        return self.n * self.v * torch.empty((), dtype=self.dtype).element_size()
+
+    @property
+    def shape(self) -> str:
+        h = f" H={self.h}" if self.op == LINEAR else ""
+        return f"N={self.n}{h} V={self.v} k={self.k}"
+
+    def target(self) -> str | None:
+        parts = []
+        if self.min_bandwidth_fraction is not None:
+            parts.append(f"BW ≥ {self.min_bandwidth_fraction:.0%} of measured")
+        if self.min_speedup is not None:
+            parts.append(f"speed-up ≥ {self.min_speedup:g}x")
+        if self.max_gemm_ratio is not None:
+            parts.append(f"≤ {self.max_gemm_ratio:g}x GEMM")
+        if self.max_extra_fraction is not None:
+            parts.append(f"extra mem < {self.max_extra_fraction:.0%} of logits")
+        return ", ".join(parts) or None
+
+
+def default_cases(device: torch.device, quick: bool) -> list[Case]:
+    f32, bf16 = torch.float32, torch.bfloat16
+    if device.type == "cuda":
+        if quick:
+            return [Case(TOPK, 1024, 32768, 64, bf16), Case(LINEAR, 1024, 32768, 64, bf16, h=1024)]
+        return [
+            Case(TOPK, 8192, 152064, 64, bf16, min_bandwidth_fraction=0.85, min_speedup=4.0),
+            Case(LINEAR, 8192, 152064, 64, bf16, h=4096, max_gemm_ratio=1.15, max_extra_fraction=0.05),
+        ]
+    if quick:
+        return [
+            Case(TOPK, 256, 8192, 64, f32),
+            Case(TOPK, 256, 8192, 64, bf16),
+            Case(LINEAR, 256, 8192, 64, f32, h=128),
+        ]
+    return [
+        Case(TOPK, 2048, 49152, 64, f32, min_speedup=1.5),
+        Case(TOPK, 2048, 49152, 64, bf16),
+        Case(LINEAR, 2048, 49152, 64, f32, h=576),
+    ]
+
+
+def eager_topk_logprobs(logits: torch.Tensor, k: int, temperature: float):
+    values, indices = torch.topk(logits, k)
+    # At T = 1 the division is skipped (an extra [N, V] pass), so the baseline is the fastest eager form.
+    scaled = logits.float() if temperature == 1.0 else logits.float() / temperature
+    lse = torch.logsumexp(scaled, -1)
+    return values.float() / temperature - lse.unsqueeze(-1), indices, lse
+
+
+def make_inputs(case: Case, device: torch.device, gen: torch.Generator) -> tuple[torch.Tensor, ...]:
+    if case.op == TOPK:
+        return (torch.randn(case.n, case.v, device=device, dtype=case.dtype, generator=gen),)
+    hidden = torch.randn(case.n, case.h, device=device, dtype=case.dtype, generator=gen)
+    # Scaled so that the logits are O(1), as from a trained LM head.
+    weight = torch.randn(case.v, case.h, device=device, dtype=case.dtype, generator=gen) * case.h**-0.5
+    return hidden, weight
+
+
+def max_error(ours, reference) -> float:
+    """Largest difference of the log-probabilities or the log-sum-exp (values, not indices, which ties may swap)."""
+    return max((ours[i].float() - reference[i].float()).abs().max().item() for i in (0, 2))
+
+
+def run_case(case: Case, device: torch.device, timing: Timing, bandwidth: float) -> dict[str, Any]:
+    k, t = case.k, case.temperature
+    gen = torch.Generator(device=device).manual_seed(0)
+    first = make_inputs(case, device, gen)
+    count = input_set_count(sum(x.nbytes for x in first), device)
+    sets = [first] + [make_inputs(case, device, gen) for _ in range(count - 1)]
+
+    gemm: Callable[..., Any] | None = None
+    if case.op == TOPK:
+        ours = lambda x: topk_logprobs(x, k, t)
+        baseline = lambda x: eager_topk_logprobs(x, k, t)
+    else:
+        ours = lambda h, w: linear_topk_logprobs(h, w, k, t)
+        baseline = lambda h, w: eager_topk_logprobs(h @ w.T, k, t)
+        gemm = lambda h, w: h @ w.T
+
+    error = max_error(ours(*first), baseline(*first))
+    # Half-precision linear logits round differently when the GEMM is tiled; elsewhere only float32 sums differ.
+    tolerance = 0.1 if case.op == LINEAR and case.dtype != torch.float32 else 1e-3
+    ours_ms = time_ms(ours, sets, device, timing)
+    baseline_ms = time_ms(baseline, sets, device, timing)
+    row: dict[str, Any] = {
+        "op": case.op,
+        "device": device.type,
+        "dtype": DTYPE_NAMES[case.dtype],
+        "shape": case.shape,
+        "n": case.n, "h": case.h, "v": case.v, "k": case.k, "temperature": t,
+        "ours_ms": ours_ms,
+        "baseline_ms": baseline_ms,
+        "speedup": baseline_ms / ours_ms,
+        "max_abs_error": error,
+        "target": case.target(),
+    }
+    if case.op == TOPK:
+        floor_ms = case.logits_bytes / bandwidth * 1e3
+        row.update(ours_gbps=case.logits_bytes / ours_ms / 1e6, floor_ms=floor_ms, ours_over_floor=ours_ms / floor_ms)
+    else:
+        gemm_ms = time_ms(gemm, sets, device, timing)
+        ours_extra = peak_extra_bytes(ours, first, device)
+        baseline_extra = peak_extra_bytes(baseline, first, device)
+        row.update(gemm_ms=gemm_ms, ours_over_gemm=ours_ms / gemm_ms)
+        if ours_extra is not None and baseline_extra is not None:
+            row.update(
+                ours_extra_mib=ours_extra / MiB,
+                baseline_extra_mib=baseline_extra / MiB,
+                ours_extra_fraction=ours_extra / case.logits_bytes,
+            )
+    row["result"] = verdict(case, row, error, tolerance)
+    return row
+
+
+def verdict(case: Case, row: dict[str, Any], error: float, tolerance: float) -> str | None:
+    if not error <= tolerance:
+        return f"WRONG (max err {error:.2g})"
+    if case.target() is None:
+        return None
+    missed = []
+    if case.min_speedup is not None and row["speedup"] < case.min_speedup:
+        missed.append("speed-up")
+    if case.min_bandwidth_fraction is not None and row["ours_over_floor"] > 1 / case.min_bandwidth_fraction:
+        missed.append("BW")
+    if case.max_gemm_ratio is not None and row["ours_over_gemm"] > case.max_gemm_ratio:
+        missed.append("GEMM")
+    if case.max_extra_fraction is not None and not row.get("ours_extra_fraction", 1.0) < case.max_extra_fraction:
+        missed.append("memory")
+    return "MISS (" + ", ".join(missed) + ")" if missed else "PASS"
+
+
+COLUMNS = [
+    Column("op", "op"),
+    Column("device", "device"),
+    Column("dtype", "dtype"),
+    Column("shape", "shape"),
+    Column("ours_ms", "ours ms", fmt_num()),
+    Column("baseline_ms", "baseline ms", fmt_num()),
+    Column("speedup", "speed-up", fmt_fixed(2, "x")),
+    Column("ours_gbps", "ours GB/s", fmt_num()),
+    Column("floor_ms", "floor ms", fmt_num()),
+    Column("ours_over_floor", "ours/floor", fmt_fixed(2)),
+    Column("gemm_ms", "GEMM ms", fmt_num()),
+    Column("ours_over_gemm", "ours/GEMM", fmt_fixed(2)),
+    Column("ours_extra_mib", "ours extra MiB", fmt_fixed(1)),
+    Column("baseline_extra_mib", "baseline extra MiB", fmt_fixed(1)),
+    Column("ours_extra_fraction", "ours extra / logits", fmt_percent(2)),
+    Column("target", "target"),
+    Column("result", "result"),
+]
+
+
+def run(args: Any) -> Report:
+    device = resolve_device(args.device)
+    timing = timing_for(args, device)
+    bandwidth, how = read_bandwidth(device)
+    memory_method = (
+        "torch.cuda.max_memory_allocated minus inputs and outputs"
+        if device.type == "cuda"
+        else "rise of peak RSS (VmHWM reset, after malloc_trim) minus outputs"
+    )
+    header = {
+        "device": f"{device.type}: {device_name(device)}",
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "cache MiB": cache_bytes(device) // MiB,
+        "read bandwidth GB/s": round(bandwidth / 1e9, 2),
+        "bandwidth measured by": how,
+        "timing": timing.describe(device),
+        "extra memory": memory_method + "; linear op only",
+        "sizes": "quick (targets not checked)" if args.quick else "default",
+    }
+    report = Report("topk", header, COLUMNS)
+    for case in default_cases(device, args.quick):
+        print(f"[bench topk] {case.op} {DTYPE_NAMES[case.dtype]} {case.shape}", file=sys.stderr, flush=True)
+        report.rows.append(run_case(case, device, timing, bandwidth))
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return report
