@@ -11,7 +11,7 @@ try:
 except ImportError as exc:  # pragma: no cover - only without a build
     raise ImportError(
         "torchspec_ext's compiled core (torchspec_ext._C) is missing or was built against another torch: "
-        "reinstall with `pip install --no-build-isolation .` (see README.md)"
+        "reinstall with `pip install --no-build-isolation -e .` (see README.md)"
     ) from exc
 
 from torchspec_ext import ops  # noqa: E402,F401
