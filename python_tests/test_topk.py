@@ -228,12 +228,54 @@ def test_linear_batched_and_temperature(device):
     check_linear(hidden, weight, 33, temperature=0.6)
 
 
+def float64_topk_loss(logits, indices, temperature, grad_values, grad_lse):
+    """sum(grad_values * logprobs) + sum(grad_lse * lse) in float64, at the given indices."""
+    z = logits.double() / temperature
+    lse = torch.logsumexp(z, -1)
+    return (grad_values * (z.gather(-1, indices) - lse.unsqueeze(-1))).sum() + (grad_lse * lse).sum()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("which", ["both", "logprobs", "lse"])
+def test_gradients(device, which):
+    logits = (torch.randn(4, 3, 300, device=device) * 2).requires_grad_()
+    grad_values = torch.randn(4, 3, 7, device=device, dtype=torch.float64) * (which != "lse")
+    grad_lse = torch.randn(4, 3, device=device, dtype=torch.float64) * (which != "logprobs")
+    values, indices, lse = topk_logprobs(logits, 7, 0.8)
+    outputs = {"both": (values, lse), "logprobs": (values,), "lse": (lse,)}[which]
+    grads = {"both": (grad_values, grad_lse), "logprobs": (grad_values,), "lse": (grad_lse,)}[which]
+    (got,) = torch.autograd.grad(outputs, logits, [g.float() for g in grads])
+    (want,) = torch.autograd.grad(float64_topk_loss(logits, indices, 0.8, grad_values, grad_lse), logits)
+    assert not indices.requires_grad
+    torch.testing.assert_close(got.double(), want.double(), rtol=0, atol=1e-5)
+
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_linear_gradients(device):
+    hidden = torch.randn(2, 5, 16, device=device, requires_grad=True)
+    weight = torch.randn(300, 16, device=device, requires_grad=True)
+    grad_values = torch.randn(2, 5, 7, device=device, dtype=torch.float64)
+    grad_lse = torch.randn(2, 5, device=device, dtype=torch.float64)
+    values, indices, lse = linear_topk_logprobs(hidden, weight, 7, 0.8)
+    got = torch.autograd.grad((values, lse), (hidden, weight), (grad_values.float(), grad_lse.float()))
+    logits = hidden.double() @ weight.double().T
+    want = torch.autograd.grad(float64_topk_loss(logits, indices, 0.8, grad_values, grad_lse), (hidden, weight))
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g.double(), w.double(), rtol=0, atol=1e-4)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_opcheck(device):
     logits = torch.randn(3, 4, 700, device=device)
     torch.library.opcheck(torch.ops.torchspec.topk_logprobs.default, (logits, 16, 0.8))
     torch.library.opcheck(torch.ops.torchspec.topk_logprobs.default, (logits.bfloat16(), 1))
     hidden, weight = torch.randn(5, 32, device=device), torch.randn(5000, 32, device=device)
+    torch.library.opcheck(torch.ops.torchspec.linear_topk_logprobs.default, (hidden, weight, 8, 1.0))
+    # With inputs that require grad: the autograd registration is checked too.
+    torch.library.opcheck(torch.ops.torchspec.topk_logprobs.default, (logits.requires_grad_(), 16, 0.8))
+    hidden.requires_grad_()
+    weight.requires_grad_()
     torch.library.opcheck(torch.ops.torchspec.linear_topk_logprobs.default, (hidden, weight, 8, 1.0))
 
 

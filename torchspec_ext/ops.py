@@ -85,3 +85,55 @@ def _linear_topk_logprobs_fake(hidden, weight, k, temperature=1.0):
     )
     _check_k(k, weight.shape[0], "linear_topk_logprobs")
     return _topk_outputs(hidden.shape[:-1], k, hidden)
+
+
+# Gradients (rarely needed: the teacher's outputs are targets). With p = softmax(logits / T),
+#   d lse / d logits = p / T  and  d logprobs[i] / d logits = (onehot(indices[i]) - p) / T,
+# so grad_logits = (scatter(grad_logprobs) + p * (grad_lse - sum(grad_logprobs))) / T, which is
+# computed densely: the backward holds [..., V] even though the forward does not.
+def _logits_grad(logits, indices, lse, temperature, grad_values, grad_lse):
+    if grad_values is None:
+        grad_values = torch.zeros(indices.shape, dtype=torch.float32, device=lse.device)
+    grad_lse = torch.zeros_like(lse) if grad_lse is None else grad_lse
+    probs = torch.exp(logits.float() / temperature - lse.unsqueeze(-1))
+    grad = probs * (grad_lse - grad_values.sum(-1)).unsqueeze(-1)
+    grad = grad.scatter_add(-1, indices, grad_values)
+    return grad / temperature
+
+
+def _topk_setup_context(ctx, inputs, output):
+    logits, _, temperature = inputs
+    _, indices, lse = output
+    ctx.save_for_backward(logits, indices, lse)
+    ctx.temperature = temperature
+    ctx.mark_non_differentiable(indices)
+
+
+def _topk_backward(ctx, grad_values, grad_indices, grad_lse):
+    logits, indices, lse = ctx.saved_tensors
+    grad = _logits_grad(logits, indices, lse, ctx.temperature, grad_values, grad_lse)
+    return grad.to(logits.dtype), None, None
+
+
+def _linear_setup_context(ctx, inputs, output):
+    hidden, weight, _, temperature = inputs
+    _, indices, lse = output
+    ctx.save_for_backward(hidden, weight, indices, lse)
+    ctx.temperature = temperature
+    ctx.mark_non_differentiable(indices)
+
+
+def _linear_backward(ctx, grad_values, grad_indices, grad_lse):
+    hidden, weight, indices, lse = ctx.saved_tensors
+    grad_logits = _logits_grad(hidden @ weight.T, indices, lse, ctx.temperature, grad_values, grad_lse)
+    grad_logits = grad_logits.to(hidden.dtype)
+    grad_hidden = grad_logits @ weight
+    grad_weight = grad_logits.reshape(-1, weight.shape[0]).T @ hidden.reshape(-1, hidden.shape[-1])
+    return grad_hidden, grad_weight, None, None
+
+
+torch.library.register_autograd("torchspec::topk_logprobs", _topk_backward, setup_context=_topk_setup_context)
+torch.library.register_autograd(
+    "torchspec::linear_topk_logprobs", _linear_backward, setup_context=_linear_setup_context
+)
+
