@@ -78,6 +78,15 @@ def test_matches_float64_reference(device, n, vocab):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_several_row_blocks_and_vocab_chunks(device):
+    # More rows than one tile holds (2048 rows of 2048 columns on CPU, 4096 on CUDA) and a short
+    # last vocabulary chunk: gradients accumulate across both kinds of tile boundary.
+    hidden, weight = inputs(4500, 16, 2500, device, scale=2.0)
+    indices, logprobs = teacher(4500, 8, 2500, device)
+    check(hidden, weight, indices, logprobs)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_temperature_and_mask(device):
     hidden, weight = inputs(257, 64, 9000, device, scale=3.0)
     indices, logprobs = teacher(257, 32, 9000, device, absent=0.5)
