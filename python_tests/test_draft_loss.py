@@ -148,6 +148,9 @@ def test_argmax_ties_lowest_index(device):
     assert argmax.tolist() == [17] * 6
     _, argmax, _ = draft_topk_kl(torch.zeros(2, 8, device=device), weight, indices[:2], logprobs[:2])
     assert argmax.tolist() == [0, 0]
+    weight[3000] = float("nan")  # a NaN logit ranks first, as in torch.argmax
+    _, argmax, lse = draft_topk_kl(hidden, weight, indices, logprobs)
+    assert argmax.tolist() == [3000] * 6 and lse.isnan().all()
 
 
 @pytest.mark.parametrize("device", DEVICES)
