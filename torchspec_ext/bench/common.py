@@ -116,6 +116,28 @@ def time_ms(fn: Callable[..., Any], inputs: Sequence[tuple], device: torch.devic
     return statistics.median(times)
 
 
+def time_ms_interleaved(
+    fns: Sequence[Callable[..., Any]], inputs: Sequence[tuple], device: torch.device, timing: Timing
+) -> list[float]:
+    """Median milliseconds of each of ``fns``, timed in turns (fn 0, fn 1, ..., fn 0, ...) so that
+    a load that changes during the run (a shared machine) weighs on all of them alike."""
+    samples: list[list[float]] = [[] for _ in fns]
+    for fn in fns:
+        for i in range(timing.warmup):
+            fn(*inputs[i % len(inputs)])
+    began = time.perf_counter()
+    for i in range(timing.repeat):
+        for fn, times in zip(fns, samples):
+            synchronize(device)
+            t0 = time.perf_counter()
+            fn(*inputs[(timing.warmup + i) % len(inputs)])
+            synchronize(device)
+            times.append((time.perf_counter() - t0) * 1e3)
+        if timing.budget_s is not None and i + 1 >= MIN_REPEAT and time.perf_counter() - began > timing.budget_s * len(fns):
+            break
+    return [statistics.median(times) for times in samples]
+
+
 def read_bandwidth(device: torch.device) -> tuple[float, str]:
     """Measured memory bandwidth in bytes/s, and how it was measured."""
     nbytes = max(256 * MiB, 8 * cache_bytes(device))

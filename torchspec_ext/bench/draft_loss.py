@@ -30,6 +30,7 @@ from torchspec_ext.bench.common import (
     peak_extra_bytes,
     resolve_device,
     time_ms,
+    time_ms_interleaved,
     timing_for,
 )
 from torchspec_ext.ops import draft_topk_kl
@@ -135,8 +136,8 @@ def run_case(case: Case, device: torch.device, timing: Timing) -> dict[str, Any]
     eager = eager_step(indices, logprobs, t)
     args = [(hidden, weight)]
     error = max_rel_error(ours(hidden, weight), eager(hidden, weight))
-    ours_ms = time_ms(ours, args, device, timing)
-    eager_ms = time_ms(eager, args, device, timing)
+    # In turns: on a shared machine a changing load then weighs on both alike.
+    ours_ms, eager_ms = time_ms_interleaved([ours, eager], args, device, timing)
     ours_extra = peak_extra_bytes(ours, args[0], device)
     eager_extra = peak_extra_bytes(eager, args[0], device)
     row: dict[str, Any] = {
@@ -217,7 +218,7 @@ def run(args: Any) -> Report:
         "device": f"{device.type}: {device_name(device)}",
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
-        "timing": timing.describe(device) + "; forward + backward",
+        "timing": timing.describe(device) + "; forward + backward; ours and eager timed in turns",
         "extra memory": memory_method,
         "liger-kernel": "CUDA only, k = 1, where it imports" if device.type == "cuda" else "not run on CPU",
         "sizes": "quick (targets not checked)" if args.quick else "default",
