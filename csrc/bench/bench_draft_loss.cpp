@@ -74,16 +74,23 @@ TilePointers host_pointers(HostTile& t) {
           t.argmax_index.data()};
 }
 
+// The tile's columns are ids [cols, 2 cols).
+torchspec::DraftLossTile geometry(const HostTile& t, const TilePointers& p) {
+  torchspec::DraftLossTile g;
+  g.rows = t.rows;
+  g.cols = t.cols;
+  g.ld = t.cols;
+  g.col_offset = t.cols;
+  g.target_indices = p.indices;
+  g.k = kTeacherK;
+  return g;
+}
+
 DraftLossForwardTile forward_params(const HostTile& t, const TilePointers& p) {
   DraftLossForwardTile f;
+  static_cast<torchspec::DraftLossTile&>(f) = geometry(t, p);
   f.logits = p.logits;
-  f.rows = t.rows;
-  f.cols = t.cols;
-  f.ld = t.cols;
-  f.col_offset = t.cols;  // the tile's columns are ids [cols, 2 cols)
-  f.target_indices = p.indices;
   f.target_weights = p.weights;
-  f.k = kTeacherK;
   f.run_max = p.run_max;
   f.run_sum = p.run_sum;
   f.argmax_value = p.argmax_value;
@@ -95,14 +102,9 @@ DraftLossForwardTile forward_params(const HostTile& t, const TilePointers& p) {
 
 DraftLossBackwardTile backward_params(const HostTile& t, const TilePointers& p) {
   DraftLossBackwardTile b;
+  static_cast<torchspec::DraftLossTile&>(b) = geometry(t, p);
   b.logits = p.logits;
-  b.rows = t.rows;
-  b.cols = t.cols;
-  b.ld = t.cols;
-  b.col_offset = t.cols;
-  b.target_indices = p.indices;
   b.target_coef = p.coef;
-  b.k = kTeacherK;
   b.lse = p.lse;
   b.row_scale = p.row_scale;
   return b;

@@ -13,18 +13,22 @@
 
 namespace torchspec {
 
-// Forward: merge one tile into each row's running state. Row r of the tile is row r of every
-// per-row array below (the launcher offsets the pointers to the tile's first row).
-struct DraftLossForwardTile {
-  const float* logits = nullptr;  // [rows, cols], row stride ld; raw z (not divided by T)
+// Where a tile lies, shared by both passes. Row r of the tile is row r of every per-row array of
+// the passes' structs (the launcher offsets the pointers to the tile's first row).
+struct DraftLossTile {
   int64_t rows = 0;
   int64_t cols = 0;
-  int64_t ld = 0;
+  int64_t ld = 0;  // row stride of the logits, in floats
   int64_t col_offset = 0;  // vocabulary id of the tile's column 0
   const int64_t* target_indices = nullptr;  // [rows, k]
-  const float* target_weights = nullptr;  // [rows, k]
   int k = 0;
   float inv_temperature = 1.0f;
+};
+
+// Forward: merge one tile into each row's running state.
+struct DraftLossForwardTile : DraftLossTile {
+  const float* logits = nullptr;  // [rows, cols], row stride ld; raw z (not divided by T)
+  const float* target_weights = nullptr;  // [rows, k]
   // Running state, [rows] each; start from max = -inf, sum = 0, argmax (-inf, 0), dot = 0.
   float* run_max = nullptr;  // largest raw z seen (NaN ignored)
   float* run_sum = nullptr;  // sum of exp((z - run_max) / T); NaN once a NaN logit was seen
@@ -38,16 +42,9 @@ struct DraftLossForwardTile {
 //   g[r, v] = row_scale[r] * exp(z[r, v] / T - lse[r]) - sum_{j : idx_j = v} coef[r, j],
 // where row_scale = grad_loss / (T * counted rows) for rows that count (0 otherwise) and
 // coef = p * row_scale. Rows with row_scale == 0 get exact zeros (even if their logits are NaN).
-struct DraftLossBackwardTile {
+struct DraftLossBackwardTile : DraftLossTile {
   float* logits = nullptr;  // [rows, cols], row stride ld; z in, g out
-  int64_t rows = 0;
-  int64_t cols = 0;
-  int64_t ld = 0;
-  int64_t col_offset = 0;
-  const int64_t* target_indices = nullptr;  // [rows, k]
   const float* target_coef = nullptr;  // [rows, k]
-  int k = 0;
-  float inv_temperature = 1.0f;
   const float* lse = nullptr;  // [rows], log-sum-exp of z / T from the forward
   const float* row_scale = nullptr;  // [rows]
 };

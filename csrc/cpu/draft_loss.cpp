@@ -68,20 +68,7 @@ void forward_impl(const DraftLossForwardTile& p, int64_t row_begin, int64_t row_
         }
       }
       saw_nan |= chunk_nan;
-      if (cmax > m) {
-        s = (m == ninf) ? 0.0f : s * std::exp2((m - cmax) * exp2_scale);
-        m = cmax;
-      }
-      if (std::isfinite(m)) {
-        f32x16 vsum = {};
-#pragma GCC unroll 2
-        for (int g = 0; g < kGroups; ++g) {
-          f32x16 v;
-          std::memcpy(&v, x + g * kLanes, sizeof(v));
-          vsum += exp2_nonpositive((v - m) * exp2_scale);
-        }
-        s += reduce_sum(vsum);
-      }
+      lse_add_chunk<kGroups>(x, cmax, exp2_scale, m, s);
     }
     float dot = p.target_dot[r];
     for (int j = 0; j < p.k; ++j) {

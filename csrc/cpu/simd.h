@@ -2,8 +2,10 @@
 // reductions, so that hot loops vectorise without -ffast-math. Framework-free, internal to csrc/cpu.
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define TORCHSPEC_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
@@ -80,6 +82,27 @@ __attribute__((always_inline)) inline int32_t reduce_or(i32x16 v) {
                   __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
   const i32x4 b = __builtin_shufflevector(a, a, 0, 1, 2, 3) | __builtin_shufflevector(a, a, 4, 5, 6, 7);
   return (b[0] | b[1]) | (b[2] | b[3]);
+}
+
+// One chunk of `groups` 16-float groups into an online log-sum-exp (m = running maximum, s = sum of
+// exp2((x - m) * exp2_scale)), given the chunk's maximum cmax (NaN ignored; NaN is tracked apart).
+template <int groups>
+__attribute__((always_inline)) inline void lse_add_chunk(const float* x, float cmax, float exp2_scale, float& m,
+                                                         float& s) {
+  if (cmax > m) {
+    s = (m == -std::numeric_limits<float>::infinity()) ? 0.0f : s * std::exp2((m - cmax) * exp2_scale);
+    m = cmax;
+  }
+  if (std::isfinite(m)) {
+    f32x16 vsum = {};
+#pragma GCC unroll 2
+    for (int g = 0; g < groups; ++g) {
+      f32x16 v;
+      std::memcpy(&v, x + g * kLanes, sizeof(v));
+      vsum += exp2_nonpositive((v - m) * exp2_scale);
+    }
+    s += reduce_sum(vsum);
+  }
 }
 
 }  // namespace simd

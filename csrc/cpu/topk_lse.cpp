@@ -141,20 +141,7 @@ void rows_impl(const TopkLseParams& p, int64_t row_begin, int64_t row_end) {
       const bool chunk_nan = reduce_or(vnan) != 0;
       const int32_t groups_above = reduce_or(above);
       saw_nan |= chunk_nan;
-      if (cmax > m) {
-        s = (m == ninf) ? 0.0f : s * std::exp2((m - cmax) * exp2_scale);
-        m = cmax;
-      }
-      if (std::isfinite(m)) {
-        f32x16 vsum = {};
-#pragma GCC unroll 2
-        for (int g = 0; g < kGroups; ++g) {
-          f32x16 v;
-          std::memcpy(&v, x + g * kLanes, sizeof(v));
-          vsum += exp2_nonpositive((v - m) * exp2_scale);
-        }
-        s += reduce_sum(vsum);
-      }
+      lse_add_chunk<kGroups>(x, cmax, exp2_scale, m, s);
       const int64_t base = p.index_offset + c0;
       if (!top.has_threshold() || chunk_nan) {
         for (int i = 0; i < n; ++i) top.offer(make_key(x[i], base + i));

@@ -129,33 +129,45 @@ void matmul_f32(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, bool 
   }
 }
 
-void run_forward_tile(const DraftLossForwardTile& p, const at::Tensor& like) {
+// The tile at rows [r0, r0 + tile.size(0)) and vocabulary ids [c0, c0 + tile.size(1)).
+DraftLossTile tile_geometry(const at::Tensor& tile, int64_t c0, int64_t r0, const at::Tensor& indices,
+                            float inv_temperature) {
+  DraftLossTile g;
+  g.rows = tile.size(0);
+  g.cols = tile.size(1);
+  g.ld = tile.stride(0);
+  g.col_offset = c0;
+  g.k = static_cast<int>(indices.size(1));
+  g.target_indices = indices.data_ptr<int64_t>() + r0 * g.k;
+  g.inv_temperature = inv_temperature;
+  return g;
+}
+
+// One tile kernel on p's rows: CPU rows split by at::parallel_for, CUDA on the current stream.
+template <class Params, class CpuRows, class CudaLaunch>
+void run_tile(const Params& p, const at::Tensor& like, const char* op, const CpuRows& cpu_rows,
+              const CudaLaunch& cuda_launch) {
   if (p.rows == 0) return;
   if (like.is_cpu()) {
     const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(p.cols, 1));
-    at::parallel_for(0, p.rows, grain, [&](int64_t b, int64_t e) { cpu::draft_loss_forward_rows(p, b, e); });
+    at::parallel_for(0, p.rows, grain, [&](int64_t b, int64_t e) { cpu_rows(p, b, e); });
     return;
   }
 #ifdef TORCHSPEC_WITH_CUDA
-  TORCHSPEC_CHECK_ARG(p.rows < (int64_t{1} << 31), kOp, "at most 2^31 - 1 rows on CUDA, got ", p.rows);
-  const cudaError_t err = cuda::draft_loss_forward(p, at::cuda::getCurrentCUDAStream());
-  TORCH_CHECK(err == cudaSuccess, "torchspec.draft_topk_kl: CUDA kernel failed: ", cudaGetErrorString(err));
+  TORCHSPEC_CHECK_ARG(p.rows < (int64_t{1} << 31), op, "at most 2^31 - 1 rows on CUDA, got ", p.rows);
+  const cudaError_t err = cuda_launch(p, at::cuda::getCurrentCUDAStream());
+  TORCH_CHECK(err == cudaSuccess, "torchspec.", op, ": CUDA kernel failed: ", cudaGetErrorString(err));
+#else
+  (void)op;
+  (void)cuda_launch;
 #endif
 }
 
-void run_backward_tile(const DraftLossBackwardTile& p, const at::Tensor& like) {
-  if (p.rows == 0) return;
-  if (like.is_cpu()) {
-    const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(p.cols, 1));
-    at::parallel_for(0, p.rows, grain, [&](int64_t b, int64_t e) { cpu::draft_loss_backward_rows(p, b, e); });
-    return;
-  }
 #ifdef TORCHSPEC_WITH_CUDA
-  TORCHSPEC_CHECK_ARG(p.rows < (int64_t{1} << 31), kBackwardOp, "at most 2^31 - 1 rows on CUDA, got ", p.rows);
-  const cudaError_t err = cuda::draft_loss_backward(p, at::cuda::getCurrentCUDAStream());
-  TORCH_CHECK(err == cudaSuccess, "torchspec.draft_topk_kl_backward: CUDA kernel failed: ", cudaGetErrorString(err));
+#define TORCHSPEC_CUDA_TILE(fn) (fn)
+#else
+#define TORCHSPEC_CUDA_TILE(fn) nullptr
 #endif
-}
 
 // Calls fn(tile, c0, c1, r0, r1) for every tile of float32 logits hidden[r0:r1] @ weight[c0:c1].T,
 // vocabulary chunks outer; `at_chunk_end(c0, c1)` after each chunk's last row block.
@@ -205,22 +217,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> draft_topk_kl(const at::Tensor& h
       gemm_operand(hidden), weight,
       [&](const at::Tensor& tile, const at::Tensor&, int64_t c0, int64_t c1, int64_t r0, int64_t r1) {
         DraftLossForwardTile p;
+        static_cast<DraftLossTile&>(p) = tile_geometry(tile, c0, r0, t.indices, inv_temperature);
         p.logits = tile.data_ptr<float>();
-        p.rows = r1 - r0;
-        p.cols = c1 - c0;
-        p.ld = tile.stride(0);
-        p.col_offset = c0;
-        p.target_indices = t.indices.data_ptr<int64_t>() + r0 * k;
         p.target_weights = t.weights.data_ptr<float>() + r0 * k;
-        p.k = static_cast<int>(k);
-        p.inv_temperature = inv_temperature;
         p.run_max = run_max.data_ptr<float>() + r0;
         p.run_sum = run_sum.data_ptr<float>() + r0;
         p.argmax_value = argmax_value.data_ptr<float>() + r0;
         p.argmax_index = argmax.data_ptr<int64_t>() + r0;
         p.target_dot = dot.data_ptr<float>() + r0;
         p.out_lse = c1 == V ? lse.data_ptr<float>() + r0 : nullptr;
-        run_forward_tile(p, tile);
+        run_tile(p, tile, kOp, cpu::draft_loss_forward_rows, TORCHSPEC_CUDA_TILE(cuda::draft_loss_forward));
       },
       [](int64_t, int64_t) {});
 
@@ -267,18 +273,12 @@ std::tuple<at::Tensor, at::Tensor> draft_topk_kl_backward(const at::Tensor& grad
       hidden_op, weight,
       [&](at::Tensor& tile, const at::Tensor& w, int64_t c0, int64_t c1, int64_t r0, int64_t r1) {
         DraftLossBackwardTile p;
+        static_cast<DraftLossTile&>(p) = tile_geometry(tile, c0, r0, t.indices, inv_temperature);
         p.logits = tile.data_ptr<float>();
-        p.rows = r1 - r0;
-        p.cols = c1 - c0;
-        p.ld = tile.stride(0);
-        p.col_offset = c0;
-        p.target_indices = t.indices.data_ptr<int64_t>() + r0 * k;
         p.target_coef = coef.data_ptr<float>() + r0 * k;
-        p.k = static_cast<int>(k);
-        p.inv_temperature = inv_temperature;
         p.lse = lse_c.data_ptr<float>() + r0;
         p.row_scale = row_scale.data_ptr<float>() + r0;
-        run_backward_tile(p, tile);
+        run_tile(p, tile, kBackwardOp, cpu::draft_loss_backward_rows, TORCHSPEC_CUDA_TILE(cuda::draft_loss_backward));
         const at::Tensor g = w.scalar_type() == at::kFloat ? tile : tile.to(w.scalar_type());
         const at::Tensor h = hidden_op.slice(0, r0, r1);
         at::Tensor gh = grad_hidden.slice(0, r0, r1);

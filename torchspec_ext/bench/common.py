@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import gc
 import glob
 import math
 import platform
 import statistics
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
@@ -193,6 +195,25 @@ def peak_extra_bytes(fn: Callable[..., Any], args: tuple, device: torch.device) 
         return max(0, _proc_status_bytes("VmHWM") - base - tensor_bytes(out))
     except (OSError, AttributeError):
         return None
+
+
+def memory_method(device: torch.device) -> str:
+    """How peak_extra_bytes measures on this device, for report headers."""
+    if device.type == "cuda":
+        return "torch.cuda.max_memory_allocated minus inputs and outputs"
+    return "rise of peak RSS (VmHWM reset, after malloc_trim) minus outputs"
+
+
+def run_cases(report: "Report", cases: Sequence[Any], run_one: Callable[[Any], dict], label: Callable[[Any], str],
+              device: torch.device) -> "Report":
+    """Appends run_one(case) to report.rows for each case (progress on stderr), freeing memory between cases."""
+    for case in cases:
+        print(f"[bench {report.name}] {label(case)}", file=sys.stderr, flush=True)
+        report.rows.append(run_one(case))
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return report
 
 
 def fmt_num(digits: int = 3) -> Callable[[Any], str]:

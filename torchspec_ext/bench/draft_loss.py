@@ -11,8 +11,6 @@ linear cross-entropy runs on the k = 1 version of the case (labels = the teacher
 
 from __future__ import annotations
 
-import gc
-import sys
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -27,8 +25,10 @@ from torchspec_ext.bench.common import (
     fmt_fixed,
     fmt_num,
     fmt_percent,
+    memory_method,
     peak_extra_bytes,
     resolve_device,
+    run_cases,
     time_ms,
     time_ms_interleaved,
     timing_for,
@@ -209,25 +209,19 @@ COLUMNS = [
 def run(args: Any) -> Report:
     device = resolve_device(args.device)
     timing = timing_for(args, device)
-    memory_method = (
-        "torch.cuda.max_memory_allocated minus inputs and outputs"
-        if device.type == "cuda"
-        else "rise of peak RSS (VmHWM reset, after malloc_trim) minus outputs"
-    )
     header = {
         "device": f"{device.type}: {device_name(device)}",
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "timing": timing.describe(device) + "; forward + backward; ours and eager timed in turns",
-        "extra memory": memory_method,
+        "extra memory": memory_method(device),
         "liger-kernel": "CUDA only, k = 1, where it imports" if device.type == "cuda" else "not run on CPU",
         "sizes": "quick (targets not checked)" if args.quick else "default",
     }
-    report = Report("draft_loss", header, COLUMNS)
-    for case in default_cases(device, args.quick):
-        print(f"[bench draft_loss] {DTYPE_NAMES[case.dtype]} {case.shape}", file=sys.stderr, flush=True)
-        report.rows.append(run_case(case, device, timing))
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-    return report
+    return run_cases(
+        Report("draft_loss", header, COLUMNS),
+        default_cases(device, args.quick),
+        lambda case: run_case(case, device, timing),
+        lambda case: f"{DTYPE_NAMES[case.dtype]} {case.shape}",
+        device,
+    )
