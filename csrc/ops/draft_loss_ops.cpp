@@ -123,7 +123,12 @@ void matmul_f32(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, bool 
       at::mm_out(out, a, b);
     }
   } else if (accumulate) {
-    out.add_(at::mm(a, b, at::kFloat));
+    // No in-place mixed-precision accumulate: add products of at most 16 MiB, block by block of rows.
+    const int64_t block = std::max<int64_t>(1, (int64_t{16} << 20) / (b.size(1) * 4));
+    for (int64_t i = 0; i < a.size(0); i += block) {
+      const int64_t n = std::min(block, a.size(0) - i);
+      out.narrow(0, i, n).add_(at::mm(a.narrow(0, i, n), b, at::kFloat));
+    }
   } else {
     at::mm_out(out, a, b, at::kFloat);
   }
