@@ -154,13 +154,14 @@ def test_argmax_ties_lowest_index(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_bfloat16_no_worse_than_eager(device):
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_no_worse_than_eager(device, dtype):
     n, hsize, vocab = 512, 256, 8192
-    hidden, weight = inputs(n, hsize, vocab, device, dtype=torch.bfloat16, scale=2.0)
+    hidden, weight = inputs(n, hsize, vocab, device, dtype=dtype, scale=2.0)
     indices, logprobs = teacher(n, 16, vocab, device)
     ref_loss, ref_gh, ref_gw = reference_with_grads(hidden, weight, indices, logprobs)
     loss, _, _, gh, gw = ours_with_grads(hidden, weight, indices, logprobs)
-    # Eager bfloat16: logits as bfloat16 `hidden @ weight.T`, then a float32 log_softmax.
+    # Eager in the same dtype: logits as `hidden @ weight.T` in that dtype, then a float32 log_softmax.
     h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
     logq = torch.log_softmax((h @ w.T).float(), -1)
     p = torch.softmax(logprobs.masked_fill(indices < 0, float("-inf")), -1).nan_to_num(0.0)
