@@ -83,6 +83,7 @@ __global__ void __launch_bounds__(kBlock) forward_kernel(DraftLossForwardTile p)
     rs = NAN;
   } else {
     lse_combine(rm, rs, m, s, scale);
+    if (rm == INFINITY) rs = 1.0f;  // inf - inf made the sum NaN; the lse is +inf (as on the CPU)
   }
   best = max(best, make_key(p.argmax_value[row], p.argmax_index[row]));
   p.run_max[row] = rm;
