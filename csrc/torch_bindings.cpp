@@ -11,6 +11,14 @@ TORCH_LIBRARY(torchspec, m) {
   m.def("topk_logprobs(Tensor logits, int k, float temperature=1.0) -> (Tensor, Tensor, Tensor)");
   // Same result as topk_logprobs(hidden @ weight.T, k, temperature), over tiles of the logits.
   m.def("linear_topk_logprobs(Tensor hidden, Tensor weight, int k, float temperature=1.0) -> (Tensor, Tensor, Tensor)");
+  // Fused LM head + loss against a top-k teacher: (mean cross-entropy, draft argmax [N], draft lse [N]).
+  m.def(
+      "draft_topk_kl(Tensor hidden, Tensor weight, Tensor teacher_indices, Tensor teacher_logprobs, "
+      "Tensor? valid=None, float temperature=1.0) -> (Tensor, Tensor, Tensor)");
+  // Gradients of draft_topk_kl's loss with respect to hidden and weight (recomputes the logits).
+  m.def(
+      "draft_topk_kl_backward(Tensor grad_loss, Tensor hidden, Tensor weight, Tensor teacher_indices, "
+      "Tensor teacher_logprobs, Tensor? valid, Tensor lse, float temperature) -> (Tensor, Tensor)");
 }
 
 namespace {

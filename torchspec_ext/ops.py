@@ -5,12 +5,12 @@ Every op runs on CPU and CUDA tensors, under autograd where it has a gradient, a
 argument named (``RuntimeError`` / ``torch.fx`` wraps them under compile).
 """
 
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
 
-__all__ = ["topk_logprobs", "linear_topk_logprobs", "MAX_TOPK"]
+__all__ = ["topk_logprobs", "linear_topk_logprobs", "draft_topk_kl", "MAX_TOPK"]
 
 #: Largest k supported by the top-k ops.
 MAX_TOPK = 1024
@@ -137,3 +137,78 @@ torch.library.register_autograd(
     "torchspec::linear_topk_logprobs", _linear_backward, setup_context=_linear_setup_context
 )
 
+
+def draft_topk_kl(
+    hidden: Tensor,
+    weight: Tensor,
+    teacher_indices: Tensor,
+    teacher_logprobs: Tensor,
+    valid: Optional[Tensor] = None,
+    temperature: float = 1.0,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """The draft's loss against a top-k teacher, fused with the draft's LM head.
+
+    Args:
+        hidden: ``[N, H]`` float32, bfloat16 or float16 (the draft's last hidden states).
+        weight: ``[Vd, H]`` of the same dtype and device (the draft's LM head).
+        teacher_indices: ``[N, k]`` int64 ids in the draft vocabulary, ``-1`` where the teacher's
+            token is not in it.
+        teacher_logprobs: ``[N, k]`` float32, the teacher's log-probabilities of those tokens.
+        valid: ``[N]`` bool or ``None`` (all rows valid).
+        temperature: ``> 0``; the draft's logits are divided by it.
+
+    Returns:
+        ``(loss, argmax, lse)``: ``loss`` a float32 scalar, the mean over valid rows with at least
+        one present entry of ``-sum_j p[n, j] * log q[n, teacher_indices[n, j]]``, where ``p`` is
+        the softmax of ``teacher_logprobs`` over the present entries and
+        ``log q = log_softmax(hidden @ weight.T / temperature)`` in float32 (0 when no row
+        counts); ``argmax [N]`` int64, each row's draft argmax (lowest id on ties); ``lse [N]``
+        float32, the log-sum-exp of each row's ``hidden @ weight.T / temperature``.
+
+    Differentiable with respect to ``hidden`` and ``weight`` (through ``loss``; ``argmax`` and
+    ``lse`` are not differentiable). The ``[N, Vd]`` logits never exist: they are made tile by
+    tile in the forward and made again tile by tile in the backward.
+    """
+    return torch.ops.torchspec.draft_topk_kl.default(hidden, weight, teacher_indices, teacher_logprobs, valid, temperature)
+
+
+@torch.library.register_fake("torchspec::draft_topk_kl")
+def _draft_topk_kl_fake(hidden, weight, teacher_indices, teacher_logprobs, valid=None, temperature=1.0):
+    torch._check(hidden.dim() == 2, lambda: "torchspec.draft_topk_kl: hidden must be 2-D [N, H]")
+    torch._check(weight.dim() == 2, lambda: "torchspec.draft_topk_kl: weight must be 2-D [Vd, H]")
+    n = hidden.shape[0]
+    return (
+        hidden.new_empty((), dtype=torch.float32),
+        hidden.new_empty((n,), dtype=torch.int64),
+        hidden.new_empty((n,), dtype=torch.float32),
+    )
+
+
+@torch.library.register_fake("torchspec::draft_topk_kl_backward")
+def _draft_topk_kl_backward_fake(grad_loss, hidden, weight, teacher_indices, teacher_logprobs, valid, lse, temperature):
+    return torch.empty_like(hidden, memory_format=torch.contiguous_format), torch.empty_like(
+        weight, memory_format=torch.contiguous_format
+    )
+
+
+def _draft_topk_kl_setup_context(ctx, inputs, output):
+    hidden, weight, teacher_indices, teacher_logprobs, valid, temperature = inputs
+    _, argmax, lse = output
+    ctx.mark_non_differentiable(argmax, lse)
+    ctx.save_for_backward(hidden, weight, teacher_indices, teacher_logprobs, valid, lse)
+    ctx.temperature = temperature
+
+
+def _draft_topk_kl_backward(ctx, grad_loss, grad_argmax, grad_lse):
+    hidden, weight, teacher_indices, teacher_logprobs, valid, lse = ctx.saved_tensors
+    if grad_loss is None:  # only argmax / lse were used: they carry no gradient
+        return None, None, None, None, None, None
+    grad_hidden, grad_weight = torch.ops.torchspec.draft_topk_kl_backward.default(
+        grad_loss, hidden, weight, teacher_indices, teacher_logprobs, valid, lse, ctx.temperature
+    )
+    return grad_hidden, grad_weight, None, None, None, None
+
+
+torch.library.register_autograd(
+    "torchspec::draft_topk_kl", _draft_topk_kl_backward, setup_context=_draft_topk_kl_setup_context
+)

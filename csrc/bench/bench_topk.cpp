@@ -17,11 +17,10 @@
 #include <thread>
 #include <vector>
 
+#include "bench_common.h"
 #include "common/topk_lse.h"
 #include "cpu/cpu_kernels.h"
 #if defined(TORCHSPEC_WITH_CUDA)
-#include <cuda_runtime.h>  // the typed cudaMalloc overload
-
 #include "kernels/cuda_kernels.h"
 #endif
 
@@ -58,23 +57,11 @@ TopkLseParams make_params(const Shape& s, const void* logits, float* values, int
   return p;
 }
 
-// Calls fn(begin, end) on `threads` contiguous ranges of [0, n): one on this thread, the others
-// on new std::threads.
-template <class Fn>
-void parallel_rows(int64_t n, int threads, const Fn& fn) {
-  const int64_t t = std::max<int64_t>(1, std::min<int64_t>(threads, n));
-  std::vector<std::thread> workers;
-  workers.reserve(t - 1);
-  for (int64_t i = 1; i < t; ++i) workers.emplace_back(fn, n * i / t, n * (i + 1) / t);
-  fn(0, n / t);
-  for (std::thread& w : workers) w.join();
-}
-
 // Standard normal logits (bfloat16: the upper 16 bits of the float), one generator per row so
 // that the data does not depend on the thread count.
 std::unique_ptr<char[]> random_logits(const Shape& s, int threads) {
   std::unique_ptr<char[]> data(new char[input_bytes(s)]);
-  parallel_rows(s.rows, threads, [&](int64_t begin, int64_t end) {
+  bench::parallel_rows(s.rows, threads, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       std::mt19937 gen(static_cast<uint32_t>(1234567 + r));
       std::normal_distribution<float> normal;
@@ -114,21 +101,14 @@ void bm_cpu(benchmark::State& state, CpuCase* c, int threads) {
   }
   const TopkLseParams p = make_params(s, c->logits.get(), c->values.data(), c->indices.data(), c->lse.data());
   for (auto _ : state) {
-    parallel_rows(s.rows, threads, [&](int64_t begin, int64_t end) { torchspec::cpu::topk_lse_rows(p, begin, end); });
+    bench::parallel_rows(s.rows, threads, [&](int64_t begin, int64_t end) { torchspec::cpu::topk_lse_rows(p, begin, end); });
   }
   state.SetBytesProcessed(state.iterations() * input_bytes(s));
   state.counters["threads"] = threads;
 }
 
 #if defined(TORCHSPEC_WITH_CUDA)
-void check(cudaError_t err, const char* what) {
-  if (err != cudaSuccess) throw std::runtime_error(std::string(what) + ": " + cudaGetErrorString(err));
-}
-#define CUDA_CHECK(call) check((call), #call)
-
-void check_at_exit(cudaError_t err, const char* what) {
-  if (err != cudaSuccess) std::fprintf(stderr, "bench_topk: %s: %s\n", what, cudaGetErrorString(err));
-}
+void check_at_exit(cudaError_t err, const char* what) { bench::check_at_exit(err, what, "bench_topk"); }
 
 // Device buffers of one CUDA benchmark, made on its first run. The inputs are copies of the same
 // logits, together more than twice the L2 size, so that each launch reads its input from memory.
@@ -204,16 +184,13 @@ void bm_cuda(benchmark::State& state, CudaCase* c, int threads) {
 
 // Registers the CUDA benchmarks when a GPU is present; without one, says so and registers none.
 void register_cuda(std::vector<std::unique_ptr<CudaCase>>& cases, int threads) {
-  int count = 0;
-  const cudaError_t err = cudaGetDeviceCount(&count);
-  if (err != cudaSuccess || count == 0) {
-    std::fprintf(stderr, "bench_topk: CUDA benchmarks skipped: no GPU (%s)\n",
-                 err != cudaSuccess ? cudaGetErrorString(err) : "0 devices");
+  std::string why;
+  const std::string gpu = bench::gpu_name(why);
+  if (gpu.empty()) {
+    std::fprintf(stderr, "bench_topk: CUDA benchmarks skipped: no GPU (%s)\n", why.c_str());
     return;
   }
-  cudaDeviceProp prop;
-  check(cudaGetDeviceProperties(&prop, 0), "cudaGetDeviceProperties");
-  benchmark::AddCustomContext("gpu", prop.name);
+  benchmark::AddCustomContext("gpu", gpu);
   for (const Shape& s : {Shape{ScalarKind::kFloat32, 2048, 49152, 64}, Shape{ScalarKind::kBFloat16, 8192, 152064, 64}}) {
     cases.push_back(std::make_unique<CudaCase>());
     cases.back()->shape = s;
@@ -224,33 +201,10 @@ void register_cuda(std::vector<std::unique_ptr<CudaCase>>& cases, int threads) {
 }
 #endif
 
-// --threads=N (taken out of argv), else $TORCHSPEC_BENCH_THREADS, else hardware_concurrency.
-int take_threads_arg(int& argc, char** argv) {
-  const char* value = std::getenv("TORCHSPEC_BENCH_THREADS");
-  int kept = 1;
-  for (int i = 1; i < argc; ++i) {
-    if (std::strncmp(argv[i], "--threads=", 10) == 0) {
-      value = argv[i] + 10;
-    } else {
-      argv[kept++] = argv[i];
-    }
-  }
-  argc = kept;
-  argv[argc] = nullptr;
-  if (value == nullptr || *value == '\0') return static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
-  char* end = nullptr;
-  const long n = std::strtol(value, &end, 10);
-  if (*end != '\0' || n < 1 || n > 4096) {
-    std::fprintf(stderr, "bench_topk: bad thread count '%s'\n", value);
-    std::exit(2);
-  }
-  return static_cast<int>(n);
-}
-
 }  // namespace
 
 int main(int argc, char** argv) {
-  const int threads = take_threads_arg(argc, argv);
+  const int threads = bench::take_threads_arg(argc, argv, "bench_topk");
   benchmark::Initialize(&argc, argv);
   if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
   benchmark::AddCustomContext("cpu_threads", std::to_string(threads));

@@ -96,4 +96,17 @@ TORCHSPEC_HD float log_add_exp(float a, float b) {
   return hi + log1pf(expf(lo - hi));
 }
 
+// Combine two partial (max, sum) pairs of the online log-sum-exp, where s = sum exp2((x - m) * scale)
+// (scale is 1/T in log2 units); the merged pair is left in (m, s).
+TORCHSPEC_HD void lse_combine(float& m, float& s, float m2, float s2, float scale) {
+  const float mx = fmaxf(m, m2);
+  if (mx == -INFINITY) {
+    m = mx;
+    s = 0.0f;
+    return;
+  }
+  s = s * exp2f((m - mx) * scale) + s2 * exp2f((m2 - mx) * scale);
+  m = mx;
+}
+
 }  // namespace torchspec

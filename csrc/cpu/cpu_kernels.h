@@ -4,6 +4,7 @@
 
 #include <cstdint>
 
+#include "../common/draft_loss.h"
 #include "../common/topk_lse.h"
 
 namespace torchspec {
@@ -11,6 +12,12 @@ namespace cpu {
 
 // Top-k of each row with its log-sum-exp, rows [row_begin, row_end) of p (see TopkLseParams).
 void topk_lse_rows(const TopkLseParams& p, int64_t row_begin, int64_t row_end);
+
+// draft_topk_kl forward: merge rows [row_begin, row_end) of a logits tile into the running state.
+void draft_loss_forward_rows(const DraftLossForwardTile& p, int64_t row_begin, int64_t row_end);
+
+// draft_topk_kl backward: rows [row_begin, row_end) of a logits tile become d loss / d logits.
+void draft_loss_backward_rows(const DraftLossBackwardTile& p, int64_t row_begin, int64_t row_end);
 
 }  // namespace cpu
 }  // namespace torchspec

@@ -3,6 +3,7 @@
 
 #include <cuda_runtime_api.h>
 
+#include "../common/draft_loss.h"
 #include "../common/topk_lse.h"
 
 namespace torchspec {
@@ -10,6 +11,12 @@ namespace cuda {
 
 // Top-k of each row with its log-sum-exp (see TopkLseParams); one thread block per row.
 cudaError_t topk_lse(const TopkLseParams& p, cudaStream_t stream);
+
+// draft_topk_kl forward: merge a logits tile into the running state; one thread block per row.
+cudaError_t draft_loss_forward(const DraftLossForwardTile& p, cudaStream_t stream);
+
+// draft_topk_kl backward: a logits tile becomes d loss / d logits in place; one block per row.
+cudaError_t draft_loss_backward(const DraftLossBackwardTile& p, cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace torchspec

@@ -48,18 +48,6 @@ struct BlockState {
   int red_nan[kWarps];
 };
 
-// Combine two partial (max, sum) pairs of the online log-sum-exp (scale is 1/T in log2 units).
-__device__ __forceinline__ void lse_combine(float& m, float& s, float m2, float s2, float scale) {
-  const float mx = fmaxf(m, m2);
-  if (mx == -INFINITY) {
-    m = mx;
-    s = 0.0f;
-    return;
-  }
-  s = s * exp2f((m - mx) * scale) + s2 * exp2f((m2 - mx) * scale);
-  m = mx;
-}
-
 // Block-wide offer of one key per thread: warp-aggregated slots in the candidate buffer.
 __device__ __forceinline__ void offer(bool want, uint64_t key, uint64_t* cand, BlockState& st) {
   const unsigned lane = threadIdx.x & 31;

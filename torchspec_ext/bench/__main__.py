@@ -13,6 +13,7 @@ from typing import Sequence
 # name -> (module with run(args) -> Report and optionally add_arguments(parser), one-line help).
 BENCHMARKS = {
     "topk": ("torchspec_ext.bench.topk", "fused top-k log-probs vs torch.topk + logsumexp (and vs the GEMM)"),
+    "draft_loss": ("torchspec_ext.bench.draft_loss", "fused LM head + top-k teacher loss, forward + backward, vs eager"),
 }
 
 

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import gc
 import glob
 import math
 import platform
 import statistics
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
@@ -116,6 +118,28 @@ def time_ms(fn: Callable[..., Any], inputs: Sequence[tuple], device: torch.devic
     return statistics.median(times)
 
 
+def time_ms_interleaved(
+    fns: Sequence[Callable[..., Any]], inputs: Sequence[tuple], device: torch.device, timing: Timing
+) -> list[float]:
+    """Median milliseconds of each of ``fns``, timed in turns (fn 0, fn 1, ..., fn 0, ...) so that
+    a load that changes during the run (a shared machine) weighs on all of them alike."""
+    samples: list[list[float]] = [[] for _ in fns]
+    for fn in fns:
+        for i in range(timing.warmup):
+            fn(*inputs[i % len(inputs)])
+    began = time.perf_counter()
+    for i in range(timing.repeat):
+        for fn, times in zip(fns, samples):
+            synchronize(device)
+            t0 = time.perf_counter()
+            fn(*inputs[(timing.warmup + i) % len(inputs)])
+            synchronize(device)
+            times.append((time.perf_counter() - t0) * 1e3)
+        if timing.budget_s is not None and i + 1 >= MIN_REPEAT and time.perf_counter() - began > timing.budget_s * len(fns):
+            break
+    return [statistics.median(times) for times in samples]
+
+
 def read_bandwidth(device: torch.device) -> tuple[float, str]:
     """Measured memory bandwidth in bytes/s, and how it was measured."""
     nbytes = max(256 * MiB, 8 * cache_bytes(device))
@@ -171,6 +195,25 @@ def peak_extra_bytes(fn: Callable[..., Any], args: tuple, device: torch.device) 
         return max(0, _proc_status_bytes("VmHWM") - base - tensor_bytes(out))
     except (OSError, AttributeError):
         return None
+
+
+def memory_method(device: torch.device) -> str:
+    """How peak_extra_bytes measures on this device, for report headers."""
+    if device.type == "cuda":
+        return "torch.cuda.max_memory_allocated minus inputs and outputs"
+    return "rise of peak RSS (VmHWM reset, after malloc_trim) minus outputs"
+
+
+def run_cases(report: "Report", cases: Sequence[Any], run_one: Callable[[Any], dict], label: Callable[[Any], str],
+              device: torch.device) -> "Report":
+    """Appends run_one(case) to report.rows for each case (progress on stderr), freeing memory between cases."""
+    for case in cases:
+        print(f"[bench {report.name}] {label(case)}", file=sys.stderr, flush=True)
+        report.rows.append(run_one(case))
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return report
 
 
 def fmt_num(digits: int = 3) -> Callable[[Any], str]:

@@ -8,8 +8,6 @@ the linear op, whose logits are made tile by tile in cache and never read from m
 
 from __future__ import annotations
 
-import gc
-import sys
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -26,9 +24,11 @@ from torchspec_ext.bench.common import (
     fmt_num,
     fmt_percent,
     input_set_count,
+    memory_method,
     peak_extra_bytes,
     read_bandwidth,
     resolve_device,
+    run_cases,
     time_ms,
     timing_for,
 )
@@ -212,11 +212,6 @@ def run(args: Any) -> Report:
     device = resolve_device(args.device)
     timing = timing_for(args, device)
     bandwidth, how = read_bandwidth(device)
-    memory_method = (
-        "torch.cuda.max_memory_allocated minus inputs and outputs"
-        if device.type == "cuda"
-        else "rise of peak RSS (VmHWM reset, after malloc_trim) minus outputs"
-    )
     header = {
         "device": f"{device.type}: {device_name(device)}",
         "torch": torch.__version__,
@@ -225,14 +220,13 @@ def run(args: Any) -> Report:
         "read bandwidth GB/s": round(bandwidth / 1e9, 2),
         "bandwidth measured by": how,
         "timing": timing.describe(device),
-        "extra memory": memory_method + "; linear op only",
+        "extra memory": memory_method(device) + "; linear op only",
         "sizes": "quick (targets not checked)" if args.quick else "default",
     }
-    report = Report("topk", header, COLUMNS)
-    for case in default_cases(device, args.quick):
-        print(f"[bench topk] {case.op} {DTYPE_NAMES[case.dtype]} {case.shape}", file=sys.stderr, flush=True)
-        report.rows.append(run_case(case, device, timing, bandwidth))
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-    return report
+    return run_cases(
+        Report("topk", header, COLUMNS),
+        default_cases(device, args.quick),
+        lambda case: run_case(case, device, timing, bandwidth),
+        lambda case: f"{case.op} {DTYPE_NAMES[case.dtype]} {case.shape}",
+        device,
+    )

@@ -1,0 +1,321 @@
+// torch-facing launchers of draft_topk_kl (the fused LM head + top-k KL loss of a draft model)
+// and of its backward, CPU and CUDA.
+//
+// The float32 logits are made one tile at a time (a vocabulary chunk, outer, times a block of rows,
+// inner) by torch's GEMM and handed to a framework-free tile kernel (csrc/cpu/draft_loss.cpp,
+// csrc/kernels/draft_loss.cu). The forward keeps per row a running log-sum-exp, argmax and teacher
+// dot product; the backward recomputes each tile, turns it into d loss / d logits in place and
+// multiplies it into both gradients. Extra memory: one tile and small [N] / [N, k] arrays, plus
+// float32 accumulators of the gradients when the inputs are bfloat16 / float16.
+#include <ATen/Parallel.h>
+#include <c10/core/DeviceGuard.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <limits>
+#include <optional>
+#include <tuple>
+
+#include "../cpu/cpu_kernels.h"
+#include "checks.h"
+
+#ifdef TORCHSPEC_WITH_CUDA
+#include <ATen/cuda/CUDAContext.h>
+
+#include "../kernels/cuda_kernels.h"
+#endif
+
+namespace torchspec {
+namespace {
+
+constexpr const char* kOp = "draft_topk_kl";
+constexpr const char* kBackwardOp = "draft_topk_kl_backward";
+
+void check_inputs(const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& indices,
+                  const at::Tensor& logprobs, const std::optional<at::Tensor>& valid, double temperature,
+                  const char* op, bool check_index_range) {
+  TORCHSPEC_CHECK_ARG(hidden.dim() == 2, op, "hidden must be 2-D [N, H], got ", hidden.dim(), " dimensions");
+  TORCHSPEC_CHECK_ARG(weight.dim() == 2, op, "weight must be 2-D [Vd, H], got ", weight.dim(), " dimensions");
+  check_device_supported(hidden, op, "hidden");
+  check_same_device(hidden, "hidden", weight, "weight", op);
+  check_same_device(hidden, "hidden", indices, "teacher_indices", op);
+  check_same_device(hidden, "hidden", logprobs, "teacher_logprobs", op);
+  logits_kind(hidden, op, "hidden");
+  TORCHSPEC_CHECK_ARG(hidden.scalar_type() == weight.scalar_type(), op, "hidden and weight must have the same dtype, got ",
+                      hidden.scalar_type(), " and ", weight.scalar_type());
+  const int64_t N = hidden.size(0), H = hidden.size(1), V = weight.size(0);
+  TORCHSPEC_CHECK_ARG(weight.size(1) == H, op, "weight must be [Vd, H] with H = hidden.size(1) = ", H, ", got weight ",
+                      weight.sizes());
+  TORCHSPEC_CHECK_ARG(V >= 1, op, "weight must have at least one row (the draft vocabulary is empty)");
+  TORCHSPEC_CHECK_ARG(V < (int64_t{1} << 31), op, "the draft vocabulary size must be below 2^31, got ", V);
+  TORCHSPEC_CHECK_ARG(indices.scalar_type() == at::kLong, op, "teacher_indices must be int64, got ",
+                      indices.scalar_type());
+  TORCHSPEC_CHECK_ARG(indices.dim() == 2 && indices.size(0) == N, op,
+                      "teacher_indices must be [N, k] with N = hidden.size(0) = ", N, ", got ", indices.sizes());
+  TORCHSPEC_CHECK_ARG(logprobs.scalar_type() == at::kFloat, op, "teacher_logprobs must be float32, got ",
+                      logprobs.scalar_type());
+  TORCHSPEC_CHECK_ARG(logprobs.sizes() == indices.sizes(), op,
+                      "teacher_logprobs must have the shape of teacher_indices ", indices.sizes(), ", got ",
+                      logprobs.sizes());
+  if (valid.has_value()) {
+    check_same_device(hidden, "hidden", *valid, "valid", op);
+    TORCHSPEC_CHECK_ARG(valid->scalar_type() == at::kBool, op, "valid must be bool, got ", valid->scalar_type());
+    TORCHSPEC_CHECK_ARG(valid->dim() == 1 && valid->size(0) == N, op, "valid must be [N] with N = hidden.size(0) = ", N,
+                        ", got ", valid->sizes());
+  }
+  check_temperature(temperature, op);
+  if (check_index_range && indices.numel() > 0) {
+    // One small reduction (a device sync on CUDA): an id outside the vocabulary is a data bug.
+    const auto [lo, hi] = at::aminmax(indices);
+    const int64_t min_id = lo.item<int64_t>(), max_id = hi.item<int64_t>();
+    TORCHSPEC_CHECK_ARG(min_id >= -1, op, "teacher_indices must be -1 (absent) or in [0, Vd), got ", min_id);
+    TORCHSPEC_CHECK_ARG(max_id < V, op, "teacher_indices must be < Vd = ", V, " (the draft vocabulary), got ", max_id);
+  }
+}
+
+// What the loss needs of the teacher, all on the inputs' device:
+//   weights [N, k] float32: p (softmax of the present entries' log-probabilities), 0 where the entry
+//                           is absent or the row does not count;
+//   counted [N] bool:       valid and at least one entry present;
+//   row_weight [N] float32: counted / max(1, number of counted rows).
+struct Targets {
+  at::Tensor indices, weights, counted, row_weight;
+};
+
+Targets make_targets(const at::Tensor& indices, const at::Tensor& logprobs, const std::optional<at::Tensor>& valid) {
+  Targets t;
+  t.indices = indices.contiguous();
+  const at::Tensor present = t.indices.ge(0);
+  t.counted = present.any(1);
+  if (valid.has_value()) t.counted = t.counted.logical_and(*valid);
+  const at::Tensor p = at::softmax(logprobs.masked_fill(present.logical_not(), -std::numeric_limits<float>::infinity()), 1);
+  // Rows with no present entry have NaN p: the where() drops them.
+  t.weights = at::where(present.logical_and(t.counted.unsqueeze(1)), p, at::zeros({}, p.options())).contiguous();
+  const at::Tensor count = t.counted.sum().clamp_min(1).to(at::kFloat);
+  t.row_weight = (t.counted.to(at::kFloat) / count).contiguous();
+  return t;
+}
+
+// Tiling: vocabulary chunks (outer) times row blocks (inner). The float32 tile stays small next to
+// [N, Vd] but large enough for the GEMMs to run near full rate: 16 MiB on CPU (with 4 MiB tiles the
+// GEMMs took about 1.5x longer at N=4096 H=576 on 2 cores), 32 MiB on CUDA.
+struct Tiling {
+  int64_t vocab_chunk, row_chunk;
+};
+
+Tiling make_tiling(bool cuda, int64_t V) {
+  // 2048 columns on both: on CUDA this keeps the float32 gradient accumulator of a bfloat16
+  // weight chunk ([2048, H]) small as well.
+  const int64_t vocab_chunk = std::min<int64_t>(V, 2048);
+  const int64_t tile_bytes = cuda ? (int64_t{32} << 20) : (int64_t{16} << 20);
+  return {vocab_chunk, std::max<int64_t>(1, tile_bytes / (vocab_chunk * 4))};
+}
+
+// GEMM operands: float32 on CPU (no mixed-precision GEMM there), the input dtype on CUDA.
+at::Tensor gemm_operand(const at::Tensor& t) { return t.is_cuda() ? t : t.to(at::kFloat); }
+
+// out (float32) = a @ b, or out += a @ b; a and b float32, or bfloat16 / float16 on CUDA.
+void matmul_f32(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, bool accumulate) {
+  if (a.scalar_type() == at::kFloat) {
+    if (accumulate) {
+      out.addmm_(a, b);
+    } else {
+      at::mm_out(out, a, b);
+    }
+  } else if (accumulate) {
+    // No in-place mixed-precision accumulate: add products of at most 16 MiB, block by block of rows.
+    const int64_t block = std::max<int64_t>(1, (int64_t{16} << 20) / (b.size(1) * 4));
+    for (int64_t i = 0; i < a.size(0); i += block) {
+      const int64_t n = std::min(block, a.size(0) - i);
+      out.narrow(0, i, n).add_(at::mm(a.narrow(0, i, n), b, at::kFloat));
+    }
+  } else {
+    at::mm_out(out, a, b, at::kFloat);
+  }
+}
+
+// The tile at rows [r0, r0 + tile.size(0)) and vocabulary ids [c0, c0 + tile.size(1)).
+DraftLossTile tile_geometry(const at::Tensor& tile, int64_t c0, int64_t r0, const at::Tensor& indices,
+                            float inv_temperature) {
+  DraftLossTile g;
+  g.rows = tile.size(0);
+  g.cols = tile.size(1);
+  g.ld = tile.stride(0);
+  g.col_offset = c0;
+  g.k = static_cast<int>(indices.size(1));
+  g.target_indices = indices.data_ptr<int64_t>() + r0 * g.k;
+  g.inv_temperature = inv_temperature;
+  return g;
+}
+
+// One tile kernel on p's rows: CPU rows split by at::parallel_for, CUDA on the current stream.
+template <class Params, class CpuRows, class CudaLaunch>
+void run_tile(const Params& p, const at::Tensor& like, const char* op, const CpuRows& cpu_rows,
+              const CudaLaunch& cuda_launch) {
+  if (p.rows == 0) return;
+  if (like.is_cpu()) {
+    const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(p.cols, 1));
+    at::parallel_for(0, p.rows, grain, [&](int64_t b, int64_t e) { cpu_rows(p, b, e); });
+    return;
+  }
+#ifdef TORCHSPEC_WITH_CUDA
+  TORCHSPEC_CHECK_ARG(p.rows < (int64_t{1} << 31), op, "at most 2^31 - 1 rows on CUDA, got ", p.rows);
+  const cudaError_t err = cuda_launch(p, at::cuda::getCurrentCUDAStream());
+  TORCH_CHECK(err == cudaSuccess, "torchspec.", op, ": CUDA kernel failed: ", cudaGetErrorString(err));
+#else
+  (void)op;
+  (void)cuda_launch;
+#endif
+}
+
+#ifdef TORCHSPEC_WITH_CUDA
+#define TORCHSPEC_CUDA_TILE(fn) (fn)
+#else
+#define TORCHSPEC_CUDA_TILE(fn) nullptr
+#endif
+
+// Calls fn(tile, c0, c1, r0, r1) for every tile of float32 logits hidden[r0:r1] @ weight[c0:c1].T,
+// vocabulary chunks outer; `at_chunk_end(c0, c1)` after each chunk's last row block.
+template <class TileFn, class ChunkEndFn>
+void for_each_tile(const at::Tensor& hidden_op, const at::Tensor& weight, const TileFn& fn,
+                   const ChunkEndFn& at_chunk_end) {
+  const int64_t N = hidden_op.size(0), V = weight.size(0);
+  const Tiling tiling = make_tiling(hidden_op.is_cuda(), V);
+  const int64_t rows_alloc = std::min(N, tiling.row_chunk);
+  at::Tensor buffer = at::empty({rows_alloc * tiling.vocab_chunk}, hidden_op.options().dtype(at::kFloat));
+  for (int64_t c0 = 0; c0 < V; c0 += tiling.vocab_chunk) {
+    const int64_t c1 = std::min(V, c0 + tiling.vocab_chunk);
+    const at::Tensor w = gemm_operand(weight.slice(0, c0, c1));
+    for (int64_t r0 = 0; r0 < N; r0 += tiling.row_chunk) {
+      const int64_t r1 = std::min(N, r0 + tiling.row_chunk);
+      at::Tensor tile = buffer.narrow(0, 0, (r1 - r0) * (c1 - c0)).view({r1 - r0, c1 - c0});
+      matmul_f32(tile, hidden_op.slice(0, r0, r1), w.t(), false);
+      fn(tile, w, c0, c1, r0, r1);
+    }
+    at_chunk_end(c0, c1);
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> draft_topk_kl(const at::Tensor& hidden, const at::Tensor& weight,
+                                                             const at::Tensor& teacher_indices,
+                                                             const at::Tensor& teacher_logprobs,
+                                                             const std::optional<at::Tensor>& valid,
+                                                             double temperature) {
+  check_inputs(hidden, weight, teacher_indices, teacher_logprobs, valid, temperature, kOp, true);
+  const at::OptionalDeviceGuard guard(hidden.device());
+  const int64_t N = hidden.size(0);
+  const auto f32 = hidden.options().dtype(at::kFloat);
+  at::Tensor argmax = at::empty({N}, f32.dtype(at::kLong));
+  at::Tensor lse = at::empty({N}, f32);
+  if (N == 0) return {at::zeros({}, f32), argmax, lse};
+
+  const Targets t = make_targets(teacher_indices, teacher_logprobs, valid);
+  const float inv_temperature = static_cast<float>(1.0 / temperature);
+  at::Tensor run_max = at::full({N}, -std::numeric_limits<float>::infinity(), f32);
+  at::Tensor run_sum = at::zeros({N}, f32);
+  at::Tensor argmax_value = at::full({N}, -std::numeric_limits<float>::infinity(), f32);
+  argmax.zero_();
+  at::Tensor dot = at::zeros({N}, f32);
+  const int64_t V = weight.size(0), k = t.indices.size(1);
+
+  for_each_tile(
+      gemm_operand(hidden), weight,
+      [&](const at::Tensor& tile, const at::Tensor&, int64_t c0, int64_t c1, int64_t r0, int64_t r1) {
+        DraftLossForwardTile p;
+        static_cast<DraftLossTile&>(p) = tile_geometry(tile, c0, r0, t.indices, inv_temperature);
+        p.logits = tile.data_ptr<float>();
+        p.target_weights = t.weights.data_ptr<float>() + r0 * k;
+        p.run_max = run_max.data_ptr<float>() + r0;
+        p.run_sum = run_sum.data_ptr<float>() + r0;
+        p.argmax_value = argmax_value.data_ptr<float>() + r0;
+        p.argmax_index = argmax.data_ptr<int64_t>() + r0;
+        p.target_dot = dot.data_ptr<float>() + r0;
+        p.out_lse = c1 == V ? lse.data_ptr<float>() + r0 : nullptr;
+        run_tile(p, tile, kOp, cpu::draft_loss_forward_rows, TORCHSPEC_CUDA_TILE(cuda::draft_loss_forward));
+      },
+      [](int64_t, int64_t) {});
+
+  // loss = sum over counted rows of (lse - sum_j p_j z_j / T) / count; sum_j p_j = 1 on those rows.
+  const at::Tensor per_row = at::where(t.counted, lse - dot * inv_temperature, at::zeros({}, f32));
+  const at::Tensor loss = (per_row.to(at::kDouble) * t.row_weight.to(at::kDouble)).sum().to(at::kFloat);
+  return {loss, argmax, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor> draft_topk_kl_backward(const at::Tensor& grad_loss, const at::Tensor& hidden,
+                                                          const at::Tensor& weight, const at::Tensor& teacher_indices,
+                                                          const at::Tensor& teacher_logprobs,
+                                                          const std::optional<at::Tensor>& valid,
+                                                          const at::Tensor& lse, double temperature) {
+  check_inputs(hidden, weight, teacher_indices, teacher_logprobs, valid, temperature, kBackwardOp, false);
+  const int64_t N = hidden.size(0), H = hidden.size(1), V = weight.size(0);
+  TORCHSPEC_CHECK_ARG(grad_loss.numel() == 1 && at::isFloatingType(grad_loss.scalar_type()), kBackwardOp,
+                      "grad_loss must be a floating scalar, got ", grad_loss.scalar_type(), " of shape ",
+                      grad_loss.sizes());
+  check_same_device(hidden, "hidden", grad_loss, "grad_loss", kBackwardOp);
+  check_same_device(hidden, "hidden", lse, "lse", kBackwardOp);
+  TORCHSPEC_CHECK_ARG(lse.scalar_type() == at::kFloat && lse.dim() == 1 && lse.size(0) == N, kBackwardOp,
+                      "lse must be float32 [N] with N = hidden.size(0) = ", N, ", got ", lse.scalar_type(), " ",
+                      lse.sizes());
+  const at::OptionalDeviceGuard guard(hidden.device());
+  const auto f32 = hidden.options().dtype(at::kFloat);
+  const bool exact_dtype = hidden.scalar_type() == at::kFloat;
+  // float32 inputs: the gradients are accumulated in place; else in float32 and cast at the end.
+  at::Tensor grad_hidden = exact_dtype ? at::empty_like(hidden, at::MemoryFormat::Contiguous) : at::empty({N, H}, f32);
+  at::Tensor grad_weight = at::empty_like(weight, at::MemoryFormat::Contiguous);
+  if (N == 0) return {grad_hidden.zero_().to(hidden.scalar_type()), grad_weight.zero_()};
+
+  const Targets t = make_targets(teacher_indices, teacher_logprobs, valid);
+  const float inv_temperature = static_cast<float>(1.0 / temperature);
+  // d loss / d z[r, v] = row_scale[r] * softmax(z / T)[r, v] - sum_{j: idx_j = v} coef[r, j].
+  const at::Tensor row_scale = (t.row_weight * (grad_loss.reshape({}).to(at::kFloat) * inv_temperature)).contiguous();
+  const at::Tensor coef = (t.weights * row_scale.unsqueeze(1)).contiguous();
+  const at::Tensor lse_c = lse.contiguous();
+  const int64_t k = t.indices.size(1);
+  const at::Tensor hidden_op = gemm_operand(hidden);
+  at::Tensor grad_weight_acc;  // float32 [chunk, H] when grad_weight is not float32
+
+  for_each_tile(
+      hidden_op, weight,
+      [&](at::Tensor& tile, const at::Tensor& w, int64_t c0, int64_t c1, int64_t r0, int64_t r1) {
+        DraftLossBackwardTile p;
+        static_cast<DraftLossTile&>(p) = tile_geometry(tile, c0, r0, t.indices, inv_temperature);
+        p.logits = tile.data_ptr<float>();
+        p.target_coef = coef.data_ptr<float>() + r0 * k;
+        p.lse = lse_c.data_ptr<float>() + r0;
+        p.row_scale = row_scale.data_ptr<float>() + r0;
+        run_tile(p, tile, kBackwardOp, cpu::draft_loss_backward_rows, TORCHSPEC_CUDA_TILE(cuda::draft_loss_backward));
+        const at::Tensor g = w.scalar_type() == at::kFloat ? tile : tile.to(w.scalar_type());
+        const at::Tensor h = hidden_op.slice(0, r0, r1);
+        at::Tensor gh = grad_hidden.slice(0, r0, r1);
+        matmul_f32(gh, g, w, c0 > 0);
+        at::Tensor gw;
+        if (exact_dtype) {
+          gw = grad_weight.slice(0, c0, c1);
+        } else {
+          if (!grad_weight_acc.defined()) grad_weight_acc = at::empty({make_tiling(true, V).vocab_chunk, H}, f32);
+          gw = grad_weight_acc.narrow(0, 0, c1 - c0);
+        }
+        matmul_f32(gw, g.t(), h, r0 > 0);
+      },
+      [&](int64_t c0, int64_t c1) {
+        if (!exact_dtype) grad_weight.slice(0, c0, c1).copy_(grad_weight_acc.narrow(0, 0, c1 - c0));
+      });
+  if (!exact_dtype) grad_hidden = grad_hidden.to(hidden.scalar_type());
+  return {grad_hidden, grad_weight};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(torchspec, CPU, m) {
+  m.impl("draft_topk_kl", &draft_topk_kl);
+  m.impl("draft_topk_kl_backward", &draft_topk_kl_backward);
+}
+
+#ifdef TORCHSPEC_WITH_CUDA
+TORCH_LIBRARY_IMPL(torchspec, CUDA, m) {
+  m.impl("draft_topk_kl", &draft_topk_kl);
+  m.impl("draft_topk_kl_backward", &draft_topk_kl_backward);
+}
+#endif
+
+}  // namespace torchspec

@@ -1,0 +1,231 @@
+"""``draft_topk_kl`` forward + backward against eager torch (and liger-kernel), in the same run.
+
+Eager baseline: ``logits = hidden @ weight.T`` (in the input dtype), ``.float()``, divided by T
+when T != 1, ``log_softmax``, gather of the teacher ids, weighted sum, mean, then
+``torch.autograd.grad`` for hidden and weight. Ours: the op and ``torch.autograd.grad``. Both
+times include the backward; extra memory is the peak beyond the inputs and the returned gradients.
+On CUDA the floor is 8·N·H·Vd FLOPs (forward GEMM, recomputed GEMM, two backward GEMMs) at the
+matrix rate measured by timing ``hidden @ weight.T`` alone; where liger-kernel imports, its fused
+linear cross-entropy runs on the k = 1 version of the case (labels = the teacher's first id).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+from torchspec_ext.bench.common import (
+    MiB,
+    Column,
+    Report,
+    Timing,
+    device_name,
+    fmt_fixed,
+    fmt_num,
+    fmt_percent,
+    memory_method,
+    peak_extra_bytes,
+    resolve_device,
+    run_cases,
+    time_ms,
+    time_ms_interleaved,
+    timing_for,
+)
+from torchspec_ext.ops import draft_topk_kl
+
+DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+@dataclass(frozen=True)
+class Case:
+    n: int
+    h: int
+    v: int
+    k: int
+    dtype: torch.dtype
+    temperature: float = 1.0
+    # Targets, None where the case has none.
+    max_time_ratio: float | None = None  # ours / eager
+    max_extra_ratio: float | None = None  # ours' extra memory / eager's
+
+    @property
+    def shape(self) -> str:
+        return f"N={self.n} H={self.h} Vd={self.v} k={self.k}"
+
+    def target(self) -> str | None:
+        parts = []
+        if self.max_time_ratio is not None:
+            parts.append(f"time ≤ {self.max_time_ratio:g}x eager")
+        if self.max_extra_ratio is not None:
+            parts.append(f"extra mem ≤ {self.max_extra_ratio:.0%} of eager's")
+        return ", ".join(parts) or None
+
+
+def default_cases(device: torch.device, quick: bool) -> list[Case]:
+    if device.type == "cuda":
+        if quick:
+            return [Case(1024, 1024, 32000, 64, torch.bfloat16)]
+        return [Case(8192, 4096, 32000, 64, torch.bfloat16, max_time_ratio=1.0, max_extra_ratio=0.10)]
+    if quick:
+        return [Case(512, 128, 4096, 64, torch.float32)]
+    return [Case(4096, 576, 8192, 64, torch.float32, max_time_ratio=1.3, max_extra_ratio=0.30)]
+
+
+def make_inputs(case: Case, device: torch.device, gen: torch.Generator):
+    hidden = torch.randn(case.n, case.h, device=device, generator=gen).to(case.dtype).requires_grad_()
+    # Scaled so that the logits are O(1), as from a trained LM head.
+    weight = (torch.randn(case.v, case.h, device=device, generator=gen) * case.h**-0.5).to(case.dtype).requires_grad_()
+    indices = torch.randint(0, case.v, (case.n, case.k), device=device, generator=gen)
+    indices[torch.rand(case.n, case.k, device=device, generator=gen) < 0.1] = -1  # teacher ids outside the draft vocab
+    logprobs = torch.log_softmax(torch.randn(case.n, case.k, device=device, generator=gen) * 2, -1)
+    return hidden, weight, indices, logprobs
+
+
+def ours_step(indices: torch.Tensor, logprobs: torch.Tensor, temperature: float) -> Callable:
+    def step(hidden, weight):
+        loss = draft_topk_kl(hidden, weight, indices, logprobs, None, temperature)[0]
+        return (loss.detach(), *torch.autograd.grad(loss, (hidden, weight)))
+
+    return step
+
+
+def eager_step(indices: torch.Tensor, logprobs: torch.Tensor, temperature: float) -> Callable:
+    def step(hidden, weight):
+        logits = (hidden @ weight.T).float()
+        if temperature != 1.0:  # skipped at T = 1 (an extra [N, Vd] pass): the fastest eager form
+            logits = logits / temperature
+        logq = torch.log_softmax(logits, -1)
+        present = indices >= 0
+        counted = present.any(-1)
+        p = torch.softmax(logprobs.masked_fill(~present, float("-inf")), -1).nan_to_num(0.0)
+        per_row = -(p * logq.gather(1, indices.clamp_min(0))).sum(-1)
+        loss = torch.where(counted, per_row, 0.0).sum() / counted.sum().clamp_min(1)
+        return (loss.detach(), *torch.autograd.grad(loss, (hidden, weight)))
+
+    return step
+
+
+def liger_step(labels: torch.Tensor) -> Callable | None:
+    try:
+        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+    except Exception:  # not installed, or no GPU build of triton
+        return None
+    loss_fn = LigerFusedLinearCrossEntropyLoss()
+
+    def step(hidden, weight):
+        loss = loss_fn(weight, hidden, labels)
+        return (loss.detach(), *torch.autograd.grad(loss, (hidden, weight)))
+
+    return step
+
+
+def max_rel_error(ours, eager) -> float:
+    """Largest difference of loss and gradients, each relative to the eager value's largest entry."""
+    return max(
+        ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-30)).item() for a, b in zip(ours, eager)
+    )
+
+
+def run_case(case: Case, device: torch.device, timing: Timing) -> dict[str, Any]:
+    gen = torch.Generator(device=device).manual_seed(0)
+    hidden, weight, indices, logprobs = make_inputs(case, device, gen)
+    t = case.temperature
+    ours = ours_step(indices, logprobs, t)
+    eager = eager_step(indices, logprobs, t)
+    args = [(hidden, weight)]
+    error = max_rel_error(ours(hidden, weight), eager(hidden, weight))
+    # In turns: on a shared machine a changing load then weighs on both alike.
+    ours_ms, eager_ms = time_ms_interleaved([ours, eager], args, device, timing)
+    ours_extra = peak_extra_bytes(ours, args[0], device)
+    eager_extra = peak_extra_bytes(eager, args[0], device)
+    row: dict[str, Any] = {
+        "device": device.type,
+        "dtype": DTYPE_NAMES[case.dtype],
+        "shape": case.shape,
+        "n": case.n, "h": case.h, "v": case.v, "k": case.k, "temperature": t,
+        "ours_ms": ours_ms,
+        "eager_ms": eager_ms,
+        "time_ratio": ours_ms / eager_ms,
+        "max_rel_error": error,
+        "target": case.target(),
+    }
+    if ours_extra is not None and eager_extra is not None:
+        row.update(
+            ours_extra_mib=ours_extra / MiB,
+            eager_extra_mib=eager_extra / MiB,
+            extra_ratio=ours_extra / max(eager_extra, 1),
+        )
+    if device.type == "cuda":
+        with torch.no_grad():
+            gemm_ms = time_ms(lambda h, w: h @ w.T, args, device, timing)
+        rate = 2 * case.n * case.h * case.v / (gemm_ms * 1e-3)
+        row.update(gemm_tflops=rate / 1e12, floor_ms=8 * case.n * case.h * case.v / rate * 1e3)
+        liger = liger_step(indices[:, 0].clamp_min(0))
+        if liger is not None:
+            first = indices[:, :1].clamp_min(0)
+            ours_k1 = ours_step(first, torch.zeros_like(logprobs[:, :1]), 1.0)
+            row.update(liger_ms=time_ms(liger, args, device, timing), ours_k1_ms=time_ms(ours_k1, args, device, timing))
+    row["result"] = verdict(case, row, error)
+    return row
+
+
+def verdict(case: Case, row: dict[str, Any], error: float) -> str | None:
+    # Against eager in the same dtype; bfloat16 eager rounds its logits, ours does not.
+    tolerance = 1e-3 if case.dtype == torch.float32 else 0.1
+    if not error <= tolerance:
+        return f"WRONG (max rel err {error:.2g})"
+    if case.target() is None:
+        return None
+    missed = []
+    if case.max_time_ratio is not None and row["time_ratio"] > case.max_time_ratio:
+        missed.append("time")
+    if case.max_extra_ratio is not None and not row.get("extra_ratio", 1.0) <= case.max_extra_ratio:
+        missed.append("memory")
+    return "MISS (" + ", ".join(missed) + ")" if missed else "PASS"
+
+
+COLUMNS = [
+    Column("device", "device"),
+    Column("dtype", "dtype"),
+    Column("shape", "shape"),
+    Column("ours_ms", "ours ms", fmt_num()),
+    Column("eager_ms", "eager ms", fmt_num()),
+    Column("time_ratio", "ours/eager time", fmt_fixed(2, "x")),
+    Column("floor_ms", "floor ms", fmt_num()),
+    Column("gemm_tflops", "GEMM TFLOP/s", fmt_num()),
+    Column("ours_extra_mib", "ours extra MiB", fmt_fixed(1)),
+    Column("eager_extra_mib", "eager extra MiB", fmt_fixed(1)),
+    Column("extra_ratio", "ours/eager extra", fmt_percent(1)),
+    Column("liger_ms", "liger k=1 ms", fmt_num()),
+    Column("ours_k1_ms", "ours k=1 ms", fmt_num()),
+    Column("max_rel_error", "max rel err vs eager", fmt_num(2)),
+    Column("target", "target"),
+    Column("result", "result"),
+]
+
+
+def run(args: Any) -> Report:
+    device = resolve_device(args.device)
+    timing = timing_for(args, device)
+    if device.type == "cpu" and not args.repeat:
+        # One pair of calls takes seconds and another job's load swings single samples by 2x:
+        # 7 pairs in turns (about a minute) rather than the 3 that the shared 2 s budget allows.
+        timing = Timing(7, 1)
+    header = {
+        "device": f"{device.type}: {device_name(device)}",
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "timing": timing.describe(device) + "; forward + backward; ours and eager timed in turns",
+        "extra memory": memory_method(device),
+        "liger-kernel": "CUDA only, k = 1, where it imports" if device.type == "cuda" else "not run on CPU",
+        "sizes": "quick (targets not checked)" if args.quick else "default",
+    }
+    return run_cases(
+        Report("draft_loss", header, COLUMNS),
+        default_cases(device, args.quick),
+        lambda case: run_case(case, device, timing),
+        lambda case: f"{DTYPE_NAMES[case.dtype]} {case.shape}",
+        device,
+    )
