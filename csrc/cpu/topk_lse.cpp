@@ -8,6 +8,7 @@
 #include <limits>
 #include <vector>
 
+#include "cpu_common.h"
 #include "cpu_kernels.h"
 
 // The 64-byte vector type below is internal to this file; its ABI note does not concern us.
@@ -21,18 +22,6 @@ constexpr int kChunk = 256;  // floats: 1 KiB, in L1 for the passes over it
 constexpr int kLanes = 16;
 constexpr int kGroups = kChunk / kLanes;
 static_assert(kGroups <= 31, "group bits must fit an int32 mask");
-
-inline uint32_t float_bits(float v) {
-  uint32_t b;
-  std::memcpy(&b, &v, 4);
-  return b;
-}
-
-inline float bits_float(uint32_t b) {
-  float v;
-  std::memcpy(&v, &b, 4);
-  return v;
-}
 
 // 16 floats as one GCC/Clang vector: each target clone lowers it to its own SIMD instructions
 // (one AVX-512 register, two AVX2 registers: enough independent work either way).
@@ -87,37 +76,6 @@ __attribute__((always_inline)) inline int32_t reduce_or(i32x16 v) {
   return (b[0] | b[1]) | (b[2] | b[3]);
 }
 
-inline float half_to_float(uint16_t h) {
-  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
-  const uint32_t em = h & 0x7FFFu;
-  // Normal and subnormal halves: shift into a float's mantissa and rescale the exponent by 2^112.
-  float mag = bits_float(em << 13) * 5.192296858534828e33f;
-  if (em >= 0x7C00u) mag = bits_float((em << 13) | 0x7F800000u);  // inf and NaN
-  return bits_float(float_bits(mag) | sign);
-}
-
-inline void load_chunk(const void* row, ScalarKind dtype, int64_t begin, int n, float* out) {
-  switch (dtype) {
-    case ScalarKind::kFloat32: {
-      const float* src = static_cast<const float*>(row) + begin;
-      for (int i = 0; i < n; ++i) out[i] = src[i];
-      break;
-    }
-    case ScalarKind::kBFloat16: {
-      const uint16_t* src = static_cast<const uint16_t*>(row) + begin;
-      for (int i = 0; i < n; ++i) out[i] = bits_float(static_cast<uint32_t>(src[i]) << 16);
-      break;
-    }
-    case ScalarKind::kFloat16: {
-      const uint16_t* src = static_cast<const uint16_t*>(row) + begin;
-      for (int i = 0; i < n; ++i) out[i] = half_to_float(src[i]);
-      break;
-    }
-  }
-}
-
-inline size_t element_size(ScalarKind dtype) { return dtype == ScalarKind::kFloat32 ? 4 : 2; }
-
 // The k best keys of a stream. Keys above the threshold are appended to a buffer; when it
 // fills, nth_element keeps the best k and the k-th becomes the new threshold (cheaper than a heap
 // update per accepted key: for random logits most offers arrive while the threshold is low).
@@ -158,12 +116,6 @@ class TopK {
   uint64_t threshold_ = 0;  // keys at or below it are not among the k best
   bool has_threshold_ = false;
 };
-
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define TORCHSPEC_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define TORCHSPEC_CPU_CLONES
-#endif
 
 TORCHSPEC_CPU_CLONES
 void rows_impl(const TopkLseParams& p, int64_t row_begin, int64_t row_end) {

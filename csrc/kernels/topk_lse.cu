@@ -11,6 +11,7 @@
 
 #include <cstdint>
 
+#include "cuda_common.cuh"
 #include "cuda_kernels.h"
 
 namespace torchspec {
@@ -20,21 +21,6 @@ namespace {
 constexpr int kBlock = 256;
 constexpr int kWarps = kBlock / 32;
 constexpr float kLog2e = 1.4426950408889634f;
-
-template <typename T>
-struct Elem;
-template <>
-struct Elem<float> {
-  static __device__ __forceinline__ float to_float(float v) { return v; }
-};
-template <>
-struct Elem<uint16_t> {  // bfloat16 bits
-  static __device__ __forceinline__ float to_float(uint16_t v) { return __uint_as_float(static_cast<uint32_t>(v) << 16); }
-};
-template <>
-struct Elem<__half> {
-  static __device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
-};
 
 // Shared state of one block, besides the dynamically sized candidate buffer.
 struct BlockState {
