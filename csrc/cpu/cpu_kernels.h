@@ -5,12 +5,21 @@
 #include <cstdint>
 
 #include "../common/topk_lse.h"
+#include "../common/tree.h"
 
 namespace torchspec {
 namespace cpu {
 
 // Top-k of each row with its log-sum-exp, rows [row_begin, row_end) of p (see TopkLseParams).
 void topk_lse_rows(const TopkLseParams& p, int64_t row_begin, int64_t row_end);
+
+// Tree attention for the (batch row, kv head) pairs u in [unit_begin, unit_end), u = b * Hkv + g:
+// every query head of the group and every node (see TreeAttentionParams).
+void tree_attention_units(const TreeAttentionParams& p, int64_t unit_begin, int64_t unit_end);
+
+// Tree verification of batch rows [row_begin, row_end): greedy when p.uniforms is null, else
+// sampling (see TreeVerifyParams).
+void verify_tree_rows(const TreeVerifyParams& p, int64_t row_begin, int64_t row_end);
 
 }  // namespace cpu
 }  // namespace torchspec

@@ -4,12 +4,20 @@
 #include <cuda_runtime_api.h>
 
 #include "../common/topk_lse.h"
+#include "../common/tree.h"
 
 namespace torchspec {
 namespace cuda {
 
 // Top-k of each row with its log-sum-exp (see TopkLseParams); one thread block per row.
 cudaError_t topk_lse(const TopkLseParams& p, cudaStream_t stream);
+
+// Tree attention (see TreeAttentionParams); one thread block per (batch row, query head, node).
+cudaError_t tree_attention(const TreeAttentionParams& p, cudaStream_t stream);
+
+// Tree verification, greedy when p.uniforms is null, else sampling (see TreeVerifyParams); one
+// thread block per batch row walks its tree.
+cudaError_t verify_tree(const TreeVerifyParams& p, cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace torchspec

@@ -1,0 +1,269 @@
+// CPU tree attention and tree verification (framework-free).
+//
+// Tree attention: one work unit per (batch row, kv head). All G * T query rows of the kv head's
+// group (G = Hq / Hkv query heads, T nodes) share every key: the prefix is read once per unit in
+// tiles of 16 keys (converted to float, transposed), scores for 4 query rows at a time are 16-lane
+// vectors, and an online softmax (base 2, float32) folds each tile into the rows' accumulators.
+// Then each row walks its ancestors (parents from the node to the root, at most T keys) with the
+// same online softmax. No mask is built: the prefix needs none and the ancestors are enumerated.
+//
+// Verification: one walk per batch row; only the logits rows of visited nodes are read.
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#include "cpu_common.h"
+#include "cpu_kernels.h"
+
+// The 64-byte vector type below is internal to this file; its ABI note does not concern us.
+#pragma GCC diagnostic ignored "-Wpsabi"
+
+namespace torchspec {
+namespace cpu {
+namespace {
+
+constexpr int kKeys = 16;  // keys per prefix tile: one f32x16 of scores per query row
+constexpr int kRowBlock = 4;  // query rows whose scores are computed together (key loads reused)
+constexpr float kLog2e = 1.4426950408889634f;
+
+typedef float f32x16 __attribute__((vector_size(64)));
+
+// Per-thread buffers of one unit, reused across units.
+struct AttentionScratch {
+  std::vector<float> q, acc, m, l, scores, ktile, kt, vtile, tree_k, tree_v;
+  void resize(int64_t rows, int64_t nodes, int64_t dim) {
+    q.resize(rows * dim);
+    acc.resize(rows * dim);
+    m.resize(rows);
+    l.resize(rows);
+    scores.resize(rows * kKeys);
+    ktile.resize(kKeys * dim);
+    kt.resize(dim * kKeys);
+    vtile.resize(kKeys * dim);
+    tree_k.resize(nodes * dim);
+    tree_v.resize(nodes * dim);
+  }
+};
+
+// Folds one key's (or one tile's) base-2 scores into row r's online softmax state: m is the
+// running maximum score, l the running sum of 2^(s - m), acc the running sum of 2^(s - m) * v.
+inline void rescale_row(float& m, float& l, float* acc, int64_t dim, float new_max) {
+  if (!(new_max > m)) return;
+  const float corr = std::exp2(m - new_max);  // 0 while m is -inf
+  l *= corr;
+  for (int64_t d = 0; d < dim; ++d) acc[d] *= corr;
+  m = new_max;
+}
+
+TORCHSPEC_CPU_CLONES
+void attention_unit(const TreeAttentionParams& p, int64_t unit, AttentionScratch& w) {
+  const int64_t T = p.nodes, D = p.head_dim, S = p.seq;
+  const int64_t G = p.q_heads / p.kv_heads;
+  const int64_t R = G * T;  // query rows r = head_in_group * T + node: contiguous in q and out
+  const int64_t b = unit / p.kv_heads, g = unit % p.kv_heads;
+  const int64_t q_offset = (b * p.q_heads + g * G) * T * D;
+  const int64_t kv_offset = (b * p.kv_heads + g) * S * D;
+  const int64_t prefix = p.prefix_lens[b];
+  const int64_t* parents = p.parents + b * T;
+  w.resize(R, T, D);
+
+  load_chunk(p.q, p.dtype, q_offset, R * D, w.q.data());
+  const float qscale = p.scale * kLog2e;  // scores in base 2: exp2 instead of exp
+  for (float& x : w.q) x *= qscale;
+  std::fill(w.acc.begin(), w.acc.end(), 0.0f);
+  std::fill(w.m.begin(), w.m.end(), -std::numeric_limits<float>::infinity());
+  std::fill(w.l.begin(), w.l.end(), 0.0f);
+
+  // The prefix, in tiles of kKeys keys shared by all R rows.
+  for (int64_t t0 = 0; t0 < prefix; t0 += kKeys) {
+    const int64_t n = std::min<int64_t>(kKeys, prefix - t0);
+    load_chunk(p.k, p.dtype, kv_offset + t0 * D, n * D, w.ktile.data());
+    load_chunk(p.v, p.dtype, kv_offset + t0 * D, n * D, w.vtile.data());
+    for (int64_t d = 0; d < D; ++d) {
+      for (int kk = 0; kk < kKeys; ++kk) w.kt[d * kKeys + kk] = kk < n ? w.ktile[kk * D + d] : 0.0f;
+    }
+    for (int64_t r0 = 0; r0 < R; r0 += kRowBlock) {
+      const float* q0 = w.q.data() + std::min(r0 + 0, R - 1) * D;
+      const float* q1 = w.q.data() + std::min(r0 + 1, R - 1) * D;
+      const float* q2 = w.q.data() + std::min(r0 + 2, R - 1) * D;
+      const float* q3 = w.q.data() + std::min(r0 + 3, R - 1) * D;
+      f32x16 s0 = {}, s1 = {}, s2 = {}, s3 = {};
+      for (int64_t d = 0; d < D; ++d) {
+        f32x16 kv;
+        std::memcpy(&kv, w.kt.data() + d * kKeys, sizeof(kv));
+        s0 += q0[d] * kv;
+        s1 += q1[d] * kv;
+        s2 += q2[d] * kv;
+        s3 += q3[d] * kv;
+      }
+      const f32x16 rows[kRowBlock] = {s0, s1, s2, s3};
+      for (int i = 0; i < kRowBlock && r0 + i < R; ++i) {
+        std::memcpy(w.scores.data() + (r0 + i) * kKeys, &rows[i], sizeof(f32x16));
+      }
+    }
+    for (int64_t r = 0; r < R; ++r) {
+      const float* s = w.scores.data() + r * kKeys;
+      float* acc = w.acc.data() + r * D;
+      float tile_max = s[0];
+      for (int64_t kk = 1; kk < n; ++kk) tile_max = std::max(tile_max, s[kk]);
+      rescale_row(w.m[r], w.l[r], acc, D, tile_max);
+      const float m = w.m[r];
+      for (int64_t kk = 0; kk < n; ++kk) {
+        const float e = std::exp2(s[kk] - m);
+        w.l[r] += e;
+        const float* v = w.vtile.data() + kk * D;
+        for (int64_t d = 0; d < D; ++d) acc[d] += e * v[d];
+      }
+    }
+  }
+
+  // The ancestors and the node itself: tree keys and values converted once for all rows.
+  load_chunk(p.k, p.dtype, kv_offset + prefix * D, T * D, w.tree_k.data());
+  load_chunk(p.v, p.dtype, kv_offset + prefix * D, T * D, w.tree_v.data());
+  for (int64_t r = 0; r < R; ++r) {
+    const float* q = w.q.data() + r * D;
+    float* acc = w.acc.data() + r * D;
+    for (int64_t a = r % T; a >= 0; a = parents[a]) {
+      const float* key = w.tree_k.data() + a * D;
+      float s = 0.0f;
+      for (int64_t d = 0; d < D; ++d) s += q[d] * key[d];
+      rescale_row(w.m[r], w.l[r], acc, D, s);
+      const float e = std::exp2(s - w.m[r]);
+      w.l[r] += e;
+      const float* v = w.tree_v.data() + a * D;
+      for (int64_t d = 0; d < D; ++d) acc[d] += e * v[d];
+    }
+    const float inv = 1.0f / w.l[r];  // l >= 1: the row's maximum contributes 2^0
+    for (int64_t d = 0; d < D; ++d) acc[d] *= inv;
+  }
+  store_chunk(w.acc.data(), R * D, p.dtype, p.out, q_offset);
+}
+
+// ---- verification ---------------------------------------------------------------------------
+
+constexpr int kChunk = 256;
+
+// Index of the largest logit of a row, the lowest index among equal ones, NaN above everything
+// (as torch.argmax).
+int64_t row_argmax(const void* logits, ScalarKind dtype, int64_t row_offset, int64_t vocab) {
+  float buf[kChunk];
+  uint64_t best = 0;
+  for (int64_t c0 = 0; c0 < vocab; c0 += kChunk) {
+    const int64_t n = std::min<int64_t>(kChunk, vocab - c0);
+    load_chunk(logits, dtype, row_offset + c0, n, buf);
+    for (int64_t i = 0; i < n; ++i) best = std::max(best, make_key(buf[i], c0 + i));
+  }
+  return key_index(best);
+}
+
+// The first child of `cur` (in index order) after node `after`, or -1.
+inline int64_t next_child(const int64_t* parents, int64_t nodes, int64_t cur, int64_t after) {
+  for (int64_t c = std::max(after, cur) + 1; c < nodes; ++c) {
+    if (parents[c] == cur) return c;
+  }
+  return -1;
+}
+
+void greedy_row(const TreeVerifyParams& p, int64_t b) {
+  const int64_t T = p.nodes;
+  const int64_t* tokens = p.tokens + b * T;
+  const int64_t* parents = p.parents + b * T;
+  int64_t* path = p.path + b * T;
+  int64_t cur = 0, accepted = 0, target = 0;
+  path[0] = 0;
+  while (true) {
+    target = p.argmax != nullptr ? p.argmax[b * T + cur] : row_argmax(p.logits, p.dtype, (b * T + cur) * p.vocab, p.vocab);
+    int64_t c = next_child(parents, T, cur, cur);
+    while (c >= 0 && tokens[c] != target) c = next_child(parents, T, cur, c);
+    if (c < 0) break;
+    path[++accepted] = c;
+    cur = c;
+  }
+  for (int64_t i = accepted + 1; i < T; ++i) path[i] = -1;
+  p.num_accepted[b] = accepted;
+  p.next_token[b] = target;
+}
+
+// Sampling: at node cur, p = softmax(logits[cur] / temperature). Children are tried in index
+// order against the residual r (initially p): child c with token t is accepted with probability
+// r(t) / sum(r), i.e. when u[b, c] * sum(r) < r(t); on rejection r(t) is set to 0 (a later child
+// with the same token then has probability 0). With no child accepted, the next token is drawn
+// from r by inversion with u[b, 0]. The emitted token is thus distributed as p (rejection
+// sampling with point-mass drafts), whatever the tree.
+void sampling_row(const TreeVerifyParams& p, int64_t b, std::vector<float>& row, std::vector<int64_t>& rejected) {
+  const int64_t T = p.nodes, V = p.vocab;
+  const int64_t* tokens = p.tokens + b * T;
+  const int64_t* parents = p.parents + b * T;
+  const double* u = p.uniforms + b * T;
+  int64_t* path = p.path + b * T;
+  row.resize(V);
+  int64_t cur = 0, accepted = 0, next = -1;
+  path[0] = 0;
+  while (next < 0) {
+    load_chunk(p.logits, p.dtype, (b * T + cur) * V, V, row.data());
+    float mx = -std::numeric_limits<float>::infinity();
+    for (int64_t v = 0; v < V; ++v) mx = std::max(mx, row[v]);
+    double total = 0.0;  // row[v] becomes exp((x_v - max) / T), summed in float64
+    for (int64_t v = 0; v < V; ++v) {
+      row[v] = std::exp((row[v] - mx) * p.inv_temperature);
+      total += row[v];
+    }
+    const auto prob = [&](int64_t v) { return static_cast<double>(row[v]) / total; };
+    double residual = 1.0;  // sum of the residual r
+    rejected.clear();
+    int64_t c = next_child(parents, T, cur, cur);
+    for (; c >= 0; c = next_child(parents, T, cur, c)) {
+      const int64_t t = tokens[c];
+      if (std::find(rejected.begin(), rejected.end(), t) != rejected.end()) continue;
+      const double pt = prob(t);
+      if (u[c] * residual < pt) break;
+      residual -= pt;
+      rejected.push_back(t);
+    }
+    if (c >= 0) {
+      path[++accepted] = c;
+      cur = c;
+      continue;
+    }
+    // Inversion over the residual: the first token whose cumulative residual mass exceeds
+    // u * sum(r). Rounding may leave the target unreached: then the last token with mass.
+    const double goal = u[0] * residual;
+    double cum = 0.0;
+    int64_t last = -1;
+    for (int64_t v = 0; v < V; ++v) {
+      const double pv = prob(v);
+      if (pv <= 0.0 || std::find(rejected.begin(), rejected.end(), v) != rejected.end()) continue;
+      cum += pv;
+      last = v;
+      if (cum > goal) break;
+    }
+    next = last >= 0 ? last : 0;
+  }
+  for (int64_t i = accepted + 1; i < T; ++i) path[i] = -1;
+  p.num_accepted[b] = accepted;
+  p.next_token[b] = next;
+}
+
+}  // namespace
+
+void tree_attention_units(const TreeAttentionParams& p, int64_t unit_begin, int64_t unit_end) {
+  AttentionScratch scratch;
+  for (int64_t u = unit_begin; u < unit_end; ++u) attention_unit(p, u, scratch);
+}
+
+void verify_tree_rows(const TreeVerifyParams& p, int64_t row_begin, int64_t row_end) {
+  std::vector<float> row;
+  std::vector<int64_t> rejected;
+  for (int64_t b = row_begin; b < row_end; ++b) {
+    if (p.uniforms == nullptr) {
+      greedy_row(p, b);
+    } else {
+      sampling_row(p, b, row, rejected);
+    }
+  }
+}
+
+}  // namespace cpu
+}  // namespace torchspec
