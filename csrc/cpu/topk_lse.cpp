@@ -11,9 +11,6 @@
 #include "cpu_common.h"
 #include "cpu_kernels.h"
 
-// The 64-byte vector type below is internal to this file; its ABI note does not concern us.
-#pragma GCC diagnostic ignored "-Wpsabi"
-
 namespace torchspec {
 namespace cpu {
 namespace {
@@ -22,59 +19,6 @@ constexpr int kChunk = 256;  // floats: 1 KiB, in L1 for the passes over it
 constexpr int kLanes = 16;
 constexpr int kGroups = kChunk / kLanes;
 static_assert(kGroups <= 31, "group bits must fit an int32 mask");
-
-// 16 floats as one GCC/Clang vector: each target clone lowers it to its own SIMD instructions
-// (one AVX-512 register, two AVX2 registers: enough independent work either way).
-typedef float f32x16 __attribute__((vector_size(64)));
-typedef int32_t i32x16 __attribute__((vector_size(64)));
-typedef uint32_t u32x16 __attribute__((vector_size(64)));
-
-// 2^y for y <= 0, 16 lanes (relative error about 2e-7); results below 2^-125 are not exact but
-// tiny. A NaN lane gives an unspecified value: rows holding NaN get lse = NaN anyway.
-__attribute__((always_inline)) inline f32x16 exp2_nonpositive(f32x16 y) {
-  y = y < -125.0f ? f32x16{} - 125.0f : y;
-  const f32x16 shifted = y + 12582912.0f;  // 1.5 * 2^23: rounds y to an integer in the low bits
-  const u32x16 n = (u32x16)shifted - 0x4B400000u;
-  const f32x16 f = y - (shifted - 12582912.0f);  // in [-0.5, 0.5]
-  f32x16 p = f * 1.535336188319500e-4f + 1.339887440266574e-3f;
-  p = p * f + 9.618437357674640e-3f;
-  p = p * f + 5.550332471162809e-2f;
-  p = p * f + 2.402264791363012e-1f;
-  p = p * f + 6.931472028550421e-1f;
-  p = p * f + 1.0f;
-  return (f32x16)((u32x16)p + (n << 23));
-}
-
-// Horizontal reductions by halving (lane-by-lane extraction compiles to far slower code).
-typedef float f32x8 __attribute__((vector_size(32)));
-typedef float f32x4 __attribute__((vector_size(16)));
-typedef int32_t i32x8 __attribute__((vector_size(32)));
-typedef int32_t i32x4 __attribute__((vector_size(16)));
-
-__attribute__((always_inline)) inline float reduce_sum(f32x16 v) {
-  const f32x8 a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
-                  __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
-  const f32x4 b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
-  return (b[0] + b[1]) + (b[2] + b[3]);
-}
-
-// Maximum of lanes that hold no NaN.
-__attribute__((always_inline)) inline float reduce_max(f32x16 v) {
-  const f32x8 lo = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7);
-  const f32x8 hi = __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
-  const f32x8 a = lo > hi ? lo : hi;
-  const f32x4 b0 = __builtin_shufflevector(a, a, 0, 1, 2, 3), b1 = __builtin_shufflevector(a, a, 4, 5, 6, 7);
-  const f32x4 b = b0 > b1 ? b0 : b1;
-  const float c0 = b[0] > b[1] ? b[0] : b[1], c1 = b[2] > b[3] ? b[2] : b[3];
-  return c0 > c1 ? c0 : c1;
-}
-
-__attribute__((always_inline)) inline int32_t reduce_or(i32x16 v) {
-  const i32x8 a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) |
-                  __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
-  const i32x4 b = __builtin_shufflevector(a, a, 0, 1, 2, 3) | __builtin_shufflevector(a, a, 4, 5, 6, 7);
-  return (b[0] | b[1]) | (b[2] | b[3]);
-}
 
 // The k best keys of a stream. Keys above the threshold are appended to a buffer; when it
 // fills, nth_element keeps the best k and the k-th becomes the new threshold (cheaper than a heap
