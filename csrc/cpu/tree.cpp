@@ -2,8 +2,9 @@
 //
 // Tree attention: one work unit per (batch row, kv head). All G * T query rows of the kv head's
 // group (G = Hq / Hkv query heads, T nodes) share every key: the prefix is read once per unit in
-// tiles of 16 keys (converted to float, transposed), scores for 4 query rows at a time are 16-lane
-// vectors, and an online softmax (base 2, float32) folds each tile into the rows' accumulators.
+// tiles of 16 keys (converted to float, K transposed), scores for 8 query rows at a time are
+// 16-lane vectors, and an online softmax (base 2, float32, polynomial exp2) folds each tile into
+// the rows' accumulators, P @ V for the 8 rows in registers.
 // Then each row walks its ancestors (parents from the node to the root, at most T keys) with the
 // same online softmax. No mask is built: the prefix needs none and the ancestors are enumerated.
 //
@@ -17,28 +18,24 @@
 #include "cpu_common.h"
 #include "cpu_kernels.h"
 
-// The 64-byte vector type below is internal to this file; its ABI note does not concern us.
-#pragma GCC diagnostic ignored "-Wpsabi"
-
 namespace torchspec {
 namespace cpu {
 namespace {
 
-constexpr int kKeys = 16;  // keys per prefix tile: one f32x16 of scores per query row
-constexpr int kRowBlock = 4;  // query rows whose scores are computed together (key loads reused)
+constexpr int kLanes = 16;
+constexpr int kKeys = kLanes;  // keys per prefix tile: one f32x16 of scores per query row
+constexpr int kRowBlock = 8;  // query rows processed together (key and value loads reused)
 constexpr float kLog2e = 1.4426950408889634f;
-
-typedef float f32x16 __attribute__((vector_size(64)));
 
 // Per-thread buffers of one unit, reused across units.
 struct AttentionScratch {
-  std::vector<float> q, acc, m, l, scores, ktile, kt, vtile, tree_k, tree_v;
+  std::vector<float> q, acc, m, l, ktile, kt, vtile, tree_k, tree_v, dummy;
   void resize(int64_t rows, int64_t nodes, int64_t dim) {
     q.resize(rows * dim);
     acc.resize(rows * dim);
     m.resize(rows);
     l.resize(rows);
-    scores.resize(rows * kKeys);
+    dummy.assign(dim, 0.0f);
     ktile.resize(kKeys * dim);
     kt.resize(dim * kKeys);
     vtile.resize(kKeys * dim);
@@ -76,7 +73,13 @@ void attention_unit(const TreeAttentionParams& p, int64_t unit, AttentionScratch
   std::fill(w.m.begin(), w.m.end(), -std::numeric_limits<float>::infinity());
   std::fill(w.l.begin(), w.l.end(), 0.0f);
 
-  // The prefix, in tiles of kKeys keys shared by all R rows.
+  // The prefix, in tiles of kKeys keys shared by all R rows. Per block of kRowBlock rows: the
+  // scores (one 16-lane vector per row, lane = key), the online-softmax update, then P @ V with
+  // the block's accumulators in registers 16 dimensions at a time.
+  const int64_t D16 = D / kLanes * kLanes;
+  float* const dummy_row = w.dummy.data();  // the accumulator of rows past R in the last block
+  const f32x16 lane_index = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+  const f32x16 ninf = f32x16{} - std::numeric_limits<float>::infinity();
   for (int64_t t0 = 0; t0 < prefix; t0 += kKeys) {
     const int64_t n = std::min<int64_t>(kKeys, prefix - t0);
     load_chunk(p.k, p.dtype, kv_offset + t0 * D, n * D, w.ktile.data());
@@ -84,37 +87,48 @@ void attention_unit(const TreeAttentionParams& p, int64_t unit, AttentionScratch
     for (int64_t d = 0; d < D; ++d) {
       for (int kk = 0; kk < kKeys; ++kk) w.kt[d * kKeys + kk] = kk < n ? w.ktile[kk * D + d] : 0.0f;
     }
+    const auto valid = lane_index < static_cast<float>(n);
     for (int64_t r0 = 0; r0 < R; r0 += kRowBlock) {
-      const float* q0 = w.q.data() + std::min(r0 + 0, R - 1) * D;
-      const float* q1 = w.q.data() + std::min(r0 + 1, R - 1) * D;
-      const float* q2 = w.q.data() + std::min(r0 + 2, R - 1) * D;
-      const float* q3 = w.q.data() + std::min(r0 + 3, R - 1) * D;
-      f32x16 s0 = {}, s1 = {}, s2 = {}, s3 = {};
+      const float* qr[kRowBlock];
+      for (int i = 0; i < kRowBlock; ++i) qr[i] = w.q.data() + std::min(r0 + i, R - 1) * D;
+      f32x16 s[kRowBlock] = {};
       for (int64_t d = 0; d < D; ++d) {
         f32x16 kv;
         std::memcpy(&kv, w.kt.data() + d * kKeys, sizeof(kv));
-        s0 += q0[d] * kv;
-        s1 += q1[d] * kv;
-        s2 += q2[d] * kv;
-        s3 += q3[d] * kv;
+#pragma GCC unroll 16
+        for (int i = 0; i < kRowBlock; ++i) s[i] += qr[i][d] * kv;
       }
-      const f32x16 rows[kRowBlock] = {s0, s1, s2, s3};
-      for (int i = 0; i < kRowBlock && r0 + i < R; ++i) {
-        std::memcpy(w.scores.data() + (r0 + i) * kKeys, &rows[i], sizeof(f32x16));
+      alignas(64) float e[kRowBlock][kKeys];
+      float* acc[kRowBlock];
+      for (int i = 0; i < kRowBlock; ++i) {
+        const int64_t r = r0 + i;
+        if (r >= R) {
+          std::memset(e[i], 0, sizeof(e[i]));
+          acc[i] = dummy_row;
+          continue;
+        }
+        acc[i] = w.acc.data() + r * D;
+        const f32x16 si = valid ? s[i] : ninf;
+        rescale_row(w.m[r], w.l[r], acc[i], D, reduce_max(si));
+        const f32x16 ei = valid ? exp2_nonpositive(si - w.m[r]) : f32x16{};
+        w.l[r] += reduce_sum(ei);
+        std::memcpy(e[i], &ei, sizeof(ei));
       }
-    }
-    for (int64_t r = 0; r < R; ++r) {
-      const float* s = w.scores.data() + r * kKeys;
-      float* acc = w.acc.data() + r * D;
-      float tile_max = s[0];
-      for (int64_t kk = 1; kk < n; ++kk) tile_max = std::max(tile_max, s[kk]);
-      rescale_row(w.m[r], w.l[r], acc, D, tile_max);
-      const float m = w.m[r];
-      for (int64_t kk = 0; kk < n; ++kk) {
-        const float e = std::exp2(s[kk] - m);
-        w.l[r] += e;
-        const float* v = w.vtile.data() + kk * D;
-        for (int64_t d = 0; d < D; ++d) acc[d] += e * v[d];
+      for (int64_t d0 = 0; d0 < D16; d0 += kLanes) {
+        f32x16 a[kRowBlock];
+        for (int i = 0; i < kRowBlock; ++i) std::memcpy(&a[i], acc[i] + d0, sizeof(f32x16));
+        for (int64_t kk = 0; kk < n; ++kk) {
+          f32x16 v;
+          std::memcpy(&v, w.vtile.data() + kk * D + d0, sizeof(v));
+#pragma GCC unroll 16
+          for (int i = 0; i < kRowBlock; ++i) a[i] += e[i][kk] * v;
+        }
+        for (int i = 0; i < kRowBlock; ++i) std::memcpy(acc[i] + d0, &a[i], sizeof(f32x16));
+      }
+      for (int64_t d = D16; d < D; ++d) {  // dimensions past the last multiple of 16
+        for (int i = 0; i < kRowBlock; ++i) {
+          for (int64_t kk = 0; kk < n; ++kk) acc[i][d] += e[i][kk] * w.vtile[kk * D + d];
+        }
       }
     }
   }
@@ -146,16 +160,44 @@ void attention_unit(const TreeAttentionParams& p, int64_t unit, AttentionScratch
 constexpr int kChunk = 256;
 
 // Index of the largest logit of a row, the lowest index among equal ones, NaN above everything
-// (as torch.argmax).
+// (as torch.argmax). Per chunk: a vectorised maximum and NaN test, then a scan of the chunk
+// only when it holds a NaN or beats the best so far.
+TORCHSPEC_CPU_CLONES
 int64_t row_argmax(const void* logits, ScalarKind dtype, int64_t row_offset, int64_t vocab) {
-  float buf[kChunk];
-  uint64_t best = 0;
+  alignas(64) float buf[kChunk];
+  float best = 0.0f;
+  int64_t best_index = -1;
   for (int64_t c0 = 0; c0 < vocab; c0 += kChunk) {
     const int64_t n = std::min<int64_t>(kChunk, vocab - c0);
-    load_chunk(logits, dtype, row_offset + c0, n, buf);
-    for (int64_t i = 0; i < n; ++i) best = std::max(best, make_key(buf[i], c0 + i));
+    const float* x = buf;
+    if (dtype == ScalarKind::kFloat32 && n == kChunk) {
+      x = static_cast<const float*>(logits) + row_offset + c0;
+    } else {
+      load_chunk(logits, dtype, row_offset + c0, n, buf);
+      for (int64_t i = n; i < kChunk; ++i) buf[i] = -std::numeric_limits<float>::infinity();
+    }
+    f32x16 vmax = f32x16{} - std::numeric_limits<float>::infinity();
+    i32x16 vnan = {};
+    for (int g = 0; g < kChunk / kLanes; ++g) {
+      f32x16 v;
+      std::memcpy(&v, x + g * kLanes, sizeof(v));
+      vmax = v > vmax ? v : vmax;  // NaN lanes compare false
+      vnan |= v != v;
+    }
+    if (reduce_or(vnan) != 0) {  // the first NaN is the answer
+      for (int64_t i = 0;; ++i) {
+        if (x[i] != x[i]) return c0 + i;
+      }
+    }
+    const float cmax = reduce_max(vmax);
+    if (best_index < 0 || cmax > best) {  // an equal maximum in a later chunk has a higher index
+      int64_t i = 0;
+      while (x[i] != cmax) ++i;
+      best = cmax;
+      best_index = c0 + i;
+    }
   }
-  return key_index(best);
+  return best_index;
 }
 
 // The first child of `cur` (in index order) after node `after`, or -1.
@@ -164,6 +206,40 @@ inline int64_t next_child(const int64_t* parents, int64_t nodes, int64_t cur, in
     if (parents[c] == cur) return c;
   }
   return -1;
+}
+
+// x[v] <- exp((x[v] - max) / T) for the V values of a row (NaN ignored by the maximum; -inf
+// gives exactly 0); returns their sum (float64 across chunks).
+TORCHSPEC_CPU_CLONES
+double exp_and_sum(float* x, int64_t V, float inv_temperature) {
+  const int64_t V16 = V / kLanes * kLanes;
+  f32x16 vmax = f32x16{} - std::numeric_limits<float>::infinity();
+  for (int64_t v = 0; v < V16; v += kLanes) {
+    f32x16 a;
+    std::memcpy(&a, x + v, sizeof(a));
+    vmax = a > vmax ? a : vmax;
+  }
+  float mx = reduce_max(vmax);
+  for (int64_t v = V16; v < V; ++v) mx = x[v] > mx ? x[v] : mx;
+  const float scale = inv_temperature * kLog2e;
+  double total = 0.0;
+  for (int64_t c0 = 0; c0 < V16; c0 += kChunk) {
+    f32x16 sum = {};
+    for (int64_t v = c0; v < std::min(V16, c0 + kChunk); v += kLanes) {
+      f32x16 a;
+      std::memcpy(&a, x + v, sizeof(a));
+      const f32x16 e = exp2_nonpositive((a - mx) * scale);
+      a = a == -std::numeric_limits<float>::infinity() ? f32x16{} : e;  // exactly 0, not 2^-125
+      std::memcpy(x + v, &a, sizeof(a));
+      sum += a;
+    }
+    total += reduce_sum(sum);
+  }
+  for (int64_t v = V16; v < V; ++v) {
+    x[v] = std::exp2((x[v] - mx) * scale);
+    total += x[v];
+  }
+  return total;
 }
 
 void greedy_row(const TreeVerifyParams& p, int64_t b) {
@@ -203,13 +279,7 @@ void sampling_row(const TreeVerifyParams& p, int64_t b, std::vector<float>& row,
   path[0] = 0;
   while (next < 0) {
     load_chunk(p.logits, p.dtype, (b * T + cur) * V, V, row.data());
-    float mx = -std::numeric_limits<float>::infinity();
-    for (int64_t v = 0; v < V; ++v) mx = std::max(mx, row[v]);
-    double total = 0.0;  // row[v] becomes exp((x_v - max) / T), summed in float64
-    for (int64_t v = 0; v < V; ++v) {
-      row[v] = std::exp((row[v] - mx) * p.inv_temperature);
-      total += row[v];
-    }
+    const double total = exp_and_sum(row.data(), V, p.inv_temperature);
     const auto prob = [&](int64_t v) { return static_cast<double>(row[v]) / total; };
     double residual = 1.0;  // sum of the residual r
     rejected.clear();

@@ -4,6 +4,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <optional>
 #include <tuple>
@@ -179,7 +180,9 @@ Outputs run_verify(TreeVerifyParams& p, const at::Tensor& tok, const at::Tensor&
   p.path = path.data_ptr<int64_t>();
   p.next_token = next_token.data_ptr<int64_t>();
   if (logits.is_cpu()) {
-    at::parallel_for(0, p.batch, 1, [&](int64_t begin, int64_t end) { cpu::verify_tree_rows(p, begin, end); });
+    // A walk reads at least one logits row: with small vocabularies, many rows per task.
+    const int64_t grain = std::max<int64_t>(1, 65536 / p.vocab);
+    at::parallel_for(0, p.batch, grain, [&](int64_t begin, int64_t end) { cpu::verify_tree_rows(p, begin, end); });
     return {num_accepted, path, next_token};
   }
 #ifdef TORCHSPEC_WITH_CUDA
