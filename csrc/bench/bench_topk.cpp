@@ -17,6 +17,7 @@
 #include <thread>
 #include <vector>
 
+#include "bench/bench_common.h"
 #include "common/topk_lse.h"
 #include "cpu/cpu_kernels.h"
 #if defined(TORCHSPEC_WITH_CUDA)
@@ -29,6 +30,7 @@ namespace {
 
 using torchspec::ScalarKind;
 using torchspec::TopkLseParams;
+using torchspec_bench::parallel_rows;
 
 struct Shape {
   ScalarKind dtype;
@@ -56,18 +58,6 @@ TopkLseParams make_params(const Shape& s, const void* logits, float* values, int
   p.out_indices = indices;
   p.out_lse = lse;
   return p;
-}
-
-// Calls fn(begin, end) on `threads` contiguous ranges of [0, n): one on this thread, the others
-// on new std::threads.
-template <class Fn>
-void parallel_rows(int64_t n, int threads, const Fn& fn) {
-  const int64_t t = std::max<int64_t>(1, std::min<int64_t>(threads, n));
-  std::vector<std::thread> workers;
-  workers.reserve(t - 1);
-  for (int64_t i = 1; i < t; ++i) workers.emplace_back(fn, n * i / t, n * (i + 1) / t);
-  fn(0, n / t);
-  for (std::thread& w : workers) w.join();
 }
 
 // Standard normal logits (bfloat16: the upper 16 bits of the float), one generator per row so
@@ -121,14 +111,9 @@ void bm_cpu(benchmark::State& state, CpuCase* c, int threads) {
 }
 
 #if defined(TORCHSPEC_WITH_CUDA)
-void check(cudaError_t err, const char* what) {
-  if (err != cudaSuccess) throw std::runtime_error(std::string(what) + ": " + cudaGetErrorString(err));
-}
-#define CUDA_CHECK(call) check((call), #call)
+using torchspec_bench::check;
 
-void check_at_exit(cudaError_t err, const char* what) {
-  if (err != cudaSuccess) std::fprintf(stderr, "bench_topk: %s: %s\n", what, cudaGetErrorString(err));
-}
+void check_at_exit(cudaError_t err, const char* what) { torchspec_bench::check_at_exit(err, what, "bench_topk"); }
 
 // Device buffers of one CUDA benchmark, made on its first run. The inputs are copies of the same
 // logits, together more than twice the L2 size, so that each launch reads its input from memory.
@@ -224,33 +209,10 @@ void register_cuda(std::vector<std::unique_ptr<CudaCase>>& cases, int threads) {
 }
 #endif
 
-// --threads=N (taken out of argv), else $TORCHSPEC_BENCH_THREADS, else hardware_concurrency.
-int take_threads_arg(int& argc, char** argv) {
-  const char* value = std::getenv("TORCHSPEC_BENCH_THREADS");
-  int kept = 1;
-  for (int i = 1; i < argc; ++i) {
-    if (std::strncmp(argv[i], "--threads=", 10) == 0) {
-      value = argv[i] + 10;
-    } else {
-      argv[kept++] = argv[i];
-    }
-  }
-  argc = kept;
-  argv[argc] = nullptr;
-  if (value == nullptr || *value == '\0') return static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
-  char* end = nullptr;
-  const long n = std::strtol(value, &end, 10);
-  if (*end != '\0' || n < 1 || n > 4096) {
-    std::fprintf(stderr, "bench_topk: bad thread count '%s'\n", value);
-    std::exit(2);
-  }
-  return static_cast<int>(n);
-}
-
 }  // namespace
 
 int main(int argc, char** argv) {
-  const int threads = take_threads_arg(argc, argv);
+  const int threads = torchspec_bench::take_threads_arg(argc, argv, "bench_topk");
   benchmark::Initialize(&argc, argv);
   if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
   benchmark::AddCustomContext("cpu_threads", std::to_string(threads));
