@@ -174,7 +174,16 @@ int64_t row_argmax(const void* logits, ScalarKind dtype, int64_t row_offset, int
       x = static_cast<const float*>(logits) + row_offset + c0;
     } else {
       load_chunk(logits, dtype, row_offset + c0, n, buf);
-      for (int64_t i = n; i < kChunk; ++i) buf[i] = -std::numeric_limits<float>::infinity();
+    }
+    if (n < kChunk) {  // the last chunk (all of a small vocabulary): scalar
+      for (int64_t i = 0; i < n; ++i) {
+        if (x[i] != x[i]) return c0 + i;
+        if (best_index < 0 || x[i] > best) {
+          best = x[i];
+          best_index = c0 + i;
+        }
+      }
+      break;
     }
     f32x16 vmax = f32x16{} - std::numeric_limits<float>::infinity();
     i32x16 vnan = {};
