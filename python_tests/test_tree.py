@@ -481,6 +481,23 @@ def test_compile_fullgraph(device):
         assert torch.equal(x, y)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_compile_fullgraph_sampling_with_global_rng(device):
+    """Under torch.compile(fullgraph=True) verify_tree_sampling is called without a generator
+    (dynamo does not take a torch.Generator argument); it then draws from the global RNG."""
+    tokens = torch.randint(0, 9, (4, 6), device=device)
+    parents = random_parents(4, 6).to(device)
+    logits = torch.randn(4, 6, 9, device=device)
+    f = lambda a, b, c: verify_tree_sampling(a, b, c, 0.8)
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    torch.manual_seed(5)
+    got = compiled(tokens, parents, logits)
+    torch.manual_seed(5)
+    want = f(tokens, parents, logits)
+    for x, y in zip(got, want):
+        assert torch.equal(x, y)
+
+
 def _attn_args(device="cpu"):
     q, k, v, lens = make_attention_inputs(2, 4, 2, 5, 16, [3, 6], 12, device)
     return q, k, v, lens, torch.tensor([[-1, 0, 0, 1, 1], [-1, 0, 1, 2, 3]], device=device)

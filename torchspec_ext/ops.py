@@ -167,6 +167,10 @@ def verify_tree_sampling(
     per call; ``u[b, c]`` decides child c (each node is tried at most once; node 0 never is) and
     ``u[b, 0]`` draws the final token by inversion of the residual's cumulative distribution in
     token order.
+
+    Under ``torch.compile(fullgraph=True)`` call it without a generator (dynamo does not take a
+    ``torch.Generator`` here; the global RNG is used), or pass uniforms drawn outside the compiled
+    region to :func:`verify_tree_sampling_uniforms`.
     """
     batch, nodes = tokens.shape[0], tokens.shape[1]
     device = generator.device if generator is not None else target_logits.device
