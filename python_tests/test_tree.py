@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import DEVICES
+from conftest import DEVICES, HAS_GPU
 
 from torchspec_ext.ops import (
     tree_attention,
@@ -135,6 +135,8 @@ def as_lists(result):
         (3, 8, 1, 13, 64, [40, 0, 17], 0),  # MQA, one row without prefix
         (2, 6, 3, 31, 128, [100, 37], 11),
         (1, 32, 8, 64, 128, [300], 5),  # the benchmark's head layout
+        (2, 16, 1, 9, 256, [20, 3], 1),  # the CUDA kernel's limits: 16 query heads per kv head, D = 256
+        (1, 10, 2, 6, 250, [17], 0),  # D not a multiple of 16 or 32, 5 heads per group
     ],
 )
 def test_tree_attention_random_trees_float32(device, batch, q_heads, kv_heads, nodes, dim, prefix_lens, extra):
@@ -496,6 +498,18 @@ def test_compile_fullgraph_sampling_with_global_rng(device):
     want = f(tokens, parents, logits)
     for x, y in zip(got, want):
         assert torch.equal(x, y)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_GPU, reason="no CUDA GPU")
+def test_tree_attention_cuda_limits():
+    q, k, v, lens = make_attention_inputs(1, 2, 1, 3, 264, [4], 8, "cuda")
+    parents = torch.tensor([[-1, 0, 0]], device="cuda")
+    with pytest.raises(RuntimeError, match=r"head dimensions D <= 256, got 264"):
+        tree_attention(q, k, v, lens, parents)
+    q, k, v, lens = make_attention_inputs(1, 17, 1, 3, 16, [4], 8, "cuda")
+    with pytest.raises(RuntimeError, match=r"up to 16 query heads per kv head, got 17"):
+        tree_attention(q, k, v, lens, parents)
 
 
 def _attn_args(device="cpu"):
