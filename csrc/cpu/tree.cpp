@@ -54,6 +54,21 @@ inline void rescale_row(float& m, float& l, float* acc, int64_t dim, float new_m
   m = new_max;
 }
 
+// sum_d a[d] * b[d], 16 lanes at a time (a scalar loop would be one dependent chain).
+__attribute__((always_inline)) inline float dot(const float* a, const float* b, int64_t n) {
+  f32x16 acc = {};
+  int64_t d = 0;
+  for (; d + kLanes <= n; d += kLanes) {
+    f32x16 x, y;
+    std::memcpy(&x, a + d, sizeof(x));
+    std::memcpy(&y, b + d, sizeof(y));
+    acc += x * y;
+  }
+  float s = reduce_sum(acc);
+  for (; d < n; ++d) s += a[d] * b[d];
+  return s;
+}
+
 TORCHSPEC_CPU_CLONES
 void attention_unit(const TreeAttentionParams& p, int64_t unit, AttentionScratch& w) {
   const int64_t T = p.nodes, D = p.head_dim, S = p.seq;
@@ -141,8 +156,7 @@ void attention_unit(const TreeAttentionParams& p, int64_t unit, AttentionScratch
     float* acc = w.acc.data() + r * D;
     for (int64_t a = r % T; a >= 0; a = parents[a]) {
       const float* key = w.tree_k.data() + a * D;
-      float s = 0.0f;
-      for (int64_t d = 0; d < D; ++d) s += q[d] * key[d];
+      const float s = dot(q, key, D);
       rescale_row(w.m[r], w.l[r], acc, D, s);
       const float e = std::exp2(s - w.m[r]);
       w.l[r] += e;
