@@ -214,6 +214,62 @@ __device__ float block_reduce(float v, VerifyState& st) {
   return r;
 }
 
+// Running argmax of one thread over elements it visits in increasing index order: the first
+// NaN wins, else the first of the largest values.
+struct ArgmaxState {
+  float best = -INFINITY;
+  int64_t index = -1;
+  bool nan = false;
+  __device__ __forceinline__ void offer(float x, int64_t i) {
+    if (nan) return;
+    if (x != x) {
+      nan = true;
+      best = x;
+      index = i;
+    } else if (x > best || index < 0) {
+      best = x;
+      index = i;
+    }
+  }
+  // Its key for the block reduction (0 when the thread saw nothing).
+  __device__ __forceinline__ uint64_t key() const { return index < 0 ? 0 : make_key(best, index); }
+};
+
+// This thread's argmax key over a row: 16-byte loads, four in flight per thread, when the row is
+// 16-byte aligned (else one element at a time). Threads take interleaved vectors, so each sees
+// increasing indices and the block reduction of the keys (larger value, then lower index)
+// gives the row's argmax with torch.argmax's rules.
+template <typename T>
+__device__ uint64_t thread_argmax_key(const T* row, int64_t V) {
+  constexpr int kVec = 16 / sizeof(T);
+  constexpr int kUnroll = 4;
+  ArgmaxState st;
+  int64_t scalar_begin = 0;
+  if ((reinterpret_cast<uintptr_t>(row) & 15) == 0) {
+    const uint4* vec = reinterpret_cast<const uint4*>(row);
+    const int64_t nvec = V / kVec;
+    for (int64_t base = 0; base < nvec; base += kUnroll * kVerifyThreads) {
+      uint4 raw[kUnroll];
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        const int64_t i = base + u * kVerifyThreads + threadIdx.x;
+        if (i < nvec) raw[u] = __ldcs(vec + i);
+      }
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        const int64_t i = base + u * kVerifyThreads + threadIdx.x;
+        if (i >= nvec) break;
+        const T* e = reinterpret_cast<const T*>(&raw[u]);
+#pragma unroll
+        for (int j = 0; j < kVec; ++j) st.offer(Elem<T>::to_float(e[j]), i * kVec + j);
+      }
+    }
+    scalar_begin = nvec * kVec;
+  }
+  for (int64_t i = scalar_begin + threadIdx.x; i < V; i += kVerifyThreads) st.offer(Elem<T>::to_float(row[i]), i);
+  return st.key();
+}
+
 __device__ __forceinline__ int64_t first_child(const int64_t* parents, int64_t nodes, int64_t cur, int64_t after) {
   for (int64_t c = (after > cur ? after : cur) + 1; c < nodes; ++c) {
     if (parents[c] == cur) return c;
@@ -259,12 +315,7 @@ __global__ void __launch_bounds__(kVerifyThreads) verify_tree_kernel(TreeVerifyP
       if (p.argmax != nullptr) {
         target = p.argmax[b * Tn + cur];
       } else {
-        uint64_t key = 0;
-        for (int64_t i = tid; i < V; i += kVerifyThreads) {
-          const uint64_t k2 = make_key(Elem<T>::to_float(row[i]), i);
-          key = k2 > key ? k2 : key;
-        }
-        target = key_index(block_max_key(key, st));
+        target = key_index(block_max_key(thread_argmax_key(row, V), st));
       }
       if (tid == 0) {
         int64_t c = first_child(parents, Tn, cur, cur);
