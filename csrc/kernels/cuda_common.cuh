@@ -4,7 +4,11 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <cuda_runtime_api.h>
+
 #include <cstdint>
+
+#include "../common/topk_lse.h"
 
 namespace torchspec {
 namespace cuda {
@@ -27,6 +31,21 @@ struct Elem<__half> {
   static __device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
   static __device__ __forceinline__ __half from_float(float v) { return __float2half_rn(v); }
 };
+
+// f(T{}) with T the element type of `dtype` (float, bfloat16 bits, __half): the launchers'
+// dispatch, e.g. dispatch_dtype(p.dtype, [&](auto t) { return launch<decltype(t)>(p, stream); }).
+template <class F>
+cudaError_t dispatch_dtype(ScalarKind dtype, F&& f) {
+  switch (dtype) {
+    case ScalarKind::kFloat32:
+      return f(float{});
+    case ScalarKind::kBFloat16:
+      return f(uint16_t{});
+    case ScalarKind::kFloat16:
+      return f(__half{});
+  }
+  return cudaErrorInvalidValue;
+}
 
 }  // namespace cuda
 }  // namespace torchspec

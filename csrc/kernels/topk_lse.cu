@@ -310,15 +310,7 @@ cudaError_t launch(const TopkLseParams& p, cudaStream_t stream) {
 
 cudaError_t topk_lse(const TopkLseParams& p, cudaStream_t stream) {
   if (p.rows == 0) return cudaSuccess;
-  switch (p.dtype) {
-    case ScalarKind::kFloat32:
-      return launch<float>(p, stream);
-    case ScalarKind::kBFloat16:
-      return launch<uint16_t>(p, stream);
-    case ScalarKind::kFloat16:
-      return launch<__half>(p, stream);
-  }
-  return cudaErrorInvalidValue;
+  return dispatch_dtype(p.dtype, [&](auto t) { return launch<decltype(t)>(p, stream); });
 }
 
 }  // namespace cuda

@@ -429,28 +429,12 @@ cudaError_t launch_verify(const TreeVerifyParams& p, cudaStream_t stream) {
 
 cudaError_t tree_attention(const TreeAttentionParams& p, cudaStream_t stream) {
   if (p.batch == 0 || p.q_heads == 0) return cudaSuccess;
-  switch (p.dtype) {
-    case ScalarKind::kFloat32:
-      return launch_attention<float>(p, stream);
-    case ScalarKind::kBFloat16:
-      return launch_attention<uint16_t>(p, stream);
-    case ScalarKind::kFloat16:
-      return launch_attention<__half>(p, stream);
-  }
-  return cudaErrorInvalidValue;
+  return dispatch_dtype(p.dtype, [&](auto t) { return launch_attention<decltype(t)>(p, stream); });
 }
 
 cudaError_t verify_tree(const TreeVerifyParams& p, cudaStream_t stream) {
   if (p.batch == 0) return cudaSuccess;
-  switch (p.dtype) {
-    case ScalarKind::kFloat32:
-      return launch_verify<float>(p, stream);
-    case ScalarKind::kBFloat16:
-      return launch_verify<uint16_t>(p, stream);
-    case ScalarKind::kFloat16:
-      return launch_verify<__half>(p, stream);
-  }
-  return cudaErrorInvalidValue;
+  return dispatch_dtype(p.dtype, [&](auto t) { return launch_verify<decltype(t)>(p, stream); });
 }
 
 }  // namespace cuda
