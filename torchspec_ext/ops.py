@@ -10,7 +10,15 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-__all__ = ["topk_logprobs", "linear_topk_logprobs", "draft_topk_kl", "MAX_TOPK"]
+__all__ = [
+    "topk_logprobs",
+    "linear_topk_logprobs",
+    "draft_topk_kl",
+    "tree_attention",
+    "verify_tree_greedy",
+    "verify_tree_sampling",
+    "MAX_TOPK",
+]
 
 #: Largest k supported by the top-k ops.
 MAX_TOPK = 1024
@@ -212,3 +220,122 @@ def _draft_topk_kl_backward(ctx, grad_loss, grad_argmax, grad_lse):
 torch.library.register_autograd(
     "torchspec::draft_topk_kl", _draft_topk_kl_backward, setup_context=_draft_topk_kl_setup_context
 )
+
+
+def tree_attention(
+    q: Tensor, k: Tensor, v: Tensor, prefix_lens: Tensor, parents: Tensor, scale: Optional[float] = None
+) -> Tensor:
+    """Attention of the T nodes of a draft tree over their prefix and their ancestors.
+
+    Args:
+        q: ``[B, Hq, T, D]``, the queries of the T tree nodes; float32, bfloat16 or float16.
+        k, v: ``[B, Hkv, S, D]``, same dtype and device. In row b, positions
+            ``[0, prefix_lens[b])`` hold the prefix and position ``prefix_lens[b] + j`` holds tree
+            node j (``S >= max(prefix_lens) + T``; later positions are ignored).
+        prefix_lens: ``[B]`` int64 (or int32).
+        parents: ``[B, T]`` int64 (or int32): ``parents[b, 0] = -1`` (node 0 is the root, the last
+            committed token) and ``0 <= parents[b, j] < j`` otherwise.
+        scale: the softmax scale, default ``D ** -0.5``.
+
+    Returns:
+        ``out [B, Hq, T, D]`` in q's dtype: node j attends to every prefix position and to the
+        tree positions of its ancestors and itself, nothing else. Query head h reads kv head
+        ``h // (Hq // Hkv)`` (GQA). Accumulation is float32; the mask is derived from ``parents``
+        inside the kernel, no dense mask is built. On CUDA, ``D <= 256`` and ``Hq // Hkv <= 16``.
+    """
+    return torch.ops.torchspec.tree_attention.default(q, k, v, prefix_lens, parents, scale)
+
+
+def verify_tree_greedy(tokens: Tensor, parents: Tensor, target_logits: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    """Greedy verification of draft trees: the longest path the target's argmaxes agree with.
+
+    Args:
+        tokens: ``[B, T]`` int64, the tree's tokens (``tokens[b, 0]`` is the root's), in ``[0, V)``.
+        parents: ``[B, T]``, as for :func:`tree_attention`.
+        target_logits: ``[B, T, V]`` float32, bfloat16 or float16: the target's logits for the token
+            that follows node j.
+
+    From ``cur = 0``: ``t = argmax(target_logits[b, cur])`` (lowest id on ties, NaN above all as
+    ``torch.argmax``); if a child c of cur has ``tokens[b, c] == t`` (the lowest such c), it is
+    accepted and the walk continues from c; else it stops. Only the logits rows of visited nodes
+    are read.
+
+    Returns:
+        ``(num_accepted [B], path [B, T], next_token [B])``, int64: ``path = [0, accepted nodes...,
+        -1, ...]``, ``num_accepted`` the accepted draft nodes (the root not counted), ``next_token``
+        the argmax at the last accepted node.
+    """
+    return torch.ops.torchspec.verify_tree_greedy.default(tokens, parents, target_logits)
+
+
+def verify_tree_sampling(
+    tokens: Tensor,
+    parents: Tensor,
+    target_logits: Tensor,
+    temperature: float,
+    generator: Optional[torch.Generator] = None,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """Lossless sampling verification of draft trees with deterministic (greedy-drafted) tokens.
+
+    Arguments and outputs as :func:`verify_tree_greedy`, plus ``temperature > 0`` (temperature 0
+    is an error: use :func:`verify_tree_greedy`) and an optional ``generator``.
+
+    At node cur the target distribution is ``p = softmax(target_logits[b, cur] / temperature)``.
+    The children of cur are tried in index order against a residual ``r`` (initially p): child c
+    with token t is accepted with probability ``r(t) / sum(r)``; on rejection ``r(t)`` is set to 0,
+    so a later sibling with the same token is never accepted. An accepted child is emitted and the
+    walk continues from it; when every child is rejected, ``next_token`` is drawn from ``r /
+    sum(r)`` and the walk ends. This is rejection sampling with point-mass drafts (multi-candidate
+    speculative sampling), so every emitted token is distributed exactly as a sample from p at its
+    node, as if the target had sampled one token at a time along the path.
+
+    Randomness: ``u = torch.rand(B, T, dtype=float64, generator=generator)`` drawn on the
+    generator's device (else target_logits') and moved to target_logits' device, so a CPU and a CUDA
+    call consume the same numbers from the same generator state. Exactly B * T numbers are drawn
+    per call; ``u[b, c]`` decides child c (each node is tried at most once; node 0 never is) and
+    ``u[b, 0]`` draws the final token by inversion of the residual's cumulative distribution in
+    token order.
+
+    Under ``torch.compile(fullgraph=True)`` call it without a generator (dynamo does not take a
+    ``torch.Generator`` here; the global RNG is used), or pass uniforms drawn outside the compiled
+    region to :func:`verify_tree_sampling_uniforms`.
+    """
+    batch, nodes = tokens.shape[0], tokens.shape[1]
+    device = generator.device if generator is not None else target_logits.device
+    uniforms = torch.rand(batch, nodes, dtype=torch.float64, device=device, generator=generator)
+    return verify_tree_sampling_uniforms(tokens, parents, target_logits, temperature, uniforms.to(target_logits.device))
+
+
+def verify_tree_sampling_uniforms(
+    tokens: Tensor, parents: Tensor, target_logits: Tensor, temperature: float, uniforms: Tensor
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """:func:`verify_tree_sampling` with its uniforms given: ``[B, T]`` float64 in ``[0, 1)``,
+    on target_logits' device (deterministic; used to compare devices and by tests)."""
+    return torch.ops.torchspec.verify_tree_sampling.default(tokens, parents, target_logits, temperature, uniforms)
+
+
+@torch.library.register_fake("torchspec::tree_attention")
+def _tree_attention_fake(q, k, v, prefix_lens, parents, scale=None):
+    torch._check(q.dim() == 4, lambda: "torchspec.tree_attention: q must be 4-D [B, Hq, T, D]")
+    torch._check(k.dim() == 4, lambda: "torchspec.tree_attention: k must be 4-D [B, Hkv, S, D]")
+    return q.new_empty(q.shape)
+
+
+def _verify_fake(tokens, parents, target_logits):
+    torch._check(tokens.dim() == 2, lambda: "torchspec.verify_tree: tokens must be 2-D [B, T]")
+    batch, nodes = tokens.shape
+    return (
+        tokens.new_empty((batch,), dtype=torch.int64),
+        tokens.new_empty((batch, nodes), dtype=torch.int64),
+        tokens.new_empty((batch,), dtype=torch.int64),
+    )
+
+
+@torch.library.register_fake("torchspec::verify_tree_greedy")
+def _verify_tree_greedy_fake(tokens, parents, target_logits):
+    return _verify_fake(tokens, parents, target_logits)
+
+
+@torch.library.register_fake("torchspec::verify_tree_sampling")
+def _verify_tree_sampling_fake(tokens, parents, target_logits, temperature, uniforms):
+    return _verify_fake(tokens, parents, target_logits)

@@ -1,5 +1,6 @@
-// Helpers shared by the C++ microbenchmarks: row-range threading, the --threads flag and CUDA
-// error checks. Header-only; messages name the calling benchmark (its `program` argument).
+// Helpers shared by the C++ microbenchmarks: row-range threading, the --threads flag, CUDA error
+// checks and the CUDA-event timing loop. Header-only; messages name the calling benchmark (its
+// `program` argument).
 #pragma once
 
 #include <algorithm>
@@ -13,6 +14,7 @@
 #include <vector>
 
 #if defined(TORCHSPEC_WITH_CUDA)
+#include <benchmark/benchmark.h>
 #include <cuda_runtime.h>
 #endif
 
@@ -57,7 +59,9 @@ inline int take_threads_arg(int& argc, char** argv, const char* program) {
 inline void check(cudaError_t err, const char* what) {
   if (err != cudaSuccess) throw std::runtime_error(std::string(what) + ": " + cudaGetErrorString(err));
 }
+#define CUDA_CHECK(call) ::bench::check((call), #call)
 
+// For destructors: report, never throw.
 inline void check_at_exit(cudaError_t err, const char* what, const char* program) {
   if (err != cudaSuccess) std::fprintf(stderr, "%s: %s: %s\n", program, what, cudaGetErrorString(err));
 }
@@ -74,10 +78,24 @@ inline std::string gpu_name(std::string& why) {
   check(cudaGetDeviceProperties(&prop, 0), "cudaGetDeviceProperties");
   return prop.name;
 }
+
+// Times launch() (which returns a cudaError_t) with CUDA events on `stream` for every benchmark
+// iteration (for UseManualTime), after `warmup` untimed launches.
+template <class Launch>
+void time_launches(benchmark::State& state, cudaStream_t stream, cudaEvent_t start, cudaEvent_t stop,
+                   const Launch& launch, int64_t warmup = 3) {
+  for (int64_t i = 0; i < warmup; ++i) CUDA_CHECK(launch());
+  CUDA_CHECK(cudaStreamSynchronize(stream));
+  for (auto _ : state) {
+    CUDA_CHECK(cudaEventRecord(start, stream));
+    CUDA_CHECK(launch());
+    CUDA_CHECK(cudaEventRecord(stop, stream));
+    CUDA_CHECK(cudaEventSynchronize(stop));
+    float ms = 0.0f;
+    CUDA_CHECK(cudaEventElapsedTime(&ms, start, stop));
+    state.SetIterationTime(ms * 1e-3);
+  }
+}
 #endif
 
 }  // namespace bench
-
-#if defined(TORCHSPEC_WITH_CUDA)
-#define CUDA_CHECK(call) ::bench::check((call), #call)
-#endif

@@ -166,20 +166,9 @@ void bm_cuda(benchmark::State& state, int64_t rows, int64_t cols, bool backward)
     CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
     CUDA_CHECK(cudaEventCreate(&start));
     CUDA_CHECK(cudaEventCreate(&stop));
-    const auto launch = [&] {
-      CUDA_CHECK(backward ? torchspec::cuda::draft_loss_backward(b, stream) : torchspec::cuda::draft_loss_forward(f, stream));
-    };
-    for (int i = 0; i < 3; ++i) launch();
-    CUDA_CHECK(cudaStreamSynchronize(stream));
-    for (auto _ : state) {
-      CUDA_CHECK(cudaEventRecord(start, stream));
-      launch();
-      CUDA_CHECK(cudaEventRecord(stop, stream));
-      CUDA_CHECK(cudaEventSynchronize(stop));
-      float ms = 0.0f;
-      CUDA_CHECK(cudaEventElapsedTime(&ms, start, stop));
-      state.SetIterationTime(ms * 1e-3);
-    }
+    bench::time_launches(state, stream, start, stop, [&] {
+      return backward ? torchspec::cuda::draft_loss_backward(b, stream) : torchspec::cuda::draft_loss_forward(f, stream);
+    });
     state.SetBytesProcessed(state.iterations() * (backward ? 2 : 1) * t.bytes());
   } catch (const std::exception& e) {
     state.SkipWithError(e.what());

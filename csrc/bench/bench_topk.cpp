@@ -162,19 +162,9 @@ void bm_cuda(benchmark::State& state, CudaCase* c, int threads) {
     const auto launch = [&] {
       p.logits = c->inputs[next];
       next = (next + 1) % c->inputs.size();
-      CUDA_CHECK(torchspec::cuda::topk_lse(p, c->stream));
+      return torchspec::cuda::topk_lse(p, c->stream);
     };
-    for (size_t i = 0; i < 2 * c->inputs.size(); ++i) launch();
-    CUDA_CHECK(cudaStreamSynchronize(c->stream));
-    for (auto _ : state) {
-      CUDA_CHECK(cudaEventRecord(c->start, c->stream));
-      launch();
-      CUDA_CHECK(cudaEventRecord(c->stop, c->stream));
-      CUDA_CHECK(cudaEventSynchronize(c->stop));
-      float ms = 0.0f;
-      CUDA_CHECK(cudaEventElapsedTime(&ms, c->start, c->stop));
-      state.SetIterationTime(ms * 1e-3);
-    }
+    bench::time_launches(state, c->stream, c->start, c->stop, launch, 2 * static_cast<int64_t>(c->inputs.size()));
     state.SetBytesProcessed(state.iterations() * input_bytes(c->shape));
     state.counters["input_copies"] = static_cast<double>(c->inputs.size());
   } catch (const std::exception& e) {

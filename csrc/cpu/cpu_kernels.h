@@ -6,6 +6,7 @@
 
 #include "../common/draft_loss.h"
 #include "../common/topk_lse.h"
+#include "../common/tree.h"
 
 namespace torchspec {
 namespace cpu {
@@ -18,6 +19,14 @@ void draft_loss_forward_rows(const DraftLossForwardTile& p, int64_t row_begin, i
 
 // draft_topk_kl backward: rows [row_begin, row_end) of a logits tile become d loss / d logits.
 void draft_loss_backward_rows(const DraftLossBackwardTile& p, int64_t row_begin, int64_t row_end);
+
+// Tree attention for the (batch row, kv head) pairs u in [unit_begin, unit_end), u = b * Hkv + g:
+// every query head of the group and every node (see TreeAttentionParams).
+void tree_attention_units(const TreeAttentionParams& p, int64_t unit_begin, int64_t unit_end);
+
+// Tree verification of batch rows [row_begin, row_end): greedy when p.uniforms is null, else
+// sampling (see TreeVerifyParams).
+void verify_tree_rows(const TreeVerifyParams& p, int64_t row_begin, int64_t row_end);
 
 }  // namespace cpu
 }  // namespace torchspec

@@ -6,11 +6,8 @@
 #include <cstring>
 #include <limits>
 
+#include "cpu_common.h"
 #include "cpu_kernels.h"
-#include "simd.h"
-
-// The 64-byte vector types of simd.h are internal to this file; their ABI note does not concern us.
-#pragma GCC diagnostic ignored "-Wpsabi"
 
 namespace torchspec {
 namespace cpu {

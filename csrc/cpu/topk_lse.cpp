@@ -8,11 +8,8 @@
 #include <limits>
 #include <vector>
 
+#include "cpu_common.h"
 #include "cpu_kernels.h"
-#include "simd.h"
-
-// The 64-byte vector types of simd.h are internal to this file; their ABI note does not concern us.
-#pragma GCC diagnostic ignored "-Wpsabi"
 
 namespace torchspec {
 namespace cpu {
@@ -23,37 +20,6 @@ using namespace simd;
 constexpr int kChunk = 256;  // floats: 1 KiB, in L1 for the passes over it
 constexpr int kGroups = kChunk / kLanes;
 static_assert(kGroups <= 31, "group bits must fit an int32 mask");
-
-inline float half_to_float(uint16_t h) {
-  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
-  const uint32_t em = h & 0x7FFFu;
-  // Normal and subnormal halves: shift into a float's mantissa and rescale the exponent by 2^112.
-  float mag = bits_float(em << 13) * 5.192296858534828e33f;
-  if (em >= 0x7C00u) mag = bits_float((em << 13) | 0x7F800000u);  // inf and NaN
-  return bits_float(float_bits(mag) | sign);
-}
-
-inline void load_chunk(const void* row, ScalarKind dtype, int64_t begin, int n, float* out) {
-  switch (dtype) {
-    case ScalarKind::kFloat32: {
-      const float* src = static_cast<const float*>(row) + begin;
-      for (int i = 0; i < n; ++i) out[i] = src[i];
-      break;
-    }
-    case ScalarKind::kBFloat16: {
-      const uint16_t* src = static_cast<const uint16_t*>(row) + begin;
-      for (int i = 0; i < n; ++i) out[i] = bits_float(static_cast<uint32_t>(src[i]) << 16);
-      break;
-    }
-    case ScalarKind::kFloat16: {
-      const uint16_t* src = static_cast<const uint16_t*>(row) + begin;
-      for (int i = 0; i < n; ++i) out[i] = half_to_float(src[i]);
-      break;
-    }
-  }
-}
-
-inline size_t element_size(ScalarKind dtype) { return dtype == ScalarKind::kFloat32 ? 4 : 2; }
 
 // The k best keys of a stream. Keys above the threshold are appended to a buffer; when it
 // fills, nth_element keeps the best k and the k-th becomes the new threshold (cheaper than a heap
@@ -95,7 +61,6 @@ class TopK {
   uint64_t threshold_ = 0;  // keys at or below it are not among the k best
   bool has_threshold_ = false;
 };
-
 
 TORCHSPEC_CPU_CLONES
 void rows_impl(const TopkLseParams& p, int64_t row_begin, int64_t row_end) {

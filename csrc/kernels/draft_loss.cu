@@ -8,6 +8,7 @@
 
 #include <cstdint>
 
+#include "cuda_common.cuh"
 #include "cuda_kernels.h"
 
 namespace torchspec {
@@ -66,7 +67,7 @@ __global__ void __launch_bounds__(kBlock) forward_kernel(DraftLossForwardTile p)
       const float w = p.target_weights[row * p.k + j];
       if (col >= 0 && col < p.cols && w != 0.0f) dot += w * z[col];
     }
-    for (int d = 16; d > 0; d >>= 1) dot += __shfl_xor_sync(0xFFFFFFFFu, dot, d);
+    dot = warp_sum(dot);
   }
   __syncthreads();
   if (tid != 0) return;

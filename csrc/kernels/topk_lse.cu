@@ -11,6 +11,7 @@
 
 #include <cstdint>
 
+#include "cuda_common.cuh"
 #include "cuda_kernels.h"
 
 namespace torchspec {
@@ -20,21 +21,6 @@ namespace {
 constexpr int kBlock = 256;
 constexpr int kWarps = kBlock / 32;
 constexpr float kLog2e = 1.4426950408889634f;
-
-template <typename T>
-struct Elem;
-template <>
-struct Elem<float> {
-  static __device__ __forceinline__ float to_float(float v) { return v; }
-};
-template <>
-struct Elem<uint16_t> {  // bfloat16 bits
-  static __device__ __forceinline__ float to_float(uint16_t v) { return __uint_as_float(static_cast<uint32_t>(v) << 16); }
-};
-template <>
-struct Elem<__half> {
-  static __device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
-};
 
 // Shared state of one block, besides the dynamically sized candidate buffer.
 struct BlockState {
@@ -312,15 +298,7 @@ cudaError_t launch(const TopkLseParams& p, cudaStream_t stream) {
 
 cudaError_t topk_lse(const TopkLseParams& p, cudaStream_t stream) {
   if (p.rows == 0) return cudaSuccess;
-  switch (p.dtype) {
-    case ScalarKind::kFloat32:
-      return launch<float>(p, stream);
-    case ScalarKind::kBFloat16:
-      return launch<uint16_t>(p, stream);
-    case ScalarKind::kFloat16:
-      return launch<__half>(p, stream);
-  }
-  return cudaErrorInvalidValue;
+  return dispatch_dtype(p.dtype, [&](auto t) { return launch<decltype(t)>(p, stream); });
 }
 
 }  // namespace cuda

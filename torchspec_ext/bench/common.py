@@ -17,6 +17,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 MiB = 1 << 20
+DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
 def resolve_device(name: str) -> torch.device:
@@ -152,6 +153,19 @@ def read_bandwidth(device: torch.device) -> tuple[float, str]:
     x = torch.randn(nbytes // 4)
     ms = time_ms(lambda: x.sum(), [()], device, Timing(7, 1))
     return nbytes / (ms * 1e-3), f"x.sum() over {nbytes // MiB} MiB of float32, {torch.get_num_threads()} threads"
+
+
+def environment_header(device: torch.device, timing: Timing, bandwidth: float, how: str) -> dict[str, Any]:
+    """The report header's lines about the machine, the bandwidth and the timing method."""
+    return {
+        "device": f"{device.type}: {device_name(device)}",
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "cache MiB": cache_bytes(device) // MiB,
+        "read bandwidth GB/s": round(bandwidth / 1e9, 2),
+        "bandwidth measured by": how,
+        "timing": timing.describe(device),
+    }
 
 
 def tensor_bytes(obj: Any) -> int:

@@ -17,6 +17,7 @@ from typing import Any, Callable
 import torch
 
 from torchspec_ext.bench.common import (
+    DTYPE_NAMES,
     MiB,
     Column,
     Report,
@@ -34,8 +35,6 @@ from torchspec_ext.bench.common import (
     timing_for,
 )
 from torchspec_ext.ops import draft_topk_kl
-
-DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
 @dataclass(frozen=True)

@@ -14,12 +14,12 @@ from typing import Any, Callable
 import torch
 
 from torchspec_ext.bench.common import (
+    DTYPE_NAMES,
     MiB,
     Column,
     Report,
     Timing,
-    cache_bytes,
-    device_name,
+    environment_header,
     fmt_fixed,
     fmt_num,
     fmt_percent,
@@ -35,7 +35,6 @@ from torchspec_ext.bench.common import (
 from torchspec_ext.ops import linear_topk_logprobs, topk_logprobs
 
 TOPK, LINEAR = "topk_logprobs", "linear_topk_logprobs"
-DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
 @dataclass(frozen=True)
@@ -212,14 +211,7 @@ def run(args: Any) -> Report:
     device = resolve_device(args.device)
     timing = timing_for(args, device)
     bandwidth, how = read_bandwidth(device)
-    header = {
-        "device": f"{device.type}: {device_name(device)}",
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "cache MiB": cache_bytes(device) // MiB,
-        "read bandwidth GB/s": round(bandwidth / 1e9, 2),
-        "bandwidth measured by": how,
-        "timing": timing.describe(device),
+    header = environment_header(device, timing, bandwidth, how) | {
         "extra memory": memory_method(device) + "; linear op only",
         "sizes": "quick (targets not checked)" if args.quick else "default",
     }

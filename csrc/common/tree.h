@@ -1,0 +1,60 @@
+// Parameters shared by the CPU and CUDA tree-attention and tree-verification kernels.
+// Framework-free: no torch, no CUDA headers.
+//
+// A draft tree of T nodes per batch row is given by parents [B, T] (int64): parents[b, 0] = -1
+// (node 0, the root, is the last committed token) and 0 <= parents[b, j] < j otherwise. The
+// launchers validate the trees; the kernels assume valid ones.
+#pragma once
+
+#include <cstdint>
+
+#include "topk_lse.h"
+
+namespace torchspec {
+
+// out = attention of the T tree nodes over their prefix and their ancestors (see the op's doc).
+// All tensors contiguous: q, out [B, Hq, T, D]; k, v [B, Hkv, S, D]; prefix_lens [B];
+// parents [B, T]. Node j of row b attends to key positions [0, prefix_lens[b]) and to
+// prefix_lens[b] + a for every ancestor a of j and j itself. Query head h reads kv head
+// h / (Hq / Hkv). q, k, v, out share `dtype`; accumulation is float32.
+struct TreeAttentionParams {
+  const void* q = nullptr;
+  const void* k = nullptr;
+  const void* v = nullptr;
+  void* out = nullptr;
+  const int64_t* prefix_lens = nullptr;
+  const int64_t* parents = nullptr;
+  ScalarKind dtype = ScalarKind::kFloat32;
+  int64_t batch = 0;
+  int64_t q_heads = 0;
+  int64_t kv_heads = 0;
+  int64_t nodes = 0;  // T
+  int64_t seq = 0;  // S
+  int64_t head_dim = 0;  // D
+  float scale = 1.0f;
+};
+
+// Verification of draft trees against the target's logits, one walk per batch row from node 0
+// (see verify_tree_greedy / verify_tree_sampling). tokens, parents, path [B, T]; logits
+// [B, T, V] contiguous; num_accepted, next_token [B]. All indices int64.
+struct TreeVerifyParams {
+  const int64_t* tokens = nullptr;
+  const int64_t* parents = nullptr;
+  const void* logits = nullptr;
+  ScalarKind dtype = ScalarKind::kFloat32;
+  // Greedy only, optional: the argmax of every node's logits [B, T], given instead of logits
+  // (the walk alone, for benchmarks). When set, logits is not read.
+  const int64_t* argmax = nullptr;
+  // Sampling only: uniforms [B, T] in [0, 1); null for greedy. u[b, c] decides whether child c is
+  // accepted (each node is tested at most once, and node 0 never), u[b, 0] draws the final token.
+  const double* uniforms = nullptr;
+  float inv_temperature = 1.0f;
+  int64_t batch = 0;
+  int64_t nodes = 0;  // T
+  int64_t vocab = 0;  // V
+  int64_t* num_accepted = nullptr;
+  int64_t* path = nullptr;
+  int64_t* next_token = nullptr;
+};
+
+}  // namespace torchspec

@@ -1,0 +1,63 @@
+// Helpers shared by the CUDA kernel files (internal; no torch headers): element conversions,
+// the launchers' dtype dispatch and warp reductions.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+
+#include "../common/topk_lse.h"
+
+namespace torchspec {
+namespace cuda {
+
+// Element types of the kernels: float, bfloat16 (as its uint16_t bits) and __half.
+template <typename T>
+struct Elem;
+template <>
+struct Elem<float> {
+  static __device__ __forceinline__ float to_float(float v) { return v; }
+  static __device__ __forceinline__ float from_float(float v) { return v; }
+};
+template <>
+struct Elem<uint16_t> {  // bfloat16 bits
+  static __device__ __forceinline__ float to_float(uint16_t v) { return __uint_as_float(static_cast<uint32_t>(v) << 16); }
+  static __device__ __forceinline__ uint16_t from_float(float v) { return __bfloat16_as_ushort(__float2bfloat16_rn(v)); }
+};
+template <>
+struct Elem<__half> {
+  static __device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
+  static __device__ __forceinline__ __half from_float(float v) { return __float2half_rn(v); }
+};
+
+// f(T{}) with T the element type of `dtype` (float, bfloat16 bits, __half): the launchers'
+// dispatch, e.g. dispatch_dtype(p.dtype, [&](auto t) { return launch<decltype(t)>(p, stream); }).
+template <class F>
+cudaError_t dispatch_dtype(ScalarKind dtype, F&& f) {
+  switch (dtype) {
+    case ScalarKind::kFloat32:
+      return f(float{});
+    case ScalarKind::kBFloat16:
+      return f(uint16_t{});
+    case ScalarKind::kFloat16:
+      return f(__half{});
+  }
+  return cudaErrorInvalidValue;
+}
+
+// Maximum / sum over the 32 lanes of a full warp, in every lane.
+__device__ __forceinline__ float warp_max(float v) {
+  for (int d = 16; d > 0; d >>= 1) v = fmaxf(v, __shfl_xor_sync(0xFFFFFFFFu, v, d));
+  return v;
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+  for (int d = 16; d > 0; d >>= 1) v += __shfl_xor_sync(0xFFFFFFFFu, v, d);
+  return v;
+}
+
+}  // namespace cuda
+}  // namespace torchspec

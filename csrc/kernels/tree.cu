@@ -1,0 +1,431 @@
+// CUDA tree attention and tree verification (framework-free).
+//
+// Tree attention: one block of 4 warps per (batch row, kv head, node). The block's rows are the
+// G = Hq / Hkv query heads of the kv head's group for that node; warp w owns rows w, w + 4, ...
+// Keys come in tiles of 32 staged in shared memory as float (K padded to D + 1 columns so that
+// lane l reading key l is free of bank conflicts): lane l scores key l against the row's query
+// (broadcast from shared memory), the warp takes the tile's maximum and folds the tile into its
+// online softmax (base 2, float32), the probabilities broadcast by shuffles for P @ V with lane l
+// owning dimensions l, l + 32, ... The key sequence is the prefix [0, prefix_len) followed by
+// the node's ancestors and itself (their chain is walked once into shared memory): no mask.
+//
+// Correct first, not fast. What would make it fast: share each K/V tile across all T nodes of
+// the row as well (one block per (b, kv head) with G * T query rows, which for the prefix is
+// plain dense attention), tensor-core MMA for Q K^T and P V (FlashAttention-2/3 style, with
+// TMA loads and a pipelined tile loop on sm_90), and split-K over the prefix for small B.
+//
+// Verification: one block per batch row walks the tree sequentially; at each visited node the
+// block reduces that node's logits row (argmax, or max and sum of exp), and thread 0 decides.
+// Only the rows of visited nodes are read.
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "cuda_common.cuh"
+#include "cuda_kernels.h"
+
+namespace torchspec {
+namespace cuda {
+namespace {
+
+constexpr float kLog2e = 1.4426950408889634f;
+
+// ---- tree attention -------------------------------------------------------------------------
+
+constexpr int kAttnWarps = 4;
+constexpr int kAttnThreads = 32 * kAttnWarps;
+constexpr int kKeyTile = 32;  // keys per shared-memory tile: one per lane
+constexpr int kMaxDimPerLane = 8;  // D <= 256
+constexpr int kMaxRowsPerWarp = 4;  // G <= 16
+
+template <typename T>
+__global__ void __launch_bounds__(kAttnThreads) tree_attention_kernel(TreeAttentionParams p) {
+  const int64_t T_ = p.nodes, D = p.head_dim, S = p.seq;
+  const int G = static_cast<int>(p.q_heads / p.kv_heads);
+  const int64_t unit = blockIdx.x;
+  const int64_t j = unit % T_;
+  const int64_t g = (unit / T_) % p.kv_heads;
+  const int64_t b = unit / (T_ * p.kv_heads);
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int64_t prefix = p.prefix_lens[b];
+  const int64_t* parents = p.parents + b * T_;
+
+  extern __shared__ float smem[];
+  float* qs = smem;  // [G][D], scaled by scale * log2(e)
+  float* ks = qs + G * D;  // [kKeyTile][D + 1]
+  float* vs = ks + kKeyTile * (D + 1);  // [kKeyTile][D]
+  int* chain = reinterpret_cast<int*>(vs + kKeyTile * D);  // the node and its ancestors, <= T
+  __shared__ int depth;
+
+  const T* q = static_cast<const T*>(p.q);
+  const T* k = static_cast<const T*>(p.k) + (b * p.kv_heads + g) * S * D;
+  const T* v = static_cast<const T*>(p.v) + (b * p.kv_heads + g) * S * D;
+  const float qscale = p.scale * kLog2e;
+  for (int64_t i = tid; i < G * D; i += kAttnThreads) {
+    const int64_t h = g * G + i / D;
+    qs[i] = Elem<T>::to_float(q[((b * p.q_heads + h) * T_ + j) * D + i % D]) * qscale;
+  }
+  if (tid == 0) {
+    int n = 0;
+    for (int64_t a = j; a >= 0; a = parents[a]) chain[n++] = static_cast<int>(a);
+    depth = n;
+  }
+  __syncthreads();
+
+  float m[kMaxRowsPerWarp], l[kMaxRowsPerWarp], acc[kMaxRowsPerWarp][kMaxDimPerLane];
+#pragma unroll
+  for (int r = 0; r < kMaxRowsPerWarp; ++r) {
+    m[r] = -INFINITY;
+    l[r] = 0.0f;
+#pragma unroll
+    for (int i = 0; i < kMaxDimPerLane; ++i) acc[r][i] = 0.0f;
+  }
+
+  const int64_t total = prefix + depth;  // key t: position t (prefix) or prefix + chain[t - prefix]
+  for (int64_t t0 = 0; t0 < total; t0 += kKeyTile) {
+    const int n = static_cast<int>(min(static_cast<int64_t>(kKeyTile), total - t0));
+    __syncthreads();  // the previous tile is consumed
+    for (int64_t i = tid; i < n * D; i += kAttnThreads) {
+      const int kk = static_cast<int>(i / D);
+      const int64_t d = i % D, t = t0 + kk;
+      const int64_t pos = t < prefix ? t : prefix + chain[t - prefix];
+      ks[kk * (D + 1) + d] = Elem<T>::to_float(k[pos * D + d]);
+      vs[kk * D + d] = Elem<T>::to_float(v[pos * D + d]);
+    }
+    __syncthreads();
+#pragma unroll
+    for (int r = 0; r < kMaxRowsPerWarp; ++r) {
+      const int h = warp + kAttnWarps * r;
+      if (h >= G) break;  // warp-uniform
+      const float* qr = qs + h * D;
+      float s = -INFINITY;
+      if (lane < n) {
+        const float* kr = ks + lane * (D + 1);
+        float dot = 0.0f;
+        for (int64_t d = 0; d < D; ++d) dot = fmaf(qr[d], kr[d], dot);
+        s = dot;
+      }
+      const float m_new = fmaxf(m[r], warp_max(s));
+      const float corr = exp2f(m[r] - m_new);  // 0 while m is -inf
+      const float e = lane < n ? exp2f(s - m_new) : 0.0f;
+      l[r] = l[r] * corr + warp_sum(e);
+      m[r] = m_new;
+#pragma unroll
+      for (int i = 0; i < kMaxDimPerLane; ++i) acc[r][i] *= corr;
+      for (int kk = 0; kk < n; ++kk) {
+        const float ek = __shfl_sync(0xFFFFFFFFu, e, kk);
+        const float* vr = vs + kk * D;
+#pragma unroll
+        for (int i = 0; i < kMaxDimPerLane; ++i) {
+          const int64_t d = lane + 32 * i;
+          if (d < D) acc[r][i] = fmaf(ek, vr[d], acc[r][i]);
+        }
+      }
+    }
+  }
+
+  T* out = static_cast<T*>(p.out);
+#pragma unroll
+  for (int r = 0; r < kMaxRowsPerWarp; ++r) {
+    const int h = warp + kAttnWarps * r;
+    if (h >= G) break;
+    const float inv = 1.0f / l[r];  // l >= 1: the row's maximum contributes 2^0
+    T* o = out + ((b * p.q_heads + g * G + h) * T_ + j) * D;
+#pragma unroll
+    for (int i = 0; i < kMaxDimPerLane; ++i) {
+      const int64_t d = lane + 32 * i;
+      if (d < D) o[d] = Elem<T>::from_float(acc[r][i] * inv);
+    }
+  }
+}
+
+template <typename T>
+cudaError_t launch_attention(const TreeAttentionParams& p, cudaStream_t stream) {
+  const int64_t G = p.q_heads / p.kv_heads;
+  if (p.head_dim > 32 * kMaxDimPerLane || G > kAttnWarps * kMaxRowsPerWarp) return cudaErrorInvalidValue;
+  const int64_t blocks = p.batch * p.kv_heads * p.nodes;
+  if (blocks >= (int64_t{1} << 31)) return cudaErrorInvalidValue;
+  const size_t smem = sizeof(float) * (G * p.head_dim + kKeyTile * (p.head_dim + 1) + kKeyTile * p.head_dim) +
+                      sizeof(int) * p.nodes;
+  if (smem > 48 * 1024) {
+    const cudaError_t err = cudaFuncSetAttribute(tree_attention_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                                 static_cast<int>(smem));
+    if (err != cudaSuccess) return err;
+  }
+  tree_attention_kernel<T><<<static_cast<unsigned>(blocks), kAttnThreads, smem, stream>>>(p);
+  return cudaGetLastError();
+}
+
+// ---- verification ---------------------------------------------------------------------------
+
+constexpr int kVerifyThreads = 512;
+constexpr int kVerifyWarps = kVerifyThreads / 32;
+
+struct VerifyState {
+  int64_t cur;  // node being expanded
+  int64_t accepted;
+  int64_t next;  // >= 0 once the walk is over
+  int n_rejected;
+  uint64_t warp_keys[kVerifyWarps];
+  float warp_f[kVerifyWarps];
+  float row_max;
+  float row_sum;
+  double goal;  // sampling: the inversion target within the chosen segment
+  int segment;  // sampling: the thread whose segment holds the target, or -1
+  int last_segment;  // sampling: the last thread whose segment has residual mass
+  double seg_mass[kVerifyThreads];
+};
+
+// Block-wide maximum of one 64-bit key per thread (every thread gets it).
+__device__ uint64_t block_max_key(uint64_t key, VerifyState& st) {
+  for (int d = 16; d > 0; d >>= 1) {
+    const uint64_t o = __shfl_xor_sync(0xFFFFFFFFu, key, d);
+    key = o > key ? o : key;
+  }
+  if ((threadIdx.x & 31) == 0) st.warp_keys[threadIdx.x >> 5] = key;
+  __syncthreads();
+  uint64_t best = st.warp_keys[0];
+  for (int w = 1; w < kVerifyWarps; ++w) best = st.warp_keys[w] > best ? st.warp_keys[w] : best;
+  __syncthreads();  // warp_keys is free again
+  return best;
+}
+
+template <bool kMax>
+__device__ float block_reduce(float v, VerifyState& st) {
+  for (int d = 16; d > 0; d >>= 1) {
+    const float o = __shfl_xor_sync(0xFFFFFFFFu, v, d);
+    v = kMax ? fmaxf(v, o) : v + o;
+  }
+  if ((threadIdx.x & 31) == 0) st.warp_f[threadIdx.x >> 5] = v;
+  __syncthreads();
+  float r = st.warp_f[0];
+  for (int w = 1; w < kVerifyWarps; ++w) r = kMax ? fmaxf(r, st.warp_f[w]) : r + st.warp_f[w];
+  __syncthreads();
+  return r;
+}
+
+// Running argmax of one thread over elements it visits in increasing index order: the first
+// NaN wins, else the first of the largest values.
+struct ArgmaxState {
+  float best = -INFINITY;
+  int64_t index = -1;
+  bool nan = false;
+  __device__ __forceinline__ void offer(float x, int64_t i) {
+    if (nan) return;
+    if (x != x) {
+      nan = true;
+      best = x;
+      index = i;
+    } else if (x > best || index < 0) {
+      best = x;
+      index = i;
+    }
+  }
+  // Its key for the block reduction (0 when the thread saw nothing).
+  __device__ __forceinline__ uint64_t key() const { return index < 0 ? 0 : make_key(best, index); }
+};
+
+// This thread's argmax key over a row: 16-byte loads, four in flight per thread, when the row is
+// 16-byte aligned (else one element at a time). Threads take interleaved vectors, so each sees
+// increasing indices and the block reduction of the keys (larger value, then lower index)
+// gives the row's argmax with torch.argmax's rules.
+template <typename T>
+__device__ uint64_t thread_argmax_key(const T* row, int64_t V) {
+  constexpr int kVec = 16 / sizeof(T);
+  constexpr int kUnroll = 4;
+  ArgmaxState st;
+  int64_t scalar_begin = 0;
+  if ((reinterpret_cast<uintptr_t>(row) & 15) == 0) {
+    const uint4* vec = reinterpret_cast<const uint4*>(row);
+    const int64_t nvec = V / kVec;
+    for (int64_t base = 0; base < nvec; base += kUnroll * kVerifyThreads) {
+      uint4 raw[kUnroll];
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        const int64_t i = base + u * kVerifyThreads + threadIdx.x;
+        if (i < nvec) raw[u] = __ldcs(vec + i);
+      }
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        const int64_t i = base + u * kVerifyThreads + threadIdx.x;
+        if (i >= nvec) break;
+        const T* e = reinterpret_cast<const T*>(&raw[u]);
+#pragma unroll
+        for (int j = 0; j < kVec; ++j) st.offer(Elem<T>::to_float(e[j]), i * kVec + j);
+      }
+    }
+    scalar_begin = nvec * kVec;
+  }
+  for (int64_t i = scalar_begin + threadIdx.x; i < V; i += kVerifyThreads) st.offer(Elem<T>::to_float(row[i]), i);
+  return st.key();
+}
+
+__device__ __forceinline__ int64_t first_child(const int64_t* parents, int64_t nodes, int64_t cur, int64_t after) {
+  for (int64_t c = (after > cur ? after : cur) + 1; c < nodes; ++c) {
+    if (parents[c] == cur) return c;
+  }
+  return -1;
+}
+
+__device__ __forceinline__ bool is_rejected(const int64_t* rejected, int n, int64_t token) {
+  for (int i = 0; i < n; ++i) {
+    if (rejected[i] == token) return true;
+  }
+  return false;
+}
+
+// Greedy (p.uniforms null) or sampling walk of batch row blockIdx.x; see TreeVerifyParams and
+// the CPU kernel (csrc/cpu/tree.cpp) for the rules, which this follows step for step.
+template <typename T>
+__global__ void __launch_bounds__(kVerifyThreads) verify_tree_kernel(TreeVerifyParams p) {
+  const int64_t b = blockIdx.x, Tn = p.nodes, V = p.vocab;
+  const int tid = threadIdx.x;
+  const int64_t* tokens = p.tokens + b * Tn;
+  const int64_t* parents = p.parents + b * Tn;
+  int64_t* path = p.path + b * Tn;
+  extern __shared__ int64_t rejected[];  // sampling: tokens rejected at the current node, <= T
+  __shared__ VerifyState st;
+  if (tid == 0) {
+    st.cur = 0;
+    st.accepted = 0;
+    st.next = -1;
+    path[0] = 0;
+  }
+  __syncthreads();
+  const bool sampling = p.uniforms != nullptr;
+  const double* u = sampling ? p.uniforms + b * Tn : nullptr;
+  while (true) {
+    const int64_t cur = st.cur;
+    const bool done = st.next >= 0;
+    __syncthreads();  // every thread has read the state before thread 0 changes it
+    if (done) break;
+    const T* row = static_cast<const T*>(p.logits) + (b * Tn + cur) * V;
+    if (!sampling) {
+      int64_t target;
+      if (p.argmax != nullptr) {
+        target = p.argmax[b * Tn + cur];
+      } else {
+        target = key_index(block_max_key(thread_argmax_key(row, V), st));
+      }
+      if (tid == 0) {
+        int64_t c = first_child(parents, Tn, cur, cur);
+        while (c >= 0 && tokens[c] != target) c = first_child(parents, Tn, cur, c);
+        if (c >= 0) {
+          path[++st.accepted] = c;
+          st.cur = c;
+        } else {
+          st.next = target;
+        }
+      }
+      __syncthreads();
+      continue;
+    }
+    // Sampling: max and sum of exp((x - max) / T) over the row.
+    float mx = -INFINITY;
+    for (int64_t i = tid; i < V; i += kVerifyThreads) mx = fmaxf(mx, Elem<T>::to_float(row[i]));
+    mx = block_reduce<true>(mx, st);
+    float s = 0.0f;
+    for (int64_t i = tid; i < V; i += kVerifyThreads) s += expf((Elem<T>::to_float(row[i]) - mx) * p.inv_temperature);
+    s = block_reduce<false>(s, st);
+    const auto prob = [&](int64_t tok) {
+      return static_cast<double>(expf((Elem<T>::to_float(row[tok]) - mx) * p.inv_temperature)) / s;
+    };
+    if (tid == 0) {
+      double residual = 1.0;
+      int n_rej = 0;
+      int64_t c = first_child(parents, Tn, cur, cur);
+      for (; c >= 0; c = first_child(parents, Tn, cur, c)) {
+        const int64_t t = tokens[c];
+        if (is_rejected(rejected, n_rej, t)) continue;
+        const double pt = prob(t);
+        if (u[c] * residual < pt) break;
+        residual -= pt;
+        rejected[n_rej++] = t;
+      }
+      st.n_rejected = n_rej;
+      if (c >= 0) {
+        path[++st.accepted] = c;
+        st.cur = c;
+      }
+      st.goal = u[0] * residual;
+      st.segment = c >= 0 ? -2 : -1;  // -2: a child was accepted, no final draw
+    }
+    __syncthreads();
+    if (st.segment == -2) continue;
+    // Final draw by inversion over the residual: contiguous segments of the row per thread, their
+    // masses scanned by thread 0, then the chosen segment scanned by its thread.
+    const int n_rej = st.n_rejected;
+    const int64_t seg = (V + kVerifyThreads - 1) / kVerifyThreads;
+    const int64_t lo = tid * seg, hi = min(V, lo + seg);
+    double mass = 0.0;
+    for (int64_t i = lo; i < hi; ++i) {
+      if (!is_rejected(rejected, n_rej, i)) mass += prob(i);
+    }
+    st.seg_mass[tid] = mass;
+    __syncthreads();
+    if (tid == 0) {
+      double goal = st.goal, cum = 0.0;
+      st.segment = -1;
+      st.last_segment = 0;
+      for (int i = 0; i < kVerifyThreads; ++i) {
+        if (st.seg_mass[i] <= 0.0) continue;
+        st.last_segment = i;
+        if (st.segment < 0 && cum + st.seg_mass[i] > goal) {
+          st.segment = i;
+          st.goal = goal - cum;
+        }
+        cum += st.seg_mass[i];
+      }
+      if (st.segment < 0) {  // rounding left the target unreached: the last token with mass
+        st.segment = st.last_segment;
+        st.goal = 2.0;  // above any segment's mass
+      }
+    }
+    __syncthreads();
+    if (tid == st.segment) {
+      double cum = 0.0;
+      int64_t last = lo < hi ? lo : 0;
+      for (int64_t i = lo; i < hi; ++i) {
+        const double pi = prob(i);
+        if (pi <= 0.0 || is_rejected(rejected, n_rej, i)) continue;
+        cum += pi;
+        last = i;
+        if (cum > st.goal) break;
+      }
+      st.next = last;
+    }
+    __syncthreads();
+  }
+  if (tid == 0) {
+    p.num_accepted[b] = st.accepted;
+    p.next_token[b] = st.next;
+  }
+  for (int64_t i = st.accepted + 1 + tid; i < Tn; i += kVerifyThreads) path[i] = -1;
+}
+
+template <typename T>
+cudaError_t launch_verify(const TreeVerifyParams& p, cudaStream_t stream) {
+  const size_t smem = sizeof(int64_t) * p.nodes;
+  if (smem > 48 * 1024) {
+    const cudaError_t err = cudaFuncSetAttribute(verify_tree_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                                 static_cast<int>(smem));
+    if (err != cudaSuccess) return err;
+  }
+  verify_tree_kernel<T><<<static_cast<unsigned>(p.batch), kVerifyThreads, smem, stream>>>(p);
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+cudaError_t tree_attention(const TreeAttentionParams& p, cudaStream_t stream) {
+  if (p.batch == 0 || p.q_heads == 0) return cudaSuccess;
+  return dispatch_dtype(p.dtype, [&](auto t) { return launch_attention<decltype(t)>(p, stream); });
+}
+
+cudaError_t verify_tree(const TreeVerifyParams& p, cudaStream_t stream) {
+  if (p.batch == 0) return cudaSuccess;
+  return dispatch_dtype(p.dtype, [&](auto t) { return launch_verify<decltype(t)>(p, stream); });
+}
+
+}  // namespace cuda
+}  // namespace torchspec

@@ -1,0 +1,281 @@
+"""``tree_attention`` against torch SDPA with a dense boolean mask, and the verification ops, in
+the same run.
+
+tree_attention: the baseline is ``F.scaled_dot_product_attention(q, k, v, attn_mask, enable_gqa=True)``
+with the ``[B, 1, T, S]`` boolean tree mask built beforehand (not timed), S = prefix + T. Both
+outputs are compared with a float64 reference on the first input set.
+
+Verification: the tree is a chain whose every node is accepted (every draft token is the
+target's argmax at its parent), the worst case, in which all T logits rows of every batch row are
+read. The floor is one read of all the logits at the measured bandwidth; the baseline is the
+eager argmax (greedy) or softmax (sampling) over all the logits, which a Python walk would
+then need. "walk" rows give the op a vocabulary of 1, so that the argmaxes are known and what is
+timed is the walk (with the op's argument checks and, on CUDA, its launch and host copies).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from torchspec_ext.bench.common import (
+    DTYPE_NAMES,
+    Column,
+    Report,
+    Timing,
+    environment_header,
+    fmt_fixed,
+    fmt_num,
+    input_set_count,
+    read_bandwidth,
+    resolve_device,
+    run_cases,
+    time_ms,
+    timing_for,
+)
+from torchspec_ext.ops import tree_attention, verify_tree_greedy, verify_tree_sampling
+
+ATTN, GREEDY, SAMPLING, WALK = "tree_attention", "verify_tree_greedy", "verify_tree_sampling", "greedy walk"
+
+
+@dataclass(frozen=True)
+class Case:
+    op: str
+    batch: int
+    nodes: int
+    dtype: torch.dtype
+    prefix: int = 0  # attention
+    q_heads: int = 32
+    kv_heads: int = 8
+    dim: int = 128
+    vocab: int = 0  # verification
+    # Targets, None where the case has none.
+    min_speedup: float | None = None  # baseline / ours
+    max_floor_ratio: float | None = None  # ours / one read of the logits
+    max_us: float | None = None  # ours, absolute
+
+    @property
+    def shape(self) -> str:
+        if self.op == ATTN:
+            return (
+                f"B={self.batch} T={self.nodes} prefix={self.prefix} Hq={self.q_heads} Hkv={self.kv_heads} D={self.dim}"
+            )
+        return f"B={self.batch} T={self.nodes} V={self.vocab}"
+
+    @property
+    def logits_bytes(self) -> int:
+        return self.batch * self.nodes * self.vocab * torch.empty((), dtype=self.dtype).element_size()
+
+    def target(self) -> str | None:
+        parts = []
+        if self.min_speedup is not None:
+            parts.append(f"speed-up ≥ {self.min_speedup:g}x")
+        if self.max_floor_ratio is not None:
+            parts.append(f"≤ {self.max_floor_ratio:g}x one read")
+        if self.max_us is not None:
+            parts.append(f"< {self.max_us:g} µs")
+        return ", ".join(parts) or None
+
+
+def default_cases(device: torch.device, quick: bool) -> list[Case]:
+    bf16, f32 = torch.bfloat16, torch.float32
+    if device.type == "cuda":
+        if quick:
+            return [
+                Case(ATTN, 2, 64, bf16, prefix=1024),
+                Case(GREEDY, 8, 64, bf16, vocab=32768),
+                Case(SAMPLING, 8, 64, bf16, vocab=32768),
+                Case(WALK, 8, 64, bf16, vocab=1),
+            ]
+        return [
+            *(Case(ATTN, b, 64, bf16, prefix=4096, min_speedup=2.0) for b in (1, 8, 64)),
+            Case(GREEDY, 64, 64, bf16, vocab=152064, max_floor_ratio=1.2),
+            Case(SAMPLING, 64, 64, bf16, vocab=152064),
+            Case(WALK, 64, 64, bf16, vocab=1, max_us=20.0),
+        ]
+    if quick:
+        return [
+            Case(ATTN, 1, 16, f32, prefix=256, q_heads=8, kv_heads=2, dim=64),
+            Case(ATTN, 1, 16, bf16, prefix=256, q_heads=8, kv_heads=2, dim=64),
+            Case(GREEDY, 4, 16, bf16, vocab=8192),
+            Case(SAMPLING, 4, 16, bf16, vocab=8192),
+            Case(WALK, 4, 16, bf16, vocab=1),
+        ]
+    return [
+        Case(ATTN, 1, 64, f32, prefix=4096, min_speedup=1.0),
+        Case(ATTN, 1, 64, bf16, prefix=4096, min_speedup=1.0),
+        Case(ATTN, 4, 64, bf16, prefix=1024, min_speedup=1.0),
+        Case(GREEDY, 16, 64, bf16, vocab=152064),
+        Case(SAMPLING, 16, 64, bf16, vocab=152064),
+        Case(WALK, 64, 64, bf16, vocab=1),
+    ]
+
+
+def random_parents(batch: int, nodes: int, gen: torch.Generator) -> torch.Tensor:
+    """Random trees (parents[j] uniform in [0, j)), the same for every batch row."""
+    parents = torch.full((nodes,), -1, dtype=torch.int64)
+    for j in range(1, nodes):
+        parents[j] = int(torch.randint(0, j, (1,), generator=gen))
+    return parents.expand(batch, nodes).contiguous()
+
+
+def tree_mask(prefix: int, parents: torch.Tensor) -> torch.Tensor:
+    """[B, 1, T, prefix + T] bool, True where node j may attend."""
+    batch, nodes = parents.shape
+    anc = torch.eye(nodes, dtype=torch.bool).expand(batch, nodes, nodes).clone()
+    for j in range(1, nodes):  # parents come first: row j = row parent(j) plus j itself
+        anc[:, j] |= anc[torch.arange(batch), parents[:, j]]
+    mask = torch.cat([torch.ones(batch, nodes, prefix, dtype=torch.bool), anc], dim=-1)
+    return mask.unsqueeze(1)
+
+
+def attention_inputs(case: Case, device: torch.device, gen: torch.Generator) -> tuple:
+    seq = case.prefix + case.nodes
+    make = lambda *shape: torch.randn(*shape, generator=gen).to(device=device, dtype=case.dtype)
+    q = make(case.batch, case.q_heads, case.nodes, case.dim)
+    k = make(case.batch, case.kv_heads, seq, case.dim)
+    v = make(case.batch, case.kv_heads, seq, case.dim)
+    parents = random_parents(case.batch, case.nodes, gen)
+    lens = torch.full((case.batch,), case.prefix, dtype=torch.int64)
+    mask = tree_mask(case.prefix, parents).to(device)
+    return q, k, v, lens.to(device), parents.to(device), mask
+
+
+def verify_inputs(case: Case, device: torch.device, gen: torch.Generator) -> tuple:
+    """A chain of T nodes whose every draft token is the target's argmax at its parent."""
+    logits = torch.randn(case.batch, case.nodes, case.vocab, generator=gen).to(device=device, dtype=case.dtype)
+    parents = torch.arange(-1, case.nodes - 1, device=device).expand(case.batch, -1).contiguous()
+    tokens = torch.zeros(case.batch, case.nodes, dtype=torch.int64, device=device)
+    tokens[:, 1:] = logits[:, :-1].argmax(-1)
+    return tokens, parents, logits
+
+
+def attention_reference(q, k, v, mask) -> torch.Tensor:
+    return F.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=mask, enable_gqa=True)
+
+
+def run_attention(case: Case, device: torch.device, timing: Timing) -> dict[str, Any]:
+    gen = torch.Generator().manual_seed(0)
+    first = attention_inputs(case, device, gen)
+    per_set = sum(t.nbytes for t in first[:3])
+    sets = [first] + [attention_inputs(case, device, gen) for _ in range(input_set_count(per_set, device) - 1)]
+    ours = lambda q, k, v, lens, parents, mask: tree_attention(q, k, v, lens, parents)
+    baseline = lambda q, k, v, lens, parents, mask: F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, enable_gqa=True
+    )
+    ref = attention_reference(first[0], first[1], first[2], first[5])
+    ours_err = (ours(*first).double() - ref).abs().max().item()
+    baseline_err = (baseline(*first).double() - ref).abs().max().item()
+    ours_ms = time_ms(ours, sets, device, timing)
+    baseline_ms = time_ms(baseline, sets, device, timing)
+    row = {
+        "ours_ms": ours_ms,
+        "baseline": "SDPA + bool mask",
+        "baseline_ms": baseline_ms,
+        "speedup": baseline_ms / ours_ms,
+        "ours_err": ours_err,
+        "baseline_err": baseline_err,
+    }
+    # Correct when no worse than twice the baseline's own error (float32: a few 1e-6).
+    ok = ours_err <= max(2 * baseline_err, 1e-5)
+    return row | {"result": verdict(case, row, ok, ours_err)}
+
+
+def run_verify(case: Case, device: torch.device, timing: Timing, bandwidth: float) -> dict[str, Any]:
+    gen = torch.Generator().manual_seed(0)
+    first = verify_inputs(case, device, gen)
+    count = input_set_count(first[2].nbytes, device) if case.vocab > 1 else 1
+    sets = [first] + [verify_inputs(case, device, gen) for _ in range(count - 1)]
+    if case.op == SAMPLING:
+        sample_gen = torch.Generator().manual_seed(1)
+        ours = lambda tokens, parents, logits: verify_tree_sampling(tokens, parents, logits, 1.0, sample_gen)
+        baseline = lambda tokens, parents, logits: torch.softmax(logits.float(), -1)
+        baseline_name = "softmax of all logits"
+    else:
+        ours = lambda tokens, parents, logits: verify_tree_greedy(tokens, parents, logits)
+        baseline = lambda tokens, parents, logits: logits.argmax(-1)
+        baseline_name = "argmax of all logits"
+    num, _, _ = ours(*first)
+    # The chain is entirely accepted by the greedy walk (and, for sampling, as often as p allows).
+    ok = case.op == SAMPLING or bool((num == case.nodes - 1).all())
+    ours_ms = time_ms(ours, sets, device, timing)
+    row: dict[str, Any] = {"ours_ms": ours_ms, "accepted": num.double().mean().item()}
+    if case.op != WALK:
+        baseline_ms = time_ms(baseline, sets, device, timing)
+        floor_ms = case.logits_bytes / bandwidth * 1e3
+        row.update(
+            baseline=baseline_name,
+            baseline_ms=baseline_ms,
+            speedup=baseline_ms / ours_ms,
+            floor_ms=floor_ms,
+            ours_over_floor=ours_ms / floor_ms,
+        )
+    return row | {"result": verdict(case, row, ok, None)}
+
+
+def verdict(case: Case, row: dict[str, Any], ok: bool, error: float | None) -> str | None:
+    if not ok:
+        return "WRONG" + (f" (max err {error:.2g})" if error is not None else "")
+    if case.target() is None:
+        return None
+    missed = []
+    if case.min_speedup is not None and row["speedup"] < case.min_speedup:
+        missed.append("speed-up")
+    if case.max_floor_ratio is not None and row["ours_over_floor"] > case.max_floor_ratio:
+        missed.append("one read")
+    if case.max_us is not None and row["ours_ms"] * 1e3 >= case.max_us:
+        missed.append("µs")
+    return "MISS (" + ", ".join(missed) + ")" if missed else "PASS"
+
+
+COLUMNS = [
+    Column("op", "op"),
+    Column("device", "device"),
+    Column("dtype", "dtype"),
+    Column("shape", "shape"),
+    Column("ours_ms", "ours ms", fmt_num()),
+    Column("baseline", "baseline"),
+    Column("baseline_ms", "baseline ms", fmt_num()),
+    Column("speedup", "speed-up", fmt_fixed(2, "x")),
+    Column("floor_ms", "one read ms", fmt_num()),
+    Column("ours_over_floor", "ours/one read", fmt_fixed(2)),
+    Column("accepted", "mean accepted", fmt_fixed(1)),
+    Column("ours_err", "ours max err", fmt_num(2)),
+    Column("baseline_err", "baseline max err", fmt_num(2)),
+    Column("target", "target"),
+    Column("result", "result"),
+]
+
+
+def run(args: Any) -> Report:
+    device = resolve_device(args.device)
+    timing = timing_for(args, device)
+    bandwidth, how = read_bandwidth(device)
+    header = environment_header(device, timing, bandwidth, how) | {
+        "trees": "attention: random trees, mask built before timing; verification: fully accepted chains",
+        "sizes": "quick (targets not checked)" if args.quick else "default",
+    }
+
+    def run_one(case: Case) -> dict[str, Any]:
+        if case.op == ATTN:
+            row = run_attention(case, device, timing)
+        else:
+            row = run_verify(case, device, timing, bandwidth)
+        return {
+            "op": case.op,
+            "device": device.type,
+            "dtype": DTYPE_NAMES[case.dtype],
+            "shape": case.shape,
+            "target": case.target(),
+        } | row
+
+    return run_cases(
+        Report("tree", header, COLUMNS),
+        default_cases(device, args.quick),
+        run_one,
+        lambda case: f"{case.op} {DTYPE_NAMES[case.dtype]} {case.shape}",
+        device,
+    )
