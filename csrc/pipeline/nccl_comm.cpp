@@ -49,10 +49,17 @@ NcclComm::NcclComm(const std::string& unique_id, int rank, int nranks, int devic
   std::memcpy(id.internal, unique_id.data(), NCCL_UNIQUE_ID_BYTES);
   ncclConfig_t config = NCCL_CONFIG_INITIALIZER;
   config.blocking = 0;  // every call returns at once; settle()/wait() poll with a deadline
-  settle(ncclCommInitRankConfig(&comm_, nranks, id, rank, &config), "ncclCommInitRankConfig");
+  try {
+    settle(ncclCommInitRankConfig(&comm_, nranks, id, rank, &config), "ncclCommInitRankConfig");
+  } catch (...) {
+    release_resources();  // no destructor runs after a throwing constructor
+    throw;
+  }
 }
 
-NcclComm::~NcclComm() {
+NcclComm::~NcclComm() { release_resources(); }
+
+void NcclComm::release_resources() {
   if (comm_ != nullptr && !aborted_) ncclCommAbort(comm_);
   // After the abort no NCCL kernel is left waiting on the peer, so the streams drain.
   if (send_stream_ != nullptr) cudaStreamSynchronize(send_stream_);
@@ -61,6 +68,10 @@ NcclComm::~NcclComm() {
   for (cudaEvent_t e : free_events_) cudaEventDestroy(e);
   if (send_stream_ != nullptr) cudaStreamDestroy(send_stream_);
   if (recv_stream_ != nullptr) cudaStreamDestroy(recv_stream_);
+  ops_.clear();
+  free_events_.clear();
+  send_stream_ = recv_stream_ = nullptr;
+  aborted_ = true;
 }
 
 void NcclComm::check_open() const {
@@ -170,7 +181,9 @@ int64_t NcclComm::recv(void* data, int64_t bytes, int peer, cudaStream_t after) 
   return ticket;
 }
 
-bool NcclComm::done(int64_t ticket) {
+bool NcclComm::done(int64_t ticket) { return poll(ticket, false); }
+
+bool NcclComm::poll(int64_t ticket, bool release) {
   check_open();
   std::unique_lock<std::mutex> lock(mutex_);
   auto it = ops_.find(ticket);
@@ -178,8 +191,10 @@ bool NcclComm::done(int64_t ticket) {
   if (it->second.issued) {
     const cudaError_t err = cudaEventQuery(it->second.event);
     if (err == cudaSuccess) {
-      free_events_.push_back(it->second.event);
-      ops_.erase(it);
+      if (release) {
+        free_events_.push_back(it->second.event);
+        ops_.erase(it);
+      }
       return true;
     }
     if (err != cudaErrorNotReady) {
@@ -199,7 +214,7 @@ bool NcclComm::done(int64_t ticket) {
 void NcclComm::wait(int64_t ticket, double timeout_s) {
   const Clock::time_point t0 = Clock::now();
   int polls = 0;
-  while (!done(ticket)) {
+  while (!poll(ticket, true)) {
     if (seconds_since(t0) > timeout_s) {
       fail("operation " + std::to_string(ticket) + " did not complete within " + std::to_string(timeout_s) +
                " s (peer gone or stopped?)",

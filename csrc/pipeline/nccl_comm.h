@@ -43,10 +43,9 @@ class NcclComm {
   int64_t send(const void* data, int64_t bytes, int peer, cudaStream_t after);
   int64_t recv(void* data, int64_t bytes, int peer, cudaStream_t after);
 
-  // Whether the ticket's operation completed (the ticket is then released). Throws on an
-  // asynchronous NCCL error (after aborting).
+  // Whether the ticket's operation completed. Throws on an asynchronous NCCL error (after aborting).
   bool done(int64_t ticket);
-  // Blocks until the ticket's operation completed (then releases it); after timeout_s throws
+  // Blocks until the ticket's operation completed, then releases the ticket; after timeout_s throws
   // NcclTimeout, on an NCCL error std::runtime_error, aborting the communicator in both cases.
   void wait(int64_t ticket, double timeout_s);
   void abort();
@@ -64,6 +63,8 @@ class NcclComm {
     int64_t ticket;
   };
 
+  bool poll(int64_t ticket, bool release);
+  void release_resources();
   int64_t new_ticket(cudaStream_t stream, cudaStream_t after);
   void issue(cudaStream_t stream, int64_t ticket);
   void settle(ncclResult_t result, const char* what);  // waits out ncclInProgress, throws on errors
