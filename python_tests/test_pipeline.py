@@ -129,8 +129,14 @@ def _job_one_to_one(rank, world):
             big = {"hidden": torch.randn(3, 512, 1024).to(torch.bfloat16), "ids": torch.arange(512)}
             ch.send(big)
         else:
+            kept = {}  # batches still held while later ones arrive: their buffers must not be reused
             for s in seeds:
-                assert_same_batch(ch.recv(), random_batch(s), f"batch {s}")
+                batch = ch.recv()
+                assert_same_batch(batch, random_batch(s), f"batch {s}")
+                if s % 50 == 0:
+                    kept[s] = batch
+            for s, batch in kept.items():
+                assert_same_batch(batch, random_batch(s), f"kept batch {s}")
             got = ch.recv()
             assert got["hidden"].shape == (3, 512, 1024) and torch.equal(got["ids"], torch.arange(512))
             with pytest.raises(ChannelClosed, match="closed the channel after 301 batches"):

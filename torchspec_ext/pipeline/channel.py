@@ -96,6 +96,15 @@ def _default_device() -> torch.device:
     return torch.device("cpu")
 
 
+def _unreferenced(storage: Tensor) -> bool:
+    """Whether ``storage`` is the only tensor on its memory (no view of an earlier batch alive)."""
+    try:
+        # Two references: `storage` itself and the temporary UntypedStorage asked about.
+        return torch._C._storage_Use_Count(storage.untyped_storage()._cdata) <= 2
+    except AttributeError:  # a torch without this private helper: never reuse, always correct
+        return False
+
+
 class _Send:
     """One batch in flight: its tickets and the memory they read, kept until they completed."""
 
@@ -150,6 +159,7 @@ class TensorChannel:
 
         self._inflight: collections.deque[_Send] = collections.deque()
         self._free: list[Tensor] = []  # buffers whose sends completed, reused for the next batches
+        self._recv_pool: list[Tensor] = []  # receive buffers, reused once their batch is dropped
         self._sent = self._received = 0
         self._error: ChannelError | None = None
         self._closed = self._peer_closed = False
@@ -226,7 +236,7 @@ class TensorChannel:
         if not 0 < header_bytes <= total:
             self._fail(HeaderMismatch(f"pipeline: batch {self._received} from rank {self.peer} announced "
                                       f"{total} bytes with a {header_bytes}-byte header"))
-        buffer = torch.empty(total, dtype=torch.uint8, device=self.device)
+        buffer = self._recv_buffer(total)
         self._wait(self._guard(lambda: self._transport.recv(buffer), what, deadline), deadline, what)
         try:
             seq, batch = unpack(buffer, header_bytes)
@@ -238,6 +248,18 @@ class TensorChannel:
         self._received += 1
         return batch
 
+    def _recv_buffer(self, nbytes: int) -> Tensor:
+        """A buffer of which no tensor of an earlier batch is alive any more, else a new one
+        (fresh CPU memory costs page faults per batch, as much as the copy it receives)."""
+        for storage in self._recv_pool:
+            if storage.numel() >= nbytes and _unreferenced(storage):
+                return storage[:nbytes]
+        storage = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+        self._recv_pool.append(storage)
+        if len(self._recv_pool) > self.depth + 1:
+            self._recv_pool.pop(0)  # the batch holding it keeps it alive; the pool forgets it
+        return storage
+
     # ------------------------------------------------------------------------------ closing
     def close(self) -> None:
         """On a side that sent batches: waits (up to ``timeout``) until the peer received them and
@@ -247,7 +269,8 @@ class TensorChannel:
         if self._closed:
             return
         try:
-            if self._error is None and self._sent:
+            # A channel to itself has no peer to tell (its marker would wait for a recv that never comes).
+            if self._error is None and self._sent and self.peer != self.rank:
                 deadline = time.monotonic() + self.timeout
                 self._retire(deadline, keep=0)
                 end = torch.tensor([_END_OF_STREAM, 0], dtype=torch.int64).to(self.device)
@@ -257,6 +280,7 @@ class TensorChannel:
             self._closed = True
             self._inflight.clear()
             self._free.clear()
+            self._recv_pool.clear()
             if self.backend == "nccl" and self._error is None:
                 self._transport.abort()  # all sends completed: nothing is lost by freeing the communicator
 
