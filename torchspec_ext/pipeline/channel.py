@@ -9,7 +9,8 @@ starts sends and receives of one contiguous uint8 buffer and waits for them:
   its own CUDA streams and an event per operation (CUDA buffers).
 
 Per batch the sender sends two messages: an int64 pair ``(total_bytes, header_bytes)``, then
-the packed buffer; ``(-1, 0)`` marks the end of the stream (``close()``).
+the packed buffer; ``(-1, 0)`` marks the end of the stream (``close()``). The receiver posts the
+next size message's receive while the current payload arrives.
 """
 
 from __future__ import annotations
@@ -32,6 +33,10 @@ __all__ = ["TensorChannel"]
 
 _END_OF_STREAM = -1
 
+
+# Gloo tags of the channels start here, away from the small tags of a job's own send/recv (a
+# message of another size on the same tag would break gloo's matching).
+_GLOO_TAG_BASE = 0x54530000
 
 # How many channels this process opened with each pair of ranks: both ends count the same way,
 # so the n-th channel between two ranks gets the same gloo tag / NCCL store key on both.
@@ -160,6 +165,7 @@ class TensorChannel:
         self._inflight: collections.deque[_Send] = collections.deque()
         self._free: list[Tensor] = []  # buffers whose sends completed, reused for the next batches
         self._recv_pool: list[Tensor] = []  # receive buffers, reused once their batch is dropped
+        self._next_size = None  # (ticket, tensor) of the size message of the next batch, posted early
         self._sent = self._received = 0
         self._error: ChannelError | None = None
         self._closed = self._peer_closed = False
@@ -167,7 +173,7 @@ class TensorChannel:
         index = _pair_counts[pair]
         _pair_counts[pair] += 1
         if backend == "gloo":
-            self._transport: Any = _GlooTransport(self.peer, group, tag=index)
+            self._transport: Any = _GlooTransport(self.peer, group, tag=_GLOO_TAG_BASE + index)
         else:
             store = dist.distributed_c10d._get_default_store()
             self._transport = self._guard(lambda: _NcclTransport(self.rank, self.peer, device, index, self.timeout,
@@ -227,8 +233,9 @@ class TensorChannel:
             raise ChannelClosed(f"pipeline: rank {self.peer} closed the channel after {self._received} batches")
         deadline = time.monotonic() + self.timeout
         what = f"receiving batch {self._received} from rank {self.peer}"
-        size = torch.empty(2, dtype=torch.int64, device=self.device)
-        self._wait(self._guard(lambda: self._transport.recv(size), what, deadline), deadline, what)
+        size_ticket, size = self._next_size if self._next_size is not None else self._post_size_recv(what, deadline)
+        self._next_size = None
+        self._wait(size_ticket, deadline, what)
         total, header_bytes = size.tolist()
         if total == _END_OF_STREAM:
             self._peer_closed = True
@@ -237,7 +244,10 @@ class TensorChannel:
             self._fail(HeaderMismatch(f"pipeline: batch {self._received} from rank {self.peer} announced "
                                       f"{total} bytes with a {header_bytes}-byte header"))
         buffer = self._recv_buffer(total)
-        self._wait(self._guard(lambda: self._transport.recv(buffer), what, deadline), deadline, what)
+        ticket = self._guard(lambda: self._transport.recv(buffer), what, deadline)
+        if self.peer != self.rank:  # a send to itself is issued with its recv: nothing to post ahead
+            self._next_size = self._post_size_recv(what, deadline)
+        self._wait(ticket, deadline, what)
         try:
             seq, batch = unpack(buffer, header_bytes)
         except HeaderMismatch as exc:
@@ -247,6 +257,12 @@ class TensorChannel:
                                       f"got sequence number {seq}"))
         self._received += 1
         return batch
+
+    def _post_size_recv(self, what: str, deadline: float):
+        # Posted one batch ahead, so that the sender's size message never waits for the receiver
+        # to ask for it: per batch only the payload costs a round trip, as a raw send does.
+        size = torch.empty(2, dtype=torch.int64, device=self.device)
+        return self._guard(lambda: self._transport.recv(size), what, deadline), size
 
     def _recv_buffer(self, nbytes: int) -> Tensor:
         """A buffer of which no tensor of an earlier batch is alive any more, else a new one
