@@ -30,10 +30,13 @@ step build "$py" setup.py build_ext --inplace
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 step cuda_tests "$py" -m pytest -q -x python_tests -m cuda
 step bench_topk "$py" -m torchspec_ext.bench topk --device cuda --json "$out/bench_topk.json"
+step bench_pipeline "$py" -m torchspec_ext.bench pipeline --device cuda --json "$out/bench_pipeline.json"
 if [ -d .deps/benchmark/usr ]; then
   step cmake_build bash -c "cmake -S . -B build/cmake -DCMAKE_PREFIX_PATH=$PWD/.deps/benchmark/usr >/dev/null && cmake --build build/cmake -j16"
   step cpp_bench_topk build/cmake/bench_topk --benchmark_filter=cuda --benchmark_min_time=0.2 \
     --benchmark_out="$out/cpp_bench_topk.json" --benchmark_out_format=json
+  step cpp_bench_pipeline build/cmake/bench_pipeline --benchmark_filter=nccl --benchmark_min_time=0.2 \
+    --benchmark_out="$out/cpp_bench_pipeline.json" --benchmark_out_format=json
 else
   echo "=== C++ benchmarks skipped: .deps/benchmark not carried"
 fi
@@ -41,5 +44,7 @@ fi
 echo
 echo "=== tests:"; tail -n 3 "$out/cuda_tests.log"
 echo "=== python benchmark:"; grep -E '^\|' "$out/bench_topk.log" || tail -n 20 "$out/bench_topk.log"
+echo "=== python pipeline benchmark:"; grep -E '^\||transport' "$out/bench_pipeline.log" || tail -n 20 "$out/bench_pipeline.log"
 [ -f "$out/cpp_bench_topk.log" ] && { echo "=== C++ benchmark:"; grep -E 'cuda_' "$out/cpp_bench_topk.log"; }
+[ -f "$out/cpp_bench_pipeline.log" ] && { echo "=== C++ pipeline benchmark:"; grep -E 'nccl_|skipped' "$out/cpp_bench_pipeline.log"; }
 exit $status

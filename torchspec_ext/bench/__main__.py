@@ -13,6 +13,7 @@ from typing import Sequence
 # name -> (module with run(args) -> Report and optionally add_arguments(parser), one-line help).
 BENCHMARKS = {
     "topk": ("torchspec_ext.bench.topk", "fused top-k log-probs vs torch.topk + logsumexp (and vs the GEMM)"),
+    "pipeline": ("torchspec_ext.bench.pipeline", "tensor pipeline vs raw torch.distributed send/recv, and overlap"),
 }
 
 
