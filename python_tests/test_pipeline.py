@@ -1,6 +1,7 @@
 """Tensor pipeline: wire format, routes, and multi-process channels over gloo (CPU); the NCCL
 path sends to itself through a one-rank communicator where a GPU is present."""
 
+import datetime
 import math
 import os
 import signal
@@ -222,6 +223,31 @@ def test_killed_sender_raises_within_timeout(tmp_path):
     out = run_job(_job_killed_sender, 2, tmp_path, timeout=60, expect_lost=(0,))
     assert out[1]["elapsed"] < 8.0 + 2.0, out[1]
     assert out[1]["received"] in (5, 6), out[1]
+
+
+def _job_stopped_receiver(rank, world):
+    import torch.distributed as dist
+
+    store = dist.distributed_c10d._get_default_store()
+    ch = TensorChannel(1 - rank, depth=1, timeout=2.0)
+    if rank == 1:  # never receives
+        store.wait(["sender_done"], datetime.timedelta(seconds=30))
+        return None
+    ch.send(teacher_batch(0))  # queued: one batch may be in flight
+    t0 = time.monotonic()
+    with pytest.raises(ChannelTimeout, match="sending batch 0"):
+        ch.send(teacher_batch(1))  # waits for the first, which nobody receives
+    elapsed = time.monotonic() - t0
+    with pytest.raises(ChannelError, match="failed earlier"):
+        ch.send(teacher_batch(2))
+    ch.close()  # a failed channel closes without waiting
+    store.set("sender_done", "1")
+    return elapsed
+
+
+def test_stopped_receiver_makes_send_raise_within_timeout(tmp_path):
+    out = run_job(_job_stopped_receiver, 2, tmp_path, timeout=60)
+    assert 1.9 < out[0] < 6.0, out
 
 
 def _job_route(rank, world, teachers, trainers, per_teacher, tag):
