@@ -308,7 +308,7 @@ def _job_nccl_self(rank, world):
                 got = ch.recv()
                 assert all(t.device == dev for t in got.values())
                 assert_same_batch(got, b, f"batch {s + i}")
-        big = torch.randn(64 << 20 // 4, device=dev)
+        big = torch.randn((64 << 20) // 4, device=dev)  # 64 MiB
         ch.send({"big": big})
         assert torch.equal(ch.recv()["big"], big)
     return True
