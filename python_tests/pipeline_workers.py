@@ -101,7 +101,7 @@ def run_job(fn, world: int, tmp_path, args=(), timeout: float = 60.0, expect_los
     procs = [ctx.Process(target=_entry, args=(fn, r, world, store_path, results, args), daemon=True) for r in range(world)]
     for p in procs:
         p.start()
-    out, deadline = {}, time.monotonic() + timeout
+    out, deadline, finished = {}, time.monotonic() + timeout, False
     try:
         while len(out) < world - len(expect_lost):
             try:
@@ -111,9 +111,11 @@ def run_job(fn, world: int, tmp_path, args=(), timeout: float = 60.0, expect_los
             if status != "ok":
                 raise AssertionError(f"rank {rank} failed:\n{value}")
             out[rank] = value
+        finished = True
     finally:
         for p in procs:
-            p.join(timeout=max(0.1, deadline - time.monotonic()) if not expect_lost else 1.0)
+            # After a failure the others may be blocked on the failed rank: kill them at once.
+            p.join(timeout=max(0.1, deadline - time.monotonic()) if finished and not expect_lost else 1.0)
             if p.is_alive():
                 p.kill()
                 p.join(5)
