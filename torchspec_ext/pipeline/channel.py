@@ -27,7 +27,7 @@ from torch import Tensor
 import torchspec_ext
 from torchspec_ext import _C
 from torchspec_ext.pipeline.errors import ChannelClosed, ChannelError, ChannelTimeout, HeaderMismatch
-from torchspec_ext.pipeline.wire import pack, unpack
+from torchspec_ext.pipeline.wire import host_to_device, pack, unpack
 
 __all__ = ["TensorChannel"]
 
@@ -188,7 +188,7 @@ class TensorChannel:
         deadline = time.monotonic() + self.timeout
         self._retire(deadline, keep=self.depth - 1)
         buffer, header_bytes = pack(batch, self._sent, self._take_buffer)
-        size = torch.tensor([buffer.numel(), header_bytes], dtype=torch.int64).to(self.device)
+        size = host_to_device(torch.tensor([buffer.numel(), header_bytes], dtype=torch.int64), self.device)
         storage = buffer if buffer._base is None else buffer._base
         self._inflight.append(_Send(*self._start_sends(size, buffer, deadline), size, storage))
         self._sent += 1
@@ -289,7 +289,7 @@ class TensorChannel:
             if self._error is None and self._sent and self.peer != self.rank:
                 deadline = time.monotonic() + self.timeout
                 self._retire(deadline, keep=0)
-                end = torch.tensor([_END_OF_STREAM, 0], dtype=torch.int64).to(self.device)
+                end = host_to_device(torch.tensor([_END_OF_STREAM, 0], dtype=torch.int64), self.device)
                 ticket, _ = self._start_sends(end, None, deadline)
                 self._wait(ticket, deadline, "sending the end of the stream")
         finally:

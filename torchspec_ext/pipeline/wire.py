@@ -15,7 +15,7 @@ from torch import Tensor
 from torchspec_ext import _C
 from torchspec_ext.pipeline.errors import HeaderMismatch
 
-__all__ = ["DTYPE_CODES", "pack", "unpack"]
+__all__ = ["DTYPE_CODES", "host_to_device", "pack", "unpack"]
 
 #: torch dtype -> wire code (csrc/pipeline/wire.h, WireDtype).
 DTYPE_CODES = {
@@ -48,11 +48,20 @@ def pack(batch: dict[str, Tensor], seq: int, alloc: Callable[[int], Tensor]) -> 
         specs.append((name, DTYPE_CODES[t.dtype], list(t.shape)))
     header, offsets, total = _C.pipeline_plan(seq, specs)
     buffer = alloc(total)
-    buffer[: len(header)].copy_(torch.frombuffer(bytearray(header), dtype=torch.uint8))
+    buffer[: len(header)].copy_(host_to_device(torch.frombuffer(bytearray(header), dtype=torch.uint8), buffer.device))
     for t, offset in zip(batch.values(), offsets):
         if t.numel():
             _view(buffer, offset, t.dtype, t.shape).copy_(t)
     return buffer, len(header)
+
+
+def host_to_device(t: Tensor, device: torch.device) -> Tensor:
+    """``t`` (CPU) on ``device`` without making the host wait for the work queued on the stream: a
+    plain copy from pageable memory would synchronise it, so send() could not return before the
+    producer's kernels finished. Pinned memory is reused by torch only after the copy ran."""
+    if device.type != "cuda":
+        return t
+    return t.pin_memory().to(device, non_blocking=True)
 
 
 def unpack(buffer: Tensor, header_bytes: int) -> tuple[int, dict[str, Tensor]]:
