@@ -60,6 +60,12 @@ void* device_bytes(NcclComm& comm, const at::Tensor& t, const char* what) {
 cudaStream_t current_stream(const NcclComm& comm) {
   return c10::cuda::getCurrentCUDAStream(static_cast<c10::DeviceIndex>(comm.device())).stream();
 }
+
+// The bound type: local to this file, as pybind11's own types are hidden (binding NcclComm itself,
+// a default-visibility type, warns "declared with greater visibility than its base").
+struct PyNcclComm : NcclComm {
+  using NcclComm::NcclComm;
+};
 #endif
 
 }  // namespace
@@ -74,22 +80,22 @@ void bind(py::module_& m) {
 #ifdef TORCHSPEC_WITH_NCCL
   py::register_exception<NcclTimeout>(m, "NcclTimeoutError", PyExc_TimeoutError);
   m.def("nccl_unique_id", [] { return py::bytes(nccl_unique_id()); }, "A new NCCL unique id (bytes)");
-  py::class_<NcclComm>(m, "NcclComm", "Point-to-point NCCL communicator of the tensor pipeline (nccl_comm.h)")
+  py::class_<PyNcclComm>(m, "NcclComm", "Point-to-point NCCL communicator of the tensor pipeline (nccl_comm.h)")
       .def(py::init([](py::bytes uid, int rank, int nranks, int device, double timeout_s) {
              std::string id = uid;
              py::gil_scoped_release release;  // the peer joins through its own Python process
-             return std::make_unique<NcclComm>(id, rank, nranks, device, timeout_s);
+             return std::make_unique<PyNcclComm>(id, rank, nranks, device, timeout_s);
            }),
            py::arg("unique_id"), py::arg("rank"), py::arg("nranks"), py::arg("device"), py::arg("timeout"))
       .def(
           "send",
-          [](NcclComm& c, const at::Tensor& buf, int peer) {
+          [](PyNcclComm& c, const at::Tensor& buf, int peer) {
             return c.send(device_bytes(c, buf, "send"), buf.nbytes(), peer, current_stream(c));
           },
           py::arg("buffer"), py::arg("peer"), "Queue a send of the buffer after the current stream's work; a ticket")
       .def(
           "recv",
-          [](NcclComm& c, const at::Tensor& buf, int peer) {
+          [](PyNcclComm& c, const at::Tensor& buf, int peer) {
             return c.recv(device_bytes(c, buf, "recv"), buf.nbytes(), peer, current_stream(c));
           },
           py::arg("buffer"), py::arg("peer"), "Queue a receive into the buffer; a ticket")
