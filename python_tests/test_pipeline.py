@@ -113,6 +113,29 @@ def test_routes_reject_bad_layouts():
     assert routes([0], [1], 5).role == "idle"
 
 
+# ------------------------------------------------------------------------ arguments, in process
+def test_channel_arguments_are_checked(tmp_path, monkeypatch):
+    import torch.distributed as dist
+
+    with pytest.raises(ChannelError, match="must be initialised"):
+        TensorChannel(0)
+    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")  # loopback only
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        for kwargs, message in [
+            (dict(peer=0, backend="mpi"), "backend must be"),
+            (dict(peer=0, depth=0), "depth must be"),
+            (dict(peer=0, timeout=0), "timeout must be"),
+            (dict(peer=3), "peer 3 is not a rank"),
+            (dict(peer=0, backend="gloo"), "gloo cannot send to the same rank"),
+            (dict(peer=0, backend="nccl", device="cpu"), "cannot use buffers on cpu"),
+        ]:
+            with pytest.raises(ValueError, match=message):
+                TensorChannel(**kwargs)
+    finally:
+        dist.destroy_process_group()
+
+
 # ------------------------------------------------------------------ multi-process jobs (gloo)
 def _job_one_to_one(rank, world):
     """300 random batches bit for bit, end of stream, bounded in-flight sends, a stopped peer
