@@ -127,7 +127,8 @@ def build_extensions():
     opt = ["-O0", "-g"] if debug else ["-O3"]
     cxx_flags = opt + ["-Wno-psabi", "-fopenmp"]  # -fopenmp: at::parallel_for is OpenMP inline code
     nvcc_flags = opt + (["-lineinfo"] if debug else []) + ["--expt-relaxed-constexpr"]
-    sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/ops/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
+    sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/ops/*.cpp") + glob.glob("csrc/cpu/*.cpp")
+                     + glob.glob("csrc/pipeline/*.cpp"))
     define_macros = []
     extra_link_args = ["-fopenmp"]
     include_dirs = []

@@ -2,6 +2,8 @@
 #include <torch/extension.h>
 #include <torch/library.h>
 
+#include "pipeline/bindings.h"
+
 #ifdef TORCHSPEC_WITH_NCCL
 #include <nccl.h>
 #endif
@@ -52,4 +54,5 @@ pybind11::dict build_info() {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "torchspec_ext compiled core: ops are registered under torch.ops.torchspec";
   m.def("build_info", &build_info, "What this build contains: {'cuda': bool, 'nccl_version': int or None}");
+  torchspec::pipeline::bind(m);
 }

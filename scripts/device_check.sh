@@ -32,6 +32,7 @@ step cuda_tests "$py" -m pytest -q -x python_tests -m cuda
 step bench_topk "$py" -m torchspec_ext.bench topk --device cuda --json "$out/bench_topk.json"
 step bench_draft_loss "$py" -m torchspec_ext.bench draft_loss --device cuda --json "$out/bench_draft_loss.json"
 step bench_tree "$py" -m torchspec_ext.bench tree --device cuda --json "$out/bench_tree.json"
+step bench_pipeline "$py" -m torchspec_ext.bench pipeline --device cuda --json "$out/bench_pipeline.json"
 if [ -d .deps/benchmark/usr ]; then
   step cmake_build bash -c "cmake -S . -B build/cmake -DCMAKE_PREFIX_PATH=$PWD/.deps/benchmark/usr >/dev/null && cmake --build build/cmake -j16"
   step cpp_bench_topk build/cmake/bench_topk --benchmark_filter=cuda --benchmark_min_time=0.2 \
@@ -40,6 +41,8 @@ if [ -d .deps/benchmark/usr ]; then
     --benchmark_out="$out/cpp_bench_draft_loss.json" --benchmark_out_format=json
   step cpp_bench_tree build/cmake/bench_tree --benchmark_filter=cuda --benchmark_min_time=0.2 \
     --benchmark_out="$out/cpp_bench_tree.json" --benchmark_out_format=json
+  step cpp_bench_pipeline build/cmake/bench_pipeline --benchmark_filter=nccl --benchmark_min_time=0.2 \
+    --benchmark_out="$out/cpp_bench_pipeline.json" --benchmark_out_format=json
 else
   echo "=== C++ benchmarks skipped: .deps/benchmark not carried"
 fi
@@ -51,4 +54,6 @@ grep -E '^\|' "$out/bench_draft_loss.log" || tail -n 20 "$out/bench_draft_loss.l
 [ -f "$out/cpp_bench_topk.log" ] && { echo "=== C++ benchmark:"; grep -E 'cuda_' "$out/cpp_bench_topk.log" "$out/cpp_bench_draft_loss.log"; }
 echo "=== python benchmark (tree):"; grep -E '^\|' "$out/bench_tree.log" || tail -n 20 "$out/bench_tree.log"
 [ -f "$out/cpp_bench_tree.log" ] && { echo "=== C++ benchmark (tree):"; grep -E 'cuda_' "$out/cpp_bench_tree.log"; }
+echo "=== python pipeline benchmark:"; grep -E '^\||transport' "$out/bench_pipeline.log" || tail -n 20 "$out/bench_pipeline.log"
+[ -f "$out/cpp_bench_pipeline.log" ] && { echo "=== C++ pipeline benchmark:"; grep -E 'nccl_|skipped' "$out/cpp_bench_pipeline.log"; }
 exit $status

@@ -15,6 +15,7 @@ BENCHMARKS = {
     "topk": ("torchspec_ext.bench.topk", "fused top-k log-probs vs torch.topk + logsumexp (and vs the GEMM)"),
     "draft_loss": ("torchspec_ext.bench.draft_loss", "fused LM head + top-k teacher loss, forward + backward, vs eager"),
     "tree": ("torchspec_ext.bench.tree", "tree attention vs SDPA with a dense mask, and tree verification"),
+    "pipeline": ("torchspec_ext.bench.pipeline", "tensor pipeline vs raw torch.distributed send/recv, and overlap"),
 }
 
 

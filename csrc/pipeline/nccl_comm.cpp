@@ -1,0 +1,229 @@
+// The NCCL transport of the tensor pipeline (see nccl_comm.h). Compiled only with NCCL.
+#ifdef TORCHSPEC_WITH_NCCL
+#include "nccl_comm.h"
+
+#include <chrono>
+#include <cstring>
+#include <thread>
+
+namespace torchspec {
+namespace pipeline {
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+void cuda_check(cudaError_t err, const char* what) {
+  if (err != cudaSuccess) throw std::runtime_error(std::string("pipeline NCCL channel: ") + what + ": " + cudaGetErrorString(err));
+}
+
+double seconds_since(Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); }
+
+// Short spins first (a completed send is usually seen at once), then sleeps that keep a core free.
+void backoff(int& polls) {
+  if (++polls > 64) std::this_thread::sleep_for(std::chrono::microseconds(polls > 1024 ? 1000 : 50));
+}
+
+}  // namespace
+
+std::string nccl_unique_id() {
+  ncclUniqueId id;
+  const ncclResult_t r = ncclGetUniqueId(&id);
+  if (r != ncclSuccess) throw std::runtime_error(std::string("ncclGetUniqueId: ") + ncclGetErrorString(r));
+  return std::string(id.internal, sizeof(id.internal));
+}
+
+NcclComm::NcclComm(const std::string& unique_id, int rank, int nranks, int device, double timeout_s)
+    : rank_(rank), nranks_(nranks), device_(device), timeout_s_(timeout_s) {
+  if (unique_id.size() != NCCL_UNIQUE_ID_BYTES) {
+    throw std::invalid_argument("pipeline NCCL channel: the unique id must be " + std::to_string(NCCL_UNIQUE_ID_BYTES) +
+                                " bytes, got " + std::to_string(unique_id.size()));
+  }
+  if (nranks < 1 || rank < 0 || rank >= nranks) {
+    throw std::invalid_argument("pipeline NCCL channel: rank " + std::to_string(rank) + " of " + std::to_string(nranks));
+  }
+  cuda_check(cudaSetDevice(device), "cudaSetDevice");
+  cuda_check(cudaStreamCreateWithFlags(&send_stream_, cudaStreamNonBlocking), "cudaStreamCreate(send)");
+  cuda_check(cudaStreamCreateWithFlags(&recv_stream_, cudaStreamNonBlocking), "cudaStreamCreate(recv)");
+  ncclUniqueId id;
+  std::memcpy(id.internal, unique_id.data(), NCCL_UNIQUE_ID_BYTES);
+  ncclConfig_t config = NCCL_CONFIG_INITIALIZER;
+  config.blocking = 0;  // every call returns at once; settle()/wait() poll with a deadline
+  try {
+    settle(ncclCommInitRankConfig(&comm_, nranks, id, rank, &config), "ncclCommInitRankConfig");
+  } catch (...) {
+    release_resources();  // no destructor runs after a throwing constructor
+    throw;
+  }
+}
+
+NcclComm::~NcclComm() { release_resources(); }
+
+void NcclComm::release_resources() {
+  if (comm_ != nullptr && !aborted_) ncclCommAbort(comm_);
+  // After the abort no NCCL kernel is left waiting on the peer, so the streams drain.
+  if (send_stream_ != nullptr) cudaStreamSynchronize(send_stream_);
+  if (recv_stream_ != nullptr) cudaStreamSynchronize(recv_stream_);
+  for (auto& [ticket, op] : ops_) cudaEventDestroy(op.event);
+  for (cudaEvent_t e : free_events_) cudaEventDestroy(e);
+  if (send_stream_ != nullptr) cudaStreamDestroy(send_stream_);
+  if (recv_stream_ != nullptr) cudaStreamDestroy(recv_stream_);
+  ops_.clear();
+  free_events_.clear();
+  send_stream_ = recv_stream_ = nullptr;
+  aborted_ = true;
+}
+
+void NcclComm::check_open() const {
+  if (aborted_) throw std::runtime_error("pipeline NCCL channel: the communicator was aborted (" + abort_reason_ + ")");
+}
+
+void NcclComm::fail(const std::string& message, bool timeout) {
+  abort_reason_ = message;
+  abort();
+  if (timeout) throw NcclTimeout("pipeline NCCL channel: " + message);
+  throw std::runtime_error("pipeline NCCL channel: " + message);
+}
+
+void NcclComm::abort() {
+  if (comm_ != nullptr && !aborted_) {
+    aborted_ = true;
+    if (abort_reason_.empty()) abort_reason_ = "closed";
+    ncclCommAbort(comm_);
+  }
+}
+
+void NcclComm::settle(ncclResult_t result, const char* what) {
+  const Clock::time_point t0 = Clock::now();
+  int polls = 0;
+  while (result == ncclInProgress) {
+    if (seconds_since(t0) > timeout_s_) {
+      fail(std::string(what) + " still in progress after " + std::to_string(timeout_s_) + " s", true);
+    }
+    backoff(polls);
+    if (comm_ == nullptr) break;  // ncclCommInitRankConfig failed before it made the communicator
+    ncclCommGetAsyncError(comm_, &result);
+  }
+  if (result != ncclSuccess) {
+    const char* last = comm_ != nullptr ? ncclGetLastError(comm_) : "";
+    fail(std::string(what) + ": " + ncclGetErrorString(result) + (last && *last ? std::string(" (") + last + ")" : ""),
+         false);
+  }
+}
+
+int64_t NcclComm::new_ticket(cudaStream_t stream, cudaStream_t after) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  Op op;
+  if (free_events_.empty()) {
+    cuda_check(cudaEventCreateWithFlags(&op.event, cudaEventDisableTiming), "cudaEventCreate");
+  } else {
+    op.event = free_events_.back();
+    free_events_.pop_back();
+  }
+  // The transfer starts after what the producer queued so far (e.g. the packing copies).
+  cudaEvent_t ready = op.event;
+  cuda_check(cudaEventRecord(ready, after), "cudaEventRecord(producer stream)");
+  cuda_check(cudaStreamWaitEvent(stream, ready, 0), "cudaStreamWaitEvent");
+  const int64_t ticket = next_ticket_++;
+  ops_.emplace(ticket, op);
+  return ticket;
+}
+
+void NcclComm::issue(cudaStream_t stream, int64_t ticket) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  Op& op = ops_.at(ticket);
+  cuda_check(cudaEventRecord(op.event, stream), "cudaEventRecord(channel stream)");
+  op.issued = true;
+}
+
+int64_t NcclComm::send(const void* data, int64_t bytes, int peer, cudaStream_t after) {
+  check_open();
+  cuda_check(cudaSetDevice(device_), "cudaSetDevice");
+  const int64_t ticket = new_ticket(send_stream_, after);
+  if (nranks_ == 1) {
+    // A one-rank communicator must issue a send to itself in one group with its recv.
+    self_sends_.push_back({data, bytes, ticket});
+    return ticket;
+  }
+  settle(ncclSend(data, static_cast<size_t>(bytes), ncclUint8, peer, comm_, send_stream_), "ncclSend");
+  issue(send_stream_, ticket);
+  return ticket;
+}
+
+int64_t NcclComm::recv(void* data, int64_t bytes, int peer, cudaStream_t after) {
+  check_open();
+  cuda_check(cudaSetDevice(device_), "cudaSetDevice");
+  if (nranks_ == 1) {
+    if (self_sends_.empty()) {
+      throw std::runtime_error("pipeline NCCL channel to itself: recv with no send queued before it (a send to self "
+                               "is issued together with the matching recv)");
+    }
+    const PendingSelfSend s = self_sends_.front();
+    if (s.bytes != bytes) {
+      throw std::runtime_error("pipeline NCCL channel to itself: recv of " + std::to_string(bytes) +
+                               " bytes does not match the queued send of " + std::to_string(s.bytes));
+    }
+    self_sends_.pop_front();
+    const int64_t ticket = new_ticket(recv_stream_, after);
+    // The send side must also wait for the recv buffer's producer: both ride on one group.
+    cuda_check(cudaStreamWaitEvent(send_stream_, ops_.at(ticket).event, 0), "cudaStreamWaitEvent");
+    settle(ncclGroupStart(), "ncclGroupStart");
+    settle(ncclSend(s.data, static_cast<size_t>(bytes), ncclUint8, rank_, comm_, send_stream_), "ncclSend");
+    settle(ncclRecv(data, static_cast<size_t>(bytes), ncclUint8, rank_, comm_, recv_stream_), "ncclRecv");
+    settle(ncclGroupEnd(), "ncclGroupEnd");
+    issue(send_stream_, s.ticket);
+    issue(recv_stream_, ticket);
+    return ticket;
+  }
+  const int64_t ticket = new_ticket(recv_stream_, after);
+  settle(ncclRecv(data, static_cast<size_t>(bytes), ncclUint8, peer, comm_, recv_stream_), "ncclRecv");
+  issue(recv_stream_, ticket);
+  return ticket;
+}
+
+bool NcclComm::done(int64_t ticket) { return poll(ticket, false); }
+
+bool NcclComm::poll(int64_t ticket, bool release) {
+  check_open();
+  std::unique_lock<std::mutex> lock(mutex_);
+  auto it = ops_.find(ticket);
+  if (it == ops_.end()) throw std::invalid_argument("pipeline NCCL channel: unknown ticket " + std::to_string(ticket));
+  if (it->second.issued) {
+    const cudaError_t err = cudaEventQuery(it->second.event);
+    if (err == cudaSuccess) {
+      if (release) {
+        free_events_.push_back(it->second.event);
+        ops_.erase(it);
+      }
+      return true;
+    }
+    if (err != cudaErrorNotReady) {
+      lock.unlock();
+      fail(std::string("cudaEventQuery: ") + cudaGetErrorString(err), false);
+    }
+  }
+  lock.unlock();
+  ncclResult_t state = ncclSuccess;
+  ncclCommGetAsyncError(comm_, &state);
+  if (state != ncclSuccess && state != ncclInProgress) {
+    fail(std::string("asynchronous error: ") + ncclGetErrorString(state) + " (" + ncclGetLastError(comm_) + ")", false);
+  }
+  return false;
+}
+
+void NcclComm::wait(int64_t ticket, double timeout_s) {
+  const Clock::time_point t0 = Clock::now();
+  int polls = 0;
+  while (!poll(ticket, true)) {
+    if (seconds_since(t0) > timeout_s) {
+      fail("operation " + std::to_string(ticket) + " did not complete within " + std::to_string(timeout_s) +
+               " s (peer gone or stopped?)",
+           true);
+    }
+    backoff(polls);
+  }
+}
+
+}  // namespace pipeline
+}  // namespace torchspec
+#endif  // TORCHSPEC_WITH_NCCL

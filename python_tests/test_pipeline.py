@@ -1,0 +1,343 @@
+"""Tensor pipeline: wire format, routes, and multi-process channels over gloo (CPU); the NCCL
+path sends to itself through a one-rank communicator where a GPU is present."""
+
+import datetime
+import math
+import os
+import signal
+import time
+
+import pytest
+import torch
+
+import torchspec_ext
+from torchspec_ext import _C
+from torchspec_ext.pipeline import (
+    ChannelClosed,
+    ChannelError,
+    ChannelTimeout,
+    HeaderMismatch,
+    Router,
+    TensorChannel,
+    routes,
+)
+from torchspec_ext.pipeline.wire import pack, unpack
+
+from conftest import HAS_GPU
+from pipeline_workers import assert_same_batch, random_batch, run_job, teacher_batch
+
+HAS_NCCL = torchspec_ext.build_info()["nccl_version"] is not None
+
+
+def _cpu_alloc(n):
+    return torch.empty(n, dtype=torch.uint8)
+
+
+# ------------------------------------------------------------------------- wire format, in process
+def test_pack_unpack_bit_exact():
+    for seed in range(200):
+        batch = random_batch(seed)
+        buffer, header_bytes = pack(batch, seed, _cpu_alloc)
+        seq, got = unpack(buffer, header_bytes)
+        assert seq == seed
+        assert_same_batch(got, batch, f"seed {seed}")
+        for name, t in got.items():  # every tensor starts on a 64-byte boundary of the buffer
+            assert (t.data_ptr() - buffer.data_ptr()) % 64 == 0, name
+
+
+def test_unpacked_tensors_are_views_of_the_buffer():
+    buffer, header_bytes = pack(teacher_batch(0), 0, _cpu_alloc)
+    _, got = unpack(buffer, header_bytes)
+    buffer.zero_()
+    assert not got["input_ids"].any() and not got["hidden_states"].float().any()
+
+
+@pytest.mark.parametrize(
+    "byte, value, message",
+    [(0, 0x55, "bad magic"), (4, 9, "version"), (24, 0x01, "does not fit"), (32, 0xEE, "unknown dtype")],
+)
+def test_corrupt_header_raises(byte, value, message):
+    buffer, header_bytes = pack(teacher_batch(1), 7, _cpu_alloc)
+    buffer[byte] = value
+    with pytest.raises(HeaderMismatch, match=message):
+        unpack(buffer, header_bytes)
+
+
+def test_truncated_buffer_raises():
+    buffer, header_bytes = pack(teacher_batch(2), 0, _cpu_alloc)
+    with pytest.raises(HeaderMismatch, match="bytes"):
+        unpack(buffer[:-64].clone(), header_bytes)
+
+
+def test_unsupported_dtype_is_named():
+    with pytest.raises(TypeError, match="'x' has dtype torch.complex64"):
+        pack({"x": torch.zeros(2, dtype=torch.complex64)}, 0, _cpu_alloc)
+
+
+# ---------------------------------------------------------------------------------- routes
+@pytest.mark.parametrize("n", [1, 2, 3, 4])
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 6])
+def test_routes_deliver_every_batch_once_in_order(n, m):
+    teachers = list(range(10, 10 + n))
+    trainers = list(range(20, 20 + m))[::-1]  # any rank order
+    r_teacher = {t: routes(teachers, trainers, t) for t in teachers}
+    r_trainer = {t: routes(teachers, trainers, t) for t in trainers}
+    assert all(r.role == "teacher" for r in r_teacher.values()) and all(r.role == "trainer" for r in r_trainer.values())
+    # Simulate: teachers send K batches each; every (teacher, trainer) channel is a FIFO.
+    K = 2 * math.lcm(n, m)
+    fifo = {}
+    for k in range(K):
+        for j, t in enumerate(teachers):
+            g = k * n + j
+            dst = r_teacher[t].peers[k % len(r_teacher[t].peers)]
+            assert dst == trainers[g % m]
+            fifo.setdefault((t, dst), []).append(g)
+    for r, t in enumerate(trainers):
+        got = []
+        for l in range(K * n // m):
+            src = r_trainer[t].peers[l % len(r_trainer[t].peers)]
+            got.append(fifo[(src, t)].pop(0))
+        assert got == list(range(r, K * n, m))  # its share of the global order, in order
+    assert all(not q for q in fifo.values())
+    # Only pairs with j ≡ r (mod gcd) talk.
+    d = math.gcd(n, m)
+    for j, t in enumerate(teachers):
+        assert set(r_teacher[t].peers) == {trainers[r] for r in range(m) if r % d == j % d}
+
+
+def test_routes_reject_bad_layouts():
+    with pytest.raises(ValueError, match="both teacher and trainer"):
+        routes([0, 1], [1, 2], 0)
+    with pytest.raises(ValueError, match="listed twice"):
+        routes([0, 0], [1], 0)
+    assert routes([0], [1], 5).role == "idle"
+
+
+# ------------------------------------------------------------------------ arguments, in process
+def test_channel_arguments_are_checked(tmp_path, monkeypatch):
+    import torch.distributed as dist
+
+    with pytest.raises(ChannelError, match="must be initialised"):
+        TensorChannel(0)
+    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")  # loopback only
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        for kwargs, message in [
+            (dict(peer=0, backend="mpi"), "backend must be"),
+            (dict(peer=0, depth=0), "depth must be"),
+            (dict(peer=0, timeout=0), "timeout must be"),
+            (dict(peer=3), "peer 3 is not a rank"),
+            (dict(peer=0, backend="gloo"), "gloo cannot send to the same rank"),
+            (dict(peer=0, backend="nccl", device="cpu"), "cannot use buffers on cpu"),
+        ]:
+            with pytest.raises(ValueError, match=message):
+                TensorChannel(**kwargs)
+    finally:
+        dist.destroy_process_group()
+
+
+# ------------------------------------------------------------------ multi-process jobs (gloo)
+def _job_one_to_one(rank, world):
+    """300 random batches bit for bit, end of stream, bounded in-flight sends, a stopped peer
+    (timeout), a header that does not match."""
+    import torch.distributed as dist
+
+    store = dist.distributed_c10d._get_default_store()
+    result = {}
+    with TensorChannel(1 - rank, depth=2, timeout=30) as ch:
+        assert ch.backend == "gloo" and ch.device.type == "cpu"
+        seeds = list(range(300))
+        if rank == 0:
+            for s in seeds:
+                ch.send(random_batch(s))
+            big = {"hidden": torch.randn(3, 512, 1024).to(torch.bfloat16), "ids": torch.arange(512)}
+            ch.send(big)
+        else:
+            kept = {}  # batches still held while later ones arrive: their buffers must not be reused
+            for s in seeds:
+                batch = ch.recv()
+                assert_same_batch(batch, random_batch(s), f"batch {s}")
+                if s % 50 == 0:
+                    kept[s] = batch
+            for s, batch in kept.items():
+                assert_same_batch(batch, random_batch(s), f"kept batch {s}")
+            got = ch.recv()
+            assert got["hidden"].shape == (3, 512, 1024) and torch.equal(got["ids"], torch.arange(512))
+            with pytest.raises(ChannelClosed, match="closed the channel after 301 batches"):
+                ch.recv()
+    if rank == 1:
+        with pytest.raises(ChannelClosed, match="is closed"):
+            ch.recv()
+
+    # send() returns once queued and blocks only when `depth` batches are in flight.
+    with TensorChannel(1 - rank, depth=2, timeout=30) as ch:
+        if rank == 0:
+            t0 = time.monotonic()
+            ch.send(teacher_batch(0))
+            ch.send(teacher_batch(1))
+            result["queued_s"] = time.monotonic() - t0
+            ch.send(teacher_batch(2))
+            result["third_s"] = time.monotonic() - t0
+        else:
+            time.sleep(3.0)
+            for s in range(3):
+                assert_same_batch(ch.recv(), teacher_batch(s), f"batch {s}")
+            with pytest.raises(ChannelClosed):  # the sender's close() waits for this
+                ch.recv()
+
+    # A header that does not match: a well-formed size message followed by foreign bytes.
+    ch = TensorChannel(1 - rank, timeout=30)
+    if rank == 0:
+        garbage = torch.full((128,), 0x5A, dtype=torch.uint8)
+        for work in (ch._transport.send(torch.tensor([128, 64])), ch._transport.send(garbage)):
+            work.wait()
+    else:
+        with pytest.raises(HeaderMismatch, match="bad magic"):
+            ch.recv()
+    # A peer that stops sending: recv raises ChannelTimeout within the timeout. Last: after a
+    # timeout gloo closes its connection between the two ranks, so later channels of the pair fail too.
+    ch = TensorChannel(1 - rank, timeout=2.0)
+    if rank == 1:
+        t0 = time.monotonic()
+        with pytest.raises(ChannelTimeout, match="did not complete within 2 s"):
+            ch.recv()
+        result["timeout_s"] = time.monotonic() - t0
+        with pytest.raises(ChannelError, match="failed earlier"):
+            ch.recv()
+        store.set("timeout_seen", "1")
+    else:
+        store.wait(["timeout_seen"])
+
+    return result
+
+
+def test_one_to_one_gloo(tmp_path):
+    out = run_job(_job_one_to_one, 2, tmp_path, timeout=80)
+    assert out[0]["queued_s"] < 1.5, out[0]  # two sends queue without the receiver
+    assert out[0]["third_s"] > 1.5, out[0]  # the third waits for the receiver (3 s asleep)
+    assert 1.9 < out[1]["timeout_s"] < 6.0, out[1]
+
+
+def _job_killed_sender(rank, world):
+    import torch.distributed as dist
+
+    store = dist.distributed_c10d._get_default_store()
+    ch = TensorChannel(1 - rank, depth=2, timeout=8.0)
+    if rank == 0:
+        for s in range(5):
+            ch.send(random_batch(s))
+        store.wait(["got_5"])
+        ch.send(random_batch(5))
+        os.kill(os.getpid(), signal.SIGKILL)  # mid-stream, a batch in flight
+    for s in range(5):
+        assert_same_batch(ch.recv(), random_batch(s), f"batch {s}")
+    store.set("got_5", "1")
+    t0 = time.monotonic()
+    received = 5
+    with pytest.raises(ChannelError) as info:
+        while True:  # the 6th batch may or may not have left the sender before it died
+            assert_same_batch(ch.recv(), random_batch(received), f"batch {received}")
+            received += 1
+    assert not isinstance(info.value, ChannelClosed), info.value
+    return {"elapsed": time.monotonic() - t0, "received": received, "error": str(info.value)}
+
+
+def test_killed_sender_raises_within_timeout(tmp_path):
+    out = run_job(_job_killed_sender, 2, tmp_path, timeout=60, expect_lost=(0,))
+    assert out[1]["elapsed"] < 8.0 + 2.0, out[1]
+    assert out[1]["received"] in (5, 6), out[1]
+
+
+def _job_stopped_receiver(rank, world):
+    import torch.distributed as dist
+
+    store = dist.distributed_c10d._get_default_store()
+    ch = TensorChannel(1 - rank, depth=1, timeout=2.0)
+    if rank == 1:  # never receives
+        store.wait(["sender_done"], datetime.timedelta(seconds=30))
+        return None
+    ch.send(teacher_batch(0))  # queued: one batch may be in flight
+    t0 = time.monotonic()
+    with pytest.raises(ChannelTimeout, match="sending batch 0"):
+        ch.send(teacher_batch(1))  # waits for the first, which nobody receives
+    elapsed = time.monotonic() - t0
+    with pytest.raises(ChannelError, match="failed earlier"):
+        ch.send(teacher_batch(2))
+    ch.close()  # a failed channel closes without waiting
+    store.set("sender_done", "1")
+    return elapsed
+
+
+def test_stopped_receiver_makes_send_raise_within_timeout(tmp_path):
+    out = run_job(_job_stopped_receiver, 2, tmp_path, timeout=60)
+    assert 1.9 < out[0] < 6.0, out
+
+
+def _job_route(rank, world, teachers, trainers, per_teacher, tag):
+    """Teachers send `per_teacher` batches each (global index g = k * n + j); trainers check them."""
+    n = len(teachers)
+    with Router(teachers, trainers, depth=2, timeout=30) as router:
+        if router.route.role == "teacher":
+            j = teachers.index(rank)
+            for k in range(per_teacher):
+                g = k * n + j
+                batch = teacher_batch(g) if g % 2 else random_batch(g)
+                batch["g"] = torch.tensor(g)
+                router.send(batch)
+            return {"role": "teacher"}
+        got = []
+        for batch in router:
+            g = int(batch.pop("g"))
+            assert_same_batch(batch, teacher_batch(g) if g % 2 else random_batch(g), f"{tag} batch {g}")
+            got.append(g)
+        return {"role": "trainer", "got": got}
+
+
+def _job_layouts_3(rank, world):
+    return {
+        "1->2": _job_route(rank, world, [0], [1, 2], 60, "1->2"),
+        "2->1": _job_route(rank, world, [0, 1], [2], 60, "2->1"),
+    }
+
+
+def _expected(rank, teachers, trainers, per_teacher):
+    n, m = len(teachers), len(trainers)
+    return list(range(trainers.index(rank), n * per_teacher, m))
+
+
+def test_layouts_one_to_two_and_two_to_one(tmp_path):
+    out = run_job(_job_layouts_3, 3, tmp_path, timeout=80)
+    assert out[1]["1->2"]["got"] == _expected(1, [0], [1, 2], 60)
+    assert out[2]["1->2"]["got"] == _expected(2, [0], [1, 2], 60)
+    assert out[2]["2->1"]["got"] == list(range(120))
+
+
+def test_layout_two_to_three(tmp_path):
+    out = run_job(_job_route, 5, tmp_path, args=([0, 1], [2, 3, 4], 30, "2->3"), timeout=80)
+    for r in (2, 3, 4):
+        assert out[r]["got"] == _expected(r, [0, 1], [2, 3, 4], 30), (r, out[r])
+
+
+# ---------------------------------------------------------------------------- NCCL (GPU only)
+def _job_nccl_self(rank, world):
+    dev = torch.device("cuda", 0)
+    with TensorChannel(0, backend="nccl", depth=2, timeout=60) as ch:
+        assert ch.device == dev
+        for s in range(0, 100, 2):  # two in flight, then their two receives
+            batches = [random_batch(s), random_batch(s + 1)]
+            for b in batches:
+                ch.send({k: v.to(dev) for k, v in b.items()})
+            for i, b in enumerate(batches):
+                got = ch.recv()
+                assert all(t.device == dev for t in got.values())
+                assert_same_batch(got, b, f"batch {s + i}")
+        big = torch.randn((64 << 20) // 4, device=dev)  # 64 MiB
+        ch.send({"big": big})
+        assert torch.equal(ch.recv()["big"], big)
+    return True
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not (HAS_GPU and HAS_NCCL), reason="needs a CUDA GPU and an NCCL build")
+def test_nccl_send_to_self(tmp_path):
+    assert run_job(_job_nccl_self, 1, tmp_path, timeout=120)[0] is True

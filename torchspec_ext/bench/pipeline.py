@@ -1,0 +1,313 @@
+"""The tensor pipeline against raw ``torch.distributed`` send/recv of the same bytes, in the same run.
+
+Two processes on this machine (loopback): a producer (teacher) and a consumer (trainer).
+
+- bandwidth: one batch of ``size`` bytes (three hidden-state tensors and a few small ones, as a
+  teacher sends) per message; ours = ``TensorChannel.send``/``recv`` (packing, header and the
+  size message included), raw = ``dist.isend``/``irecv`` of one buffer of the same bytes. Both
+  timed on the consumer from the first to the last of ``repeat`` messages after a warm-up,
+  alternated in rounds, median of the rounds. Target: ours >= 90% of raw from 16 MB up.
+- overlap: the producer's step (a matmul standing in for the teacher's forward) timed alone and
+  with a 16 MiB batch sent through the channel after each step. Target: < 5% slower. On a CPU
+  the transfer itself needs the CPU (packing copy, gloo's TCP threads), so there the producer
+  shares its cores with it; on GPUs packing is a device copy and NCCL moves the bytes.
+
+CPU: gloo. CUDA with two GPUs or more: NCCL, one GPU per process. With one GPU, NCCL cannot put
+two ranks on it, so only our one-rank self-send is measured, against a device-to-device copy of
+the same bytes (the physical floor of a transfer that never leaves the GPU), and it says so.
+"""
+
+from __future__ import annotations
+
+import datetime
+import multiprocessing as mp
+import os
+import statistics
+import sys
+import tempfile
+import time
+from typing import Any
+
+import torch
+
+from torchspec_ext.bench.common import MiB, Column, Report, device_name, fmt_fixed, fmt_num, fmt_percent, resolve_device
+
+MIN_BW_FRACTION, MIN_BW_SIZE = 0.90, 16 * MiB
+MAX_SLOWDOWN = 0.05
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--sizes", type=lambda s: [int(float(x) * MiB) for x in s.split(",")],
+                        help="batch sizes in MiB, comma-separated (default 1,4,16,64; quick: 1,16)")
+
+
+def overlap_size(sizes) -> int:
+    """The overlap case's batch: 16 MiB (or the largest size below), one that the transport can
+    carry within a step, so the measurement is overlap and not the transport's throughput limit."""
+    return max([s for s in sizes if s <= 16 * MiB] or [min(sizes)])
+
+
+def make_batch(nbytes: int, device) -> dict[str, torch.Tensor]:
+    """A teacher-like batch of about ``nbytes``: hidden states [3, T, 1024] bf16 plus ids, mask, top-k."""
+    tokens = max(1, nbytes // (3 * 1024 * 2 + 8 + 1 + 16 * 12 + 4))
+    return {
+        "input_ids": torch.randint(0, 50000, (tokens,), device=device),
+        "loss_mask": torch.ones(tokens, dtype=torch.bool, device=device),
+        "hidden_states": torch.randn(3, tokens, 1024, device=device).to(torch.bfloat16),
+        "topk_logprobs": torch.randn(tokens, 16, device=device),
+        "topk_indices": torch.randint(0, 50000, (tokens, 16), device=device),
+        "lse": torch.randn(tokens, device=device),
+    }
+
+
+def batch_bytes(batch) -> int:
+    return sum(t.numel() * t.element_size() for t in batch.values())
+
+
+def _init(rank: int, world: int, store_path: str, backend: str) -> None:
+    import torch.distributed as dist
+
+    os.environ["GLOO_SOCKET_IFNAME"] = "lo"  # loopback only
+    torch.set_num_threads(1)  # two processes share the cores
+    if backend == "nccl":
+        torch.cuda.set_device(rank)
+    dist.init_process_group(backend, store=dist.FileStore(store_path, world), rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=120))
+
+
+def _sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _bandwidth(rank: int, device, sizes, repeat: int, rounds: int, backend: str) -> list[dict]:
+    import torch.distributed as dist
+
+    from torchspec_ext.pipeline import TensorChannel
+
+    rows = []
+    with TensorChannel(1 - rank, backend=backend, device=device, depth=2, timeout=120) as ch:
+        for size in sizes:
+            batch = make_batch(size, device)
+            nbytes = batch_bytes(batch)
+            raw = torch.empty(nbytes, dtype=torch.uint8, device=device)
+            times = {"ours": [], "raw": []}
+            for _ in range(rounds):
+                for kind in ("raw", "ours"):
+                    dist.barrier()
+                    for i in range(repeat + 1):  # the first message is the warm-up
+                        if i == 1:
+                            _sync(device)
+                            t0 = time.perf_counter()
+                        if kind == "ours":
+                            ch.send(batch) if rank == 0 else ch.recv()
+                        else:
+                            op = dist.isend(raw, dst=1) if rank == 0 else dist.irecv(raw, src=0)
+                            op.wait()
+                    _sync(device)
+                    if rank == 1:
+                        times[kind].append(time.perf_counter() - t0)
+            if rank == 1:
+                ours_s, raw_s = statistics.median(times["ours"]), statistics.median(times["raw"])
+                rows.append({"size_mib": nbytes / MiB, "ours_gbps": nbytes * repeat / ours_s / 1e9,
+                             "raw_gbps": nbytes * repeat / raw_s / 1e9})
+        _read_end(ch, rank)
+    return rows
+
+
+def _read_end(ch, rank: int) -> None:
+    """The consumer reads the end of the stream, which the producer's close() waits for."""
+    from torchspec_ext.pipeline import ChannelClosed
+
+    if rank == 1:
+        try:
+            ch.recv()
+        except ChannelClosed:
+            return
+        raise RuntimeError("bench pipeline: a batch arrived after the last one")
+
+
+def _overlap(rank: int, device, size: int, steps: int, backend: str) -> dict | None:
+    import torch.distributed as dist
+
+    from torchspec_ext.pipeline import TensorChannel
+
+    a = torch.randn(768, 768, device=device)
+
+    def step():
+        x = a
+        for _ in range(6):
+            x = torch.tanh(x @ a) * 0.1
+        _sync(device)
+        return x
+
+    result = None
+    with TensorChannel(1 - rank, backend=backend, device=device, depth=2, timeout=120) as ch:
+        batch = make_batch(size, device)
+        for _ in range(3):
+            step()
+        times = {"alone": [], "with": []}
+        for rnd in range(2):
+            for kind in ("alone", "with"):
+                dist.barrier()
+                if rank == 0:
+                    t0 = time.perf_counter()
+                    for _ in range(steps):
+                        step()
+                        if kind == "with":
+                            ch.send(batch)
+                    times[kind].append((time.perf_counter() - t0) / steps)
+                elif kind == "with":
+                    for _ in range(steps):
+                        ch.recv()
+        if rank == 0:
+            alone, with_ch = min(times["alone"]), min(times["with"])
+            result = {"size_mib": batch_bytes(batch) / MiB, "alone_ms": alone * 1e3, "with_ms": with_ch * 1e3,
+                      "slowdown": with_ch / alone - 1}
+        _read_end(ch, rank)
+    return result
+
+
+def _worker(rank, store_path, backend, sizes, repeat, rounds, steps, queue):
+    try:
+        _init(rank, 2, store_path, backend)
+        device = torch.device("cuda", rank) if backend == "nccl" else torch.device("cpu")
+        bw = _bandwidth(rank, device, sizes, repeat, rounds, backend)
+        ov = _overlap(rank, device, overlap_size(sizes), steps, backend)
+        queue.put((rank, "ok", {"bandwidth": bw, "overlap": ov}))
+    except BaseException as exc:  # noqa: BLE001
+        import traceback
+
+        queue.put((rank, "error", f"{exc}\n{traceback.format_exc()}"))
+    finally:
+        queue.close()
+        queue.join_thread()  # deliver before the hard exit
+        os._exit(0)  # no process-group teardown: the peer may have finished first
+
+
+def _two_processes(backend: str, sizes, repeat: int, rounds: int, steps: int) -> dict:
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    with tempfile.TemporaryDirectory() as tmp:
+        store = os.path.join(tmp, "store")
+        procs = [ctx.Process(target=_worker, args=(r, store, backend, sizes, repeat, rounds, steps, queue))
+                 for r in range(2)]
+        for p in procs:
+            p.start()
+        results = {}
+        try:
+            for _ in range(2):
+                rank, status, value = queue.get(timeout=900)
+                if status != "ok":
+                    raise SystemExit(f"bench pipeline: rank {rank} failed: {value}")
+                results[rank] = value
+        finally:
+            for p in procs:
+                p.join(10)
+                if p.is_alive():
+                    p.kill()
+    return {"bandwidth": results[1]["bandwidth"], "overlap": results[0]["overlap"]}
+
+
+def _self_send(sizes, repeat: int) -> list[dict]:
+    """One GPU: our channel sending to itself (one-rank NCCL communicator) vs a device copy."""
+    import torch.distributed as dist
+
+    from torchspec_ext.pipeline import TensorChannel
+
+    device = torch.device("cuda", 0)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        os.environ["GLOO_SOCKET_IFNAME"] = "lo"
+        dist.init_process_group("gloo", store=dist.FileStore(os.path.join(tmp, "store"), 1), rank=0, world_size=1)
+        try:
+            with TensorChannel(0, backend="nccl", device=device, depth=2, timeout=120) as ch:
+                for size in sizes:
+                    batch = make_batch(size, device)
+                    nbytes = batch_bytes(batch)
+                    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
+                    dst = torch.empty_like(src)
+
+                    def ours():
+                        ch.send(batch)
+                        ch.recv()
+
+                    def copy():
+                        dst.copy_(src)
+
+                    timed = {}
+                    for name, fn in (("ours", ours), ("copy", copy)):
+                        fn()
+                        _sync(device)
+                        t0 = time.perf_counter()
+                        for _ in range(repeat):
+                            fn()
+                        _sync(device)
+                        timed[name] = (time.perf_counter() - t0) / repeat
+                    rows.append({"size_mib": nbytes / MiB, "ours_gbps": nbytes / timed["ours"] / 1e9,
+                                 "raw_gbps": nbytes / timed["copy"] / 1e9})
+        finally:
+            dist.destroy_process_group()
+    return rows
+
+
+COLUMNS = [
+    Column("case", "case"),
+    Column("size_mib", "batch MiB", fmt_fixed(1)),
+    Column("raw_gbps", "raw GB/s", fmt_num()),
+    Column("ours_gbps", "ours GB/s", fmt_num()),
+    Column("ratio", "ours/raw", fmt_percent(1)),
+    Column("alone_ms", "step alone ms", fmt_num()),
+    Column("with_ms", "step + send ms", fmt_num()),
+    Column("slowdown", "slowdown", fmt_percent(1)),
+    Column("target", "target"),
+    Column("result", "result"),
+]
+
+
+def run(args: Any) -> Report:
+    device = resolve_device(args.device)
+    sizes = args.sizes or ([1 * MiB, 16 * MiB] if args.quick else [1 * MiB, 4 * MiB, 16 * MiB, 64 * MiB])
+    repeat = args.repeat or (5 if args.quick else 10)
+    rounds, steps = (2, 10) if args.quick else (3, 30)
+    gpus = torch.cuda.device_count() if device.type == "cuda" else 0
+    if device.type == "cpu":
+        transport = "gloo over TCP loopback, 2 processes, 1 thread each"
+    elif gpus >= 2:
+        transport = "NCCL, 2 processes on cuda:0 and cuda:1"
+    else:
+        transport = ("one GPU: NCCL refuses two ranks on one GPU, so this measures our channel sending to itself "
+                     "(one-rank communicator) against a device-to-device copy of the same bytes; no raw NCCL "
+                     "baseline and no overlap measurement are possible here")
+    header = {
+        "device": f"{device.type}: {device_name(device)}",
+        "torch": torch.__version__,
+        "transport": transport,
+        "bandwidth": f"median of {rounds} rounds of {repeat} messages after 1 warm-up, timed on the consumer; "
+                     "raw = dist.isend/irecv of one buffer of the same bytes",
+        "overlap": f"producer step (6 chained 768x768 matmuls) alone vs followed by TensorChannel.send of a "
+                   f"{overlap_size(sizes) // MiB} MiB batch, min of 2 rounds of per-step means",
+        "sizes": "quick (targets not checked)" if args.quick else "default",
+    }
+    report = Report("pipeline", header, COLUMNS)
+    print(f"[bench pipeline] {transport}", file=sys.stderr, flush=True)
+    if device.type == "cuda" and gpus < 2:
+        results = {"bandwidth": _self_send(sizes, repeat), "overlap": None}
+        raw_name = "device copy"
+    else:
+        results = _two_processes("nccl" if device.type == "cuda" else "gloo", sizes, repeat, rounds, steps)
+        raw_name = "raw send/recv"
+    for row in results["bandwidth"]:
+        row["ratio"] = row["ours_gbps"] / row["raw_gbps"]
+        row["case"] = f"bandwidth vs {raw_name}"
+        if not args.quick and raw_name == "raw send/recv" and row["size_mib"] * MiB >= MIN_BW_SIZE * 0.99:
+            row["target"] = f"≥ {MIN_BW_FRACTION:.0%} of raw"
+            row["result"] = "PASS" if row["ratio"] >= MIN_BW_FRACTION else "MISS"
+        report.rows.append(row)
+    if results["overlap"] is not None:
+        row = dict(results["overlap"], case="overlap (producer step)")
+        if not args.quick:
+            row["target"] = f"slowdown < {MAX_SLOWDOWN:.0%}"
+            row["result"] = "PASS" if row["slowdown"] < MAX_SLOWDOWN else "MISS"
+        report.rows.append(row)
+    return report

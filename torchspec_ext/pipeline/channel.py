@@ -1,0 +1,362 @@
+"""``TensorChannel``: batches of tensors from one rank to another, one message per batch.
+
+Everything but moving bytes is shared by the transports: packing (:mod:`.wire`), sequence
+numbers, the bounded in-flight queue, the buffer pool and the timeouts. A transport only
+starts sends and receives of one contiguous uint8 buffer and waits for them:
+
+- ``gloo``: ``torch.distributed`` isend/irecv on a gloo process group (CPU buffers);
+- ``nccl``: the compiled NCCL communicator (``_C.NcclComm``, csrc/pipeline/nccl_comm.h) with
+  its own CUDA streams and an event per operation (CUDA buffers).
+
+Per batch the sender sends two messages: an int64 pair ``(total_bytes, header_bytes)``, then
+the packed buffer; ``(-1, 0)`` marks the end of the stream (``close()``). The receiver posts the
+next size message's receive while the current payload arrives.
+"""
+
+from __future__ import annotations
+
+import collections
+import datetime
+import time
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+import torchspec_ext
+from torchspec_ext import _C
+from torchspec_ext.pipeline.errors import ChannelClosed, ChannelError, ChannelTimeout, HeaderMismatch
+from torchspec_ext.pipeline.wire import host_to_device, pack, unpack
+
+__all__ = ["TensorChannel"]
+
+_END_OF_STREAM = -1
+
+
+# Gloo tags of the channels start here, away from the small tags of a job's own send/recv (a
+# message of another size on the same tag would break gloo's matching).
+_GLOO_TAG_BASE = 0x54530000
+
+# How many channels this process opened with each pair of ranks: both ends count the same way,
+# so the n-th channel between two ranks gets the same gloo tag / NCCL store key on both.
+_pair_counts: collections.Counter = collections.Counter()
+
+
+class _GlooTransport:
+    def __init__(self, peer: int, group, tag: int):
+        self.peer, self.group, self.tag = peer, group, tag
+
+    def send(self, buffer: Tensor):
+        return dist.isend(buffer, dst=self.peer, group=self.group, tag=self.tag)
+
+    def recv(self, buffer: Tensor):
+        return dist.irecv(buffer, src=self.peer, group=self.group, tag=self.tag)
+
+    def done(self, work) -> bool:
+        return work.is_completed()
+
+    def wait(self, work, timeout: float) -> None:
+        work.wait(datetime.timedelta(seconds=timeout))
+
+    def abort(self) -> None:
+        pass  # a gloo group cannot be aborted; the channel refuses every further call instead
+
+
+class _NcclTransport:
+    def __init__(self, rank: int, peer: int, device: torch.device, index: int, timeout: float, store):
+        if not hasattr(_C, "NcclComm"):
+            raise ChannelError("pipeline: backend='nccl' but torchspec_ext was built without NCCL (build_info())")
+        low, high = sorted((rank, peer))
+        nranks, me = (1, 0) if peer == rank else (2, int(rank == high))
+        key = f"torchspec_ext/pipeline/nccl/{low}-{high}/{index}"
+        if me == 0:
+            unique_id = _C.nccl_unique_id()
+            store.set(key, unique_id)
+        else:
+            store.wait([key], datetime.timedelta(seconds=timeout))
+            unique_id = store.get(key)
+        self.comm = _C.NcclComm(unique_id, me, nranks, device.index, timeout)
+        self.peer = 0 if nranks == 1 else 1 - me
+
+    def send(self, buffer: Tensor) -> int:
+        return self.comm.send(buffer, self.peer)
+
+    def recv(self, buffer: Tensor) -> int:
+        return self.comm.recv(buffer, self.peer)
+
+    def done(self, ticket: int) -> bool:
+        return self.comm.done(ticket)
+
+    def wait(self, ticket: int, timeout: float) -> None:
+        self.comm.wait(ticket, timeout)
+
+    def abort(self) -> None:
+        self.comm.abort()
+
+
+def _default_device() -> torch.device:
+    if torch.cuda.is_available() and torchspec_ext.build_info()["nccl_version"] is not None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _unreferenced(storage: Tensor) -> bool:
+    """Whether ``storage`` is the only tensor on its memory (no view of an earlier batch alive)."""
+    try:
+        # Two references: `storage` itself and the temporary UntypedStorage asked about.
+        return torch._C._storage_Use_Count(storage.untyped_storage()._cdata) <= 2
+    except AttributeError:  # a torch without this private helper: never reuse, always correct
+        return False
+
+
+class _Send:
+    """One batch in flight: its tickets and the memory they read, kept until they completed."""
+
+    __slots__ = ("size_ticket", "data_ticket", "size", "storage")
+
+    def __init__(self, size_ticket, data_ticket, size: Tensor, storage: Tensor):
+        self.size_ticket, self.data_ticket, self.size, self.storage = size_ticket, data_ticket, size, storage
+
+
+class TensorChannel:
+    """Point-to-point channel of batches (``dict[str, Tensor]``) between this rank and ``peer``.
+
+    Args:
+        peer: the other rank (global rank of the default group). ``backend="nccl"`` allows this
+            rank itself (a one-rank communicator); each send to self is then issued with the next
+            ``recv()``, so send at most ``depth`` batches ahead of the receives.
+        group: gloo process group for ``backend="gloo"`` (default: the default group).
+        backend: ``"nccl"`` (CUDA buffers), ``"gloo"`` (CPU buffers) or ``"auto"``: by ``device``.
+        depth: batches in flight per channel; ``send`` blocks only while ``depth`` are unfinished.
+        timeout: seconds any blocking call may take before it raises ``ChannelTimeout``.
+        device: where buffers and received tensors live (default: the current CUDA device when a
+            GPU and an NCCL build are present, else the CPU; always the CPU for gloo).
+
+    ``torch.distributed`` must be initialised (its store serves the NCCL set-up). Both ranks must
+    open their channels with each other in the same order. Not thread-safe.
+    """
+
+    def __init__(self, peer: int, group=None, backend: str = "auto", depth: int = 2, timeout: float = 300.0,
+                 device: torch.device | str | None = None):
+        if not dist.is_available() or not dist.is_initialized():
+            raise ChannelError("pipeline: torch.distributed must be initialised before opening a TensorChannel")
+        if backend not in ("auto", "nccl", "gloo"):
+            raise ValueError(f"pipeline: backend must be 'auto', 'nccl' or 'gloo', got {backend!r}")
+        if not (isinstance(depth, int) and depth >= 1):
+            raise ValueError(f"pipeline: depth must be an int >= 1, got {depth!r}")
+        if not timeout > 0:
+            raise ValueError(f"pipeline: timeout must be > 0 seconds, got {timeout!r}")
+        self.rank = dist.get_rank()
+        self.peer, self.depth, self.timeout = int(peer), depth, float(timeout)
+        if not 0 <= self.peer < dist.get_world_size():
+            raise ValueError(f"pipeline: peer {peer} is not a rank of the {dist.get_world_size()}-rank job")
+        device = torch.device("cpu" if backend == "gloo" else _default_device()) if device is None else torch.device(device)
+        if backend == "auto":
+            backend = "nccl" if device.type == "cuda" else "gloo"
+        if (backend == "nccl") != (device.type == "cuda"):
+            raise ValueError(f"pipeline: backend '{backend}' cannot use buffers on {device} (nccl: CUDA, gloo: CPU)")
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        if backend == "gloo" and self.peer == self.rank:
+            raise ValueError("pipeline: gloo cannot send to the same rank; a channel to itself needs backend='nccl'")
+        self.backend, self.device = backend, device
+
+        self._inflight: collections.deque[_Send] = collections.deque()
+        self._free: list[Tensor] = []  # buffers whose sends completed, reused for the next batches
+        self._recv_pool: list[Tensor] = []  # receive buffers, reused once their batch is dropped
+        self._next_size = None  # (ticket, tensor) of the size message of the next batch, posted early
+        self._sent = self._received = 0
+        self._error: ChannelError | None = None
+        self._closed = self._peer_closed = False
+        pair = tuple(sorted((self.rank, self.peer)))
+        index = _pair_counts[pair]
+        _pair_counts[pair] += 1
+        if backend == "gloo":
+            self._transport: Any = _GlooTransport(self.peer, group, tag=_GLOO_TAG_BASE + index)
+        else:
+            store = dist.distributed_c10d._get_default_store()
+            self._transport = self._guard(lambda: _NcclTransport(self.rank, self.peer, device, index, self.timeout,
+                                                                 store), "setting up NCCL", time.monotonic() + self.timeout)
+
+    # ----------------------------------------------------------------------------- sending
+    def send(self, batch: dict[str, Tensor]) -> None:
+        """Queue ``batch``; returns once it is packed and its send started. Blocks (up to
+        ``timeout``) only while ``depth`` earlier batches are still in flight. The tensors may be
+        reused as soon as this returns (they are copied into the channel's buffer)."""
+        self._check_open()
+        deadline = time.monotonic() + self.timeout
+        self._retire(deadline, keep=self.depth - 1)
+        buffer, header_bytes = pack(batch, self._sent, self._take_buffer)
+        size = host_to_device(torch.tensor([buffer.numel(), header_bytes], dtype=torch.int64), self.device)
+        storage = buffer if buffer._base is None else buffer._base
+        self._inflight.append(_Send(*self._start_sends(size, buffer, deadline), size, storage))
+        self._sent += 1
+
+    def _start_sends(self, size: Tensor, buffer: Tensor | None, deadline: float):
+        def start():
+            return self._transport.send(size), None if buffer is None else self._transport.send(buffer)
+
+        return self._guard(start, "starting a send", deadline)
+
+    def _take_buffer(self, nbytes: int) -> Tensor:
+        for i, storage in enumerate(self._free):
+            if storage.numel() >= nbytes:
+                return self._free.pop(i)[:nbytes]
+        if len(self._free) + len(self._inflight) >= self.depth and self._free:
+            self._free.pop(0)  # too small for this batch: keep at most `depth` buffers
+        return torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+
+    def _retire(self, deadline: float, keep: int) -> None:
+        """Releases finished sends; waits for the oldest until at most ``keep`` are in flight."""
+        while self._inflight:
+            oldest = self._inflight[0]
+            if len(self._inflight) <= keep and not self._guard(lambda: self._done(oldest), "sending", deadline):
+                return
+            for ticket in (oldest.size_ticket, oldest.data_ticket):
+                if ticket is not None:
+                    self._wait(ticket, deadline, f"sending batch {self._sent - len(self._inflight)}")
+            self._inflight.popleft()
+            self._free.append(oldest.storage)
+
+    def _done(self, s: _Send) -> bool:
+        # The data message completes after the size message (both go in order to the same peer).
+        return s.data_ticket is None or self._transport.done(s.data_ticket)
+
+    # --------------------------------------------------------------------------- receiving
+    def recv(self) -> dict[str, Tensor]:
+        """The next batch, in the order sent: tensors on ``device``, views into one buffer per
+        batch. Raises ``ChannelClosed`` after the peer's last batch, ``ChannelTimeout`` when
+        nothing arrives within ``timeout``, ``ChannelError`` if the peer fails."""
+        self._check_open()
+        if self._peer_closed:
+            raise ChannelClosed(f"pipeline: rank {self.peer} closed the channel after {self._received} batches")
+        deadline = time.monotonic() + self.timeout
+        what = f"receiving batch {self._received} from rank {self.peer}"
+        size_ticket, size = self._next_size if self._next_size is not None else self._post_size_recv(what, deadline)
+        self._next_size = None
+        self._wait(size_ticket, deadline, what)
+        total, header_bytes = size.tolist()
+        if total == _END_OF_STREAM:
+            self._peer_closed = True
+            raise ChannelClosed(f"pipeline: rank {self.peer} closed the channel after {self._received} batches")
+        if not 0 < header_bytes <= total:
+            self._fail(HeaderMismatch(f"pipeline: batch {self._received} from rank {self.peer} announced "
+                                      f"{total} bytes with a {header_bytes}-byte header"))
+        buffer = self._recv_buffer(total)
+        ticket = self._guard(lambda: self._transport.recv(buffer), what, deadline)
+        if self.peer != self.rank:  # a send to itself is issued with its recv: nothing to post ahead
+            self._next_size = self._post_size_recv(what, deadline)
+        self._wait(ticket, deadline, what)
+        try:
+            seq, batch = unpack(buffer, header_bytes)
+        except HeaderMismatch as exc:
+            self._fail(exc)
+        if seq != self._received:
+            self._fail(HeaderMismatch(f"pipeline: expected batch {self._received} from rank {self.peer}, "
+                                      f"got sequence number {seq}"))
+        self._received += 1
+        return batch
+
+    def _post_size_recv(self, what: str, deadline: float):
+        # Posted one batch ahead, so that the sender's size message never waits for the receiver
+        # to ask for it: per batch only the payload costs a round trip, as a raw send does.
+        size = torch.empty(2, dtype=torch.int64, device=self.device)
+        return self._guard(lambda: self._transport.recv(size), what, deadline), size
+
+    def _recv_buffer(self, nbytes: int) -> Tensor:
+        """A buffer of which no tensor of an earlier batch is alive any more, else a new one
+        (fresh CPU memory costs page faults per batch, as much as the copy it receives)."""
+        for storage in self._recv_pool:
+            if storage.numel() >= nbytes and _unreferenced(storage):
+                return storage[:nbytes]
+        storage = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+        self._recv_pool.append(storage)
+        if len(self._recv_pool) > self.depth + 1:
+            self._recv_pool.pop(0)  # the batch holding it keeps it alive; the pool forgets it
+        return storage
+
+    # ------------------------------------------------------------------------------ closing
+    def close(self) -> None:
+        """On a side that sent batches: waits (up to ``timeout``) until the peer received them and
+        the end of the stream after them (its ``recv()`` raising ``ChannelClosed``), so nothing
+        sent is lost unnoticed; ``ChannelTimeout`` if the peer stops reading. On a side that only
+        received: returns at once. Idempotent; later ``send``/``recv`` raise ``ChannelClosed``."""
+        if self._closed:
+            return
+        try:
+            # A channel to itself has no peer to tell (its marker would wait for a recv that never comes).
+            if self._error is None and self._sent and self.peer != self.rank:
+                deadline = time.monotonic() + self.timeout
+                self._retire(deadline, keep=0)
+                end = host_to_device(torch.tensor([_END_OF_STREAM, 0], dtype=torch.int64), self.device)
+                ticket, _ = self._start_sends(end, None, deadline)
+                self._wait(ticket, deadline, "sending the end of the stream")
+        finally:
+            self._closed = True
+            self._inflight.clear()
+            self._free.clear()
+            self._recv_pool.clear()
+            if self.backend == "nccl" and self._error is None:
+                self._transport.abort()  # all sends completed: nothing is lost by freeing the communicator
+
+    @property
+    def closed(self) -> bool:
+        """Whether ``close()`` was called."""
+        return self._closed
+
+    @property
+    def peer_closed(self) -> bool:
+        """Whether the peer's end of the stream was received."""
+        return self._peer_closed
+
+    def __enter__(self) -> "TensorChannel":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+            return
+        try:
+            self.close()
+        except ChannelError:
+            pass  # the exception already on its way out is the one to see
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else "broken" if self._error else "open"
+        return (f"TensorChannel(rank={self.rank}, peer={self.peer}, backend={self.backend!r}, device={self.device}, "
+                f"depth={self.depth}, sent={self._sent}, received={self._received}, {state})")
+
+    # ------------------------------------------------------------------------------ errors
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ChannelClosed(f"pipeline: the channel to rank {self.peer} is closed")
+        if self._error is not None:
+            raise ChannelError(f"pipeline: the channel to rank {self.peer} failed earlier: {self._error}")
+
+    def _wait(self, ticket, deadline: float, what: str) -> None:
+        self._guard(lambda: self._transport.wait(ticket, max(deadline - time.monotonic(), 1e-3)), what, deadline)
+
+    def _guard(self, fn, what: str, deadline: float):
+        """Runs a transport call; any failure breaks the channel and is raised as a ChannelError."""
+        try:
+            return fn()
+        except ChannelError as exc:
+            self._fail(exc)
+        except Exception as exc:  # gloo raises RuntimeError, the NCCL channel RuntimeError / TimeoutError
+            if isinstance(exc, TimeoutError) or time.monotonic() >= deadline:
+                error: ChannelError = ChannelTimeout(
+                    f"pipeline: {what} (rank {self.rank} <-> {self.peer}) did not complete within {self.timeout:g} s")
+            else:
+                error = ChannelError(f"pipeline: {what} (rank {self.rank} <-> {self.peer}) failed: {exc}")
+            error.__cause__ = exc
+            self._fail(error)
+
+    def _fail(self, error: ChannelError):
+        if self._error is None:
+            self._error = error
+            try:
+                self._transport.abort()
+            except Exception:  # noqa: BLE001 - the error being raised is the one that matters
+                pass
+        raise error
