@@ -1,0 +1,78 @@
+"""Speculative decoding on the real default target: identical to greedy decoding at temperature 0."""
+
+import pytest
+import torch
+
+from torchspec_ext.speculate import TargetAsDraft, TreeSpec, propose_tree, speculative_generate
+from torchspec_ext.target import load_target
+
+
+@pytest.fixture(scope="module")
+def target():
+    model, tokenizer = load_target()
+    return model, tokenizer
+
+
+def prompt_ids(tokenizer, text):
+    rendered = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=False)
+    return tokenizer(rendered, add_special_tokens=False).input_ids
+
+
+def greedy(model, ids, n):
+    with torch.no_grad():
+        return model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False)[0, len(ids) :].tolist()
+
+
+class UniformDraft:
+    """A useless draft: every token equally likely (topk then picks the lowest ids)."""
+
+    def __init__(self, vocab):
+        self.vocab = vocab
+
+    def next_logprobs(self, context, paths):
+        return torch.full((len(paths), self.vocab), -float(torch.log(torch.tensor(self.vocab))))
+
+
+@pytest.mark.parametrize("spec", [TreeSpec.chain(4), TreeSpec(depth=3, topk=2, max_nodes=12)])
+def test_target_as_draft_matches_greedy_and_accepts_everything(target, spec):
+    model, tokenizer = target
+    ids = prompt_ids(tokenizer, "Name three colours of the rainbow.")
+    want = greedy(model, ids, 24)
+    result = speculative_generate(model, TargetAsDraft(model), ids, 24, spec)
+    assert result.tokens == want[: len(result.tokens)]
+    assert len(result.tokens) == len(want)  # 24 tokens, or fewer only if greedy stopped at EOS too
+    # Every step but the last accepts the whole depth (the last may stop at max_new_tokens).
+    assert all(a == spec.depth for a in result.accepted_per_step[:-1])
+    assert result.acceptance_length > spec.depth
+
+
+def test_useless_draft_still_matches_greedy(target):
+    model, tokenizer = target
+    ids = prompt_ids(tokenizer, "What is the capital of France?")
+    want = greedy(model, ids, 12)
+    result = speculative_generate(model, UniformDraft(model.config.vocab_size), ids, 12, TreeSpec(depth=2, topk=3, max_nodes=6))
+    assert result.tokens == want
+    assert result.target_forwards >= len(result.tokens) - 2  # nearly nothing accepted: ~1 token per forward
+
+
+def test_sampling_runs_and_is_reproducible(target):
+    model, tokenizer = target
+    ids = prompt_ids(tokenizer, "Tell me a fact about cats.")
+    runs = []
+    for _ in range(2):
+        gen = torch.Generator().manual_seed(7)
+        runs.append(speculative_generate(model, TargetAsDraft(model), ids, 10, TreeSpec.chain(3), temperature=0.8, generator=gen))
+    assert runs[0].tokens == runs[1].tokens and len(runs[0].tokens) == 10
+    assert all(0 <= t < model.config.vocab_size for t in runs[0].tokens)
+
+
+def test_propose_tree_shape():
+    class Fixed:
+        def next_logprobs(self, context, paths):
+            return torch.log_softmax(torch.arange(10, dtype=torch.float32).repeat(len(paths), 1), -1)
+
+    tokens, parents = propose_tree(Fixed(), [5, 6], TreeSpec(depth=3, topk=2, max_nodes=5))
+    assert tokens[0] == 6 and parents[0] == -1
+    assert len(tokens) == 6 and all(0 <= p < j for j, p in enumerate(parents.tolist()) if j)
+    chain_tokens, chain_parents = propose_tree(Fixed(), [1], TreeSpec.chain(4))
+    assert chain_tokens.tolist() == [1, 9, 9, 9, 9] and chain_parents.tolist() == [-1, 0, 1, 2, 3]

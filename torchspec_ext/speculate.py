@@ -1,0 +1,233 @@
+"""Speculative decoding of a Hugging Face causal LM with a draft: chains and dynamic trees.
+
+Each step the draft proposes a tree of candidate tokens rooted at the last committed token;
+the target scores the whole tree in one forward pass, with ``tree_attention`` standing in for
+the model's attention (registered with transformers as the ``torchspec_tree`` implementation);
+verification keeps the longest path the target agrees with (``verify_tree_greedy``, or
+``verify_tree_sampling`` at a temperature > 0) and the KV cache is compacted to that path.
+
+A draft is anything with ``next_logprobs(context, paths)`` (see :class:`Draft`), so the same
+decoder measures an EAGLE-3 draft, or the target itself (every step then accepts the whole
+depth at temperature 0, which the tests use).
+"""
+
+from __future__ import annotations
+
+import heapq
+import inspect
+import time
+from dataclasses import dataclass, field
+from typing import Protocol, Sequence
+
+import torch
+from torch import Tensor
+
+from torchspec_ext.ops import tree_attention, verify_tree_greedy, verify_tree_sampling
+
+TREE_ATTENTION = "torchspec_tree"
+
+
+class Draft(Protocol):
+    def next_logprobs(self, context: Sequence[int], paths: Sequence[Sequence[int]]) -> Tensor:
+        """Log-probabilities ``[len(paths), V]`` of the token after ``context + path``, per path."""
+
+
+@dataclass
+class TreeSpec:
+    """Shape of the proposed trees (EAGLE-2 style): at each of ``depth`` levels, the ``topk``
+    nodes of the previous level each offer their ``topk`` best next tokens, and the ``topk``
+    candidates of highest cumulative draft log-probability become the new level; at most
+    ``max_nodes`` draft nodes in all. ``topk=1`` is a chain."""
+
+    depth: int = 4
+    topk: int = 4
+    max_nodes: int = 16
+
+    @staticmethod
+    def chain(depth: int) -> "TreeSpec":
+        return TreeSpec(depth=depth, topk=1, max_nodes=depth)
+
+
+def propose_tree(draft: Draft, context: Sequence[int], spec: TreeSpec) -> tuple[Tensor, Tensor]:
+    """(tokens [T], parents [T]) of a draft tree; node 0 is ``context[-1]`` (the root)."""
+    tokens, parents, scores, paths = [context[-1]], [-1], [0.0], [[]]
+    frontier = [0]
+    for _ in range(spec.depth):
+        budget = spec.max_nodes - (len(tokens) - 1)
+        if budget <= 0 or not frontier:
+            break
+        logprobs = draft.next_logprobs(context, [paths[n] for n in frontier]).float()
+        candidates = []  # (score, parent node, token) of every child of the frontier
+        top = logprobs.topk(min(spec.topk, logprobs.shape[-1]), dim=-1)
+        for row, node in enumerate(frontier):
+            for value, token in zip(top.values[row].tolist(), top.indices[row].tolist()):
+                candidates.append((scores[node] + value, node, token))
+        chosen = heapq.nlargest(min(spec.topk, budget), candidates, key=lambda c: c[0])
+        chosen.sort(key=lambda c: (c[1], -c[0]))  # children after their parent, best first
+        new_nodes = []
+        for score, node, token in chosen:
+            tokens.append(token)
+            parents.append(node)
+            scores.append(score)
+            paths.append(paths[node] + [token])
+            new_nodes.append(len(tokens) - 1)
+        frontier = new_nodes
+    return torch.tensor(tokens, dtype=torch.long), torch.tensor(parents, dtype=torch.long)
+
+
+def _tree_depths(parents: Tensor) -> Tensor:
+    depths = [0] * len(parents)
+    for j, p in enumerate(parents.tolist()):
+        if p >= 0:
+            depths[j] = depths[p] + 1
+    return torch.tensor(depths, dtype=torch.long)
+
+
+def _attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """tree_attention when the call carries a tree, else transformers' own SDPA attention."""
+    parents = kwargs.get("tree_parents")
+    if parents is None:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    out = tree_attention(query, key, value, kwargs["tree_prefix_lens"], parents, scaling)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def enable_tree_attention(model) -> None:
+    """Make ``model`` (a transformers causal LM) run tree_attention on calls given a tree, and its
+    usual SDPA attention otherwise."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(TREE_ATTENTION, _attention)
+    AttentionMaskInterface.register(TREE_ATTENTION, sdpa_mask)
+    if hasattr(model, "set_attn_implementation"):
+        model.set_attn_implementation(TREE_ATTENTION)
+    else:
+        model.config._attn_implementation = TREE_ATTENTION
+
+
+def _cache_keyword(model) -> str:
+    # transformers renamed past_key_values to cache; take whichever this version's forward has.
+    params = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def _keep_cache_positions(cache, keep: Tensor) -> None:
+    """Keep only sequence positions ``keep`` (sorted) of every layer of a DynamicCache."""
+    if hasattr(cache, "layers"):
+        for layer in cache.layers:
+            layer.keys = layer.keys.index_select(-2, keep)
+            layer.values = layer.values.index_select(-2, keep)
+    else:  # older transformers
+        for i in range(len(cache.key_cache)):
+            cache.key_cache[i] = cache.key_cache[i].index_select(-2, keep)
+            cache.value_cache[i] = cache.value_cache[i].index_select(-2, keep)
+
+
+@dataclass
+class SpeculativeResult:
+    tokens: list[int]  # the generated tokens (the prompt excluded)
+    target_forwards: int = 0  # tree-scoring passes (the prompt's prefill not counted)
+    accepted_per_step: list[int] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def acceptance_length(self) -> float:
+        """Mean tokens emitted per target forward (accepted draft tokens + the target's own)."""
+        return len(self.tokens) / max(1, self.target_forwards)
+
+
+@torch.no_grad()
+def speculative_generate(
+    target,
+    draft: Draft,
+    prompt: Sequence[int],
+    max_new_tokens: int,
+    spec: TreeSpec,
+    temperature: float = 0.0,
+    eos_token_id: int | Sequence[int] | None = None,
+    generator: torch.Generator | None = None,
+) -> SpeculativeResult:
+    """Generate up to ``max_new_tokens`` after ``prompt`` (token ids) by speculative decoding.
+
+    At temperature 0 the output is the target's greedy decoding, token for token (up to the
+    rounding differences of tree_attention against the model's own attention); above 0 it is
+    distributed as the target's sampling at that temperature. Generation stops after an
+    end-of-sequence token: ``eos_token_id``, else the target's generation config's.
+    """
+    from transformers import DynamicCache
+
+    if len(prompt) < 1:
+        raise ValueError("speculative_generate: the prompt must hold at least one token")
+    if temperature < 0:
+        raise ValueError(f"speculative_generate: temperature must be >= 0, got {temperature}")
+    if eos_token_id is None:
+        eos_token_id = getattr(getattr(target, "generation_config", None), "eos_token_id", None)
+    stop_ids = set([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []))
+    enable_tree_attention(target)
+    device = next(target.parameters()).device
+    cache_kw = _cache_keyword(target)
+    cache = DynamicCache()
+    committed = list(prompt)
+    start = time.perf_counter()
+    if len(committed) > 1:  # the root (last prompt token) is scored with the first tree
+        target(torch.tensor([committed[:-1]], device=device), use_cache=True, **{cache_kw: cache})
+    result = SpeculativeResult(tokens=[])
+    while len(result.tokens) < max_new_tokens:
+        tokens, parents = propose_tree(draft, committed, spec)
+        prefix_len = len(committed) - 1
+        tokens, parents = tokens.to(device), parents.to(device)
+        positions = (prefix_len + _tree_depths(parents)).to(device)
+        logits = target(
+            tokens[None],
+            position_ids=positions[None],
+            use_cache=True,
+            tree_parents=parents[None],
+            tree_prefix_lens=torch.tensor([prefix_len], device=device),
+            **{cache_kw: cache},
+        ).logits
+        if temperature == 0:
+            num, path, nxt = verify_tree_greedy(tokens[None], parents[None], logits)
+        else:
+            num, path, nxt = verify_tree_sampling(tokens[None], parents[None], logits, temperature, generator)
+        accepted = int(num[0])
+        path_nodes = path[0, : accepted + 1]
+        _keep_cache_positions(cache, torch.cat([torch.arange(prefix_len, device=device), prefix_len + path_nodes]))
+        emitted = tokens[path_nodes[1:]].tolist() + [int(nxt[0])]
+        result.target_forwards += 1
+        result.accepted_per_step.append(accepted)
+        for token in emitted:
+            result.tokens.append(token)
+            committed.append(token)
+            if token in stop_ids or len(result.tokens) == max_new_tokens:
+                result.seconds = time.perf_counter() - start
+                return result
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+class TargetAsDraft:
+    """The target model as its own draft (no cache: a full forward per call); for tests and as a
+    ceiling on acceptance."""
+
+    def __init__(self, model):
+        self.model = model
+        self.device = next(model.parameters()).device
+
+    @torch.no_grad()
+    def next_logprobs(self, context: Sequence[int], paths: Sequence[Sequence[int]]) -> Tensor:
+        rows = [list(context) + list(p) for p in paths]
+        width = max(len(r) for r in rows)
+        # Left padding with a mask keeps every row's last position at the end.
+        ids = torch.zeros(len(rows), width, dtype=torch.long)
+        mask = torch.zeros(len(rows), width, dtype=torch.long)
+        for i, r in enumerate(rows):
+            ids[i, width - len(r) :] = torch.tensor(r)
+            mask[i, width - len(r) :] = 1
+        positions = (mask.cumsum(-1) - 1).clamp_min(0)
+        out = self.model(
+            ids.to(self.device), attention_mask=mask.to(self.device), position_ids=positions.to(self.device)
+        ).logits[:, -1]
+        return torch.log_softmax(out.float(), dim=-1)
