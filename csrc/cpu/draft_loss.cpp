@@ -17,7 +17,6 @@ using namespace simd;
 
 constexpr int kChunk = 256;  // floats: 1 KiB, in L1 for both passes over it
 constexpr int kGroups = kChunk / kLanes;
-constexpr float kLog2e = 1.4426950408889634f;
 
 TORCHSPEC_CPU_CLONES
 void forward_impl(const DraftLossForwardTile& p, int64_t row_begin, int64_t row_end) {

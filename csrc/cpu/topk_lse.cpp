@@ -65,7 +65,7 @@ class TopK {
 TORCHSPEC_CPU_CLONES
 void rows_impl(const TopkLseParams& p, int64_t row_begin, int64_t row_end) {
   const float ninf = -std::numeric_limits<float>::infinity();
-  const float exp2_scale = p.inv_temperature * 1.4426950408889634f;  // 1/T in log2 units
+  const float exp2_scale = p.inv_temperature * kLog2e;  // 1/T in log2 units
   const size_t esize = element_size(p.dtype);
   TopK top;
   float buf[kChunk];

@@ -26,7 +26,6 @@ using namespace simd;
 
 constexpr int kKeys = kLanes;  // keys per prefix tile: one f32x16 of scores per query row
 constexpr int kRowBlock = 8;  // query rows processed together (key and value loads reused)
-constexpr float kLog2e = 1.4426950408889634f;
 
 // Per-thread buffers of one unit, reused across units.
 struct AttentionScratch {

@@ -17,7 +17,6 @@ namespace {
 
 constexpr int kBlock = 256;
 constexpr int kWarps = kBlock / 32;
-constexpr float kLog2e = 1.4426950408889634f;
 
 __global__ void __launch_bounds__(kBlock) forward_kernel(DraftLossForwardTile p) {
   const int tid = threadIdx.x;

@@ -20,7 +20,6 @@ namespace {
 
 constexpr int kBlock = 256;
 constexpr int kWarps = kBlock / 32;
-constexpr float kLog2e = 1.4426950408889634f;
 
 // Shared state of one block, besides the dynamically sized candidate buffer.
 struct BlockState {

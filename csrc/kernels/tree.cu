@@ -28,7 +28,6 @@ namespace torchspec {
 namespace cuda {
 namespace {
 
-constexpr float kLog2e = 1.4426950408889634f;
 
 // ---- tree attention -------------------------------------------------------------------------
 
