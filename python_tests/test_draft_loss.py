@@ -1,24 +1,12 @@
-"""draft_topk_kl (fused LM head + top-k teacher loss) against an eager float64 reference."""
+"""draft_topk_kl (fused LM head + top-k teacher loss) against reference.draft_topk_kl in float64."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 from conftest import DEVICES
 
+from torchspec_ext import reference
 from torchspec_ext.ops import draft_topk_kl
-
-
-def reference(hidden, weight, indices, logprobs, valid=None, temperature=1.0):
-    """Float64 loss and its graph: hidden / weight are float64 leaves (or views of them)."""
-    logq = torch.log_softmax(hidden @ weight.T / temperature, dim=-1)
-    present = indices >= 0
-    counted = present.any(-1)
-    if valid is not None:
-        counted = counted & valid
-    p = torch.softmax(logprobs.double().masked_fill(~present, float("-inf")), dim=-1)
-    p = torch.where(present & counted[:, None], p, 0.0)
-    per_row = -(p * logq.gather(1, indices.clamp_min(0))).sum(-1)
-    return torch.where(counted, per_row, 0.0).sum() / counted.sum().clamp_min(1)
 
 
 def teacher(n, k, vocab, device, absent=0.2, generator=None):
@@ -46,7 +34,7 @@ def ours_with_grads(hidden, weight, indices, logprobs, valid=None, temperature=1
 def reference_with_grads(hidden, weight, indices, logprobs, valid=None, temperature=1.0):
     h = hidden.detach().double().requires_grad_()
     w = weight.detach().double().requires_grad_()
-    loss = reference(h, w, indices, logprobs, valid, temperature)
+    loss, _, _ = reference.draft_topk_kl(h, w, indices, logprobs, valid, temperature)
     gh, gw = torch.autograd.grad(loss, (h, w))
     return loss.detach(), gh, gw
 
@@ -163,10 +151,7 @@ def test_low_precision_no_worse_than_eager(device, dtype):
     loss, _, _, gh, gw = ours_with_grads(hidden, weight, indices, logprobs)
     # Eager in the same dtype: logits as `hidden @ weight.T` in that dtype, then a float32 log_softmax.
     h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
-    logq = torch.log_softmax((h @ w.T).float(), -1)
-    p = torch.softmax(logprobs.masked_fill(indices < 0, float("-inf")), -1).nan_to_num(0.0)
-    counted = (indices >= 0).any(-1)
-    eager = torch.where(counted, -(p * logq.gather(1, indices.clamp_min(0))).sum(-1), 0.0).sum() / counted.sum()
+    eager, _, _ = reference.draft_topk_kl(h, w, indices, logprobs)
     eager_gh, eager_gw = torch.autograd.grad(eager, (h, w))
     for ours_value, eager_value, want in ((loss, eager, ref_loss), (gh, eager_gh, ref_gh), (gw, eager_gw, ref_gw)):
         ours_err = (ours_value.double() - want).abs().max().item()

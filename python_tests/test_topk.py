@@ -1,4 +1,4 @@
-"""topk_logprobs and linear_topk_logprobs against a float64 reference (torch sort + logsumexp)."""
+"""topk_logprobs and linear_topk_logprobs against reference.topk_logprobs in float64 (torch sort + logsumexp)."""
 
 import math
 
@@ -6,31 +6,15 @@ import pytest
 import torch
 from conftest import DEVICES
 
+from torchspec_ext import reference
 from torchspec_ext.ops import linear_topk_logprobs, topk_logprobs
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
-def reference(logits, k, temperature=1.0):
-    """Float64 top-k: ties broken by the lower index, as a stable descending sort would."""
-    x = logits.double() / temperature
-    lse = torch.logsumexp(x, dim=-1)
-    # torch.topk on a margin of extra candidates, then a stable sort of those by value: the same
-    # order as a stable sort of the whole row unless a tie spans the margin (then sort it all).
-    margin = min(x.shape[-1], k + 64)
-    cand_values, cand_indices = torch.topk(x, margin, dim=-1)
-    if margin < x.shape[-1] and (cand_values[..., -1] == cand_values[..., k - 1]).any():
-        order = torch.sort(x, dim=-1, descending=True, stable=True).indices[..., :k]
-    else:
-        by_index = cand_indices.sort(dim=-1).values
-        order = by_index.gather(-1, torch.sort(x.gather(-1, by_index), dim=-1, descending=True, stable=True).indices)
-        order = order[..., :k]
-    return x.gather(-1, order) - lse.unsqueeze(-1), order, lse
-
-
 def check_against_reference(logits, k, temperature=1.0):
     values, indices, lse = topk_logprobs(logits, k, temperature)
-    ref_values, ref_indices, ref_lse = reference(logits, k, temperature)
+    ref_values, ref_indices, ref_lse = reference.topk_logprobs(logits.double(), k, temperature)
     assert values.dtype == torch.float32 and lse.dtype == torch.float32 and indices.dtype == torch.int64
     assert values.shape == ref_values.shape and lse.shape == ref_lse.shape
     assert torch.equal(indices.cpu(), ref_indices.cpu())
@@ -127,7 +111,7 @@ def test_non_finite(device, dtype):
     # All -inf: lse = -inf, log-probabilities NaN, the lowest indices.
     assert lse[2] == -inf and values[2].isnan().all() and indices[2].tolist() == [0, 1, 2, 3]
     # Some -inf in a finite row: they count as probability 0.
-    ref_values, ref_indices, ref_lse = reference(logits[3:], 4)
+    ref_values, ref_indices, ref_lse = reference.topk_logprobs(logits[3:].double(), 4)
     torch.testing.assert_close(lse[3:].double(), ref_lse.cpu(), atol=1e-5, rtol=0)
     assert torch.equal(indices[3:], ref_indices.cpu())
     # And -inf entries picked into the top-k have log-probability -inf.

@@ -1,8 +1,9 @@
 """tree_attention, verify_tree_greedy and verify_tree_sampling.
 
-tree_attention is checked against a float64 attention with a dense boolean mask built here from
-the parents; the verification ops against hand-built trees with exact expected integers and a
-Python walk; verify_tree_sampling's losslessness by chi-square tests on many draws.
+tree_attention is checked against reference.tree_attention in float64 (a dense boolean mask built
+from the parents); the verification ops against hand-built trees with exact expected integers and
+the Python walks of torchspec_ext.reference; verify_tree_sampling's losslessness by chi-square
+tests on many draws.
 """
 
 import math
@@ -12,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from conftest import DEVICES, HAS_GPU
 
+from torchspec_ext import reference
 from torchspec_ext.ops import (
     tree_attention,
     verify_tree_greedy,
@@ -30,30 +32,10 @@ def random_parents(batch, nodes, gen=None):
     return parents
 
 
-def dense_tree_mask(prefix_lens, parents, seq):
-    """[B, T, S] bool: node j sees the prefix and the tree positions of its ancestors and itself."""
-    batch, nodes = parents.shape
-    mask = torch.zeros(batch, nodes, seq, dtype=torch.bool)
-    for b in range(batch):
-        p = int(prefix_lens[b])
-        mask[b, :, :p] = True
-        for j in range(nodes):
-            a = j
-            while a >= 0:
-                mask[b, j, p + a] = True
-                a = int(parents[b, a])
-    return mask
-
-
-def eager_attention(q, k, v, mask, scale, dtype):
-    """softmax(q k^T * scale, masked) v computed in `dtype` (float64: the reference)."""
-    group = q.shape[1] // k.shape[1]
-    q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
-    k = k.repeat_interleave(group, dim=1)
-    v = v.repeat_interleave(group, dim=1)
-    scores = (q @ k.transpose(-1, -2)) * scale
-    scores = scores.masked_fill(~mask.to(q.device).unsqueeze(1), float("-inf"))
-    return torch.softmax(scores, dim=-1) @ v
+def float64_attention(q, k, v, prefix_lens, parents, scale):
+    """reference.tree_attention on the CPU in float64."""
+    q, k, v = (t.cpu().double() for t in (q, k, v))
+    return reference.tree_attention(q, k, v, prefix_lens.cpu(), parents.cpu(), scale)
 
 
 def make_attention_inputs(batch, q_heads, kv_heads, nodes, dim, prefix_lens, seq, device, dtype=torch.float32):
@@ -62,51 +44,6 @@ def make_attention_inputs(batch, q_heads, kv_heads, nodes, dim, prefix_lens, seq
     v = torch.randn(batch, kv_heads, seq, dim)
     to = lambda t: t.to(device=device, dtype=dtype)
     return to(q), to(k), to(v), torch.tensor(prefix_lens, dtype=torch.int64, device=device)
-
-
-def walk_greedy(tokens, parents, argmax):
-    """Python walk of one row: (num_accepted, path, next_token)."""
-    nodes = len(tokens)
-    path, cur = [0], 0
-    while True:
-        t = argmax[cur]
-        child = next((c for c in range(cur + 1, nodes) if parents[c] == cur and tokens[c] == t), None)
-        if child is None:
-            return len(path) - 1, path + [-1] * (nodes - len(path)), t
-        path.append(child)
-        cur = child
-
-
-def walk_sampling(tokens, parents, probs, u, renormalise=True, accept_all=False):
-    """Python walk of one row with the op's rules, given per-node probabilities (float64 lists)
-    and uniforms u [T]. renormalise=False / accept_all=True are deliberately wrong variants."""
-    nodes = len(tokens)
-    path, cur = [0], 0
-    while True:
-        p = probs[cur]
-        residual, rejected, accepted = 1.0, set(), None
-        for c in range(cur + 1, nodes):
-            if parents[c] != cur or tokens[c] in rejected:
-                continue
-            pt = p[tokens[c]]
-            if accept_all or u[c] * (residual if renormalise else 1.0) < pt:
-                accepted = c
-                break
-            residual -= pt
-            rejected.add(tokens[c])
-        if accepted is not None:
-            path.append(accepted)
-            cur = accepted
-            continue
-        goal, cum, last = u[0] * residual, 0.0, 0
-        for t, pt in enumerate(p):
-            if pt <= 0.0 or t in rejected:
-                continue
-            cum += pt
-            last = t
-            if cum > goal:
-                break
-        return len(path) - 1, path + [-1] * (nodes - len(path)), last
 
 
 def one_hot_logits(batch, nodes, vocab, argmax, device, dtype=torch.float32):
@@ -144,8 +81,7 @@ def test_tree_attention_random_trees_float32(device, batch, q_heads, kv_heads, n
     q, k, v, lens = make_attention_inputs(batch, q_heads, kv_heads, nodes, dim, prefix_lens, seq, device)
     parents = random_parents(batch, nodes)
     out = tree_attention(q, k, v, lens, parents.to(device))
-    mask = dense_tree_mask(lens.cpu(), parents, seq)
-    ref = eager_attention(q.cpu(), k.cpu(), v.cpu(), mask, dim**-0.5, torch.float64)
+    ref = float64_attention(q, k, v, lens, parents, dim**-0.5)
     assert out.dtype == torch.float32 and out.shape == q.shape
     torch.testing.assert_close(out.cpu().double(), ref, rtol=0, atol=2e-5)
 
@@ -188,9 +124,8 @@ def test_tree_attention_low_precision_error(device, dtype):
     parents = random_parents(batch, nodes)
     out = tree_attention(q, k, v, lens, parents.to(device))
     assert out.dtype == dtype
-    mask = dense_tree_mask(lens.cpu(), parents, seq)
-    ref = eager_attention(q.cpu(), k.cpu(), v.cpu(), mask, dim**-0.5, torch.float64)
-    eager = eager_attention(q, k, v, mask, dim**-0.5, dtype)
+    ref = float64_attention(q, k, v, lens, parents, dim**-0.5)
+    eager = reference.tree_attention(q, k, v, lens, parents.to(device), dim**-0.5)
     ours_err = (out.cpu().double() - ref).abs().max().item()
     eager_err = (eager.cpu().double() - ref).abs().max().item()
     assert ours_err <= 2 * eager_err, (ours_err, eager_err)
@@ -273,9 +208,8 @@ def test_verify_greedy_random_against_python_walk(device, dtype):
     # Small integer logits: many ties, and long accepted paths over a vocabulary of 5.
     logits = torch.randint(-2, 3, (batch, nodes, vocab), generator=gen).to(dtype)
     result = verify_tree_greedy(tokens.to(device), parents.to(device), logits.to(device))
-    argmax = logits.float().argmax(-1)  # torch.argmax takes the first maximum
-    expected = [walk_greedy(tokens[b].tolist(), parents[b].tolist(), argmax[b].tolist()) for b in range(batch)]
-    assert as_lists(result) == tuple(list(x) for x in zip(*expected))
+    expected = reference.verify_tree_greedy(tokens, parents, logits)  # torch.argmax takes the first maximum
+    assert as_lists(result) == as_lists(expected)
     assert max(result[0].tolist()) >= 3  # the test exercises long paths
 
 
@@ -307,12 +241,8 @@ def test_verify_sampling_against_python_walk(device, temperature):
     result = verify_tree_sampling_uniforms(
         tokens.to(device), parents.to(device), logits.to(device), temperature, uniforms.to(device)
     )
-    probs = torch.softmax(logits.double() / temperature, -1)
-    expected = [
-        walk_sampling(tokens[b].tolist(), parents[b].tolist(), probs[b].tolist(), uniforms[b].tolist())
-        for b in range(batch)
-    ]
-    assert as_lists(result) == tuple(list(x) for x in zip(*expected))
+    expected = reference.verify_tree_sampling_uniforms(tokens, parents, logits.double(), temperature, uniforms)
+    assert as_lists(result) == as_lists(expected)
     assert max(result[0].tolist()) >= 2
 
 
@@ -380,6 +310,15 @@ def lossless_logits():
     return logits
 
 
+def reference_walks(uniforms):
+    """reference.verify_tree_sampling_uniforms on the losslessness tree in float64, a row per row of uniforms."""
+    n = uniforms.shape[0]
+    tokens = torch.tensor(LOSSLESS_TOKENS).expand(n, -1)
+    parents = torch.tensor(LOSSLESS_PARENTS).expand(n, -1)
+    logits = lossless_logits().double().expand(n, -1, -1)
+    return reference.verify_tree_sampling_uniforms(tokens, parents, logits, LOSSLESS_TEMPERATURE, uniforms)
+
+
 def first_two_tokens(tokens, num, path, nxt):
     """The first emitted token of every draw, and the second one where node 1 was accepted first."""
     tok = torch.as_tensor(tokens)
@@ -415,37 +354,24 @@ def test_verify_sampling_is_lossless(device):
 
 
 @pytest.mark.parametrize("variant", ["no_renormalisation", "accept_all"])
-def test_lossless_test_rejects_wrong_samplers(variant):
-    """The chi-square check above has power: the same draws through deliberately wrong walks
-    (acceptance without renormalising the residual, or accepting every first child) fail it."""
-    logits = lossless_logits()
-    probs = torch.softmax(logits.double() / LOSSLESS_TEMPERATURE, -1)
-    probs_list = probs.tolist()
+def test_lossless_test_rejects_wrong_samplers(variant, monkeypatch):
+    """The chi-square check above has power: the same draws through the reference walk with a
+    deliberately wrong acceptance rule (without renormalising the residual, or accepting every
+    first child) fail it."""
+    wrong_rules = {"no_renormalisation": lambda u, residual, p: u < p, "accept_all": lambda u, residual, p: True}
+    monkeypatch.setattr(reference, "_accepts", wrong_rules[variant])
+    probs = torch.softmax(lossless_logits().double() / LOSSLESS_TEMPERATURE, -1)
     n = LOSSLESS_DRAWS
     uniforms = torch.rand(n, len(LOSSLESS_TOKENS), dtype=torch.float64, generator=torch.Generator().manual_seed(12345))
-    rows = [
-        walk_sampling(
-            LOSSLESS_TOKENS,
-            LOSSLESS_PARENTS,
-            probs_list,
-            u,
-            renormalise=variant != "no_renormalisation",
-            accept_all=variant == "accept_all",
-        )
-        for u in uniforms.tolist()
-    ]
-    num, path, nxt = (torch.tensor(list(x)) for x in zip(*rows))
+    num, path, nxt = reference_walks(uniforms)
     assert max(lossless_p_values(num, path, nxt, probs)) < 1e-6
 
 
 def test_lossless_python_walk_passes():
-    """The Python walk with the op's rules passes the same check (the reference is sound)."""
-    logits = lossless_logits()
-    probs = torch.softmax(logits.double() / LOSSLESS_TEMPERATURE, -1)
-    probs_list = probs.tolist()
+    """The reference's Python walk with the op's rules passes the same check (the reference is sound)."""
+    probs = torch.softmax(lossless_logits().double() / LOSSLESS_TEMPERATURE, -1)
     uniforms = torch.rand(LOSSLESS_DRAWS, len(LOSSLESS_TOKENS), dtype=torch.float64, generator=torch.Generator().manual_seed(7))
-    rows = [walk_sampling(LOSSLESS_TOKENS, LOSSLESS_PARENTS, probs_list, u) for u in uniforms.tolist()]
-    num, path, nxt = (torch.tensor(list(x)) for x in zip(*rows))
+    num, path, nxt = reference_walks(uniforms)
     assert min(lossless_p_values(num, path, nxt, probs)) > 1e-3
 
 
