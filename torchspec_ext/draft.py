@@ -1,0 +1,394 @@
+"""The EAGLE-3 draft model: fused target features, one decoder layer, a reduced vocabulary.
+
+At sequence index ``t`` the draft takes the target's hidden states of token ``t`` from three
+layers (low, middle, high), fuses them with ``fc`` into one vector, and with the embedding of
+token ``t+1`` (at rotary position ``t+1``) predicts token ``t+2``. Its own output hidden state
+then stands in for the target's features at the next step (training-time test): at step ``s``
+the query at index ``t`` attends to the step-0 keys of indices ``<= t`` and to the keys of
+steps ``1..s`` at index ``t`` only -- exactly what a draft tree's node sees at inference (the
+context, then its own ancestors).
+
+Weight names and config fields are those of EAGLE-3 checkpoints as SGLang and vLLM load them
+(``fc``, ``midlayer.*``, ``norm``, ``lm_head``, ``d2t``, ``t2d``; architecture
+``LlamaForCausalLMEagle3``); ``embed_tokens`` is the target's and stays frozen.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+
+
+def default_feature_layers(num_layers: int) -> list[int]:
+    """EAGLE-3's low / middle / high layers; layer id ``i`` is the input of decoder layer ``i``
+    (Hugging Face ``hidden_states[i]``), as vLLM and SGLang count them."""
+    return [2, num_layers // 2, num_layers - 3] if num_layers >= 6 else [1, max(1, num_layers // 2), num_layers]
+
+
+@dataclass
+class DraftConfig:
+    hidden_size: int
+    intermediate_size: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    vocab_size: int  # the target's vocabulary
+    draft_vocab_size: int
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    max_position_embeddings: int = 2048
+    feature_layers: list[int] = field(default_factory=list)  # target layers fused by fc
+    target_num_layers: int = 0
+
+    @staticmethod
+    def from_target(config, draft_vocab_size: int) -> "DraftConfig":
+        """The draft shaped like one layer of the target (a Hugging Face Llama-like config)."""
+        heads = config.num_attention_heads
+        rope = getattr(config, "rope_parameters", None) or {}
+        theta = rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))
+        return DraftConfig(
+            hidden_size=config.hidden_size,
+            intermediate_size=config.intermediate_size,
+            num_attention_heads=heads,
+            num_key_value_heads=getattr(config, "num_key_value_heads", heads) or heads,
+            head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads,
+            vocab_size=config.vocab_size,
+            draft_vocab_size=min(draft_vocab_size, config.vocab_size),
+            rms_norm_eps=config.rms_norm_eps,
+            rope_theta=float(theta),
+            max_position_embeddings=config.max_position_embeddings,
+            feature_layers=default_feature_layers(config.num_hidden_layers),
+            target_num_layers=config.num_hidden_layers,
+        )
+
+    def to_hf(self) -> dict:
+        """The config.json of an EAGLE-3 checkpoint, as SGLang and vLLM read it."""
+        return {
+            "architectures": ["LlamaForCausalLMEagle3"],
+            "model_type": "llama",
+            "hidden_act": "silu",
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_key_value_heads,
+            "head_dim": self.head_dim,
+            "num_hidden_layers": 1,
+            "vocab_size": self.vocab_size,
+            "draft_vocab_size": self.draft_vocab_size,
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_theta": self.rope_theta,
+            "max_position_embeddings": self.max_position_embeddings,
+            "tie_word_embeddings": False,
+            "torch_dtype": "float32",
+            "eagle_config": {"eagle_aux_hidden_state_layer_ids": list(self.feature_layers), "use_aux_hidden_state": True},
+            "torchspec_ext": asdict(self),
+        }
+
+    @staticmethod
+    def from_hf(config: dict) -> "DraftConfig":
+        if "torchspec_ext" in config:
+            return DraftConfig(**config["torchspec_ext"])
+        layers = (config.get("eagle_config") or {}).get("eagle_aux_hidden_state_layer_ids") or []
+        return DraftConfig(
+            hidden_size=config["hidden_size"],
+            intermediate_size=config["intermediate_size"],
+            num_attention_heads=config["num_attention_heads"],
+            num_key_value_heads=config.get("num_key_value_heads", config["num_attention_heads"]),
+            head_dim=config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"],
+            vocab_size=config["vocab_size"],
+            draft_vocab_size=config.get("draft_vocab_size", config["vocab_size"]),
+            rms_norm_eps=config.get("rms_norm_eps", 1e-6),
+            rope_theta=config.get("rope_theta", 10000.0),
+            max_position_embeddings=config.get("max_position_embeddings", 2048),
+            feature_layers=list(layers),
+        )
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        variance = x.float().pow(2).mean(-1, keepdim=True)
+        return self.weight * (x.float() * torch.rsqrt(variance + self.eps)).to(x.dtype)
+
+
+def rotate(x: Tensor, positions: Tensor, theta: float) -> Tensor:
+    """Llama (NeoX-style) rotary embedding of ``x [..., T, D]`` at ``positions [..., T]``."""
+    dim = x.shape[-1]
+    inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, device=x.device, dtype=torch.float32) / dim))
+    angles = positions.to(torch.float32)[..., None] * inv_freq
+    cos, sin = torch.cat([angles, angles], -1).cos().to(x.dtype), torch.cat([angles, angles], -1).sin().to(x.dtype)
+    half = dim // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], -1)
+    return x * cos + rotated * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, c: DraftConfig):
+        super().__init__()
+        self.c = c
+        self.q_proj = nn.Linear(2 * c.hidden_size, c.num_attention_heads * c.head_dim, bias=False)
+        self.k_proj = nn.Linear(2 * c.hidden_size, c.num_key_value_heads * c.head_dim, bias=False)
+        self.v_proj = nn.Linear(2 * c.hidden_size, c.num_key_value_heads * c.head_dim, bias=False)
+        self.o_proj = nn.Linear(c.num_attention_heads * c.head_dim, c.hidden_size, bias=False)
+
+    def qkv(self, x: Tensor, positions: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """q [B, heads, T, D] and k, v [B, heads, T, D] (KV heads repeated), rotated at ``positions [B, T]``."""
+        c = self.c
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, c.num_attention_heads, c.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, t, c.num_key_value_heads, c.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, t, c.num_key_value_heads, c.head_dim).transpose(1, 2)
+        q, k = rotate(q, positions[:, None], c.rope_theta), rotate(k, positions[:, None], c.rope_theta)
+        groups = c.num_attention_heads // c.num_key_value_heads
+        return q, k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
+
+    def attend(self, q: Tensor, k0: Tensor, v0: Tensor, mask0: Tensor | None, own_k: list[Tensor], own_v: list[Tensor]) -> Tensor:
+        """Softmax attention of ``q [B, h, T, D]`` over the step-0 keys ``k0 [B, h, S, D]`` (where
+        ``mask0`` allows; None: all) and, per query, over its own keys of later steps
+        (``own_k[j] [B, h, T, D]``: the key at the query's own index)."""
+        scale = 1.0 / math.sqrt(self.c.head_dim)
+        scores = (q @ k0.transpose(-1, -2)) * scale
+        if mask0 is not None:
+            scores = scores.masked_fill(~mask0, float("-inf"))
+        if own_k:
+            own = torch.stack([(q * k).sum(-1) for k in own_k], -1) * scale  # [B, h, T, s]
+            weights = torch.softmax(torch.cat([scores, own], -1).float(), -1).to(q.dtype)
+            out = weights[..., : k0.shape[-2]] @ v0
+            for j, v in enumerate(own_v):
+                out = out + weights[..., k0.shape[-2] + j, None] * v
+        else:
+            out = torch.softmax(scores.float(), -1).to(q.dtype) @ v0
+        b, h, t, d = out.shape
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, h * d))
+
+
+class MLP(nn.Module):
+    def __init__(self, c: DraftConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(c.intermediate_size, c.hidden_size, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class MidLayer(nn.Module):
+    """EAGLE-3's decoder layer: attention over [normed embedding, normed hidden], then an MLP."""
+
+    def __init__(self, c: DraftConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.hidden_norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.self_attn = Attention(c)
+        self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.mlp = MLP(c)
+
+    def attention_input(self, hidden: Tensor, embeds: Tensor) -> Tensor:
+        return torch.cat([self.input_layernorm(embeds), self.hidden_norm(hidden)], -1)
+
+    def finish(self, hidden: Tensor, attn_out: Tensor) -> Tensor:
+        hidden = hidden + attn_out
+        return hidden + self.mlp(self.post_attention_layernorm(hidden))
+
+
+class Eagle3Draft(nn.Module):
+    def __init__(self, c: DraftConfig):
+        super().__init__()
+        self.config = c
+        self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size)
+        self.embed_tokens.weight.requires_grad_(False)  # the target's, frozen
+        self.fc = nn.Linear(len(c.feature_layers) * c.hidden_size, c.hidden_size, bias=False)
+        self.midlayer = MidLayer(c)
+        self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.lm_head = nn.Linear(c.hidden_size, c.draft_vocab_size, bias=False)
+        # d2t[i]: target id of draft id i minus i (EAGLE-3's convention); t2d: target ids kept.
+        self.register_buffer("d2t", torch.zeros(c.draft_vocab_size, dtype=torch.long))
+        self.register_buffer("t2d", torch.zeros(c.vocab_size, dtype=torch.bool))
+        for module in (self.fc, self.midlayer.self_attn.q_proj, self.midlayer.self_attn.k_proj,
+                       self.midlayer.self_attn.v_proj, self.midlayer.self_attn.o_proj, self.midlayer.mlp.gate_proj,
+                       self.midlayer.mlp.up_proj, self.midlayer.mlp.down_proj):
+            nn.init.normal_(module.weight, std=0.02)
+
+    # --- vocabulary maps -------------------------------------------------------------------
+    def set_vocab(self, draft_to_target: Tensor) -> None:
+        """Sets d2t / t2d from the target ids of the draft vocabulary (``[draft_vocab_size]``)."""
+        ids = draft_to_target.to(self.d2t.device, torch.long)
+        self.d2t.copy_(ids - torch.arange(len(ids), device=ids.device))
+        self.t2d.zero_()
+        self.t2d[ids] = True
+
+    def draft_to_target(self) -> Tensor:
+        return self.d2t + torch.arange(len(self.d2t), device=self.d2t.device)
+
+    def target_to_draft(self) -> Tensor:
+        """``[vocab_size]`` int64: the draft id of each target id, -1 where it has none."""
+        index = torch.full((self.config.vocab_size,), -1, dtype=torch.long, device=self.d2t.device)
+        index[self.draft_to_target()] = torch.arange(len(self.d2t), device=self.d2t.device)
+        return index
+
+    @torch.no_grad()
+    def init_from_target(self, target) -> None:
+        """Embeddings, LM head rows of the draft vocabulary and final norm from the target."""
+        self.embed_tokens.weight.copy_(target.get_input_embeddings().weight)
+        self.lm_head.weight.copy_(target.get_output_embeddings().weight[self.draft_to_target()])
+        final_norm = getattr(getattr(target, "model", None), "norm", None)
+        if final_norm is not None and final_norm.weight.shape == self.norm.weight.shape:
+            self.norm.weight.copy_(final_norm.weight)
+
+    # --- the layer -----------------------------------------------------------------------
+    def fuse(self, features: Tensor) -> Tensor:
+        """``[B, T, n_layers * H]`` target features -> ``[B, T, H]``."""
+        return self.fc(features)
+
+    def forward(self, features: Tensor, input_ids: Tensor, steps: int) -> list[Tensor]:
+        return self.unroll(features, input_ids, steps)
+
+    def unroll(self, features: Tensor, input_ids: Tensor, steps: int) -> list[Tensor]:
+        """Training-time test: the draft's normed output hidden states ``[B, T, H]`` for steps
+        ``0..steps-1``. ``features [B, T, n*H]`` of tokens ``0..T-1``; ``input_ids [B, T + steps]``:
+        step ``s`` at index ``t`` embeds ``input_ids[:, t + 1 + s]`` at position ``t + 1 + s``
+        (ids past the end of a sequence can be anything: their rows are masked out of the loss)."""
+        b, t, _ = features.shape
+        layer, attn = self.midlayer, self.midlayer.self_attn
+        hidden = self.fuse(features)
+        index = torch.arange(t, device=features.device)
+        causal = index[None, :] <= index[:, None]  # [T(query), T(key)]
+        k0 = v0 = None
+        own_k, own_v, outputs = [], [], []
+        for s in range(steps):
+            embeds = self.embed_tokens(input_ids[:, 1 + s : 1 + s + t])
+            positions = (index + 1 + s).expand(b, t)
+            q, k, v = attn.qkv(layer.attention_input(hidden, embeds), positions)
+            if s == 0:
+                k0, v0 = k, v
+                out = attn.attend(q, k0, v0, causal, [], [])
+            else:
+                own_k.append(k)
+                own_v.append(v)
+                out = attn.attend(q, k0, v0, causal, own_k, own_v)
+            hidden = layer.finish(hidden, out)
+            outputs.append(self.norm(hidden))
+        return outputs
+
+    # --- checkpoints ---------------------------------------------------------------------
+    def trained_state(self) -> dict[str, Tensor]:
+        """The EAGLE-3 checkpoint's tensors (the frozen target embedding excluded)."""
+        return {k: v for k, v in self.state_dict().items() if not k.startswith("embed_tokens.")}
+
+    def save(self, directory: str | Path) -> None:
+        from safetensors.torch import save_file
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / CONFIG_NAME).write_text(json.dumps(self.config.to_hf(), indent=2))
+        save_file({k: v.detach().contiguous().cpu() for k, v in self.trained_state().items()}, str(directory / WEIGHTS_NAME))
+
+    @staticmethod
+    def load(directory: str | Path, target=None) -> "Eagle3Draft":
+        """A saved or exported draft; embeddings from ``target`` (or from the file, if it has them)."""
+        from safetensors.torch import load_file
+
+        directory = Path(directory)
+        if not (directory / CONFIG_NAME).is_file() or not (directory / WEIGHTS_NAME).is_file():
+            raise FileNotFoundError(f"{directory} holds no EAGLE-3 draft ({CONFIG_NAME} and {WEIGHTS_NAME} expected)")
+        config = DraftConfig.from_hf(json.loads((directory / CONFIG_NAME).read_text()))
+        if not config.feature_layers:
+            if target is None:
+                raise ValueError(f"{directory}: config names no feature layers and no target was given")
+            config.feature_layers = default_feature_layers(target.config.num_hidden_layers)
+        draft = Eagle3Draft(config)
+        state = load_file(str(directory / WEIGHTS_NAME))
+        if target is not None:
+            state["embed_tokens.weight"] = target.get_input_embeddings().weight.detach().float().cpu()
+        missing, unexpected = draft.load_state_dict(state, strict=False)
+        if unexpected or set(missing) - {"embed_tokens.weight"} or "embed_tokens.weight" not in state:
+            raise ValueError(f"{directory}: not a compatible EAGLE-3 draft (missing {missing}, unexpected {unexpected})")
+        return draft
+
+
+class Eagle3Drafter:
+    """An :class:`Eagle3Draft` behind the decoder's ``Draft`` interface.
+
+    ``speculative_generate`` hands it the target's features of every committed token
+    (``reset`` after the prefill, ``observe`` after each verification); the step-0 keys and
+    values of the context are cached, and within one proposal each tree node's hidden state and
+    keys are kept by path, so each call computes only the new nodes.
+    """
+
+    def __init__(self, draft: Eagle3Draft):
+        self.draft = draft.eval()
+        self.feature_layers = list(draft.config.feature_layers)
+        self.device = draft.fc.weight.device
+        self._draft_ids = draft.draft_to_target()
+        self.reset(torch.empty(0, draft.fc.in_features, device=self.device))
+
+    def reset(self, features: Tensor) -> None:
+        """Start a new sequence whose first ``len(features)`` tokens the target has seen."""
+        self.features = features.to(self.device, self.draft.fc.weight.dtype)
+        self.k0 = self.v0 = self.last_hidden = None
+        self.paths: dict[tuple, tuple[Tensor, list[Tensor], list[Tensor]]] = {}
+        self.paths_context = -1
+
+    def observe(self, features: Tensor) -> None:
+        """The target's features of newly committed tokens, in order."""
+        self.features = torch.cat([self.features, features.to(self.features)])
+
+    @torch.no_grad()
+    def _extend_context(self, context) -> None:
+        d, attn = self.draft, self.draft.midlayer.self_attn
+        n = len(context)
+        if self.features.shape[0] != n - 1:
+            raise RuntimeError(f"Eagle3Drafter: {self.features.shape[0]} feature rows for a context of {n} tokens "
+                               f"({n - 1} expected); speculative_generate feeds them")
+        done = 0 if self.k0 is None else self.k0.shape[-2]
+        if done == n - 1:
+            return
+        index = torch.arange(done, n - 1, device=self.device)
+        hidden = d.fuse(self.features[done:][None])
+        embeds = d.embed_tokens(torch.tensor(context[done + 1 :], device=self.device)[None])
+        q, k, v = attn.qkv(d.midlayer.attention_input(hidden, embeds), (index + 1)[None])
+        self.k0 = k if self.k0 is None else torch.cat([self.k0, k], -2)
+        self.v0 = v if self.v0 is None else torch.cat([self.v0, v], -2)
+        causal = torch.arange(n - 1, device=self.device)[None, :] <= index[:, None]
+        self.last_hidden = d.midlayer.finish(hidden, attn.attend(q, self.k0, self.v0, causal, [], []))[:, -1:]
+
+    def _node(self, context_len: int, path: tuple):
+        """(hidden [1, 1, H], own keys, own values) of the draft after ``path``."""
+        if not path:
+            return self.last_hidden, [], []
+        if path in self.paths:
+            return self.paths[path]
+        d, attn = self.draft, self.draft.midlayer.self_attn
+        hidden, own_k, own_v = self._node(context_len, path[:-1])
+        embeds = d.embed_tokens(torch.tensor([[path[-1]]], device=self.device))
+        position = torch.tensor([[context_len - 1 + len(path)]], device=self.device)
+        q, k, v = attn.qkv(d.midlayer.attention_input(hidden, embeds), position)
+        own_k, own_v = own_k + [k], own_v + [v]
+        hidden = d.midlayer.finish(hidden, attn.attend(q, self.k0, self.v0, None, own_k, own_v))
+        self.paths[path] = (hidden, own_k, own_v)
+        return self.paths[path]
+
+    @torch.no_grad()
+    def next_logprobs(self, context, paths) -> Tensor:
+        self._extend_context(context)
+        if self.paths_context != len(context):
+            self.paths, self.paths_context = {}, len(context)
+        hidden = torch.cat([self._node(len(context), tuple(p))[0][0] for p in paths])  # [P, H]
+        logprobs = torch.log_softmax(self.draft.lm_head(self.draft.norm(hidden)).float(), -1)
+        out = torch.full((len(paths), self.draft.config.vocab_size), float("-inf"), device=self.device)
+        out[:, self._draft_ids] = logprobs
+        return out

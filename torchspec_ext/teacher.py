@@ -1,0 +1,72 @@
+"""The teacher side of training: the target model turns token batches into draft-training batches.
+
+A batch (``dict[str, Tensor]``, what ``TensorChannel`` carries and ``--cache-teacher`` stores):
+
+- ``input_ids [B, T]`` int64 and ``loss_mask [B, T]`` bool (assistant tokens);
+- ``features [B, T, 3H]``: the target's hidden states of the draft's feature layers;
+- ``teacher_indices [B, T, k]`` int64: the teacher's top-k next tokens at each position, as ids
+  of the draft vocabulary (-1 where a token is not in it), and ``teacher_logprobs [B, T, k]``
+  float32 their log-probabilities (from ``linear_topk_logprobs`` on the LM head, so the
+  ``[B*T, V]`` logits never exist);
+- ``teacher_argmax [B, T]`` int64: the teacher's top-1 token id in the target vocabulary;
+- ``batch_index [1]`` int64: the batch's position in the data stream (named by the NaN guard).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import torch
+from torch import Tensor
+
+from torchspec_ext import ops, reference
+
+BATCH_KEYS = ("input_ids", "loss_mask", "features", "teacher_indices", "teacher_logprobs", "teacher_argmax", "batch_index")
+
+
+def build_draft_vocab(token_lists, loss_masks, size: int, vocab_size: int) -> Tensor:
+    """The ``size`` target ids most frequent among the loss-masked tokens (ties: lower id), padded
+    with the lowest unseen ids; sorted ascending."""
+    counts = Counter()
+    for ids, mask in zip(token_lists, loss_masks):
+        counts.update(ids[mask].tolist())
+    chosen = [t for t, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:size]]
+    if len(chosen) < size:
+        seen = set(chosen)
+        chosen += [t for t in range(vocab_size) if t not in seen][: size - len(chosen)]
+    return torch.tensor(sorted(chosen), dtype=torch.long)
+
+
+class Teacher:
+    """Runs the target on ``[B, T]`` token batches and makes draft-training batches."""
+
+    def __init__(self, target, feature_layers, target_to_draft: Tensor, topk: int, reference_ops: bool = False):
+        self.target = target.eval()
+        self.layers = list(feature_layers)
+        self.device = next(target.parameters()).device
+        self.target_to_draft = target_to_draft.to(self.device)
+        self.topk = topk
+        self.linear_topk = reference.linear_topk_logprobs if reference_ops else ops.linear_topk_logprobs
+        num_layers = target.config.num_hidden_layers
+        if any(not 0 <= i <= num_layers for i in self.layers):
+            raise ValueError(f"feature layers {self.layers} out of range for a target of {num_layers} layers")
+
+    @torch.no_grad()
+    def __call__(self, input_ids: Tensor, loss_mask: Tensor, batch_index: int) -> dict[str, Tensor]:
+        input_ids = input_ids.to(self.device)
+        out = self.target.model(input_ids, output_hidden_states=True)
+        hidden = out.hidden_states
+        features = torch.cat([hidden[i] for i in self.layers], -1)
+        final = out.last_hidden_state
+        b, t, h = final.shape
+        head = self.target.get_output_embeddings().weight
+        logprobs, indices, _ = self.linear_topk(final.reshape(b * t, h), head, self.topk)
+        return {
+            "input_ids": input_ids,
+            "loss_mask": loss_mask.to(self.device),
+            "features": features,
+            "teacher_indices": self.target_to_draft[indices].view(b, t, -1),
+            "teacher_logprobs": logprobs.float().view(b, t, -1),
+            "teacher_argmax": indices[:, 0].view(b, t),
+            "batch_index": torch.tensor([batch_index], dtype=torch.long),
+        }
