@@ -70,13 +70,21 @@ class DraftConfig:
             target_num_layers=config.num_hidden_layers,
         )
 
-    def to_hf(self) -> dict:
-        """The config.json of an EAGLE-3 checkpoint, as SGLang and vLLM read it."""
-        return {
+    def to_hf(self, dtype: str = "float32", private: bool = True) -> dict:
+        """The config.json of an EAGLE-3 checkpoint, as SGLang and vLLM read it.
+
+        The two count the target's aux layers differently: vLLM reads the top-level
+        ``eagle_aux_hidden_state_layer_ids`` as the *input* of decoder layer ``i`` (our
+        ``feature_layers``, Hugging Face ``hidden_states[i]``); SGLang reads
+        ``eagle_config.eagle_aux_hidden_state_layer_ids`` as the *output* of layer ``i`` and adds
+        one, so it gets ``feature_layers - 1``. ``private`` adds this package's own copy of the
+        config (``torchspec_ext``), which both loaders ignore."""
+        config = {
             "architectures": ["LlamaForCausalLMEagle3"],
             "model_type": "llama",
             "hidden_act": "silu",
             "hidden_size": self.hidden_size,
+            "target_hidden_size": self.hidden_size,
             "intermediate_size": self.intermediate_size,
             "num_attention_heads": self.num_attention_heads,
             "num_key_value_heads": self.num_key_value_heads,
@@ -86,18 +94,32 @@ class DraftConfig:
             "draft_vocab_size": self.draft_vocab_size,
             "rms_norm_eps": self.rms_norm_eps,
             "rope_theta": self.rope_theta,
+            "rope_scaling": None,
             "max_position_embeddings": self.max_position_embeddings,
             "tie_word_embeddings": False,
-            "torch_dtype": "float32",
-            "eagle_config": {"eagle_aux_hidden_state_layer_ids": list(self.feature_layers), "use_aux_hidden_state": True},
-            "torchspec_ext": asdict(self),
+            "attention_bias": False,
+            "mlp_bias": False,
+            "norm_before_residual": False,
+            "torch_dtype": dtype,
+            "eagle_aux_hidden_state_layer_ids": list(self.feature_layers),
+            "eagle_config": {
+                "eagle_aux_hidden_state_layer_ids": [i - 1 for i in self.feature_layers],
+                "use_aux_hidden_state": True,
+            },
         }
+        if private:
+            config["torchspec_ext"] = asdict(self)
+        return config
 
     @staticmethod
     def from_hf(config: dict) -> "DraftConfig":
         if "torchspec_ext" in config:
             return DraftConfig(**config["torchspec_ext"])
-        layers = (config.get("eagle_config") or {}).get("eagle_aux_hidden_state_layer_ids") or []
+        layers = config.get("eagle_aux_hidden_state_layer_ids")  # vLLM's count: ours
+        if not layers:  # SGLang's count: the output of layer i, our i + 1
+            sglang = (config.get("eagle_config") or {}).get("eagle_aux_hidden_state_layer_ids") or []
+            layers = [i + 1 for i in sglang]
+        rope = config.get("rope_parameters") or {}
         return DraftConfig(
             hidden_size=config["hidden_size"],
             intermediate_size=config["intermediate_size"],
@@ -105,9 +127,9 @@ class DraftConfig:
             num_key_value_heads=config.get("num_key_value_heads", config["num_attention_heads"]),
             head_dim=config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"],
             vocab_size=config["vocab_size"],
-            draft_vocab_size=config.get("draft_vocab_size", config["vocab_size"]),
+            draft_vocab_size=config.get("draft_vocab_size") or config["vocab_size"],
             rms_norm_eps=config.get("rms_norm_eps", 1e-6),
-            rope_theta=config.get("rope_theta", 10000.0),
+            rope_theta=float(config.get("rope_theta", rope.get("rope_theta", 10000.0))),
             max_position_embeddings=config.get("max_position_embeddings", 2048),
             feature_layers=list(layers),
         )
@@ -289,17 +311,29 @@ class Eagle3Draft(nn.Module):
         """The EAGLE-3 checkpoint's tensors (the frozen target embedding excluded)."""
         return {k: v for k, v in self.state_dict().items() if not k.startswith("embed_tokens.")}
 
-    def save(self, directory: str | Path) -> None:
+    def save(self, directory: str | Path, dtype: torch.dtype | None = None, private: bool = True) -> None:
+        """config.json and model.safetensors; floating-point tensors cast to ``dtype`` if given
+        (``d2t`` stays int64 and ``t2d`` bool)."""
         from safetensors.torch import save_file
 
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        (directory / CONFIG_NAME).write_text(json.dumps(self.config.to_hf(), indent=2))
-        save_file({k: v.detach().contiguous().cpu() for k, v in self.trained_state().items()}, str(directory / WEIGHTS_NAME))
+        state = {}
+        for k, v in self.trained_state().items():
+            v = v.detach()
+            if dtype is not None and v.is_floating_point():
+                v = v.to(dtype)
+            state[k] = v.contiguous().cpu()
+        dtype_name = str(dtype or self.fc.weight.dtype).removeprefix("torch.")
+        (directory / CONFIG_NAME).write_text(json.dumps(self.config.to_hf(dtype_name, private), indent=2))
+        save_file(state, str(directory / WEIGHTS_NAME))
 
     @staticmethod
     def load(directory: str | Path, target=None) -> "Eagle3Draft":
-        """A saved or exported draft; embeddings from ``target`` (or from the file, if it has them)."""
+        """A saved or exported draft; embeddings from ``target`` (or from the file, if it has them).
+
+        Without either, ``embed_tokens`` stays zero: enough to read or re-export the trained
+        weights, not to draft."""
         from safetensors.torch import load_file
 
         directory = Path(directory)
@@ -314,8 +348,13 @@ class Eagle3Draft(nn.Module):
         state = load_file(str(directory / WEIGHTS_NAME))
         if target is not None:
             state["embed_tokens.weight"] = target.get_input_embeddings().weight.detach().float().cpu()
-        missing, unexpected = draft.load_state_dict(state, strict=False)
-        if unexpected or set(missing) - {"embed_tokens.weight"} or "embed_tokens.weight" not in state:
+        elif "embed_tokens.weight" not in state:
+            draft.embed_tokens.weight.data.zero_()
+        try:
+            missing, unexpected = draft.load_state_dict(state, strict=False)
+        except RuntimeError as exc:  # a tensor of the wrong shape
+            raise ValueError(f"{directory}: not a compatible EAGLE-3 draft ({exc})".replace("\n", " ")) from None
+        if unexpected or set(missing) - {"embed_tokens.weight"}:
             raise ValueError(f"{directory}: not a compatible EAGLE-3 draft (missing {missing}, unexpected {unexpected})")
         return draft
 
