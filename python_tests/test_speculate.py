@@ -93,8 +93,9 @@ def test_eval_cli_reports_acceptance(capsys):
     assert rows["chain"]["tokens"] == rows["plain"]["tokens"]
 
 
-def test_eval_cli_rejects_unknown_draft():
+def test_eval_cli_rejects_a_directory_that_is_not_a_draft():
     from torchspec_ext.eval import main
 
-    with pytest.raises(SystemExit, match="cannot load draft"):
+    # Named, and before the target loads; loading real drafts is tested in test_export.py.
+    with pytest.raises(SystemExit, match="cannot load draft '/nonexistent': not an EAGLE-3 draft directory"):
         main(["--draft", "/nonexistent", "--prompts", "1"])

@@ -11,10 +11,12 @@ import argparse
 import json
 import sys
 import time
+from pathlib import Path
 
 import torch
 
 from torchspec_ext.data import load_conversations, split_held_out
+from torchspec_ext.draft import CONFIG_NAME, WEIGHTS_NAME, DraftConfig, Eagle3Draft, Eagle3Drafter
 from torchspec_ext.speculate import TargetAsDraft, TreeSpec, speculative_generate
 from torchspec_ext.target import load_target
 
@@ -37,13 +39,38 @@ def held_out_prompts(tokenizer, data_path, count: int, max_prompt_tokens: int, s
     return prompts
 
 
+def check_draft_spec(spec: str) -> None:
+    """Fails fast (before the target loads) on a --draft that is neither 'target' nor a draft directory."""
+    if spec == "target":
+        return
+    path = Path(spec)
+    if not ((path / CONFIG_NAME).is_file() and (path / WEIGHTS_NAME).is_file()):
+        raise SystemExit(f"torchspec_ext.eval: cannot load draft {spec!r}: not an EAGLE-3 draft directory (expected "
+                         f"{CONFIG_NAME} and {WEIGHTS_NAME}: python -m torchspec_ext.train's output-dir/draft, a "
+                         "checkpoint, or python -m torchspec_ext.export's output), nor 'target'")
+
+
 def load_draft(spec: str, target):
+    """'target' (the target as its own draft) or a trained / exported EAGLE-3 draft directory."""
     if spec == "target":
         return TargetAsDraft(target)
-    raise SystemExit(
-        f"torchspec_ext.eval: cannot load draft {spec!r}: loading trained EAGLE-3 drafts lands with the "
-        "training loop (python -m torchspec_ext.train); today --draft target measures the target as its own draft"
-    )
+    check_draft_spec(spec)
+    t, error = target.config, f"torchspec_ext.eval: cannot load draft {spec!r}"
+    try:
+        c = DraftConfig.from_hf(json.loads((Path(spec) / CONFIG_NAME).read_text()))
+    except (ValueError, KeyError, TypeError) as exc:
+        raise SystemExit(f"{error}: unreadable {CONFIG_NAME} ({type(exc).__name__}: {exc})") from None
+    if c.vocab_size != t.vocab_size or c.hidden_size != t.hidden_size \
+            or any(not 0 <= i <= t.num_hidden_layers for i in c.feature_layers):
+        raise SystemExit(f"{error}: it was made for another target (vocab {c.vocab_size}, hidden {c.hidden_size}, "
+                         f"feature layers {c.feature_layers}; the target has vocab {t.vocab_size}, hidden "
+                         f"{t.hidden_size}, {t.num_hidden_layers} layers)")
+    try:
+        draft = Eagle3Draft.load(spec, target)
+    except (ValueError, OSError) as exc:
+        raise SystemExit(f"{error}: {exc}") from None
+    device = next(target.parameters()).device
+    return Eagle3Drafter(draft.to(device))
 
 
 @torch.no_grad()
@@ -58,6 +85,7 @@ def plain_decode(model, prompt, max_new_tokens, temperature, eos):
 
 def evaluate(args) -> dict:
     torch.manual_seed(args.seed)
+    check_draft_spec(args.draft)
     target, tokenizer = load_target(args.target)
     draft = load_draft(args.draft, target)
     prompts = held_out_prompts(tokenizer, args.data, args.prompts, args.max_prompt_tokens, args.seed)
