@@ -6,6 +6,12 @@ checkpoint that SGLang and vLLM load. Each batch goes through the teacher (the t
 hidden states and its top-k next-token log-probabilities), then the draft is unrolled for
 ``--ttt-steps`` steps on its own hidden states and trained with ``draft_topk_kl``.
 
+Under ``torchrun --nproc-per-node N -m torchspec_ext.train --teacher-ranks n``, ranks ``0..n-1``
+run the target and send their batches (torchspec_ext.pipeline) to the other ranks, which train the
+draft data-parallel; the first trainer writes checkpoints, metrics and the draft (see ``Layout``).
+``--cache-teacher DIR`` runs the target over the training batches once, stores them in DIR, and
+trains from them, in this run and later ones.
+
 Every flag can also come from a JSON or TOML ``--config`` file (keys are the flag names with
 underscores); flags given on the command line win.
 """
@@ -13,6 +19,8 @@ underscores); flags given on the command line win.
 from __future__ import annotations
 
 import argparse
+import datetime
+import hashlib
 import json
 import math
 import os
@@ -21,6 +29,7 @@ import shutil
 import sys
 import time
 import tomllib
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,7 +38,8 @@ from torch import Tensor
 
 from torchspec_ext import ops, reference
 from torchspec_ext.data import load_conversations, split_held_out, tokenize_conversation
-from torchspec_ext.draft import DraftConfig, Eagle3Draft, Eagle3Drafter
+from torchspec_ext.draft import WEIGHTS_NAME, DraftConfig, Eagle3Draft, Eagle3Drafter
+from torchspec_ext.pipeline import ChannelError
 from torchspec_ext.teacher import Teacher, build_draft_vocab
 
 CHECKPOINTS = "checkpoints"
@@ -89,6 +99,8 @@ def parser() -> argparse.ArgumentParser:
       "with the same DIR skip the target")
     a("--epochs", type=int, default=1, help="passes over a --cache-teacher cache")
     a("--teacher-ranks", type=int, default=1, help="under torchrun: how many ranks run the teacher (the rest train)")
+    a("--dist-timeout", type=float, default=600.0,
+      help="under torchrun: seconds a rank waits for a peer (a batch, an all-reduce) before failing with its name")
     return p
 
 
@@ -119,6 +131,8 @@ def parse_args(argv=None) -> argparse.Namespace:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
     if args.topk > ops.MAX_TOPK:
         p.error(f"--topk must be <= {ops.MAX_TOPK}")
+    if not args.dist_timeout > 0:
+        p.error("--dist-timeout must be > 0")
     if not 0 < args.held_out < 1:
         p.error("--held-out must be a fraction in (0, 1)")
     if args.lr <= 0:
@@ -182,6 +196,160 @@ def prepare_tokenizer(tokenizer, chat_template: str | None) -> None:
     if not getattr(tokenizer, "chat_template", None):
         raise TrainError("the target's tokenizer has no chat template, so conversations cannot be formatted: "
                          "pass --chat-template FILE (a Jinja template) or use an instruction-tuned target")
+
+
+# --------------------------------------------------------------------------------------------
+# Batch streams: where the trainer's batches come from. Each has ``next()`` (a teacher batch,
+# teacher.py), ``position`` (batches of the data stream consumed, saved in checkpoints as
+# ``data_position``) and ``close()``.
+
+
+class TeacherStream:
+    """Online: the next token batch of ``batches`` through the target."""
+
+    def __init__(self, batches: Batches, teacher: Teacher):
+        self.batches, self.teacher = batches, teacher
+
+    @property
+    def position(self) -> int:
+        return self.batches.position
+
+    @position.setter
+    def position(self, value: int) -> None:
+        self.batches.position = value
+
+    def next(self) -> dict[str, Tensor]:
+        index, ids, mask = self.batches.next()
+        return self.teacher(ids, mask, index)
+
+    def close(self) -> None:
+        pass
+
+
+CACHE_MANIFEST = "manifest.json"
+CACHE_FORMAT = "torchspec_ext teacher cache 1"
+
+
+def cache_identity(args, draft: Eagle3Draft) -> dict:
+    """What a teacher cache must agree on with the run that reads it."""
+    from torchspec_ext.target import default_target_dir
+
+    target = Path(args.target) if args.target else default_target_dir()
+    return {"target": str(target.resolve()), "topk": args.topk, "feature_layers": list(draft.config.feature_layers),
+            "draft_vocab": draft.draft_to_target().tolist()}
+
+
+def read_cache_manifest(directory: Path, identity: dict) -> dict | None:
+    """The manifest of the complete cache in ``directory`` (None when there is none yet); a
+    TrainError when it was made for another target, top-k or draft vocabulary, or lost a shard."""
+    path = directory / CACHE_MANIFEST
+    if not path.is_file():
+        return None
+    manifest = json.loads(path.read_text())
+    if manifest.get("format") != CACHE_FORMAT:
+        raise TrainError(f"--cache-teacher {directory}: {path} is not a teacher cache manifest of this version")
+    for key, want in identity.items():
+        if manifest.get(key) != want:
+            shown = "differs" if key == "draft_vocab" else f"{manifest.get(key)!r}, this run {want!r}"
+            raise TrainError(f"--cache-teacher {directory}: the cache was made with another {key} ({shown}); "
+                             "use another directory, or delete this one to rebuild it")
+    missing = [name for name in manifest["files"] if not (directory / name).is_file()]
+    if missing:
+        raise TrainError(f"--cache-teacher {directory}: {len(missing)} shard(s) of the manifest are missing "
+                         f"(e.g. {missing[0]}); delete the directory to rebuild the cache")
+    return manifest
+
+
+def write_cache(directory: Path, stream: TeacherStream, count: int, identity: dict) -> dict:
+    """Runs the teacher over the first ``count`` batches, one safetensors shard per batch (each
+    written under a temporary name and renamed), then the manifest, last: a cache without a
+    manifest is incomplete and is rebuilt."""
+    from safetensors.torch import save_file
+
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / CACHE_MANIFEST).unlink(missing_ok=True)
+    stream.position = 0
+    files = []
+    for i in range(count):
+        name = f"batch-{i:06d}.safetensors"
+        tmp = directory / f".{name}.tmp"
+        save_file({k: v.detach().contiguous().cpu() for k, v in stream.next().items()}, str(tmp))
+        os.replace(tmp, directory / name)
+        files.append(name)
+    print(f"[train] teacher cache: wrote {count} batches", file=sys.stderr)
+    manifest = {"format": CACHE_FORMAT, "count": count, "files": files, **identity}
+    _atomic_write_text(directory / CACHE_MANIFEST, json.dumps(manifest))
+    return manifest
+
+
+class CachedStream:
+    """The batches of a teacher cache, each pass (epoch) over them in a seeded order."""
+
+    def __init__(self, directory: Path, manifest: dict, seed: int, device):
+        self.directory, self.files, self.seed, self.device = directory, manifest["files"], seed, str(device)
+        self.position = 0
+
+    def _order(self, epoch: int) -> list[int]:
+        order = list(range(len(self.files)))
+        random.Random(f"teacher-cache/{self.seed}/{epoch}").shuffle(order)
+        return order
+
+    def next(self) -> dict[str, Tensor]:
+        from safetensors.torch import load_file
+
+        epoch, i = divmod(self.position, len(self.files))
+        self.position += 1
+        return load_file(str(self.directory / self.files[self._order(epoch)[i]]), device=self.device)
+
+    def close(self) -> None:
+        pass
+
+
+def open_cache(args, draft: Eagle3Draft, stream: TeacherStream, batches_needed: int, may_write: bool) -> CachedStream:
+    """``--cache-teacher``: the cache in that directory, written first when it is not complete."""
+    directory = Path(args.cache_teacher)
+    identity = cache_identity(args, draft)
+    manifest = read_cache_manifest(directory, identity)
+    if manifest is None:
+        if not may_write:
+            raise TrainError(f"--cache-teacher {directory}: no complete cache there; under torchrun the teacher "
+                             "ranks serve an existing cache: build it first with a single-process run")
+        count = min(math.ceil(batches_needed / args.epochs), len(stream.batches))
+        print(f"[train] teacher cache: writing {count} batches to {directory}", file=sys.stderr)
+        manifest = write_cache(directory, stream, count, identity)
+    else:
+        print(f"[train] teacher cache: {manifest['count']} batches from {directory}; the target is not run for "
+              "training", file=sys.stderr)
+    return CachedStream(directory, manifest, args.seed, args.device)
+
+
+class RoutedStream:
+    """A trainer rank's batches from the teacher ranks (pipeline Router). Trainer ``r`` of ``m``
+    trains step ``s`` on global batch ``s * m + r``, so after any step every trainer has
+    consumed the same ``position``."""
+
+    def __init__(self, router, trainers: int):
+        self.router, self.trainers = router, trainers
+        self.position = 0
+
+    def next(self) -> dict[str, Tensor]:
+        from torchspec_ext.pipeline import ChannelClosed
+
+        try:
+            batch = self.router.recv()
+        except ChannelClosed as exc:
+            raise TrainError(f"a teacher rank ended its stream before this trainer's last step ({exc})") from exc
+        self.position += self.trainers
+        return batch
+
+    def close(self) -> None:
+        """Reads (and drops) the batches the teachers made beyond the last step, then the end of
+        the stream: the teachers' close() waits for that."""
+        dropped = sum(1 for _ in self.router)
+        self.router.close()
+        if dropped:
+            print(f"[train] rank {self.router.route.rank}: dropped {dropped} batch(es) beyond the last step "
+                  "(teachers send equal numbers)", file=sys.stderr)
 
 
 # --------------------------------------------------------------------------------------------
@@ -324,8 +492,10 @@ def find_checkpoint(output_dir: Path, resume: str) -> Path:
 
 def load_checkpoint(path: Path, trainer: DraftTrainer, batches: Batches) -> int:
     state = torch.load(path / "trainer.pt", weights_only=False)
-    saved = Eagle3Draft.load(path)
-    trainer.draft.load_state_dict({**saved.trained_state(), "embed_tokens.weight": trainer.draft.embed_tokens.weight})
+    from safetensors.torch import load_file
+
+    saved = load_file(str(path / WEIGHTS_NAME))  # the checkpoint holds no embedding (the target's)
+    trainer.draft.load_state_dict({**saved, "embed_tokens.weight": trainer.draft.embed_tokens.weight})
     trainer.optimizer.load_state_dict(state["optimizer"])
     trainer.scheduler.load_state_dict(state["scheduler"])
     batches.position = state["data_position"]
@@ -434,6 +604,117 @@ def acceptance_length(target, draft: Eagle3Draft, prompts, new_tokens: int, spec
 
 
 # --------------------------------------------------------------------------------------------
+# Disaggregated layout (torchrun): teacher ranks run the target, trainer ranks train the draft
+
+
+@dataclass
+class Layout:
+    """This process's part of the job. One process (WORLD_SIZE 1): a trainer and no teacher
+    ranks. Under torchrun: ranks ``0..n-1`` are teachers, the rest trainers; batch ``g`` of
+    teacher ``j`` (``g = k*n + j``) goes to trainer ``g % m``; the trainers train data-parallel
+    (DDP over ``trainer_group``) and the first of them writes checkpoints, metrics and the draft."""
+
+    rank: int = 0
+    teachers: tuple[int, ...] = ()
+    trainers: tuple[int, ...] = (0,)
+    trainer_group: object = None
+
+    @property
+    def distributed(self) -> bool:
+        return bool(self.teachers)
+
+    @property
+    def is_teacher(self) -> bool:
+        return self.rank in self.teachers
+
+    @property
+    def writer(self) -> bool:
+        return self.rank == self.trainers[0]
+
+    def same_everywhere(self, what: str, digest: int, among: tuple[int, ...] | None = None) -> None:
+        """A collective of every rank: raises TrainError unless the ranks ``among`` (default: all)
+        computed the same ``digest`` of ``what``."""
+        if not self.distributed:
+            return
+        import torch.distributed as dist
+
+        gathered = [torch.zeros(1, dtype=torch.long) for _ in range(len(self.teachers) + len(self.trainers))]
+        dist.all_gather(gathered, torch.tensor([digest], dtype=torch.long))
+        groups: dict[int, list[int]] = {}
+        for rank in among or range(len(gathered)):
+            groups.setdefault(int(gathered[rank]), []).append(rank)
+        if len(groups) > 1:
+            raise TrainError(f"the ranks disagree on the {what}: ranks {' vs '.join(map(str, groups.values()))}")
+
+
+def tensor_digest(tensors) -> tuple[int, str]:
+    """(int64, hex) SHA-256 of the tensors' bytes, in order."""
+    h = hashlib.sha256()
+    for t in tensors:
+        h.update(t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
+    digest = h.digest()
+    return int.from_bytes(digest[:8], "little", signed=True), digest.hex()
+
+
+def init_layout(args) -> Layout:
+    """Joins the torchrun job when WORLD_SIZE > 1 (gloo on the CPU, NCCL for CUDA tensors)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return Layout()
+    import torch.distributed as dist
+
+    n = args.teacher_ranks
+    if not n < world:
+        raise TrainError(f"--teacher-ranks {n} leaves no trainer rank among WORLD_SIZE {world} ranks")
+    if args.device.startswith("cuda"):
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        args.device = f"cuda:{local}"
+    backend = "cpu:gloo,cuda:nccl" if args.device.startswith("cuda") else "gloo"
+    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=args.dist_timeout))
+    layout = Layout(dist.get_rank(), tuple(range(n)), tuple(range(n, world)))
+    layout.trainer_group = dist.new_group(list(layout.trainers))  # every rank takes part in new_group
+    role = f"teacher {layout.rank + 1} of {n}" if layout.is_teacher else f"trainer {layout.rank - n + 1} of {world - n}"
+    print(f"[train] rank {layout.rank} of {world}: {role}", file=sys.stderr)
+    return layout
+
+
+def open_router(args, layout: Layout):
+    from torchspec_ext.pipeline import Router
+
+    return Router(layout.teachers, layout.trainers, timeout=args.dist_timeout, device=torch.device(args.device))
+
+
+def serve_batches(args, layout: Layout, stream, start_step: int, start_position: int) -> dict:
+    """A teacher rank: its share of the batches of the steps left, sent to the trainers.
+
+    The trainers take ``max_steps * m`` batches in all; every teacher sends the same number
+    (``ceil`` of its share: the trainers drop the few beyond their last step), so the stream
+    ends cleanly on every trainer."""
+    n, m, j = len(layout.teachers), len(layout.trainers), layout.teachers.index(layout.rank)
+    count = math.ceil(max(0, args.max_steps - start_step) * m / n)
+    with open_router(args, layout) as router:
+        for k in range(count):
+            stream.position = start_position + k * n + j
+            router.send(stream.next())
+    print(f"[train] rank {layout.rank}: sent {count} batches", file=sys.stderr)
+    return {"rank": layout.rank, "role": "teacher", "batches_sent": count}
+
+
+def finish_layout(layout: Layout, draft: Eagle3Draft | None) -> str | None:
+    """The last collective of the job: checks that every trainer holds the same draft weights
+    (and keeps the teachers, rank 0 holding the rendezvous store, up until the trainers are done)."""
+    if not layout.distributed:
+        return None
+    import torch.distributed as dist
+
+    digest, hex_digest = (0, None) if draft is None else tensor_digest(draft.trained_state().values())
+    layout.same_everywhere("draft weights at the end (DDP out of sync)", digest, among=layout.trainers)
+    dist.destroy_process_group()
+    return hex_digest
+
+
+# --------------------------------------------------------------------------------------------
 # Main
 
 
@@ -474,9 +755,29 @@ def make_draft(target, tokenizer, batches: Batches, args) -> Eagle3Draft:
     return draft.to(args.device)
 
 
+def open_stream(args, layout: Layout, draft: Eagle3Draft, online: TeacherStream):
+    """This rank's batches: from the teacher ranks (a trainer rank under torchrun), from the
+    ``--cache-teacher`` cache, or online through the target."""
+    cached = None
+    if args.cache_teacher:  # every rank checks the cache, so that all stop alike when it is wrong
+        cached = open_cache(args, draft, online, args.max_steps * len(layout.trainers), may_write=not layout.distributed)
+    if layout.distributed and not layout.is_teacher:
+        return RoutedStream(open_router(args, layout), len(layout.trainers))
+    return cached or online
+
+
+def checkpoint_position(checkpoint: Path | None) -> tuple[int, int]:
+    """(step, data_position) of a checkpoint; (0, 0) for a fresh run."""
+    if checkpoint is None:
+        return 0, 0
+    state = torch.load(checkpoint / "trainer.pt", weights_only=False)
+    return state["step"], state["data_position"]
+
+
 def train(args) -> dict:
     torch.manual_seed(args.seed)
     random.seed(args.seed)
+    layout = init_layout(args)
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     target, tokenizer, train_set, held_out = load_everything(args)
@@ -486,22 +787,31 @@ def train(args) -> dict:
         draft = Eagle3Draft.load(checkpoint, target).to(args.device)
     else:
         draft = make_draft(target, tokenizer, batches, args)
+    layout.same_everywhere("draft vocabulary (every rank must read the same data, target, options and checkpoint)",
+                           tensor_digest([draft.draft_to_target()])[0])
     teacher = Teacher(target, draft.config.feature_layers, draft.target_to_draft(), args.topk, args.reference_ops)
-    trainer = DraftTrainer(draft, args)
-    step = load_checkpoint(checkpoint, trainer, batches) if checkpoint is not None else 0
+    stream = open_stream(args, layout, draft, TeacherStream(batches, teacher))
+    if layout.is_teacher:
+        summary = serve_batches(args, layout, stream, *checkpoint_position(checkpoint))
+        finish_layout(layout, None)
+        return summary
+    if not layout.writer:
+        target = teacher = None  # only the first trainer evaluates
+    trainer = DraftTrainer(draft, args, ddp_group=layout.trainer_group if len(layout.trainers) > 1 else None)
+    step = load_checkpoint(checkpoint, trainer, stream) if checkpoint is not None else 0
     if checkpoint is not None:
         print(f"[train] resumed from {checkpoint} at step {step}", file=sys.stderr)
     from torchspec_ext.speculate import TreeSpec
 
     prompts = eval_prompts(held_out, tokenizer, args.eval_prompts)
     chain = TreeSpec.chain(args.eval_depth)
-    metrics = Metrics(output_dir)
+    metrics = Metrics(output_dir, enabled=layout.writer)
     progress = Progress(args.max_steps, step, args.log_interval)
     summary: dict = {"start_step": step}
     try:
         while step < args.max_steps:
-            index, ids, mask = batches.next()
-            batch = teacher(ids, mask, index)
+            batch = stream.next()
+            index = int(batch["batch_index"])
             try:
                 result = trainer.step(batch)
             except FloatingPointError:
@@ -509,12 +819,13 @@ def train(args) -> dict:
                                  f"epoch {index // len(batches)}); stopped without saving it. The last checkpoint "
                                  "is intact: resume with a lower --lr or inspect that batch") from None
             step += 1
-            progress.update(step, result)
+            if layout.writer:
+                progress.update(step, result)
             values = {"loss": result.loss, "acceptance_estimate": result.acceptance_estimate,
                       "tokens_per_s": progress.tokens_per_s(), "lr": trainer.scheduler.get_last_lr()[0]}
             for s, (loss, acc) in enumerate(zip(result.step_losses, result.step_accuracies)):
                 values[f"loss_step{s}"], values[f"accuracy_step{s}"] = loss, acc
-            if args.eval_interval and step % args.eval_interval == 0 and step < args.max_steps:
+            if layout.writer and args.eval_interval and step % args.eval_interval == 0 and step < args.max_steps:
                 values["eval_acceptance_length"] = acceptance_length(target, draft, prompts, args.eval_new_tokens, chain,
                                                                      tokenizer.eos_token_id)
                 progress.end()
@@ -522,8 +833,8 @@ def train(args) -> dict:
                       f"{values['eval_acceptance_length']:.2f}", file=sys.stderr)
             if step % args.log_interval == 0 or step == args.max_steps or "eval_acceptance_length" in values:
                 metrics.log(step, values)
-            if step % args.save_interval == 0 or step == args.max_steps:
-                save_checkpoint(output_dir, trainer, batches, step, args, args.keep_checkpoints)
+            if layout.writer and (step % args.save_interval == 0 or step == args.max_steps):
+                save_checkpoint(output_dir, trainer, stream, step, args, args.keep_checkpoints)
             summary["tokens_per_s"] = progress.tokens_per_s()
     except KeyboardInterrupt:
         progress.end()
@@ -534,15 +845,19 @@ def train(args) -> dict:
         metrics.close()
         raise SystemExit(130)
     progress.end()
-    draft.save(output_dir / "draft")
-    summary["eval_acceptance_length"] = acceptance_length(target, draft, prompts, args.eval_new_tokens, chain,
-                                                          tokenizer.eos_token_id)
+    stream.close()
     summary["steps"] = step
-    metrics.log(step, {"final_eval_acceptance_length": summary["eval_acceptance_length"]})
+    if layout.writer:
+        draft.save(output_dir / "draft")
+        summary["eval_acceptance_length"] = acceptance_length(target, draft, prompts, args.eval_new_tokens, chain,
+                                                              tokenizer.eos_token_id)
+        metrics.log(step, {"final_eval_acceptance_length": summary["eval_acceptance_length"]})
+        print(f"[train] done: {step} steps; held-out acceptance length (greedy chain of {args.eval_depth}, "
+              f"{len(prompts)} prompts) {summary['eval_acceptance_length']:.2f}; draft in {output_dir / 'draft'}",
+              file=sys.stderr)
     metrics.close()
-    print(f"[train] done: {step} steps; held-out acceptance length (greedy chain of {args.eval_depth}, "
-          f"{len(prompts)} prompts) {summary['eval_acceptance_length']:.2f}; draft in {output_dir / 'draft'}",
-          file=sys.stderr)
+    if layout.distributed:
+        summary.update(rank=layout.rank, role="trainer", draft_sha256=finish_layout(layout, draft))
     return summary
 
 
@@ -550,11 +865,29 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         summary = train(args)
-    except TrainError as exc:
-        print(f"torchspec_ext.train: error: {exc}", file=sys.stderr)
-        return 2
+    except (TrainError, ChannelError) as exc:  # ChannelError: a peer rank failed, stopped or timed out
+        where = f"rank {os.environ['RANK']}: " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
+        print(f"torchspec_ext.train: error: {where}{exc}", file=sys.stderr)
+        _exit_if_distributed(2 if isinstance(exc, TrainError) else 1)
+        return 2 if isinstance(exc, TrainError) else 1
+    except BaseException as exc:
+        if not isinstance(exc, SystemExit):
+            traceback.print_exc()
+        _exit_if_distributed(exc.code if isinstance(exc, SystemExit) and isinstance(exc.code, int) else 1)
+        raise
     print(json.dumps(summary))
     return 0
+
+
+def _exit_if_distributed(status: int) -> None:
+    """A failed rank of a torchrun job exits at once: tearing its process group down could wait
+    for a peer that is gone, and torchrun stops the other ranks when one exits with an error."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
 
 
 if __name__ == "__main__":
