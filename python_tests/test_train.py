@@ -1,0 +1,179 @@
+"""The training loop end to end on a tiny random-initialised Llama target: train, checkpoint,
+resume, bad input."""
+
+import json
+
+import pytest
+import torch
+
+from torchspec_ext import train
+from torchspec_ext.draft import Eagle3Draft
+
+REPLIES = [
+    "The capital of France is Paris.",
+    "Two plus two is four, and four plus four is eight.",
+    "A speculative decoder drafts tokens that the target verifies in one pass.",
+    "Water boils at one hundred degrees Celsius at sea level.",
+]
+
+
+def write_chat(path, count=16):
+    records = [
+        {"conversations": [{"from": "human", "value": f"Question {i}: tell me something."},
+                           {"from": "gpt", "value": REPLIES[i % len(REPLIES)]}]}
+        for i in range(count)
+    ]
+    path.write_text(json.dumps(records))
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_target(tmp_path_factory):
+    """A 4-layer Llama with the default target's tokenizer (and chat template)."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from torchspec_ext.target import default_target_dir
+
+    directory = tmp_path_factory.mktemp("tiny_target")
+    tokenizer = AutoTokenizer.from_pretrained(default_target_dir())
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=48, intermediate_size=96, num_hidden_layers=6,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def run(tiny_target, tmp_path, *extra):
+    data = write_chat(tmp_path / "chat.json")
+    argv = ["--target", str(tiny_target), "--data", str(data), "--output-dir", str(tmp_path / "out"),
+            "--batch-size", "2", "--max-length", "64", "--draft-vocab", "4096", "--topk", "32", "--ttt-steps", "2",
+            "--eval-prompts", "1", "--eval-new-tokens", "8", "--eval-interval", "0", "--log-interval", "1",
+            "--held-out", "0.2", "--warmup-steps", "1", *extra]
+    return train.main(argv)
+
+
+def losses(out_dir):
+    rows = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+def logged_steps(out_dir):
+    return sorted(json.loads(line)["step"] for line in (out_dir / "metrics.jsonl").read_text().splitlines()
+                  if "loss" in json.loads(line))
+
+
+def test_trains_checkpoints_and_resumes_on_the_same_curve(tiny_target, tmp_path, monkeypatch, capsys):
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    straight.mkdir()
+    split.mkdir()
+    assert run(tiny_target, straight, "--max-steps", "6", "--save-interval", "3") == 0
+    draft_dir = straight / "out" / "draft"
+    assert (draft_dir / "config.json").is_file() and (draft_dir / "model.safetensors").is_file()
+    assert (straight / "out" / "checkpoints" / "latest").read_text().strip() == "step-00000006"
+    # Ctrl-C during step 5: the checkpoint of step 3 stays, and --resume continues the curve.
+    real, calls = train.DraftTrainer.step, []
+
+    def interrupted(self, batch):
+        calls.append(1)
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+        return real(self, batch)
+
+    monkeypatch.setattr(train.DraftTrainer, "step", interrupted)
+    with pytest.raises(SystemExit) as stop:
+        run(tiny_target, split, "--max-steps", "6", "--save-interval", "3")
+    assert stop.value.code == 130 and "step-00000003" in capsys.readouterr().err
+    monkeypatch.setattr(train.DraftTrainer, "step", real)
+    assert run(tiny_target, split, "--max-steps", "6", "--save-interval", "3", "--resume") == 0
+    want, got = losses(straight / "out"), losses(split / "out")
+    assert logged_steps(split / "out") == [1, 2, 3, 4, 4, 5, 6]  # step 4 ran, was not saved, and ran again
+    for step in (4, 5, 6):
+        assert got[step] == pytest.approx(want[step], rel=1e-5, abs=1e-6), step
+    a = Eagle3Draft.load(draft_dir).trained_state()
+    b = Eagle3Draft.load(split / "out" / "draft").trained_state()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6)
+
+
+def test_loss_goes_down(tiny_target, tmp_path):
+    assert run(tiny_target, tmp_path, "--max-steps", "30", "--save-interval", "100", "--lr", "3e-3") == 0
+    curve = losses(tmp_path / "out")
+    assert sum(curve[s] for s in range(26, 31)) < 0.8 * sum(curve[s] for s in range(1, 6))
+
+
+def test_reference_ops_and_hard_ce_train(tiny_target, tmp_path):
+    assert run(tiny_target, tmp_path, "--max-steps", "2", "--reference-ops", "--loss", "hard_ce") == 0
+
+
+def test_same_loss_with_reference_ops(tiny_target, tmp_path):
+    ours, ref = tmp_path / "ours", tmp_path / "ref"
+    ours.mkdir()
+    ref.mkdir()
+    assert run(tiny_target, ours, "--max-steps", "3") == 0
+    assert run(tiny_target, ref, "--max-steps", "3", "--reference-ops") == 0
+    a, b = losses(ours / "out"), losses(ref / "out")
+    for step in a:
+        assert a[step] == pytest.approx(b[step], rel=2e-4), step
+
+
+def test_nan_loss_stops_with_step_and_batch_named(tiny_target, tmp_path, monkeypatch, capsys):
+    real = train.DraftTrainer.step
+    calls = []
+
+    def poisoned(self, batch):
+        calls.append(1)
+        if len(calls) == 2:
+            batch["features"] = batch["features"] * float("nan")
+        return real(self, batch)
+
+    monkeypatch.setattr(train.DraftTrainer, "step", poisoned)
+    assert run(tiny_target, tmp_path, "--max-steps", "4", "--save-interval", "1") == 2
+    err = capsys.readouterr().err
+    assert "not finite at step 2" in err and "batch 1" in err
+    # The checkpoint of step 1 is intact and resumable.
+    assert (tmp_path / "out" / "checkpoints" / "latest").read_text().strip() == "step-00000001"
+
+
+def test_bad_input_gets_a_clear_message(tiny_target, tmp_path, capsys):
+    empty = tmp_path / "empty.json"
+    empty.write_text("[]")
+    assert train.main(["--target", str(tiny_target), "--data", str(empty), "--output-dir", str(tmp_path / "o"),
+                       "--max-length", "64"]) == 2
+    assert "no usable conversation" in capsys.readouterr().err
+    data = write_chat(tmp_path / "chat.json")
+    assert train.main(["--target", str(tiny_target), "--data", str(data), "--output-dir", str(tmp_path / "o"),
+                       "--max-length", "100000"]) == 2
+    assert "longer than the target's context" in capsys.readouterr().err
+    assert train.main(["--target", str(tmp_path / "nowhere"), "--output-dir", str(tmp_path / "o")]) == 2
+    assert "cannot load the target" in capsys.readouterr().err
+    assert train.main(["--target", str(tiny_target), "--data", str(data), "--output-dir", str(tmp_path / "o2"),
+                       "--max-length", "64", "--resume"]) == 2
+    assert "no checkpoint" in capsys.readouterr().err
+
+
+def test_target_without_chat_template(tiny_target, tmp_path, capsys):
+    import shutil
+
+    bare = tmp_path / "bare"
+    shutil.copytree(tiny_target, bare)
+    config = json.loads((bare / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (bare / "tokenizer_config.json").write_text(json.dumps(config))
+    for extra in ("chat_template.jinja", "chat_template.json"):
+        (bare / extra).unlink(missing_ok=True)
+    data = write_chat(tmp_path / "chat.json")
+    assert train.main(["--target", str(bare), "--data", str(data), "--output-dir", str(tmp_path / "o"),
+                       "--max-length", "64"]) == 2
+    assert "no chat template" in capsys.readouterr().err
+
+
+def test_config_file_and_flags(tmp_path):
+    config = tmp_path / "run.toml"
+    config.write_text('max_steps = 7\nlr = 0.002\n')
+    args = train.parse_args(["--config", str(config), "--lr", "0.005"])
+    assert args.max_steps == 7 and args.lr == 0.005
+    (tmp_path / "bad.json").write_text('{"max_stepz": 3}')
+    with pytest.raises(SystemExit):
+        train.parse_args(["--config", str(tmp_path / "bad.json")])
