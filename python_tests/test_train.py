@@ -104,7 +104,7 @@ def test_loss_goes_down(tiny_target, tmp_path):
 
 
 def test_reference_ops_and_hard_ce_train(tiny_target, tmp_path):
-    assert run(tiny_target, tmp_path, "--max-steps", "2", "--reference-ops", "--loss", "hard_ce") == 0
+    assert run(tiny_target, tmp_path, "--max-steps", "2", "--reference-ops", "--loss", "hard_ce", "--responses", "target") == 0
 
 
 def test_same_loss_with_reference_ops(tiny_target, tmp_path):
@@ -177,3 +177,27 @@ def test_config_file_and_flags(tmp_path):
     (tmp_path / "bad.json").write_text('{"max_stepz": 3}')
     with pytest.raises(SystemExit):
         train.parse_args(["--config", str(tmp_path / "bad.json")])
+
+
+def test_generated_replies_match_a_teacher_pass_over_them(tiny_target):
+    """The features and top-k gathered while the target decodes equal those of one teacher pass
+    over the finished rows (right-aligned, mask on the reply through its end token)."""
+    from torchspec_ext.target import load_target
+    from torchspec_ext.teacher import Teacher
+
+    target, _ = load_target(tiny_target)
+    to_draft = torch.arange(target.config.vocab_size)
+    teacher = Teacher(target, [1, 3, 5], to_draft, topk=8)
+    prompts = [[5, 6, 7, 8, 9, 10], [11, 12, 13]]
+    eos = [int(target(torch.tensor([[11, 12, 13]])).logits[0, -1].argmax())]  # row 1 stops at once
+    batch = teacher.generate(prompts, 5, batch_index=3, pad_id=0, eos_ids=eos)
+    full = teacher(batch["input_ids"][:1], batch["loss_mask"][:1], 3)
+    assert batch["input_ids"].shape[1] == 6 + 5 - 1  # the last generated token is never fed back
+    torch.testing.assert_close(batch["features"][:1], full["features"], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(batch["teacher_logprobs"][:1], full["teacher_logprobs"], rtol=1e-4, atol=1e-4)
+    assert torch.equal(batch["teacher_indices"][:1], full["teacher_indices"])
+    assert batch["loss_mask"][0].tolist() == [False] * 6 + [True] * 4
+    # Row 1: the prompt, its one-token reply (the end token), nothing after.
+    assert batch["input_ids"][1, :4].tolist() == [11, 12, 13, eos[0]]
+    assert batch["loss_mask"][1].tolist() == [False] * 3 + [True] + [False] * 6
+    assert batch["teacher_argmax"][1, 2] == eos[0]

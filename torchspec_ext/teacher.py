@@ -70,3 +70,56 @@ class Teacher:
             "teacher_argmax": indices[:, 0].view(b, t),
             "batch_index": torch.tensor([batch_index], dtype=torch.long),
         }
+
+    @torch.no_grad()
+    def generate(self, prompts: list[list[int]], max_new_tokens: int, batch_index: int, pad_id: int, eos_ids) -> dict[str, Tensor]:
+        """A batch of the target's own greedy replies to ``prompts``: the decoding forwards yield
+        the features and the top-k at every position, so the replies cost about what a teacher
+        pass over data of that length costs. The loss mask covers the replies (through the
+        first end-of-sequence token); rows are right-padded as in :meth:`__call__`."""
+        b, width = len(prompts), max(len(p) for p in prompts)
+        ids = torch.full((b, width), pad_id, dtype=torch.long)
+        attention = torch.zeros(b, width, dtype=torch.long)
+        for row, p in enumerate(prompts):  # left padding, as generate() wants
+            ids[row, width - len(p):] = torch.tensor(p)
+            attention[row, width - len(p):] = 1
+        out = self.target.generate(
+            ids.to(self.device), attention_mask=attention.to(self.device), max_new_tokens=max_new_tokens,
+            do_sample=False, return_dict_in_generate=True, output_hidden_states=True, pad_token_id=pad_id,
+            eos_token_id=eos_ids,
+        )
+        steps = out.hidden_states  # per decoding step: a tuple over layers of [B, new positions, H]
+        hidden = [torch.cat([s[i] for s in steps], 1) for i in range(len(steps[0]))]  # [B, T, H] per layer
+        t = hidden[0].shape[1]  # every position but the last generated token's
+        features = torch.cat([hidden[i] for i in self.layers], -1)
+        final = hidden[-1]  # after the final norm
+        head = self.target.get_output_embeddings().weight
+        logprobs, indices, _ = self.linear_topk(final.reshape(b * t, -1), head, self.topk)
+        logprobs, indices = logprobs.float().view(b, t, -1), indices.view(b, t, -1)
+        sequences = out.sequences[:, :t]
+        eos = torch.tensor(sorted(eos_ids), device=self.device)
+        # Right-align each row at index 0 (drop its left padding) so the draft's causal attention
+        # never sees padding; the reply is the mask, through its first end-of-sequence token.
+        pads = [width - len(p) for p in prompts]
+        length = t - min(pads)
+        batch = {
+            "input_ids": torch.full((b, length), pad_id, dtype=torch.long, device=self.device),
+            "loss_mask": torch.zeros(b, length, dtype=torch.bool, device=self.device),
+            "features": features.new_zeros(b, length, features.shape[-1]),
+            "teacher_indices": torch.full((b, length, self.topk), -1, dtype=torch.long, device=self.device),
+            "teacher_logprobs": torch.zeros(b, length, self.topk, device=self.device),
+            "teacher_argmax": torch.full((b, length), -1, dtype=torch.long, device=self.device),
+            "batch_index": torch.tensor([batch_index], dtype=torch.long),
+        }
+        for row, pad in enumerate(pads):
+            n = t - pad
+            reply = sequences[row, width:]
+            ended = torch.isin(reply, eos).nonzero()
+            reply_len = int(ended[0]) + 1 if len(ended) else len(reply)
+            batch["input_ids"][row, :n] = sequences[row, pad:]
+            batch["loss_mask"][row, width - pad : min(n, width - pad + reply_len)] = True
+            batch["features"][row, :n] = features[row, pad:]
+            batch["teacher_indices"][row, :n] = self.target_to_draft[indices[row, pad:]]
+            batch["teacher_logprobs"][row, :n] = logprobs[row, pad:]
+            batch["teacher_argmax"][row, :n] = indices[row, pad:, 0]
+        return batch

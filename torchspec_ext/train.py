@@ -70,17 +70,20 @@ def parser() -> argparse.ArgumentParser:
     a("--output-dir", default="torchspec_out", help="checkpoints, metrics, and the final draft (output-dir/draft)")
     a("--resume", nargs="?", const=LATEST, default=None,
       help="continue from the latest checkpoint in --output-dir, or from the checkpoint directory given")
-    a("--max-steps", type=int, default=None, help="optimiser steps (default: 300 on CPU, 2000 on GPU)")
+    a("--max-steps", type=int, default=None, help="optimiser steps (default: 150 on CPU, 2000 on GPU)")
     a("--batch-size", type=int, default=2, help="conversations per step")
     a("--max-length", type=int, default=512, help="tokens per conversation (longer ones are cut)")
     a("--ttt-steps", type=int, default=None, help="training-time-test unroll steps (default: 3 on CPU, 7 on GPU)")
     a("--topk", type=int, default=64, help="teacher top-k log-probabilities per position")
     a("--draft-vocab", type=int, default=8192, help="draft vocabulary: the most frequent target tokens")
     a("--vocab-sample", type=int, default=500, help="training conversations counted to choose the draft vocabulary")
+    a("--responses", choices=["data", "target"], default="data",
+      help="data: train on the data's assistant replies; target: on the target's own greedy replies to the "
+      "data's first user turns (what it drafts when serving; generating them costs about 4x on a CPU)")
     a("--loss", choices=["topk_kl", "hard_ce"], default="topk_kl",
       help="topk_kl: distil the teacher's top-k; hard_ce: cross-entropy on the teacher's argmax (baseline)")
     a("--reference-ops", action="store_true", help="the same math in plain PyTorch, no custom op (baseline)")
-    a("--lr", type=float, default=1e-3)
+    a("--lr", type=float, default=3e-3)
     a("--warmup-steps", type=int, default=20)
     a("--weight-decay", type=float, default=0.0)
     a("--grad-clip", type=float, default=1.0)
@@ -139,7 +142,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--lr must be > 0")
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     on_gpu = args.device.startswith("cuda")
-    args.max_steps = args.max_steps or (2000 if on_gpu else 300)
+    args.max_steps = args.max_steps or (2000 if on_gpu else 150)
     args.ttt_steps = args.ttt_steps or (7 if on_gpu else 3)
     return args
 
@@ -165,25 +168,44 @@ class Batches:
     def __len__(self) -> int:
         return self.per_epoch
 
+    @property
+    def pad_id(self) -> int:
+        pad = self.tokenizer.pad_token_id
+        return (pad if pad is not None else self.tokenizer.eos_token_id) or 0
+
     def _order(self, epoch: int) -> list[int]:
         order = list(range(len(self.conversations)))
         random.Random(self.seed * 1000003 + epoch).shuffle(order)
         return order
 
-    def next(self) -> tuple[int, Tensor, Tensor]:
-        """(batch index, input_ids [B, T], loss_mask [B, T]), right-padded with the EOS id."""
+    def _take(self) -> tuple[int, list]:
+        """(batch index, its conversations); advances the position."""
         epoch, i = divmod(self.position, self.per_epoch)
         chosen = self._order(epoch)[i * self.batch_size : (i + 1) * self.batch_size]
-        pairs = [tokenize_conversation(self.tokenizer, self.conversations[c], self.max_length) for c in chosen]
+        self.position += 1
+        return self.position - 1, [self.conversations[c] for c in chosen]
+
+    def next_prompts(self, max_prompt: int) -> tuple[int, list[list[int]]]:
+        """(batch index, prompts): each conversation's first user turn in the chat template,
+        ready for the assistant's reply (its last ``max_prompt`` tokens when longer)."""
+        index, conversations = self._take()
+        prompts = []
+        for conversation in conversations:
+            first_user = next((m for m in conversation if m["role"] == "user"), conversation[0])
+            text = self.tokenizer.apply_chat_template([first_user], add_generation_prompt=True, tokenize=False)
+            prompts.append(self.tokenizer(text, add_special_tokens=False).input_ids[-max_prompt:])
+        return index, prompts
+
+    def next(self) -> tuple[int, Tensor, Tensor]:
+        """(batch index, input_ids [B, T], loss_mask [B, T]), right-padded with the EOS id."""
+        index, conversations = self._take()
+        pairs = [tokenize_conversation(self.tokenizer, c, self.max_length) for c in conversations]
         width = max(len(ids) for ids, _ in pairs)
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
-        ids = torch.full((len(pairs), width), pad or 0, dtype=torch.long)
+        ids = torch.full((len(pairs), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros(len(pairs), width, dtype=torch.bool)
         for row, (x, m) in enumerate(pairs):
             ids[row, : len(x)] = x
             mask[row, : len(m)] = m
-        index = self.position
-        self.position += 1
         return index, ids, mask
 
 
@@ -205,10 +227,11 @@ def prepare_tokenizer(tokenizer, chat_template: str | None) -> None:
 
 
 class TeacherStream:
-    """Online: the next token batch of ``batches`` through the target."""
+    """Online: the next token batch of ``batches`` through the target; with ``responses ==
+    "target"`` the target's own greedy replies to the batch's prompts instead of the data's."""
 
-    def __init__(self, batches: Batches, teacher: Teacher):
-        self.batches, self.teacher = batches, teacher
+    def __init__(self, batches: Batches, teacher: Teacher, responses: str = "data", eos_ids=()):
+        self.batches, self.teacher, self.responses, self.eos_ids = batches, teacher, responses, eos_ids
 
     @property
     def position(self) -> int:
@@ -219,6 +242,11 @@ class TeacherStream:
         self.batches.position = value
 
     def next(self) -> dict[str, Tensor]:
+        if self.responses == "target":
+            half = self.batches.max_length // 2
+            index, prompts = self.batches.next_prompts(half)
+            return self.teacher.generate(prompts, self.batches.max_length - max(len(p) for p in prompts), index,
+                                         self.batches.pad_id, self.eos_ids)
         index, ids, mask = self.batches.next()
         return self.teacher(ids, mask, index)
 
@@ -589,6 +617,14 @@ def eval_prompts(conversations, tokenizer, count: int, max_prompt_tokens: int = 
     return prompts
 
 
+def stop_ids(target, tokenizer) -> list[int]:
+    """The ids that end a reply: the generation config's end-of-sequence ids and the tokenizer's."""
+    configured = getattr(getattr(target, "generation_config", None), "eos_token_id", None)
+    ids = set(configured if isinstance(configured, (list, tuple)) else [configured])
+    ids.add(tokenizer.eos_token_id)
+    return sorted(i for i in ids if i is not None)
+
+
 def acceptance_length(target, draft: Eagle3Draft, prompts, new_tokens: int, spec, eos) -> float:
     """Mean tokens per target forward of greedy speculative decoding with the draft."""
     from torchspec_ext.speculate import speculative_generate
@@ -790,7 +826,7 @@ def train(args) -> dict:
     layout.same_everywhere("draft vocabulary (every rank must read the same data, target, options and checkpoint)",
                            tensor_digest([draft.draft_to_target()])[0])
     teacher = Teacher(target, draft.config.feature_layers, draft.target_to_draft(), args.topk, args.reference_ops)
-    stream = open_stream(args, layout, draft, TeacherStream(batches, teacher))
+    stream = open_stream(args, layout, draft, TeacherStream(batches, teacher, args.responses, stop_ids(target, tokenizer)))
     if layout.is_teacher:
         summary = serve_batches(args, layout, stream, *checkpoint_position(checkpoint))
         finish_layout(layout, None)
