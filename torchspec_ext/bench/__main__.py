@@ -16,6 +16,7 @@ BENCHMARKS = {
     "draft_loss": ("torchspec_ext.bench.draft_loss", "fused LM head + top-k teacher loss, forward + backward, vs eager"),
     "tree": ("torchspec_ext.bench.tree", "tree attention vs SDPA with a dense mask, and tree verification"),
     "pipeline": ("torchspec_ext.bench.pipeline", "tensor pipeline vs raw torch.distributed send/recv, and overlap"),
+    "train": ("torchspec_ext.bench.train", "training-loop tokens/s with the custom ops vs --reference-ops"),
 }
 
 
