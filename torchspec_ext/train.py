@@ -70,7 +70,7 @@ def parser() -> argparse.ArgumentParser:
     a("--output-dir", default="torchspec_out", help="checkpoints, metrics, and the final draft (output-dir/draft)")
     a("--resume", nargs="?", const=LATEST, default=None,
       help="continue from the latest checkpoint in --output-dir, or from the checkpoint directory given")
-    a("--max-steps", type=int, default=None, help="optimiser steps (default: 150 on CPU, 2000 on GPU)")
+    a("--max-steps", type=int, default=None, help="optimiser steps (default: 120 on CPU, 2000 on GPU)")
     a("--batch-size", type=int, default=2, help="conversations per step")
     a("--max-length", type=int, default=512, help="tokens per conversation (longer ones are cut)")
     a("--ttt-steps", type=int, default=None, help="training-time-test unroll steps (default: 3 on CPU, 7 on GPU)")
@@ -142,7 +142,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--lr must be > 0")
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     on_gpu = args.device.startswith("cuda")
-    args.max_steps = args.max_steps or (2000 if on_gpu else 150)
+    args.max_steps = args.max_steps or (2000 if on_gpu else 120)
     args.ttt_steps = args.ttt_steps or (7 if on_gpu else 3)
     return args
 
