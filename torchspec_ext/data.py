@@ -186,3 +186,23 @@ def tokenize_conversation(tokenizer, messages: Conversation, max_length: int) ->
         if span < len(spans) and a < spans[span][1] and b > spans[span][0]:
             mask[i] = True
     return ids, mask
+
+
+def first_turn_prompt(tokenizer, messages: Conversation) -> list[int]:
+    """The conversation's first user turn (else its first message) in the chat template, ready
+    for the assistant's reply: what a served model is asked."""
+    first = next((m for m in messages if m["role"] == "user" and m["content"].strip()), messages[0])
+    text = tokenizer.apply_chat_template([first], add_generation_prompt=True, tokenize=False)
+    return tokenizer(text, add_special_tokens=False).input_ids
+
+
+def short_prompts(conversations, tokenizer, count: int, max_prompt_tokens: int) -> list[list[int]]:
+    """:func:`first_turn_prompt` of conversations in order, those up to ``max_prompt_tokens``, until ``count``."""
+    prompts = []
+    for conversation in conversations:
+        ids = first_turn_prompt(tokenizer, conversation)
+        if len(ids) <= max_prompt_tokens:
+            prompts.append(ids)
+        if len(prompts) == count:
+            break
+    return prompts

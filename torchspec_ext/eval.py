@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from torchspec_ext.data import load_conversations, split_held_out
+from torchspec_ext.data import load_conversations, short_prompts, split_held_out
 from torchspec_ext.draft import CONFIG_NAME, WEIGHTS_NAME, DraftConfig, Eagle3Draft, Eagle3Drafter
 from torchspec_ext.speculate import TargetAsDraft, TreeSpec, speculative_generate
 from torchspec_ext.target import load_target
@@ -25,18 +25,7 @@ def held_out_prompts(tokenizer, data_path, count: int, max_prompt_tokens: int, s
     """The first user turn of held-out conversations, in the target's chat template."""
     conversations, _ = load_conversations(data_path)
     _, held_out = split_held_out(conversations, 0.02, seed=seed)
-    prompts = []
-    for conversation in held_out:
-        first_user = next((m for m in conversation if m["role"] == "user" and m["content"].strip()), None)
-        if first_user is None:
-            continue
-        text = tokenizer.apply_chat_template([first_user], add_generation_prompt=True, tokenize=False)
-        ids = tokenizer(text, add_special_tokens=False).input_ids
-        if len(ids) <= max_prompt_tokens:
-            prompts.append(ids)
-        if len(prompts) == count:
-            break
-    return prompts
+    return short_prompts(held_out, tokenizer, count, max_prompt_tokens)
 
 
 def check_draft_spec(spec: str) -> None:

@@ -37,7 +37,8 @@ import torch
 from torch import Tensor
 
 from torchspec_ext import ops, reference
-from torchspec_ext.data import load_conversations, split_held_out, tokenize_conversation
+from torchspec_ext.data import (first_turn_prompt, load_conversations, short_prompts, split_held_out,
+                                 tokenize_conversation)
 from torchspec_ext.draft import WEIGHTS_NAME, DraftConfig, Eagle3Draft, Eagle3Drafter
 from torchspec_ext.pipeline import ChannelError
 from torchspec_ext.teacher import Teacher, build_draft_vocab
@@ -189,12 +190,7 @@ class Batches:
         """(batch index, prompts): each conversation's first user turn in the chat template,
         ready for the assistant's reply (its last ``max_prompt`` tokens when longer)."""
         index, conversations = self._take()
-        prompts = []
-        for conversation in conversations:
-            first_user = next((m for m in conversation if m["role"] == "user"), conversation[0])
-            text = self.tokenizer.apply_chat_template([first_user], add_generation_prompt=True, tokenize=False)
-            prompts.append(self.tokenizer(text, add_special_tokens=False).input_ids[-max_prompt:])
-        return index, prompts
+        return index, [first_turn_prompt(self.tokenizer, c)[-max_prompt:] for c in conversations]
 
     def next(self) -> tuple[int, Tensor, Tensor]:
         """(batch index, input_ids [B, T], loss_mask [B, T]), right-padded with the EOS id."""
@@ -601,22 +597,6 @@ class Progress:
             print(file=sys.stderr)
 
 
-def eval_prompts(conversations, tokenizer, count: int, max_prompt_tokens: int = 256) -> list[list[int]]:
-    """The first user turn of each conversation, in the target's chat template, until ``count``."""
-    prompts = []
-    for conversation in conversations:
-        first_user = next((m for m in conversation if m["role"] == "user" and m["content"].strip()), None)
-        if first_user is None:
-            continue
-        text = tokenizer.apply_chat_template([first_user], add_generation_prompt=True, tokenize=False)
-        ids = tokenizer(text, add_special_tokens=False).input_ids
-        if len(ids) <= max_prompt_tokens:
-            prompts.append(ids)
-        if len(prompts) == count:
-            break
-    return prompts
-
-
 def stop_ids(target, tokenizer) -> list[int]:
     """The ids that end a reply: the generation config's end-of-sequence ids and the tokenizer's."""
     configured = getattr(getattr(target, "generation_config", None), "eos_token_id", None)
@@ -839,7 +819,7 @@ def train(args) -> dict:
         print(f"[train] resumed from {checkpoint} at step {step}", file=sys.stderr)
     from torchspec_ext.speculate import TreeSpec
 
-    prompts = eval_prompts(held_out, tokenizer, args.eval_prompts)
+    prompts = short_prompts(held_out, tokenizer, args.eval_prompts, max_prompt_tokens=256)
     chain = TreeSpec.chain(args.eval_depth)
     metrics = Metrics(output_dir, enabled=layout.writer)
     progress = Progress(args.max_steps, step, args.log_interval)
