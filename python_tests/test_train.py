@@ -208,3 +208,32 @@ def test_generated_replies_match_a_teacher_pass_over_them(tiny_target):
     assert batch["input_ids"][1, :4].tolist() == [11, 12, 13, eos[0]]
     assert batch["loss_mask"][1].tolist() == [False] * 3 + [True] + [False] * 6
     assert batch["teacher_argmax"][1, 2] == eos[0]
+
+
+def test_training_unroll_equals_the_drafter_at_inference():
+    """Step s of the training-time-test unroll at index t is what the tree drafter computes after
+    the context ``ids[:t + 2]`` and the path ``ids[t + 2 : t + 2 + s]``: training and decoding
+    share one attention pattern."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from torchspec_ext.draft import DraftConfig, Eagle3Drafter
+
+    config = LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=6,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    target = LlamaForCausalLM(config).eval()
+    draft = Eagle3Draft(DraftConfig.from_target(config, 100))
+    draft.set_vocab(torch.randperm(300)[:100])
+    draft.init_from_target(target)
+    torch.nn.init.normal_(draft.fc.weight, std=0.05)  # not the identity start: every input matters
+    ids = torch.randint(0, 300, (1, 20))
+    with torch.no_grad():
+        hidden = target(ids, output_hidden_states=True).hidden_states
+        features = torch.cat([hidden[i] for i in draft.config.feature_layers], -1)
+        outputs = draft.unroll(features[:, :14], ids, 4)
+        drafter = Eagle3Drafter(draft)
+        for t in (0, 5, 13):
+            for s in range(4):
+                drafter.reset(features[0, : t + 1])
+                got = drafter.next_logprobs(ids[0, : t + 2].tolist(), [ids[0, t + 2 : t + 2 + s].tolist()])[0]
+                want = torch.log_softmax(draft.lm_head(outputs[s][0, t]), -1)
+                torch.testing.assert_close(got[draft.draft_to_target()], want, rtol=0, atol=1e-5)
