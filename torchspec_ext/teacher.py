@@ -89,10 +89,9 @@ class Teacher:
             eos_token_id=eos_ids,
         )
         steps = out.hidden_states  # per decoding step: a tuple over layers of [B, new positions, H]
-        hidden = [torch.cat([s[i] for s in steps], 1) for i in range(len(steps[0]))]  # [B, T, H] per layer
-        t = hidden[0].shape[1]  # every position but the last generated token's
-        features = torch.cat([hidden[i] for i in self.layers], -1)
-        final = hidden[-1]  # after the final norm
+        features = torch.cat([torch.cat([s[i] for s in steps], 1) for i in self.layers], -1)
+        final = torch.cat([s[-1] for s in steps], 1)  # after the final norm
+        t = final.shape[1]  # every position but the last generated token's
         head = self.target.get_output_embeddings().weight
         logprobs, indices, _ = self.linear_topk(final.reshape(b * t, -1), head, self.topk)
         logprobs, indices = logprobs.float().view(b, t, -1), indices.view(b, t, -1)

@@ -39,7 +39,7 @@ from torch import Tensor
 from torchspec_ext import ops, reference
 from torchspec_ext.data import (first_turn_prompt, load_conversations, short_prompts, split_held_out,
                                  tokenize_conversation)
-from torchspec_ext.draft import WEIGHTS_NAME, DraftConfig, Eagle3Draft, Eagle3Drafter
+from torchspec_ext.draft import DraftConfig, Eagle3Draft, Eagle3Drafter
 from torchspec_ext.pipeline import ChannelError
 from torchspec_ext.teacher import Teacher, build_draft_vocab
 
@@ -152,6 +152,13 @@ def parse_args(argv=None) -> argparse.Namespace:
 # Data
 
 
+def epoch_order(count: int, key: int | str) -> list[int]:
+    """``range(count)`` shuffled by a generator seeded with ``key`` (the same on every rank and resume)."""
+    order = list(range(count))
+    random.Random(key).shuffle(order)
+    return order
+
+
 class Batches:
     """Token batches of ``batch_size`` conversations in a seeded order per epoch; the position
     (epoch, batch) is part of a checkpoint, so a resumed run sees the batches an uninterrupted
@@ -175,9 +182,7 @@ class Batches:
         return (pad if pad is not None else self.tokenizer.eos_token_id) or 0
 
     def _order(self, epoch: int) -> list[int]:
-        order = list(range(len(self.conversations)))
-        random.Random(self.seed * 1000003 + epoch).shuffle(order)
-        return order
+        return epoch_order(len(self.conversations), self.seed * 1000003 + epoch)
 
     def _take(self) -> tuple[int, list]:
         """(batch index, its conversations); advances the position."""
@@ -314,9 +319,7 @@ class CachedStream:
         self.position = 0
 
     def _order(self, epoch: int) -> list[int]:
-        order = list(range(len(self.files)))
-        random.Random(f"teacher-cache/{self.seed}/{epoch}").shuffle(order)
-        return order
+        return epoch_order(len(self.files), f"teacher-cache/{self.seed}/{epoch}")
 
     def next(self) -> dict[str, Tensor]:
         from safetensors.torch import load_file
@@ -435,8 +438,7 @@ class DraftTrainer:
         t_idx, t_lp, t_arg = pad(batch["teacher_indices"], -1), pad(batch["teacher_logprobs"], 0.0), pad(batch["teacher_argmax"], -1)
         hiddens = self.model(features.to(self.draft.fc.weight.dtype), ids_ext, steps)
         weight = self.draft.lm_head.weight
-        losses, accuracies, total = [], [], 0.0
-        tokens = 0
+        losses, accuracies, tokens = [], [], 0
         for s, hidden in enumerate(hiddens):
             rows = mask_ext[:, 2 + s : 2 + s + t].reshape(-1).nonzero().squeeze(1)
             idx = t_idx[:, 1 + s : 1 + s + t].reshape(-1, k).index_select(0, rows)
@@ -515,11 +517,9 @@ def find_checkpoint(output_dir: Path, resume: str) -> Path:
 
 
 def load_checkpoint(path: Path, trainer: DraftTrainer, batches: Batches) -> int:
+    """Restores the trainer's state and the data position; the draft's weights were loaded from
+    the same checkpoint when the draft was made (``Eagle3Draft.load``)."""
     state = torch.load(path / "trainer.pt", weights_only=False)
-    from safetensors.torch import load_file
-
-    saved = load_file(str(path / WEIGHTS_NAME))  # the checkpoint holds no embedding (the target's)
-    trainer.draft.load_state_dict({**saved, "embed_tokens.weight": trainer.draft.embed_tokens.weight})
     trainer.optimizer.load_state_dict(state["optimizer"])
     trainer.scheduler.load_state_dict(state["scheduler"])
     batches.position = state["data_position"]
