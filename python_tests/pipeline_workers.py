@@ -15,9 +15,10 @@ BATCH_DTYPES = [torch.float32, torch.bfloat16, torch.int64, torch.bool]
 EXTRA_DTYPES = [torch.float16, torch.int32, torch.uint8]
 
 
-def random_batch(seed: int, max_numel: int = 2000) -> dict[str, torch.Tensor]:
+def random_batch(seed: int, max_numel: int = 2000, max_dim: int = 8) -> dict[str, torch.Tensor]:
     """A reproducible batch: 1 to 5 tensors of random names, dtypes, shapes (0-d and empty
-    included) and random bits (NaN payloads included); some non-contiguous."""
+    included; each dimension up to ``max_dim``) and random bits (NaN payloads included); some
+    non-contiguous."""
     g = torch.Generator().manual_seed(seed)
 
     def rand(hi: int) -> int:
@@ -26,7 +27,7 @@ def random_batch(seed: int, max_numel: int = 2000) -> dict[str, torch.Tensor]:
     batch = {}
     for i in range(1 + rand(5)):
         dtype = BATCH_DTYPES[rand(4)] if rand(8) else EXTRA_DTYPES[rand(3)]
-        shape = [rand(9) for _ in range(rand(4))]
+        shape = [rand(max_dim + 1) for _ in range(rand(4))]
         while shape and torch.Size(shape).numel() > max_numel:
             shape[rand(len(shape))] //= 2
         numel = torch.Size(shape).numel()
@@ -39,6 +40,18 @@ def random_batch(seed: int, max_numel: int = 2000) -> dict[str, torch.Tensor]:
             t = t.transpose(0, 1).contiguous().transpose(0, 1)  # same values, non-contiguous layout
         batch[f"t{i}_{rand(1000)}"] = t
     return batch
+
+
+def large_batch(seed: int) -> dict[str, torch.Tensor]:
+    """A random batch whose tensors go up to a few MiB: some travel alone, from their own memory."""
+    return random_batch(seed, max_numel=1_000_000, max_dim=300)
+
+
+def many_tensors_batch(seed: int) -> dict[str, torch.Tensor]:
+    """80 small tensors with long names: a header too long to travel inside the preamble."""
+    g = torch.Generator().manual_seed(seed)
+    return {f"tensor_{i}_with_a_name_long_enough_to_fill_the_header": torch.randn(i % 7, 3, generator=g)
+            for i in range(80)}
 
 
 def teacher_batch(seed: int) -> dict[str, torch.Tensor]:

@@ -21,10 +21,12 @@ from torchspec_ext.pipeline import (
     TensorChannel,
     routes,
 )
-from torchspec_ext.pipeline.wire import pack, unpack
+from torchspec_ext.pipeline.wire import (ZERO_COPY_BYTES, body_messages, body_receives, decode, entry_bytes, pack, plan,
+                                         preamble, read_preamble, unpack)
 
 from conftest import HAS_GPU
-from pipeline_workers import assert_same_batch, random_batch, run_job, teacher_batch
+from pipeline_workers import (assert_same_batch, large_batch, many_tensors_batch, random_batch, run_job,
+                              teacher_batch)
 
 HAS_NCCL = torchspec_ext.build_info()["nccl_version"] is not None
 
@@ -67,6 +69,47 @@ def test_truncated_buffer_raises():
     buffer, header_bytes = pack(teacher_batch(2), 0, _cpu_alloc)
     with pytest.raises(HeaderMismatch, match="bytes"):
         unpack(buffer[:-64].clone(), header_bytes)
+
+
+def _through_messages(batch: dict, seq: int):
+    """What the gloo channel does, without the transport: the body's messages on the sending
+    side, each copied into its receive target, then the batch read from the receiver's buffer."""
+    header, offsets, total = plan(batch, seq)
+    messages = body_messages(batch, offsets, torch.device("cpu"))
+    buffer = torch.full((total,), 0xCC, dtype=torch.uint8)
+    buffer[: len(header)] = torch.frombuffer(bytearray(header), dtype=torch.uint8)
+    decoded = decode(buffer[: len(header)])
+    targets, place_small = body_receives(buffer, [(o, entry_bytes(c, s)) for _, c, s, o in decoded[2]])
+    assert [m.numel() for m in messages] == [t.numel() for t in targets]
+    for message, target in zip(messages, targets):
+        target.copy_(message)
+    place_small()
+    return messages, unpack(buffer, len(header), decoded)
+
+
+def test_body_messages_round_trip_bit_exact():
+    batches = [random_batch(s) for s in range(100)] + [large_batch(s) for s in range(20)] + [many_tensors_batch(0)]
+    large_seen = 0
+    for seed, batch in enumerate(batches):
+        messages, (seq, got) = _through_messages(batch, seed)
+        assert seq == seed
+        assert_same_batch(got, batch, f"batch {seed}")
+        pointers = {m.data_ptr() for m in messages}
+        for name, t in batch.items():
+            if t.numel() * t.element_size() >= ZERO_COPY_BYTES:
+                large_seen += 1  # a large tensor is a message of its own, sent from its memory if it can be
+                assert (t.data_ptr() in pointers) == t.is_contiguous(), name
+        assert len(messages) <= 1 + sum(t.numel() * t.element_size() >= ZERO_COPY_BYTES for t in batch.values())
+    assert large_seen >= 5
+
+
+def test_preamble_carries_sizes_and_a_short_header():
+    header = bytes(range(200))
+    total, header_bytes, inline = read_preamble(preamble(123456789, header))
+    assert (total, header_bytes) == (123456789, 200) and bytes(inline.tolist()) == header
+    total, header_bytes, inline = read_preamble(preamble(10**6, 10**5))  # a header too long to go inline
+    assert (total, header_bytes, inline) == (10**6, 10**5, None)
+    assert read_preamble(preamble(-1, 0))[:2] == (-1, 0)
 
 
 def test_unsupported_dtype_is_named():
@@ -147,9 +190,12 @@ def _job_one_to_one(rank, world):
     with TensorChannel(1 - rank, depth=2, timeout=30) as ch:
         assert ch.backend == "gloo" and ch.device.type == "cpu"
         seeds = list(range(300))
+        extra = [large_batch(s) for s in range(12)] + [many_tensors_batch(0)]
         if rank == 0:
             for s in seeds:
                 ch.send(random_batch(s))
+            for batch in extra:
+                ch.send(batch)
             big = {"hidden": torch.randn(3, 512, 1024).to(torch.bfloat16), "ids": torch.arange(512)}
             ch.send(big)
         else:
@@ -161,9 +207,11 @@ def _job_one_to_one(rank, world):
                     kept[s] = batch
             for s, batch in kept.items():
                 assert_same_batch(batch, random_batch(s), f"kept batch {s}")
+            for i, want in enumerate(extra):  # large tensors sent from their memory; a header not inline
+                assert_same_batch(ch.recv(), want, f"extra batch {i}")
             got = ch.recv()
             assert got["hidden"].shape == (3, 512, 1024) and torch.equal(got["ids"], torch.arange(512))
-            with pytest.raises(ChannelClosed, match="closed the channel after 301 batches"):
+            with pytest.raises(ChannelClosed, match="closed the channel after 314 batches"):
                 ch.recv()
     if rank == 1:
         with pytest.raises(ChannelClosed, match="is closed"):
@@ -185,12 +233,10 @@ def _job_one_to_one(rank, world):
             with pytest.raises(ChannelClosed):  # the sender's close() waits for this
                 ch.recv()
 
-    # A header that does not match: a well-formed size message followed by foreign bytes.
+    # A header that does not match: a well-formed preamble carrying foreign bytes as the header.
     ch = TensorChannel(1 - rank, timeout=30)
     if rank == 0:
-        garbage = torch.full((128,), 0x5A, dtype=torch.uint8)
-        for work in (ch._transport.send(torch.tensor([128, 64])), ch._transport.send(garbage)):
-            work.wait()
+        ch._transport.send(preamble(128, bytes([0x5A] * 64))).wait()
     else:
         with pytest.raises(HeaderMismatch, match="bad magic"):
             ch.recv()

@@ -3,14 +3,15 @@
 Two processes on this machine (loopback): a producer (teacher) and a consumer (trainer).
 
 - bandwidth: one batch of ``size`` bytes (three hidden-state tensors and a few small ones, as a
-  teacher sends) per message; ours = ``TensorChannel.send``/``recv`` (packing, header and the
-  size message included), raw = ``dist.isend``/``irecv`` of one buffer of the same bytes. Both
+  teacher sends) per message; ours = ``TensorChannel.send``/``recv`` (header, preamble and the
+  copies of the small tensors included), raw = ``dist.isend``/``irecv`` of one buffer of the same bytes. Both
   timed on the consumer from the first to the last of ``repeat`` messages after a warm-up,
   alternated in rounds, median of the rounds. Target: ours >= 90% of raw from 16 MB up.
 - overlap: the producer's step (a matmul standing in for the teacher's forward) timed alone and
   with a 16 MiB batch sent through the channel after each step. Target: < 5% slower. On a CPU
   the transfer itself needs the CPU (packing copy, gloo's TCP threads), so there the producer
-  shares its cores with it; on GPUs packing is a device copy and NCCL moves the bytes.
+  shares its cores with it (gloo's TCP threads; the channel copies only the small tensors); on
+  GPUs packing is a device copy and NCCL moves the bytes.
 
 CPU: gloo. CUDA with two GPUs or more: NCCL, one GPU per process. With one GPU, NCCL cannot put
 two ranks on it, so only our one-rank self-send is measured, against a device-to-device copy of

@@ -1,16 +1,25 @@
-"""``TensorChannel``: batches of tensors from one rank to another, one message per batch.
+"""``TensorChannel``: batches of tensors from one rank to another, in order, a few messages each.
 
-Everything but moving bytes is shared by the transports: packing (:mod:`.wire`), sequence
-numbers, the bounded in-flight queue, the buffer pool and the timeouts. A transport only
-starts sends and receives of one contiguous uint8 buffer and waits for them:
+Everything but moving bytes is shared by the transports: the wire format (:mod:`.wire`: one
+header, one contiguous buffer per batch on the receiving side), sequence numbers, the bounded
+in-flight queue, the buffer pools and the timeouts. A transport only starts sends and receives
+of contiguous uint8 tensors and waits for them:
 
 - ``gloo``: ``torch.distributed`` isend/irecv on a gloo process group (CPU buffers);
 - ``nccl``: the compiled NCCL communicator (``_C.NcclComm``, csrc/pipeline/nccl_comm.h) with
   its own CUDA streams and an event per operation (CUDA buffers).
 
-Per batch the sender sends two messages: an int64 pair ``(total_bytes, header_bytes)``, then
-the packed buffer; ``(-1, 0)`` marks the end of the stream (``close()``). The receiver posts the
-next size message's receive while the current payload arrives.
+Per batch the sender first sends a fixed-size preamble (``wire.preamble``: total and header
+bytes, and the header itself when it fits); a total of -1 marks the end of the stream
+(``close()``). The receiver posts the next preamble's receive while the current batch arrives.
+Then the body, which the receiver always gets as one buffer laid out as ``wire.pack`` lays it:
+
+- NCCL: the packed buffer, one message (packing is a device copy at memory speed, and NCCL
+  moves one large message best);
+- gloo: each tensor of ``wire.ZERO_COPY_BYTES`` or more from its own memory into its place in
+  the receiver's buffer, the smaller ones together in one message (copied on both sides); the
+  header goes on its own first only when it did not fit the preamble. On a CPU a packing copy
+  costs as much CPU as the loopback transfer it feeds, so the large tensors are not copied.
 """
 
 from __future__ import annotations
@@ -27,7 +36,9 @@ from torch import Tensor
 import torchspec_ext
 from torchspec_ext import _C
 from torchspec_ext.pipeline.errors import ChannelClosed, ChannelError, ChannelTimeout, HeaderMismatch
-from torchspec_ext.pipeline.wire import host_to_device, pack, unpack
+from torchspec_ext.pipeline.wire import (PREAMBLE_BYTES, body_messages, body_receives, decode, entry_bytes,
+                                         header_fits_inline, host_to_device, pack, plan, preamble, read_preamble,
+                                         unpack)
 
 __all__ = ["TensorChannel"]
 
@@ -44,6 +55,8 @@ _pair_counts: collections.Counter = collections.Counter()
 
 
 class _GlooTransport:
+    scatter = True  # the body goes as body_messages(): large tensors from their own memory
+
     def __init__(self, peer: int, group, tag: int):
         self.peer, self.group, self.tag = peer, group, tag
 
@@ -64,6 +77,8 @@ class _GlooTransport:
 
 
 class _NcclTransport:
+    scatter = False  # the body goes packed, as one message
+
     def __init__(self, rank: int, peer: int, device: torch.device, index: int, timeout: float, store):
         if not hasattr(_C, "NcclComm"):
             raise ChannelError("pipeline: backend='nccl' but torchspec_ext was built without NCCL (build_info())")
@@ -111,12 +126,13 @@ def _unreferenced(storage: Tensor) -> bool:
 
 
 class _Send:
-    """One batch in flight: its tickets and the memory they read, kept until they completed."""
+    """One batch in flight: its tickets, in send order, and the memory they read (kept alive
+    until they completed); ``storage``: the packing buffer to reuse afterwards, if any."""
 
-    __slots__ = ("size_ticket", "data_ticket", "size", "storage")
+    __slots__ = ("tickets", "messages", "storage")
 
-    def __init__(self, size_ticket, data_ticket, size: Tensor, storage: Tensor):
-        self.size_ticket, self.data_ticket, self.size, self.storage = size_ticket, data_ticket, size, storage
+    def __init__(self, tickets: list, messages: list[Tensor], storage: Tensor | None):
+        self.tickets, self.messages, self.storage = tickets, messages, storage
 
 
 class TensorChannel:
@@ -165,7 +181,7 @@ class TensorChannel:
         self._inflight: collections.deque[_Send] = collections.deque()
         self._free: list[Tensor] = []  # buffers whose sends completed, reused for the next batches
         self._recv_pool: list[Tensor] = []  # receive buffers, reused once their batch is dropped
-        self._next_size = None  # (ticket, tensor) of the size message of the next batch, posted early
+        self._next_pre = None  # (ticket, tensor) of the next batch's preamble, posted early
         self._sent = self._received = 0
         self._error: ChannelError | None = None
         self._closed = self._peer_closed = False
@@ -181,23 +197,32 @@ class TensorChannel:
 
     # ----------------------------------------------------------------------------- sending
     def send(self, batch: dict[str, Tensor]) -> None:
-        """Queue ``batch``; returns once it is packed and its send started. Blocks (up to
-        ``timeout``) only while ``depth`` earlier batches are still in flight. The tensors may be
-        reused as soon as this returns (they are copied into the channel's buffer)."""
+        """Queue ``batch``; returns once its send started. Blocks (up to ``timeout``) only while
+        ``depth`` earlier batches are still in flight.
+
+        Like ``dist.isend``, the gloo channel sends contiguous CPU tensors from their own memory:
+        do not change them in place until the batch's send completed (``depth`` sends later, or
+        ``close()``); a model's outputs, new tensors every batch, are safe. The NCCL channel
+        copies them into its buffer on the current stream, after the work queued there."""
         self._check_open()
         deadline = time.monotonic() + self.timeout
         self._retire(deadline, keep=self.depth - 1)
-        buffer, header_bytes = pack(batch, self._sent, self._take_buffer)
-        size = host_to_device(torch.tensor([buffer.numel(), header_bytes], dtype=torch.int64), self.device)
-        storage = buffer if buffer._base is None else buffer._base
-        self._inflight.append(_Send(*self._start_sends(size, buffer, deadline), size, storage))
+        if self._transport.scatter:
+            header, offsets, total = plan(batch, self._sent)
+            messages = [preamble(total, header)]
+            if not header_fits_inline(len(header)):
+                messages.append(torch.frombuffer(bytearray(header), dtype=torch.uint8))
+            messages += body_messages(batch, offsets, self.device)
+            storage = None
+        else:
+            buffer, header_bytes = pack(batch, self._sent, self._take_buffer)
+            messages = [host_to_device(preamble(buffer.numel(), header_bytes), self.device), buffer]
+            storage = buffer if buffer._base is None else buffer._base
+        self._inflight.append(_Send(self._start_sends(messages, deadline), messages, storage))
         self._sent += 1
 
-    def _start_sends(self, size: Tensor, buffer: Tensor | None, deadline: float):
-        def start():
-            return self._transport.send(size), None if buffer is None else self._transport.send(buffer)
-
-        return self._guard(start, "starting a send", deadline)
+    def _start_sends(self, messages: list[Tensor], deadline: float) -> list:
+        return self._guard(lambda: [self._transport.send(m) for m in messages], "starting a send", deadline)
 
     def _take_buffer(self, nbytes: int) -> Tensor:
         for i, storage in enumerate(self._free):
@@ -213,15 +238,14 @@ class TensorChannel:
             oldest = self._inflight[0]
             if len(self._inflight) <= keep and not self._guard(lambda: self._done(oldest), "sending", deadline):
                 return
-            for ticket in (oldest.size_ticket, oldest.data_ticket):
-                if ticket is not None:
-                    self._wait(ticket, deadline, f"sending batch {self._sent - len(self._inflight)}")
+            for ticket in oldest.tickets:
+                self._wait(ticket, deadline, f"sending batch {self._sent - len(self._inflight)}")
             self._inflight.popleft()
-            self._free.append(oldest.storage)
+            if oldest.storage is not None:
+                self._free.append(oldest.storage)
 
     def _done(self, s: _Send) -> bool:
-        # The data message completes after the size message (both go in order to the same peer).
-        return s.data_ticket is None or self._transport.done(s.data_ticket)
+        return all(self._transport.done(t) for t in s.tickets)
 
     # --------------------------------------------------------------------------- receiving
     def recv(self) -> dict[str, Tensor]:
@@ -233,10 +257,10 @@ class TensorChannel:
             raise ChannelClosed(f"pipeline: rank {self.peer} closed the channel after {self._received} batches")
         deadline = time.monotonic() + self.timeout
         what = f"receiving batch {self._received} from rank {self.peer}"
-        size_ticket, size = self._next_size if self._next_size is not None else self._post_size_recv(what, deadline)
-        self._next_size = None
-        self._wait(size_ticket, deadline, what)
-        total, header_bytes = size.tolist()
+        pre_ticket, pre = self._next_pre if self._next_pre is not None else self._post_preamble_recv(what, deadline)
+        self._next_pre = None
+        self._wait(pre_ticket, deadline, what)
+        total, header_bytes, inline_header = read_preamble(pre)
         if total == _END_OF_STREAM:
             self._peer_closed = True
             raise ChannelClosed(f"pipeline: rank {self.peer} closed the channel after {self._received} batches")
@@ -244,12 +268,32 @@ class TensorChannel:
             self._fail(HeaderMismatch(f"pipeline: batch {self._received} from rank {self.peer} announced "
                                       f"{total} bytes with a {header_bytes}-byte header"))
         buffer = self._recv_buffer(total)
-        ticket = self._guard(lambda: self._transport.recv(buffer), what, deadline)
-        if self.peer != self.rank:  # a send to itself is issued with its recv: nothing to post ahead
-            self._next_size = self._post_size_recv(what, deadline)
-        self._wait(ticket, deadline, what)
+        decoded = None
         try:
-            seq, batch = unpack(buffer, header_bytes)
+            if self._transport.scatter:
+                if inline_header is not None:
+                    buffer[:header_bytes].copy_(inline_header)
+                else:
+                    header_ticket = self._guard(lambda: self._transport.recv(buffer[:header_bytes]), what, deadline)
+                    self._wait(header_ticket, deadline, what)
+                decoded = decode(buffer[:header_bytes])
+                if decoded[1] != total:
+                    raise HeaderMismatch(f"pipeline header: says {decoded[1]} bytes, the preamble {total}")
+                spans = [(offset, entry_bytes(code, shape)) for _, code, shape, offset in decoded[2]]
+                parts, place_small = body_receives(buffer, spans)
+            else:
+                parts, place_small = [buffer], None
+        except HeaderMismatch as exc:
+            self._fail(exc)
+        tickets = self._guard(lambda: [self._transport.recv(p) for p in parts], what, deadline)
+        if self.peer != self.rank:  # a send to itself is issued with its recv: nothing to post ahead
+            self._next_pre = self._post_preamble_recv(what, deadline)
+        for ticket in tickets:
+            self._wait(ticket, deadline, what)
+        if place_small is not None:
+            place_small()
+        try:
+            seq, batch = unpack(buffer, header_bytes, decoded)
         except HeaderMismatch as exc:
             self._fail(exc)
         if seq != self._received:
@@ -258,11 +302,11 @@ class TensorChannel:
         self._received += 1
         return batch
 
-    def _post_size_recv(self, what: str, deadline: float):
-        # Posted one batch ahead, so that the sender's size message never waits for the receiver
-        # to ask for it: per batch only the payload costs a round trip, as a raw send does.
-        size = torch.empty(2, dtype=torch.int64, device=self.device)
-        return self._guard(lambda: self._transport.recv(size), what, deadline), size
+    def _post_preamble_recv(self, what: str, deadline: float):
+        # Posted one batch ahead, so that the sender's preamble never waits for the receiver to
+        # ask for it: per batch only the body costs a round trip, as a raw send does.
+        pre = torch.empty(PREAMBLE_BYTES, dtype=torch.uint8, device=self.device)
+        return self._guard(lambda: self._transport.recv(pre), what, deadline), pre
 
     def _recv_buffer(self, nbytes: int) -> Tensor:
         """A buffer of which no tensor of an earlier batch is alive any more, else a new one
@@ -289,8 +333,8 @@ class TensorChannel:
             if self._error is None and self._sent and self.peer != self.rank:
                 deadline = time.monotonic() + self.timeout
                 self._retire(deadline, keep=0)
-                end = host_to_device(torch.tensor([_END_OF_STREAM, 0], dtype=torch.int64), self.device)
-                ticket, _ = self._start_sends(end, None, deadline)
+                end = host_to_device(preamble(_END_OF_STREAM, 0), self.device)
+                (ticket,) = self._start_sends([end], deadline)
                 self._wait(ticket, deadline, "sending the end of the stream")
         finally:
             self._closed = True

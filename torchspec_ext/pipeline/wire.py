@@ -1,12 +1,16 @@
-"""Packing of a batch (a dict of tensors) into one contiguous uint8 buffer and back.
+"""The wire format: a batch (a dict of tensors) as one contiguous uint8 buffer and back.
 
 The header format is the compiled one (csrc/pipeline/wire.h), shared with the C++ benchmark;
 here the tensors' bytes are copied with torch, so packing works for CPU and CUDA tensors alike.
+The receiver always gets the packed layout; :func:`pack` builds it on the sender (NCCL), while
+:func:`body_messages` / :func:`body_receives` carry it as a few messages without packing (gloo),
+after the fixed-size :func:`preamble`.
 """
 
 from __future__ import annotations
 
 import math
+import struct
 from typing import Callable
 
 import torch
@@ -15,7 +19,8 @@ from torch import Tensor
 from torchspec_ext import _C
 from torchspec_ext.pipeline.errors import HeaderMismatch
 
-__all__ = ["DTYPE_CODES", "host_to_device", "pack", "unpack"]
+__all__ = ["DTYPE_CODES", "PREAMBLE_BYTES", "decode", "host_to_device", "pack", "plan", "preamble", "read_preamble",
+           "body_messages", "body_receives", "unpack"]
 
 #: torch dtype -> wire code (csrc/pipeline/wire.h, WireDtype).
 DTYPE_CODES = {
@@ -33,9 +38,9 @@ DTYPE_CODES = {
 _CODE_DTYPES = {code: dtype for dtype, code in DTYPE_CODES.items()}
 
 
-def pack(batch: dict[str, Tensor], seq: int, alloc: Callable[[int], Tensor]) -> tuple[Tensor, int]:
-    """``(buffer, header_bytes)``: the batch as header + tensors in ``alloc(total_bytes)``, a 1-D
-    uint8 tensor of exactly ``total_bytes`` on the channel's device (tensors are copied there)."""
+def plan(batch: dict[str, Tensor], seq: int) -> tuple[bytes, list[int], int]:
+    """``(header, offsets, total_bytes)`` of ``batch`` packed as batch number ``seq``: the
+    header (csrc/pipeline/wire.h), each tensor's offset in the packed buffer and its size."""
     if not isinstance(batch, dict) or not batch:
         raise TypeError(f"pipeline: a batch is a non-empty dict of str -> Tensor, got {type(batch).__name__}")
     specs = []
@@ -47,12 +52,113 @@ def pack(batch: dict[str, Tensor], seq: int, alloc: Callable[[int], Tensor]) -> 
             raise TypeError(f"pipeline: tensor '{name}' has dtype {t.dtype}; supported: {supported}")
         specs.append((name, DTYPE_CODES[t.dtype], list(t.shape)))
     header, offsets, total = _C.pipeline_plan(seq, specs)
+    return bytes(header), offsets, total
+
+
+def pack(batch: dict[str, Tensor], seq: int, alloc: Callable[[int], Tensor]) -> tuple[Tensor, int]:
+    """``(buffer, header_bytes)``: the batch as header + tensors in ``alloc(total_bytes)``, a 1-D
+    uint8 tensor of exactly ``total_bytes`` on the channel's device (tensors are copied there)."""
+    header, offsets, total = plan(batch, seq)
     buffer = alloc(total)
-    buffer[: len(header)].copy_(host_to_device(torch.frombuffer(bytearray(header), dtype=torch.uint8), buffer.device))
+    buffer[: len(header)].copy_(host_to_device(_bytes_tensor(header), buffer.device))
     for t, offset in zip(batch.values(), offsets):
         if t.numel():
             _view(buffer, offset, t.dtype, t.shape).copy_(t)
     return buffer, len(header)
+
+
+#: From this size up a tensor travels from its own memory as a message of its own (gloo); the
+#: smaller ones are copied into one message together: on a CPU a message costs about as much as
+#: copying a megabyte, so a batch is a few large messages whatever its number of tensors.
+ZERO_COPY_BYTES = 1 << 20
+_ALIGN = 64  # kAlign of csrc/pipeline/wire.h: any dtype can be viewed at such an offset
+
+
+def split_body(spans: list[tuple[int, int]]) -> tuple[list[tuple[int, int]], list[int]]:
+    """``(small, large)``: ``(index, position)`` of each non-empty tensor that travels in the
+    message of small ones together (64-byte aligned, as in the packed buffer), and the indices
+    of those that travel alone. ``spans``: each tensor's ``(offset, nbytes)``; sender and
+    receiver both take them from the header."""
+    small, large, at = [], [], 0
+    for i, (_, nbytes) in enumerate(spans):
+        if nbytes >= ZERO_COPY_BYTES:
+            large.append(i)
+        elif nbytes:
+            small.append((i, at))
+            at += -(-nbytes // _ALIGN) * _ALIGN
+    return small, large
+
+
+def _small_bytes(small, spans) -> int:
+    return small[-1][1] + spans[small[-1][0]][1] if small else 0
+
+
+def body_messages(batch: dict[str, Tensor], offsets: list[int], device: torch.device) -> list[Tensor]:
+    """The body as messages on the sending side: the small tensors' bytes back to back in one
+    message (if any), then each large tensor's own bytes (no copy when it is contiguous and on
+    ``device``)."""
+    tensors = list(batch.values())
+    spans = [(offset, t.numel() * t.element_size()) for t, offset in zip(tensors, offsets)]
+    small, large = split_body(spans)
+    messages = []
+    if small:
+        together = torch.empty(_small_bytes(small, spans), dtype=torch.uint8, device=device)
+        for i, at in small:
+            _view(together, at, tensors[i].dtype, tensors[i].shape).copy_(tensors[i])
+        messages.append(together)
+    for i in large:
+        t = tensors[i].to(device).contiguous()  # both no-ops for a contiguous tensor already there
+        messages.append(t.reshape(-1).view(torch.uint8))
+    return messages
+
+
+def body_receives(buffer: Tensor, spans: list[tuple[int, int]]) -> tuple[list[Tensor], Callable[[], None]]:
+    """The receiving side of :func:`body_messages`: the tensors to receive the messages into, and
+    a function to call once they arrived that moves the small tensors to their place in ``buffer``."""
+    small, large = split_body(spans)
+    together = torch.empty(_small_bytes(small, spans), dtype=torch.uint8, device=buffer.device)
+
+    def place_small() -> None:
+        for i, at in small:
+            offset, nbytes = spans[i]
+            buffer[offset : offset + nbytes].copy_(together[at : at + nbytes])
+
+    targets = [together] if small else []
+    return targets + [buffer[spans[i][0] : spans[i][0] + spans[i][1]] for i in large], place_small
+
+
+#: The fixed-size first message of every batch: int64 total_bytes, int64 header_bytes, then the
+#: header itself when it fits (a batch of a few tensors); total_bytes = -1 ends the stream.
+PREAMBLE_BYTES = 2048
+_INLINE_HEADER = PREAMBLE_BYTES - 16
+
+
+def preamble(total: int, header: bytes | int) -> Tensor:
+    """The preamble (CPU) of a batch of ``total`` bytes: with the header inline when ``header`` is
+    the header's bytes and they fit, else only its size (``header`` an int, or too long)."""
+    pre = bytearray(PREAMBLE_BYTES)
+    size = header if isinstance(header, int) else len(header)
+    struct.pack_into("<qq", pre, 0, total, size)
+    if not isinstance(header, int) and size <= _INLINE_HEADER:
+        pre[16 : 16 + size] = header
+    return torch.frombuffer(pre, dtype=torch.uint8)
+
+
+def read_preamble(pre: Tensor) -> tuple[int, int, Tensor | None]:
+    """``(total_bytes, header_bytes, header or None)`` of a received preamble (on any device);
+    the header is there when the sender put it inline (see :func:`preamble`)."""
+    pre = pre.cpu()
+    total, header_bytes = struct.unpack("<qq", pre[:16].numpy().tobytes())
+    inline = pre[16 : 16 + header_bytes] if 0 < header_bytes <= _INLINE_HEADER else None
+    return total, header_bytes, inline
+
+
+def header_fits_inline(header_bytes: int) -> bool:
+    return header_bytes <= _INLINE_HEADER
+
+
+def _bytes_tensor(data: bytes) -> Tensor:
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8)
 
 
 def host_to_device(t: Tensor, device: torch.device) -> Tensor:
@@ -64,13 +170,22 @@ def host_to_device(t: Tensor, device: torch.device) -> Tensor:
     return t.pin_memory().to(device, non_blocking=True)
 
 
-def unpack(buffer: Tensor, header_bytes: int) -> tuple[int, dict[str, Tensor]]:
-    """``(seq, batch)`` from a received buffer; the tensors are views into ``buffer`` (no copy)."""
-    header = buffer[:header_bytes]
+def decode(header: Tensor) -> tuple[int, int, list]:
+    """``(seq, total_bytes, entries)`` of a header; entries are ``(name, dtype code, shape, offset)``."""
     try:
-        seq, total, entries = _C.pipeline_decode(header if header.device.type == "cpu" else header.cpu())
+        return _C.pipeline_decode(header if header.device.type == "cpu" else header.cpu())
     except _C.PipelineHeaderError as exc:
         raise HeaderMismatch(str(exc)) from None
+
+
+def entry_bytes(code: int, shape) -> int:
+    return math.prod(shape) * _CODE_DTYPES[code].itemsize
+
+
+def unpack(buffer: Tensor, header_bytes: int, decoded: tuple[int, int, list] | None = None) -> tuple[int, dict[str, Tensor]]:
+    """``(seq, batch)`` from a received buffer; the tensors are views into ``buffer`` (no copy).
+    ``decoded``: :func:`decode` of the buffer's header, when the caller already has it."""
+    seq, total, entries = decoded if decoded is not None else decode(buffer[:header_bytes])
     if total != buffer.numel():
         raise HeaderMismatch(f"pipeline header: says {total} bytes, the message had {buffer.numel()}")
     batch = {name: _view(buffer, offset, _CODE_DTYPES[code], shape) for name, code, shape, offset in entries}
