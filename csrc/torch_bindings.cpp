@@ -21,6 +21,10 @@ TORCH_LIBRARY(torchspec, m) {
   m.def(
       "draft_topk_kl_backward(Tensor grad_loss, Tensor hidden, Tensor weight, Tensor teacher_indices, "
       "Tensor teacher_logprobs, Tensor? valid, Tensor lse, float temperature) -> (Tensor, Tensor)");
+  // draft_topk_kl and the gradients of its loss with respect to hidden and weight, in one pass.
+  m.def(
+      "draft_topk_kl_with_grad(Tensor hidden, Tensor weight, Tensor teacher_indices, Tensor teacher_logprobs, "
+      "Tensor? valid=None, float temperature=1.0) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   // Attention of T draft-tree nodes over a shared prefix and their ancestors (mask from parents).
   m.def("tree_attention(Tensor q, Tensor k, Tensor v, Tensor prefix_lens, Tensor parents, float? scale=None) -> Tensor");
   // Greedy walk of draft trees against the target's argmaxes: (num_accepted, path, next_token).

@@ -214,6 +214,36 @@ def test_opcheck(device):
         torch.ops.torchspec.draft_topk_kl_backward.default,
         (grad, hidden.detach(), weight.detach(), indices, logprobs, valid, lse, 0.8),
     )
+    torch.library.opcheck(
+        torch.ops.torchspec.draft_topk_kl_with_grad.default,
+        (hidden.detach(), weight.detach(), indices, logprobs, valid, 0.8),
+    )
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_one_pass_gradients_equal_the_backward_op(device, dtype):
+    # Eager training takes the gradients from draft_topk_kl_with_grad; torch.compile from the
+    # registered backward op. Both against each other, with a non-unit upstream gradient.
+    n, vocab = 3000, 4100  # several row blocks of the one-pass op (16 MiB of float32 logits each on CPU)
+    hidden, weight = inputs(n, 32, vocab, device, dtype, scale=2.0)
+    indices, logprobs = teacher(n, 8, vocab, device)
+    valid = torch.rand(n, device=device) < 0.8
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    loss, argmax, lse = draft_topk_kl(h, w, indices, logprobs, valid, 0.7)
+    (3.0 * loss).backward()
+    ref_loss, ref_argmax, ref_lse = torch.ops.torchspec.draft_topk_kl.default(hidden, weight, indices, logprobs, valid, 0.7)
+    gh, gw = torch.ops.torchspec.draft_topk_kl_backward.default(
+        torch.tensor(3.0, device=device), hidden, weight, indices, logprobs, valid, ref_lse, 0.7)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-6, atol=1e-6)
+    assert torch.equal(argmax, ref_argmax)
+    torch.testing.assert_close(lse, ref_lse, rtol=1e-6, atol=1e-6)
+    tol = {"rtol": 0, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 1e-2, "atol": 1e-2}
+    for got, want in ((h.grad, gh), (w.grad, gw)):
+        assert got.dtype == dtype
+        torch.testing.assert_close(got.float(), want.float(), **{**tol, "atol": tol["atol"] * want.abs().max().item()})
+    with torch.no_grad():  # no gradient wanted: the forward op alone
+        assert torch.equal(draft_topk_kl(h, w, indices, logprobs, valid, 0.7)[1], argmax)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -175,9 +175,34 @@ def draft_topk_kl(
 
     Differentiable with respect to ``hidden`` and ``weight`` (through ``loss``; ``argmax`` and
     ``lse`` are not differentiable). The ``[N, Vd]`` logits never exist: they are made tile by
-    tile in the forward and made again tile by tile in the backward.
+    tile. In eager mode with a gradient wanted, the gradients are computed in the same pass as
+    the loss (``draft_topk_kl_with_grad``) and scaled in the backward: three GEMMs per tile, as
+    eager autograd needs, where a separate backward would make the logits again. Under
+    ``torch.compile`` the op and its registered backward run instead.
     """
-    return torch.ops.torchspec.draft_topk_kl.default(hidden, weight, teacher_indices, teacher_logprobs, valid, temperature)
+    args = (hidden, weight, teacher_indices, teacher_logprobs, valid, temperature)
+    if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad) and not torch.compiler.is_compiling():
+        return _DraftTopkKLOnePass.apply(*args)
+    return torch.ops.torchspec.draft_topk_kl.default(*args)
+
+
+class _DraftTopkKLOnePass(torch.autograd.Function):
+    """draft_topk_kl whose gradients were computed with the loss: the backward only scales them."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, teacher_indices, teacher_logprobs, valid, temperature):
+        loss, argmax, lse, grad_hidden, grad_weight = torch.ops.torchspec.draft_topk_kl_with_grad.default(
+            hidden, weight, teacher_indices, teacher_logprobs, valid, temperature)
+        ctx.mark_non_differentiable(argmax, lse)
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        return loss, argmax, lse
+
+    @staticmethod
+    def backward(ctx, grad_loss, grad_argmax, grad_lse):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        if grad_loss is None:
+            return None, None, None, None, None, None
+        return grad_hidden * grad_loss, grad_weight * grad_loss, None, None, None, None
 
 
 @torch.library.register_fake("torchspec::draft_topk_kl")
@@ -190,6 +215,13 @@ def _draft_topk_kl_fake(hidden, weight, teacher_indices, teacher_logprobs, valid
         hidden.new_empty((n,), dtype=torch.int64),
         hidden.new_empty((n,), dtype=torch.float32),
     )
+
+
+@torch.library.register_fake("torchspec::draft_topk_kl_with_grad")
+def _draft_topk_kl_with_grad_fake(hidden, weight, teacher_indices, teacher_logprobs, valid=None, temperature=1.0):
+    loss, argmax, lse = _draft_topk_kl_fake(hidden, weight, teacher_indices, teacher_logprobs, valid, temperature)
+    return loss, argmax, lse, torch.empty_like(hidden, memory_format=torch.contiguous_format), torch.empty_like(
+        weight, memory_format=torch.contiguous_format)
 
 
 @torch.library.register_fake("torchspec::draft_topk_kl_backward")

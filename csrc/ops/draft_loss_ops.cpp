@@ -5,8 +5,10 @@
 // inner) by torch's GEMM and handed to a framework-free tile kernel (csrc/cpu/draft_loss.cpp,
 // csrc/kernels/draft_loss.cu). The forward keeps per row a running log-sum-exp, argmax and teacher
 // dot product; the backward recomputes each tile, turns it into d loss / d logits in place and
-// multiplies it into both gradients. Extra memory: one tile and small [N] / [N, k] arrays, plus
-// float32 accumulators of the gradients when the inputs are bfloat16 / float16.
+// multiplies it into both gradients. draft_topk_kl_with_grad does both in one pass, for eager
+// training, where the gradients are wanted whenever the loss is. Extra memory: one tile and small
+// [N] / [N, k] arrays, plus float32 accumulators of the gradients when the inputs are bfloat16 /
+// float16.
 #include <ATen/Parallel.h>
 #include <c10/core/DeviceGuard.h>
 #include <torch/library.h>
@@ -30,6 +32,7 @@ namespace {
 
 constexpr const char* kOp = "draft_topk_kl";
 constexpr const char* kBackwardOp = "draft_topk_kl_backward";
+constexpr const char* kWithGradOp = "draft_topk_kl_with_grad";
 
 void check_inputs(const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& indices,
                   const at::Tensor& logprobs, const std::optional<at::Tensor>& valid, double temperature,
@@ -304,17 +307,90 @@ std::tuple<at::Tensor, at::Tensor> draft_topk_kl_backward(const at::Tensor& grad
   return {grad_hidden, grad_weight};
 }
 
+// The forward and both gradients of the loss (for d total / d loss = 1) in one pass: blocks of rows
+// (outer) times the whole vocabulary, so that each block's lse is known before its logits turn
+// into d loss / d logits in place. Three GEMMs per tile, as eager autograd does; the separate
+// backward above needs four (it makes the logits again).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> draft_topk_kl_with_grad(
+    const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& teacher_indices,
+    const at::Tensor& teacher_logprobs, const std::optional<at::Tensor>& valid, double temperature) {
+  check_inputs(hidden, weight, teacher_indices, teacher_logprobs, valid, temperature, kWithGradOp, true);
+  const at::OptionalDeviceGuard guard(hidden.device());
+  const int64_t N = hidden.size(0), H = hidden.size(1), V = weight.size(0);
+  const auto f32 = hidden.options().dtype(at::kFloat);
+  const bool exact_dtype = hidden.scalar_type() == at::kFloat;
+  at::Tensor argmax = at::zeros({N}, f32.dtype(at::kLong));
+  at::Tensor lse = at::empty({N}, f32);
+  // float32 inputs: the gradients are written in place; else in float32 and cast at the end.
+  at::Tensor grad_hidden = at::empty({N, H}, f32);
+  at::Tensor grad_weight = at::zeros({V, H}, f32);
+  if (N == 0) {
+    return {at::zeros({}, f32), argmax, lse, grad_hidden.to(hidden.scalar_type()), grad_weight.to(weight.scalar_type())};
+  }
+  const Targets t = make_targets(teacher_indices, teacher_logprobs, valid);
+  const float inv_temperature = static_cast<float>(1.0 / temperature);
+  at::Tensor run_max = at::full({N}, -std::numeric_limits<float>::infinity(), f32);
+  at::Tensor run_sum = at::zeros({N}, f32);
+  at::Tensor argmax_value = at::full({N}, -std::numeric_limits<float>::infinity(), f32);
+  at::Tensor dot = at::zeros({N}, f32);
+  const at::Tensor row_scale = (t.row_weight * inv_temperature).contiguous();
+  const at::Tensor coef = (t.weights * row_scale.unsqueeze(1)).contiguous();
+  const int64_t k = t.indices.size(1);
+  const at::Tensor hidden_op = gemm_operand(hidden), w = gemm_operand(weight);
+  const int64_t tile_bytes = hidden.is_cuda() ? (int64_t{32} << 20) : (int64_t{16} << 20);
+  const int64_t row_chunk = std::max<int64_t>(1, tile_bytes / (V * 4));
+  at::Tensor buffer = at::empty({std::min(N, row_chunk) * V}, f32);
+
+  for (int64_t r0 = 0; r0 < N; r0 += row_chunk) {
+    const int64_t r1 = std::min(N, r0 + row_chunk);
+    at::Tensor tile = buffer.narrow(0, 0, (r1 - r0) * V).view({r1 - r0, V});
+    const at::Tensor h = hidden_op.slice(0, r0, r1);
+    matmul_f32(tile, h, w.t(), false);
+    DraftLossForwardTile fp;
+    static_cast<DraftLossTile&>(fp) = tile_geometry(tile, 0, r0, t.indices, inv_temperature);
+    fp.logits = tile.data_ptr<float>();
+    fp.target_weights = t.weights.data_ptr<float>() + r0 * k;
+    fp.run_max = run_max.data_ptr<float>() + r0;
+    fp.run_sum = run_sum.data_ptr<float>() + r0;
+    fp.argmax_value = argmax_value.data_ptr<float>() + r0;
+    fp.argmax_index = argmax.data_ptr<int64_t>() + r0;
+    fp.target_dot = dot.data_ptr<float>() + r0;
+    fp.out_lse = lse.data_ptr<float>() + r0;
+    run_tile(fp, tile, kWithGradOp, cpu::draft_loss_forward_rows, TORCHSPEC_CUDA_TILE(cuda::draft_loss_forward));
+    DraftLossBackwardTile bp;
+    static_cast<DraftLossTile&>(bp) = tile_geometry(tile, 0, r0, t.indices, inv_temperature);
+    bp.logits = tile.data_ptr<float>();
+    bp.target_coef = coef.data_ptr<float>() + r0 * k;
+    bp.lse = lse.data_ptr<float>() + r0;
+    bp.row_scale = row_scale.data_ptr<float>() + r0;
+    run_tile(bp, tile, kWithGradOp, cpu::draft_loss_backward_rows, TORCHSPEC_CUDA_TILE(cuda::draft_loss_backward));
+    const at::Tensor g = w.scalar_type() == at::kFloat ? tile : tile.to(w.scalar_type());
+    at::Tensor gh = grad_hidden.slice(0, r0, r1);
+    matmul_f32(gh, g, w, false);
+    matmul_f32(grad_weight, g.t(), h, true);
+  }
+  const at::Tensor per_row = at::where(t.counted, lse - dot * inv_temperature, at::zeros({}, f32));
+  const at::Tensor loss = (per_row.to(at::kDouble) * t.row_weight.to(at::kDouble)).sum().to(at::kFloat);
+  if (!exact_dtype) {
+    grad_hidden = grad_hidden.to(hidden.scalar_type());
+    grad_weight = grad_weight.to(weight.scalar_type());
+  }
+  return {loss, argmax, lse, grad_hidden, grad_weight};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(torchspec, CPU, m) {
   m.impl("draft_topk_kl", &draft_topk_kl);
   m.impl("draft_topk_kl_backward", &draft_topk_kl_backward);
+  m.impl("draft_topk_kl_with_grad", &draft_topk_kl_with_grad);
 }
 
 #ifdef TORCHSPEC_WITH_CUDA
 TORCH_LIBRARY_IMPL(torchspec, CUDA, m) {
   m.impl("draft_topk_kl", &draft_topk_kl);
   m.impl("draft_topk_kl_backward", &draft_topk_kl_backward);
+  m.impl("draft_topk_kl_with_grad", &draft_topk_kl_with_grad);
 }
 #endif
 
