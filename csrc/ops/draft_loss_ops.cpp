@@ -199,6 +199,70 @@ void for_each_tile(const at::Tensor& hidden_op, const at::Tensor& weight, const 
   }
 }
 
+// The forward's per-row state: running log-sum-exp, argmax and teacher dot product, then lse.
+struct ForwardRows {
+  const Targets& t;
+  float inv_temperature;
+  at::Tensor run_max, run_sum, argmax_value, argmax, dot, lse;
+
+  ForwardRows(const Targets& targets, float inv_t, int64_t N, const at::TensorOptions& f32)
+      : t(targets),
+        inv_temperature(inv_t),
+        run_max(at::full({N}, -std::numeric_limits<float>::infinity(), f32)),
+        run_sum(at::zeros({N}, f32)),
+        argmax_value(at::full({N}, -std::numeric_limits<float>::infinity(), f32)),
+        argmax(at::zeros({N}, f32.dtype(at::kLong))),
+        dot(at::zeros({N}, f32)),
+        lse(at::empty({N}, f32)) {}
+
+  // Folds the tile (rows from r0, vocabulary ids from c0) in; `last` when it ends its rows.
+  void add_tile(const at::Tensor& tile, int64_t c0, int64_t r0, bool last, const char* op) {
+    const int64_t k = t.indices.size(1);
+    DraftLossForwardTile p;
+    static_cast<DraftLossTile&>(p) = tile_geometry(tile, c0, r0, t.indices, inv_temperature);
+    p.logits = tile.data_ptr<float>();
+    p.target_weights = t.weights.data_ptr<float>() + r0 * k;
+    p.run_max = run_max.data_ptr<float>() + r0;
+    p.run_sum = run_sum.data_ptr<float>() + r0;
+    p.argmax_value = argmax_value.data_ptr<float>() + r0;
+    p.argmax_index = argmax.data_ptr<int64_t>() + r0;
+    p.target_dot = dot.data_ptr<float>() + r0;
+    p.out_lse = last ? lse.data_ptr<float>() + r0 : nullptr;
+    run_tile(p, tile, op, cpu::draft_loss_forward_rows, TORCHSPEC_CUDA_TILE(cuda::draft_loss_forward));
+  }
+
+  // loss = sum over counted rows of (lse - sum_j p_j z_j / T) / count; sum_j p_j = 1 on those rows.
+  at::Tensor loss() const {
+    const at::Tensor per_row = at::where(t.counted, lse - dot * inv_temperature, at::zeros({}, lse.options()));
+    return (per_row.to(at::kDouble) * t.row_weight.to(at::kDouble)).sum().to(at::kFloat);
+  }
+};
+
+// Turns a tile of logits into d loss / d logits in place, for an upstream gradient grad_loss:
+// d loss / d z[r, v] = row_scale[r] * softmax(z / T)[r, v] - sum_{j: idx_j = v} coef[r, j].
+struct GradientRows {
+  const Targets& t;
+  float inv_temperature;
+  at::Tensor row_scale, coef, lse;
+
+  GradientRows(const Targets& targets, float inv_t, const at::Tensor& grad_loss, const at::Tensor& lse_)
+      : t(targets),
+        inv_temperature(inv_t),
+        row_scale((t.row_weight * (grad_loss.reshape({}).to(at::kFloat) * inv_t)).contiguous()),
+        coef((t.weights * row_scale.unsqueeze(1)).contiguous()),
+        lse(lse_.contiguous()) {}
+
+  void apply(at::Tensor& tile, int64_t c0, int64_t r0, const char* op) const {
+    DraftLossBackwardTile p;
+    static_cast<DraftLossTile&>(p) = tile_geometry(tile, c0, r0, t.indices, inv_temperature);
+    p.logits = tile.data_ptr<float>();
+    p.target_coef = coef.data_ptr<float>() + r0 * t.indices.size(1);
+    p.lse = lse.data_ptr<float>() + r0;
+    p.row_scale = row_scale.data_ptr<float>() + r0;
+    run_tile(p, tile, op, cpu::draft_loss_backward_rows, TORCHSPEC_CUDA_TILE(cuda::draft_loss_backward));
+  }
+};
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> draft_topk_kl(const at::Tensor& hidden, const at::Tensor& weight,
                                                              const at::Tensor& teacher_indices,
                                                              const at::Tensor& teacher_logprobs,
@@ -213,35 +277,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> draft_topk_kl(const at::Tensor& h
   if (N == 0) return {at::zeros({}, f32), argmax, lse};
 
   const Targets t = make_targets(teacher_indices, teacher_logprobs, valid);
-  const float inv_temperature = static_cast<float>(1.0 / temperature);
-  at::Tensor run_max = at::full({N}, -std::numeric_limits<float>::infinity(), f32);
-  at::Tensor run_sum = at::zeros({N}, f32);
-  at::Tensor argmax_value = at::full({N}, -std::numeric_limits<float>::infinity(), f32);
-  argmax.zero_();
-  at::Tensor dot = at::zeros({N}, f32);
-  const int64_t V = weight.size(0), k = t.indices.size(1);
-
+  ForwardRows rows(t, static_cast<float>(1.0 / temperature), N, f32);
+  const int64_t V = weight.size(0);
   for_each_tile(
       gemm_operand(hidden), weight,
-      [&](const at::Tensor& tile, const at::Tensor&, int64_t c0, int64_t c1, int64_t r0, int64_t r1) {
-        DraftLossForwardTile p;
-        static_cast<DraftLossTile&>(p) = tile_geometry(tile, c0, r0, t.indices, inv_temperature);
-        p.logits = tile.data_ptr<float>();
-        p.target_weights = t.weights.data_ptr<float>() + r0 * k;
-        p.run_max = run_max.data_ptr<float>() + r0;
-        p.run_sum = run_sum.data_ptr<float>() + r0;
-        p.argmax_value = argmax_value.data_ptr<float>() + r0;
-        p.argmax_index = argmax.data_ptr<int64_t>() + r0;
-        p.target_dot = dot.data_ptr<float>() + r0;
-        p.out_lse = c1 == V ? lse.data_ptr<float>() + r0 : nullptr;
-        run_tile(p, tile, kOp, cpu::draft_loss_forward_rows, TORCHSPEC_CUDA_TILE(cuda::draft_loss_forward));
+      [&](const at::Tensor& tile, const at::Tensor&, int64_t c0, int64_t c1, int64_t r0, int64_t) {
+        rows.add_tile(tile, c0, r0, c1 == V, kOp);
       },
       [](int64_t, int64_t) {});
-
-  // loss = sum over counted rows of (lse - sum_j p_j z_j / T) / count; sum_j p_j = 1 on those rows.
-  const at::Tensor per_row = at::where(t.counted, lse - dot * inv_temperature, at::zeros({}, f32));
-  const at::Tensor loss = (per_row.to(at::kDouble) * t.row_weight.to(at::kDouble)).sum().to(at::kFloat);
-  return {loss, argmax, lse};
+  return {rows.loss(), rows.argmax, rows.lse};
 }
 
 std::tuple<at::Tensor, at::Tensor> draft_topk_kl_backward(const at::Tensor& grad_loss, const at::Tensor& hidden,
@@ -268,25 +312,14 @@ std::tuple<at::Tensor, at::Tensor> draft_topk_kl_backward(const at::Tensor& grad
   if (N == 0) return {grad_hidden.zero_().to(hidden.scalar_type()), grad_weight.zero_()};
 
   const Targets t = make_targets(teacher_indices, teacher_logprobs, valid);
-  const float inv_temperature = static_cast<float>(1.0 / temperature);
-  // d loss / d z[r, v] = row_scale[r] * softmax(z / T)[r, v] - sum_{j: idx_j = v} coef[r, j].
-  const at::Tensor row_scale = (t.row_weight * (grad_loss.reshape({}).to(at::kFloat) * inv_temperature)).contiguous();
-  const at::Tensor coef = (t.weights * row_scale.unsqueeze(1)).contiguous();
-  const at::Tensor lse_c = lse.contiguous();
-  const int64_t k = t.indices.size(1);
+  const GradientRows gradient(t, static_cast<float>(1.0 / temperature), grad_loss, lse);
   const at::Tensor hidden_op = gemm_operand(hidden);
   at::Tensor grad_weight_acc;  // float32 [chunk, H] when grad_weight is not float32
 
   for_each_tile(
       hidden_op, weight,
       [&](at::Tensor& tile, const at::Tensor& w, int64_t c0, int64_t c1, int64_t r0, int64_t r1) {
-        DraftLossBackwardTile p;
-        static_cast<DraftLossTile&>(p) = tile_geometry(tile, c0, r0, t.indices, inv_temperature);
-        p.logits = tile.data_ptr<float>();
-        p.target_coef = coef.data_ptr<float>() + r0 * k;
-        p.lse = lse_c.data_ptr<float>() + r0;
-        p.row_scale = row_scale.data_ptr<float>() + r0;
-        run_tile(p, tile, kBackwardOp, cpu::draft_loss_backward_rows, TORCHSPEC_CUDA_TILE(cuda::draft_loss_backward));
+        gradient.apply(tile, c0, r0, kBackwardOp);
         const at::Tensor g = w.scalar_type() == at::kFloat ? tile : tile.to(w.scalar_type());
         const at::Tensor h = hidden_op.slice(0, r0, r1);
         at::Tensor gh = grad_hidden.slice(0, r0, r1);
@@ -319,63 +352,37 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> draft_top
   const int64_t N = hidden.size(0), H = hidden.size(1), V = weight.size(0);
   const auto f32 = hidden.options().dtype(at::kFloat);
   const bool exact_dtype = hidden.scalar_type() == at::kFloat;
-  at::Tensor argmax = at::zeros({N}, f32.dtype(at::kLong));
-  at::Tensor lse = at::empty({N}, f32);
   // float32 inputs: the gradients are written in place; else in float32 and cast at the end.
   at::Tensor grad_hidden = at::empty({N, H}, f32);
   at::Tensor grad_weight = at::zeros({V, H}, f32);
-  if (N == 0) {
-    return {at::zeros({}, f32), argmax, lse, grad_hidden.to(hidden.scalar_type()), grad_weight.to(weight.scalar_type())};
-  }
   const Targets t = make_targets(teacher_indices, teacher_logprobs, valid);
   const float inv_temperature = static_cast<float>(1.0 / temperature);
-  at::Tensor run_max = at::full({N}, -std::numeric_limits<float>::infinity(), f32);
-  at::Tensor run_sum = at::zeros({N}, f32);
-  at::Tensor argmax_value = at::full({N}, -std::numeric_limits<float>::infinity(), f32);
-  at::Tensor dot = at::zeros({N}, f32);
-  const at::Tensor row_scale = (t.row_weight * inv_temperature).contiguous();
-  const at::Tensor coef = (t.weights * row_scale.unsqueeze(1)).contiguous();
-  const int64_t k = t.indices.size(1);
+  ForwardRows rows(t, inv_temperature, N, f32);
+  // rows.lse is filled block by block before gradient reads that block (the same tensor).
+  const GradientRows gradient(t, inv_temperature, at::ones({}, f32), rows.lse);
   const at::Tensor hidden_op = gemm_operand(hidden), w = gemm_operand(weight);
   const int64_t tile_bytes = hidden.is_cuda() ? (int64_t{32} << 20) : (int64_t{16} << 20);
   const int64_t row_chunk = std::max<int64_t>(1, tile_bytes / (V * 4));
-  at::Tensor buffer = at::empty({std::min(N, row_chunk) * V}, f32);
+  at::Tensor buffer = at::empty({std::max<int64_t>(1, std::min(N, row_chunk) * V)}, f32);
 
   for (int64_t r0 = 0; r0 < N; r0 += row_chunk) {
     const int64_t r1 = std::min(N, r0 + row_chunk);
     at::Tensor tile = buffer.narrow(0, 0, (r1 - r0) * V).view({r1 - r0, V});
     const at::Tensor h = hidden_op.slice(0, r0, r1);
     matmul_f32(tile, h, w.t(), false);
-    DraftLossForwardTile fp;
-    static_cast<DraftLossTile&>(fp) = tile_geometry(tile, 0, r0, t.indices, inv_temperature);
-    fp.logits = tile.data_ptr<float>();
-    fp.target_weights = t.weights.data_ptr<float>() + r0 * k;
-    fp.run_max = run_max.data_ptr<float>() + r0;
-    fp.run_sum = run_sum.data_ptr<float>() + r0;
-    fp.argmax_value = argmax_value.data_ptr<float>() + r0;
-    fp.argmax_index = argmax.data_ptr<int64_t>() + r0;
-    fp.target_dot = dot.data_ptr<float>() + r0;
-    fp.out_lse = lse.data_ptr<float>() + r0;
-    run_tile(fp, tile, kWithGradOp, cpu::draft_loss_forward_rows, TORCHSPEC_CUDA_TILE(cuda::draft_loss_forward));
-    DraftLossBackwardTile bp;
-    static_cast<DraftLossTile&>(bp) = tile_geometry(tile, 0, r0, t.indices, inv_temperature);
-    bp.logits = tile.data_ptr<float>();
-    bp.target_coef = coef.data_ptr<float>() + r0 * k;
-    bp.lse = lse.data_ptr<float>() + r0;
-    bp.row_scale = row_scale.data_ptr<float>() + r0;
-    run_tile(bp, tile, kWithGradOp, cpu::draft_loss_backward_rows, TORCHSPEC_CUDA_TILE(cuda::draft_loss_backward));
+    rows.add_tile(tile, 0, r0, true, kWithGradOp);
+    gradient.apply(tile, 0, r0, kWithGradOp);
     const at::Tensor g = w.scalar_type() == at::kFloat ? tile : tile.to(w.scalar_type());
     at::Tensor gh = grad_hidden.slice(0, r0, r1);
     matmul_f32(gh, g, w, false);
     matmul_f32(grad_weight, g.t(), h, true);
   }
-  const at::Tensor per_row = at::where(t.counted, lse - dot * inv_temperature, at::zeros({}, f32));
-  const at::Tensor loss = (per_row.to(at::kDouble) * t.row_weight.to(at::kDouble)).sum().to(at::kFloat);
+  const at::Tensor loss = N == 0 ? at::zeros({}, f32) : rows.loss();
   if (!exact_dtype) {
     grad_hidden = grad_hidden.to(hidden.scalar_type());
     grad_weight = grad_weight.to(weight.scalar_type());
   }
-  return {loss, argmax, lse, grad_hidden, grad_weight};
+  return {loss, rows.argmax, rows.lse, grad_hidden, grad_weight};
 }
 
 }  // namespace
