@@ -8,7 +8,7 @@ Two processes on this machine (loopback): a producer (teacher) and a consumer (t
   timed on the consumer from the first to the last of ``repeat`` messages after a warm-up,
   alternated in rounds, median of the rounds. Target: ours >= 90% of raw from 16 MB up.
 - overlap: the producer's step (a matmul standing in for the teacher's forward) timed alone and
-  with a 16 MiB batch sent through the channel after each step. Target: < 5% slower. On a CPU
+  with a 16 MiB batch sent through the channel after each step, in alternating blocks. Target: < 5% slower. On a CPU
   the transfer itself needs the CPU (packing copy, gloo's TCP threads), so there the producer
   shares its cores with it (gloo's TCP threads; the channel copies only the small tensors); on
   GPUs packing is a device copy and NCCL moves the bytes.
@@ -128,7 +128,10 @@ def _read_end(ch, rank: int) -> None:
         raise RuntimeError("bench pipeline: a batch arrived after the last one")
 
 
-def _overlap(rank: int, device, size: int, steps: int, backend: str) -> dict | None:
+def _overlap(rank: int, device, size: int, steps: int, rounds: int, backend: str) -> dict | None:
+    """Blocks of ``steps`` producer steps, alone and each followed by a send, alternated
+    ``rounds`` times (all sends received before the next block); the slowdown is the median over
+    rounds of each pair's ratio, so that the step's own drift between rounds cancels out."""
     import torch.distributed as dist
 
     from torchspec_ext.pipeline import TensorChannel
@@ -148,7 +151,7 @@ def _overlap(rank: int, device, size: int, steps: int, backend: str) -> dict | N
         for _ in range(3):
             step()
         times = {"alone": [], "with": []}
-        for rnd in range(2):
+        for _ in range(rounds):
             for kind in ("alone", "with"):
                 dist.barrier()
                 if rank == 0:
@@ -162,19 +165,19 @@ def _overlap(rank: int, device, size: int, steps: int, backend: str) -> dict | N
                     for _ in range(steps):
                         ch.recv()
         if rank == 0:
-            alone, with_ch = min(times["alone"]), min(times["with"])
-            result = {"size_mib": batch_bytes(batch) / MiB, "alone_ms": alone * 1e3, "with_ms": with_ch * 1e3,
-                      "slowdown": with_ch / alone - 1}
+            ratios = [w / a for a, w in zip(times["alone"], times["with"])]
+            result = {"size_mib": batch_bytes(batch) / MiB, "alone_ms": statistics.median(times["alone"]) * 1e3,
+                      "with_ms": statistics.median(times["with"]) * 1e3, "slowdown": statistics.median(ratios) - 1}
         _read_end(ch, rank)
     return result
 
 
-def _worker(rank, store_path, backend, sizes, repeat, rounds, steps, queue):
+def _worker(rank, store_path, backend, sizes, repeat, rounds, steps, overlap_rounds, queue):
     try:
         _init(rank, 2, store_path, backend)
         device = torch.device("cuda", rank) if backend == "nccl" else torch.device("cpu")
         bw = _bandwidth(rank, device, sizes, repeat, rounds, backend)
-        ov = _overlap(rank, device, overlap_size(sizes), steps, backend)
+        ov = _overlap(rank, device, overlap_size(sizes), steps, overlap_rounds, backend)
         queue.put((rank, "ok", {"bandwidth": bw, "overlap": ov}))
     except BaseException as exc:  # noqa: BLE001
         import traceback
@@ -186,12 +189,12 @@ def _worker(rank, store_path, backend, sizes, repeat, rounds, steps, queue):
         os._exit(0)  # no process-group teardown: the peer may have finished first
 
 
-def _two_processes(backend: str, sizes, repeat: int, rounds: int, steps: int) -> dict:
+def _two_processes(backend: str, sizes, repeat: int, rounds: int, steps: int, overlap_rounds: int) -> dict:
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     with tempfile.TemporaryDirectory() as tmp:
         store = os.path.join(tmp, "store")
-        procs = [ctx.Process(target=_worker, args=(r, store, backend, sizes, repeat, rounds, steps, queue))
+        procs = [ctx.Process(target=_worker, args=(r, store, backend, sizes, repeat, rounds, steps, overlap_rounds, queue))
                  for r in range(2)]
         for p in procs:
             p.start()
@@ -270,7 +273,7 @@ def run(args: Any) -> Report:
     device = resolve_device(args.device)
     sizes = args.sizes or ([1 * MiB, 16 * MiB] if args.quick else [1 * MiB, 4 * MiB, 16 * MiB, 64 * MiB])
     repeat = args.repeat or (5 if args.quick else 10)
-    rounds, steps = (2, 10) if args.quick else (3, 30)
+    rounds, steps, overlap_rounds = (2, 5, 2) if args.quick else (3, 5, 12)
     gpus = torch.cuda.device_count() if device.type == "cuda" else 0
     if device.type == "cpu":
         transport = "gloo over TCP loopback, 2 processes, 1 thread each"
@@ -287,7 +290,8 @@ def run(args: Any) -> Report:
         "bandwidth": f"median of {rounds} rounds of {repeat} messages after 1 warm-up, timed on the consumer; "
                      "raw = dist.isend/irecv of one buffer of the same bytes",
         "overlap": f"producer step (6 chained 768x768 matmuls) alone vs followed by TensorChannel.send of a "
-                   f"{overlap_size(sizes) // MiB} MiB batch, min of 2 rounds of per-step means",
+                   f"{overlap_size(sizes) // MiB} MiB batch: {overlap_rounds} rounds of {steps} steps each way, "
+                   "slowdown = median of the rounds' ratios",
         "sizes": "quick (targets not checked)" if args.quick else "default",
     }
     report = Report("pipeline", header, COLUMNS)
@@ -296,7 +300,8 @@ def run(args: Any) -> Report:
         results = {"bandwidth": _self_send(sizes, repeat), "overlap": None}
         raw_name = "device copy"
     else:
-        results = _two_processes("nccl" if device.type == "cuda" else "gloo", sizes, repeat, rounds, steps)
+        results = _two_processes("nccl" if device.type == "cuda" else "gloo", sizes, repeat, rounds, steps,
+                                 overlap_rounds)
         raw_name = "raw send/recv"
     for row in results["bandwidth"]:
         row["ratio"] = row["ours_gbps"] / row["raw_gbps"]
