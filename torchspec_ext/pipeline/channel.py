@@ -36,9 +36,9 @@ from torch import Tensor
 import torchspec_ext
 from torchspec_ext import _C
 from torchspec_ext.pipeline.errors import ChannelClosed, ChannelError, ChannelTimeout, HeaderMismatch
-from torchspec_ext.pipeline.wire import (PREAMBLE_BYTES, body_messages, body_receives, decode, entry_bytes,
-                                         header_fits_inline, host_to_device, pack, plan, preamble, read_preamble,
-                                         unpack)
+from torchspec_ext.pipeline.wire import (PREAMBLE_BYTES, body_messages, body_receives, bytes_tensor, decode,
+                                         entry_bytes, header_fits_inline, host_to_device, pack, plan, preamble,
+                                         read_preamble, unpack)
 
 __all__ = ["TensorChannel"]
 
@@ -211,7 +211,7 @@ class TensorChannel:
             header, offsets, total = plan(batch, self._sent)
             messages = [preamble(total, header)]
             if not header_fits_inline(len(header)):
-                messages.append(torch.frombuffer(bytearray(header), dtype=torch.uint8))
+                messages.append(bytes_tensor(header))
             messages += body_messages(batch, offsets, self.device)
             storage = None
         else:

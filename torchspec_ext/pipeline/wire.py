@@ -19,8 +19,9 @@ from torch import Tensor
 from torchspec_ext import _C
 from torchspec_ext.pipeline.errors import HeaderMismatch
 
-__all__ = ["DTYPE_CODES", "PREAMBLE_BYTES", "decode", "host_to_device", "pack", "plan", "preamble", "read_preamble",
-           "body_messages", "body_receives", "unpack"]
+__all__ = ["DTYPE_CODES", "PREAMBLE_BYTES", "ZERO_COPY_BYTES", "body_messages", "body_receives", "bytes_tensor",
+           "decode", "entry_bytes", "header_fits_inline", "host_to_device", "pack", "plan", "preamble",
+           "read_preamble", "split_body", "unpack"]
 
 #: torch dtype -> wire code (csrc/pipeline/wire.h, WireDtype).
 DTYPE_CODES = {
@@ -60,7 +61,7 @@ def pack(batch: dict[str, Tensor], seq: int, alloc: Callable[[int], Tensor]) -> 
     uint8 tensor of exactly ``total_bytes`` on the channel's device (tensors are copied there)."""
     header, offsets, total = plan(batch, seq)
     buffer = alloc(total)
-    buffer[: len(header)].copy_(host_to_device(_bytes_tensor(header), buffer.device))
+    buffer[: len(header)].copy_(host_to_device(bytes_tensor(header), buffer.device))
     for t, offset in zip(batch.values(), offsets):
         if t.numel():
             _view(buffer, offset, t.dtype, t.shape).copy_(t)
@@ -157,7 +158,8 @@ def header_fits_inline(header_bytes: int) -> bool:
     return header_bytes <= _INLINE_HEADER
 
 
-def _bytes_tensor(data: bytes) -> Tensor:
+def bytes_tensor(data: bytes) -> Tensor:
+    """``data`` as a 1-D uint8 CPU tensor (a copy)."""
     return torch.frombuffer(bytearray(data), dtype=torch.uint8)
 
 
