@@ -100,3 +100,15 @@ def test_unknown_part_is_a_usage_error(capsys):
     with pytest.raises(SystemExit):
         bench_cli.main(["all", "--parts", "topk,nonsense"])
     assert "unknown part(s) nonsense" in capsys.readouterr().err
+
+
+def test_acceptance_plot_from_a_report(tmp_path):
+    pytest.importorskip("matplotlib")
+    from torchspec_ext.bench.common import Report
+    from torchspec_ext.bench.plots import write_plots
+
+    rows = [{"mode": "plain", "max_nodes": None, "acceptance_length": 1.0},
+            {"mode": "chain", "max_nodes": 6, "acceptance_length": 1.5}]
+    rows += [{"mode": f"tree {n}", "max_nodes": n, "acceptance_length": 1 + n / 16} for n in (4, 8, 16, 32)]
+    assert write_plots({"acceptance": Report("acceptance", {}, [], rows)}, tmp_path) == ["acceptance.png"]
+    assert (tmp_path / "acceptance.png").read_bytes().startswith(PNG_MAGIC)

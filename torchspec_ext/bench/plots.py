@@ -11,11 +11,11 @@ from torchspec_ext.bench.common import Report
 
 DPI = 80  # small files: the README commits them
 
-# part -> (x axis label, the row's size on it); rows without a size are left out.
-SIZES: dict[str, tuple[str, Callable[[dict], float]]] = {
-    "topk": ("logits elements N·V", lambda r: r["n"] * r["v"]),
-    "draft_loss": ("tokens N", lambda r: r["n"]),
-    "tree": ("scores B·Hq·T·S (attention), logits B·T·V (verification)", lambda r: r["elements"]),
+# part -> (x axis label of an op, the row's size on that axis).
+SIZES: dict[str, tuple[Callable[[str], str], Callable[[dict], float]]] = {
+    "topk": (lambda op: "logits elements N·V", lambda r: r["n"] * r["v"]),
+    "draft_loss": (lambda op: "tokens N", lambda r: r["n"]),
+    "tree": (lambda op: "scores B·Hq·T·S" if op == "tree_attention" else "logits B·T·V", lambda r: r["elements"]),
 }
 # row key -> legend label and line style of the time plots; the floor is a line without markers.
 TIME_SERIES = [
@@ -23,7 +23,7 @@ TIME_SERIES = [
     ("baseline_ms", "eager", "s-"),
     ("eager_ms", "eager", "s-"),
     ("compile_ms", "torch.compile", "^-"),
-    ("floor_ms", "floor", "k_--"),
+    ("floor_ms", "floor", "kx--"),
 ]
 
 
@@ -43,7 +43,7 @@ def _number(value: Any) -> bool:
 def _grid(plt, count: int, title: str):
     cols = min(3, count)
     rows = math.ceil(count / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(max(5.5, 4.2 * cols), 3.2 * rows), squeeze=False)
     fig.suptitle(title)
     for ax in axes.flat[count:]:
         ax.set_visible(False)
@@ -65,14 +65,14 @@ def _series(ax, rows: list[dict], size: Callable[[dict], float], key: str, label
 
 def time_plot(plt, report: Report, path: Path) -> str:
     xlabel, size = SIZES[report.name]
-    groups: dict[str, list[dict]] = {}
+    groups: dict[tuple[str, str], list[dict]] = {}
     for row in report.rows:
-        groups.setdefault(f"{row.get('op', report.name)} {row.get('dtype', '')}".strip(), []).append(row)
+        groups.setdefault((row.get("op", report.name), row.get("dtype", "")), []).append(row)
     fig, axes = _grid(plt, len(groups), f"{report.name}: time against size ({report.rows[0].get('device', '')})")
-    for ax, (title, rows) in zip(axes, groups.items()):
+    for ax, ((op, dtype), rows) in zip(axes, groups.items()):
         for key, label, style in TIME_SERIES:
             _series(ax, rows, size, key, label, style)
-        ax.set(title=title, xlabel=xlabel, ylabel="ms", xscale="log", yscale="log")
+        ax.set(title=f"{op} {dtype}", xlabel=xlabel(op), ylabel="ms", xscale="log", yscale="log")
         ax.legend(fontsize=7)
         ax.grid(True, which="both", alpha=0.3)
     return _save(plt, fig, path)
@@ -80,10 +80,10 @@ def time_plot(plt, report: Report, path: Path) -> str:
 
 def memory_plot(plt, report: Report, path: Path) -> str:
     xlabel, size = SIZES[report.name]
-    fig, axes = _grid(plt, 1, "draft_loss: extra memory against tokens (forward + backward)")
+    fig, axes = _grid(plt, 1, "draft_loss: extra memory against tokens (fwd + bwd)")
     _series(axes[0], report.rows, size, "ours_extra_mib", "ours", "o-")
     _series(axes[0], report.rows, size, "eager_extra_mib", "eager", "s-")
-    axes[0].set(xlabel=xlabel, ylabel="extra MiB", xscale="log")
+    axes[0].set(xlabel=xlabel("draft_topk_kl"), ylabel="extra MiB", xscale="log")
     axes[0].legend(fontsize=7)
     axes[0].grid(True, alpha=0.3)
     return _save(plt, fig, path)
@@ -99,6 +99,7 @@ def acceptance_plot(plt, report: Report, path: Path) -> str:
             ax.axhline(row["acceptance_length"], color="C1", linestyle="--", label=f"chain ({row['max_nodes']} nodes)")
     ax.set(xlabel="max draft nodes", ylabel="tokens per target forward", xscale="log")
     ax.set_xticks([n for n, _ in trees], [str(n) for n, _ in trees])
+    ax.minorticks_off()  # the log axis's minor labels would overlap the sizes
     ax.legend(fontsize=7)
     ax.grid(True, alpha=0.3)
     return _save(plt, fig, path)
