@@ -92,7 +92,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         text, _ = run_all(parts, args.device, args.out, lambda part: part_runner(part, args), command_line(argv))
         print(text)
         return 0
-    report = module.run(args)
+    from torchspec_ext.bench.common import Skipped
+
+    try:
+        report = module.run(args)
+    except Skipped as exc:
+        raise SystemExit(f"bench {name}: skipped: {exc}") from None
     print(report.markdown())
     if args.json:
         with open(args.json, "w") as f:
