@@ -29,10 +29,8 @@ export MAX_JOBS=${MAX_JOBS:-16} TORCHSPEC_BUILD_CUDA=1
 step build "$py" setup.py build_ext --inplace
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 step cuda_tests "$py" -m pytest -q -x python_tests -m cuda
-step bench_topk "$py" -m torchspec_ext.bench topk --device cuda --json "$out/bench_topk.json"
-step bench_draft_loss "$py" -m torchspec_ext.bench draft_loss --device cuda --json "$out/bench_draft_loss.json"
-step bench_tree "$py" -m torchspec_ext.bench tree --device cuda --json "$out/bench_tree.json"
-step bench_pipeline "$py" -m torchspec_ext.bench pipeline --device cuda --json "$out/bench_pipeline.json"
+# Every Python benchmark part (topk, draft_loss, tree, pipeline, train, acceptance) in one report with plots.
+step bench_all "$py" -m torchspec_ext.bench all --device cuda --out "$out/report"
 if [ -d .deps/benchmark/usr ]; then
   step cmake_build bash -c "cmake -S . -B build/cmake -DCMAKE_PREFIX_PATH=$PWD/.deps/benchmark/usr >/dev/null && cmake --build build/cmake -j16"
   step cpp_bench_topk build/cmake/bench_topk --benchmark_filter=cuda --benchmark_min_time=0.2 \
@@ -49,11 +47,8 @@ fi
 
 echo
 echo "=== tests:"; tail -n 3 "$out/cuda_tests.log"
-echo "=== python benchmark:"; grep -E '^\|' "$out/bench_topk.log" || tail -n 20 "$out/bench_topk.log"
-grep -E '^\|' "$out/bench_draft_loss.log" || tail -n 20 "$out/bench_draft_loss.log"
-[ -f "$out/cpp_bench_topk.log" ] && { echo "=== C++ benchmark:"; grep -E 'cuda_' "$out/cpp_bench_topk.log" "$out/cpp_bench_draft_loss.log"; }
-echo "=== python benchmark (tree):"; grep -E '^\|' "$out/bench_tree.log" || tail -n 20 "$out/bench_tree.log"
-[ -f "$out/cpp_bench_tree.log" ] && { echo "=== C++ benchmark (tree):"; grep -E 'cuda_' "$out/cpp_bench_tree.log"; }
-echo "=== python pipeline benchmark:"; grep -E '^\||transport' "$out/bench_pipeline.log" || tail -n 20 "$out/bench_pipeline.log"
+# The report's part titles, failures and tables (headers left in $out/report/report.md).
+echo "=== python benchmark report:"; grep -E '^## |^\*\*|^\||transport' "$out/report/report.md" || tail -n 20 "$out/bench_all.log"
+[ -f "$out/cpp_bench_topk.log" ] && { echo "=== C++ benchmark:"; grep -E 'cuda_' "$out/cpp_bench_topk.log" "$out/cpp_bench_draft_loss.log" "$out/cpp_bench_tree.log"; }
 [ -f "$out/cpp_bench_pipeline.log" ] && { echo "=== C++ pipeline benchmark:"; grep -E 'nccl_|skipped' "$out/cpp_bench_pipeline.log"; }
 exit $status

@@ -72,14 +72,20 @@ def plain_decode(model, prompt, max_new_tokens, temperature, eos):
     return out.shape[1] - len(prompt), time.perf_counter() - start
 
 
-def evaluate(args) -> dict:
+def decode_modes(args) -> dict[str, TreeSpec]:
+    """The speculative modes of one evaluation: a chain of --depth and a tree of --depth/--topk/--max-nodes."""
+    return {"chain": TreeSpec.chain(args.depth), "tree": TreeSpec(args.depth, args.topk, args.max_nodes)}
+
+
+def evaluate(args, modes: dict[str, TreeSpec] | None = None) -> dict:
+    """Plain decoding and each of ``modes`` (default: :func:`decode_modes`) on the same held-out prompts."""
     torch.manual_seed(args.seed)
     check_draft_spec(args.draft)
     target, tokenizer = load_target(args.target)
     draft = load_draft(args.draft, target)
     prompts = held_out_prompts(tokenizer, args.data, args.prompts, args.max_prompt_tokens, args.seed)
     eos = tokenizer.eos_token_id
-    modes = {"chain": TreeSpec.chain(args.depth), "tree": TreeSpec(args.depth, args.topk, args.max_nodes)}
+    modes = decode_modes(args) if modes is None else modes
     totals = {"plain": [0, 0.0, 0]} | {name: [0, 0.0, 0] for name in modes}  # tokens, seconds, forwards
     for i, prompt in enumerate(prompts):
         n, seconds = plain_decode(target, prompt, args.max_new_tokens, args.temperature, eos)
@@ -102,6 +108,7 @@ def evaluate(args) -> dict:
         rows.append(
             {
                 "mode": name,
+                "max_nodes": modes[name].max_nodes if name in modes else None,
                 "tokens": tokens,
                 "target_forwards": forwards,
                 "acceptance_length": tokens / max(forwards, 1),
@@ -136,7 +143,7 @@ def markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m torchspec_ext.eval", description=__doc__.split("\n\n")[0])
     parser.add_argument("--draft", default="target", help="'target' (the target as its own draft) or an EAGLE-3 draft directory")
     parser.add_argument("--target", default=None, help="a Hugging Face causal-LM directory (default: SmolLM2-135M-Instruct)")
@@ -150,12 +157,22 @@ def main(argv=None) -> int:
     parser.add_argument("--temperature", type=float, default=0.0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    return parser
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = build_parser()
     args = parser.parse_args(argv)
     for name in ("prompts", "max_new_tokens", "depth", "topk", "max_nodes"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
     if args.temperature < 0:
         parser.error("--temperature must be >= 0")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
     report = evaluate(args)
     print(json.dumps(report, indent=2) if args.json else markdown(report))
     return 0

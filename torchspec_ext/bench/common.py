@@ -233,7 +233,9 @@ def run_cases(report: "Report", cases: Sequence[Any], run_one: Callable[[Any], d
 def fmt_num(digits: int = 3) -> Callable[[Any], str]:
     """``digits`` significant digits without an exponent (1234.5 -> "1235", 0.01234 -> "0.0123")."""
 
-    def fmt(v: float) -> str:
+    def fmt(v: float | str) -> str:
+        if isinstance(v, str):  # a cell that says why there is no number ("failed")
+            return v
         magnitude = math.floor(math.log10(abs(v))) if v and math.isfinite(v) else 0
         return f"{v:.{max(0, digits - 1 - magnitude)}f}"
 
@@ -241,11 +243,51 @@ def fmt_num(digits: int = 3) -> Callable[[Any], str]:
 
 
 def fmt_fixed(decimals: int, suffix: str = "") -> Callable[[Any], str]:
-    return lambda v: f"{v:.{decimals}f}{suffix}"
+    return lambda v: v if isinstance(v, str) else f"{v:.{decimals}f}{suffix}"
 
 
 def fmt_percent(decimals: int) -> Callable[[Any], str]:
     return lambda v: f"{v:.{decimals}%}"
+
+
+class Skipped(Exception):
+    """Raised by a benchmark's run() when it cannot run here for a reason that is not a failure
+    (e.g. no trained draft to measure); the message says how to make it run."""
+
+
+def time_compiled(
+    reference_fn: Callable[..., Any],
+    wrap: Callable[[Callable[..., Any]], Callable[..., Any]],
+    inputs: Sequence[tuple],
+    device: torch.device,
+    timing: Timing,
+    ours_ms: float,
+) -> dict[str, Any]:
+    """The ``torch.compile`` baseline: times ``wrap(torch.compile(reference_fn))`` like ``time_ms``,
+    after a first call that compiles (its seconds reported apart). fullgraph first, then with
+    graph breaks (the top-k reference branches on the data); where both fail, the cells say "failed"
+    and why, and the benchmark goes on."""
+    error: Exception | None = None
+    for fullgraph in (True, False):
+        torch._dynamo.reset()  # a fresh cache: the recompile limit counts per function across cases
+        try:
+            fn = wrap(torch.compile(reference_fn, fullgraph=fullgraph, dynamic=False))
+            began = time.perf_counter()
+            fn(*inputs[0])
+            synchronize(device)
+            compile_s = time.perf_counter() - began
+            compile_ms = time_ms(fn, inputs, device, timing)
+        except Exception as exc:  # no C++ compiler, an unsupported op, ...: any compile failure
+            error = exc
+            continue
+        return {
+            "compile_ms": compile_ms,
+            "ours_over_compile": ours_ms / compile_ms,
+            "compile_s": compile_s,
+            "compile_graph": "full graph" if fullgraph else "graph breaks",
+        }
+    first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    return {"compile_ms": "failed", "ours_over_compile": "failed", "compile_error": f"{type(error).__name__}: {first_line}"[:300]}
 
 
 @dataclass
@@ -253,6 +295,16 @@ class Column:
     key: str
     title: str
     fmt: Callable[[Any], str] = str
+
+
+COMPILE_COLUMNS = [
+    Column("compile_ms", "compile ms", fmt_num()),
+    Column("ours_over_compile", "ours/compile", fmt_fixed(2, "x")),
+]
+COMPILE_NOTE = (
+    "torch.compile of torchspec_ext.reference (fullgraph where it traces, dynamic=False), the compiling "
+    "first call not timed; only some cases (— elsewhere: inductor compiles slowly on a CPU)"
+)
 
 
 @dataclass

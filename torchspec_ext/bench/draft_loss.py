@@ -16,7 +16,10 @@ from typing import Any, Callable
 
 import torch
 
+from torchspec_ext import reference
 from torchspec_ext.bench.common import (
+    COMPILE_COLUMNS,
+    COMPILE_NOTE,
     DTYPE_NAMES,
     MiB,
     Column,
@@ -30,6 +33,7 @@ from torchspec_ext.bench.common import (
     peak_extra_bytes,
     resolve_device,
     run_cases,
+    time_compiled,
     time_ms,
     time_ms_interleaved,
     timing_for,
@@ -45,6 +49,7 @@ class Case:
     k: int
     dtype: torch.dtype
     temperature: float = 1.0
+    compile: bool = False  # also time the torch.compile baseline
     # Targets, None where the case has none.
     max_time_ratio: float | None = None  # ours / eager
     max_extra_ratio: float | None = None  # ours' extra memory / eager's
@@ -65,11 +70,17 @@ class Case:
 def default_cases(device: torch.device, quick: bool) -> list[Case]:
     if device.type == "cuda":
         if quick:
-            return [Case(1024, 1024, 32000, 64, torch.bfloat16)]
-        return [Case(8192, 4096, 32000, 64, torch.bfloat16, max_time_ratio=1.0, max_extra_ratio=0.10)]
+            return [Case(1024, 1024, 32000, 64, torch.bfloat16, compile=True)]
+        return [
+            Case(2048, 4096, 32000, 64, torch.bfloat16),
+            Case(8192, 4096, 32000, 64, torch.bfloat16, max_time_ratio=1.0, max_extra_ratio=0.10, compile=True),
+        ]
     if quick:
-        return [Case(512, 128, 4096, 64, torch.float32)]
-    return [Case(4096, 576, 8192, 64, torch.float32, max_time_ratio=1.3, max_extra_ratio=0.30)]
+        return [Case(128, 128, 4096, 64, torch.float32), Case(512, 128, 4096, 64, torch.float32, compile=True)]
+    return [
+        Case(1024, 576, 8192, 64, torch.float32),
+        Case(4096, 576, 8192, 64, torch.float32, max_time_ratio=1.3, max_extra_ratio=0.30, compile=True),
+    ]
 
 
 def make_inputs(case: Case, device: torch.device, gen: torch.Generator):
@@ -82,9 +93,13 @@ def make_inputs(case: Case, device: torch.device, gen: torch.Generator):
     return hidden, weight, indices, logprobs
 
 
-def ours_step(indices: torch.Tensor, logprobs: torch.Tensor, temperature: float) -> Callable:
+def loss_step(
+    indices: torch.Tensor, logprobs: torch.Tensor, temperature: float, loss_fn: Callable = draft_topk_kl
+) -> Callable:
+    """Forward + backward of ``loss_fn`` (ours, or the compiled reference), which has the op's signature."""
+
     def step(hidden, weight):
-        loss = draft_topk_kl(hidden, weight, indices, logprobs, None, temperature)[0]
+        loss = loss_fn(hidden, weight, indices, logprobs, None, temperature)[0]
         return (loss.detach(), *torch.autograd.grad(loss, (hidden, weight)))
 
     return step
@@ -131,7 +146,7 @@ def run_case(case: Case, device: torch.device, timing: Timing) -> dict[str, Any]
     gen = torch.Generator(device=device).manual_seed(0)
     hidden, weight, indices, logprobs = make_inputs(case, device, gen)
     t = case.temperature
-    ours = ours_step(indices, logprobs, t)
+    ours = loss_step(indices, logprobs, t)
     eager = eager_step(indices, logprobs, t)
     args = [(hidden, weight)]
     error = max_rel_error(ours(hidden, weight), eager(hidden, weight))
@@ -150,6 +165,9 @@ def run_case(case: Case, device: torch.device, timing: Timing) -> dict[str, Any]
         "max_rel_error": error,
         "target": case.target(),
     }
+    if case.compile:
+        compiled = lambda fn: loss_step(indices, logprobs, t, fn)
+        row.update(time_compiled(reference.draft_topk_kl, compiled, args, device, timing, ours_ms))
     if ours_extra is not None and eager_extra is not None:
         row.update(
             ours_extra_mib=ours_extra / MiB,
@@ -164,7 +182,7 @@ def run_case(case: Case, device: torch.device, timing: Timing) -> dict[str, Any]
         liger = liger_step(indices[:, 0].clamp_min(0))
         if liger is not None:
             first = indices[:, :1].clamp_min(0)
-            ours_k1 = ours_step(first, torch.zeros_like(logprobs[:, :1]), 1.0)
+            ours_k1 = loss_step(first, torch.zeros_like(logprobs[:, :1]), 1.0)
             row.update(liger_ms=time_ms(liger, args, device, timing), ours_k1_ms=time_ms(ours_k1, args, device, timing))
     row["result"] = verdict(case, row, error)
     return row
@@ -192,6 +210,7 @@ COLUMNS = [
     Column("ours_ms", "ours ms", fmt_num()),
     Column("eager_ms", "eager ms", fmt_num()),
     Column("time_ratio", "ours/eager time", fmt_fixed(2, "x")),
+    *COMPILE_COLUMNS,
     Column("floor_ms", "floor ms", fmt_num()),
     Column("gemm_tflops", "GEMM TFLOP/s", fmt_num()),
     Column("ours_extra_mib", "ours extra MiB", fmt_fixed(1)),
@@ -218,6 +237,7 @@ def run(args: Any) -> Report:
         "threads": torch.get_num_threads(),
         "timing": timing.describe(device) + "; forward + backward; ours and eager timed in turns",
         "extra memory": memory_method(device),
+        "compile": COMPILE_NOTE,
         "liger-kernel": "CUDA only, k = 1, where it imports" if device.type == "cuda" else "not run on CPU",
         "sizes": "quick (targets not checked)" if args.quick else "default",
     }

@@ -13,7 +13,10 @@ from typing import Any, Callable
 
 import torch
 
+from torchspec_ext import reference
 from torchspec_ext.bench.common import (
+    COMPILE_COLUMNS,
+    COMPILE_NOTE,
     DTYPE_NAMES,
     MiB,
     Column,
@@ -29,6 +32,7 @@ from torchspec_ext.bench.common import (
     read_bandwidth,
     resolve_device,
     run_cases,
+    time_compiled,
     time_ms,
     timing_for,
 )
@@ -46,6 +50,7 @@ class Case:
     dtype: torch.dtype
     h: int | None = None  # hidden size, linear op only
     temperature: float = 1.0
+    compile: bool = False  # also time the torch.compile baseline
     # Targets, None where the case has none.
     min_speedup: float | None = None
     min_bandwidth_fraction: float | None = None  # of the measured read bandwidth
@@ -78,21 +83,26 @@ def default_cases(device: torch.device, quick: bool) -> list[Case]:
     f32, bf16 = torch.float32, torch.bfloat16
     if device.type == "cuda":
         if quick:
-            return [Case(TOPK, 1024, 32768, 64, bf16), Case(LINEAR, 1024, 32768, 64, bf16, h=1024)]
+            return [Case(TOPK, 1024, 32768, 64, bf16, compile=True), Case(LINEAR, 1024, 32768, 64, bf16, h=1024)]
         return [
-            Case(TOPK, 8192, 152064, 64, bf16, min_bandwidth_fraction=0.85, min_speedup=4.0),
-            Case(LINEAR, 8192, 152064, 64, bf16, h=4096, max_gemm_ratio=1.15, max_extra_fraction=0.05),
+            Case(TOPK, 2048, 152064, 64, bf16),
+            Case(TOPK, 8192, 152064, 64, bf16, min_bandwidth_fraction=0.85, min_speedup=4.0, compile=True),
+            Case(LINEAR, 2048, 152064, 64, bf16, h=4096),
+            Case(LINEAR, 8192, 152064, 64, bf16, h=4096, max_gemm_ratio=1.15, max_extra_fraction=0.05, compile=True),
         ]
     if quick:
         return [
-            Case(TOPK, 256, 8192, 64, f32),
+            Case(TOPK, 64, 8192, 64, f32),
+            Case(TOPK, 256, 8192, 64, f32, compile=True),
             Case(TOPK, 256, 8192, 64, bf16),
             Case(LINEAR, 256, 8192, 64, f32, h=128),
         ]
     return [
-        Case(TOPK, 2048, 49152, 64, f32, min_speedup=1.5),
+        Case(TOPK, 512, 49152, 64, f32),
+        Case(TOPK, 2048, 49152, 64, f32, min_speedup=1.5, compile=True),
         Case(TOPK, 2048, 49152, 64, bf16),
-        Case(LINEAR, 2048, 49152, 64, f32, h=576),
+        Case(LINEAR, 512, 49152, 64, f32, h=576),
+        Case(LINEAR, 2048, 49152, 64, f32, h=576, compile=True),
     ]
 
 
@@ -129,9 +139,11 @@ def run_case(case: Case, device: torch.device, timing: Timing, bandwidth: float)
     if case.op == TOPK:
         ours = lambda x: topk_logprobs(x, k, t)
         baseline = lambda x: eager_topk_logprobs(x, k, t)
+        compiled = lambda fn: lambda x: fn(x, k, t)
     else:
         ours = lambda h, w: linear_topk_logprobs(h, w, k, t)
         baseline = lambda h, w: eager_topk_logprobs(h @ w.T, k, t)
+        compiled = lambda fn: lambda h, w: fn(h, w, k, t)
         gemm = lambda h, w: h @ w.T
 
     error = max_error(ours(*first), baseline(*first))
@@ -151,6 +163,8 @@ def run_case(case: Case, device: torch.device, timing: Timing, bandwidth: float)
         "max_abs_error": error,
         "target": case.target(),
     }
+    if case.compile:
+        row.update(time_compiled(getattr(reference, case.op), compiled, sets, device, timing, ours_ms))
     if case.op == TOPK:
         floor_ms = case.logits_bytes / bandwidth * 1e3
         row.update(ours_gbps=case.logits_bytes / ours_ms / 1e6, floor_ms=floor_ms, ours_over_floor=ours_ms / floor_ms)
@@ -194,6 +208,7 @@ COLUMNS = [
     Column("ours_ms", "ours ms", fmt_num()),
     Column("baseline_ms", "baseline ms", fmt_num()),
     Column("speedup", "speed-up", fmt_fixed(2, "x")),
+    *COMPILE_COLUMNS,
     Column("ours_gbps", "ours GB/s", fmt_num()),
     Column("floor_ms", "floor ms", fmt_num()),
     Column("ours_over_floor", "ours/floor", fmt_fixed(2)),
@@ -213,6 +228,7 @@ def run(args: Any) -> Report:
     bandwidth, how = read_bandwidth(device)
     header = environment_header(device, timing, bandwidth, how) | {
         "extra memory": memory_method(device) + "; linear op only",
+        "compile": COMPILE_NOTE,
         "sizes": "quick (targets not checked)" if args.quick else "default",
     }
     return run_cases(

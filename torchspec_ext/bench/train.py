@@ -25,7 +25,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--target", default=None)
     parser.add_argument("--data", default=None)
     parser.add_argument("--batch-size", type=int, default=2)
-    parser.add_argument("--max-length", type=int, default=512)
+    parser.add_argument("--max-length", type=int, default=None, help="tokens per conversation (default 512; quick: 128)")
 
 
 def run(args) -> Report:
@@ -33,7 +33,8 @@ def run(args) -> Report:
 
     device = resolve_device(args.device)
     steps = 2 if args.quick else args.steps
-    argv = ["--device", device.type, "--batch-size", str(args.batch_size), "--max-length", str(args.max_length)]
+    max_length = args.max_length or (128 if args.quick else 512)
+    argv = ["--device", device.type, "--batch-size", str(args.batch_size), "--max-length", str(max_length)]
     if args.target:
         argv += ["--target", args.target]
     if args.data:

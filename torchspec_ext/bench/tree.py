@@ -21,7 +21,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from torchspec_ext import reference
 from torchspec_ext.bench.common import (
+    COMPILE_COLUMNS,
+    COMPILE_NOTE,
     DTYPE_NAMES,
     Column,
     Report,
@@ -33,6 +36,7 @@ from torchspec_ext.bench.common import (
     read_bandwidth,
     resolve_device,
     run_cases,
+    time_compiled,
     time_ms,
     timing_for,
 )
@@ -52,6 +56,7 @@ class Case:
     kv_heads: int = 8
     dim: int = 128
     vocab: int = 0  # verification
+    compile: bool = False  # also time the torch.compile baseline (attention only)
     # Targets, None where the case has none.
     min_speedup: float | None = None  # baseline / ours
     max_floor_ratio: float | None = None  # ours / one read of the logits
@@ -85,27 +90,29 @@ def default_cases(device: torch.device, quick: bool) -> list[Case]:
     if device.type == "cuda":
         if quick:
             return [
-                Case(ATTN, 2, 64, bf16, prefix=1024),
+                Case(ATTN, 2, 64, bf16, prefix=1024, compile=True),
                 Case(GREEDY, 8, 64, bf16, vocab=32768),
                 Case(SAMPLING, 8, 64, bf16, vocab=32768),
                 Case(WALK, 8, 64, bf16, vocab=1),
             ]
         return [
-            *(Case(ATTN, b, 64, bf16, prefix=4096, min_speedup=2.0) for b in (1, 8, 64)),
+            *(Case(ATTN, b, 64, bf16, prefix=4096, min_speedup=2.0, compile=b == 8) for b in (1, 8, 64)),
             Case(GREEDY, 64, 64, bf16, vocab=152064, max_floor_ratio=1.2),
             Case(SAMPLING, 64, 64, bf16, vocab=152064),
             Case(WALK, 64, 64, bf16, vocab=1, max_us=20.0),
         ]
     if quick:
         return [
-            Case(ATTN, 1, 16, f32, prefix=256, q_heads=8, kv_heads=2, dim=64),
+            Case(ATTN, 1, 16, f32, prefix=256, q_heads=8, kv_heads=2, dim=64, compile=True),
+            Case(ATTN, 1, 16, f32, prefix=1024, q_heads=8, kv_heads=2, dim=64),
             Case(ATTN, 1, 16, bf16, prefix=256, q_heads=8, kv_heads=2, dim=64),
             Case(GREEDY, 4, 16, bf16, vocab=8192),
             Case(SAMPLING, 4, 16, bf16, vocab=8192),
             Case(WALK, 4, 16, bf16, vocab=1),
         ]
     return [
-        Case(ATTN, 1, 64, f32, prefix=4096, min_speedup=1.0),
+        Case(ATTN, 1, 64, f32, prefix=1024),
+        Case(ATTN, 1, 64, f32, prefix=4096, min_speedup=1.0, compile=True),
         Case(ATTN, 1, 64, bf16, prefix=4096, min_speedup=1.0),
         Case(ATTN, 4, 64, bf16, prefix=1024, min_speedup=1.0),
         Case(GREEDY, 16, 64, bf16, vocab=152064),
@@ -179,6 +186,9 @@ def run_attention(case: Case, device: torch.device, timing: Timing) -> dict[str,
         "ours_err": ours_err,
         "baseline_err": baseline_err,
     }
+    if case.compile:
+        compiled = lambda fn: lambda q, k, v, lens, parents, mask: fn(q, k, v, lens, parents)
+        row.update(time_compiled(reference.tree_attention, compiled, sets, device, timing, ours_ms))
     # Correct when no worse than twice the baseline's own error (float32: a few 1e-6).
     ok = ours_err <= max(2 * baseline_err, 1e-5)
     return row | {"result": verdict(case, row, ok, ours_err)}
@@ -240,6 +250,7 @@ COLUMNS = [
     Column("baseline", "baseline"),
     Column("baseline_ms", "baseline ms", fmt_num()),
     Column("speedup", "speed-up", fmt_fixed(2, "x")),
+    *COMPILE_COLUMNS,
     Column("floor_ms", "one read ms", fmt_num()),
     Column("ours_over_floor", "ours/one read", fmt_fixed(2)),
     Column("accepted", "mean accepted", fmt_fixed(1)),
@@ -256,6 +267,7 @@ def run(args: Any) -> Report:
     bandwidth, how = read_bandwidth(device)
     header = environment_header(device, timing, bandwidth, how) | {
         "trees": "attention: random trees, mask built before timing; verification: fully accepted chains",
+        "compile": COMPILE_NOTE + "; attention only (the verification references are Python walks)",
         "sizes": "quick (targets not checked)" if args.quick else "default",
     }
 
@@ -269,6 +281,8 @@ def run(args: Any) -> Report:
             "device": device.type,
             "dtype": DTYPE_NAMES[case.dtype],
             "shape": case.shape,
+            # The size that the report's plots put on the x axis: elements of the scores or of the logits.
+            "elements": case.batch * case.nodes * (case.q_heads * (case.prefix + case.nodes) if case.op == ATTN else case.vocab),
             "target": case.target(),
         } | row
 
