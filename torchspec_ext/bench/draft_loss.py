@@ -1,12 +1,14 @@
-"""``draft_topk_kl`` forward + backward against eager torch (and liger-kernel), in the same run.
+"""``draft_topk_kl`` forward + backward against eager torch and the peers, in the same run.
 
 Eager baseline: ``logits = hidden @ weight.T`` (in the input dtype), ``.float()``, divided by T
 when T != 1, ``log_softmax``, gather of the teacher ids, weighted sum, mean, then
 ``torch.autograd.grad`` for hidden and weight. Ours: the op and ``torch.autograd.grad``. Both
 times include the backward; extra memory is the peak beyond the inputs and the returned gradients.
-On CUDA the floor is 8·N·H·Vd FLOPs (forward GEMM, recomputed GEMM, two backward GEMMs) at the
-matrix rate measured by timing ``hidden @ weight.T`` alone; where liger-kernel imports, its fused
-linear cross-entropy runs on the k = 1 version of the case (labels = the teacher's first id).
+The floor is 6·N·H·Vd FLOPs (the logits GEMM and the two gradient GEMMs, which eager needs too)
+at the matrix rate measured by timing ``hidden @ weight.T`` alone. The peers' fused linear
+cross-entropy (torch's chunked ``F.linear_cross_entropy``; liger-kernel and Cut Cross-Entropy on
+CUDA, where they import) runs on the k = 1 version of the case (labels = the teacher's first id),
+beside ours on that version.
 """
 
 from __future__ import annotations
@@ -121,18 +123,37 @@ def eager_step(indices: torch.Tensor, logprobs: torch.Tensor, temperature: float
     return step
 
 
-def liger_step(labels: torch.Tensor) -> Callable | None:
-    try:
-        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
-    except Exception:  # not installed, or no GPU build of triton
-        return None
-    loss_fn = LigerFusedLinearCrossEntropyLoss()
+def k1_peers(labels: torch.Tensor) -> dict[str, Callable]:
+    """Other libraries' fused linear cross-entropy, forward + backward, on the k = 1 version of a
+    case (``labels``: the teacher's first id), each where it imports: torch's own chunked
+    ``F.linear_cross_entropy`` (torch >= 2.13), liger-kernel and Cut Cross-Entropy (CUDA)."""
+    losses: dict[str, Callable] = {}
+    if hasattr(torch.nn, "LinearCrossEntropyOptions"):
+        options = torch.nn.LinearCrossEntropyOptions()  # opts in to the chunked path
+        losses["torch_lce"] = lambda h, w: torch.nn.functional.linear_cross_entropy(h, w, labels, options=options)
+    if labels.is_cuda:
+        try:
+            from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
 
-    def step(hidden, weight):
-        loss = loss_fn(weight, hidden, labels)
-        return (loss.detach(), *torch.autograd.grad(loss, (hidden, weight)))
+            liger = LigerFusedLinearCrossEntropyLoss()
+            losses["liger"] = lambda h, w: liger(w, h, labels)
+        except Exception:  # not installed, or no GPU build of triton
+            pass
+        try:
+            from cut_cross_entropy import linear_cross_entropy
 
-    return step
+            losses["cce"] = lambda h, w: linear_cross_entropy(h, w, labels)
+        except Exception:
+            pass
+
+    def with_grads(loss_fn):
+        def step(hidden, weight):
+            loss = loss_fn(hidden, weight)
+            return (loss.detach(), *torch.autograd.grad(loss, (hidden, weight)))
+
+        return step
+
+    return {name: with_grads(fn) for name, fn in losses.items()}
 
 
 def max_rel_error(ours, eager) -> float:
@@ -174,16 +195,21 @@ def run_case(case: Case, device: torch.device, timing: Timing) -> dict[str, Any]
             eager_extra_mib=eager_extra / MiB,
             extra_ratio=ours_extra / max(eager_extra, 1),
         )
-    if device.type == "cuda":
-        with torch.no_grad():
-            gemm_ms = time_ms(lambda h, w: h @ w.T, args, device, timing)
-        rate = 2 * case.n * case.h * case.v / (gemm_ms * 1e-3)
-        row.update(gemm_tflops=rate / 1e12, floor_ms=8 * case.n * case.h * case.v / rate * 1e3)
-        liger = liger_step(indices[:, 0].clamp_min(0))
-        if liger is not None:
-            first = indices[:, :1].clamp_min(0)
-            ours_k1 = loss_step(first, torch.zeros_like(logprobs[:, :1]), 1.0)
-            row.update(liger_ms=time_ms(liger, args, device, timing), ours_k1_ms=time_ms(ours_k1, args, device, timing))
+    with torch.no_grad():
+        gemm_ms = time_ms(lambda h, w: h @ w.T, args, device, timing)
+    rate = 2 * case.n * case.h * case.v / (gemm_ms * 1e-3)
+    floor_ms = 6 * case.n * case.h * case.v / rate * 1e3
+    row.update(gemm_tflops=rate / 1e12, floor_ms=floor_ms, ours_over_floor=ours_ms / floor_ms)
+    peers = k1_peers(indices[:, 0].clamp_min(0))
+    if peers:
+        ours_k1 = loss_step(indices[:, :1].clamp_min(0), torch.zeros_like(logprobs[:, :1]), 1.0)
+        row["ours_k1_ms"] = time_ms(ours_k1, args, device, timing)
+        for name, step in peers.items():
+            try:
+                row[f"{name}_ms"] = time_ms(step, args, device, timing)
+            except Exception as exc:  # a peer's bug or unsupported case must not stop the benchmark
+                row[f"{name}_ms"] = "failed"
+                row[f"{name}_error"] = f"{type(exc).__name__}: {exc}"[:300]
     row["result"] = verdict(case, row, error)
     return row
 
@@ -212,11 +238,14 @@ COLUMNS = [
     Column("time_ratio", "ours/eager time", fmt_fixed(2, "x")),
     *COMPILE_COLUMNS,
     Column("floor_ms", "floor ms", fmt_num()),
+    Column("ours_over_floor", "ours/floor", fmt_fixed(2)),
     Column("gemm_tflops", "GEMM TFLOP/s", fmt_num()),
     Column("ours_extra_mib", "ours extra MiB", fmt_fixed(1)),
     Column("eager_extra_mib", "eager extra MiB", fmt_fixed(1)),
     Column("extra_ratio", "ours/eager extra", fmt_percent(1)),
+    Column("torch_lce_ms", "torch LCE k=1 ms", fmt_num()),
     Column("liger_ms", "liger k=1 ms", fmt_num()),
+    Column("cce_ms", "CCE k=1 ms", fmt_num()),
     Column("ours_k1_ms", "ours k=1 ms", fmt_num()),
     Column("max_rel_error", "max rel err vs eager", fmt_num(2)),
     Column("target", "target"),
@@ -238,7 +267,8 @@ def run(args: Any) -> Report:
         "timing": timing.describe(device) + "; forward + backward; ours and eager timed in turns",
         "extra memory": memory_method(device),
         "compile": COMPILE_NOTE,
-        "liger-kernel": "CUDA only, k = 1, where it imports" if device.type == "cuda" else "not run on CPU",
+        "peers": "k = 1: torch's chunked F.linear_cross_entropy where torch has it; liger-kernel and Cut "
+                 "Cross-Entropy on CUDA where they import",
         "sizes": "quick (targets not checked)" if args.quick else "default",
     }
     return run_cases(
