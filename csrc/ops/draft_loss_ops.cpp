@@ -106,12 +106,13 @@ struct Tiling {
   int64_t vocab_chunk, row_chunk;
 };
 
+int64_t tile_bytes(bool cuda) { return cuda ? (int64_t{32} << 20) : (int64_t{16} << 20); }
+
 Tiling make_tiling(bool cuda, int64_t V) {
   // 2048 columns on both: on CUDA this keeps the float32 gradient accumulator of a bfloat16
   // weight chunk ([2048, H]) small as well.
   const int64_t vocab_chunk = std::min<int64_t>(V, 2048);
-  const int64_t tile_bytes = cuda ? (int64_t{32} << 20) : (int64_t{16} << 20);
-  return {vocab_chunk, std::max<int64_t>(1, tile_bytes / (vocab_chunk * 4))};
+  return {vocab_chunk, std::max<int64_t>(1, tile_bytes(cuda) / (vocab_chunk * 4))};
 }
 
 // GEMM operands: float32 on CPU (no mixed-precision GEMM there), the input dtype on CUDA.
@@ -361,8 +362,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> draft_top
   // rows.lse is filled block by block before gradient reads that block (the same tensor).
   const GradientRows gradient(t, inv_temperature, at::ones({}, f32), rows.lse);
   const at::Tensor hidden_op = gemm_operand(hidden), w = gemm_operand(weight);
-  const int64_t tile_bytes = hidden.is_cuda() ? (int64_t{32} << 20) : (int64_t{16} << 20);
-  const int64_t row_chunk = std::max<int64_t>(1, tile_bytes / (V * 4));
+  const int64_t row_chunk = std::max<int64_t>(1, tile_bytes(hidden.is_cuda()) / (V * 4));
   at::Tensor buffer = at::empty({std::max<int64_t>(1, std::min(N, row_chunk) * V)}, f32);
 
   for (int64_t r0 = 0; r0 < N; r0 += row_chunk) {

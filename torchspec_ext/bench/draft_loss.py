@@ -95,20 +95,25 @@ def make_inputs(case: Case, device: torch.device, gen: torch.Generator):
     return hidden, weight, indices, logprobs
 
 
-def loss_step(
-    indices: torch.Tensor, logprobs: torch.Tensor, temperature: float, loss_fn: Callable = draft_topk_kl
-) -> Callable:
-    """Forward + backward of ``loss_fn`` (ours, or the compiled reference), which has the op's signature."""
+def with_grads(loss_of: Callable) -> Callable:
+    """A timed step: forward + backward of ``loss_of(hidden, weight)``; (loss, grad hidden, grad weight)."""
 
     def step(hidden, weight):
-        loss = loss_fn(hidden, weight, indices, logprobs, None, temperature)[0]
+        loss = loss_of(hidden, weight)
         return (loss.detach(), *torch.autograd.grad(loss, (hidden, weight)))
 
     return step
 
 
+def loss_step(
+    indices: torch.Tensor, logprobs: torch.Tensor, temperature: float, loss_fn: Callable = draft_topk_kl
+) -> Callable:
+    """Forward + backward of ``loss_fn`` (ours, or the compiled reference), which has the op's signature."""
+    return with_grads(lambda hidden, weight: loss_fn(hidden, weight, indices, logprobs, None, temperature)[0])
+
+
 def eager_step(indices: torch.Tensor, logprobs: torch.Tensor, temperature: float) -> Callable:
-    def step(hidden, weight):
+    def loss_of(hidden, weight):
         logits = (hidden @ weight.T).float()
         if temperature != 1.0:  # skipped at T = 1 (an extra [N, Vd] pass): the fastest eager form
             logits = logits / temperature
@@ -117,10 +122,9 @@ def eager_step(indices: torch.Tensor, logprobs: torch.Tensor, temperature: float
         counted = present.any(-1)
         p = torch.softmax(logprobs.masked_fill(~present, float("-inf")), -1).nan_to_num(0.0)
         per_row = -(p * logq.gather(1, indices.clamp_min(0))).sum(-1)
-        loss = torch.where(counted, per_row, 0.0).sum() / counted.sum().clamp_min(1)
-        return (loss.detach(), *torch.autograd.grad(loss, (hidden, weight)))
+        return torch.where(counted, per_row, 0.0).sum() / counted.sum().clamp_min(1)
 
-    return step
+    return with_grads(loss_of)
 
 
 def k1_peers(labels: torch.Tensor) -> dict[str, Callable]:
@@ -145,14 +149,6 @@ def k1_peers(labels: torch.Tensor) -> dict[str, Callable]:
             losses["cce"] = lambda h, w: linear_cross_entropy(h, w, labels)
         except Exception:
             pass
-
-    def with_grads(loss_fn):
-        def step(hidden, weight):
-            loss = loss_fn(hidden, weight)
-            return (loss.detach(), *torch.autograd.grad(loss, (hidden, weight)))
-
-        return step
-
     return {name: with_grads(fn) for name, fn in losses.items()}
 
 
