@@ -65,6 +65,23 @@ def test_corrupt_header_raises(byte, value, message):
         unpack(buffer, header_bytes)
 
 
+def test_overlapping_entries_raise():
+    buffer, header_bytes = pack({"a": torch.ones(4), "b": torch.ones(4)}, 0, _cpu_alloc)
+    first_offset = 32 + 8  # prefix, then entry "a": dtype, ndim, name length, reserved, offset
+    second_offset = 32 + 24 + 8 + 1 + 8  # entry "a" (24 B + one dimension + its name), then "b"'s offset
+    buffer[second_offset : second_offset + 8] = buffer[first_offset : first_offset + 8]
+    with pytest.raises(HeaderMismatch, match="overlap"):
+        unpack(buffer, header_bytes)
+
+
+def test_small_tensors_are_laid_out_first_back_to_back():
+    batch = {"big": torch.zeros(ZERO_COPY_BYTES // 4 + 1), "ids": torch.zeros(5, dtype=torch.long),
+             "mask": torch.zeros(7, dtype=torch.bool)}
+    _, offsets, total = plan(batch, 0)
+    assert offsets[1] < offsets[2] < offsets[0]  # small ones first, each group in the batch's order
+    assert offsets[2] - offsets[1] == 64 and offsets[0] - offsets[2] == 64  # aligned, no gaps
+
+
 def test_truncated_buffer_raises():
     buffer, header_bytes = pack(teacher_batch(2), 0, _cpu_alloc)
     with pytest.raises(HeaderMismatch, match="bytes"):
@@ -75,15 +92,13 @@ def _through_messages(batch: dict, seq: int):
     """What the gloo channel does, without the transport: the body's messages on the sending
     side, each copied into its receive target, then the batch read from the receiver's buffer."""
     header, offsets, total = plan(batch, seq)
-    messages = body_messages(batch, offsets, torch.device("cpu"))
+    messages, _ = body_messages(batch, offsets, torch.device("cpu"), _cpu_alloc)
     buffer = torch.full((total,), 0xCC, dtype=torch.uint8)
-    buffer[: len(header)] = torch.frombuffer(bytearray(header), dtype=torch.uint8)
-    decoded = decode(buffer[: len(header)])
-    targets, place_small = body_receives(buffer, [(o, entry_bytes(c, s)) for _, c, s, o in decoded[2]])
+    decoded = decode(torch.frombuffer(bytearray(header), dtype=torch.uint8))
+    targets = body_receives(buffer, [(o, entry_bytes(c, s)) for _, c, s, o in decoded[2]])
     assert [m.numel() for m in messages] == [t.numel() for t in targets]
     for message, target in zip(messages, targets):
         target.copy_(message)
-    place_small()
     return messages, unpack(buffer, len(header), decoded)
 
 

@@ -77,6 +77,7 @@ void bind(py::module_& m) {
   m.def("pipeline_decode", &decode, py::arg("header"),
         "Pipeline wire format: (seq, total bytes, [(name, dtype code, shape, offset)]) of a header");
   m.attr("pipeline_header_prefix_bytes") = kPrefixBytes;
+  m.attr("pipeline_small_bytes") = kSmallBytes;
 #ifdef TORCHSPEC_WITH_NCCL
   py::register_exception<NcclTimeout>(m, "NcclTimeoutError", PyExc_TimeoutError);
   m.def("nccl_unique_id", [] { return py::bytes(nccl_unique_id()); }, "A new NCCL unique id (bytes)");

@@ -1,10 +1,12 @@
 // Wire format of the tensor pipeline (see wire.h).
 #include "wire.h"
 
+#include <algorithm>
 #include <cstdio>
 #include <cstring>
 #include <limits>
 #include <set>
+#include <utility>
 
 namespace torchspec {
 namespace pipeline {
@@ -93,12 +95,17 @@ BatchLayout plan_batch(uint64_t seq, std::vector<TensorEntry> entries) {
   }
   if (entries.size() > 0xffffffffu || header > 0xffffffffLL) throw std::invalid_argument("pipeline: header too large");
   layout.header_bytes = align_up(header);
-  int64_t offset = layout.header_bytes;
   for (TensorEntry& e : entries) {
     e.nbytes = checked_nbytes(e.shape, element_size(e.dtype));
     if (e.nbytes < 0) throw std::invalid_argument("pipeline: tensor '" + e.name + "' has a negative or huge shape");
-    e.offset = offset;
-    offset = align_up(offset + e.nbytes);
+  }
+  int64_t offset = layout.header_bytes;
+  for (const bool small : {true, false}) {
+    for (TensorEntry& e : entries) {
+      if ((e.nbytes < kSmallBytes) != small) continue;
+      e.offset = offset;
+      offset = align_up(offset + e.nbytes);
+    }
   }
   layout.total_bytes = offset;
   layout.entries = std::move(entries);
@@ -169,7 +176,7 @@ BatchLayout decode_header(const uint8_t* data, int64_t size) {
   r.get<uint32_t>("header_bytes");
   layout.seq = r.get<uint64_t>("seq");
   r.get<uint64_t>("total_bytes");
-  int64_t previous_end = layout.header_bytes;
+  std::vector<std::pair<int64_t, int64_t>> spans;  // (offset, end) of every entry, checked for overlap below
   for (uint32_t i = 0; i < count; ++i) {
     TensorEntry e;
     const uint8_t dtype = r.get<uint8_t>("dtype");
@@ -185,15 +192,21 @@ BatchLayout decode_header(const uint8_t* data, int64_t size) {
     if (r.end - r.p < name_len) throw HeaderError("pipeline header truncated while reading a name");
     e.name.assign(reinterpret_cast<const char*>(r.p), name_len);
     r.p += name_len;
-    // Entries are laid out in order, without overlap, inside the buffer, with sizes that match their shapes.
-    if (e.offset < previous_end || e.offset % kAlign != 0 || e.nbytes < 0 || e.nbytes > layout.total_bytes - e.offset ||
+    // Entries lie after the header inside the buffer, with sizes that match their shapes.
+    if (e.offset < layout.header_bytes || e.offset % kAlign != 0 || e.nbytes < 0 || e.nbytes > layout.total_bytes - e.offset ||
         checked_nbytes(e.shape, element_size(e.dtype)) != e.nbytes) {
       throw HeaderError("pipeline header: entry '" + e.name + "' (offset " + std::to_string(e.offset) + ", " +
                         std::to_string(e.nbytes) + " B) does not fit its shape or the " +
                         std::to_string(layout.total_bytes) + " B buffer");
     }
-    previous_end = e.offset + e.nbytes;
+    spans.emplace_back(e.offset, e.offset + e.nbytes);
     layout.entries.push_back(std::move(e));
+  }
+  std::sort(spans.begin(), spans.end());
+  for (size_t i = 1; i < spans.size(); ++i) {
+    if (spans[i].first < spans[i - 1].second) {
+      throw HeaderError("pipeline header: two entries overlap at offset " + std::to_string(spans[i].first));
+    }
   }
   return layout;
 }

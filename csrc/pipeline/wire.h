@@ -5,8 +5,10 @@
 // Buffer layout (little-endian):
 //   [prefix 32 B: magic u32, version u16, 0 u16, count u32, header_bytes u32, seq u64, total_bytes u64]
 //   [count entries: dtype u8, ndim u8, name_len u16, 0 u32, offset u64, nbytes u64, shape i64 x ndim, name]
-//   [padding to kAlign] [tensor 0 at offset_0] [padding] [tensor 1 at offset_1] ...
-// header_bytes and every offset are multiples of kAlign; total_bytes is the whole buffer.
+//   [padding to kAlign] [the tensors under kSmallBytes, in entry order] [the others, in entry order]
+// each tensor at its offset; header_bytes and every offset are multiples of kAlign; total_bytes
+// is the whole buffer. Small tensors first and back to back: a transport can move them as one
+// message (copied together) and each large tensor as a message from its own memory.
 #pragma once
 
 #include <cstdint>
@@ -18,10 +20,11 @@ namespace torchspec {
 namespace pipeline {
 
 constexpr uint32_t kMagic = 0x43505354;  // "TSPC" read as little-endian bytes
-constexpr uint16_t kVersion = 1;
+constexpr uint16_t kVersion = 2;  // 2: small tensors placed first
 constexpr int64_t kAlign = 64;  // every tensor starts on a cache line (and any dtype's alignment)
 constexpr int64_t kPrefixBytes = 32;
 constexpr int kMaxDims = 16;
+constexpr int64_t kSmallBytes = int64_t{1} << 20;  // on a CPU a message costs about a 1 MiB copy
 
 // Element types on the wire; the Python side maps torch dtypes to these codes.
 enum class WireDtype : uint8_t {
@@ -61,7 +64,8 @@ struct BatchLayout {
   int64_t total_bytes = 0;
 };
 
-// Places the entries (name, dtype, shape given) after the header at aligned offsets.
+// Places the entries (name, dtype, shape given) after the header at aligned offsets: those under
+// kSmallBytes first, then the others, each group in entry order.
 // Throws std::invalid_argument for negative sizes, too many dimensions or duplicate names.
 BatchLayout plan_batch(uint64_t seq, std::vector<TensorEntry> entries);
 

@@ -17,9 +17,10 @@ Then the body, which the receiver always gets as one buffer laid out as ``wire.p
 - NCCL: the packed buffer, one message (packing is a device copy at memory speed, and NCCL
   moves one large message best);
 - gloo: each tensor of ``wire.ZERO_COPY_BYTES`` or more from its own memory into its place in
-  the receiver's buffer, the smaller ones together in one message (copied on both sides); the
-  header goes on its own first only when it did not fit the preamble. On a CPU a packing copy
-  costs as much CPU as the loopback transfer it feeds, so the large tensors are not copied.
+  the receiver's buffer, the smaller ones (which the layout puts first, back to back) copied
+  together into one message that lands in its place too; the header goes on its own first only
+  when it did not fit the preamble. On a CPU a packing copy costs as much CPU as the loopback
+  transfer it feeds, so the large tensors are not copied.
 """
 
 from __future__ import annotations
@@ -58,13 +59,15 @@ class _GlooTransport:
     scatter = True  # the body goes as body_messages(): large tensors from their own memory
 
     def __init__(self, peer: int, group, tag: int):
-        self.peer, self.group, self.tag = peer, group, tag
+        # The group's own send/recv: dist.isend/irecv's checks cost a few percent per message on a CPU.
+        self.group = group if group is not None else dist.group.WORLD
+        self.peer, self.tag = dist.get_group_rank(self.group, peer), tag
 
     def send(self, buffer: Tensor):
-        return dist.isend(buffer, dst=self.peer, group=self.group, tag=self.tag)
+        return self.group.send([buffer], self.peer, self.tag)
 
     def recv(self, buffer: Tensor):
-        return dist.irecv(buffer, src=self.peer, group=self.group, tag=self.tag)
+        return self.group.recv([buffer], self.peer, self.tag)
 
     def done(self, work) -> bool:
         # Gloo's point-to-point work reports completion only once wait() ran on it (measured:
@@ -215,12 +218,12 @@ class TensorChannel:
             messages = [preamble(total, header)]
             if not header_fits_inline(len(header)):
                 messages.append(bytes_tensor(header))
-            messages += body_messages(batch, offsets, self.device)
-            storage = None
+            body, copied = body_messages(batch, offsets, self.device, self._take_buffer)
+            messages += body
         else:
-            buffer, header_bytes = pack(batch, self._sent, self._take_buffer)
-            messages = [host_to_device(preamble(buffer.numel(), header_bytes), self.device), buffer]
-            storage = buffer if buffer._base is None else buffer._base
+            copied, header_bytes = pack(batch, self._sent, self._take_buffer)
+            messages = [host_to_device(preamble(copied.numel(), header_bytes), self.device), copied]
+        storage = None if copied is None else copied if copied._base is None else copied._base  # of _take_buffer's view
         self._inflight.append(_Send(self._start_sends(messages, deadline), messages, storage))
         self._sent += 1
 
@@ -274,18 +277,16 @@ class TensorChannel:
         decoded = None
         try:
             if self._transport.scatter:
-                if inline_header is not None:
-                    buffer[:header_bytes].copy_(inline_header)
-                else:
-                    header_ticket = self._guard(lambda: self._transport.recv(buffer[:header_bytes]), what, deadline)
+                if inline_header is None:
+                    inline_header = buffer[:header_bytes]
+                    header_ticket = self._guard(lambda: self._transport.recv(inline_header), what, deadline)
                     self._wait(header_ticket, deadline, what)
-                decoded = decode(buffer[:header_bytes])
+                decoded = decode(inline_header)
                 if decoded[1] != total:
                     raise HeaderMismatch(f"pipeline header: says {decoded[1]} bytes, the preamble {total}")
-                spans = [(offset, entry_bytes(code, shape)) for _, code, shape, offset in decoded[2]]
-                parts, place_small = body_receives(buffer, spans)
+                parts = body_receives(buffer, [(offset, entry_bytes(code, shape)) for _, code, shape, offset in decoded[2]])
             else:
-                parts, place_small = [buffer], None
+                parts = [buffer]
         except HeaderMismatch as exc:
             self._fail(exc)
         tickets = self._guard(lambda: [self._transport.recv(p) for p in parts], what, deadline)
@@ -293,8 +294,6 @@ class TensorChannel:
             self._next_pre = self._post_preamble_recv(what, deadline)
         for ticket in tickets:
             self._wait(ticket, deadline, what)
-        if place_small is not None:
-            place_small()
         try:
             seq, batch = unpack(buffer, header_bytes, decoded)
         except HeaderMismatch as exc:

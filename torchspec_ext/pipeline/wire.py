@@ -69,63 +69,50 @@ def pack(batch: dict[str, Tensor], seq: int, alloc: Callable[[int], Tensor]) -> 
 
 
 #: From this size up a tensor travels from its own memory as a message of its own (gloo); the
-#: smaller ones are copied into one message together: on a CPU a message costs about as much as
-#: copying a megabyte, so a batch is a few large messages whatever its number of tensors.
-ZERO_COPY_BYTES = 1 << 20
-_ALIGN = 64  # kAlign of csrc/pipeline/wire.h: any dtype can be viewed at such an offset
+#: smaller ones, which the packed layout puts first and back to back (csrc/pipeline/wire.h),
+#: travel together as one message: on a CPU a message costs about as much as copying a megabyte,
+#: so a batch is a few large messages whatever its number of tensors.
+ZERO_COPY_BYTES = _C.pipeline_small_bytes
 
 
-def split_body(spans: list[tuple[int, int]]) -> tuple[list[tuple[int, int]], list[int]]:
-    """``(small, large)``: ``(index, position)`` of each non-empty tensor that travels in the
-    message of small ones together (64-byte aligned, as in the packed buffer), and the indices
-    of those that travel alone. ``spans``: each tensor's ``(offset, nbytes)``; sender and
-    receiver both take them from the header."""
-    small, large, at = [], [], 0
-    for i, (_, nbytes) in enumerate(spans):
-        if nbytes >= ZERO_COPY_BYTES:
-            large.append(i)
-        elif nbytes:
-            small.append((i, at))
-            at += -(-nbytes // _ALIGN) * _ALIGN
-    return small, large
+def split_body(spans: list[tuple[int, int]]) -> tuple[tuple[int, int] | None, list[int]]:
+    """``(small, large)``: the ``(start, end)`` bytes of the packed buffer that hold the small
+    tensors (None if there are none), and the indices of the tensors that travel alone.
+    ``spans``: each tensor's ``(offset, nbytes)``; sender and receiver both take them from the header."""
+    small = [(offset, offset + nbytes) for offset, nbytes in spans if 0 < nbytes < ZERO_COPY_BYTES]
+    large = [i for i, (_, nbytes) in enumerate(spans) if nbytes >= ZERO_COPY_BYTES]
+    region = (min(s for s, _ in small), max(e for _, e in small)) if small else None
+    return region, large
 
 
-def _small_bytes(small, spans) -> int:
-    return small[-1][1] + spans[small[-1][0]][1] if small else 0
-
-
-def body_messages(batch: dict[str, Tensor], offsets: list[int], device: torch.device) -> list[Tensor]:
-    """The body as messages on the sending side: the small tensors' bytes back to back in one
-    message (if any), then each large tensor's own bytes (no copy when it is contiguous and on
-    ``device``)."""
+def body_messages(batch: dict[str, Tensor], offsets: list[int], device: torch.device,
+                  alloc: Callable[[int], Tensor]) -> tuple[list[Tensor], Tensor | None]:
+    """``(messages, small)``: the body as messages on the sending side: the small tensors' region
+    of the packed buffer, copied into ``alloc(bytes)`` (``small``, None if there are none), then
+    each large tensor's own bytes (no copy when it is contiguous and on ``device``)."""
     tensors = list(batch.values())
     spans = [(offset, t.numel() * t.element_size()) for t, offset in zip(tensors, offsets)]
-    small, large = split_body(spans)
-    messages = []
-    if small:
-        together = torch.empty(_small_bytes(small, spans), dtype=torch.uint8, device=device)
-        for i, at in small:
-            _view(together, at, tensors[i].dtype, tensors[i].shape).copy_(tensors[i])
+    region, large = split_body(spans)
+    messages, together = [], None
+    if region is not None:
+        start, end = region
+        together = alloc(end - start)
+        for t, (offset, nbytes) in zip(tensors, spans):
+            if 0 < nbytes < ZERO_COPY_BYTES:
+                _view(together, offset - start, t.dtype, t.shape).copy_(t)
         messages.append(together)
     for i in large:
         t = tensors[i].to(device).contiguous()  # both no-ops for a contiguous tensor already there
         messages.append(t.reshape(-1).view(torch.uint8))
-    return messages
+    return messages, together
 
 
-def body_receives(buffer: Tensor, spans: list[tuple[int, int]]) -> tuple[list[Tensor], Callable[[], None]]:
-    """The receiving side of :func:`body_messages`: the tensors to receive the messages into, and
-    a function to call once they arrived that moves the small tensors to their place in ``buffer``."""
-    small, large = split_body(spans)
-    together = torch.empty(_small_bytes(small, spans), dtype=torch.uint8, device=buffer.device)
-
-    def place_small() -> None:
-        for i, at in small:
-            offset, nbytes = spans[i]
-            buffer[offset : offset + nbytes].copy_(together[at : at + nbytes])
-
-    targets = [together] if small else []
-    return targets + [buffer[spans[i][0] : spans[i][0] + spans[i][1]] for i in large], place_small
+def body_receives(buffer: Tensor, spans: list[tuple[int, int]]) -> list[Tensor]:
+    """The receiving side of :func:`body_messages`: the slices of ``buffer`` (the packed layout)
+    that its messages arrive in, so every tensor lands in its place without a copy."""
+    region, large = split_body(spans)
+    targets = [buffer[region[0] : region[1]]] if region is not None else []
+    return targets + [buffer[spans[i][0] : spans[i][0] + spans[i][1]] for i in large]
 
 
 #: The fixed-size first message of every batch: int64 total_bytes, int64 header_bytes, then the
