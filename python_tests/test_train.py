@@ -108,6 +108,9 @@ def test_loss_goes_down(tiny_target, tmp_path):
     assert run(tiny_target, tmp_path, "--max-steps", "30", "--save-interval", "100", "--lr", "3e-3") == 0
     curve = losses(tmp_path / "out")
     assert sum(curve[s] for s in range(26, 31)) < 0.8 * sum(curve[s] for s in range(1, 6))
+    final = json.loads((tmp_path / "out" / "metrics.jsonl").read_text().splitlines()[-1])
+    # Greedy decoding with the draft, as a chain and as trees: at least the target's own token per forward.
+    assert final["final_eval_acceptance_length"] >= 1.0 and final["final_eval_tree_acceptance_length"] >= 1.0
 
 
 def test_reference_ops_and_hard_ce_train(tiny_target, tmp_path):

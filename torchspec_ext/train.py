@@ -93,6 +93,9 @@ def parser() -> argparse.ArgumentParser:
     a("--eval-prompts", type=int, default=4)
     a("--eval-new-tokens", type=int, default=48)
     a("--eval-depth", type=int, default=4, help="chain depth / tree depth of the evaluation decoder")
+    a("--eval-tree-topk", type=int, default=4,
+      help="the evaluation also decodes with draft trees of this branching (EAGLE-2 style; 1: the chain only)")
+    a("--eval-tree-nodes", type=int, default=16, help="draft nodes per tree in the evaluation")
     a("--save-interval", type=int, default=100, help="steps between checkpoints")
     a("--keep-checkpoints", type=int, default=2)
     a("--log-interval", type=int, default=10, help="steps between metric lines")
@@ -126,7 +129,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.set_defaults(**values)
         args = p.parse_args(argv)  # command-line flags override the file
     for name in ("batch_size", "max_length", "topk", "draft_vocab", "vocab_sample", "eval_prompts",
-                 "eval_new_tokens", "eval_depth", "save_interval", "keep_checkpoints", "log_interval", "epochs",
+                 "eval_new_tokens", "eval_depth", "eval_tree_topk", "eval_tree_nodes", "save_interval", "keep_checkpoints", "log_interval", "epochs",
                  "teacher_ranks"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
@@ -605,6 +608,23 @@ def stop_ids(target, tokenizer) -> list[int]:
     return sorted(i for i in ids if i is not None)
 
 
+def evaluate_draft(target, draft: Eagle3Draft, prompts, new_tokens: int, modes: dict, eos) -> dict[str, float]:
+    """``acceptance_length`` (the chain's, the number the targets speak of) and, when ``modes``
+    has a tree, ``tree_acceptance_length``."""
+    found = {"acceptance_length": acceptance_length(target, draft, prompts, new_tokens, modes["chain"], eos)}
+    if "tree" in modes:
+        found["tree_acceptance_length"] = acceptance_length(target, draft, prompts, new_tokens, modes["tree"], eos)
+    return found
+
+
+def describe_acceptance(found: dict[str, float], args) -> str:
+    text = f"chain of {args.eval_depth} {found['acceptance_length']:.2f}"
+    if "tree_acceptance_length" in found:
+        text += (f", tree (depth {args.eval_depth}, top-{args.eval_tree_topk}, {args.eval_tree_nodes} nodes) "
+                 f"{found['tree_acceptance_length']:.2f}")
+    return text
+
+
 def acceptance_length(target, draft: Eagle3Draft, prompts, new_tokens: int, spec, eos) -> float:
     """Mean tokens per target forward of greedy speculative decoding with the draft."""
     from torchspec_ext.speculate import speculative_generate
@@ -820,7 +840,9 @@ def train(args) -> dict:
     from torchspec_ext.speculate import TreeSpec
 
     prompts = short_prompts(held_out, tokenizer, args.eval_prompts, max_prompt_tokens=256)
-    chain = TreeSpec.chain(args.eval_depth)
+    modes = {"chain": TreeSpec.chain(args.eval_depth)}
+    if args.eval_tree_topk > 1:
+        modes["tree"] = TreeSpec(args.eval_depth, args.eval_tree_topk, args.eval_tree_nodes)
     metrics = Metrics(output_dir, enabled=layout.writer)
     progress = Progress(args.max_steps, step, args.log_interval)
     summary: dict = {"start_step": step}
@@ -842,11 +864,10 @@ def train(args) -> dict:
             for s, (loss, acc) in enumerate(zip(result.step_losses, result.step_accuracies)):
                 values[f"loss_step{s}"], values[f"accuracy_step{s}"] = loss, acc
             if layout.writer and args.eval_interval and step % args.eval_interval == 0 and step < args.max_steps:
-                values["eval_acceptance_length"] = acceptance_length(target, draft, prompts, args.eval_new_tokens, chain,
-                                                                     tokenizer.eos_token_id)
+                found = evaluate_draft(target, draft, prompts, args.eval_new_tokens, modes, tokenizer.eos_token_id)
+                values.update({f"eval_{k}": v for k, v in found.items()})
                 progress.end()
-                print(f"[train] step {step}: held-out acceptance length (chain {args.eval_depth}) "
-                      f"{values['eval_acceptance_length']:.2f}", file=sys.stderr)
+                print(f"[train] step {step}: held-out acceptance length {describe_acceptance(found, args)}", file=sys.stderr)
             if step % args.log_interval == 0 or step == args.max_steps or "eval_acceptance_length" in values:
                 metrics.log(step, values)
             if layout.writer and (step % args.save_interval == 0 or step == args.max_steps):
@@ -865,12 +886,11 @@ def train(args) -> dict:
     summary["steps"] = step
     if layout.writer:
         draft.save(output_dir / "draft")
-        summary["eval_acceptance_length"] = acceptance_length(target, draft, prompts, args.eval_new_tokens, chain,
-                                                              tokenizer.eos_token_id)
-        metrics.log(step, {"final_eval_acceptance_length": summary["eval_acceptance_length"]})
-        print(f"[train] done: {step} steps; held-out acceptance length (greedy chain of {args.eval_depth}, "
-              f"{len(prompts)} prompts) {summary['eval_acceptance_length']:.2f}; draft in {output_dir / 'draft'}",
-              file=sys.stderr)
+        found = evaluate_draft(target, draft, prompts, args.eval_new_tokens, modes, tokenizer.eos_token_id)
+        summary.update({f"eval_{k}": v for k, v in found.items()})
+        metrics.log(step, {f"final_eval_{k}": v for k, v in found.items()})
+        print(f"[train] done: {step} steps; held-out acceptance length, greedy, {len(prompts)} prompts: "
+              f"{describe_acceptance(found, args)}; draft in {output_dir / 'draft'}", file=sys.stderr)
     metrics.close()
     if layout.distributed:
         summary.update(rank=layout.rank, role="trainer", draft_sha256=finish_layout(layout, draft))
