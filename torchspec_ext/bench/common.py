@@ -290,6 +290,36 @@ def time_compiled(
     return {"compile_ms": "failed", "ours_over_compile": "failed", "compile_error": f"{type(error).__name__}: {first_line}"[:300]}
 
 
+def peers_can_run(device: torch.device) -> bool:
+    """Whether the GPU-only peer libraries (flashinfer) can run on ``device``: CUDA only. Its own
+    function so that a test can let a fake peer run on a CPU."""
+    return device.type == "cuda"
+
+
+def import_flashinfer(device: torch.device) -> tuple[Any | None, str]:
+    """The flashinfer module where it imports and can run on ``device`` (else None), and a few
+    words for the report header: its version, or why the peer did not run."""
+    if not peers_can_run(device):
+        return None, f"did not run: needs CUDA (this run is on {device.type})"
+    try:
+        import flashinfer
+    except Exception as exc:  # absent, or a build that does not match this torch / CUDA
+        missing = isinstance(exc, ModuleNotFoundError) and exc.name == "flashinfer"
+        why = "not installed" if missing else f"import failed ({type(exc).__name__}: {exc})"[:300]
+        return None, f"did not run: {why}; `pip install flashinfer-python` adds it"
+    return flashinfer, f"flashinfer {getattr(flashinfer, '__version__', '(version unknown)')}"
+
+
+def peer_result(name: str, measure: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """``measure()``: another library's time (``name + "_ms"``) and what else it reports. Where it
+    raises (a peer's bug, an unsupported case, an API that changed between versions), the cell says
+    "failed" and ``name + "_error"`` why, and the benchmark goes on."""
+    try:
+        return measure()
+    except Exception as exc:
+        return {f"{name}_ms": "failed", f"{name}_error": f"{type(exc).__name__}: {exc}"[:300]}
+
+
 @dataclass
 class Column:
     key: str

@@ -33,6 +33,7 @@ from torchspec_ext.bench.common import (
     fmt_percent,
     memory_method,
     peak_extra_bytes,
+    peer_result,
     resolve_device,
     run_cases,
     time_compiled,
@@ -201,11 +202,7 @@ def run_case(case: Case, device: torch.device, timing: Timing) -> dict[str, Any]
         ours_k1 = loss_step(indices[:, :1].clamp_min(0), torch.zeros_like(logprobs[:, :1]), 1.0)
         row["ours_k1_ms"] = time_ms(ours_k1, args, device, timing)
         for name, step in peers.items():
-            try:
-                row[f"{name}_ms"] = time_ms(step, args, device, timing)
-            except Exception as exc:  # a peer's bug or unsupported case must not stop the benchmark
-                row[f"{name}_ms"] = "failed"
-                row[f"{name}_error"] = f"{type(exc).__name__}: {exc}"[:300]
+            row.update(peer_result(name, lambda: {f"{name}_ms": time_ms(step, args, device, timing)}))
     row["result"] = verdict(case, row, error)
     return row
 

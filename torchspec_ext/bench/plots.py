@@ -23,6 +23,7 @@ TIME_SERIES = [
     ("baseline_ms", "eager", "s-"),
     ("eager_ms", "eager", "s-"),
     ("compile_ms", "torch.compile", "^-"),
+    ("flashinfer_ms", "flashinfer", "d-"),  # a peer, CUDA only (see the topk and tree headers)
     ("floor_ms", "floor", "kx--"),
 ]
 

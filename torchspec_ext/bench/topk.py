@@ -4,6 +4,9 @@ Baseline: ``torch.topk`` then ``torch.logsumexp`` of the float32 logits and the 
 the linear op ``hidden @ weight.T`` first, and the GEMM alone is timed too (the GPU target is
 within 1.15x of it). Bandwidth columns count the bytes of logits read; they are left blank for
 the linear op, whose logits are made tile by tile in cache and never read from memory.
+
+Peer, on CUDA where it imports: flashinfer's ``top_k`` on the same logits (``topk_logprobs``
+rows), see ``FLASHINFER_NOTE``.
 """
 
 from __future__ import annotations
@@ -26,9 +29,11 @@ from torchspec_ext.bench.common import (
     fmt_fixed,
     fmt_num,
     fmt_percent,
+    import_flashinfer,
     input_set_count,
     memory_method,
     peak_extra_bytes,
+    peer_result,
     read_bandwidth,
     resolve_device,
     run_cases,
@@ -39,6 +44,14 @@ from torchspec_ext.bench.common import (
 from torchspec_ext.ops import linear_topk_logprobs, topk_logprobs
 
 TOPK, LINEAR = "topk_logprobs", "linear_topk_logprobs"
+
+FLASHINFER_NOTE = (
+    "flashinfer.top_k(logits, k, sorted=True) on the topk_logprobs rows' logits: the k largest logits "
+    "(input dtype) and their int64 indices per row, sorted descending as ours are. It selects only: no "
+    "log-sum-exp, log-probabilities or temperature, which ours computes in the same read. Its values are "
+    "checked against torch.topk's (flashinfer_max_error in the JSON). Not on the linear op, whose logits "
+    "are never materialised"
+)
 
 
 @dataclass(frozen=True)
@@ -128,7 +141,19 @@ def max_error(ours, reference) -> float:
     return max((ours[i].float() - reference[i].float()).abs().max().item() for i in (0, 2))
 
 
-def run_case(case: Case, device: torch.device, timing: Timing, bandwidth: float) -> dict[str, Any]:
+def flashinfer_peer(flashinfer: Any, sets: list[tuple], k: int, device: torch.device, timing: Timing) -> dict[str, Any]:
+    """flashinfer's top-k selection on the same logits: its time, and its values' largest difference
+    from torch.topk's on the first set (0 where it selects the same entries)."""
+    select = lambda logits: flashinfer.top_k(logits, k, sorted=True)
+    logits = sets[0][0]
+    values, _ = select(logits)
+    error = (values.float() - torch.topk(logits, k).values.float()).abs().max().item()
+    return {"flashinfer_ms": time_ms(select, sets, device, timing), "flashinfer_max_error": error}
+
+
+def run_case(
+    case: Case, device: torch.device, timing: Timing, bandwidth: float, flashinfer: Any = None
+) -> dict[str, Any]:
     k, t = case.k, case.temperature
     gen = torch.Generator(device=device).manual_seed(0)
     first = make_inputs(case, device, gen)
@@ -168,6 +193,8 @@ def run_case(case: Case, device: torch.device, timing: Timing, bandwidth: float)
     if case.op == TOPK:
         floor_ms = case.logits_bytes / bandwidth * 1e3
         row.update(ours_gbps=case.logits_bytes / ours_ms / 1e6, floor_ms=floor_ms, ours_over_floor=ours_ms / floor_ms)
+        if flashinfer is not None:
+            row.update(peer_result("flashinfer", lambda: flashinfer_peer(flashinfer, sets, k, device, timing)))
     else:
         gemm_ms = time_ms(gemm, sets, device, timing)
         ours_extra = peak_extra_bytes(ours, first, device)
@@ -212,6 +239,7 @@ COLUMNS = [
     Column("ours_gbps", "ours GB/s", fmt_num()),
     Column("floor_ms", "floor ms", fmt_num()),
     Column("ours_over_floor", "ours/floor", fmt_fixed(2)),
+    Column("flashinfer_ms", "flashinfer top_k ms", fmt_num()),
     Column("gemm_ms", "GEMM ms", fmt_num()),
     Column("ours_over_gemm", "ours/GEMM", fmt_fixed(2)),
     Column("ours_extra_mib", "ours extra MiB", fmt_fixed(1)),
@@ -226,15 +254,17 @@ def run(args: Any) -> Report:
     device = resolve_device(args.device)
     timing = timing_for(args, device)
     bandwidth, how = read_bandwidth(device)
+    flashinfer, flashinfer_status = import_flashinfer(device)
     header = environment_header(device, timing, bandwidth, how) | {
         "extra memory": memory_method(device) + "; linear op only",
         "compile": COMPILE_NOTE,
+        "peer": f"{flashinfer_status}. {FLASHINFER_NOTE}",
         "sizes": "quick (targets not checked)" if args.quick else "default",
     }
     return run_cases(
         Report("topk", header, COLUMNS),
         default_cases(device, args.quick),
-        lambda case: run_case(case, device, timing, bandwidth),
+        lambda case: run_case(case, device, timing, bandwidth, flashinfer),
         lambda case: f"{case.op} {DTYPE_NAMES[case.dtype]} {case.shape}",
         device,
     )

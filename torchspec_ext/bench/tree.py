@@ -11,6 +11,9 @@ read. The floor is one read of all the logits at the measured bandwidth; the bas
 eager argmax (greedy) or softmax (sampling) over all the logits, which a Python walk would
 then need. "walk" rows give the op a vocabulary of 1, so that the argmaxes are known and what is
 timed is the walk (with the op's argument checks and, on CUDA, its launch and host copies).
+
+Peer, on CUDA where it imports: flashinfer's chain speculative sampling on the
+``verify_tree_sampling`` rows' chains, see ``FLASHINFER_NOTE``.
 """
 
 from __future__ import annotations
@@ -32,7 +35,9 @@ from torchspec_ext.bench.common import (
     environment_header,
     fmt_fixed,
     fmt_num,
+    import_flashinfer,
     input_set_count,
+    peer_result,
     read_bandwidth,
     resolve_device,
     run_cases,
@@ -43,6 +48,18 @@ from torchspec_ext.bench.common import (
 from torchspec_ext.ops import tree_attention, verify_tree_greedy, verify_tree_sampling
 
 ATTN, GREEDY, SAMPLING, WALK = "tree_attention", "verify_tree_greedy", "verify_tree_sampling", "greedy walk"
+
+FLASHINFER_NOTE = (
+    "flashinfer.sampling.chain_speculative_sampling on the verify_tree_sampling rows' chains (T nodes: "
+    "T - 1 draft tokens and a bonus position). It takes probabilities where ours takes logits and a "
+    "temperature: target_probs = softmax(logits / temperature) [B, T, V] float32 (temperature 1 here) "
+    "and draft_probs = the one-hot of the draft tokens [B, T - 1, V] float32 (ours verifies point-mass "
+    "drafts, for which both rules are the "
+    "same: accept with p(token), else sample from p without it) are made before timing, so its time "
+    "leaves out the softmax that ours includes (the baseline column times that softmax); "
+    "draft_token_ids int32, a generator on the device. It verifies chains only, ours trees; its mean "
+    "accepted count is flashinfer_accepted in the JSON"
+)
 
 
 @dataclass(frozen=True)
@@ -194,14 +211,43 @@ def run_attention(case: Case, device: torch.device, timing: Timing) -> dict[str,
     return row | {"result": verdict(case, row, ok, ours_err)}
 
 
-def run_verify(case: Case, device: torch.device, timing: Timing, bandwidth: float) -> dict[str, Any]:
+def chain_probs(tokens: torch.Tensor, logits: torch.Tensor, temperature: float) -> tuple:
+    """A chain from verify_inputs as flashinfer's chain speculative sampling takes it: draft_probs
+    [B, T-1, V] (one-hot: our drafts are point masses), draft_token_ids [B, T-1] int32 and
+    target_probs [B, T, V], the probabilities float32 (it converts them to float32 itself otherwise)."""
+    draft_ids = tokens[:, 1:]  # node 0 is the last accepted token, not a draft
+    draft_probs = torch.zeros(*draft_ids.shape, logits.shape[-1], device=logits.device)
+    draft_probs.scatter_(-1, draft_ids.unsqueeze(-1), 1.0)
+    target_probs = torch.softmax(logits.float() / temperature, -1)
+    return draft_probs, draft_ids.to(torch.int32), target_probs
+
+
+def flashinfer_peer(
+    flashinfer: Any, sets: list[tuple], temperature: float, device: torch.device, timing: Timing
+) -> dict[str, Any]:
+    """flashinfer's chain speculative sampling on the same chains: its time, and its mean number of
+    accepted draft tokens on the first set (comparable with ours' "mean accepted")."""
+    chains = [chain_probs(tokens, logits, temperature) for tokens, _, logits in sets]
+    gen = torch.Generator(device=device).manual_seed(1)
+    verify = lambda draft_probs, draft_ids, target_probs: flashinfer.sampling.chain_speculative_sampling(
+        draft_probs=draft_probs, draft_token_ids=draft_ids, target_probs=target_probs, generator=gen
+    )
+    _, _, emitted = verify(*chains[0])  # (output_token_ids, accepted_token_num, emitted_draft_token_num)
+    ms = time_ms(verify, chains, device, timing)
+    return {"flashinfer_ms": ms, "flashinfer_accepted": emitted.double().mean().item()}
+
+
+def run_verify(
+    case: Case, device: torch.device, timing: Timing, bandwidth: float, flashinfer: Any = None
+) -> dict[str, Any]:
     gen = torch.Generator().manual_seed(0)
     first = verify_inputs(case, device, gen)
     count = input_set_count(first[2].nbytes, device) if case.vocab > 1 else 1
     sets = [first] + [verify_inputs(case, device, gen) for _ in range(count - 1)]
+    temperature = 1.0
     if case.op == SAMPLING:
         sample_gen = torch.Generator().manual_seed(1)
-        ours = lambda tokens, parents, logits: verify_tree_sampling(tokens, parents, logits, 1.0, sample_gen)
+        ours = lambda tokens, parents, logits: verify_tree_sampling(tokens, parents, logits, temperature, sample_gen)
         baseline = lambda tokens, parents, logits: torch.softmax(logits.float(), -1)
         baseline_name = "softmax of all logits"
     else:
@@ -223,6 +269,8 @@ def run_verify(case: Case, device: torch.device, timing: Timing, bandwidth: floa
             floor_ms=floor_ms,
             ours_over_floor=ours_ms / floor_ms,
         )
+    if case.op == SAMPLING and flashinfer is not None:
+        row.update(peer_result("flashinfer", lambda: flashinfer_peer(flashinfer, sets, temperature, device, timing)))
     return row | {"result": verdict(case, row, ok, None)}
 
 
@@ -251,6 +299,7 @@ COLUMNS = [
     Column("baseline_ms", "baseline ms", fmt_num()),
     Column("speedup", "speed-up", fmt_fixed(2, "x")),
     *COMPILE_COLUMNS,
+    Column("flashinfer_ms", "flashinfer chain ms", fmt_num()),
     Column("floor_ms", "one read ms", fmt_num()),
     Column("ours_over_floor", "ours/one read", fmt_fixed(2)),
     Column("accepted", "mean accepted", fmt_fixed(1)),
@@ -265,9 +314,11 @@ def run(args: Any) -> Report:
     device = resolve_device(args.device)
     timing = timing_for(args, device)
     bandwidth, how = read_bandwidth(device)
+    flashinfer, flashinfer_status = import_flashinfer(device)
     header = environment_header(device, timing, bandwidth, how) | {
         "trees": "attention: random trees, mask built before timing; verification: fully accepted chains",
         "compile": COMPILE_NOTE + "; attention only (the verification references are Python walks)",
+        "peer": f"{flashinfer_status}. {FLASHINFER_NOTE}",
         "sizes": "quick (targets not checked)" if args.quick else "default",
     }
 
@@ -275,7 +326,7 @@ def run(args: Any) -> Report:
         if case.op == ATTN:
             row = run_attention(case, device, timing)
         else:
-            row = run_verify(case, device, timing, bandwidth)
+            row = run_verify(case, device, timing, bandwidth, flashinfer)
         return {
             "op": case.op,
             "device": device.type,
