@@ -123,6 +123,21 @@ def test_non_finite(device, dtype):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_nan_ties_lower_index_first(device):
+    # More NaNs than k + 64 (the reference's candidate margin): the NaNs tie, so the lowest indices
+    # come first, in the op and in the reference (which once took torch.topk's arbitrary NaNs).
+    logits = torch.randn(2, 3000, device=device)
+    logits[0] = float("nan")
+    logits[1, 100:] = float("nan")
+    for k in (1, 4, 300):
+        values, indices, lse = topk_logprobs(logits, k)
+        ref_values, ref_indices, ref_lse = reference.topk_logprobs(logits.double(), k)
+        expected = torch.stack([torch.arange(k), torch.arange(100, 100 + k)])
+        assert torch.equal(indices.cpu(), expected) and torch.equal(ref_indices.cpu(), expected)
+        assert values.isnan().all() and lse.isnan().all() and ref_lse.isnan().all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_empty_batch(device):
     values, indices, lse = topk_logprobs(torch.randn(0, 3, 100, device=device), 5)
     assert values.shape == (0, 3, 5) and indices.shape == (0, 3, 5) and lse.shape == (0, 3)
