@@ -138,6 +138,16 @@ def test_nan_ties_lower_index_first(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_linear_empty_hidden_size(device):
+    # H = 0: every logit is 0 (an empty dot product), so all ties: the lowest ids, log(1 / V).
+    hidden, weight = torch.randn(2, 3, 0, device=device), torch.randn(500, 0, device=device)
+    values, indices, lse = linear_topk_logprobs(hidden, weight, 4)
+    assert indices.shape == (2, 3, 4) and torch.equal(indices.cpu(), torch.arange(4).expand(2, 3, 4))
+    torch.testing.assert_close(lse.cpu(), torch.full((2, 3), math.log(500)))
+    torch.testing.assert_close(values.cpu(), torch.full((2, 3, 4), -math.log(500)))
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_empty_batch(device):
     values, indices, lse = topk_logprobs(torch.randn(0, 3, 100, device=device), 5)
     assert values.shape == (0, 3, 5) and indices.shape == (0, 3, 5) and lse.shape == (0, 3)
