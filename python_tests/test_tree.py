@@ -143,6 +143,22 @@ def test_tree_attention_int32_indices_and_strided_inputs(device):
     assert torch.equal(out, ref)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("prefix", [1, 40])
+def test_tree_attention_infinite_key_with_negative_score(device, prefix):
+    # A key holding +inf where every query is negative scores -inf: that key weighs 0, as the dense
+    # softmax gives it. The CPU kernel once made NaN of a row whose first scores were all -inf.
+    q, k, v, lens = make_attention_inputs(2, 4, 2, 5, 16, [prefix, prefix], prefix + 5, device)
+    q[..., 0] = -q[..., 0].abs() - 0.5
+    k[:, :, 0, 0] = float("inf")  # a prefix key
+    k[:, :, prefix + 1, 0] = float("inf")  # tree node 1's key
+    parents = torch.tensor([[-1, 0, 0, 1, 1], [-1, 0, 1, 2, 3]], device=device)
+    out = tree_attention(q, k, v, lens, parents)
+    ref = float64_attention(q, k, v, lens, parents, 16**-0.5)
+    assert not ref.isnan().any()
+    torch.testing.assert_close(out.cpu().double(), ref, rtol=0, atol=2e-5)
+
+
 # ---- verify_tree_greedy -------------------------------------------------------------------------
 
 GREEDY_CASES = {

@@ -125,7 +125,8 @@ void attention_unit(const TreeAttentionParams& p, int64_t unit, AttentionScratch
         acc[i] = w.acc.data() + r * D;
         const f32x16 si = valid ? s[i] : ninf;
         rescale_row(w.m[r], w.l[r], acc[i], D, reduce_max(si));
-        const f32x16 ei = valid ? exp2_nonpositive(si - w.m[r]) : f32x16{};
+        // A -inf score weighs exactly 0 (also while m is -inf, where 2^(s - m) would be NaN).
+        const f32x16 ei = si != ninf ? exp2_nonpositive(si - w.m[r]) : f32x16{};
         w.l[r] += reduce_sum(ei);
         std::memcpy(e[i], &ei, sizeof(ei));
       }
@@ -158,12 +159,13 @@ void attention_unit(const TreeAttentionParams& p, int64_t unit, AttentionScratch
       const float* key = w.tree_k.data() + a * D;
       const float s = dot(q, key, D);
       rescale_row(w.m[r], w.l[r], acc, D, s);
-      const float e = std::exp2(s - w.m[r]);
+      const float e = s == -std::numeric_limits<float>::infinity() ? 0.0f : std::exp2(s - w.m[r]);
       w.l[r] += e;
       const float* v = w.tree_v.data() + a * D;
       for (int64_t d = 0; d < D; ++d) acc[d] += e * v[d];
     }
-    const float inv = 1.0f / w.l[r];  // l >= 1: the row's maximum contributes 2^0
+    // l >= 1 (the row's maximum contributes 2^0) unless every score is -inf: then NaN, as softmax.
+    const float inv = 1.0f / w.l[r];
     for (int64_t d = 0; d < D; ++d) acc[d] *= inv;
   }
   store_chunk(w.acc.data(), R * D, p.dtype, p.out, q_offset);
