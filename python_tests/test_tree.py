@@ -278,6 +278,28 @@ def test_verify_sampling_point_masses_are_deterministic(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("u", [0.0, 1 - 2**-53])
+def test_verify_sampling_never_takes_a_zero_probability_token(device, u):
+    # Tokens at logit -1e4 have probability exactly 0 (exp underflows): never accepted (u = 0 accepts
+    # any token of positive probability) nor drawn (u near 1 ends the inversion at the last token
+    # of positive probability). The CPU kernel once floored their probability at 2^-125 / sum.
+    batch, vocab = 4, 300
+    logits = torch.randn(batch, 3, vocab, generator=torch.Generator().manual_seed(4)) * 2
+    logits[..., vocab // 2 :] = -1e4
+    tokens = torch.tensor([[0, vocab - 1, vocab // 2]] * batch)  # both children have probability 0
+    parents = torch.tensor([[-1, 0, 0]] * batch)
+    uniforms = torch.full((batch, 3), u, dtype=torch.float64)
+    result = verify_tree_sampling_uniforms(
+        tokens.to(device), parents.to(device), logits.to(device), 1.0, uniforms.to(device)
+    )
+    num, _, nxt = as_lists(result)
+    assert num == [0] * batch
+    assert all(t < vocab // 2 for t in nxt), nxt
+    expected = reference.verify_tree_sampling_uniforms(tokens, parents, logits.double(), 1.0, uniforms)
+    assert as_lists(result) == as_lists(expected)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_verify_sampling_generator_reproducible(device):
     tokens = torch.randint(0, 50, (8, 10), device=device)
     parents = random_parents(8, 10).to(device)

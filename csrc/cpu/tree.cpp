@@ -233,8 +233,8 @@ inline int64_t next_child(const int64_t* parents, int64_t nodes, int64_t cur, in
   return -1;
 }
 
-// x[v] <- exp((x[v] - max) / T) for the V values of a row (NaN ignored by the maximum; -inf
-// gives exactly 0); returns their sum (float64 across chunks).
+// x[v] <- exp((x[v] - max) / T) for the V values of a row (NaN ignored by the maximum; values
+// that underflow, -inf included, give exactly 0); returns their sum (float64 across chunks).
 TORCHSPEC_CPU_CLONES
 double exp_and_sum(float* x, int64_t V, float inv_temperature) {
   const int64_t V16 = V / kLanes * kLanes;
@@ -253,8 +253,10 @@ double exp_and_sum(float* x, int64_t V, float inv_temperature) {
     for (int64_t v = c0; v < std::min(V16, c0 + kChunk); v += kLanes) {
       f32x16 a;
       std::memcpy(&a, x + v, sizeof(a));
-      const f32x16 e = exp2_nonpositive((a - mx) * scale);
-      a = a == -std::numeric_limits<float>::infinity() ? f32x16{} : e;  // exactly 0, not 2^-125
+      const f32x16 y = (a - mx) * scale;
+      // exp2_nonpositive floors its results at 2^-125, but a token of probability 0 must never be
+      // accepted or drawn: below 2^-150, where expf and std::exp2 underflow, exactly 0 (-inf too).
+      a = y <= -150.0f ? f32x16{} : exp2_nonpositive(y);
       std::memcpy(x + v, &a, sizeof(a));
       sum += a;
     }
