@@ -123,6 +123,31 @@ def test_non_finite(device, dtype):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_nan_ties_lower_index_first(device):
+    # More NaNs than k + 64 (the reference's candidate margin): the NaNs tie, so the lowest indices
+    # come first, in the op and in the reference (which once took torch.topk's arbitrary NaNs).
+    logits = torch.randn(2, 3000, device=device)
+    logits[0] = float("nan")
+    logits[1, 100:] = float("nan")
+    for k in (1, 4, 300):
+        values, indices, lse = topk_logprobs(logits, k)
+        ref_values, ref_indices, ref_lse = reference.topk_logprobs(logits.double(), k)
+        expected = torch.stack([torch.arange(k), torch.arange(100, 100 + k)])
+        assert torch.equal(indices.cpu(), expected) and torch.equal(ref_indices.cpu(), expected)
+        assert values.isnan().all() and lse.isnan().all() and ref_lse.isnan().all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_linear_empty_hidden_size(device):
+    # H = 0: every logit is 0 (an empty dot product), so all ties: the lowest ids, log(1 / V).
+    hidden, weight = torch.randn(2, 3, 0, device=device), torch.randn(500, 0, device=device)
+    values, indices, lse = linear_topk_logprobs(hidden, weight, 4)
+    assert indices.shape == (2, 3, 4) and torch.equal(indices.cpu(), torch.arange(4).expand(2, 3, 4))
+    torch.testing.assert_close(lse.cpu(), torch.full((2, 3), math.log(500)))
+    torch.testing.assert_close(values.cpu(), torch.full((2, 3, 4), -math.log(500)))
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_empty_batch(device):
     values, indices, lse = topk_logprobs(torch.randn(0, 3, 100, device=device), 5)
     assert values.shape == (0, 3, 5) and indices.shape == (0, 3, 5) and lse.shape == (0, 3)

@@ -143,6 +143,22 @@ def test_tree_attention_int32_indices_and_strided_inputs(device):
     assert torch.equal(out, ref)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("prefix", [1, 40])
+def test_tree_attention_infinite_key_with_negative_score(device, prefix):
+    # A key holding +inf where every query is negative scores -inf: that key weighs 0, as the dense
+    # softmax gives it. The CPU kernel once made NaN of a row whose first scores were all -inf.
+    q, k, v, lens = make_attention_inputs(2, 4, 2, 5, 16, [prefix, prefix], prefix + 5, device)
+    q[..., 0] = -q[..., 0].abs() - 0.5
+    k[:, :, 0, 0] = float("inf")  # a prefix key
+    k[:, :, prefix + 1, 0] = float("inf")  # tree node 1's key
+    parents = torch.tensor([[-1, 0, 0, 1, 1], [-1, 0, 1, 2, 3]], device=device)
+    out = tree_attention(q, k, v, lens, parents)
+    ref = float64_attention(q, k, v, lens, parents, 16**-0.5)
+    assert not ref.isnan().any()
+    torch.testing.assert_close(out.cpu().double(), ref, rtol=0, atol=2e-5)
+
+
 # ---- verify_tree_greedy -------------------------------------------------------------------------
 
 GREEDY_CASES = {
@@ -259,6 +275,28 @@ def test_verify_sampling_point_masses_are_deterministic(device):
             torch.tensor([tokens], device=device), torch.tensor([parents], device=device), logits.to(device), 0.7, gen
         )
         assert as_lists(result) == ([num], [path], [nxt])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("u", [0.0, 1 - 2**-53])
+def test_verify_sampling_never_takes_a_zero_probability_token(device, u):
+    # Tokens at logit -1e4 have probability exactly 0 (exp underflows): never accepted (u = 0 accepts
+    # any token of positive probability) nor drawn (u near 1 ends the inversion at the last token
+    # of positive probability). The CPU kernel once floored their probability at 2^-125 / sum.
+    batch, vocab = 4, 300
+    logits = torch.randn(batch, 3, vocab, generator=torch.Generator().manual_seed(4)) * 2
+    logits[..., vocab // 2 :] = -1e4
+    tokens = torch.tensor([[0, vocab - 1, vocab // 2]] * batch)  # both children have probability 0
+    parents = torch.tensor([[-1, 0, 0]] * batch)
+    uniforms = torch.full((batch, 3), u, dtype=torch.float64)
+    result = verify_tree_sampling_uniforms(
+        tokens.to(device), parents.to(device), logits.to(device), 1.0, uniforms.to(device)
+    )
+    num, _, nxt = as_lists(result)
+    assert num == [0] * batch
+    assert all(t < vocab // 2 for t in nxt), nxt
+    expected = reference.verify_tree_sampling_uniforms(tokens, parents, logits.double(), 1.0, uniforms)
+    assert as_lists(result) == as_lists(expected)
 
 
 @pytest.mark.parametrize("device", DEVICES)

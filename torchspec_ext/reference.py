@@ -37,7 +37,9 @@ def topk_logprobs(logits: Tensor, k: int, temperature: float = 1.0) -> Tuple[Ten
     # order as a stable sort of the whole row unless a tie spans the margin (then sort it all).
     margin = min(x.shape[-1], k + 64)
     cand_values, cand_indices = torch.topk(x, margin, dim=-1)
-    if margin < x.shape[-1] and (cand_values[..., -1] == cand_values[..., k - 1]).any():
+    last, kth = cand_values[..., -1], cand_values[..., k - 1]
+    # NaNs tie with each other (torch.topk ranks them first, in no particular index order).
+    if margin < x.shape[-1] and ((last == kth) | (last.isnan() & kth.isnan())).any():
         order = torch.sort(x, dim=-1, descending=True, stable=True).indices[..., :k]
     else:
         by_index = cand_indices.sort(dim=-1).values

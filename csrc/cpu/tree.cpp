@@ -125,7 +125,8 @@ void attention_unit(const TreeAttentionParams& p, int64_t unit, AttentionScratch
         acc[i] = w.acc.data() + r * D;
         const f32x16 si = valid ? s[i] : ninf;
         rescale_row(w.m[r], w.l[r], acc[i], D, reduce_max(si));
-        const f32x16 ei = valid ? exp2_nonpositive(si - w.m[r]) : f32x16{};
+        // A -inf score weighs exactly 0 (also while m is -inf, where 2^(s - m) would be NaN).
+        const f32x16 ei = si != ninf ? exp2_nonpositive(si - w.m[r]) : f32x16{};
         w.l[r] += reduce_sum(ei);
         std::memcpy(e[i], &ei, sizeof(ei));
       }
@@ -158,12 +159,13 @@ void attention_unit(const TreeAttentionParams& p, int64_t unit, AttentionScratch
       const float* key = w.tree_k.data() + a * D;
       const float s = dot(q, key, D);
       rescale_row(w.m[r], w.l[r], acc, D, s);
-      const float e = std::exp2(s - w.m[r]);
+      const float e = s == -std::numeric_limits<float>::infinity() ? 0.0f : std::exp2(s - w.m[r]);
       w.l[r] += e;
       const float* v = w.tree_v.data() + a * D;
       for (int64_t d = 0; d < D; ++d) acc[d] += e * v[d];
     }
-    const float inv = 1.0f / w.l[r];  // l >= 1: the row's maximum contributes 2^0
+    // l >= 1 (the row's maximum contributes 2^0) unless every score is -inf: then NaN, as softmax.
+    const float inv = 1.0f / w.l[r];
     for (int64_t d = 0; d < D; ++d) acc[d] *= inv;
   }
   store_chunk(w.acc.data(), R * D, p.dtype, p.out, q_offset);
@@ -231,8 +233,8 @@ inline int64_t next_child(const int64_t* parents, int64_t nodes, int64_t cur, in
   return -1;
 }
 
-// x[v] <- exp((x[v] - max) / T) for the V values of a row (NaN ignored by the maximum; -inf
-// gives exactly 0); returns their sum (float64 across chunks).
+// x[v] <- exp((x[v] - max) / T) for the V values of a row (NaN ignored by the maximum; values
+// that underflow, -inf included, give exactly 0); returns their sum (float64 across chunks).
 TORCHSPEC_CPU_CLONES
 double exp_and_sum(float* x, int64_t V, float inv_temperature) {
   const int64_t V16 = V / kLanes * kLanes;
@@ -251,8 +253,10 @@ double exp_and_sum(float* x, int64_t V, float inv_temperature) {
     for (int64_t v = c0; v < std::min(V16, c0 + kChunk); v += kLanes) {
       f32x16 a;
       std::memcpy(&a, x + v, sizeof(a));
-      const f32x16 e = exp2_nonpositive((a - mx) * scale);
-      a = a == -std::numeric_limits<float>::infinity() ? f32x16{} : e;  // exactly 0, not 2^-125
+      const f32x16 y = (a - mx) * scale;
+      // exp2_nonpositive floors its results at 2^-125, but a token of probability 0 must never be
+      // accepted or drawn: below 2^-150, where expf and std::exp2 underflow, exactly 0 (-inf too).
+      a = y <= -150.0f ? f32x16{} : exp2_nonpositive(y);
       std::memcpy(x + v, &a, sizeof(a));
       sum += a;
     }

@@ -105,8 +105,10 @@ __global__ void __launch_bounds__(kAttnThreads) tree_attention_kernel(TreeAttent
         s = dot;
       }
       const float m_new = fmaxf(m[r], warp_max(s));
-      const float corr = exp2f(m[r] - m_new);  // 0 while m is -inf
-      const float e = lane < n ? exp2f(s - m_new) : 0.0f;
+      // While every score is -inf (m_new = -inf) nothing is rescaled and -inf scores weigh 0:
+      // 2^(-inf - -inf) would be NaN.
+      const float corr = m_new == -INFINITY ? 1.0f : exp2f(m[r] - m_new);  // 0 while m is -inf
+      const float e = lane < n && s != -INFINITY ? exp2f(s - m_new) : 0.0f;
       l[r] = l[r] * corr + warp_sum(e);
       m[r] = m_new;
 #pragma unroll
@@ -128,7 +130,7 @@ __global__ void __launch_bounds__(kAttnThreads) tree_attention_kernel(TreeAttent
   for (int r = 0; r < kMaxRowsPerWarp; ++r) {
     const int h = warp + kAttnWarps * r;
     if (h >= G) break;
-    const float inv = 1.0f / l[r];  // l >= 1: the row's maximum contributes 2^0
+    const float inv = 1.0f / l[r];  // l >= 1 unless every score is -inf: then NaN, as softmax
     T* o = out + ((b * p.q_heads + g * G + h) * T_ + j) * D;
 #pragma unroll
     for (int i = 0; i < kMaxDimPerLane; ++i) {

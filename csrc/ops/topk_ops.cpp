@@ -1,5 +1,6 @@
 // torch-facing launchers of topk_logprobs and linear_topk_logprobs (CPU and CUDA).
 #include <ATen/Parallel.h>
+#include <c10/util/accumulate.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -117,8 +118,9 @@ Outputs linear_topk_logprobs(const at::Tensor& hidden, const at::Tensor& weight,
   check_temperature(temperature, op);
 
   auto [values, indices, lse] = allocate_outputs(hidden.sizes().slice(0, hidden.dim() - 1), k, hidden.device());
-  const at::Tensor h2 = hidden.reshape({-1, H});
-  const int64_t N = h2.size(0);
+  // The row count from the batch dims, not reshape's -1 (ambiguous when H = 0).
+  const int64_t N = c10::multiply_integers(hidden.sizes().slice(0, hidden.dim() - 1));
+  const at::Tensor h2 = hidden.reshape({N, H});
   if (N == 0) return {values, indices, lse};
   at::Tensor v2 = values.view({-1, k}), i2 = indices.view({-1, k}), l2 = lse.view({-1});
 
