@@ -266,7 +266,7 @@ class TensorChannel:
         pre_ticket, pre = self._next_pre if self._next_pre is not None else self._post_preamble_recv(what, deadline)
         self._next_pre = None
         self._wait(pre_ticket, deadline, what)
-        total, header_bytes, inline_header = read_preamble(pre)
+        total, header_bytes, header = read_preamble(pre)  # header: None when it did not fit inline
         if total == _END_OF_STREAM:
             self._peer_closed = True
             raise ChannelClosed(f"pipeline: rank {self.peer} closed the channel after {self._received} batches")
@@ -277,11 +277,11 @@ class TensorChannel:
         decoded = None
         try:
             if self._transport.scatter:
-                if inline_header is None:
-                    inline_header = buffer[:header_bytes]
-                    header_ticket = self._guard(lambda: self._transport.recv(inline_header), what, deadline)
+                if header is None:
+                    header = buffer[:header_bytes]
+                    header_ticket = self._guard(lambda: self._transport.recv(header), what, deadline)
                     self._wait(header_ticket, deadline, what)
-                decoded = decode(inline_header)
+                decoded = decode(header)
                 if decoded[1] != total:
                     raise HeaderMismatch(f"pipeline header: says {decoded[1]} bytes, the preamble {total}")
                 parts = body_receives(buffer, [(offset, entry_bytes(code, shape)) for _, code, shape, offset in decoded[2]])
