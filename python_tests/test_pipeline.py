@@ -1,6 +1,7 @@
 """Tensor pipeline: wire format, routes, and multi-process channels over gloo (CPU); the NCCL
 path sends to itself through a one-rank communicator where a GPU is present."""
 
+import collections
 import datetime
 import math
 import os
@@ -21,8 +22,7 @@ from torchspec_ext.pipeline import (
     TensorChannel,
     routes,
 )
-from torchspec_ext.pipeline.wire import (ZERO_COPY_BYTES, body_messages, body_receives, decode, entry_bytes, pack, plan,
-                                         preamble, read_preamble, unpack)
+from torchspec_ext.pipeline.wire import ZERO_COPY_BYTES, pack, plan, preamble, read_preamble, unpack
 
 from conftest import HAS_GPU
 from pipeline_workers import (assert_same_batch, large_batch, many_tensors_batch, random_batch, run_job,
@@ -88,34 +88,58 @@ def test_truncated_buffer_raises():
         unpack(buffer[:-64].clone(), header_bytes)
 
 
-def _through_messages(batch: dict, seq: int):
-    """What the gloo channel does, without the transport: the body's messages on the sending
-    side, each copied into its receive target, then the batch read from the receiver's buffer."""
-    header, offsets, total = plan(batch, seq)
-    messages, _ = body_messages(batch, offsets, torch.device("cpu"), _cpu_alloc)
-    buffer = torch.full((total,), 0xCC, dtype=torch.uint8)
-    decoded = decode(torch.frombuffer(bytearray(header), dtype=torch.uint8))
-    targets = body_receives(buffer, [(o, entry_bytes(c, s)) for _, c, s, o in decoded[2]])
-    assert [m.numel() for m in messages] == [t.numel() for t in targets]
-    for message, target in zip(messages, targets):
-        target.copy_(message)
-    return messages, unpack(buffer, len(header), decoded)
+class Loopback:
+    """An in-process transport: each receive gets the next message sent, which must have the
+    receive's exact size (as gloo requires). ``scatter`` as the gloo (True) or NCCL (False) one."""
+
+    def __init__(self, scatter: bool):
+        self.scatter, self.messages, self.sent_from = scatter, collections.deque(), set()
+
+    def send(self, message):
+        self.sent_from.add(message.data_ptr())
+        self.messages.append(message.clone())  # the sender may reuse its buffers once done()
+        return None
+
+    def recv(self, target):
+        return target
+
+    def done(self, ticket) -> bool:
+        return True
+
+    def wait(self, ticket, timeout: float) -> None:
+        if ticket is not None:  # a receive: the next message, in order
+            message = self.messages.popleft()
+            assert message.numel() == ticket.numel(), (message.numel(), ticket.numel())
+            ticket.copy_(message)
+
+    def abort(self) -> None:
+        pass
 
 
-def test_body_messages_round_trip_bit_exact():
-    batches = [random_batch(s) for s in range(100)] + [large_batch(s) for s in range(20)] + [many_tensors_batch(0)]
+@pytest.mark.parametrize("scatter", [True, False], ids=["gloo", "packed"])
+def test_channel_logic_round_trip_bit_exact(scatter):
+    """The channel's own send/recv over a loopback, on batches of every size in turn, bit for bit."""
+    batches = [many_tensors_batch(1)]  # a header too long for the preamble: a message of its own
+    batches += [random_batch(s) for s in range(100)] + [large_batch(s) for s in range(20)] + [many_tensors_batch(0)]
+    batches += [random_batch(s) for s in range(200, 230)] + [teacher_batch(s) for s in range(30)]
+    transport = Loopback(scatter)
+    sender, receiver = TensorChannel._over(transport, 0, 1), TensorChannel._over(transport, 1, 0)
     large_seen = 0
-    for seed, batch in enumerate(batches):
-        messages, (seq, got) = _through_messages(batch, seed)
-        assert seq == seed
-        assert_same_batch(got, batch, f"batch {seed}")
-        pointers = {m.data_ptr() for m in messages}
-        for name, t in batch.items():
-            if t.numel() * t.element_size() >= ZERO_COPY_BYTES:
-                large_seen += 1  # a large tensor is a message of its own, sent from its memory if it can be
-                assert (t.data_ptr() in pointers) == t.is_contiguous(), name
-        assert len(messages) <= 1 + sum(t.numel() * t.element_size() >= ZERO_COPY_BYTES for t in batch.values())
-    assert large_seen >= 5
+    for start in range(0, len(batches), 3):  # a few in flight at a time
+        group = batches[start : start + 3]
+        for batch in group:
+            sender.send(batch)
+        for i, batch in enumerate(group):
+            assert_same_batch(receiver.recv(), batch, f"batch {start + i}")
+        for name, t in (b for batch in group for b in batch.items()):
+            if scatter and t.numel() * t.element_size() >= ZERO_COPY_BYTES and t.is_contiguous():
+                large_seen += 1  # a large tensor is a message of its own, sent from its memory
+                assert t.data_ptr() in transport.sent_from, name
+    assert not scatter or large_seen >= 5
+    sender.close()
+    with pytest.raises(ChannelClosed, match="after 182 batches"):
+        receiver.recv()
+    assert not transport.messages
 
 
 def test_preamble_carries_sizes_and_a_short_header():

@@ -182,15 +182,7 @@ class TensorChannel:
             device = torch.device("cuda", torch.cuda.current_device())
         if backend == "gloo" and self.peer == self.rank:
             raise ValueError("pipeline: gloo cannot send to the same rank; a channel to itself needs backend='nccl'")
-        self.backend, self.device = backend, device
-
-        self._inflight: collections.deque[_Send] = collections.deque()
-        self._free: list[Tensor] = []  # buffers whose sends completed, reused for the next batches
-        self._recv_pool: list[Tensor] = []  # receive buffers, reused once their batch is dropped
-        self._next_pre = None  # (ticket, tensor) of the next batch's preamble, posted early
-        self._sent = self._received = 0
-        self._error: ChannelError | None = None
-        self._closed = self._peer_closed = False
+        self._init_state(backend, device)
         pair = tuple(sorted((self.rank, self.peer)))
         index = _pair_counts[pair]
         _pair_counts[pair] += 1
@@ -200,6 +192,25 @@ class TensorChannel:
             store = dist.distributed_c10d._get_default_store()
             self._transport = self._guard(lambda: _NcclTransport(self.rank, self.peer, device, index, self.timeout,
                                                                  store), "setting up NCCL", time.monotonic() + self.timeout)
+
+    @classmethod
+    def _over(cls, transport, rank: int = 0, peer: int = 1, depth: int = 2, timeout: float = 30.0) -> "TensorChannel":
+        """A CPU channel over ``transport`` (the tests' in-process loopback), without torch.distributed."""
+        channel = cls.__new__(cls)
+        channel.rank, channel.peer, channel.depth, channel.timeout = rank, peer, depth, timeout
+        channel._init_state("loopback", torch.device("cpu"))
+        channel._transport = transport
+        return channel
+
+    def _init_state(self, backend: str, device: torch.device) -> None:
+        self.backend, self.device = backend, device
+        self._inflight: collections.deque[_Send] = collections.deque()
+        self._free: list[Tensor] = []  # buffers whose sends completed, reused for the next batches
+        self._recv_pool: list[Tensor] = []  # receive buffers, reused once their batch is dropped
+        self._next_pre = None  # (ticket, tensor) of the next batch's preamble, posted early
+        self._sent = self._received = 0
+        self._error: ChannelError | None = None
+        self._closed = self._peer_closed = False
 
     # ----------------------------------------------------------------------------- sending
     def send(self, batch: dict[str, Tensor]) -> None:
