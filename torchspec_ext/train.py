@@ -129,8 +129,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.set_defaults(**values)
         args = p.parse_args(argv)  # command-line flags override the file
     for name in ("batch_size", "max_length", "topk", "draft_vocab", "vocab_sample", "eval_prompts",
-                 "eval_new_tokens", "eval_depth", "eval_tree_topk", "eval_tree_nodes", "save_interval", "keep_checkpoints", "log_interval", "epochs",
-                 "teacher_ranks"):
+                 "eval_new_tokens", "eval_depth", "eval_tree_topk", "eval_tree_nodes", "save_interval",
+                 "keep_checkpoints", "log_interval", "epochs", "teacher_ranks"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
     for name in ("max_steps", "ttt_steps"):
