@@ -15,7 +15,8 @@ from pathlib import Path
 from types import ModuleType
 from typing import Sequence
 
-# name -> (module with run(args) -> Report and optionally add_arguments(parser), one-line help).
+# name -> (module with run(args) -> Report and optionally add_arguments(parser), one-line help);
+# `all` runs them in this order.
 BENCHMARKS = {
     "topk": ("torchspec_ext.bench.topk", "fused top-k log-probs vs torch.topk + logsumexp (and vs the GEMM)"),
     "draft_loss": ("torchspec_ext.bench.draft_loss", "fused LM head + top-k teacher loss, forward + backward, vs eager"),
@@ -57,12 +58,10 @@ def part_runner(name: str, args: argparse.Namespace):
 
 
 def parse_parts(text: str) -> list[str]:
-    from torchspec_ext.bench.report import PARTS
-
     parts = [p.strip() for p in text.split(",") if p.strip()]
-    unknown = [p for p in parts if p not in PARTS]
+    unknown = [p for p in parts if p not in BENCHMARKS]
     if unknown or not parts:
-        raise argparse.ArgumentTypeError(f"unknown part(s) {', '.join(unknown) or '(none)'}; choose from {', '.join(PARTS)}")
+        raise argparse.ArgumentTypeError(f"unknown part(s) {', '.join(unknown) or '(none)'}; choose from {', '.join(BENCHMARKS)}")
     return parts
 
 
@@ -86,9 +85,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--repeat must be >= 1")
 
     if module is None:
-        from torchspec_ext.bench.report import PARTS, command_line, run_all
+        from torchspec_ext.bench.report import command_line, run_all
 
-        parts = args.parts or list(PARTS)
+        parts = args.parts or list(BENCHMARKS)
         text, _ = run_all(parts, args.device, args.out, lambda part: part_runner(part, args), command_line(argv))
         print(text)
         return 0

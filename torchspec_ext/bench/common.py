@@ -250,6 +250,12 @@ def fmt_percent(decimals: int) -> Callable[[Any], str]:
     return lambda v: f"{v:.{decimals}%}"
 
 
+def describe_error(exc: BaseException) -> str:
+    """``Type: first line of the message`` (at most 300 characters), for a report cell or header."""
+    lines = str(exc).strip().splitlines()
+    return (f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__)[:300]
+
+
 class Skipped(Exception):
     """Raised by a benchmark's run() when it cannot run here for a reason that is not a failure
     (e.g. no trained draft to measure); the message says how to make it run."""
@@ -286,8 +292,7 @@ def time_compiled(
             "compile_s": compile_s,
             "compile_graph": "full graph" if fullgraph else "graph breaks",
         }
-    first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
-    return {"compile_ms": "failed", "ours_over_compile": "failed", "compile_error": f"{type(error).__name__}: {first_line}"[:300]}
+    return {"compile_ms": "failed", "ours_over_compile": "failed", "compile_error": describe_error(error)}
 
 
 def peers_can_run(device: torch.device) -> bool:
@@ -305,7 +310,7 @@ def import_flashinfer(device: torch.device) -> tuple[Any | None, str]:
         import flashinfer
     except Exception as exc:  # absent, or a build that does not match this torch / CUDA
         missing = isinstance(exc, ModuleNotFoundError) and exc.name == "flashinfer"
-        why = "not installed" if missing else f"import failed ({type(exc).__name__}: {exc})"[:300]
+        why = "not installed" if missing else f"import failed ({describe_error(exc)})"
         return None, f"did not run: {why}; `pip install flashinfer-python` adds it"
     return flashinfer, f"flashinfer {getattr(flashinfer, '__version__', '(version unknown)')}"
 
@@ -317,7 +322,7 @@ def peer_result(name: str, measure: Callable[[], dict[str, Any]]) -> dict[str, A
     try:
         return measure()
     except Exception as exc:
-        return {f"{name}_ms": "failed", f"{name}_error": f"{type(exc).__name__}: {exc}"[:300]}
+        return {f"{name}_ms": "failed", f"{name}_error": describe_error(exc)}
 
 
 @dataclass

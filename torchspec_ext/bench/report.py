@@ -20,10 +20,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from torchspec_ext.bench.common import Report, Skipped, device_name, resolve_device
-
-PARTS = ("topk", "draft_loss", "tree", "pipeline", "train", "acceptance")
-
+from torchspec_ext.bench.common import Report, Skipped, describe_error, device_name, resolve_device
 
 @dataclass
 class PartResult:
@@ -57,9 +54,7 @@ def run_part(name: str, run: Callable[[], Report]) -> PartResult:
         return PartResult(name, "skipped", time.perf_counter() - began, reason=str(exc))
     except (Exception, SystemExit) as exc:  # SystemExit: the parts' own clear errors (e.g. a bad --draft)
         traceback.print_exc(file=sys.stderr)
-        message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        reason = f"{type(exc).__name__}: {message}" if message else type(exc).__name__
-        return PartResult(name, "failed", time.perf_counter() - began, reason=reason)
+        return PartResult(name, "failed", time.perf_counter() - began, reason=describe_error(exc))
     return PartResult(name, "ok", time.perf_counter() - began, report=report)
 
 

@@ -5,7 +5,7 @@ header, one contiguous buffer per batch on the receiving side), sequence numbers
 in-flight queue, the buffer pools and the timeouts. A transport only starts sends and receives
 of contiguous uint8 tensors and waits for them:
 
-- ``gloo``: ``torch.distributed`` isend/irecv on a gloo process group (CPU buffers);
+- ``gloo``: the send/recv of a gloo process group (CPU buffers), as ``dist.isend``/``irecv`` call them;
 - ``nccl``: the compiled NCCL communicator (``_C.NcclComm``, csrc/pipeline/nccl_comm.h) with
   its own CUDA streams and an event per operation (CUDA buffers).
 
