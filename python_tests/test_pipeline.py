@@ -6,6 +6,7 @@ import datetime
 import math
 import os
 import signal
+import threading
 import time
 
 import pytest
@@ -89,40 +90,60 @@ def test_truncated_buffer_raises():
 
 
 class Loopback:
-    """An in-process transport: each receive gets the next message sent, which must have the
-    receive's exact size (as gloo requires). ``scatter`` as the gloo (True) or NCCL (False) one."""
+    """An in-process transport: the n-th receive posted gets the n-th message sent, which must
+    have the receive's exact size (as gloo requires); waits may come from two threads, in any
+    order. ``scatter`` and ``prefetch`` as the gloo (True, True) or NCCL (False, False) one."""
 
-    def __init__(self, scatter: bool):
-        self.scatter, self.messages, self.sent_from = scatter, collections.deque(), set()
+    def __init__(self, scatter: bool, prefetch: bool):
+        self.scatter, self.prefetch = scatter, prefetch
+        self.messages, self.receives, self.sent_from = collections.deque(), collections.deque(), set()
+        self.changed = threading.Condition()
+        self.mismatch = None
 
     def send(self, message):
-        self.sent_from.add(message.data_ptr())
-        self.messages.append(message.clone())  # the sender may reuse its buffers once done()
+        with self.changed:
+            self.sent_from.add(message.data_ptr())
+            self.messages.append(message.clone())  # the sender may reuse its buffers once done()
+            self._deliver()
         return None
 
     def recv(self, target):
-        return target
+        ticket = {"target": target, "arrived": False}
+        with self.changed:
+            self.receives.append(ticket)
+            self._deliver()
+        return ticket
+
+    def _deliver(self):
+        while self.messages and self.receives:
+            message, ticket = self.messages.popleft(), self.receives.popleft()
+            if message.numel() != ticket["target"].numel():
+                self.mismatch = (message.numel(), ticket["target"].numel())
+            ticket["target"].copy_(message[: ticket["target"].numel()])
+            ticket["arrived"] = True
+        self.changed.notify_all()
 
     def done(self, ticket) -> bool:
-        return True
+        return ticket is None or ticket["arrived"]
 
     def wait(self, ticket, timeout: float) -> None:
-        if ticket is not None:  # a receive: the next message, in order
-            message = self.messages.popleft()
-            assert message.numel() == ticket.numel(), (message.numel(), ticket.numel())
-            ticket.copy_(message)
+        if ticket is not None:  # a receive
+            with self.changed:
+                if not self.changed.wait_for(lambda: ticket["arrived"], timeout):
+                    raise TimeoutError("loopback: no message arrived")
 
     def abort(self) -> None:
         pass
 
 
-@pytest.mark.parametrize("scatter", [True, False], ids=["gloo", "packed"])
-def test_channel_logic_round_trip_bit_exact(scatter):
+@pytest.mark.parametrize("scatter,prefetch", [(True, True), (False, False), (True, False), (False, True)],
+                         ids=["gloo", "packed", "scatter-no-thread", "packed-thread"])
+def test_channel_logic_round_trip_bit_exact(scatter, prefetch):
     """The channel's own send/recv over a loopback, on batches of every size in turn, bit for bit."""
     batches = [many_tensors_batch(1)]  # a header too long for the preamble: a message of its own
     batches += [random_batch(s) for s in range(100)] + [large_batch(s) for s in range(20)] + [many_tensors_batch(0)]
     batches += [random_batch(s) for s in range(200, 230)] + [teacher_batch(s) for s in range(30)]
-    transport = Loopback(scatter)
+    transport = Loopback(scatter, prefetch)
     sender, receiver = TensorChannel._over(transport, 0, 1), TensorChannel._over(transport, 1, 0)
     large_seen = 0
     for start in range(0, len(batches), 3):  # a few in flight at a time
@@ -139,7 +160,38 @@ def test_channel_logic_round_trip_bit_exact(scatter):
     sender.close()
     with pytest.raises(ChannelClosed, match="after 182 batches"):
         receiver.recv()
-    assert not transport.messages
+    assert transport.mismatch is None, transport.mismatch
+    assert not transport.messages and not transport.receives
+    assert (receiver._prefetcher is not None) == prefetch
+    if prefetch:
+        receiver._prefetcher.join(5)
+        assert not receiver._prefetcher.is_alive()  # it ended with the stream
+
+
+def test_receive_thread_hands_over_batches_then_the_error():
+    """Batches whose receives the thread posted before the peer's failure are delivered first;
+    then the failure, as the channel's error."""
+    transport = Loopback(scatter=True, prefetch=True)
+    sender, receiver = TensorChannel._over(transport, 0, 1), TensorChannel._over(transport, 1, 0)
+    for s in range(2):
+        sender.send(teacher_batch(s))
+    transport.send(preamble(128, bytes([0x5A] * 64)))  # a preamble with a foreign header
+    for s in range(2):
+        assert_same_batch(receiver.recv(), teacher_batch(s), f"batch {s}")
+    with pytest.raises(HeaderMismatch, match="bad magic"):
+        receiver.recv()
+    with pytest.raises(ChannelError, match="failed earlier"):
+        receiver.recv()
+
+
+def test_receive_thread_times_out_as_recv():
+    """Nothing sent: recv() raises ChannelTimeout after the channel's timeout, from the thread's channel too."""
+    receiver = TensorChannel._over(Loopback(scatter=True, prefetch=True), 1, 0, timeout=0.5)
+    t0 = time.monotonic()
+    with pytest.raises(ChannelTimeout, match="receiving batch 0 from rank 0 .* did not complete within 0.5 s"):
+        receiver.recv()
+    assert 0.4 < time.monotonic() - t0 < 5.0
+    receiver.close()
 
 
 def test_preamble_carries_sizes_and_a_short_header():
@@ -272,6 +324,27 @@ def _job_one_to_one(rank, world):
             with pytest.raises(ChannelClosed):  # the sender's close() waits for this
                 ch.recv()
 
+    # Once the receiver reads, its thread receives `depth` batches ahead: the sender's sends
+    # complete while the receiver is busy, and no more than that many wait unread.
+    with TensorChannel(1 - rank, depth=2, timeout=30) as ch:
+        if rank == 0:
+            ch.send(teacher_batch(0))
+            store.wait(["reading"])
+            t0 = time.monotonic()
+            for s in range(1, 5):
+                ch.send(teacher_batch(s))  # 1 and 2 received ahead, 3 and 4 in flight
+            result["ahead_s"] = time.monotonic() - t0
+            ch.send(teacher_batch(5))  # waits for 3, received only after the receiver took 1
+            result["beyond_s"] = time.monotonic() - t0
+        else:
+            assert_same_batch(ch.recv(), teacher_batch(0), "batch 0")
+            store.set("reading", "1")
+            time.sleep(3.0)
+            for s in range(1, 6):
+                assert_same_batch(ch.recv(), teacher_batch(s), f"batch {s}")
+            with pytest.raises(ChannelClosed):
+                ch.recv()
+
     # A header that does not match: a well-formed preamble carrying foreign bytes as the header.
     ch = TensorChannel(1 - rank, timeout=30)
     if rank == 0:
@@ -279,8 +352,8 @@ def _job_one_to_one(rank, world):
     else:
         with pytest.raises(HeaderMismatch, match="bad magic"):
             ch.recv()
-    # A peer that stops sending: recv raises ChannelTimeout within the timeout. Last: after a
-    # timeout gloo closes its connection between the two ranks, so later channels of the pair fail too.
+    # A peer that stops sending: recv raises ChannelTimeout within the timeout. Last: after a gloo
+    # timeout gloo closes its connection between the two ranks, so later channels of the pair would fail.
     ch = TensorChannel(1 - rank, timeout=2.0)
     if rank == 1:
         t0 = time.monotonic()
@@ -300,6 +373,8 @@ def test_one_to_one_gloo(tmp_path):
     out = run_job(_job_one_to_one, 2, tmp_path, timeout=80)
     assert out[0]["queued_s"] < 1.5, out[0]  # two sends queue without the receiver
     assert out[0]["third_s"] > 1.5, out[0]  # the third waits for the receiver (3 s asleep)
+    assert out[0]["ahead_s"] < 1.5, out[0]  # received ahead while the receiver sleeps 3 s
+    assert out[0]["beyond_s"] > 1.5, out[0]
     assert 1.9 < out[1]["timeout_s"] < 6.0, out[1]
 
 

@@ -11,7 +11,10 @@ of contiguous uint8 tensors and waits for them:
 
 Per batch the sender first sends a fixed-size preamble (``wire.preamble``: total and header
 bytes, and the header itself when it fits); a total of -1 marks the end of the stream
-(``close()``). The receiver posts the next preamble's receive while the current batch arrives.
+(``close()``). The receiver posts the next preamble's receive while the current batch arrives;
+over gloo a receive thread posts each body's receives as soon as its preamble is there, up to
+``depth`` batches ahead of ``recv()``, so that the transport does not wait for the Python between
+two batches.
 Then the body, which the receiver always gets as one buffer laid out as ``wire.pack`` lays it:
 
 - NCCL: the packed buffer, one message (packing is a device copy at memory speed, and NCCL
@@ -27,6 +30,8 @@ from __future__ import annotations
 
 import collections
 import datetime
+import queue
+import threading
 import time
 from typing import Any
 
@@ -45,6 +50,10 @@ __all__ = ["TensorChannel"]
 
 _END_OF_STREAM = -1
 
+# How long the receive thread waits for a preamble. It waits even while no recv() does (so
+# recv()'s own timeout applies instead); gloo's wait needs a finite limit.
+_PREFETCH_WAIT_S = 7 * 24 * 3600.0
+
 
 # Gloo tags of the channels start here, away from the small tags of a job's own send/recv (a
 # message of another size on the same tag would break gloo's matching).
@@ -57,6 +66,7 @@ _pair_counts: collections.Counter = collections.Counter()
 
 class _GlooTransport:
     scatter = True  # the body goes as body_messages(): large tensors from their own memory
+    prefetch = True  # recv() takes batches a thread posted ahead (gloo's send/recv may come from two threads)
 
     def __init__(self, peer: int, group, tag: int):
         # The group's own send/recv: dist.isend/irecv's checks cost a few percent per message on a CPU.
@@ -84,6 +94,7 @@ class _GlooTransport:
 
 class _NcclTransport:
     scatter = False  # the body goes packed, as one message
+    prefetch = False  # an NCCL communicator takes calls from one thread at a time
 
     def __init__(self, rank: int, peer: int, device: torch.device, index: int, timeout: float, store):
         if not hasattr(_C, "NcclComm"):
@@ -150,7 +161,8 @@ class TensorChannel:
             ``recv()``, so send at most ``depth`` batches ahead of the receives.
         group: gloo process group for ``backend="gloo"`` (default: the default group).
         backend: ``"nccl"`` (CUDA buffers), ``"gloo"`` (CPU buffers) or ``"auto"``: by ``device``.
-        depth: batches in flight per channel; ``send`` blocks only while ``depth`` are unfinished.
+        depth: batches in flight per channel; ``send`` blocks only while ``depth`` are unfinished,
+            and over gloo ``recv`` receives up to ``depth`` batches ahead (from its first call).
         timeout: seconds any blocking call may take before it raises ``ChannelTimeout``.
         device: where buffers and received tensors live (default: the current CUDA device when a
             GPU and an NCCL build are present, else the CPU; always the CPU for gloo).
@@ -208,6 +220,7 @@ class TensorChannel:
         self._free: list[Tensor] = []  # buffers whose sends completed, reused for the next batches
         self._recv_pool: list[Tensor] = []  # receive buffers, reused once their batch is dropped
         self._next_pre = None  # (ticket, tensor) of the next batch's preamble, posted early
+        self._prefetcher: threading.Thread | None = None  # the receive thread (gloo), from the first recv()
         self._sent = self._received = 0
         self._error: ChannelError | None = None
         self._closed = self._peer_closed = False
@@ -268,41 +281,28 @@ class TensorChannel:
     def recv(self) -> dict[str, Tensor]:
         """The next batch, in the order sent: tensors on ``device``, views into one buffer per
         batch. Raises ``ChannelClosed`` after the peer's last batch, ``ChannelTimeout`` when
-        nothing arrives within ``timeout``, ``ChannelError`` if the peer fails."""
+        nothing arrives within ``timeout``, ``ChannelError`` if the peer fails (after the batches
+        that arrived before it).
+
+        Over gloo the first call starts a thread that posts the receives of up to ``depth`` batches
+        ahead, each as soon as its preamble arrives: the transport then never idles between two
+        batches while this side unpacks one or decodes the next one's header."""
         self._check_open()
         if self._peer_closed:
             raise ChannelClosed(f"pipeline: rank {self.peer} closed the channel after {self._received} batches")
         deadline = time.monotonic() + self.timeout
         what = f"receiving batch {self._received} from rank {self.peer}"
-        pre_ticket, pre = self._next_pre if self._next_pre is not None else self._post_preamble_recv(what, deadline)
-        self._next_pre = None
-        self._wait(pre_ticket, deadline, what)
-        total, header_bytes, header = read_preamble(pre)  # header: None when it did not fit inline
-        if total == _END_OF_STREAM:
+        if self._transport.prefetch and self.peer != self.rank:
+            posted = self._take_prefetched(deadline, what)
+        else:
+            try:
+                posted = self._post_body(deadline, what)
+            except ChannelError as exc:
+                self._fail(exc)
+        if posted is None:
             self._peer_closed = True
             raise ChannelClosed(f"pipeline: rank {self.peer} closed the channel after {self._received} batches")
-        if not 0 < header_bytes <= total:
-            self._fail(HeaderMismatch(f"pipeline: batch {self._received} from rank {self.peer} announced "
-                                      f"{total} bytes with a {header_bytes}-byte header"))
-        buffer = self._recv_buffer(total)
-        decoded = None
-        try:
-            if self._transport.scatter:
-                if header is None:
-                    header = buffer[:header_bytes]
-                    header_ticket = self._guard(lambda: self._transport.recv(header), what, deadline)
-                    self._wait(header_ticket, deadline, what)
-                decoded = decode(header)
-                if decoded[1] != total:
-                    raise HeaderMismatch(f"pipeline header: says {decoded[1]} bytes, the preamble {total}")
-                parts = body_receives(buffer, [(offset, entry_bytes(code, shape)) for _, code, shape, offset in decoded[2]])
-            else:
-                parts = [buffer]
-        except HeaderMismatch as exc:
-            self._fail(exc)
-        tickets = self._guard(lambda: [self._transport.recv(p) for p in parts], what, deadline)
-        if self.peer != self.rank:  # a send to itself is issued with its recv: nothing to post ahead
-            self._next_pre = self._post_preamble_recv(what, deadline)
+        buffer, header_bytes, decoded, tickets = posted
         for ticket in tickets:
             self._wait(ticket, deadline, what)
         try:
@@ -315,11 +315,84 @@ class TensorChannel:
         self._received += 1
         return batch
 
+    def _post_body(self, deadline: float, what: str):
+        """Waits for the next batch's preamble and posts the receives of its body (and the next
+        preamble's): ``(buffer, header_bytes, decoded header or None, tickets)``, or None at the
+        end of the stream. Raises ``ChannelError`` without breaking the channel (the caller does)."""
+        pre_ticket, pre = self._next_pre if self._next_pre is not None else self._post_preamble_recv(what, deadline)
+        self._next_pre = None
+        self._await(pre_ticket, deadline, what)
+        total, header_bytes, header = read_preamble(pre)  # header: None when it did not fit inline
+        if total == _END_OF_STREAM:
+            return None
+        if not 0 < header_bytes <= total:
+            raise HeaderMismatch(f"pipeline: {what}: the preamble announced {total} bytes with a "
+                                 f"{header_bytes}-byte header")
+        buffer = self._recv_buffer(total)
+        decoded = None
+        if self._transport.scatter:
+            if header is None:
+                header = buffer[:header_bytes]
+                header_ticket = self._call(lambda: self._transport.recv(header), what, deadline)
+                self._await(header_ticket, deadline, what)
+            decoded = decode(header)
+            if decoded[1] != total:
+                raise HeaderMismatch(f"pipeline header: says {decoded[1]} bytes, the preamble {total}")
+            parts = body_receives(buffer, [(offset, entry_bytes(code, shape)) for _, code, shape, offset in decoded[2]])
+        else:
+            parts = [buffer]
+        tickets = self._call(lambda: [self._transport.recv(p) for p in parts], what, deadline)
+        if self.peer != self.rank:  # a send to itself is issued with its recv: nothing to post ahead
+            self._next_pre = self._post_preamble_recv(what, deadline)
+        return buffer, header_bytes, decoded, tickets
+
+    def _take_prefetched(self, deadline: float, what: str):
+        if self._prefetcher is None:
+            self._ready: queue.Queue = queue.Queue()
+            self._slots = threading.Semaphore(self.depth)
+            self._prefetcher = threading.Thread(target=self._prefetch, name=f"TensorChannel-recv-{self.peer}",
+                                                daemon=True)  # daemon: may wait on a peer that never sends again
+            self._prefetcher.start()
+        try:
+            posted = self._ready.get(timeout=max(deadline - time.monotonic(), 0.0))
+        except queue.Empty:
+            self._fail(ChannelTimeout(f"pipeline: {what} (rank {self.rank} <-> {self.peer}) did not complete "
+                                      f"within {self.timeout:g} s"))
+        self._slots.release()
+        if isinstance(posted, ChannelError):
+            self._fail(posted)
+        return posted
+
+    def _prefetch(self) -> None:
+        """The receive thread: posts the bodies of up to ``depth`` batches that recv() has not
+        taken yet, in order; hands recv() each one, then the end of the stream or the error."""
+        posted = self._received
+        try:
+            while True:
+                self._slots.acquire()
+                if self._closed:
+                    return
+                # No deadline here: recv() applies the timeout to what it waits for; a wait that
+                # timed out would break gloo's connection, and a peer may rightly pause while no
+                # recv() is waiting.
+                what = f"receiving batch {posted} from rank {self.peer}"
+                item = self._post_body(time.monotonic() + _PREFETCH_WAIT_S, what)
+                self._ready.put(item)
+                if item is None:
+                    return
+                posted += 1
+        except ChannelError as exc:
+            self._ready.put(exc)
+        except BaseException as exc:  # noqa: BLE001 - handed to recv(), which raises it as the channel's error
+            error = ChannelError(f"pipeline: the receive thread of rank {self.rank} <- {self.peer} failed: {exc!r}")
+            error.__cause__ = exc
+            self._ready.put(error)
+
     def _post_preamble_recv(self, what: str, deadline: float):
         # Posted one batch ahead, so that the sender's preamble never waits for the receiver to
         # ask for it: per batch only the body costs a round trip, as a raw send does.
         pre = torch.empty(PREAMBLE_BYTES, dtype=torch.uint8, device=self.device)
-        return self._guard(lambda: self._transport.recv(pre), what, deadline), pre
+        return self._call(lambda: self._transport.recv(pre), what, deadline), pre
 
     def _recv_buffer(self, nbytes: int) -> Tensor:
         """A buffer of which no tensor of an earlier batch is alive any more, else a new one
@@ -329,9 +402,9 @@ class TensorChannel:
                 return storage[:nbytes]
         storage = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
         self._recv_pool.append(storage)
-        if len(self._recv_pool) > self.depth + 1:
+        if len(self._recv_pool) > 2 * self.depth + 1:  # posted ahead, being unpacked, held by the caller
             self._recv_pool.pop(0)  # the batch holding it keeps it alive; the pool forgets it
-        return storage
+        return storage[:nbytes]  # a view, which _unreferenced counts (the pool's own tensor it does not)
 
     # ------------------------------------------------------------------------------ closing
     def close(self) -> None:
@@ -354,6 +427,8 @@ class TensorChannel:
             self._inflight.clear()
             self._free.clear()
             self._recv_pool.clear()
+            if self._prefetcher is not None:
+                self._slots.release()  # a receive thread waiting for a slot sees the channel closed
             if self.backend == "nccl" and self._error is None:
                 self._transport.abort()  # all sends completed: nothing is lost by freeing the communicator
 
@@ -392,22 +467,36 @@ class TensorChannel:
             raise ChannelError(f"pipeline: the channel to rank {self.peer} failed earlier: {self._error}")
 
     def _wait(self, ticket, deadline: float, what: str) -> None:
-        self._guard(lambda: self._transport.wait(ticket, max(deadline - time.monotonic(), 1e-3)), what, deadline)
+        try:
+            self._await(ticket, deadline, what)
+        except ChannelError as exc:
+            self._fail(exc)
+
+    def _await(self, ticket, deadline: float, what: str) -> None:
+        """``_wait`` without breaking the channel on failure (the receive thread's)."""
+        self._call(lambda: self._transport.wait(ticket, max(deadline - time.monotonic(), 1e-3)), what, deadline)
 
     def _guard(self, fn, what: str, deadline: float):
         """Runs a transport call; any failure breaks the channel and is raised as a ChannelError."""
         try:
-            return fn()
+            return self._call(fn, what, deadline)
         except ChannelError as exc:
             self._fail(exc)
+
+    def _call(self, fn, what: str, deadline: float):
+        """Runs a transport call; any failure is raised as a ChannelError (a ChannelTimeout past
+        ``deadline``), without breaking the channel: that is the caller's to do."""
+        try:
+            return fn()
+        except ChannelError:
+            raise
         except Exception as exc:  # gloo raises RuntimeError, the NCCL channel RuntimeError / TimeoutError
             if isinstance(exc, TimeoutError) or time.monotonic() >= deadline:
                 error: ChannelError = ChannelTimeout(
                     f"pipeline: {what} (rank {self.rank} <-> {self.peer}) did not complete within {self.timeout:g} s")
             else:
                 error = ChannelError(f"pipeline: {what} (rank {self.rank} <-> {self.peer}) failed: {exc}")
-            error.__cause__ = exc
-            self._fail(error)
+            raise error from exc
 
     def _fail(self, error: ChannelError):
         if self._error is None:
