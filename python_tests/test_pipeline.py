@@ -408,6 +408,35 @@ def test_killed_sender_raises_within_timeout(tmp_path):
     assert out[1]["received"] in (5, 6), out[1]
 
 
+def _job_receiver_closes_early(rank, world):
+    """The receiver closes after one batch while the sender goes on: its receive thread ends
+    (a thread left in gloo's wait could abort the process at exit), and the sender, whose
+    batches nobody takes any more, gets an error within its timeout."""
+    import torch.distributed as dist
+
+    store = dist.distributed_c10d._get_default_store()
+    ch = TensorChannel(1 - rank, depth=2, timeout=3.0)
+    if rank == 0:
+        t0 = time.monotonic()
+        with pytest.raises(ChannelError):
+            for s in range(100):
+                ch.send(teacher_batch(s))
+        elapsed = time.monotonic() - t0
+        store.set("sender_done", "1")
+        return elapsed
+    assert_same_batch(ch.recv(), teacher_batch(0), "batch 0")
+    ch.close()
+    alive = ch._prefetcher.is_alive()
+    store.wait(["sender_done"], datetime.timedelta(seconds=30))
+    return alive
+
+
+def test_receiver_closing_early_ends_its_thread(tmp_path):
+    out = run_job(_job_receiver_closes_early, 2, tmp_path, timeout=60)
+    assert out[1] is False, "the receive thread outlived close()"
+    assert out[0] < 3.0 + 3.0, out
+
+
 def _job_stopped_receiver(rank, world):
     import torch.distributed as dist
 

@@ -53,6 +53,7 @@ _END_OF_STREAM = -1
 # How long the receive thread waits for a preamble. It waits even while no recv() does (so
 # recv()'s own timeout applies instead); gloo's wait needs a finite limit.
 _PREFETCH_WAIT_S = 7 * 24 * 3600.0
+_CLOSE_JOIN_S = 0.5
 
 
 # Gloo tags of the channels start here, away from the small tags of a job's own send/recv (a
@@ -322,6 +323,8 @@ class TensorChannel:
         pre_ticket, pre = self._next_pre if self._next_pre is not None else self._post_preamble_recv(what, deadline)
         self._next_pre = None
         self._await(pre_ticket, deadline, what)
+        if self._closed:  # the receive thread, after close(): post nothing more
+            return None
         total, header_bytes, header = read_preamble(pre)  # header: None when it did not fit inline
         if total == _END_OF_STREAM:
             return None
@@ -429,6 +432,9 @@ class TensorChannel:
             self._recv_pool.clear()
             if self._prefetcher is not None:
                 self._slots.release()  # a receive thread waiting for a slot sees the channel closed
+                # One waiting for a preamble ends when the next arrives; let it, if it comes soon: a
+                # thread still in gloo's wait when the interpreter exits could abort the process.
+                self._prefetcher.join(_CLOSE_JOIN_S)
             if self.backend == "nccl" and self._error is None:
                 self._transport.abort()  # all sends completed: nothing is lost by freeing the communicator
 
