@@ -286,8 +286,8 @@ class TensorChannel:
         that arrived before it).
 
         Over gloo the first call starts a thread that posts the receives of up to ``depth`` batches
-        ahead, each as soon as its preamble arrives: the transport then never idles between two
-        batches while this side unpacks one or decodes the next one's header."""
+        ahead, each as soon as its preamble arrives: batches arrive while the caller computes, and
+        the next body's receive is not held back while this side unpacks a batch."""
         self._check_open()
         if self._peer_closed:
             raise ChannelClosed(f"pipeline: rank {self.peer} closed the channel after {self._received} batches")
