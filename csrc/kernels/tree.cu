@@ -107,7 +107,7 @@ __global__ void __launch_bounds__(kAttnThreads) tree_attention_kernel(TreeAttent
       const float m_new = fmaxf(m[r], warp_max(s));
       // While every score is -inf (m_new = -inf) nothing is rescaled and -inf scores weigh 0:
       // 2^(-inf - -inf) would be NaN.
-      const float corr = m_new == -INFINITY ? 1.0f : exp2f(m[r] - m_new);  // 0 while m is -inf
+      const float corr = m_new == -INFINITY ? 1.0f : exp2f(m[r] - m_new);  // 0 from m = -inf
       const float e = lane < n && s != -INFINITY ? exp2f(s - m_new) : 0.0f;
       l[r] = l[r] * corr + warp_sum(e);
       m[r] = m_new;

@@ -22,6 +22,7 @@ import torch
 
 from torchspec_ext.bench.common import Report, Skipped, describe_error, device_name, resolve_device
 
+
 @dataclass
 class PartResult:
     name: str

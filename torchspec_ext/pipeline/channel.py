@@ -67,7 +67,9 @@ _pair_counts: collections.Counter = collections.Counter()
 
 class _GlooTransport:
     scatter = True  # the body goes as body_messages(): large tensors from their own memory
-    prefetch = True  # recv() takes batches a thread posted ahead (gloo's send/recv may come from two threads)
+    # recv() takes batches a thread posted ahead (gloo's send/recv may come from two threads; a
+    # gloo channel never sends to itself, whose sends are issued with the recv)
+    prefetch = True
 
     def __init__(self, peer: int, group, tag: int):
         # The group's own send/recv: dist.isend/irecv's checks cost a few percent per message on a CPU.
@@ -292,8 +294,8 @@ class TensorChannel:
         if self._peer_closed:
             raise ChannelClosed(f"pipeline: rank {self.peer} closed the channel after {self._received} batches")
         deadline = time.monotonic() + self.timeout
-        what = f"receiving batch {self._received} from rank {self.peer}"
-        if self._transport.prefetch and self.peer != self.rank:
+        what = self._receiving(self._received)
+        if self._transport.prefetch:
             posted = self._take_prefetched(deadline, what)
         else:
             try:
@@ -359,8 +361,7 @@ class TensorChannel:
         try:
             posted = self._ready.get(timeout=max(deadline - time.monotonic(), 0.0))
         except queue.Empty:
-            self._fail(ChannelTimeout(f"pipeline: {what} (rank {self.rank} <-> {self.peer}) did not complete "
-                                      f"within {self.timeout:g} s"))
+            self._fail(self._timed_out(what))
         self._slots.release()
         if isinstance(posted, ChannelError):
             self._fail(posted)
@@ -378,8 +379,7 @@ class TensorChannel:
                 # No deadline here: recv() applies the timeout to what it waits for; a wait that
                 # timed out would break gloo's connection, and a peer may rightly pause while no
                 # recv() is waiting.
-                what = f"receiving batch {posted} from rank {self.peer}"
-                item = self._post_body(time.monotonic() + _PREFETCH_WAIT_S, what)
+                item = self._post_body(time.monotonic() + _PREFETCH_WAIT_S, self._receiving(posted))
                 self._ready.put(item)
                 if item is None:
                     return
@@ -472,11 +472,15 @@ class TensorChannel:
         if self._error is not None:
             raise ChannelError(f"pipeline: the channel to rank {self.peer} failed earlier: {self._error}")
 
+    def _receiving(self, batch: int) -> str:
+        return f"receiving batch {batch} from rank {self.peer}"
+
+    def _timed_out(self, what: str) -> ChannelTimeout:
+        return ChannelTimeout(f"pipeline: {what} (rank {self.rank} <-> {self.peer}) did not complete "
+                              f"within {self.timeout:g} s")
+
     def _wait(self, ticket, deadline: float, what: str) -> None:
-        try:
-            self._await(ticket, deadline, what)
-        except ChannelError as exc:
-            self._fail(exc)
+        self._guard(lambda: self._await(ticket, deadline, what), what, deadline)
 
     def _await(self, ticket, deadline: float, what: str) -> None:
         """``_wait`` without breaking the channel on failure (the receive thread's)."""
@@ -498,8 +502,7 @@ class TensorChannel:
             raise
         except Exception as exc:  # gloo raises RuntimeError, the NCCL channel RuntimeError / TimeoutError
             if isinstance(exc, TimeoutError) or time.monotonic() >= deadline:
-                error: ChannelError = ChannelTimeout(
-                    f"pipeline: {what} (rank {self.rank} <-> {self.peer}) did not complete within {self.timeout:g} s")
+                error: ChannelError = self._timed_out(what)
             else:
                 error = ChannelError(f"pipeline: {what} (rank {self.rank} <-> {self.peer}) failed: {exc}")
             raise error from exc
