@@ -161,7 +161,7 @@ def test_dead_teacher_fails_the_job(tiny, tmp_path):
 
 
 # ------------------------------------------------------------------------------ teacher cache
-def test_teacher_cache_written_once_then_reused(tiny, tmp_path, monkeypatch):
+def test_teacher_batches_run_once_then_replayed_from_cache_or_memory(tiny, tmp_path, monkeypatch):
     from torchspec_ext import teacher as teacher_mod
 
     calls = []
@@ -185,6 +185,16 @@ def test_teacher_cache_written_once_then_reused(tiny, tmp_path, monkeypatch):
     # A resumed run continues at the checkpoint's position in the cached stream: the same losses.
     assert run("c", "--resume", str(tmp_path / "a" / "checkpoints" / "step-00000002")) == 0
     assert calls == [] and losses(tmp_path / "c") == losses(tmp_path / "a")[2:]
+
+    # Without a cache, --epochs keeps the teacher's batches in memory: each is run through the
+    # target once and replayed in the same order as from the cache, so the losses are the same.
+    online = lambda out, *extra: train_mod.main(options(tiny, tmp_path / out, 4, "--epochs", "2", *extra))
+    assert online("d", "--save-interval", "1", "--keep-checkpoints", "4") == 0
+    assert sorted(calls) == [0, 1] and losses(tmp_path / "d") == losses(tmp_path / "a")
+    # A resumed run (in the second pass) runs the teacher again for the batches it replays.
+    calls.clear()
+    assert online("e", "--resume", str(tmp_path / "d" / "checkpoints" / "step-00000003")) == 0
+    assert len(calls) == 1 and losses(tmp_path / "e") == losses(tmp_path / "a")[3:]
 
 
 def test_teacher_cache_of_another_run_is_refused(tiny, tmp_path, capsys):

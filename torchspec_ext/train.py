@@ -9,8 +9,8 @@ hidden states and its top-k next-token log-probabilities), then the draft is unr
 Under ``torchrun --nproc-per-node N -m torchspec_ext.train --teacher-ranks n``, ranks ``0..n-1``
 run the target and send their batches (torchspec_ext.pipeline) to the other ranks, which train the
 draft data-parallel; the first trainer writes checkpoints, metrics and the draft (see ``Layout``).
-``--cache-teacher DIR`` runs the target over the training batches once, stores them in DIR, and
-trains from them, in this run and later ones.
+``--epochs E`` runs the target over max-steps / E batches once and replays them E times (kept in
+memory); ``--cache-teacher DIR`` stores them in DIR instead, for this run and later ones.
 
 Every flag can also come from a JSON or TOML ``--config`` file (keys are the flag names with
 underscores); flags given on the command line win.
@@ -104,7 +104,9 @@ def parser() -> argparse.ArgumentParser:
     a("--cache-teacher", default=None, metavar="DIR",
       help="write the teacher's batches to DIR once (safetensors shards) and train from them; later runs "
       "with the same DIR skip the target")
-    a("--epochs", type=int, default=1, help="passes over a --cache-teacher cache")
+    a("--epochs", type=int, default=1,
+      help="passes over the teacher's batches: the run's --max-steps batches come from max-steps / epochs "
+      "teacher batches, run through the target once and replayed from CPU memory (or --cache-teacher DIR)")
     a("--teacher-ranks", type=int, default=1, help="under torchrun: how many ranks run the teacher (the rest train)")
     a("--dist-timeout", type=float, default=600.0,
       help="under torchrun: seconds a rank waits for a peer (a batch, an all-reduce) before failing with its name")
@@ -314,28 +316,52 @@ def write_cache(directory: Path, stream: TeacherStream, count: int, identity: di
     return manifest
 
 
-class CachedStream:
-    """The batches of a teacher cache, each pass (epoch) over them in a seeded order."""
+class Passes:
+    """``--epochs`` passes over ``count`` teacher batches, each pass in a seeded order (the same on
+    every rank and on resume); ``fetch(i)`` gives batch ``i``. ``position`` counts the batches
+    handed out over all passes."""
 
-    def __init__(self, directory: Path, manifest: dict, seed: int, device):
-        self.directory, self.files, self.seed, self.device = directory, manifest["files"], seed, str(device)
+    def __init__(self, count: int, seed: int, fetch):
+        self.count, self.seed, self.fetch = count, seed, fetch
         self.position = 0
 
-    def _order(self, epoch: int) -> list[int]:
-        return epoch_order(len(self.files), f"teacher-cache/{self.seed}/{epoch}")
-
     def next(self) -> dict[str, Tensor]:
-        from safetensors.torch import load_file
-
-        epoch, i = divmod(self.position, len(self.files))
+        epoch, i = divmod(self.position, self.count)
         self.position += 1
-        return load_file(str(self.directory / self.files[self._order(epoch)[i]]), device=self.device)
+        return self.fetch(epoch_order(self.count, f"teacher-cache/{self.seed}/{epoch}")[i])
 
     def close(self) -> None:
         pass
 
 
-def open_cache(args, draft: Eagle3Draft, stream: TeacherStream, batches_needed: int, may_write: bool) -> CachedStream:
+def cached_passes(directory: Path, manifest: dict, seed: int, device) -> Passes:
+    """The passes over a ``--cache-teacher`` cache: batch ``i`` is its ``i``-th shard."""
+    from safetensors.torch import load_file
+
+    files = manifest["files"]
+    return Passes(len(files), seed, lambda i: load_file(str(directory / files[i]), device=str(device)))
+
+
+def kept_passes(online: TeacherStream, count: int, seed: int) -> Passes:
+    """The passes over the first ``count`` batches of the online stream, each batch run through
+    the target the first time it is needed and kept in CPU memory for the later passes."""
+    kept: dict[int, dict[str, Tensor]] = {}
+
+    def fetch(i: int) -> dict[str, Tensor]:
+        if i not in kept:
+            online.position = i
+            kept[i] = {k: v.cpu() for k, v in online.next().items()}
+        return {k: v.to(online.teacher.device) for k, v in kept[i].items()}
+
+    return Passes(count, seed, fetch)
+
+
+def pass_length(args, batches_needed: int, batches: Batches) -> int:
+    """Teacher batches per pass: the run's batches spread over ``--epochs`` passes."""
+    return min(math.ceil(batches_needed / args.epochs), len(batches))
+
+
+def open_cache(args, draft: Eagle3Draft, stream: TeacherStream, batches_needed: int, may_write: bool) -> Passes:
     """``--cache-teacher``: the cache in that directory, written first when it is not complete."""
     directory = Path(args.cache_teacher)
     identity = cache_identity(args, draft)
@@ -344,13 +370,13 @@ def open_cache(args, draft: Eagle3Draft, stream: TeacherStream, batches_needed: 
         if not may_write:
             raise TrainError(f"--cache-teacher {directory}: no complete cache there; under torchrun the teacher "
                              "ranks serve an existing cache: build it first with a single-process run")
-        count = min(math.ceil(batches_needed / args.epochs), len(stream.batches))
+        count = pass_length(args, batches_needed, stream.batches)
         print(f"[train] teacher cache: writing {count} batches to {directory}", file=sys.stderr)
         manifest = write_cache(directory, stream, count, identity)
     else:
         print(f"[train] teacher cache: {manifest['count']} batches from {directory}; the target is not run for "
               "training", file=sys.stderr)
-    return CachedStream(directory, manifest, args.seed, args.device)
+    return cached_passes(directory, manifest, args.seed, args.device)
 
 
 class RoutedStream:
@@ -793,12 +819,16 @@ def make_draft(target, tokenizer, batches: Batches, args) -> Eagle3Draft:
 
 def open_stream(args, layout: Layout, draft: Eagle3Draft, online: TeacherStream):
     """This rank's batches: from the teacher ranks (a trainer rank under torchrun), from the
-    ``--cache-teacher`` cache, or online through the target."""
+    ``--cache-teacher`` cache, or online through the target (kept for replay when ``--epochs``
+    is above 1)."""
     cached = None
+    needed = args.max_steps * len(layout.trainers)
     if args.cache_teacher:  # every rank checks the cache, so that all stop alike when it is wrong
-        cached = open_cache(args, draft, online, args.max_steps * len(layout.trainers), may_write=not layout.distributed)
+        cached = open_cache(args, draft, online, needed, may_write=not layout.distributed)
     if layout.distributed and not layout.is_teacher:
         return RoutedStream(open_router(args, layout), len(layout.trainers))
+    if cached is None and args.epochs > 1:
+        return kept_passes(online, pass_length(args, needed, online.batches), args.seed)
     return cached or online
 
 
