@@ -828,7 +828,10 @@ def open_stream(args, layout: Layout, draft: Eagle3Draft, online: TeacherStream)
     if layout.distributed and not layout.is_teacher:
         return RoutedStream(open_router(args, layout), len(layout.trainers))
     if cached is None and args.epochs > 1:
-        return kept_passes(online, pass_length(args, needed, online.batches), args.seed)
+        count = pass_length(args, needed, online.batches)
+        print(f"[train] --epochs {args.epochs}: {count} teacher batches, each run through the target once and "
+              "kept in CPU memory for the later passes", file=sys.stderr)
+        return kept_passes(online, count, args.seed)
     return cached or online
 
 
