@@ -827,12 +827,14 @@ def open_stream(args, layout: Layout, draft: Eagle3Draft, online: TeacherStream)
         cached = open_cache(args, draft, online, needed, may_write=not layout.distributed)
     if layout.distributed and not layout.is_teacher:
         return RoutedStream(open_router(args, layout), len(layout.trainers))
-    if cached is None and args.epochs > 1:
+    if cached is not None:
+        return cached
+    if args.epochs > 1:
         count = pass_length(args, needed, online.batches)
         print(f"[train] --epochs {args.epochs}: {count} teacher batches, each run through the target once and "
               "kept in CPU memory for the later passes", file=sys.stderr)
         return kept_passes(online, count, args.seed)
-    return cached or online
+    return online
 
 
 def checkpoint_position(checkpoint: Path | None) -> tuple[int, int]:

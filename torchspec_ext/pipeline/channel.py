@@ -224,6 +224,8 @@ class TensorChannel:
         self._recv_pool: list[Tensor] = []  # receive buffers, reused once their batch is dropped
         self._next_pre = None  # (ticket, tensor) of the next batch's preamble, posted early
         self._prefetcher: threading.Thread | None = None  # the receive thread (gloo), from the first recv()
+        self._ready: queue.Queue = queue.Queue()  # what it posted, in order: batches, then None or the error
+        self._slots = threading.Semaphore(self.depth)  # batches it may post ahead of recv()
         self._sent = self._received = 0
         self._error: ChannelError | None = None
         self._closed = self._peer_closed = False
@@ -353,8 +355,6 @@ class TensorChannel:
 
     def _take_prefetched(self, deadline: float, what: str):
         if self._prefetcher is None:
-            self._ready: queue.Queue = queue.Queue()
-            self._slots = threading.Semaphore(self.depth)
             self._prefetcher = threading.Thread(target=self._prefetch, name=f"TensorChannel-recv-{self.peer}",
                                                 daemon=True)  # daemon: may wait on a peer that never sends again
             self._prefetcher.start()
