@@ -192,8 +192,9 @@ def test_errors():
         draft_topk_kl(h, w, idx, lp, torch.ones(4))
     with pytest.raises(RuntimeError, match="valid must be \\[N\\]"):
         draft_topk_kl(h, w, idx, lp, torch.ones(5, dtype=torch.bool))
-    with pytest.raises(RuntimeError, match="temperature must be a finite number > 0"):
-        draft_topk_kl(h, w, idx, lp, None, 0.0)
+    for bad in (0.0, 2e-39):
+        with pytest.raises(RuntimeError, match="temperature must be a finite number > 0"):
+            draft_topk_kl(h, w, idx, lp, None, bad)
 
 
 @pytest.mark.parametrize("device", DEVICES)

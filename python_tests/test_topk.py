@@ -85,6 +85,17 @@ def test_ties_lower_index_first(device, dtype):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_signed_zeros_tie(device, dtype):
+    # -0 == +0, so the lower index wins whichever sign it has (short rows and long rows alike).
+    for width in (4, 5000):
+        logits = torch.full((1, width), -1.0, device=device, dtype=dtype)
+        logits[0, :4] = torch.tensor([-0.0, 0.0, -0.0, 0.0])
+        _, indices, _ = topk_logprobs(logits, 3)
+        assert indices[0].tolist() == [0, 1, 2], width
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_adversarial_orders(device):
     ramp = torch.linspace(-10, 10, 60000, device=device)
     check_against_reference(torch.stack([ramp, ramp.flip(0)]), 256)  # threshold rises every tile
@@ -163,7 +174,7 @@ def test_errors():
         topk_logprobs(x, 101)
     with pytest.raises(RuntimeError, match="k must be in"):
         topk_logprobs(torch.randn(2, 5000), 1025)
-    for bad in (0.0, -1.0, float("nan"), float("inf")):
+    for bad in (0.0, -1.0, float("nan"), float("inf"), 1e-39, 1e300):  # the last two: 1 / T outside float32
         with pytest.raises(RuntimeError, match="temperature must be a finite number > 0"):
             topk_logprobs(x, 3, bad)
     with pytest.raises(RuntimeError, match="at least one dimension"):

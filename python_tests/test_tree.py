@@ -543,8 +543,9 @@ def test_verify_errors(sampling, mutate, match):
 
 def test_verify_sampling_argument_errors():
     args = _verify_args()
-    with pytest.raises(RuntimeError, match=r"temperature must be a finite number > 0 \(use verify_tree_greedy"):
-        verify_tree_sampling(*args, 0.0)
+    for bad in (0.0, 1e-39):
+        with pytest.raises(RuntimeError, match=r"temperature must be a finite number > 0 .*\(use verify_tree_greedy"):
+            verify_tree_sampling(*args, bad)
     with pytest.raises(RuntimeError, match=r"uniforms must be \[B, T\] = \[2, 4\]"):
         verify_tree_sampling_uniforms(*args, 1.0, torch.rand(2, 3, dtype=torch.float64))
     with pytest.raises(RuntimeError, match=r"uniforms must be float64"):

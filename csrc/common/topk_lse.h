@@ -56,6 +56,7 @@ TORCHSPEC_HD uint32_t order_bits(float v) {
   __builtin_memcpy(&b, &v, 4);
 #endif
   if (v != v) return 0xFFFFFFFFu;  // every NaN is the largest
+  if (v == 0.0f) return 0x80000000u;  // -0 ties with +0 (then the lower index wins), as the reference
   return (b & 0x80000000u) ? ~b : (b | 0x80000000u);
 }
 

@@ -46,9 +46,12 @@ inline void check_topk_k(int64_t k, int64_t vocab, const char* op) {
                       ")] = [1, ", std::min<int64_t>(vocab, kMaxTopK), "], got k=", k, " with V=", vocab);
 }
 
-inline void check_temperature(double temperature, const char* op) {
-  TORCHSPEC_CHECK_ARG(temperature > 0.0 && std::isfinite(temperature), op,
-                      "temperature must be a finite number > 0, got ", temperature);
+// The kernels scale by float(1 / temperature), so that must be a normal float32 number too.
+inline void check_temperature(double temperature, const char* op, const char* hint = "") {
+  const float inverse = static_cast<float>(1.0 / temperature);
+  TORCHSPEC_CHECK_ARG(temperature > 0.0 && std::isfinite(temperature) && std::isnormal(inverse), op,
+                      "temperature must be a finite number > 0 whose inverse is a float32 number (about 1e-38 to "
+                      "1e38)", hint, ", got ", temperature);
 }
 
 }  // namespace torchspec

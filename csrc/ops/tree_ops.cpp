@@ -204,9 +204,7 @@ Outputs verify_tree_greedy(const at::Tensor& tokens, const at::Tensor& parents, 
 Outputs verify_tree_sampling(const at::Tensor& tokens, const at::Tensor& parents, const at::Tensor& target_logits,
                              double temperature, const at::Tensor& uniforms) {
   constexpr const char* op = "verify_tree_sampling";
-  TORCHSPEC_CHECK_ARG(temperature > 0.0 && std::isfinite(temperature), op,
-                      "temperature must be a finite number > 0 (use verify_tree_greedy for temperature 0), got ",
-                      temperature);
+  check_temperature(temperature, op, " (use verify_tree_greedy for temperature 0)");
   TreeVerifyParams p;
   auto [tok, par, logits] = prepare_verify(tokens, parents, target_logits, op, p);
   check_same_device(target_logits, "target_logits", uniforms, "uniforms", op);
