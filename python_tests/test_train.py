@@ -139,7 +139,7 @@ def test_nan_loss_stops_with_step_and_batch_named(tiny_target, tmp_path, monkeyp
         return real(self, batch)
 
     monkeypatch.setattr(train.DraftTrainer, "step", poisoned)
-    assert run(tiny_target, tmp_path, "--max-steps", "4", "--save-interval", "1") == 2
+    assert run(tiny_target, tmp_path, "--max-steps", "4", "--save-interval", "1", "--epochs", "1") == 2
     err = capsys.readouterr().err
     assert "not finite at step 2" in err and "batch 1" in err
     # The checkpoint of step 1 is intact and resumable.
@@ -187,6 +187,16 @@ def test_config_file_and_flags(tmp_path):
     (tmp_path / "bad.json").write_text('{"max_stepz": 3}')
     with pytest.raises(SystemExit):
         train.parse_args(["--config", str(tmp_path / "bad.json")])
+
+
+def test_defaults_depend_on_the_device():
+    # CPU: the target's forward is most of a step, so its batches are replayed (3 passes).
+    cpu = train.parse_args(["--device", "cpu"])
+    assert (cpu.max_steps, cpu.epochs, cpu.batch_size, cpu.ttt_steps) == (180, 3, 2, 3)
+    gpu = train.parse_args(["--device", "cuda"])
+    assert (gpu.max_steps, gpu.epochs, gpu.batch_size, gpu.ttt_steps) == (2000, 1, 16, 7)
+    given = train.parse_args(["--device", "cpu", "--epochs", "1", "--batch-size", "4"])
+    assert (given.epochs, given.batch_size) == (1, 4)
 
 
 def test_generated_replies_match_a_teacher_pass_over_them(tiny_target):

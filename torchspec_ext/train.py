@@ -71,8 +71,9 @@ def parser() -> argparse.ArgumentParser:
     a("--output-dir", default="torchspec_out", help="checkpoints, metrics, and the final draft (output-dir/draft)")
     a("--resume", nargs="?", const=LATEST, default=None,
       help="continue from the latest checkpoint in --output-dir, or from the checkpoint directory given")
-    a("--max-steps", type=int, default=None, help="optimiser steps (default: 120 on CPU, 2000 on GPU)")
-    a("--batch-size", type=int, default=2, help="conversations per step")
+    a("--max-steps", type=int, default=None, help="optimiser steps (default: 180 on CPU, 2000 on GPU)")
+    a("--batch-size", type=int, default=None,
+      help="conversations per step (default: 2 on CPU, 16 on GPU, where more data per step is what the draft needs)")
     a("--max-length", type=int, default=512, help="tokens per conversation (longer ones are cut)")
     a("--ttt-steps", type=int, default=None, help="training-time-test unroll steps (default: 3 on CPU, 7 on GPU)")
     a("--topk", type=int, default=64, help="teacher top-k log-probabilities per position")
@@ -104,9 +105,11 @@ def parser() -> argparse.ArgumentParser:
     a("--cache-teacher", default=None, metavar="DIR",
       help="write the teacher's batches to DIR once (safetensors shards) and train from them; later runs "
       "with the same DIR skip the target")
-    a("--epochs", type=int, default=1,
+    a("--epochs", type=int, default=None,
       help="passes over the teacher's batches: the run's --max-steps batches come from max-steps / epochs "
-      "teacher batches, run through the target once and replayed from CPU memory (or --cache-teacher DIR)")
+      "teacher batches, run through the target once and replayed from CPU memory (about 8 MB a batch at "
+      "the default shapes; --cache-teacher DIR keeps them on disk instead). Default: 3 on CPU, where the "
+      "target's forward is most of a step, so replaying its batches buys more steps; 1 on GPU")
     a("--teacher-ranks", type=int, default=1, help="under torchrun: how many ranks run the teacher (the rest train)")
     a("--dist-timeout", type=float, default=600.0,
       help="under torchrun: seconds a rank waits for a peer (a batch, an all-reduce) before failing with its name")
@@ -130,12 +133,12 @@ def parse_args(argv=None) -> argparse.Namespace:
             p.error(f"--config {path}: unknown option(s) {', '.join(unknown)}")
         p.set_defaults(**values)
         args = p.parse_args(argv)  # command-line flags override the file
-    for name in ("batch_size", "max_length", "topk", "draft_vocab", "vocab_sample", "eval_prompts",
+    for name in ("max_length", "topk", "draft_vocab", "vocab_sample", "eval_prompts",
                  "eval_new_tokens", "eval_depth", "eval_tree_topk", "eval_tree_nodes", "save_interval",
-                 "keep_checkpoints", "log_interval", "epochs", "teacher_ranks"):
+                 "keep_checkpoints", "log_interval", "teacher_ranks"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
-    for name in ("max_steps", "ttt_steps"):
+    for name in ("max_steps", "ttt_steps", "batch_size", "epochs"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
     if args.topk > ops.MAX_TOPK:
@@ -148,7 +151,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--lr must be > 0")
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     on_gpu = args.device.startswith("cuda")
-    args.max_steps = args.max_steps or (2000 if on_gpu else 120)
+    args.max_steps = args.max_steps or (2000 if on_gpu else 180)
+    args.epochs = args.epochs or (1 if on_gpu else 3)
+    args.batch_size = args.batch_size or (16 if on_gpu else 2)
     args.ttt_steps = args.ttt_steps or (7 if on_gpu else 3)
     return args
 
