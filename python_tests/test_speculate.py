@@ -84,13 +84,17 @@ def test_propose_tree_shape():
 def test_eval_cli_reports_acceptance(capsys):
     from torchspec_ext.eval import main
 
-    assert main(["--prompts", "1", "--max-new-tokens", "8", "--depth", "2", "--topk", "2", "--json"]) == 0
+    assert main(["--prompts", "2", "--max-new-tokens", "8", "--depth", "2", "--topk", "2", "--dtype", "float32",
+                 "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     rows = {r["mode"]: r for r in report["rows"]}
-    assert set(rows) == {"plain", "chain", "tree"} and rows["plain"]["acceptance_length"] == 1.0
+    assert set(rows) == {"plain", "prompt lookup", "chain", "tree"} and report["dtype"] == "float32"
+    assert rows["plain"]["acceptance_length"] == 1.0 and rows["plain"]["target_forwards"] == rows["plain"]["tokens"]
     # The target as its own draft: each forward emits the whole depth plus the target's token.
     assert rows["chain"]["acceptance_length"] > 2 and rows["tree"]["acceptance_length"] > 2
-    assert rows["chain"]["tokens"] == rows["plain"]["tokens"]
+    # Greedy: every mode decodes what plain decoding does, token for token.
+    assert all(r["tokens"] == rows["plain"]["tokens"] and r["same_as_plain"] == 2 for r in rows.values())
+    assert 0 < rows["prompt lookup"]["target_forwards"] <= rows["plain"]["tokens"]
 
 
 def test_eval_cli_rejects_a_directory_that_is_not_a_draft():

@@ -214,8 +214,11 @@ def test_generated_replies_match_a_teacher_pass_over_them(tiny_target):
     full = teacher(batch["input_ids"][:1], batch["loss_mask"][:1], 3)
     assert batch["input_ids"].shape[1] == 6 + 5 - 1  # the last generated token is never fed back
     torch.testing.assert_close(batch["features"][:1], full["features"], rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(batch["teacher_logprobs"][:1], full["teacher_logprobs"], rtol=1e-4, atol=1e-4)
-    assert torch.equal(batch["teacher_indices"][:1], full["teacher_indices"])
+    # The teacher's rows from the last prompt token on (those that predict a reply token).
+    torch.testing.assert_close(batch["teacher_logprobs"][:1, 5:], full["teacher_logprobs"][:, 5:], rtol=1e-4, atol=1e-4)
+    assert torch.equal(batch["teacher_indices"][:1, 5:], full["teacher_indices"][:, 5:])
+    assert torch.equal(batch["teacher_argmax"][:1, 5:], full["teacher_argmax"][:, 5:])
+    assert (batch["teacher_indices"][:1, :5] == -1).all() and (batch["teacher_argmax"][:1, :5] == -1).all()
     assert batch["loss_mask"][0].tolist() == [False] * 6 + [True] * 4
     # Row 1: the prompt, its one-token reply (the end token), nothing after.
     assert batch["input_ids"][1, :4].tolist() == [11, 12, 13, eos[0]]

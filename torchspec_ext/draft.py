@@ -368,70 +368,93 @@ class Eagle3Drafter:
     """An :class:`Eagle3Draft` behind the decoder's ``Draft`` interface.
 
     ``speculative_generate`` hands it the target's features of every committed token
-    (``reset`` after the prefill, ``observe`` after each verification); the step-0 keys and
-    values of the context are cached, and within one proposal each tree node's hidden state and
-    keys are kept by path, so each call computes only the new nodes.
+    (``reset`` after the prefill, ``observe`` after each verification). The step-0 keys and
+    values of the context live in buffers that grow by doubling, so each round computes only
+    the newly committed tokens; within a round each tree node's hidden state and keys are kept
+    by path, and all the new nodes of one call (a tree level) go through the layer together.
     """
 
     def __init__(self, draft: Eagle3Draft):
         self.draft = draft.eval()
         self.feature_layers = list(draft.config.feature_layers)
         self.device = draft.fc.weight.device
+        self.dtype = draft.fc.weight.dtype
         self._draft_ids = draft.draft_to_target()
         self.reset(torch.empty(0, draft.fc.in_features, device=self.device))
 
     def reset(self, features: Tensor) -> None:
         """Start a new sequence whose first ``len(features)`` tokens the target has seen."""
-        self.features = features.to(self.device, self.draft.fc.weight.dtype)
-        self.k0 = self.v0 = self.last_hidden = None
-        self.paths: dict[tuple, tuple[Tensor, list[Tensor], list[Tensor]]] = {}
-        self.paths_context = -1
+        c = self.draft.config
+        self.pending = features.to(self.device, self.dtype)  # features of tokens not yet in the buffers
+        self.length = 0  # context tokens whose step-0 keys are in the buffers
+        self.k0 = torch.empty(1, c.num_attention_heads, 64, c.head_dim, device=self.device, dtype=self.dtype)
+        self.v0 = torch.empty_like(self.k0)
+        self.last_hidden = None
+        self.nodes: dict[tuple, tuple[Tensor, Tensor, Tensor]] = {}  # path -> hidden [H], keys, values [h, levels, D]
+        self.nodes_context = -1
 
     def observe(self, features: Tensor) -> None:
         """The target's features of newly committed tokens, in order."""
-        self.features = torch.cat([self.features, features.to(self.features)])
+        self.pending = torch.cat([self.pending, features.to(self.pending)])
+
+    def _grow(self, need: int) -> None:
+        if need > self.k0.shape[-2]:
+            size = max(need, 2 * self.k0.shape[-2])
+            k0 = self.k0.new_empty(self.k0.shape[:2] + (size, self.k0.shape[-1]))
+            v0 = torch.empty_like(k0)
+            k0[:, :, : self.length], v0[:, :, : self.length] = self.k0[:, :, : self.length], self.v0[:, :, : self.length]
+            self.k0, self.v0 = k0, v0
 
     @torch.no_grad()
     def _extend_context(self, context) -> None:
         d, attn = self.draft, self.draft.midlayer.self_attn
-        n = len(context)
-        if self.features.shape[0] != n - 1:
-            raise RuntimeError(f"Eagle3Drafter: {self.features.shape[0]} feature rows for a context of {n} tokens "
-                               f"({n - 1} expected); speculative_generate feeds them")
-        done = 0 if self.k0 is None else self.k0.shape[-2]
+        n, done = len(context), self.length
+        if done + self.pending.shape[0] != n - 1:
+            raise RuntimeError(f"Eagle3Drafter: {done + self.pending.shape[0]} feature rows for a context of {n} "
+                               f"tokens ({n - 1} expected); speculative_generate feeds them")
         if done == n - 1:
             return
         index = torch.arange(done, n - 1, device=self.device)
-        hidden = d.fuse(self.features[done:][None])
+        hidden = d.fuse(self.pending[None])
         embeds = d.embed_tokens(torch.tensor(context[done + 1 :], device=self.device)[None])
         q, k, v = attn.qkv(d.midlayer.attention_input(hidden, embeds), (index + 1)[None])
-        self.k0 = k if self.k0 is None else torch.cat([self.k0, k], -2)
-        self.v0 = v if self.v0 is None else torch.cat([self.v0, v], -2)
+        self._grow(n - 1)
+        self.k0[:, :, done : n - 1], self.v0[:, :, done : n - 1] = k, v
+        self.length, self.pending = n - 1, self.pending[:0]
         causal = torch.arange(n - 1, device=self.device)[None, :] <= index[:, None]
-        self.last_hidden = d.midlayer.finish(hidden, attn.attend(q, self.k0, self.v0, causal, [], []))[:, -1:]
+        out = attn.attend(q, self.k0[:, :, : n - 1], self.v0[:, :, : n - 1], causal, [], [])
+        self.last_hidden = d.midlayer.finish(hidden, out)[0, -1]
 
-    def _node(self, context_len: int, path: tuple):
-        """(hidden [1, 1, H], own keys, own values) of the draft after ``path``."""
-        if not path:
-            return self.last_hidden, [], []
-        if path in self.paths:
-            return self.paths[path]
+    def _add_nodes(self, context_len: int, paths: list[tuple]) -> None:
+        """Hidden states and keys of ``paths`` (all of one length, their parents known), in one pass:
+        the nodes are the queries of one sequence, sharing the context's keys."""
         d, attn = self.draft, self.draft.midlayer.self_attn
-        hidden, own_k, own_v = self._node(context_len, path[:-1])
-        embeds = d.embed_tokens(torch.tensor([[path[-1]]], device=self.device))
-        position = torch.tensor([[context_len - 1 + len(path)]], device=self.device)
-        q, k, v = attn.qkv(d.midlayer.attention_input(hidden, embeds), position)
-        own_k, own_v = own_k + [k], own_v + [v]
-        hidden = d.midlayer.finish(hidden, attn.attend(q, self.k0, self.v0, None, own_k, own_v))
-        self.paths[path] = (hidden, own_k, own_v)
-        return self.paths[path]
+        parents = [self.nodes[p[:-1]] for p in paths]
+        hidden = torch.stack([p[0] for p in parents])[None]  # [1, n, H]
+        embeds = d.embed_tokens(torch.tensor([[p[-1] for p in paths]], device=self.device))
+        position = torch.full((1, len(paths)), context_len - 1 + len(paths[0]), device=self.device)
+        q, k, v = attn.qkv(d.midlayer.attention_input(hidden, embeds), position)  # [1, h, n, D]
+        # Each node's own keys: its ancestors' (one per level), then its own; [1, h, n, D] per level.
+        own_k = [x[None] for x in torch.stack([p[1] for p in parents], 2).unbind(1)] + [k]
+        own_v = [x[None] for x in torch.stack([p[2] for p in parents], 2).unbind(1)] + [v]
+        out = attn.attend(q, self.k0[:, :, : self.length], self.v0[:, :, : self.length], None, own_k, own_v)
+        hidden = d.midlayer.finish(hidden, out)[0]
+        keys, values = torch.stack(own_k, 3)[0], torch.stack(own_v, 3)[0]  # [h, n, levels, D]
+        for i, path in enumerate(paths):
+            self.nodes[path] = (hidden[i], keys[:, i], values[:, i])
 
     @torch.no_grad()
     def next_logprobs(self, context, paths) -> Tensor:
         self._extend_context(context)
-        if self.paths_context != len(context):
-            self.paths, self.paths_context = {}, len(context)
-        hidden = torch.cat([self._node(len(context), tuple(p))[0][0] for p in paths])  # [P, H]
+        if self.nodes_context != len(context):
+            c = self.draft.config
+            none = torch.empty(c.num_attention_heads, 0, c.head_dim, device=self.device, dtype=self.dtype)  # [h, levels, D]
+            self.nodes, self.nodes_context = {(): (self.last_hidden, none, none)}, len(context)
+        paths = [tuple(p) for p in paths]
+        missing = {p[:i] for p in paths for i in range(1, len(p) + 1)} - self.nodes.keys()
+        for length in sorted({len(p) for p in missing}):  # ancestors first: one pass per tree level
+            self._add_nodes(len(context), sorted(p for p in missing if len(p) == length))
+        hidden = torch.stack([self.nodes[p][0] for p in paths])  # [P, H]
         logprobs = torch.log_softmax(self.draft.lm_head(self.draft.norm(hidden)).float(), -1)
         out = torch.full((len(paths), self.draft.config.vocab_size), float("-inf"), device=self.device)
         out[:, self._draft_ids] = logprobs

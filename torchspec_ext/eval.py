@@ -1,17 +1,23 @@
 """``python -m torchspec_ext.eval``: a draft's real acceptance length and speed-up.
 
-On held-out prompts, the target decodes plainly (greedy, or sampling at --temperature) and
-speculatively with the draft, as a chain and as a dynamic tree, in the same run; the table
-gives the acceptance length (mean tokens emitted per target forward) and tokens/s.
+On held-out prompts, the target decodes plainly (transformers' ``generate``: what a user would
+run without us), with transformers' prompt-lookup decoding (a speculative peer that needs no
+training), and speculatively with the draft, as a chain and as a dynamic tree, in the same run
+and dtype; the table gives the acceptance length (tokens emitted per target forward), tokens/s,
+the speed-up over plain decoding, and at temperature 0 whether each mode's output is the plain
+decoding's, token for token.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -19,6 +25,8 @@ from torchspec_ext.data import load_conversations, short_prompts, split_held_out
 from torchspec_ext.draft import CONFIG_NAME, WEIGHTS_NAME, DraftConfig, Eagle3Draft, Eagle3Drafter
 from torchspec_ext.speculate import TargetAsDraft, TreeSpec, speculative_generate
 from torchspec_ext.target import load_target
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def held_out_prompts(tokenizer, data_path, count: int, max_prompt_tokens: int, seed: int = 0) -> list[list[int]]:
@@ -40,7 +48,8 @@ def check_draft_spec(spec: str) -> None:
 
 
 def load_draft(spec: str, target):
-    """'target' (the target as its own draft) or a trained / exported EAGLE-3 draft directory."""
+    """'target' (the target as its own draft) or a trained / exported EAGLE-3 draft directory, in
+    the target's device and dtype."""
     if spec == "target":
         return TargetAsDraft(target)
     check_draft_spec(spec)
@@ -58,18 +67,40 @@ def load_draft(spec: str, target):
         draft = Eagle3Draft.load(spec, target)
     except (ValueError, OSError) as exc:
         raise SystemExit(f"{error}: {exc}") from None
-    device = next(target.parameters()).device
-    return Eagle3Drafter(draft.to(device))
+    weight = next(target.parameters())
+    return Eagle3Drafter(draft.to(weight.device, weight.dtype))
+
+
+@dataclass
+class Decoded:
+    tokens: list[int]
+    seconds: float
+    forwards: int  # target forwards that emitted tokens
+
+
+class ForwardCounter:
+    """Counts the calls of a module's forward (the target's passes, whoever makes them)."""
+
+    def __init__(self, module):
+        self.calls = 0
+        module.register_forward_pre_hook(self._count)
+
+    def _count(self, module, args):
+        self.calls += 1
 
 
 @torch.no_grad()
-def plain_decode(model, prompt, max_new_tokens, temperature, eos):
-    kwargs = {"do_sample": temperature > 0}
+def generate_decode(model, prompt, max_new_tokens, temperature, eos, counter=None, **options) -> Decoded:
+    """transformers' ``generate`` (plain decoding, or with ``options`` such as prompt lookup)."""
+    kwargs = {"do_sample": temperature > 0, **options}
     if temperature > 0:
         kwargs["temperature"] = temperature
+    before = counter.calls if counter else 0
     start = time.perf_counter()
-    out = model.generate(torch.tensor([prompt]), max_new_tokens=max_new_tokens, eos_token_id=eos, **kwargs)
-    return out.shape[1] - len(prompt), time.perf_counter() - start
+    out = model.generate(torch.tensor([prompt]), max_new_tokens=max_new_tokens, eos_token_id=eos,
+                         pad_token_id=eos, **kwargs)
+    seconds = time.perf_counter() - start
+    return Decoded(out[0, len(prompt):].tolist(), seconds, counter.calls - before if counter else 0)
 
 
 def decode_modes(args) -> dict[str, TreeSpec]:
@@ -77,68 +108,113 @@ def decode_modes(args) -> dict[str, TreeSpec]:
     return {"chain": TreeSpec.chain(args.depth), "tree": TreeSpec(args.depth, args.topk, args.max_nodes)}
 
 
+def plain_seconds(model, prompt, repeats: int = 2) -> float:
+    """Best time of plain greedy decoding of 16 tokens (after one warm-up call)."""
+    generate_decode(model, prompt, 4, 0.0, None)
+    return min(generate_decode(model, prompt, 16, 0.0, None, min_new_tokens=16).seconds for _ in range(repeats))
+
+
+def choose_dtype(target, name: str, prompt) -> tuple:
+    """(target in the dtype, its name): ``name``, or for 'auto' the one of float32 and bfloat16 in
+    which plain decoding is fastest on this machine (measured on ``prompt``)."""
+    names = list(DTYPES) if name == "auto" else [name]
+    models = [copy.deepcopy(target) for _ in names[1:]] + [target]  # the last one converted in place
+    candidates = {n: model.to(DTYPES[n]) for n, model in zip(names, models)}
+    timed = {}
+    for dtype, model in candidates.items():
+        try:
+            timed[dtype] = plain_seconds(model, prompt)
+        except RuntimeError as exc:  # a dtype this machine cannot run
+            print(f"[eval] the target does not run in {dtype} here: {exc}", file=sys.stderr)
+    if not timed:
+        raise SystemExit(f"torchspec_ext.eval: --dtype {name}: the target does not run in "
+                         f"{' or '.join(names)} on this machine; try --dtype float32")
+    if name != "auto":
+        return candidates[name], name
+    best = min(timed, key=timed.get)
+    shown = ", ".join(f"{k} {16 / v:.1f} tokens/s" for k, v in timed.items())
+    print(f"[eval] --dtype auto: plain decoding {shown}: {best}", file=sys.stderr)
+    return candidates[best], best
+
+
 def evaluate(args, modes: dict[str, TreeSpec] | None = None) -> dict:
-    """Plain decoding and each of ``modes`` (default: :func:`decode_modes`) on the same held-out prompts."""
+    """Plain decoding, prompt lookup and each of ``modes`` (default: :func:`decode_modes`) on the same held-out prompts."""
     torch.manual_seed(args.seed)
     check_draft_spec(args.draft)
     target, tokenizer = load_target(args.target)
-    draft = load_draft(args.draft, target)
     prompts = held_out_prompts(tokenizer, args.data, args.prompts, args.max_prompt_tokens, args.seed)
+    target, dtype = choose_dtype(target, args.dtype, prompts[0])
+    counter = ForwardCounter(target)
+    draft = load_draft(args.draft, target)
     eos = tokenizer.eos_token_id
     modes = decode_modes(args) if modes is None else modes
-    totals = {"plain": [0, 0.0, 0]} | {name: [0, 0.0, 0] for name in modes}  # tokens, seconds, forwards
-    for i, prompt in enumerate(prompts):
-        n, seconds = plain_decode(target, prompt, args.max_new_tokens, args.temperature, eos)
-        totals["plain"][0] += n
-        totals["plain"][1] += seconds
-        totals["plain"][2] += n
-        for name, spec in modes.items():
+    decoders: dict[str, Callable[[list[int], int, int], Decoded]] = {
+        "plain": lambda p, n, i: generate_decode(target, p, n, args.temperature, eos, counter),
+        "prompt lookup": lambda p, n, i: generate_decode(target, p, n, args.temperature, eos, counter,
+                                                        prompt_lookup_num_tokens=args.lookup_tokens),
+    }
+    for name, spec in modes.items():
+        def speculative(p, n, i, spec=spec):
             gen = torch.Generator().manual_seed(args.seed + i)
-            result = speculative_generate(
-                target, draft, prompt, args.max_new_tokens, spec, args.temperature, eos, generator=gen
-            )
-            totals[name][0] += len(result.tokens)
-            totals[name][1] += result.seconds
-            totals[name][2] += result.target_forwards
+            r = speculative_generate(target, draft, p, n, spec, args.temperature, eos, generator=gen)
+            return Decoded(r.tokens, r.seconds, r.target_forwards)
+        decoders[name] = speculative
+    for decode in decoders.values():  # warm-up: first calls pay one-time costs
+        decode(prompts[0], 8, 0)
+    totals = {name: {"tokens": 0, "seconds": 0.0, "forwards": 0, "same": 0} for name in decoders}
+    for i, prompt in enumerate(prompts):
+        for name, decode in decoders.items():
+            out = decode(prompt, args.max_new_tokens, i)
+            if name == "plain":
+                plain = out.tokens
+            t = totals[name]
+            t["tokens"] += len(out.tokens)
+            t["seconds"] += out.seconds
+            t["forwards"] += out.forwards
+            t["same"] += out.tokens == plain
         print(f"[eval] prompt {i + 1}/{len(prompts)} done", file=sys.stderr, flush=True)
-    plain_rate = totals["plain"][0] / max(totals["plain"][1], 1e-9)
+    plain_rate = totals["plain"]["tokens"] / max(totals["plain"]["seconds"], 1e-9)
     rows = []
-    for name, (tokens, seconds, forwards) in totals.items():
-        rate = tokens / max(seconds, 1e-9)
-        rows.append(
-            {
-                "mode": name,
-                "max_nodes": modes[name].max_nodes if name in modes else None,
-                "tokens": tokens,
-                "target_forwards": forwards,
-                "acceptance_length": tokens / max(forwards, 1),
-                "tokens_per_s": rate,
-                "speedup": rate / plain_rate,
-            }
-        )
+    for name, t in totals.items():
+        rate = t["tokens"] / max(t["seconds"], 1e-9)
+        rows.append({
+            "mode": name,
+            "max_nodes": modes[name].max_nodes if name in modes else None,
+            "tokens": t["tokens"],
+            "target_forwards": t["forwards"],
+            "acceptance_length": t["tokens"] / max(t["forwards"], 1),
+            "tokens_per_s": rate,
+            "speedup": rate / plain_rate,
+            "same_as_plain": t["same"],
+        })
     return {
         "draft": args.draft,
         "target": args.target or "SmolLM2-135M-Instruct (default)",
+        "dtype": dtype,
+        "threads": torch.get_num_threads(),
         "prompts": len(prompts),
         "max_new_tokens": args.max_new_tokens,
         "temperature": args.temperature,
         "tree": {"depth": args.depth, "topk": args.topk, "max_nodes": args.max_nodes},
+        "lookup_tokens": args.lookup_tokens,
         "rows": rows,
     }
 
 
 def markdown(report: dict) -> str:
+    same = "outputs equal to plain (prompts)" if report["temperature"] == 0 else "same as plain (prompts; sampling)"
     lines = [
-        f"draft: {report['draft']}; target: {report['target']}; {report['prompts']} held-out prompts, "
-        f"up to {report['max_new_tokens']} new tokens, temperature {report['temperature']}; tree {report['tree']}",
+        f"draft: {report['draft']}; target: {report['target']} in {report['dtype']}, {report['threads']} threads; "
+        f"{report['prompts']} held-out prompts, up to {report['max_new_tokens']} new tokens, temperature "
+        f"{report['temperature']}; tree {report['tree']}; prompt lookup {report['lookup_tokens']} tokens",
         "",
-        "| mode | tokens | target forwards | acceptance length | tokens/s | speed-up |",
-        "|---|---|---|---|---|---|",
+        f"| mode | tokens | target forwards | acceptance length | tokens/s | speed-up | {same} |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in report["rows"]:
         lines.append(
             f"| {r['mode']} | {r['tokens']} | {r['target_forwards']} | {r['acceptance_length']:.2f} | "
-            f"{r['tokens_per_s']:.1f} | {r['speedup']:.2f}x |"
+            f"{r['tokens_per_s']:.1f} | {r['speedup']:.2f}x | {r['same_as_plain']}/{report['prompts']} |"
         )
     return "\n".join(lines)
 
@@ -148,12 +224,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--draft", default="target", help="'target' (the target as its own draft) or an EAGLE-3 draft directory")
     parser.add_argument("--target", default=None, help="a Hugging Face causal-LM directory (default: SmolLM2-135M-Instruct)")
     parser.add_argument("--data", default=None, help="chat JSON/JSONL for the held-out prompts (default: ShareGPT)")
-    parser.add_argument("--prompts", type=int, default=4)
+    parser.add_argument("--prompts", type=int, default=16)
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--max-prompt-tokens", type=int, default=256)
     parser.add_argument("--depth", type=int, default=4)
     parser.add_argument("--topk", type=int, default=4)
     parser.add_argument("--max-nodes", type=int, default=16)
+    parser.add_argument("--lookup-tokens", type=int, default=10,
+                        help="prompt_lookup_num_tokens of the prompt-lookup row (transformers' suggestion: 10)")
+    parser.add_argument("--dtype", choices=["auto", *DTYPES], default="auto",
+                        help="of the target and the draft, for every mode; auto: whichever makes plain decoding "
+                        "fastest here (measured at the start)")
     parser.add_argument("--temperature", type=float, default=0.0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -163,7 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv=None) -> argparse.Namespace:
     parser = build_parser()
     args = parser.parse_args(argv)
-    for name in ("prompts", "max_new_tokens", "depth", "topk", "max_nodes"):
+    for name in ("prompts", "max_new_tokens", "depth", "topk", "max_nodes", "lookup_tokens"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
     if args.temperature < 0:

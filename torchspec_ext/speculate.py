@@ -119,16 +119,18 @@ def _cache_keyword(model) -> str:
     return "cache" if "cache" in params else "past_key_values"
 
 
-def _keep_cache_positions(cache, keep: Tensor) -> None:
-    """Keep only sequence positions ``keep`` (sorted) of every layer of a DynamicCache."""
-    if hasattr(cache, "layers"):
-        for layer in cache.layers:
-            layer.keys = layer.keys.index_select(-2, keep)
-            layer.values = layer.values.index_select(-2, keep)
-    else:  # older transformers
-        for i in range(len(cache.key_cache)):
-            cache.key_cache[i] = cache.key_cache[i].index_select(-2, keep)
-            cache.value_cache[i] = cache.value_cache[i].index_select(-2, keep)
+def _commit_path(cache, prefix_len: int, path_nodes: Tensor) -> None:
+    """Keep the prefix and the verified path in a DynamicCache: tree node ``path_nodes[i]`` moves to
+    position ``prefix_len + i`` and the rest of the tree is dropped. Costs the moved nodes, not the
+    prefix (the kept part is a view)."""
+    keep = prefix_len + len(path_nodes)
+    moved = path_nodes != torch.arange(len(path_nodes), device=path_nodes.device)
+    src, dst = prefix_len + path_nodes[moved], prefix_len + moved.nonzero().squeeze(1)
+    for layer in cache.layers:
+        if len(src):  # src > dst; the right side is gathered (copied) before the write
+            layer.keys[:, :, dst] = layer.keys[:, :, src]
+            layer.values[:, :, dst] = layer.values[:, :, src]
+        layer.keys, layer.values = layer.keys[:, :, :keep], layer.values[:, :, :keep]
 
 
 @dataclass
@@ -211,7 +213,7 @@ def speculative_generate(
             num, path, nxt = verify_tree_sampling(tokens[None], parents[None], logits, temperature, generator)
         accepted = int(num[0])
         path_nodes = path[0, : accepted + 1]
-        _keep_cache_positions(cache, torch.cat([torch.arange(prefix_len, device=device), prefix_len + path_nodes]))
+        _commit_path(cache, prefix_len, path_nodes)
         if layers:  # the root and the accepted nodes are committed now; the bonus token is the next root
             draft.observe(features(out)[path_nodes])
         emitted = tokens[path_nodes[1:]].tolist() + [int(nxt[0])]

@@ -47,6 +47,7 @@ class Teacher:
         self.target_to_draft = target_to_draft.to(self.device)
         self.topk = topk
         self.linear_topk = reference.linear_topk_logprobs if reference_ops else ops.linear_topk_logprobs
+        self.topk_logprobs = reference.topk_logprobs if reference_ops else ops.topk_logprobs
         num_layers = target.config.num_hidden_layers
         if any(not 0 <= i <= num_layers for i in self.layers):
             raise ValueError(f"feature layers {self.layers} out of range for a target of {num_layers} layers")
@@ -74,27 +75,36 @@ class Teacher:
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], max_new_tokens: int, batch_index: int, pad_id: int, eos_ids) -> dict[str, Tensor]:
         """A batch of the target's own greedy replies to ``prompts``: the decoding forwards yield
-        the features and the top-k at every position, so the replies cost about what a teacher
-        pass over data of that length costs. The loss mask covers the replies (through the
-        first end-of-sequence token); rows are right-padded as in :meth:`__call__`."""
+        the features at every position and the top-k at every position that predicts a reply
+        token, so the teacher costs nothing beyond the decoding. The loss mask covers the replies
+        (through the first end-of-sequence token); rows are right-padded as in :meth:`__call__`."""
         b, width = len(prompts), max(len(p) for p in prompts)
         ids = torch.full((b, width), pad_id, dtype=torch.long)
         attention = torch.zeros(b, width, dtype=torch.long)
         for row, p in enumerate(prompts):  # left padding, as generate() wants
             ids[row, width - len(p):] = torch.tensor(p)
             attention[row, width - len(p):] = 1
+        from transformers import LogitsProcessorList
+
+        # Each decoding step's logits are the target's at the last prompt token and at every reply
+        # token but the last: their top-k is taken as they pass (keeping [B, steps, V] logits
+        # would take gigabytes).
+        topk = []
+
+        def keep_topk(input_ids, scores):
+            topk.append(self.topk_logprobs(scores, self.topk)[:2])
+            return scores
+
         out = self.target.generate(
             ids.to(self.device), attention_mask=attention.to(self.device), max_new_tokens=max_new_tokens,
             do_sample=False, return_dict_in_generate=True, output_hidden_states=True, pad_token_id=pad_id,
-            eos_token_id=eos_ids,
+            eos_token_id=eos_ids, cache_implementation="static", logits_processor=LogitsProcessorList([keep_topk]),
         )
         steps = out.hidden_states  # per decoding step: a tuple over layers of [B, new positions, H]
         features = torch.cat([torch.cat([s[i] for s in steps], 1) for i in self.layers], -1)
-        final = torch.cat([s[-1] for s in steps], 1)  # after the final norm
-        t = final.shape[1]  # every position but the last generated token's
-        head = self.target.get_output_embeddings().weight
-        logprobs, indices, _ = self.linear_topk(final.reshape(b * t, -1), head, self.topk)
-        logprobs, indices = logprobs.float().view(b, t, -1), indices.view(b, t, -1)
+        t = features.shape[1]  # every position but the last generated token's
+        logprobs = torch.stack([lp for lp, _ in topk], 1).float()  # [B, steps, k]: rows width - 1 ..
+        indices = torch.stack([i for _, i in topk], 1)
         sequences = out.sequences[:, :t]
         eos = torch.tensor(sorted(eos_ids), device=self.device)
         # Right-align each row at index 0 (drop its left padding) so the draft's causal attention
@@ -111,14 +121,16 @@ class Teacher:
             "batch_index": torch.tensor([batch_index], dtype=torch.long),
         }
         for row, pad in enumerate(pads):
-            n = t - pad
+            n, last_prompt = t - pad, width - 1 - pad
             reply = sequences[row, width:]
             ended = torch.isin(reply, eos).nonzero()
             reply_len = int(ended[0]) + 1 if len(ended) else len(reply)
             batch["input_ids"][row, :n] = sequences[row, pad:]
             batch["loss_mask"][row, width - pad : min(n, width - pad + reply_len)] = True
             batch["features"][row, :n] = features[row, pad:]
-            batch["teacher_indices"][row, :n] = self.target_to_draft[indices[row, pad:]]
-            batch["teacher_logprobs"][row, :n] = logprobs[row, pad:]
-            batch["teacher_argmax"][row, :n] = indices[row, pad:, 0]
+            # The teacher's rows exist from the last prompt token on (the earlier ones predict
+            # prompt tokens, which no loss reads); the others keep -1 and 0.
+            batch["teacher_indices"][row, last_prompt:n] = self.target_to_draft[indices[row]]
+            batch["teacher_logprobs"][row, last_prompt:n] = logprobs[row]
+            batch["teacher_argmax"][row, last_prompt:n] = indices[row, :, 0]
         return batch
