@@ -2,6 +2,11 @@
 resume, bad input."""
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -72,23 +77,26 @@ def test_trains_checkpoints_and_resumes_on_the_same_curve(tiny_target, tmp_path,
     draft_dir = straight / "out" / "draft"
     assert (draft_dir / "config.json").is_file() and (draft_dir / "model.safetensors").is_file()
     assert (straight / "out" / "checkpoints" / "latest").read_text().strip() == "step-00000006"
-    # Ctrl-C during step 5: the checkpoint of step 3 stays, and --resume continues the curve.
+    # Ctrl-C during step 5: the checkpoint of step 4 (the last finished one) is written, and
+    # --resume continues the curve from there.
     real, calls = train.DraftTrainer.step, []
 
-    def interrupted(self, batch):
+    def interrupted(self, batch, deferred):
         calls.append(1)
         if len(calls) == 5:
-            raise KeyboardInterrupt
-        return real(self, batch)
+            raise train.Interrupted(signal.SIGINT)
+        return real(self, batch, deferred)
 
     monkeypatch.setattr(train.DraftTrainer, "step", interrupted)
     with pytest.raises(SystemExit) as stop:
         run(tiny_target, split, "--max-steps", "6", "--save-interval", "3")
-    assert stop.value.code == 130 and "step-00000003" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert stop.value.code == 130 and "SIGINT at step 4: saved" in err and "step-00000004" in err
+    assert (split / "out" / "checkpoints" / "latest").read_text().strip() == "step-00000004"
     monkeypatch.setattr(train.DraftTrainer, "step", real)
     assert run(tiny_target, split, "--max-steps", "6", "--save-interval", "3", "--resume") == 0
     want, got = losses(straight / "out"), losses(split / "out")
-    assert logged_steps(split / "out") == [1, 2, 3, 4, 4, 5, 6]  # step 4 ran, was not saved, and ran again
+    assert logged_steps(split / "out") == [1, 2, 3, 4, 5, 6]  # nothing lost, nothing run twice
     for step in (4, 5, 6):
         assert got[step] == pytest.approx(want[step], rel=1e-5, abs=1e-6), step
     a = Eagle3Draft.load(draft_dir).trained_state()
@@ -132,11 +140,11 @@ def test_nan_loss_stops_with_step_and_batch_named(tiny_target, tmp_path, monkeyp
     real = train.DraftTrainer.step
     calls = []
 
-    def poisoned(self, batch):
+    def poisoned(self, batch, deferred):
         calls.append(1)
         if len(calls) == 2:
             batch["features"] = batch["features"] * float("nan")
-        return real(self, batch)
+        return real(self, batch, deferred)
 
     monkeypatch.setattr(train.DraftTrainer, "step", poisoned)
     assert run(tiny_target, tmp_path, "--max-steps", "4", "--save-interval", "1", "--epochs", "1") == 2
@@ -161,6 +169,17 @@ def test_bad_input_gets_a_clear_message(tiny_target, tmp_path, capsys):
     assert train.main(["--target", str(tiny_target), "--data", str(data), "--output-dir", str(tmp_path / "o2"),
                        "--max-length", "64", "--resume"]) == 2
     assert "no checkpoint" in capsys.readouterr().err
+    not_a_model = tmp_path / "not_a_model"  # a config.json and nothing else
+    not_a_model.mkdir()
+    (not_a_model / "config.json").write_text('{"model_type": "llama"}')
+    assert train.main(["--target", str(not_a_model), "--output-dir", str(tmp_path / "o")]) == 2
+    assert f"{not_a_model} is not a causal-LM directory that transformers can load" in capsys.readouterr().err
+    assert train.main(["--target", str(tiny_target), "--data", str(data), "--output-dir", str(tmp_path / "o"),
+                       "--max-length", "64", "--draft-vocab", "10000000"]) == 2
+    assert "--draft-vocab 10000000 is larger than the target's vocabulary: give 1 to" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert train.main(["--device", "cuda", "--output-dir", str(tmp_path / "o")]) == 2
+        assert "--device cuda: no CUDA GPU is usable here" in capsys.readouterr().err
 
 
 def test_target_without_chat_template(tiny_target, tmp_path, capsys):
@@ -210,7 +229,7 @@ def test_generated_replies_match_a_teacher_pass_over_them(tiny_target):
     teacher = Teacher(target, [1, 3, 5], to_draft, topk=8)
     prompts = [[5, 6, 7, 8, 9, 10], [11, 12, 13]]
     eos = [int(target(torch.tensor([[11, 12, 13]])).logits[0, -1].argmax())]  # row 1 stops at once
-    batch = teacher.generate(prompts, 5, batch_index=3, pad_id=0, eos_ids=eos)
+    batch = teacher.generate([prompts], 5, [3], pad_id=0, eos_ids=eos)[0]
     full = teacher(batch["input_ids"][:1], batch["loss_mask"][:1], 3)
     assert batch["input_ids"].shape[1] == 6 + 5 - 1  # the last generated token is never fed back
     torch.testing.assert_close(batch["features"][:1], full["features"], rtol=1e-4, atol=1e-4)
@@ -224,6 +243,12 @@ def test_generated_replies_match_a_teacher_pass_over_them(tiny_target):
     assert batch["input_ids"][1, :4].tolist() == [11, 12, 13, eos[0]]
     assert batch["loss_mask"][1].tolist() == [False] * 3 + [True] + [False] * 6
     assert batch["teacher_argmax"][1, 2] == eos[0]
+    # Decoded together, returned as one batch per group, each as wide as its longest row.
+    first, second = teacher.generate([prompts[:1], prompts[1:]], 5, [3, 4], pad_id=0, eos_ids=eos)
+    assert int(first["batch_index"]) == 3 and int(second["batch_index"]) == 4
+    for key in ("input_ids", "loss_mask", "features", "teacher_indices", "teacher_argmax"):
+        torch.testing.assert_close(first[key], batch[key][:1])
+        torch.testing.assert_close(second[key], batch[key][1:, :4])
 
 
 def test_training_unroll_equals_the_drafter_at_inference():
@@ -253,3 +278,71 @@ def test_training_unroll_equals_the_drafter_at_inference():
                 got = drafter.next_logprobs(ids[0, : t + 2].tolist(), [ids[0, t + 2 : t + 2 + s].tolist()])[0]
                 want = torch.log_softmax(draft.lm_head(outputs[s][0, t]), -1)
                 torch.testing.assert_close(got[draft.draft_to_target()], want, rtol=0, atol=1e-5)
+
+
+def start_run(tiny_target, tmp_path, *extra, prelude=""):
+    """The training command in a child process (``prelude``: Python run before it, e.g. a patch)."""
+    data = write_chat(tmp_path / "chat.json")
+    argv = ["--target", str(tiny_target), "--data", str(data), "--output-dir", str(tmp_path / "out"),
+            "--batch-size", "2", "--max-length", "64", "--draft-vocab", "4096", "--topk", "32", "--ttt-steps", "2",
+            "--eval-prompts", "1", "--eval-new-tokens", "8", "--eval-interval", "0", "--log-interval", "10",
+            "--held-out", "0.2", "--warmup-steps", "1", *extra]
+    code = f"{prelude}\nimport sys\nfrom torchspec_ext import train\nsys.exit(train.main({argv!r}))"
+    return subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE, text=True)
+
+
+def wait_for(process, text, timeout=120):
+    """The child's stderr up to the first line holding ``text``."""
+    seen, end = [], time.monotonic() + timeout
+    while time.monotonic() < end:
+        line = process.stderr.readline()
+        if not line:
+            break
+        seen.append(line)
+        if text in line:
+            return "".join(seen)
+    process.kill()
+    raise AssertionError(f"never saw {text!r}:\n{''.join(seen)}")
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_saves_the_current_step_then_resume_finishes(tiny_target, tmp_path, signum):
+    """SIGTERM (a scheduler's notice) and SIGINT (Ctrl-C) write a checkpoint of the step reached,
+    with no periodic checkpoint to fall back on, and exit with the resume hint."""
+    child = start_run(tiny_target, tmp_path, "--max-steps", "3000", "--save-interval", "100000")
+    wait_for(child, "step 20/3000")
+    child.send_signal(signum)
+    err = child.stderr.read()
+    assert child.wait(timeout=120) == 128 + signum
+    name = signal.Signals(signum).name
+    assert f"[train] {name} at step" in err and "continue with --resume" in err and "Traceback" not in err
+    saved = (tmp_path / "out" / "checkpoints" / "latest").read_text().strip()
+    step = torch.load(tmp_path / "out" / "checkpoints" / saved / "trainer.pt", weights_only=False)["step"]
+    assert 20 <= step < 3000 and saved == f"step-{step:08d}"
+    assert step == max(logged_steps(tmp_path / "out"))  # the checkpoint is of the last step that ran
+    resumed = start_run(tiny_target, tmp_path, "--max-steps", str(step + 5), "--save-interval", "100000", "--resume")
+    assert f"resumed from {tmp_path / 'out' / 'checkpoints' / saved} at step {step}" in resumed.stderr.read()
+    assert resumed.wait(timeout=300) == 0
+
+
+def test_a_kill_during_a_checkpoint_write_resumes_from_the_previous_one(tiny_target, tmp_path):
+    # The second checkpoint's trainer state is half written when the process is killed (-9).
+    prelude = """
+import os, signal, torch
+real_save, saves = torch.save, []
+def dying_save(obj, path, *a, **k):
+    saves.append(path)
+    if len(saves) == 2:
+        with open(path, "wb") as f:
+            f.write(b"half a file")
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real_save(obj, path, *a, **k)
+torch.save = dying_save
+"""
+    child = start_run(tiny_target, tmp_path, "--max-steps", "6", "--save-interval", "3", prelude=prelude)
+    child.stderr.read()
+    assert child.wait(timeout=300) == -signal.SIGKILL
+    assert (tmp_path / "out" / "checkpoints" / "latest").read_text().strip() == "step-00000003"
+    resumed = start_run(tiny_target, tmp_path, "--max-steps", "6", "--save-interval", "3", "--resume")
+    assert "at step 3" in resumed.stderr.read() and resumed.wait(timeout=300) == 0
+    assert (tmp_path / "out" / "checkpoints" / "latest").read_text().strip() == "step-00000006"

@@ -105,7 +105,8 @@ def generate_decode(model, prompt, max_new_tokens, temperature, eos, counter=Non
 
 def decode_modes(args) -> dict[str, TreeSpec]:
     """The speculative modes of one evaluation: a chain of --depth and a tree of --depth/--topk/--max-nodes."""
-    return {"chain": TreeSpec.chain(args.depth), "tree": TreeSpec(args.depth, args.topk, args.max_nodes)}
+    return {"chain": TreeSpec.chain(args.depth, args.min_prob),
+            "tree": TreeSpec(args.depth, args.topk, args.max_nodes, args.min_prob)}
 
 
 def plain_seconds(model, prompt, repeats: int = 2) -> float:
@@ -141,7 +142,10 @@ def evaluate(args, modes: dict[str, TreeSpec] | None = None) -> dict:
     """Plain decoding, prompt lookup and each of ``modes`` (default: :func:`decode_modes`) on the same held-out prompts."""
     torch.manual_seed(args.seed)
     check_draft_spec(args.draft)
-    target, tokenizer = load_target(args.target)
+    try:
+        target, tokenizer = load_target(args.target)
+    except (ValueError, OSError) as exc:
+        raise SystemExit(f"torchspec_ext.eval: cannot load the target: {exc}") from None
     prompts = held_out_prompts(tokenizer, args.data, args.prompts, args.max_prompt_tokens, args.seed)
     target, dtype = choose_dtype(target, args.dtype, prompts[0])
     counter = ForwardCounter(target)
@@ -195,7 +199,7 @@ def evaluate(args, modes: dict[str, TreeSpec] | None = None) -> dict:
         "prompts": len(prompts),
         "max_new_tokens": args.max_new_tokens,
         "temperature": args.temperature,
-        "tree": {"depth": args.depth, "topk": args.topk, "max_nodes": args.max_nodes},
+        "tree": {"depth": args.depth, "topk": args.topk, "max_nodes": args.max_nodes, "min_prob": args.min_prob},
         "lookup_tokens": args.lookup_tokens,
         "rows": rows,
     }
@@ -230,6 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--depth", type=int, default=4)
     parser.add_argument("--topk", type=int, default=4)
     parser.add_argument("--max-nodes", type=int, default=16)
+    parser.add_argument("--min-prob", type=float, default=0.0,
+                        help="draft nodes below this cumulative draft probability are not proposed (0: all)")
     parser.add_argument("--lookup-tokens", type=int, default=10,
                         help="prompt_lookup_num_tokens of the prompt-lookup row (transformers' suggestion: 10)")
     parser.add_argument("--dtype", choices=["auto", *DTYPES], default="auto",
@@ -249,6 +255,8 @@ def parse_args(argv=None) -> argparse.Namespace:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
     if args.temperature < 0:
         parser.error("--temperature must be >= 0")
+    if not 0 <= args.min_prob < 1:
+        parser.error("--min-prob must be in [0, 1)")
     return args
 
 

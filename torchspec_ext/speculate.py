@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import heapq
 import inspect
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Protocol, Sequence
@@ -42,20 +43,24 @@ class TreeSpec:
     """Shape of the proposed trees (EAGLE-2 style): at each of ``depth`` levels, the ``topk``
     nodes of the previous level each offer their ``topk`` best next tokens, and the ``topk``
     candidates of highest cumulative draft log-probability become the new level; at most
-    ``max_nodes`` draft nodes in all. ``topk=1`` is a chain."""
+    ``max_nodes`` draft nodes in all. ``topk=1`` is a chain. A candidate whose cumulative draft
+    probability is below ``min_prob`` is not proposed: the tree stops growing where the draft
+    does not expect the target to follow (each node costs a draft step and a verified token)."""
 
     depth: int = 4
     topk: int = 4
     max_nodes: int = 16
+    min_prob: float = 0.0
 
     @staticmethod
-    def chain(depth: int) -> "TreeSpec":
-        return TreeSpec(depth=depth, topk=1, max_nodes=depth)
+    def chain(depth: int, min_prob: float = 0.0) -> "TreeSpec":
+        return TreeSpec(depth=depth, topk=1, max_nodes=depth, min_prob=min_prob)
 
 
 def propose_tree(draft: Draft, context: Sequence[int], spec: TreeSpec) -> tuple[Tensor, Tensor]:
     """(tokens [T], parents [T]) of a draft tree; node 0 is ``context[-1]`` (the root)."""
     tokens, parents, scores, paths = [context[-1]], [-1], [0.0], [[]]
+    floor = math.log(spec.min_prob) if spec.min_prob > 0 else -math.inf
     frontier = [0]
     for _ in range(spec.depth):
         budget = spec.max_nodes - (len(tokens) - 1)
@@ -67,6 +72,7 @@ def propose_tree(draft: Draft, context: Sequence[int], spec: TreeSpec) -> tuple[
         for row, node in enumerate(frontier):
             for value, token in zip(top.values[row].tolist(), top.indices[row].tolist()):
                 candidates.append((scores[node] + value, node, token))
+        candidates = [c for c in candidates if c[0] >= floor]
         chosen = heapq.nlargest(min(spec.topk, budget), candidates, key=lambda c: c[0])
         chosen.sort(key=lambda c: (c[1], -c[0]))  # children after their parent, best first
         new_nodes = []

@@ -89,7 +89,13 @@ def load_target(path: str | Path | None = None, dtype: torch.dtype = torch.float
     directory = Path(path) if path is not None else default_target_dir()
     if not (directory / "config.json").is_file():
         raise FileNotFoundError(f"{directory} is not a Hugging Face model directory (no config.json)")
-    tokenizer = AutoTokenizer.from_pretrained(directory)
-    model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype).to(device)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(directory)
+        model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype)
+    except (ValueError, OSError, KeyError, TypeError, ImportError) as exc:
+        said = " ".join(str(exc).split())[:300] or type(exc).__name__
+        raise ValueError(f"{directory} is not a causal-LM directory that transformers can load (a config.json, "
+                         f"the weights and a tokenizer, as save_pretrained writes them): {said}") from exc
+    model = model.to(device)
     model.eval()
     return model, tokenizer

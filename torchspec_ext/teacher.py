@@ -73,19 +73,23 @@ class Teacher:
         }
 
     @torch.no_grad()
-    def generate(self, prompts: list[list[int]], max_new_tokens: int, batch_index: int, pad_id: int, eos_ids) -> dict[str, Tensor]:
-        """A batch of the target's own greedy replies to ``prompts``: the decoding forwards yield
-        the features at every position and the top-k at every position that predicts a reply
-        token, so the teacher costs nothing beyond the decoding. The loss mask covers the replies
-        (through the first end-of-sequence token); rows are right-padded as in :meth:`__call__`."""
+    def generate(self, groups: list[list[list[int]]], max_new_tokens: int, batch_indices: list[int], pad_id: int,
+                 eos_ids) -> list[dict[str, Tensor]]:
+        """Batches of the target's own greedy replies: one batch per group of prompts, all the
+        groups decoded together (one decoding of many rows costs far less per token than one of
+        a few). The decoding forwards yield the features at every position and the top-k at
+        every position that predicts a reply token, so the teacher costs nothing beyond the
+        decoding. The loss mask covers each reply through its first end-of-sequence token; rows
+        are right-padded as in :meth:`__call__`, each batch as wide as its longest row."""
+        from transformers import LogitsProcessorList
+
+        prompts = [p for group in groups for p in group]
         b, width = len(prompts), max(len(p) for p in prompts)
         ids = torch.full((b, width), pad_id, dtype=torch.long)
         attention = torch.zeros(b, width, dtype=torch.long)
         for row, p in enumerate(prompts):  # left padding, as generate() wants
             ids[row, width - len(p):] = torch.tensor(p)
             attention[row, width - len(p):] = 1
-        from transformers import LogitsProcessorList
-
         # Each decoding step's logits are the target's at the last prompt token and at every reply
         # token but the last: their top-k is taken as they pass (keeping [B, steps, V] logits
         # would take gigabytes).
@@ -103,34 +107,42 @@ class Teacher:
         steps = out.hidden_states  # per decoding step: a tuple over layers of [B, new positions, H]
         features = torch.cat([torch.cat([s[i] for s in steps], 1) for i in self.layers], -1)
         t = features.shape[1]  # every position but the last generated token's
-        logprobs = torch.stack([lp for lp, _ in topk], 1).float()  # [B, steps, k]: rows width - 1 ..
+        logprobs = torch.stack([lp for lp, _ in topk], 1).float()  # [B, steps, k]: positions width - 1 ..
         indices = torch.stack([i for _, i in topk], 1)
         sequences = out.sequences[:, :t]
         eos = torch.tensor(sorted(eos_ids), device=self.device)
         # Right-align each row at index 0 (drop its left padding) so the draft's causal attention
-        # never sees padding; the reply is the mask, through its first end-of-sequence token.
-        pads = [width - len(p) for p in prompts]
-        length = t - min(pads)
-        batch = {
-            "input_ids": torch.full((b, length), pad_id, dtype=torch.long, device=self.device),
-            "loss_mask": torch.zeros(b, length, dtype=torch.bool, device=self.device),
-            "features": features.new_zeros(b, length, features.shape[-1]),
-            "teacher_indices": torch.full((b, length, self.topk), -1, dtype=torch.long, device=self.device),
-            "teacher_logprobs": torch.zeros(b, length, self.topk, device=self.device),
-            "teacher_argmax": torch.full((b, length), -1, dtype=torch.long, device=self.device),
-            "batch_index": torch.tensor([batch_index], dtype=torch.long),
-        }
-        for row, pad in enumerate(pads):
-            n, last_prompt = t - pad, width - 1 - pad
+        # never sees padding; the row ends after its end-of-sequence token.
+        rows = []
+        for row, p in enumerate(prompts):
+            pad = width - len(p)
             reply = sequences[row, width:]
             ended = torch.isin(reply, eos).nonzero()
             reply_len = int(ended[0]) + 1 if len(ended) else len(reply)
-            batch["input_ids"][row, :n] = sequences[row, pad:]
-            batch["loss_mask"][row, width - pad : min(n, width - pad + reply_len)] = True
-            batch["features"][row, :n] = features[row, pad:]
-            # The teacher's rows exist from the last prompt token on (the earlier ones predict
-            # prompt tokens, which no loss reads); the others keep -1 and 0.
-            batch["teacher_indices"][row, last_prompt:n] = self.target_to_draft[indices[row]]
-            batch["teacher_logprobs"][row, last_prompt:n] = logprobs[row]
-            batch["teacher_argmax"][row, last_prompt:n] = indices[row, :, 0]
-        return batch
+            rows.append((row, pad, min(t - pad, len(p) + reply_len)))
+        batches, first = [], 0
+        for group, batch_index in zip(groups, batch_indices):
+            chosen = rows[first : first + len(group)]
+            first += len(group)
+            length = max(n for _, _, n in chosen)
+            batch = {
+                "input_ids": torch.full((len(group), length), pad_id, dtype=torch.long, device=self.device),
+                "loss_mask": torch.zeros(len(group), length, dtype=torch.bool, device=self.device),
+                "features": features.new_zeros(len(group), length, features.shape[-1]),
+                "teacher_indices": torch.full((len(group), length, self.topk), -1, dtype=torch.long, device=self.device),
+                "teacher_logprobs": torch.zeros(len(group), length, self.topk, device=self.device),
+                "teacher_argmax": torch.full((len(group), length), -1, dtype=torch.long, device=self.device),
+                "batch_index": torch.tensor([batch_index], dtype=torch.long),
+            }
+            for i, (row, pad, n) in enumerate(chosen):
+                last_prompt = width - 1 - pad
+                batch["input_ids"][i, :n] = sequences[row, pad : pad + n]
+                batch["loss_mask"][i, last_prompt + 1 : n] = True
+                batch["features"][i, :n] = features[row, pad : pad + n]
+                # The teacher's rows exist from the last prompt token on (the earlier ones predict
+                # prompt tokens, which no loss reads); the others keep -1 and 0.
+                batch["teacher_indices"][i, last_prompt:n] = self.target_to_draft[indices[row, : n - last_prompt]]
+                batch["teacher_logprobs"][i, last_prompt:n] = logprobs[row, : n - last_prompt]
+                batch["teacher_argmax"][i, last_prompt:n] = indices[row, : n - last_prompt, 0]
+            batches.append(batch)
+        return batches

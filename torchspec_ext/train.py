@@ -19,6 +19,7 @@ underscores); flags given on the command line win.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import hashlib
 import json
@@ -26,7 +27,9 @@ import math
 import os
 import random
 import shutil
+import signal
 import sys
+import threading
 import time
 import tomllib
 import traceback
@@ -44,11 +47,55 @@ from torchspec_ext.pipeline import ChannelError
 from torchspec_ext.teacher import Teacher, build_draft_vocab
 
 CHECKPOINTS = "checkpoints"
+CPU_TIME_BUDGET = 14.0  # minutes: the default CPU run fits in 15 with the target's first conversion
 LATEST = "latest"
 
 
 class TrainError(Exception):
     """A problem with the user's input or setup: printed as one message, exit status 2."""
+
+
+class Interrupted(Exception):
+    """SIGINT (Ctrl-C) or SIGTERM (a scheduler's notice) reached the training loop."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum, self.name = signum, signal.Signals(signum).name
+
+
+class StopSignals:
+    """While entered, SIGINT and SIGTERM raise :class:`Interrupted` in the main thread, except
+    inside ``deferred()`` blocks (an optimiser update, a checkpoint write), which finish first."""
+
+    def __init__(self):
+        self._deferring, self._pending, self._previous = False, None, {}
+
+    def __enter__(self) -> "StopSignals":
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+    def _handle(self, signum, frame) -> None:
+        if self._deferring:
+            self._pending = signum
+        else:
+            raise Interrupted(signum)
+
+    @contextlib.contextmanager
+    def deferred(self):
+        self._deferring = True
+        try:
+            yield
+        finally:
+            self._deferring = False
+            if self._pending is not None:
+                signum, self._pending = self._pending, None
+                raise Interrupted(signum)
 
 
 # --------------------------------------------------------------------------------------------
@@ -71,7 +118,12 @@ def parser() -> argparse.ArgumentParser:
     a("--output-dir", default="torchspec_out", help="checkpoints, metrics, and the final draft (output-dir/draft)")
     a("--resume", nargs="?", const=LATEST, default=None,
       help="continue from the latest checkpoint in --output-dir, or from the checkpoint directory given")
-    a("--max-steps", type=int, default=None, help="optimiser steps (default: 180 on CPU, 2000 on GPU)")
+    a("--max-steps", type=int, default=None,
+      help="optimiser steps (default: 2000 on GPU; on CPU as many as --time-budget allows, else 180)")
+    a("--time-budget", type=float, default=None, metavar="MINUTES",
+      help="size the run (teacher batches and steps) to end within this many minutes, evaluation included, "
+      "from what a teacher batch and a step are measured to cost here (default on CPU, single process: "
+      f"{CPU_TIME_BUDGET:g})")
     a("--batch-size", type=int, default=None,
       help="conversations per step (default: 2 on CPU, 16 on GPU, where more data per step is what the draft needs)")
     a("--max-length", type=int, default=512, help="tokens per conversation (longer ones are cut)")
@@ -81,7 +133,7 @@ def parser() -> argparse.ArgumentParser:
     a("--vocab-sample", type=int, default=500, help="training conversations counted to choose the draft vocabulary")
     a("--responses", choices=["data", "target"], default="data",
       help="data: train on the data's assistant replies; target: on the target's own greedy replies to the "
-      "data's first user turns (what it drafts when serving; generating them costs about 4x on a CPU)")
+      "data's first user turns (what it drafts when serving)")
     a("--loss", choices=["topk_kl", "hard_ce"], default="topk_kl",
       help="topk_kl: distil the teacher's top-k; hard_ce: cross-entropy on the teacher's argmax (baseline)")
     a("--reference-ops", action="store_true", help="the same math in plain PyTorch, no custom op (baseline)")
@@ -149,9 +201,21 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--held-out must be a fraction in (0, 1)")
     if args.lr <= 0:
         p.error("--lr must be > 0")
+    if args.time_budget is not None:
+        if not args.time_budget >= 1:
+            p.error("--time-budget must be at least 1 (minutes)")
+        if args.max_steps is not None:
+            p.error("give --max-steps or --time-budget, not both")
+        if args.cache_teacher or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            p.error("--time-budget plans a single-process run without --cache-teacher; give --max-steps instead")
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     on_gpu = args.device.startswith("cuda")
-    args.max_steps = args.max_steps or (2000 if on_gpu else 180)
+    if not on_gpu and args.device != "cpu":
+        p.error(f"--device {args.device}: expected cpu, cuda or cuda:N")
+    if (args.time_budget is None and args.max_steps is None and not on_gpu and not args.cache_teacher
+            and int(os.environ.get("WORLD_SIZE", "1")) == 1):
+        args.time_budget = CPU_TIME_BUDGET
+    args.max_steps = args.max_steps or (2000 if on_gpu else 180)  # --time-budget replaces it once measured
     args.epochs = args.epochs or (1 if on_gpu else 3)
     args.batch_size = args.batch_size or (16 if on_gpu else 2)
     args.ttt_steps = args.ttt_steps or (7 if on_gpu else 3)
@@ -237,12 +301,20 @@ def prepare_tokenizer(tokenizer, chat_template: str | None) -> None:
 # ``data_position``) and ``close()``.
 
 
+REPLY_ROWS = 64  # --responses target: conversations decoded together (fewer cost more per token)
+
+
 class TeacherStream:
-    """Online: the next token batch of ``batches`` through the target; with ``responses ==
-    "target"`` the target's own greedy replies to the batch's prompts instead of the data's."""
+    """Online: the next token batch of ``batches`` through the target. With ``responses ==
+    "target"``, the target's own greedy replies to the batches' first user turns instead of the
+    data's replies: prompts of up to a quarter of ``--max-length`` tokens, replies of up to half;
+    the batches of a round (``REPLY_ROWS`` conversations) are decoded together and handed out
+    one by one, in any order."""
 
     def __init__(self, batches: Batches, teacher: Teacher, responses: str = "data", eos_ids=()):
         self.batches, self.teacher, self.responses, self.eos_ids = batches, teacher, responses, eos_ids
+        self.round_batches = max(1, REPLY_ROWS // batches.batch_size) if responses == "target" else 1
+        self.decoded: dict[int, dict[str, Tensor]] = {}  # position -> a batch made but not handed out yet
 
     @property
     def position(self) -> int:
@@ -253,13 +325,29 @@ class TeacherStream:
         self.batches.position = value
 
     def next(self) -> dict[str, Tensor]:
-        if self.responses == "target":
-            half = self.batches.max_length // 2
-            index, prompts = self.batches.next_prompts(half)
-            return self.teacher.generate(prompts, self.batches.max_length - max(len(p) for p in prompts), index,
-                                         self.batches.pad_id, self.eos_ids)
-        index, ids, mask = self.batches.next()
-        return self.teacher(ids, mask, index)
+        position = self.batches.position
+        self.prefetch(position)
+        self.batches.position = position + 1
+        return self.decoded.pop(position)
+
+    def prefetch(self, position: int) -> None:
+        """Makes the batches of the round holding ``position`` (unless made already)."""
+        if position in self.decoded:
+            return
+        start = position - position % self.round_batches
+        if self.responses == "data":
+            self.batches.position = position
+            index, ids, mask = self.batches.next()
+            self.decoded[position] = self.teacher(ids, mask, index)
+            return
+        groups, indices = [], []
+        for p in range(start, start + self.round_batches):
+            self.batches.position = p
+            index, prompts = self.batches.next_prompts(self.batches.max_length // 4)
+            groups.append(prompts)
+            indices.append(index)
+        replies = self.teacher.generate(groups, self.batches.max_length // 2, indices, self.batches.pad_id, self.eos_ids)
+        self.decoded.update(zip(range(start, start + self.round_batches), replies))
 
     def close(self) -> None:
         pass
@@ -460,7 +548,9 @@ class DraftTrainer:
         self.loss_fn = reference.draft_topk_kl if args.reference_ops else ops.draft_topk_kl
         self.draft_ids = draft.draft_to_target()
 
-    def step(self, batch: dict[str, Tensor]) -> StepResult:
+    def step(self, batch: dict[str, Tensor], deferred=contextlib.nullcontext) -> StepResult:
+        """One optimiser step; the update itself runs in ``deferred()`` (a signal then waits for it,
+        so an interrupted run never saves a half-updated draft)."""
         steps = self.args.ttt_steps
         ids, mask, features = batch["input_ids"], batch["loss_mask"], batch["features"]
         b, t = ids.shape
@@ -493,8 +583,9 @@ class DraftTrainer:
         total.backward()
         if self.args.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.draft.parameters(), self.args.grad_clip)
-        self.optimizer.step()
-        self.scheduler.step()
+        with deferred():
+            self.optimizer.step()
+            self.scheduler.step()
         return StepResult(total.item(), [x.item() for x in losses], accuracies, tokens)
 
 
@@ -508,7 +599,7 @@ def _atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def save_checkpoint(output_dir: Path, trainer: DraftTrainer, batches: Batches, step: int, args, keep: int) -> Path:
+def save_checkpoint(output_dir: Path, trainer: DraftTrainer, data_position: int, step: int, args, keep: int) -> Path:
     """Writes ``checkpoints/step-N`` into a temporary folder, renames it into place, then points
     ``checkpoints/latest`` at it: an interrupted save never replaces the last good checkpoint."""
     root = output_dir / CHECKPOINTS
@@ -522,7 +613,7 @@ def save_checkpoint(output_dir: Path, trainer: DraftTrainer, batches: Batches, s
             "step": step,
             "optimizer": trainer.optimizer.state_dict(),
             "scheduler": trainer.scheduler.state_dict(),
-            "data_position": batches.position,
+            "data_position": data_position,
             "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
             "args": vars(args),
@@ -791,7 +882,7 @@ def load_everything(args):
 
     try:
         target, tokenizer = load_target(args.target, device=args.device)
-    except (FileNotFoundError, ModuleNotFoundError, ImportError, OSError) as exc:
+    except (FileNotFoundError, ModuleNotFoundError, ImportError, OSError, ValueError) as exc:
         raise TrainError(f"cannot load the target: {exc}") from exc
     prepare_tokenizer(tokenizer, args.chat_template)
     context = getattr(target.config, "max_position_embeddings", None)
@@ -814,12 +905,67 @@ def load_everything(args):
 
 def make_draft(target, tokenizer, batches: Batches, args) -> Eagle3Draft:
     sample = [tokenize_conversation(tokenizer, c, args.max_length) for c in batches.conversations[: args.vocab_sample]]
-    size = min(args.draft_vocab, target.config.vocab_size)
+    if args.draft_vocab > target.config.vocab_size:
+        raise TrainError(f"--draft-vocab {args.draft_vocab} is larger than the target's vocabulary: give 1 to "
+                         f"{target.config.vocab_size}")
+    size = args.draft_vocab
     vocab = build_draft_vocab([ids for ids, _ in sample], [m for _, m in sample], size, target.config.vocab_size)
     draft = Eagle3Draft(DraftConfig.from_target(target.config, size))
     draft.set_vocab(vocab)
     draft.init_from_target(target)
     return draft.to(args.device)
+
+
+def fit_to_budget(args, checkpoint: Path | None, started: float, online: TeacherStream, draft: Eagle3Draft, target,
+                  prompt: list[int]) -> None:
+    """Sets ``args.max_steps`` (and so the teacher batches, max-steps / epochs) for --time-budget,
+    from the cost of the first round of teacher batches (kept for the run), of a training step
+    (on a throw-away copy of the draft) and of decoding for the final evaluation. A resumed run
+    keeps the plan of the run it continues."""
+    from torchspec_ext.budget import BudgetError, Costs, plan_run
+
+    if checkpoint is not None:
+        planned = torch.load(checkpoint / "trainer.pt", weights_only=False)["args"]
+        args.max_steps, args.epochs = planned["max_steps"], planned["epochs"]
+        print(f"[train] --time-budget: resuming the plan of {checkpoint}: {args.max_steps} steps", file=sys.stderr)
+        return
+    begin = time.monotonic()
+    online.prefetch(0)
+    teacher_s = (time.monotonic() - begin) / online.round_batches
+    costs = Costs(spent=time.monotonic() - started, teacher_batch=teacher_s,
+                  step=training_step_seconds(draft, args, [online.decoded[p] for p in range(min(4, len(online.decoded)))]),
+                  evaluation=evaluation_seconds(target, prompt, args))
+    try:
+        plan = plan_run(args.time_budget * 60, costs, args.epochs, online.round_batches, online.round_batches,
+                        len(online.batches))
+    except BudgetError as exc:
+        raise TrainError(f"--time-budget {args.time_budget:g}: {exc}") from None
+    args.max_steps = plan.steps
+    print(f"[train] --time-budget {args.time_budget:g}: {plan.describe(costs, args.time_budget * 60)}", file=sys.stderr)
+
+
+def training_step_seconds(draft: Eagle3Draft, args, batches: list[dict[str, Tensor]]) -> float:
+    """Mean seconds of a training step over ``batches`` (on a copy of the draft, after a warm-up step)."""
+    import copy
+
+    trainer = DraftTrainer(copy.deepcopy(draft), args)
+    trainer.step(batches[0])
+    begin = time.monotonic()
+    for batch in batches:
+        trainer.step(batch)
+    return (time.monotonic() - begin) / len(batches)
+
+
+def evaluation_seconds(target, prompt: list[int], args) -> float:
+    """About what the final evaluation takes: each mode decodes every prompt at roughly one plain
+    decoding step and a half per token (measured on ``prompt``), and the draft is saved."""
+    modes = 2 if args.eval_tree_topk > 1 else 1
+    with torch.no_grad():
+        target.generate(torch.tensor([prompt]), max_new_tokens=2, do_sample=False)  # warm-up
+        begin = time.monotonic()
+        target.generate(torch.tensor([prompt]), max_new_tokens=8, min_new_tokens=8, do_sample=False)
+    per_token = (time.monotonic() - begin) / 8
+    return 1.5 * per_token * args.eval_new_tokens * args.eval_prompts * modes + 5.0
 
 
 def open_stream(args, layout: Layout, draft: Eagle3Draft, online: TeacherStream):
@@ -851,6 +997,10 @@ def checkpoint_position(checkpoint: Path | None) -> tuple[int, int]:
 
 
 def train(args) -> dict:
+    started = time.monotonic()
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise TrainError(f"--device {args.device}: no CUDA GPU is usable here (torch.cuda.is_available() is False: "
+                         "no GPU, no driver, or a CPU-only torch); use --device cpu")
     torch.manual_seed(args.seed)
     random.seed(args.seed)
     layout = init_layout(args)
@@ -866,7 +1016,11 @@ def train(args) -> dict:
     layout.same_everywhere("draft vocabulary (every rank must read the same data, target, options and checkpoint)",
                            tensor_digest([draft.draft_to_target()])[0])
     teacher = Teacher(target, draft.config.feature_layers, draft.target_to_draft(), args.topk, args.reference_ops)
-    stream = open_stream(args, layout, draft, TeacherStream(batches, teacher, args.responses, stop_ids(target, tokenizer)))
+    online = TeacherStream(batches, teacher, args.responses, stop_ids(target, tokenizer))
+    prompts = short_prompts(held_out, tokenizer, args.eval_prompts, max_prompt_tokens=256)
+    if args.time_budget is not None:
+        fit_to_budget(args, checkpoint, started, online, draft, target, prompts[0])
+    stream = open_stream(args, layout, draft, online)
     if layout.is_teacher:
         summary = serve_batches(args, layout, stream, *checkpoint_position(checkpoint))
         finish_layout(layout, None)
@@ -879,48 +1033,61 @@ def train(args) -> dict:
         print(f"[train] resumed from {checkpoint} at step {step}", file=sys.stderr)
     from torchspec_ext.speculate import TreeSpec
 
-    prompts = short_prompts(held_out, tokenizer, args.eval_prompts, max_prompt_tokens=256)
     modes = {"chain": TreeSpec.chain(args.eval_depth)}
     if args.eval_tree_topk > 1:
         modes["tree"] = TreeSpec(args.eval_depth, args.eval_tree_topk, args.eval_tree_nodes)
     metrics = Metrics(output_dir, enabled=layout.writer)
     progress = Progress(args.max_steps, step, args.log_interval)
     summary: dict = {"start_step": step}
-    try:
-        while step < args.max_steps:
-            batch = stream.next()
-            index = int(batch["batch_index"])
-            try:
-                result = trainer.step(batch)
-            except FloatingPointError:
-                raise TrainError(f"the loss is not finite at step {step + 1} (batch {index} of the data stream, "
-                                 f"epoch {index // len(batches)}); stopped without saving it. The last checkpoint "
-                                 "is intact: resume with a lower --lr or inspect that batch") from None
-            step += 1
-            if layout.writer:
-                progress.update(step, result)
-            values = {"loss": result.loss, "acceptance_estimate": result.acceptance_estimate,
-                      "tokens_per_s": progress.tokens_per_s(), "lr": trainer.scheduler.get_last_lr()[0]}
-            for s, (loss, acc) in enumerate(zip(result.step_losses, result.step_accuracies)):
-                values[f"loss_step{s}"], values[f"accuracy_step{s}"] = loss, acc
-            if layout.writer and args.eval_interval and step % args.eval_interval == 0 and step < args.max_steps:
-                found = evaluate_draft(target, draft, prompts, args.eval_new_tokens, modes, tokenizer.eos_token_id)
-                values.update({f"eval_{k}": v for k, v in found.items()})
-                progress.end()
-                print(f"[train] step {step}: held-out acceptance length {describe_acceptance(found, args)}", file=sys.stderr)
-            if step % args.log_interval == 0 or step == args.max_steps or "eval_acceptance_length" in values:
-                metrics.log(step, values)
-            if layout.writer and (step % args.save_interval == 0 or step == args.max_steps):
-                save_checkpoint(output_dir, trainer, stream, step, args, args.keep_checkpoints)
-            summary["tokens_per_s"] = progress.tokens_per_s()
-    except KeyboardInterrupt:
-        progress.end()
-        pointer = output_dir / CHECKPOINTS / LATEST
-        last = pointer.read_text().strip() if pointer.is_file() else "none"
-        print(f"\n[train] interrupted at step {step}; the last checkpoint ({last}) is intact: "
-              f"continue with --resume --output-dir {output_dir}", file=sys.stderr)
-        metrics.close()
-        raise SystemExit(130)
+    deadline = started + 60 * args.time_budget if args.time_budget is not None else math.inf
+    done_position = stream.position  # the data position after the last finished step
+    with StopSignals() as signals:
+        try:
+            while step < args.max_steps:
+                batch = stream.next()
+                index = int(batch["batch_index"])
+                try:
+                    result = trainer.step(batch, signals.deferred)
+                except FloatingPointError:
+                    raise TrainError(f"the loss is not finite at step {step + 1} (batch {index} of the data stream, "
+                                     f"epoch {index // len(batches)}); stopped without saving it. The last checkpoint "
+                                     "is intact: resume with a lower --lr or inspect that batch") from None
+                step += 1
+                done_position = stream.position
+                if layout.writer:
+                    progress.update(step, result)
+                values = {"loss": result.loss, "acceptance_estimate": result.acceptance_estimate,
+                          "tokens_per_s": progress.tokens_per_s(), "lr": trainer.scheduler.get_last_lr()[0]}
+                for s, (loss, acc) in enumerate(zip(result.step_losses, result.step_accuracies)):
+                    values[f"loss_step{s}"], values[f"accuracy_step{s}"] = loss, acc
+                if layout.writer and args.eval_interval and step % args.eval_interval == 0 and step < args.max_steps:
+                    found = evaluate_draft(target, draft, prompts, args.eval_new_tokens, modes, tokenizer.eos_token_id)
+                    values.update({f"eval_{k}": v for k, v in found.items()})
+                    progress.end()
+                    print(f"[train] step {step}: held-out acceptance length {describe_acceptance(found, args)}",
+                          file=sys.stderr)
+                if step % args.log_interval == 0 or step == args.max_steps or "eval_acceptance_length" in values:
+                    metrics.log(step, values)
+                if layout.writer and (step % args.save_interval == 0 or step == args.max_steps):
+                    with signals.deferred():
+                        save_checkpoint(output_dir, trainer, done_position, step, args, args.keep_checkpoints)
+                summary["tokens_per_s"] = progress.tokens_per_s()
+                if time.monotonic() > deadline:  # the costs measured for the plan were too low
+                    progress.end()
+                    print(f"[train] --time-budget {args.time_budget:g}: out of time at step {step} of "
+                          f"{args.max_steps}; ending here", file=sys.stderr)
+                    break
+        except Interrupted as stop:
+            progress.end()
+            hint = f"continue with --resume --output-dir {output_dir}"
+            if layout.writer and step > 0:
+                with signals.deferred():
+                    saved = save_checkpoint(output_dir, trainer, done_position, step, args, args.keep_checkpoints)
+                print(f"\n[train] {stop.name} at step {step}: saved {saved}; {hint}", file=sys.stderr)
+            else:
+                print(f"\n[train] {stop.name} at step {step}: nothing to save; {hint}", file=sys.stderr)
+            metrics.close()
+            raise SystemExit(128 + stop.signum) from None
     progress.end()
     stream.close()
     summary["steps"] = step
@@ -929,8 +1096,9 @@ def train(args) -> dict:
         found = evaluate_draft(target, draft, prompts, args.eval_new_tokens, modes, tokenizer.eos_token_id)
         summary.update({f"eval_{k}": v for k, v in found.items()})
         metrics.log(step, {f"final_eval_{k}": v for k, v in found.items()})
-        print(f"[train] done: {step} steps; held-out acceptance length, greedy, {len(prompts)} prompts: "
-              f"{describe_acceptance(found, args)}; draft in {output_dir / 'draft'}", file=sys.stderr)
+        print(f"[train] done: {step} steps in {(time.monotonic() - started) / 60:.1f} min; held-out acceptance "
+              f"length, greedy, {len(prompts)} prompts: {describe_acceptance(found, args)}; draft in "
+              f"{output_dir / 'draft'}", file=sys.stderr)
     metrics.close()
     if layout.distributed:
         summary.update(rank=layout.rank, role="trainer", draft_sha256=finish_layout(layout, draft))
@@ -946,6 +1114,10 @@ def main(argv=None) -> int:
         print(f"torchspec_ext.train: error: {where}{exc}", file=sys.stderr)
         _exit_if_distributed(2 if isinstance(exc, TrainError) else 1)
         return 2 if isinstance(exc, TrainError) else 1
+    except KeyboardInterrupt:  # outside the training loop (which saves and exits itself): loading, the final evaluation
+        print("\ntorchspec_ext.train: interrupted", file=sys.stderr)
+        _exit_if_distributed(130)
+        return 130
     except BaseException as exc:
         if not isinstance(exc, SystemExit):
             traceback.print_exc()
