@@ -69,6 +69,19 @@ def test_sampling_runs_and_is_reproducible(target):
     assert all(0 <= t < model.config.vocab_size for t in runs[0].tokens)
 
 
+def test_propose_tree_prunes_below_min_prob():
+    class Halving:  # each level: one token of probability 0.5, the rest share the remainder
+        def next_logprobs(self, context, paths):
+            row = torch.full((10,), 0.5 / 9).log()
+            row[3] = math.log(0.5)
+            return row.repeat(len(paths), 1)
+
+    tokens, parents = propose_tree(Halving(), [1], TreeSpec.chain(4, min_prob=0.2))
+    assert tokens.tolist() == [1, 3, 3] and parents.tolist() == [-1, 0, 1]  # 0.5, 0.25, then 0.125 < 0.2
+    tokens, _ = propose_tree(Halving(), [1], TreeSpec.chain(4, min_prob=0.6))
+    assert tokens.tolist() == [1]  # the root alone: a plain decoding step
+
+
 def test_propose_tree_shape():
     class Fixed:
         def next_logprobs(self, context, paths):
@@ -85,10 +98,11 @@ def test_eval_cli_reports_acceptance(capsys):
     from torchspec_ext.eval import main
 
     assert main(["--prompts", "2", "--max-new-tokens", "8", "--depth", "2", "--topk", "2", "--dtype", "float32",
-                 "--json"]) == 0
+                 "--min-prob", "0.5", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     rows = {r["mode"]: r for r in report["rows"]}
-    assert set(rows) == {"plain", "prompt lookup", "chain", "tree"} and report["dtype"] == "float32"
+    assert set(rows) == {"plain", "prompt lookup", "chain", "tree", "chain, p >= 0.5", "tree, p >= 0.5"}
+    assert report["dtype"] == "float32"
     assert rows["plain"]["acceptance_length"] == 1.0 and rows["plain"]["target_forwards"] == rows["plain"]["tokens"]
     # The target as its own draft: each forward emits the whole depth plus the target's token.
     assert rows["chain"]["acceptance_length"] > 2 and rows["tree"]["acceptance_length"] > 2

@@ -104,9 +104,14 @@ def generate_decode(model, prompt, max_new_tokens, temperature, eos, counter=Non
 
 
 def decode_modes(args) -> dict[str, TreeSpec]:
-    """The speculative modes of one evaluation: a chain of --depth and a tree of --depth/--topk/--max-nodes."""
-    return {"chain": TreeSpec.chain(args.depth, args.min_prob),
-            "tree": TreeSpec(args.depth, args.topk, args.max_nodes, args.min_prob)}
+    """The speculative modes of one evaluation: a chain of --depth and a tree of --depth/--topk/--max-nodes,
+    each whole (the draft's acceptance length) and pruned below --min-prob (what pays on a machine where
+    every verified token costs)."""
+    modes = {"chain": TreeSpec.chain(args.depth), "tree": TreeSpec(args.depth, args.topk, args.max_nodes)}
+    if args.min_prob > 0:
+        modes[f"chain, p >= {args.min_prob:g}"] = TreeSpec.chain(args.depth, args.min_prob)
+        modes[f"tree, p >= {args.min_prob:g}"] = TreeSpec(args.depth, args.topk, args.max_nodes, args.min_prob)
+    return modes
 
 
 def plain_seconds(model, prompt, repeats: int = 2) -> float:
@@ -199,7 +204,8 @@ def evaluate(args, modes: dict[str, TreeSpec] | None = None) -> dict:
         "prompts": len(prompts),
         "max_new_tokens": args.max_new_tokens,
         "temperature": args.temperature,
-        "tree": {"depth": args.depth, "topk": args.topk, "max_nodes": args.max_nodes, "min_prob": args.min_prob},
+        "tree": {"depth": args.depth, "topk": args.topk, "max_nodes": args.max_nodes},
+        "min_prob": args.min_prob,
         "lookup_tokens": args.lookup_tokens,
         "rows": rows,
     }
@@ -210,7 +216,8 @@ def markdown(report: dict) -> str:
     lines = [
         f"draft: {report['draft']}; target: {report['target']} in {report['dtype']}, {report['threads']} threads; "
         f"{report['prompts']} held-out prompts, up to {report['max_new_tokens']} new tokens, temperature "
-        f"{report['temperature']}; tree {report['tree']}; prompt lookup {report['lookup_tokens']} tokens",
+        f"{report['temperature']}; tree {report['tree']}; pruned below draft probability {report['min_prob']:g}; "
+        f"prompt lookup {report['lookup_tokens']} tokens",
         "",
         f"| mode | tokens | target forwards | acceptance length | tokens/s | speed-up | {same} |",
         "|---|---|---|---|---|---|---|",
@@ -234,8 +241,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--depth", type=int, default=4)
     parser.add_argument("--topk", type=int, default=4)
     parser.add_argument("--max-nodes", type=int, default=16)
-    parser.add_argument("--min-prob", type=float, default=0.0,
-                        help="draft nodes below this cumulative draft probability are not proposed (0: all)")
+    parser.add_argument("--min-prob", type=float, default=0.15,
+                        help="the pruned chain and tree propose no node below this cumulative draft probability "
+                        "(0: no pruned rows)")
     parser.add_argument("--lookup-tokens", type=int, default=10,
                         help="prompt_lookup_num_tokens of the prompt-lookup row (transformers' suggestion: 10)")
     parser.add_argument("--dtype", choices=["auto", *DTYPES], default="auto",

@@ -917,31 +917,34 @@ def make_draft(target, tokenizer, batches: Batches, args) -> Eagle3Draft:
 
 
 def fit_to_budget(args, checkpoint: Path | None, started: float, online: TeacherStream, draft: Eagle3Draft, target,
-                  prompt: list[int]) -> None:
+                  prompt: list[int]) -> float:
     """Sets ``args.max_steps`` (and so the teacher batches, max-steps / epochs) for --time-budget,
     from the cost of the first round of teacher batches (kept for the run), of a training step
-    (on a throw-away copy of the draft) and of decoding for the final evaluation. A resumed run
-    keeps the plan of the run it continues."""
+    (on a throw-away copy of the draft) and of decoding for the final evaluation; returns the
+    time (``time.monotonic()``) by which the training loop must end. A resumed run keeps the
+    plan of the run it continues."""
     from torchspec_ext.budget import BudgetError, Costs, plan_run
 
     if checkpoint is not None:
         planned = torch.load(checkpoint / "trainer.pt", weights_only=False)["args"]
         args.max_steps, args.epochs = planned["max_steps"], planned["epochs"]
         print(f"[train] --time-budget: resuming the plan of {checkpoint}: {args.max_steps} steps", file=sys.stderr)
-        return
+        return started + 60 * args.time_budget - evaluation_seconds(target, prompt, args)
+    ready = min(len(online.batches), max(online.round_batches, 4))  # batch costs vary with their lengths
     begin = time.monotonic()
-    online.prefetch(0)
-    teacher_s = (time.monotonic() - begin) / online.round_batches
+    for position in range(0, ready, online.round_batches):
+        online.prefetch(position)
+    teacher_s = (time.monotonic() - begin) / ready
     costs = Costs(spent=time.monotonic() - started, teacher_batch=teacher_s,
-                  step=training_step_seconds(draft, args, [online.decoded[p] for p in range(min(4, len(online.decoded)))]),
+                  step=training_step_seconds(draft, args, [online.decoded[p] for p in range(min(4, ready))]),
                   evaluation=evaluation_seconds(target, prompt, args))
     try:
-        plan = plan_run(args.time_budget * 60, costs, args.epochs, online.round_batches, online.round_batches,
-                        len(online.batches))
+        plan = plan_run(args.time_budget * 60, costs, args.epochs, online.round_batches, ready, len(online.batches))
     except BudgetError as exc:
         raise TrainError(f"--time-budget {args.time_budget:g}: {exc}") from None
     args.max_steps = plan.steps
     print(f"[train] --time-budget {args.time_budget:g}: {plan.describe(costs, args.time_budget * 60)}", file=sys.stderr)
+    return started + 60 * args.time_budget - costs.evaluation
 
 
 def training_step_seconds(draft: Eagle3Draft, args, batches: list[dict[str, Tensor]]) -> float:
@@ -1018,8 +1021,9 @@ def train(args) -> dict:
     teacher = Teacher(target, draft.config.feature_layers, draft.target_to_draft(), args.topk, args.reference_ops)
     online = TeacherStream(batches, teacher, args.responses, stop_ids(target, tokenizer))
     prompts = short_prompts(held_out, tokenizer, args.eval_prompts, max_prompt_tokens=256)
+    deadline = math.inf  # for the training loop
     if args.time_budget is not None:
-        fit_to_budget(args, checkpoint, started, online, draft, target, prompts[0])
+        deadline = fit_to_budget(args, checkpoint, started, online, draft, target, prompts[0])
     stream = open_stream(args, layout, draft, online)
     if layout.is_teacher:
         summary = serve_batches(args, layout, stream, *checkpoint_position(checkpoint))
@@ -1039,7 +1043,6 @@ def train(args) -> dict:
     metrics = Metrics(output_dir, enabled=layout.writer)
     progress = Progress(args.max_steps, step, args.log_interval)
     summary: dict = {"start_step": step}
-    deadline = started + 60 * args.time_budget if args.time_budget is not None else math.inf
     done_position = stream.position  # the data position after the last finished step
     with StopSignals() as signals:
         try:
