@@ -1,5 +1,5 @@
 // Helpers shared by the CUDA kernel files (internal; no torch headers): element conversions,
-// the launchers' dtype dispatch and warp reductions.
+// the launchers' dtype dispatch, warp reductions, and the spelling of shared memory and launches.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -10,6 +10,14 @@
 #include <cstdint>
 
 #include "../common/topk_lse.h"
+
+// Shared-memory declarations and launches, spelled so that the CPU emulator (csrc/testing) can
+// compile the kernel files too; its header defines these three macros for it.
+#if !defined(TORCHSPEC_CUDA_EMULATOR)
+#define TORCHSPEC_SHARED(type, name) __shared__ type name
+#define TORCHSPEC_EXTERN_SHARED(type, name) extern __shared__ type name[]
+#define TORCHSPEC_LAUNCH(kernel, grid, block, smem, stream) kernel<<<grid, block, smem, stream>>>
+#endif
 
 namespace torchspec {
 namespace cuda {

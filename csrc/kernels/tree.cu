@@ -49,12 +49,12 @@ __global__ void __launch_bounds__(kAttnThreads) tree_attention_kernel(TreeAttent
   const int64_t prefix = p.prefix_lens[b];
   const int64_t* parents = p.parents + b * T_;
 
-  extern __shared__ float smem[];
+  TORCHSPEC_EXTERN_SHARED(float, smem);
   float* qs = smem;  // [G][D], scaled by scale * log2(e)
   float* ks = qs + G * D;  // [kKeyTile][D + 1]
   float* vs = ks + kKeyTile * (D + 1);  // [kKeyTile][D]
   int* chain = reinterpret_cast<int*>(vs + kKeyTile * D);  // the node and its ancestors, <= T
-  __shared__ int depth;
+  TORCHSPEC_SHARED(int, depth);
 
   const T* q = static_cast<const T*>(p.q);
   const T* k = static_cast<const T*>(p.k) + (b * p.kv_heads + g) * S * D;
@@ -153,7 +153,7 @@ cudaError_t launch_attention(const TreeAttentionParams& p, cudaStream_t stream) 
                                                  static_cast<int>(smem));
     if (err != cudaSuccess) return err;
   }
-  tree_attention_kernel<T><<<static_cast<unsigned>(blocks), kAttnThreads, smem, stream>>>(p);
+  TORCHSPEC_LAUNCH(tree_attention_kernel<T>, static_cast<unsigned>(blocks), kAttnThreads, smem, stream)(p);
   return cudaGetLastError();
 }
 
@@ -284,8 +284,8 @@ __global__ void __launch_bounds__(kVerifyThreads) verify_tree_kernel(TreeVerifyP
   const int64_t* tokens = p.tokens + b * Tn;
   const int64_t* parents = p.parents + b * Tn;
   int64_t* path = p.path + b * Tn;
-  extern __shared__ int64_t rejected[];  // sampling: tokens rejected at the current node, <= T
-  __shared__ VerifyState st;
+  TORCHSPEC_EXTERN_SHARED(int64_t, rejected);  // sampling: tokens rejected at the current node, <= T
+  TORCHSPEC_SHARED(VerifyState, st);
   if (tid == 0) {
     st.cur = 0;
     st.accepted = 0;
@@ -412,7 +412,7 @@ cudaError_t launch_verify(const TreeVerifyParams& p, cudaStream_t stream) {
                                                  static_cast<int>(smem));
     if (err != cudaSuccess) return err;
   }
-  verify_tree_kernel<T><<<static_cast<unsigned>(p.batch), kVerifyThreads, smem, stream>>>(p);
+  TORCHSPEC_LAUNCH(verify_tree_kernel<T>, static_cast<unsigned>(p.batch), kVerifyThreads, smem, stream)(p);
   return cudaGetLastError();
 }
 
