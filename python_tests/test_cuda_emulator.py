@@ -24,7 +24,7 @@ def run(driver, *args, timeout=900):
     return subprocess.run([str(driver), *args], capture_output=True, text=True, timeout=timeout)
 
 
-@pytest.mark.parametrize("family", ["topk", "draft_loss", "tree_attention", "verify"])
+@pytest.mark.parametrize("family", ["topk", "draft_loss", "tree_attention", "verify", "launch"])
 def test_cuda_kernels_match_cpu_twins_on_the_emulator(driver, family):
     done = run(driver, family)
     assert done.returncode == 0, f"exit {done.returncode}\n{done.stdout}\n{done.stderr}"

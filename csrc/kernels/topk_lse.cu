@@ -284,11 +284,8 @@ cudaError_t launch(const TopkLseParams& p, cudaStream_t stream) {
   // Room for the k kept keys (or seeds), the unaligned edges and two tiles of new offers.
   const int capacity = p.k + 2 * kTile + 32;
   const size_t smem = static_cast<size_t>(capacity) * sizeof(uint64_t);
-  if (smem > 48 * 1024) {
-    const cudaError_t err = cudaFuncSetAttribute(topk_lse_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                                 static_cast<int>(smem));
-    if (err != cudaSuccess) return err;
-  }
+  const cudaError_t err = allow_dynamic_smem(topk_lse_kernel<T>, smem);
+  if (err != cudaSuccess) return err;
   TORCHSPEC_LAUNCH(topk_lse_kernel<T>, static_cast<unsigned>(p.rows), kBlock, smem, stream)(p, capacity);
   return cudaGetLastError();
 }

@@ -140,19 +140,21 @@ __global__ void __launch_bounds__(kAttnThreads) tree_attention_kernel(TreeAttent
   }
 }
 
+// Dynamic shared memory of a block: G queries, a K tile (padded), a V tile, the node's chain.
+size_t attention_smem_bytes(const TreeAttentionParams& p) {
+  const int64_t G = p.q_heads / p.kv_heads, D = p.head_dim;
+  return sizeof(float) * (G * D + kKeyTile * (D + 1) + kKeyTile * D) + sizeof(int) * p.nodes;
+}
+
 template <typename T>
 cudaError_t launch_attention(const TreeAttentionParams& p, cudaStream_t stream) {
   const int64_t G = p.q_heads / p.kv_heads;
   if (p.head_dim > 32 * kMaxDimPerLane || G > kAttnWarps * kMaxRowsPerWarp) return cudaErrorInvalidValue;
   const int64_t blocks = p.batch * p.kv_heads * p.nodes;
   if (blocks >= (int64_t{1} << 31)) return cudaErrorInvalidValue;
-  const size_t smem = sizeof(float) * (G * p.head_dim + kKeyTile * (p.head_dim + 1) + kKeyTile * p.head_dim) +
-                      sizeof(int) * p.nodes;
-  if (smem > 48 * 1024) {
-    const cudaError_t err = cudaFuncSetAttribute(tree_attention_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                                 static_cast<int>(smem));
-    if (err != cudaSuccess) return err;
-  }
+  const size_t smem = attention_smem_bytes(p);
+  const cudaError_t err = allow_dynamic_smem(tree_attention_kernel<T>, smem);
+  if (err != cudaSuccess) return err;
   TORCHSPEC_LAUNCH(tree_attention_kernel<T>, static_cast<unsigned>(blocks), kAttnThreads, smem, stream)(p);
   return cudaGetLastError();
 }
@@ -406,12 +408,9 @@ __global__ void __launch_bounds__(kVerifyThreads) verify_tree_kernel(TreeVerifyP
 
 template <typename T>
 cudaError_t launch_verify(const TreeVerifyParams& p, cudaStream_t stream) {
-  const size_t smem = sizeof(int64_t) * p.nodes;
-  if (smem > 48 * 1024) {
-    const cudaError_t err = cudaFuncSetAttribute(verify_tree_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                                 static_cast<int>(smem));
-    if (err != cudaSuccess) return err;
-  }
+  const size_t smem = sizeof(int64_t) * p.nodes;  // the tokens rejected at a node
+  const cudaError_t err = allow_dynamic_smem(verify_tree_kernel<T>, smem);
+  if (err != cudaSuccess) return err;
   TORCHSPEC_LAUNCH(verify_tree_kernel<T>, static_cast<unsigned>(p.batch), kVerifyThreads, smem, stream)(p);
   return cudaGetLastError();
 }
@@ -426,6 +425,18 @@ cudaError_t tree_attention(const TreeAttentionParams& p, cudaStream_t stream) {
 cudaError_t verify_tree(const TreeVerifyParams& p, cudaStream_t stream) {
   if (p.batch == 0) return cudaSuccess;
   return dispatch_dtype(p.dtype, [&](auto t) { return launch_verify<decltype(t)>(p, stream); });
+}
+
+cudaError_t tree_attention_smem(const TreeAttentionParams& p, size_t* needed, size_t* allowed) {
+  return dispatch_dtype(p.dtype, [&](auto t) {
+    return smem_needed_and_allowed(tree_attention_kernel<decltype(t)>, attention_smem_bytes(p), needed, allowed);
+  });
+}
+
+cudaError_t verify_tree_smem(const TreeVerifyParams& p, size_t* needed, size_t* allowed) {
+  return dispatch_dtype(p.dtype, [&](auto t) {
+    return smem_needed_and_allowed(verify_tree_kernel<decltype(t)>, sizeof(int64_t) * p.nodes, needed, allowed);
+  });
 }
 
 }  // namespace cuda

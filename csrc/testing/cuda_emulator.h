@@ -382,6 +382,14 @@ class Emulator {
     return cudaSuccess;
   }
 
+  // Another device: the kernels' attributes are per device, so none is set there yet.
+  void reset_attributes() {
+    for (auto& [key, k] : kernels_) {
+      k.max_dynamic = -1;
+      k.attribute_before_known = false;
+    }
+  }
+
   void get_attributes(const void* key, cudaFuncAttributes* a) {
     KernelInfo& k = kernel(key);
     std::memset(a, 0, sizeof(*a));
@@ -910,6 +918,13 @@ struct Launch {
                          [&] { std::apply(kernel, params); });
   }
 };
+
+// Makes the emulated device one whose blocks may opt in to `bytes` of shared memory (an H100 or
+// H200: 232448; an A100: 166912; sm_86 / sm_89: 101376), with no kernel attribute set on it yet.
+inline void use_device_with_smem_optin(int bytes) {
+  options().smem_optin = bytes;
+  detail::emu().reset_attributes();
+}
 
 // Blocks of a huge grid to run: the first `head` and the last `tail` (linear indices).
 inline std::function<bool(uint64_t, uint64_t)> first_and_last_blocks(uint64_t head, uint64_t tail) {

@@ -6,7 +6,7 @@
 // (log-sum-exps, sums, attention outputs) the kernel is held to a bound derived below from float32
 // rounding, against a float64 reference, and the CPU twin to the same bound.
 //
-// Usage: cuda_emulator_test [FAMILY...]   families: topk draft_loss tree_attention verify
+// Usage: cuda_emulator_test [FAMILY...]   families: topk draft_loss tree_attention verify launch
 //                                          (default: all)
 //        cuda_emulator_test selftest NAME  a kernel with a known bug: the emulator must report it
 // Exit status: 0 pass, 1 a mismatch, 2 bad usage, 3 a fault found by the emulator.
@@ -995,6 +995,123 @@ void verify_family() {
                "(the GPU shape, last row)"});
 }
 
+// ---- launchers: shared memory and errors --------------------------------------------------------
+
+// A greedy verify_tree launch of one chain of T nodes over a vocabulary of 3 (all logits 0: the
+// argmax is token 0, every draft token 1, so the walk stops at the root): its error code.
+cudaError_t verify_chain(int64_t T) {
+  Dev<float> logits(T * 3);
+  Dev<int64_t> tokens(T), parents(T), num(1), path(T), next(1);
+  for (int64_t j = 0; j < T; ++j) {
+    parents[j] = j - 1;
+    tokens[j] = 1;
+  }
+  torchspec::TreeVerifyParams p;
+  p.tokens = tokens.p;
+  p.parents = parents.p;
+  p.logits = logits.p;
+  p.batch = 1;
+  p.nodes = T;
+  p.vocab = 3;
+  p.num_accepted = num.p;
+  p.path = path.p;
+  p.next_token = next.p;
+  cuemu::options().run_block = nullptr;
+  return torchspec::cuda::verify_tree(p, nullptr);
+}
+
+void expect_launch(const char* what, cudaError_t got, cudaError_t want) {
+  if (got != want) {
+    std::fprintf(stderr, "FAILED: launch: %s: the launcher returned \"%s\", want \"%s\"\n", what,
+                 cudaGetErrorString(got), cudaGetErrorString(want));
+    std::exit(1);
+  }
+  const cudaError_t left = cudaGetLastError();
+  if (left != cudaSuccess) {
+    std::fprintf(stderr, "FAILED: launch: %s: \"%s\" is left in cudaGetLastError, where the next, unrelated launch "
+                 "check would find it\n", what, cudaGetErrorString(left));
+    std::exit(1);
+  }
+}
+
+// verify_tree keeps the tokens rejected at a node in 8 T bytes of dynamic shared memory, beside
+// its static state (about 4 KiB): the launcher must count both against the 48 KiB a launch gets
+// without the opt-in attribute, and fail cleanly past what the device allows.
+void launch_family() {
+  const ScalarKind f32 = ScalarKind::kFloat32;
+  // The emulator learns a kernel's static shared memory when a block of it runs (a GPU knows it
+  // from the compiler): each launcher runs once on a small case first.
+  test_verify({f32, 2, 5, 7, VerifyMode::kGreedy});
+  test_topk({f32, 2, 100, 10});
+  test_tree_attention({f32, 1, 2, 1, 3, 8, {4}, 0});
+  // Static + dynamic past 48 KiB while the dynamic part alone is not: T from 5602 to 6144.
+  for (int64_t T : {5602, 6000, 6144}) {
+    test_verify({f32, 2, T, 5, VerifyMode::kSampling, 1.0f, false, false, {}, "(static + dynamic over 48 KiB)"});
+    test_verify({f32, 2, T, 5, VerifyMode::kGreedy, 1.0f, false, false, {}, "(static + dynamic over 48 KiB)"});
+  }
+  // Past the opt-in limit (an H200's 227 KiB) the attribute cannot be set: the launcher fails, and
+  // the next, unrelated launch must not see its error.
+  expect_launch("verify_tree, T = 29000", verify_chain(29000), cudaErrorInvalidValue);
+  test_topk({f32, 3, 700, 7, Fill::kNormal, 1.0f, 0, 0, 0, {}, "(the launch after a failed one)"});
+
+  // The limit the ops check before launching (a clear error instead of a failed launch) is exact:
+  // the largest tree it allows launches, one node more does not.
+  torchspec::TreeVerifyParams vp;
+  size_t needed = 0, allowed = 0;
+  vp.nodes = 1;
+  expect_launch("verify_tree_smem", torchspec::cuda::verify_tree_smem(vp, &needed, &allowed), cudaSuccess);
+  const int64_t static_bytes = static_cast<int64_t>(needed) - 8;
+  const int64_t max_nodes = (static_cast<int64_t>(allowed) - static_bytes) / 8;
+  if (allowed != 232448 || static_bytes < 4096 || static_bytes > 8192) {
+    std::fprintf(stderr, "FAILED: launch: verify_tree_smem says %zu bytes allowed, %lld static\n", allowed,
+                 (long long)static_bytes);
+    std::exit(1);
+  }
+  vp.nodes = max_nodes + 1;
+  expect_launch("verify_tree_smem", torchspec::cuda::verify_tree_smem(vp, &needed, &allowed), cudaSuccess);
+  if (needed <= allowed) {
+    std::fprintf(stderr, "FAILED: launch: verify_tree_smem allows T = %lld\n", (long long)vp.nodes);
+    std::exit(1);
+  }
+  expect_launch("verify_tree at the largest T verify_tree_smem allows", verify_chain(max_nodes), cudaSuccess);
+  expect_launch("verify_tree one node past it", verify_chain(max_nodes + 1), cudaErrorInvalidValue);
+  std::printf("launch: verify_tree takes up to %lld nodes (%lld bytes of static shared memory)\n",
+              (long long)max_nodes, (long long)static_bytes);
+
+  // tree_attention at D = 256, G = 16 on a device whose blocks opt in to less shared memory than it
+  // needs, then on one with exactly enough.
+  const AttnCase big_heads{f32, 2, 16, 1, 9, 256, {20, 3}, 1, AttnSpecial::kNone, {}, "(on a device with just enough shared memory)"};
+  torchspec::TreeAttentionParams ap;
+  ap.dtype = f32;
+  ap.q_heads = 16;
+  ap.kv_heads = 1;
+  ap.nodes = 9;
+  ap.head_dim = 256;
+  expect_launch("tree_attention_smem", torchspec::cuda::tree_attention_smem(ap, &needed, &allowed), cudaSuccess);
+  cuemu::use_device_with_smem_optin(static_cast<int>(needed) - 1);
+  {
+    Dev<float> q(2 * 16 * 9 * 256), kv(2 * 32 * 256), out(2 * 16 * 9 * 256);
+    Dev<int64_t> lens(2), parents(2 * 9);
+    for (int64_t b = 0; b < 2; ++b) {
+      lens[b] = 3;
+      for (int64_t j = 0; j < 9; ++j) parents[b * 9 + j] = j - 1;
+    }
+    torchspec::TreeAttentionParams p = ap;
+    p.batch = 2;
+    p.seq = 32;
+    p.q = q.p;
+    p.k = p.v = kv.p;
+    p.out = out.p;
+    p.prefix_lens = lens.p;
+    p.parents = parents.p;
+    expect_launch("tree_attention D = 256 with one byte of shared memory too few", torchspec::cuda::tree_attention(p, nullptr),
+                  cudaErrorInvalidValue);
+  }
+  cuemu::use_device_with_smem_optin(static_cast<int>(needed));
+  test_tree_attention(big_heads);
+  cuemu::use_device_with_smem_optin(232448);
+}
+
 // ---- self-tests: kernels with known bugs, each of which the emulator must report ------------------
 
 __global__ void st_deadlock(float* out) {
@@ -1092,6 +1209,7 @@ int main(int argc, char** argv) {
       {"draft_loss", draft_loss_family},
       {"tree_attention", tree_attention_family},
       {"verify", verify_family},
+      {"launch", launch_family},
   };
   if (families.empty()) {
     for (const auto& [name, fn] : all) families.push_back(name);
@@ -1099,7 +1217,7 @@ int main(int argc, char** argv) {
   for (const std::string& f : families) {
     auto it = std::find_if(all.begin(), all.end(), [&](const auto& e) { return e.first == f; });
     if (it == all.end()) {
-      std::fprintf(stderr, "unknown family %s (topk draft_loss tree_attention verify)\n", f.c_str());
+      std::fprintf(stderr, "unknown family %s (topk draft_loss tree_attention verify launch)\n", f.c_str());
       return 2;
     }
     const auto t0 = std::chrono::steady_clock::now();
