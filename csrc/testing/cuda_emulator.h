@@ -169,7 +169,10 @@ enum class Order {
   kForward,  // sweeps over the ready threads, lowest index first; a rendezvous completes, all wait
   kReverse,  // the same, highest index first
   kRandom,  // each sweep in a random order (options().seed)
-  kEager,  // forward, but the thread that completes a rendezvous runs on at once
+  // Depth first: the thread that completes a rendezvous runs on at once, then the threads it
+  // released (lowest first) before any other, so that a warp runs ahead of the block as far as
+  // it can, as a fast warp does on a GPU: a missing barrier before a warp's next write shows.
+  kEager,
 };
 
 inline const char* order_name(Order o) {
@@ -434,8 +437,13 @@ class Emulator {
  private:
 
   void run_block(uint64_t linear);
+  void finish_block();
   void resume(Thread& t);
   void to_scheduler(State s);
+  void make_ready(Thread& t) {
+    t.state = State::kReady;
+    if (options().order == Order::kEager) ready_.push_back(t.linear);
+  }
   void complete(WarpOp& op);
   std::string describe_waits() const;
   void prepare_dynamic(size_t smem);
@@ -460,6 +468,7 @@ class Emulator {
   Site barrier_site_;
   int barrier_arrived_ = 0, live_ = 0, exited_ = 0;
   Thread* cur_ = nullptr;
+  std::vector<int> ready_;  // kEager: the ready threads, the next on top
   Context sched_;
   uint64_t rng_ = 0;
 
@@ -642,6 +651,21 @@ inline void Emulator::run_block(uint64_t linear) {
     make_context(t.ctx, stacks_ + per * i + page_size(), kStackBytes, [] { emu().thread_main(); });
   }
   rng_ = options().seed * 0x9E3779B97F4A7C15ull + linear + 1;
+  if (options().order == Order::kEager) {
+    ready_.clear();
+    for (int i = n - 1; i >= 0; --i) ready_.push_back(i);
+    while (live_ > 0 && !launch_failed_) {
+      if (ready_.empty()) {
+        cur_ = nullptr;
+        fault("deadlock: no thread can run\n" + describe_waits());
+      }
+      const int i = ready_.back();
+      ready_.pop_back();
+      resume(threads_[i]);
+    }
+    finish_block();
+    return;
+  }
   std::vector<int> order(n);
   for (int i = 0; i < n; ++i) order[i] = options().order == Order::kReverse ? n - 1 - i : i;
   while (live_ > 0) {
@@ -666,6 +690,10 @@ inline void Emulator::run_block(uint64_t linear) {
       fault("deadlock: no thread can run\n" + describe_waits());
     }
   }
+  finish_block();
+}
+
+inline void Emulator::finish_block() {
   cur_ = nullptr;
   if (launch_failed_) return;
   kinfo_->static_known = true;
@@ -820,7 +848,7 @@ inline void Emulator::complete(WarpOp& op) {
       if ((op.mask >> l & 1u) && op.value[l] != 0) ballot |= 1u << l;
     }
   }
-  for (int l = 0; l < 32; ++l) {
+  for (int l = 31; l >= 0; --l) {  // released from the highest lane down: the lowest runs first
     if (!(op.mask >> l & 1u)) continue;
     const int seg = l & ~(op.width - 1);
     int src = l;
@@ -845,7 +873,7 @@ inline void Emulator::complete(WarpOp& op) {
     }
     Thread& t = threads_[base + l];
     t.result = op.kind == Kind::kBallot ? ballot : op.value[src];
-    if (t.state == State::kWarp) t.state = State::kReady;
+    if (t.state == State::kWarp) make_ready(t);
   }
   op.active = false;
 }
@@ -870,8 +898,8 @@ inline void Emulator::barrier(const Site& site) {
     return;
   }
   barrier_active_ = false;
-  for (Thread& t : threads_) {
-    if (t.state == State::kBarrier) t.state = State::kReady;
+  for (auto t = threads_.rbegin(); t != threads_.rend(); ++t) {
+    if (t->state == State::kBarrier) make_ready(*t);
   }
   if (options().order != Order::kEager) to_scheduler(State::kReady);
 }

@@ -7,12 +7,13 @@
 // rounding, against a float64 reference, and the CPU twin to the same bound.
 //
 // Usage: cuda_emulator_test [FAMILY...]   families: topk draft_loss tree_attention verify launch
-//                                          (default: all)
+//                                          (default: all); $CUEMU_ORDERS: only these thread orders
 //        cuda_emulator_test selftest NAME  a kernel with a known bug: the emulator must report it
 // Exit status: 0 pass, 1 a mismatch, 2 bad usage, 3 a fault found by the emulator.
 #include "cuda_emulator.h"
 
 #include <chrono>
+#include <ctime>
 #include <cmath>
 #include <cstdarg>
 #include <limits>
@@ -114,12 +115,21 @@ class Check {
   int errors_ = 0;
 };
 
+// The orders to run: all, or those named in $CUEMU_ORDERS (e.g. "reverse,eager").
+bool order_enabled(Order o) {
+  const char* only = std::getenv("CUEMU_ORDERS");
+  if (only == nullptr || *only == '\0') return true;
+  const std::string list = std::string(",") + only + ",";
+  return list.find(std::string(",") + cuemu::order_name(o) + ",") != std::string::npos;
+}
+
 // Runs `launch` once per thread order (each with its own poison and a fresh output sentinel) and
 // `verify` after each; `name` says what the case is, for the faults and mismatches.
 template <class Prepare, class Launch, class Verify>
 void for_each_order(const std::string& name, Prepare prepare, Launch launch, Verify verify) {
   ++g_cases;
   for (size_t i = 0; i < std::size(kOrders); ++i) {
+    if (!order_enabled(kOrders[i])) continue;
     cuemu::options().order = kOrders[i];
     cuemu::options().seed = 1 + i;
     cuemu::options().poison = kPoison[i];
@@ -818,13 +828,18 @@ void tree_attention_family() {
 // ---- tree verification ------------------------------------------------------------------------------
 
 enum class VerifyMode { kGreedy, kGreedyArgmax, kSampling };
+enum class TreeShape {
+  kRandom,  // parents[j] uniform in [0, j)
+  kChain,  // each node's token the argmax of its parent's logits: every node accepted (greedy), the worst case
+  kStar,  // every node a child of the root: many rejections at one node (sampling)
+};
 
 struct VerifyCase {
   ScalarKind dtype;
   int64_t B, T, V;
   VerifyMode mode;
   float temperature = 1.0f;
-  bool chain = false;  // a chain of argmaxes: every node accepted (greedy), the worst case
+  TreeShape shape = TreeShape::kRandom;
   bool special = false;  // NaN and ties (greedy) / zero-probability tokens (sampling)
   std::set<int64_t> only_rows;
   std::string label;
@@ -896,7 +911,10 @@ void test_verify(const VerifyCase& c) {
     std::mt19937 gen(static_cast<uint32_t>(b * 104729 + T * 31 + V));
     std::normal_distribution<float> normal(0.0f, 2.0f);
     for (int64_t j = 0; j < T; ++j) {
-      par[b * T + j] = j == 0 ? -1 : c.chain ? j - 1 : static_cast<int64_t>(gen() % j);
+      par[b * T + j] = j == 0                         ? -1
+                       : c.shape == TreeShape::kChain ? j - 1
+                       : c.shape == TreeShape::kStar  ? 0
+                                                      : static_cast<int64_t>(gen() % j);
       for (int64_t i = 0; i < V; ++i) {
         float x = normal(gen);
         if (c.special && c.mode != VerifyMode::kSampling) {
@@ -917,7 +935,8 @@ void test_verify(const VerifyCase& c) {
     }
     for (int64_t j = 0; j < T; ++j) {
       // A child's token is its parent's argmax half the time (the chain: always), else random.
-      tok[b * T + j] = j > 0 && (c.chain || gen() % 2 == 0) ? am[b * T + par[b * T + j]] : static_cast<int64_t>(gen() % V);
+      const bool argmax_token = c.shape == TreeShape::kChain || (c.shape == TreeShape::kRandom && gen() % 2 == 0);
+      tok[b * T + j] = j > 0 && argmax_token ? am[b * T + par[b * T + j]] : static_cast<int64_t>(gen() % V);
     }
   }
   std::memcpy(tokens.p, tok.data(), tok.size() * 8);
@@ -967,7 +986,7 @@ void test_verify(const VerifyCase& c) {
             check.expect(path[b * T + j] == cp[b * T + j], "row %lld: path[%lld] = %lld, CPU %lld", (long long)b,
                          (long long)j, (long long)path[b * T + j], (long long)cp[b * T + j]);
           }
-          if (c.chain && c.mode != VerifyMode::kSampling && !c.special) {
+          if (c.shape == TreeShape::kChain && c.mode != VerifyMode::kSampling && !c.special) {
             check.expect(num[b] == T - 1, "row %lld: the chain of argmaxes was not fully accepted (%lld)", (long long)b,
                          (long long)num[b]);
           }
@@ -980,18 +999,20 @@ void verify_family() {
     for (VerifyMode m : {VerifyMode::kGreedy, VerifyMode::kSampling}) {
       test_verify({dt, 4, 6, 10, m});
       test_verify({dt, 3, 64, 1000, m, 0.7f});
-      test_verify({dt, 2, 13, 50257, m, 1.7f, false, false, {}, "(a vocabulary past 16-byte rows: odd)"});
-      test_verify({dt, 2, 9, 4099, m, 1.0f, true, false, {}, "(a chain)"});
-      test_verify({dt, 3, 17, 777, m, 1.0f, false, true, {}, m == VerifyMode::kSampling ? "(zero-probability tokens)" : "(NaN, ties)"});
+      test_verify({dt, 2, 13, 50257, m, 1.7f, TreeShape::kRandom, false, {}, "(a vocabulary past 16-byte rows: odd)"});
+      test_verify({dt, 2, 9, 4099, m, 1.0f, TreeShape::kChain, false, {}, "(a chain)"});
+      test_verify({dt, 3, 64, 500, m, 1.3f, TreeShape::kStar, false, {}, "(a star: 63 children of the root)"});
+      test_verify({dt, 3, 17, 777, m, 1.0f, TreeShape::kRandom, true, {},
+                   m == VerifyMode::kSampling ? "(zero-probability tokens)" : "(NaN, ties)"});
     }
     test_verify({dt, 5, 40, 300, VerifyMode::kGreedyArgmax});
   }
-  test_verify({ScalarKind::kFloat32, 1, 1, 1, VerifyMode::kGreedy, 1.0f, false, false, {}, "(the root alone, V = 1)"});
-  test_verify({ScalarKind::kFloat32, 2, 3, 1, VerifyMode::kSampling, 1.0f, false, false, {}, "(V = 1)"});
+  test_verify({ScalarKind::kFloat32, 1, 1, 1, VerifyMode::kGreedy, 1.0f, TreeShape::kRandom, false, {}, "(the root alone, V = 1)"});
+  test_verify({ScalarKind::kFloat32, 2, 3, 1, VerifyMode::kSampling, 1.0f, TreeShape::kRandom, false, {}, "(V = 1)"});
   // The GPU shape: B 64, T 64, V 152064, bfloat16, chains accepted to the end; the first and last rows.
-  test_verify({ScalarKind::kBFloat16, 64, 64, 152064, VerifyMode::kGreedy, 1.0f, true, false, {0, 62, 63},
+  test_verify({ScalarKind::kBFloat16, 64, 64, 152064, VerifyMode::kGreedy, 1.0f, TreeShape::kChain, false, {0, 62, 63},
                "(the GPU shape, first and last rows)"});
-  test_verify({ScalarKind::kBFloat16, 64, 64, 152064, VerifyMode::kSampling, 1.0f, true, false, {63},
+  test_verify({ScalarKind::kBFloat16, 64, 64, 152064, VerifyMode::kSampling, 1.0f, TreeShape::kChain, false, {63},
                "(the GPU shape, last row)"});
 }
 
@@ -1046,8 +1067,8 @@ void launch_family() {
   test_tree_attention({f32, 1, 2, 1, 3, 8, {4}, 0});
   // Static + dynamic past 48 KiB while the dynamic part alone is not: T from 5602 to 6144.
   for (int64_t T : {5602, 6000, 6144}) {
-    test_verify({f32, 2, T, 5, VerifyMode::kSampling, 1.0f, false, false, {}, "(static + dynamic over 48 KiB)"});
-    test_verify({f32, 2, T, 5, VerifyMode::kGreedy, 1.0f, false, false, {}, "(static + dynamic over 48 KiB)"});
+    test_verify({f32, 2, T, 5, VerifyMode::kSampling, 1.0f, TreeShape::kRandom, false, {}, "(static + dynamic over 48 KiB)"});
+    test_verify({f32, 2, T, 5, VerifyMode::kGreedy, 1.0f, TreeShape::kRandom, false, {}, "(static + dynamic over 48 KiB)"});
   }
   // Past the opt-in limit (an H200's 227 KiB) the attribute cannot be set: the launcher fails, and
   // the next, unrelated launch must not see its error.
@@ -1221,16 +1242,20 @@ int main(int argc, char** argv) {
       return 2;
     }
     const auto t0 = std::chrono::steady_clock::now();
+    const std::clock_t c0 = std::clock();
     const int cases0 = g_cases, runs0 = g_runs;
     const cuemu::Stats s0 = cuemu::stats();
     it->second();
     const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    const double cpu = static_cast<double>(std::clock() - c0) / CLOCKS_PER_SEC;
     const cuemu::Stats& s = cuemu::stats();
+    const size_t orders = std::count_if(std::begin(kOrders), std::end(kOrders), order_enabled);
     std::printf("%s: %d cases x %zu thread orders = %d runs passed (%llu launches, %llu blocks, %llu threads, "
-                "%llu rendezvous) in %.1f s\n",
-                f.c_str(), g_cases - cases0, std::size(kOrders), g_runs - runs0,
+                "%llu rendezvous) in %.1f s (%.1f s of CPU)\n",
+                f.c_str(), g_cases - cases0, orders, g_runs - runs0,
                 (unsigned long long)(s.launches - s0.launches), (unsigned long long)(s.blocks - s0.blocks),
-                (unsigned long long)(s.threads - s0.threads), (unsigned long long)(s.rendezvous - s0.rendezvous), secs);
+                (unsigned long long)(s.threads - s0.threads), (unsigned long long)(s.rendezvous - s0.rendezvous), secs,
+                cpu);
   }
   return 0;
 }
