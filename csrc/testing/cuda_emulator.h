@@ -435,7 +435,6 @@ class Emulator {
   }
 
  private:
-
   void run_block(uint64_t linear);
   void finish_block();
   void resume(Thread& t);
@@ -813,7 +812,9 @@ inline uint64_t Emulator::collective(Kind kind, unsigned mask, uint64_t value, i
     // The mask is checked once per collective: every later lane must bring the same one, and a
     // lane that exits while named in it is reported by thread_main.
     if (width <= 0 || width > 32 || (width & (width - 1)) != 0) fault(std::string(what) + ": width " + std::to_string(width));
-    if (mask & ~op.lanes) fault(std::string(what) + " at " + site.str() + ": mask " + hex(mask) + " names lanes the block does not have");
+    if (mask & ~op.lanes) {
+      fault(std::string(what) + " at " + site.str() + ": mask " + hex(mask) + " names lanes the block does not have");
+    }
     if (mask & op.exited) {
       fault(std::string(what) + " at " + site.str() + ": mask " + hex(mask) + " names lane " +
             std::to_string(__builtin_ctz(mask & op.exited)) + ", which has exited");
@@ -938,7 +939,8 @@ struct Launch {
   const char* name;
   dim3 grid, block;
   size_t smem;
-  Launch(void (*k)(P...), const char* n, dim3 g, dim3 b, size_t s, cudaStream_t) : kernel(k), name(n), grid(g), block(b), smem(s) {}
+  Launch(void (*k)(P...), const char* n, dim3 g, dim3 b, size_t s, cudaStream_t)
+      : kernel(k), name(n), grid(g), block(b), smem(s) {}
   template <class... A>
   void operator()(A&&... args) const {
     const std::tuple<P...> params(std::forward<A>(args)...);

@@ -581,7 +581,8 @@ void test_draft_loss(const DraftCase& c) {
       [&] { std::memcpy(dz.p, z.data(), z.size() * 4); },
       [&] {
         for (auto [c0, c1] : chunks) {
-          const cudaError_t err = torchspec::cuda::draft_loss_backward(bwd(dz.p, dids.p, dcoef.p, dlse_in.p, dscale.p, c0, c1), nullptr);
+          const cudaError_t err =
+              torchspec::cuda::draft_loss_backward(bwd(dz.p, dids.p, dcoef.p, dlse_in.p, dscale.p, c0, c1), nullptr);
           if (err != cudaSuccess) return err;
         }
         return cudaSuccess;
@@ -787,7 +788,8 @@ void test_tree_attention(const AttnCase& c) {
                 continue;
               }
               err = std::max(err, std::fabs(got - want));
-              check.expect(std::fabs(got - want) <= tol, "row %lld (b %lld, head %lld, node %lld) dim %lld: %.9g, float64 %.9g, CPU %.9g (bound %.3g)",
+              check.expect(std::fabs(got - want) <= tol,
+                           "row %lld (b %lld, head %lld, node %lld) dim %lld: %.9g, float64 %.9g, CPU %.9g (bound %.3g)",
                            (long long)r, (long long)(r / (Hq * T)), (long long)(r / T % Hq), (long long)(r % T),
                            (long long)d, got, want, cpu, tol);
             }
@@ -966,7 +968,9 @@ void test_verify(const VerifyCase& c) {
   p.num_accepted = num.p;
   p.path = path.p;
   p.next_token = next.p;
-  const char* mode = c.mode == VerifyMode::kGreedy ? "greedy" : c.mode == VerifyMode::kGreedyArgmax ? "greedy(argmax given)" : "sampling";
+  const char* mode = c.mode == VerifyMode::kGreedy         ? "greedy"
+                     : c.mode == VerifyMode::kGreedyArgmax ? "greedy(argmax given)"
+                                                           : "sampling";
   for_each_order(
       format("verify %s %s B=%lld T=%lld V=%lld T=%g %s", mode, dtype_name(c.dtype), (long long)B, (long long)T,
              (long long)V, c.temperature, c.label.c_str()),
@@ -1007,7 +1011,8 @@ void verify_family() {
     }
     test_verify({dt, 5, 40, 300, VerifyMode::kGreedyArgmax});
   }
-  test_verify({ScalarKind::kFloat32, 1, 1, 1, VerifyMode::kGreedy, 1.0f, TreeShape::kRandom, false, {}, "(the root alone, V = 1)"});
+  test_verify({ScalarKind::kFloat32, 1, 1, 1, VerifyMode::kGreedy, 1.0f, TreeShape::kRandom, false, {},
+               "(the root alone, V = 1)"});
   test_verify({ScalarKind::kFloat32, 2, 3, 1, VerifyMode::kSampling, 1.0f, TreeShape::kRandom, false, {}, "(V = 1)"});
   // The GPU shape: B 64, T 64, V 152064, bfloat16, chains accepted to the end; the first and last rows.
   test_verify({ScalarKind::kBFloat16, 64, 64, 152064, VerifyMode::kGreedy, 1.0f, TreeShape::kChain, false, {0, 62, 63},
@@ -1101,7 +1106,8 @@ void launch_family() {
 
   // tree_attention at D = 256, G = 16 on a device whose blocks opt in to less shared memory than it
   // needs, then on one with exactly enough.
-  const AttnCase big_heads{f32, 2, 16, 1, 9, 256, {20, 3}, 1, AttnSpecial::kNone, {}, "(on a device with just enough shared memory)"};
+  const AttnCase big_heads{f32, 2, 16, 1, 9, 256, {20, 3}, 1, AttnSpecial::kNone, {},
+                           "(on a device with just enough shared memory)"};
   torchspec::TreeAttentionParams ap;
   ap.dtype = f32;
   ap.q_heads = 16;
