@@ -112,3 +112,16 @@ def test_acceptance_plot_from_a_report(tmp_path):
     rows += [{"mode": f"tree {n}", "max_nodes": n, "acceptance_length": 1 + n / 16} for n in (4, 8, 16, 32)]
     assert write_plots({"acceptance": Report("acceptance", {}, [], rows)}, tmp_path) == ["acceptance.png"]
     assert (tmp_path / "acceptance.png").read_bytes().startswith(PNG_MAGIC)
+
+
+def test_cuda_attention_bytes_follow_the_kernel_blocking():
+    from pathlib import Path
+
+    header = (Path(__file__).resolve().parents[1] / "csrc" / "common" / "tree.h").read_text()
+    assert f"kTreeAttentionRowsPerBlock = {tree.CUDA_ROWS_PER_BLOCK};" in header
+    # The GPU shape: 4 tiles of 16 nodes per (row, kv head), each reading the 4096-token prefix.
+    shape = (64, 32, 8, 64, 4096, 128, 2)
+    per_unit = sum(2 * 4 * 16 * 128 + 2 * (4096 + j0 + 16) * 128 for j0 in (0, 16, 32, 48))
+    assert tree.cuda_attention_bytes(*shape) == 64 * 8 * per_unit * 2
+    assert tree.attention_floor_bytes(*shape) == (2 * 64 * 32 * 64 + 2 * 64 * 8 * 4160) * 128 * 2
+    assert "the CUDA kernel moves 4.40 GB, the floor 1.16 GB (3.80x)" in tree.gpu_shape_bytes_note()

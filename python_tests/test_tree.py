@@ -476,6 +476,21 @@ def test_tree_attention_cuda_limits():
         tree_attention(q, k, v, lens, parents)
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_GPU, reason="no CUDA GPU")
+def test_verify_cuda_rejects_trees_past_shared_memory():
+    # The CUDA kernel keeps 8 bytes per node in shared memory: 40000 nodes are past any GPU's limit.
+    # The check comes before the launch, and the next launch works.
+    nodes = 40000
+    tokens = torch.ones(1, nodes, dtype=torch.int64, device="cuda")
+    parents = (torch.arange(nodes, device="cuda") - 1).unsqueeze(0)
+    logits = torch.zeros(1, nodes, 3, device="cuda")
+    with pytest.raises(RuntimeError, match=r"T = 40000 tree nodes need \d+ bytes of shared memory per block on CUDA"):
+        verify_tree_greedy(tokens, parents, logits)
+    num, path, nxt = verify_tree_greedy(tokens[:, :6000], parents[:, :6000], logits[:, :6000])
+    assert num.item() == 0 and nxt.item() == 0
+
+
 def _attn_args(device="cpu"):
     q, k, v, lens = make_attention_inputs(2, 4, 2, 5, 16, [3, 6], 12, device)
     return q, k, v, lens, torch.tensor([[-1, 0, 0, 1, 1], [-1, 0, 1, 2, 3]], device=device)

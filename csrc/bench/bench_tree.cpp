@@ -3,7 +3,9 @@
 // (when built with it and a GPU is present): the kernels timed with CUDA events.
 //
 // tree_attention: random normal q, k, v (bfloat16 or float32), a random tree (parents[j] uniform
-// in [0, j)), the prefix before the tree. Bytes processed = q + k + v + out.
+// in [0, j)), the prefix before the tree. Bytes processed = q + k + v + out, the floor; the CUDA
+// kernel moves more (each block of a tile of nodes reads the prefix): the program prints both for
+// the GPU shapes, GPU or not, and the CUDA runs report the ratio as floor_ratio.
 // verify_greedy: a chain of T nodes whose every token is the argmax of its parent's logits (the
 // worst case: every logits row is read). Bytes processed = all the logits.
 // greedy_walk: the same chain with the argmaxes given (TreeVerifyParams::argmax): the walk alone.
@@ -83,9 +85,15 @@ struct AttnShape {
   ScalarKind dtype;
   int64_t batch, nodes, prefix, q_heads, kv_heads, dim;
   int64_t seq() const { return prefix + nodes; }
+  // The floor: q, k and v read once, out written once.
   int64_t bytes() const {
     return (2 * batch * q_heads * nodes * dim + 2 * batch * kv_heads * seq() * dim) *
            static_cast<int64_t>(element_size(dtype));
+  }
+  // What the CUDA kernel reads and writes (common/tree.h).
+  int64_t cuda_bytes() const {
+    return torchspec::tree_attention_cuda_bytes(batch, q_heads, kv_heads, nodes, prefix, dim,
+                                                static_cast<int64_t>(element_size(dtype)));
   }
   std::string name(const char* device) const {
     return std::string(device) + "_tree_attention/" + dtype_name(dtype) + "/B=" + std::to_string(batch) +
@@ -295,6 +303,7 @@ void bm_cuda_attention(benchmark::State& state, CudaAttnCase* c, int threads) {
     }
     c->run(state, [&] { return torchspec::cuda::tree_attention(c->p, c->stream); });
     state.SetBytesProcessed(state.iterations() * c->shape.bytes());
+    state.counters["floor_ratio"] = static_cast<double>(c->shape.cuda_bytes()) / static_cast<double>(c->shape.bytes());
   } catch (const std::exception& e) {
     state.SkipWithError(e.what());
   }
@@ -360,6 +369,23 @@ void register_cuda(std::vector<std::unique_ptr<CudaAttnCase>>& attn, std::vector
 }
 #endif
 
+// The CUDA tree_attention kernel's traffic at the GPU benchmark's shapes against the floor, and
+// what the kernel before it (one block per node, each reading the whole prefix) moved.
+void print_attention_bytes() {
+  for (int64_t b : {1, 8, 64}) {
+    const AttnShape s{ScalarKind::kBFloat16, b, 64, 4096, 32, 8, 128};
+    const int64_t G = s.q_heads / s.kv_heads, es = static_cast<int64_t>(element_size(s.dtype));
+    const int64_t per_node = s.batch * s.kv_heads * s.nodes * (2 * G * s.dim + 2 * (s.prefix + 1) * s.dim) * es;
+    std::fprintf(stderr,
+                 "%s: CUDA tree_attention at B=%lld T=%lld prefix=%lld Hq=%lld Hkv=%lld D=%lld bf16 moves %.3f GB, "
+                 "the floor %.3f GB (%.2fx); one block per node moved at least %.2f GB (%.0fx)\n",
+                 kProgram, (long long)s.batch, (long long)s.nodes, (long long)s.prefix, (long long)s.q_heads,
+                 (long long)s.kv_heads, (long long)s.dim, s.cuda_bytes() / 1e9, s.bytes() / 1e9,
+                 static_cast<double>(s.cuda_bytes()) / s.bytes(), per_node / 1e9,
+                 static_cast<double>(per_node) / s.bytes());
+  }
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -367,6 +393,7 @@ int main(int argc, char** argv) {
   benchmark::Initialize(&argc, argv);
   if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
   benchmark::AddCustomContext("cpu_threads", std::to_string(threads));
+  print_attention_bytes();
 
   std::vector<std::unique_ptr<CpuAttnCase>> attn_cases;
   for (const AttnShape& s : {AttnShape{ScalarKind::kFloat32, 1, 64, 4096, 32, 8, 128},

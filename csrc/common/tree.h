@@ -34,6 +34,30 @@ struct TreeAttentionParams {
   float scale = 1.0f;
 };
 
+// The CUDA tree_attention kernel's blocking, shared with the benchmarks' byte counts: one thread
+// block serves at most kTreeAttentionRowsPerBlock query rows, the G = Hq / Hkv query heads of one
+// kv head for a tile of tree_attention_tile_nodes(G) consecutive nodes, and reads the prefix's
+// keys and values once for all of them.
+constexpr int kTreeAttentionRowsPerBlock = 64;
+
+TORCHSPEC_HD int64_t tree_attention_tile_nodes(int64_t group) {
+  return group >= kTreeAttentionRowsPerBlock ? 1 : kTreeAttentionRowsPerBlock / group;
+}
+
+// Bytes the CUDA tree_attention kernel reads and writes for B rows of T nodes, each with a
+// prefix of `prefix` tokens (element size `esize`): every block reads its rows' queries, the
+// prefix's keys and values, the tree's keys and values up to its last node, and writes its rows.
+inline int64_t tree_attention_cuda_bytes(int64_t B, int64_t Hq, int64_t Hkv, int64_t T, int64_t prefix, int64_t D,
+                                         int64_t esize) {
+  const int64_t G = Hq / Hkv, tile = tree_attention_tile_nodes(G);
+  int64_t per_unit = 0;  // one (batch row, kv head)
+  for (int64_t j0 = 0; j0 < T; j0 += tile) {
+    const int64_t nodes = T - j0 < tile ? T - j0 : tile;
+    per_unit += 2 * G * nodes * D + 2 * (prefix + j0 + nodes) * D;
+  }
+  return B * Hkv * per_unit * esize;
+}
+
 // Verification of draft trees against the target's logits, one walk per batch row from node 0
 // (see verify_tree_greedy / verify_tree_sampling). tokens, parents, path [B, T]; logits
 // [B, T, V] contiguous; num_accepted, next_token [B]. All indices int64.

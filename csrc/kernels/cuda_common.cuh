@@ -1,5 +1,6 @@
 // Helpers shared by the CUDA kernel files (internal; no torch headers): element conversions,
-// the launchers' dtype dispatch and warp reductions.
+// the launchers' dtype dispatch and shared-memory set-up, warp reductions, and the spelling of
+// shared memory and launches.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -10,6 +11,14 @@
 #include <cstdint>
 
 #include "../common/topk_lse.h"
+
+// Shared-memory declarations and launches, spelled so that the CPU emulator (csrc/testing) can
+// compile the kernel files too; its header defines these three macros for it.
+#if !defined(TORCHSPEC_CUDA_EMULATOR)
+#define TORCHSPEC_SHARED(type, name) __shared__ type name
+#define TORCHSPEC_EXTERN_SHARED(type, name) extern __shared__ type name[]
+#define TORCHSPEC_LAUNCH(kernel, grid, block, smem, stream) kernel<<<grid, block, smem, stream>>>
+#endif
 
 namespace torchspec {
 namespace cuda {
@@ -46,6 +55,39 @@ cudaError_t dispatch_dtype(ScalarKind dtype, F&& f) {
       return f(__half{});
   }
   return cudaErrorInvalidValue;
+}
+
+// Lets `kernel` be launched with `dynamic` bytes of dynamic shared memory. Past 48 KiB per block,
+// its static shared memory included, a launch needs the opt-in attribute (and fails with "invalid
+// argument" without it). A failure is returned and also cleared from cudaGetLastError: left there,
+// the caller's next, unrelated launch check would report it.
+template <class Kernel>
+cudaError_t allow_dynamic_smem(Kernel* kernel, size_t dynamic) {
+  cudaFuncAttributes attr;
+  cudaError_t err = dynamic > 0x7FFFFFFF ? cudaErrorInvalidValue : cudaFuncGetAttributes(&attr, kernel);
+  if (err == cudaSuccess && attr.sharedSizeBytes + dynamic > 48 * 1024) {
+    err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(dynamic));
+  }
+  if (err != cudaSuccess) cudaGetLastError();
+  return err;
+}
+
+// The shared memory per block (static + `dynamic`, bytes) a launch of `kernel` needs, and the most
+// the current device allows a block (its opt-in limit).
+template <class Kernel>
+cudaError_t smem_needed_and_allowed(Kernel* kernel, size_t dynamic, size_t* needed, size_t* allowed) {
+  cudaFuncAttributes attr;
+  int device = 0, optin = 0;
+  cudaError_t err = cudaFuncGetAttributes(&attr, kernel);
+  if (err == cudaSuccess) err = cudaGetDevice(&device);
+  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+  if (err != cudaSuccess) {
+    cudaGetLastError();
+    return err;
+  }
+  *needed = attr.sharedSizeBytes + dynamic;
+  *allowed = static_cast<size_t>(optin);
+  return cudaSuccess;
 }
 
 // Maximum / sum over the 32 lanes of a full warp, in every lane.

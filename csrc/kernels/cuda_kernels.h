@@ -3,6 +3,8 @@
 
 #include <cuda_runtime_api.h>
 
+#include <cstddef>
+
 #include "../common/draft_loss.h"
 #include "../common/topk_lse.h"
 #include "../common/tree.h"
@@ -19,8 +21,14 @@ cudaError_t draft_loss_forward(const DraftLossForwardTile& p, cudaStream_t strea
 // draft_topk_kl backward: a logits tile becomes d loss / d logits in place; one block per row.
 cudaError_t draft_loss_backward(const DraftLossBackwardTile& p, cudaStream_t stream);
 
-// Tree attention (see TreeAttentionParams); one thread block per (batch row, query head, node).
+// Tree attention (see TreeAttentionParams); one thread block per (batch row, kv head, tile of nodes).
 cudaError_t tree_attention(const TreeAttentionParams& p, cudaStream_t stream);
+
+// Shared memory per block (static + dynamic, bytes) that a tree_attention or verify_tree launch
+// with p needs, and the most the current device allows: the ops check one against the other, so
+// that a tree or head size past the device's limit gets a clear error instead of a failed launch.
+cudaError_t tree_attention_smem(const TreeAttentionParams& p, size_t* needed, size_t* allowed);
+cudaError_t verify_tree_smem(const TreeVerifyParams& p, size_t* needed, size_t* allowed);
 
 // Tree verification, greedy when p.uniforms is null, else sampling (see TreeVerifyParams); one
 // thread block per batch row walks its tree.

@@ -18,6 +18,13 @@ namespace {
 constexpr int kBlock = 256;
 constexpr int kWarps = kBlock / 32;
 
+// Each warp's partial forward state, for the block reduction.
+struct WarpPartials {
+  float m[kWarps], s[kWarps];
+  int nan[kWarps];
+  uint64_t best[kWarps];
+};
+
 __global__ void __launch_bounds__(kBlock) forward_kernel(DraftLossForwardTile p) {
   const int tid = threadIdx.x;
   const int lane = tid & 31;
@@ -49,14 +56,12 @@ __global__ void __launch_bounds__(kBlock) forward_kernel(DraftLossForwardTile p)
     best = max(best, __shfl_xor_sync(0xFFFFFFFFu, best, d));
     lse_combine(m, s, m2, s2, scale);
   }
-  __shared__ float red_m[kWarps], red_s[kWarps];
-  __shared__ int red_nan[kWarps];
-  __shared__ uint64_t red_best[kWarps];
+  TORCHSPEC_SHARED(WarpPartials, red);
   if (lane == 0) {
-    red_m[warp] = m;
-    red_s[warp] = s;
-    red_nan[warp] = saw_nan;
-    red_best[warp] = best;
+    red.m[warp] = m;
+    red.s[warp] = s;
+    red.nan[warp] = saw_nan;
+    red.best[warp] = best;
   }
   // Warp 0 also sums the teacher entries that fall in this tile.
   float dot = 0.0f;
@@ -71,9 +76,9 @@ __global__ void __launch_bounds__(kBlock) forward_kernel(DraftLossForwardTile p)
   __syncthreads();
   if (tid != 0) return;
   for (int w = 1; w < kWarps; ++w) {
-    lse_combine(m, s, red_m[w], red_s[w], scale);
-    saw_nan |= red_nan[w] != 0;
-    best = max(best, red_best[w]);
+    lse_combine(m, s, red.m[w], red.s[w], scale);
+    saw_nan |= red.nan[w] != 0;
+    best = max(best, red.best[w]);
   }
   // Merge with the state of the earlier vocabulary chunks (a NaN sum marks a NaN seen there).
   float rm = p.run_max[row], rs = p.run_sum[row];
@@ -117,13 +122,13 @@ __global__ void __launch_bounds__(kBlock) backward_kernel(DraftLossBackwardTile 
 
 cudaError_t draft_loss_forward(const DraftLossForwardTile& p, cudaStream_t stream) {
   if (p.rows == 0) return cudaSuccess;
-  forward_kernel<<<static_cast<unsigned>(p.rows), kBlock, 0, stream>>>(p);
+  TORCHSPEC_LAUNCH(forward_kernel, static_cast<unsigned>(p.rows), kBlock, 0, stream)(p);
   return cudaGetLastError();
 }
 
 cudaError_t draft_loss_backward(const DraftLossBackwardTile& p, cudaStream_t stream) {
   if (p.rows == 0) return cudaSuccess;
-  backward_kernel<<<static_cast<unsigned>(p.rows), kBlock, 0, stream>>>(p);
+  TORCHSPEC_LAUNCH(backward_kernel, static_cast<unsigned>(p.rows), kBlock, 0, stream)(p);
   return cudaGetLastError();
 }
 

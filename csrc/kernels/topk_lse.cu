@@ -149,8 +149,8 @@ template <typename T>
 __global__ void __launch_bounds__(kBlock) topk_lse_kernel(TopkLseParams p, int capacity) {
   constexpr int kVec = 16 / sizeof(T);
   constexpr int kTile = kBlock * kVec;
-  extern __shared__ uint64_t cand[];
-  __shared__ BlockState st;
+  TORCHSPEC_EXTERN_SHARED(uint64_t, cand);
+  TORCHSPEC_SHARED(BlockState, st);
 
   const int tid = threadIdx.x;
   const int64_t row = blockIdx.x;
@@ -255,7 +255,7 @@ __global__ void __launch_bounds__(kBlock) topk_lse_kernel(TopkLseParams p, int c
   __syncthreads();
   if (c > k) compact(cand, c, k, st);
   sort_descending(cand, k);
-  __shared__ float row_lse;
+  TORCHSPEC_SHARED(float, row_lse);
   if (tid == 0) {
     float bm = st.red_m[0], bs = st.red_s[0];
     bool bnan = st.red_nan[0] != 0;
@@ -284,12 +284,9 @@ cudaError_t launch(const TopkLseParams& p, cudaStream_t stream) {
   // Room for the k kept keys (or seeds), the unaligned edges and two tiles of new offers.
   const int capacity = p.k + 2 * kTile + 32;
   const size_t smem = static_cast<size_t>(capacity) * sizeof(uint64_t);
-  if (smem > 48 * 1024) {
-    const cudaError_t err = cudaFuncSetAttribute(topk_lse_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                                 static_cast<int>(smem));
-    if (err != cudaSuccess) return err;
-  }
-  topk_lse_kernel<T><<<static_cast<unsigned>(p.rows), kBlock, smem, stream>>>(p, capacity);
+  const cudaError_t err = allow_dynamic_smem(topk_lse_kernel<T>, smem);
+  if (err != cudaSuccess) return err;
+  TORCHSPEC_LAUNCH(topk_lse_kernel<T>, static_cast<unsigned>(p.rows), kBlock, smem, stream)(p, capacity);
   return cudaGetLastError();
 }
 

@@ -1,18 +1,22 @@
 // CUDA tree attention and tree verification (framework-free).
 //
-// Tree attention: one block of 4 warps per (batch row, kv head, node). The block's rows are the
-// G = Hq / Hkv query heads of the kv head's group for that node; warp w owns rows w, w + 4, ...
-// Keys come in tiles of 32 staged in shared memory as float (K padded to D + 1 columns so that
-// lane l reading key l is free of bank conflicts): lane l scores key l against the row's query
-// (broadcast from shared memory), the warp takes the tile's maximum and folds the tile into its
-// online softmax (base 2, float32), the probabilities broadcast by shuffles for P @ V with lane l
-// owning dimensions l, l + 32, ... The key sequence is the prefix [0, prefix_len) followed by
-// the node's ancestors and itself (their chain is walked once into shared memory): no mask.
+// Tree attention: one block of 8 warps per (batch row, kv head, tile of nodes). The block's rows
+// are the G = Hq / Hkv query heads of the kv head for each node of the tile, G * nodes <= 64
+// (common/tree.h); warp w owns rows w, w + 8, ... Every key tile (32 keys, staged in shared memory
+// as float, K padded to D + 1 columns so that lane l reading key l is free of bank conflicts) is
+// read once by the block and used by all its rows, as the CPU kernel does: the prefix's keys and
+// values are read once per tile of nodes, not once per node. Lane l scores key l against the
+// row's query (broadcast from shared memory), the warp folds the tile into the row's online
+// softmax (base 2, float32) and writes the probabilities to shared memory, then P @ V for all the
+// warp's rows with lane l owning dimensions l, l + 32, ... and each value loaded once for them.
+// The keys are the prefix [0, prefix_len), unmasked, then the tree's nodes up to the tile's last
+// one, masked per node: bit kk of a node's mask says whether key kk of the tile is one of its
+// ancestors or itself. The tree tiles run from the last down, so that each node's walk to the
+// root (its parents, kept in a register of the thread of that node) runs once across them.
 //
-// Correct first, not fast. What would make it fast: share each K/V tile across all T nodes of
-// the row as well (one block per (b, kv head) with G * T query rows, which for the prefix is
-// plain dense attention), tensor-core MMA for Q K^T and P V (FlashAttention-2/3 style, with
-// TMA loads and a pipelined tile loop on sm_90), and split-K over the prefix for small B.
+// What would make it faster: tensor-core MMA for Q K^T and P V (this kernel multiplies on the
+// CUDA cores, so at the benchmark's shape it is bound by its FLOPs, not its bytes), TMA loads
+// and a pipelined tile loop on sm_90, and a split of the prefix across blocks for small batches.
 //
 // Verification: one block per batch row walks the tree sequentially; at each visited node the
 // block reduces that node's logits row (argmax, or max and sum of exp), and thread 0 decides.
@@ -31,129 +35,149 @@ namespace {
 
 // ---- tree attention -------------------------------------------------------------------------
 
-constexpr int kAttnWarps = 4;
+constexpr int kAttnWarps = 8;
 constexpr int kAttnThreads = 32 * kAttnWarps;
+constexpr int kRowsPerWarp = kTreeAttentionRowsPerBlock / kAttnWarps;
 constexpr int kKeyTile = 32;  // keys per shared-memory tile: one per lane
 constexpr int kMaxDimPerLane = 8;  // D <= 256
-constexpr int kMaxRowsPerWarp = 4;  // G <= 16
 
-template <typename T>
+// Dynamic shared memory of a block (4-byte words): the rows' queries, a K tile (padded), a V tile,
+// each warp's probabilities for its rows, each node's ancestor mask.
+size_t attention_smem_bytes(const TreeAttentionParams& p) {
+  const int64_t G = p.q_heads / p.kv_heads, D = p.head_dim, nodes = tree_attention_tile_nodes(G);
+  return 4 * (G * nodes * D + kKeyTile * (D + 1) + kKeyTile * D + kAttnWarps * kRowsPerWarp * kKeyTile + nodes);
+}
+
+// kDimPerLane: the dimensions a lane owns in P @ V (D <= 32 kDimPerLane); 4 up to D = 128 keeps
+// the accumulators in fewer registers (two blocks per SM instead of one).
+template <typename T, int kDimPerLane>
 __global__ void __launch_bounds__(kAttnThreads) tree_attention_kernel(TreeAttentionParams p) {
   const int64_t T_ = p.nodes, D = p.head_dim, S = p.seq;
   const int G = static_cast<int>(p.q_heads / p.kv_heads);
-  const int64_t unit = blockIdx.x;
-  const int64_t j = unit % T_;
-  const int64_t g = (unit / T_) % p.kv_heads;
-  const int64_t b = unit / (T_ * p.kv_heads);
+  const int64_t tile_nodes = tree_attention_tile_nodes(G);
+  const int64_t tiles = (T_ + tile_nodes - 1) / tile_nodes;
+  const int64_t unit = blockIdx.x / tiles;  // b * Hkv + g
+  const int64_t g = unit % p.kv_heads, b = unit / p.kv_heads;
+  const int64_t j0 = blockIdx.x % tiles * tile_nodes;
+  const int nodes = static_cast<int>(min(tile_nodes, T_ - j0));
+  const int rows = G * nodes;  // row r: node j0 + r / G, query head g * G + r % G
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int64_t prefix = p.prefix_lens[b];
   const int64_t* parents = p.parents + b * T_;
 
-  extern __shared__ float smem[];
-  float* qs = smem;  // [G][D], scaled by scale * log2(e)
-  float* ks = qs + G * D;  // [kKeyTile][D + 1]
+  TORCHSPEC_EXTERN_SHARED(float, smem);
+  float* qs = smem;  // [rows][D], scaled by scale * log2(e)
+  float* ks = qs + G * tile_nodes * D;  // [kKeyTile][D + 1]
   float* vs = ks + kKeyTile * (D + 1);  // [kKeyTile][D]
-  int* chain = reinterpret_cast<int*>(vs + kKeyTile * D);  // the node and its ancestors, <= T
-  __shared__ int depth;
+  float* ps = vs + kKeyTile * D;  // [kAttnWarps][kRowsPerWarp][kKeyTile]: 2^(score - running max)
+  unsigned* masks = reinterpret_cast<unsigned*>(ps + kAttnWarps * kRowsPerWarp * kKeyTile);  // [nodes]
 
   const T* q = static_cast<const T*>(p.q);
-  const T* k = static_cast<const T*>(p.k) + (b * p.kv_heads + g) * S * D;
-  const T* v = static_cast<const T*>(p.v) + (b * p.kv_heads + g) * S * D;
+  const T* k = static_cast<const T*>(p.k) + unit * S * D;
+  const T* v = static_cast<const T*>(p.v) + unit * S * D;
   const float qscale = p.scale * kLog2e;
-  for (int64_t i = tid; i < G * D; i += kAttnThreads) {
-    const int64_t h = g * G + i / D;
+  for (int64_t i = tid; i < rows * D; i += kAttnThreads) {
+    const int64_t r = i / D, h = g * G + r % G, j = j0 + r / G;
     qs[i] = Elem<T>::to_float(q[((b * p.q_heads + h) * T_ + j) * D + i % D]) * qscale;
   }
-  if (tid == 0) {
-    int n = 0;
-    for (int64_t a = j; a >= 0; a = parents[a]) chain[n++] = static_cast<int>(a);
-    depth = n;
-  }
-  __syncthreads();
 
-  float m[kMaxRowsPerWarp], l[kMaxRowsPerWarp], acc[kMaxRowsPerWarp][kMaxDimPerLane];
+  float m[kRowsPerWarp], l[kRowsPerWarp], acc[kRowsPerWarp][kDimPerLane];
 #pragma unroll
-  for (int r = 0; r < kMaxRowsPerWarp; ++r) {
-    m[r] = -INFINITY;
-    l[r] = 0.0f;
+  for (int i = 0; i < kRowsPerWarp; ++i) {
+    m[i] = -INFINITY;
+    l[i] = 0.0f;
 #pragma unroll
-    for (int i = 0; i < kMaxDimPerLane; ++i) acc[r][i] = 0.0f;
+    for (int c = 0; c < kDimPerLane; ++c) acc[i][c] = 0.0f;
   }
+  int64_t ancestor = j0 + tid;  // thread tid < nodes: the next ancestor of node j0 + tid to mask
 
-  const int64_t total = prefix + depth;  // key t: position t (prefix) or prefix + chain[t - prefix]
-  for (int64_t t0 = 0; t0 < total; t0 += kKeyTile) {
-    const int n = static_cast<int>(min(static_cast<int64_t>(kKeyTile), total - t0));
-    __syncthreads();  // the previous tile is consumed
+  // Folds the n keys at positions pos0 .. pos0 + n - 1 into every row; tree_first >= 0: they are
+  // tree nodes tree_first .. tree_first + n - 1, each valid for a row only if in its node's mask.
+  const auto fold_tile = [&](int64_t pos0, int n, int64_t tree_first) {
+    __syncthreads();  // the previous tile's keys, values, probabilities and masks are consumed
     for (int64_t i = tid; i < n * D; i += kAttnThreads) {
-      const int kk = static_cast<int>(i / D);
-      const int64_t d = i % D, t = t0 + kk;
-      const int64_t pos = t < prefix ? t : prefix + chain[t - prefix];
-      ks[kk * (D + 1) + d] = Elem<T>::to_float(k[pos * D + d]);
-      vs[kk * D + d] = Elem<T>::to_float(v[pos * D + d]);
+      const int64_t kk = i / D, d = i % D;
+      ks[kk * (D + 1) + d] = Elem<T>::to_float(k[(pos0 + kk) * D + d]);
+      vs[i] = Elem<T>::to_float(v[(pos0 + kk) * D + d]);
+    }
+    if (tree_first >= 0 && tid < nodes) {
+      unsigned bits = 0;
+      for (; ancestor >= tree_first; ancestor = parents[ancestor]) bits |= 1u << (ancestor - tree_first);
+      masks[tid] = bits;
     }
     __syncthreads();
 #pragma unroll
-    for (int r = 0; r < kMaxRowsPerWarp; ++r) {
-      const int h = warp + kAttnWarps * r;
-      if (h >= G) break;  // warp-uniform
-      const float* qr = qs + h * D;
+    for (int i = 0; i < kRowsPerWarp; ++i) {
+      const int r = warp + kAttnWarps * i;
+      if (r >= rows) break;  // warp-uniform
+      const bool valid = lane < n && (tree_first < 0 || (masks[r / G] >> lane & 1u));
       float s = -INFINITY;
-      if (lane < n) {
+      if (valid) {
+        const float* qr = qs + r * D;
         const float* kr = ks + lane * (D + 1);
         float dot = 0.0f;
         for (int64_t d = 0; d < D; ++d) dot = fmaf(qr[d], kr[d], dot);
         s = dot;
       }
-      const float m_new = fmaxf(m[r], warp_max(s));
+      const float m_new = fmaxf(m[i], warp_max(s));
       // While every score is -inf (m_new = -inf) nothing is rescaled and -inf scores weigh 0:
       // 2^(-inf - -inf) would be NaN.
-      const float corr = m_new == -INFINITY ? 1.0f : exp2f(m[r] - m_new);  // 0 from m = -inf
-      const float e = lane < n && s != -INFINITY ? exp2f(s - m_new) : 0.0f;
-      l[r] = l[r] * corr + warp_sum(e);
-      m[r] = m_new;
+      const float corr = m_new == -INFINITY ? 1.0f : exp2f(m[i] - m_new);  // 0 from m = -inf
+      const float e = valid && s != -INFINITY ? exp2f(s - m_new) : 0.0f;
+      l[i] = l[i] * corr + warp_sum(e);
+      m[i] = m_new;
 #pragma unroll
-      for (int i = 0; i < kMaxDimPerLane; ++i) acc[r][i] *= corr;
-      for (int kk = 0; kk < n; ++kk) {
-        const float ek = __shfl_sync(0xFFFFFFFFu, e, kk);
-        const float* vr = vs + kk * D;
+      for (int c = 0; c < kDimPerLane; ++c) acc[i][c] *= corr;
+      ps[(warp * kRowsPerWarp + i) * kKeyTile + lane] = e;
+    }
+    __syncwarp();  // the warp's probabilities are written
+    for (int kk = 0; kk < n; ++kk) {
+      float vk[kDimPerLane];
 #pragma unroll
-        for (int i = 0; i < kMaxDimPerLane; ++i) {
-          const int64_t d = lane + 32 * i;
-          if (d < D) acc[r][i] = fmaf(ek, vr[d], acc[r][i]);
-        }
+      for (int c = 0; c < kDimPerLane; ++c) vk[c] = lane + 32 * c < D ? vs[kk * D + lane + 32 * c] : 0.0f;
+#pragma unroll
+      for (int i = 0; i < kRowsPerWarp; ++i) {
+        if (warp + kAttnWarps * i >= rows) break;
+        const float e = ps[(warp * kRowsPerWarp + i) * kKeyTile + kk];
+#pragma unroll
+        for (int c = 0; c < kDimPerLane; ++c) acc[i][c] = fmaf(e, vk[c], acc[i][c]);
       }
     }
+  };
+
+  for (int64_t t0 = 0; t0 < prefix; t0 += kKeyTile) fold_tile(t0, static_cast<int>(min(int64_t{kKeyTile}, prefix - t0)), -1);
+  // The tree's nodes up to the tile's last, from the last key tile down (ancestors precede nodes).
+  const int64_t last = j0 + nodes - 1;
+  for (int64_t t0 = last / kKeyTile * kKeyTile; t0 >= 0; t0 -= kKeyTile) {
+    fold_tile(prefix + t0, static_cast<int>(min(int64_t{kKeyTile}, last + 1 - t0)), t0);
   }
 
   T* out = static_cast<T*>(p.out);
 #pragma unroll
-  for (int r = 0; r < kMaxRowsPerWarp; ++r) {
-    const int h = warp + kAttnWarps * r;
-    if (h >= G) break;
-    const float inv = 1.0f / l[r];  // l >= 1 unless every score is -inf: then NaN, as softmax
-    T* o = out + ((b * p.q_heads + g * G + h) * T_ + j) * D;
+  for (int i = 0; i < kRowsPerWarp; ++i) {
+    const int r = warp + kAttnWarps * i;
+    if (r >= rows) break;
+    const float inv = 1.0f / l[i];  // l >= 1 unless every score is -inf: then NaN, as softmax
+    T* o = out + ((b * p.q_heads + g * G + r % G) * T_ + j0 + r / G) * D;
 #pragma unroll
-    for (int i = 0; i < kMaxDimPerLane; ++i) {
-      const int64_t d = lane + 32 * i;
-      if (d < D) o[d] = Elem<T>::from_float(acc[r][i] * inv);
+    for (int c = 0; c < kDimPerLane; ++c) {
+      const int64_t d = lane + 32 * c;
+      if (d < D) o[d] = Elem<T>::from_float(acc[i][c] * inv);
     }
   }
 }
 
-template <typename T>
+template <typename T, int kDimPerLane>
 cudaError_t launch_attention(const TreeAttentionParams& p, cudaStream_t stream) {
   const int64_t G = p.q_heads / p.kv_heads;
-  if (p.head_dim > 32 * kMaxDimPerLane || G > kAttnWarps * kMaxRowsPerWarp) return cudaErrorInvalidValue;
-  const int64_t blocks = p.batch * p.kv_heads * p.nodes;
+  if (p.head_dim > 32 * kDimPerLane || G > kTreeAttentionRowsPerBlock) return cudaErrorInvalidValue;
+  const int64_t tile_nodes = tree_attention_tile_nodes(G);
+  const int64_t blocks = p.batch * p.kv_heads * ((p.nodes + tile_nodes - 1) / tile_nodes);
   if (blocks >= (int64_t{1} << 31)) return cudaErrorInvalidValue;
-  const size_t smem = sizeof(float) * (G * p.head_dim + kKeyTile * (p.head_dim + 1) + kKeyTile * p.head_dim) +
-                      sizeof(int) * p.nodes;
-  if (smem > 48 * 1024) {
-    const cudaError_t err = cudaFuncSetAttribute(tree_attention_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                                 static_cast<int>(smem));
-    if (err != cudaSuccess) return err;
-  }
-  tree_attention_kernel<T><<<static_cast<unsigned>(blocks), kAttnThreads, smem, stream>>>(p);
+  const size_t smem = attention_smem_bytes(p);
+  const cudaError_t err = allow_dynamic_smem(tree_attention_kernel<T, kDimPerLane>, smem);
+  if (err != cudaSuccess) return err;
+  TORCHSPEC_LAUNCH((tree_attention_kernel<T, kDimPerLane>), static_cast<unsigned>(blocks), kAttnThreads, smem, stream)(p);
   return cudaGetLastError();
 }
 
@@ -284,8 +308,8 @@ __global__ void __launch_bounds__(kVerifyThreads) verify_tree_kernel(TreeVerifyP
   const int64_t* tokens = p.tokens + b * Tn;
   const int64_t* parents = p.parents + b * Tn;
   int64_t* path = p.path + b * Tn;
-  extern __shared__ int64_t rejected[];  // sampling: tokens rejected at the current node, <= T
-  __shared__ VerifyState st;
+  TORCHSPEC_EXTERN_SHARED(int64_t, rejected);  // sampling: tokens rejected at the current node, <= T
+  TORCHSPEC_SHARED(VerifyState, st);
   if (tid == 0) {
     st.cur = 0;
     st.accepted = 0;
@@ -406,13 +430,10 @@ __global__ void __launch_bounds__(kVerifyThreads) verify_tree_kernel(TreeVerifyP
 
 template <typename T>
 cudaError_t launch_verify(const TreeVerifyParams& p, cudaStream_t stream) {
-  const size_t smem = sizeof(int64_t) * p.nodes;
-  if (smem > 48 * 1024) {
-    const cudaError_t err = cudaFuncSetAttribute(verify_tree_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                                 static_cast<int>(smem));
-    if (err != cudaSuccess) return err;
-  }
-  verify_tree_kernel<T><<<static_cast<unsigned>(p.batch), kVerifyThreads, smem, stream>>>(p);
+  const size_t smem = sizeof(int64_t) * p.nodes;  // the tokens rejected at a node
+  const cudaError_t err = allow_dynamic_smem(verify_tree_kernel<T>, smem);
+  if (err != cudaSuccess) return err;
+  TORCHSPEC_LAUNCH(verify_tree_kernel<T>, static_cast<unsigned>(p.batch), kVerifyThreads, smem, stream)(p);
   return cudaGetLastError();
 }
 
@@ -420,12 +441,30 @@ cudaError_t launch_verify(const TreeVerifyParams& p, cudaStream_t stream) {
 
 cudaError_t tree_attention(const TreeAttentionParams& p, cudaStream_t stream) {
   if (p.batch == 0 || p.q_heads == 0) return cudaSuccess;
-  return dispatch_dtype(p.dtype, [&](auto t) { return launch_attention<decltype(t)>(p, stream); });
+  return dispatch_dtype(p.dtype, [&](auto t) {
+    using T = decltype(t);
+    return p.head_dim <= 128 ? launch_attention<T, 4>(p, stream) : launch_attention<T, kMaxDimPerLane>(p, stream);
+  });
 }
 
 cudaError_t verify_tree(const TreeVerifyParams& p, cudaStream_t stream) {
   if (p.batch == 0) return cudaSuccess;
   return dispatch_dtype(p.dtype, [&](auto t) { return launch_verify<decltype(t)>(p, stream); });
+}
+
+cudaError_t tree_attention_smem(const TreeAttentionParams& p, size_t* needed, size_t* allowed) {
+  return dispatch_dtype(p.dtype, [&](auto t) {
+    using T = decltype(t);
+    const size_t dynamic = attention_smem_bytes(p);
+    return p.head_dim <= 128 ? smem_needed_and_allowed(tree_attention_kernel<T, 4>, dynamic, needed, allowed)
+                             : smem_needed_and_allowed(tree_attention_kernel<T, kMaxDimPerLane>, dynamic, needed, allowed);
+  });
+}
+
+cudaError_t verify_tree_smem(const TreeVerifyParams& p, size_t* needed, size_t* allowed) {
+  return dispatch_dtype(p.dtype, [&](auto t) {
+    return smem_needed_and_allowed(verify_tree_kernel<decltype(t)>, sizeof(int64_t) * p.nodes, needed, allowed);
+  });
 }
 
 }  // namespace cuda

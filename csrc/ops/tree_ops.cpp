@@ -124,6 +124,11 @@ at::Tensor tree_attention(const at::Tensor& q, const at::Tensor& k, const at::Te
   TORCHSPEC_CHECK_ARG(Hq / Hkv <= 16, op, "the CUDA kernel supports up to 16 query heads per kv head, got ", Hq / Hkv);
   TORCHSPEC_CHECK_ARG(B * Hkv * T < (int64_t{1} << 31), op, "B * Hkv * T must be below 2^31 on CUDA");
   const c10::cuda::CUDAGuard guard(q.device());
+  size_t needed = 0, allowed = 0;
+  const cudaError_t smem_err = cuda::tree_attention_smem(p, &needed, &allowed);
+  TORCH_CHECK(smem_err == cudaSuccess, "torchspec.tree_attention: ", cudaGetErrorString(smem_err));
+  TORCHSPEC_CHECK_ARG(needed <= allowed, op, "D = ", D, " with ", Hq / Hkv, " query heads per kv head needs ", needed,
+                      " bytes of shared memory per block on CUDA, more than this GPU allows (", allowed, ")");
   const cudaError_t err = cuda::tree_attention(p, at::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == cudaSuccess, "torchspec.tree_attention: CUDA kernel failed: ", cudaGetErrorString(err));
 #endif
@@ -188,6 +193,13 @@ Outputs run_verify(TreeVerifyParams& p, const at::Tensor& tok, const at::Tensor&
 #ifdef TORCHSPEC_WITH_CUDA
   TORCHSPEC_CHECK_ARG(p.batch < (int64_t{1} << 31), op, "at most 2^31 - 1 batch rows on CUDA, got ", p.batch);
   const c10::cuda::CUDAGuard guard(logits.device());
+  // The kernel keeps the tokens rejected at a node in shared memory, 8 bytes per node.
+  size_t needed = 0, allowed = 0;
+  const cudaError_t smem_err = cuda::verify_tree_smem(p, &needed, &allowed);
+  TORCH_CHECK(smem_err == cudaSuccess, "torchspec.", op, ": ", cudaGetErrorString(smem_err));
+  TORCHSPEC_CHECK_ARG(needed <= allowed, op, "T = ", p.nodes, " tree nodes need ", needed,
+                      " bytes of shared memory per block on CUDA, more than this GPU allows (", allowed,
+                      "): at most ", p.nodes - static_cast<int64_t>((needed - allowed + 7) / 8), " nodes");
   const cudaError_t err = cuda::verify_tree(p, at::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == cudaSuccess, "torchspec.", op, ": CUDA kernel failed: ", cudaGetErrorString(err));
 #endif

@@ -5,6 +5,7 @@
 #include "wire.h"
 
 #ifdef TORCHSPEC_WITH_NCCL
+#include <c10/cuda/CUDACachingAllocator.h>
 #include <c10/cuda/CUDAStream.h>
 
 #include "nccl_comm.h"
@@ -61,6 +62,15 @@ cudaStream_t current_stream(const NcclComm& comm) {
   return c10::cuda::getCurrentCUDAStream(static_cast<c10::DeviceIndex>(comm.device())).stream();
 }
 
+// The transfer runs on the communicator's own stream, which the caching allocator does not know:
+// without this, a buffer freed before its transfer completed (a preamble receive posted ahead on
+// a channel dropped without close() while the peer still sends) goes back to the allocator and
+// may be handed to another tensor while NCCL still writes into it, or reads it.
+void record_use(const at::Tensor& t, cudaStream_t stream, int device) {
+  c10::cuda::CUDACachingAllocator::recordStream(
+      t.storage().data_ptr(), c10::cuda::getStreamFromExternal(stream, static_cast<c10::DeviceIndex>(device)));
+}
+
 // The bound type: local to this file, as pybind11's own types are hidden (binding NcclComm itself,
 // a default-visibility type, warns "declared with greater visibility than its base").
 struct PyNcclComm : NcclComm {
@@ -91,13 +101,17 @@ void bind(py::module_& m) {
       .def(
           "send",
           [](PyNcclComm& c, const at::Tensor& buf, int peer) {
-            return c.send(device_bytes(c, buf, "send"), buf.nbytes(), peer, current_stream(c));
+            const int64_t ticket = c.send(device_bytes(c, buf, "send"), buf.nbytes(), peer, current_stream(c));
+            record_use(buf, c.send_stream(), c.device());
+            return ticket;
           },
           py::arg("buffer"), py::arg("peer"), "Queue a send of the buffer after the current stream's work; a ticket")
       .def(
           "recv",
           [](PyNcclComm& c, const at::Tensor& buf, int peer) {
-            return c.recv(device_bytes(c, buf, "recv"), buf.nbytes(), peer, current_stream(c));
+            const int64_t ticket = c.recv(device_bytes(c, buf, "recv"), buf.nbytes(), peer, current_stream(c));
+            record_use(buf, c.recv_stream(), c.device());
+            return ticket;
           },
           py::arg("buffer"), py::arg("peer"), "Queue a receive into the buffer; a ticket")
       .def("done", &NcclComm::done, py::arg("ticket"))

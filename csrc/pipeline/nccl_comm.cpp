@@ -24,6 +24,48 @@ void backoff(int& polls) {
   if (++polls > 64) std::this_thread::sleep_for(std::chrono::microseconds(polls > 1024 ? 1000 : 50));
 }
 
+// Makes `device` current for a scope and restores the caller's device after it: a channel on
+// cuda:1 must not move the current device of the code that uses it.
+class DeviceGuard {
+ public:
+  explicit DeviceGuard(int device) {
+    cuda_check(cudaGetDevice(&previous_), "cudaGetDevice");
+    if (previous_ != device) cuda_check(cudaSetDevice(device), "cudaSetDevice");
+    changed_ = previous_ != device;
+  }
+  ~DeviceGuard() {
+    if (changed_) cudaSetDevice(previous_);
+  }
+  DeviceGuard(const DeviceGuard&) = delete;
+  DeviceGuard& operator=(const DeviceGuard&) = delete;
+
+ private:
+  int previous_ = 0;
+  bool changed_ = false;
+};
+
+// An NCCL group that ends on every path: left open by an exception, it would take in this
+// thread's later NCCL calls (torch.distributed's too), which would then wait for a group end
+// that never comes.
+class Group {
+ public:
+  Group() : started_(ncclGroupStart()) {}
+  ~Group() {
+    if (started_ == ncclSuccess && !ended_) ncclGroupEnd();
+  }
+  Group(const Group&) = delete;
+  Group& operator=(const Group&) = delete;
+  ncclResult_t started() const { return started_; }
+  ncclResult_t end() {
+    ended_ = true;
+    return ncclGroupEnd();
+  }
+
+ private:
+  ncclResult_t started_;
+  bool ended_ = false;
+};
+
 }  // namespace
 
 std::string nccl_unique_id() {
@@ -42,14 +84,15 @@ NcclComm::NcclComm(const std::string& unique_id, int rank, int nranks, int devic
   if (nranks < 1 || rank < 0 || rank >= nranks) {
     throw std::invalid_argument("pipeline NCCL channel: rank " + std::to_string(rank) + " of " + std::to_string(nranks));
   }
-  cuda_check(cudaSetDevice(device), "cudaSetDevice");
-  cuda_check(cudaStreamCreateWithFlags(&send_stream_, cudaStreamNonBlocking), "cudaStreamCreate(send)");
-  cuda_check(cudaStreamCreateWithFlags(&recv_stream_, cudaStreamNonBlocking), "cudaStreamCreate(recv)");
-  ncclUniqueId id;
-  std::memcpy(id.internal, unique_id.data(), NCCL_UNIQUE_ID_BYTES);
-  ncclConfig_t config = NCCL_CONFIG_INITIALIZER;
-  config.blocking = 0;  // every call returns at once; settle()/wait() poll with a deadline
+  std::lock_guard<std::mutex> lock(mutex_);
+  const DeviceGuard guard(device);
   try {
+    cuda_check(cudaStreamCreateWithFlags(&send_stream_, cudaStreamNonBlocking), "cudaStreamCreate(send)");
+    cuda_check(cudaStreamCreateWithFlags(&recv_stream_, cudaStreamNonBlocking), "cudaStreamCreate(recv)");
+    ncclUniqueId id;
+    std::memcpy(id.internal, unique_id.data(), NCCL_UNIQUE_ID_BYTES);
+    ncclConfig_t config = NCCL_CONFIG_INITIALIZER;
+    config.blocking = 0;  // every call returns at once; settle()/wait() poll with a deadline
     settle(ncclCommInitRankConfig(&comm_, nranks, id, rank, &config), "ncclCommInitRankConfig");
   } catch (...) {
     release_resources();  // no destructor runs after a throwing constructor
@@ -57,7 +100,15 @@ NcclComm::NcclComm(const std::string& unique_id, int rank, int nranks, int devic
   }
 }
 
-NcclComm::~NcclComm() { release_resources(); }
+NcclComm::~NcclComm() {
+  std::lock_guard<std::mutex> lock(mutex_);
+  try {
+    const DeviceGuard guard(device_);
+    release_resources();
+  } catch (const std::exception&) {
+    release_resources();  // the device could not be made current: free what can be freed anyway
+  }
+}
 
 void NcclComm::release_resources() {
   if (comm_ != nullptr && !aborted_) ncclCommAbort(comm_);
@@ -79,13 +130,18 @@ void NcclComm::check_open() const {
 }
 
 void NcclComm::fail(const std::string& message, bool timeout) {
-  abort_reason_ = message;
-  abort();
+  if (!aborted_) abort_reason_ = message;
+  abort_locked();
   if (timeout) throw NcclTimeout("pipeline NCCL channel: " + message);
   throw std::runtime_error("pipeline NCCL channel: " + message);
 }
 
 void NcclComm::abort() {
+  std::lock_guard<std::mutex> lock(mutex_);
+  abort_locked();
+}
+
+void NcclComm::abort_locked() {
   if (comm_ != nullptr && !aborted_) {
     aborted_ = true;
     if (abort_reason_.empty()) abort_reason_ = "closed";
@@ -112,7 +168,6 @@ void NcclComm::settle(ncclResult_t result, const char* what) {
 }
 
 int64_t NcclComm::new_ticket(cudaStream_t stream, cudaStream_t after) {
-  std::lock_guard<std::mutex> lock(mutex_);
   Op op;
   if (free_events_.empty()) {
     cuda_check(cudaEventCreateWithFlags(&op.event, cudaEventDisableTiming), "cudaEventCreate");
@@ -130,15 +185,15 @@ int64_t NcclComm::new_ticket(cudaStream_t stream, cudaStream_t after) {
 }
 
 void NcclComm::issue(cudaStream_t stream, int64_t ticket) {
-  std::lock_guard<std::mutex> lock(mutex_);
   Op& op = ops_.at(ticket);
   cuda_check(cudaEventRecord(op.event, stream), "cudaEventRecord(channel stream)");
   op.issued = true;
 }
 
 int64_t NcclComm::send(const void* data, int64_t bytes, int peer, cudaStream_t after) {
+  std::lock_guard<std::mutex> lock(mutex_);
   check_open();
-  cuda_check(cudaSetDevice(device_), "cudaSetDevice");
+  const DeviceGuard guard(device_);
   const int64_t ticket = new_ticket(send_stream_, after);
   if (nranks_ == 1) {
     // A one-rank communicator must issue a send to itself in one group with its recv.
@@ -151,8 +206,9 @@ int64_t NcclComm::send(const void* data, int64_t bytes, int peer, cudaStream_t a
 }
 
 int64_t NcclComm::recv(void* data, int64_t bytes, int peer, cudaStream_t after) {
+  std::lock_guard<std::mutex> lock(mutex_);
   check_open();
-  cuda_check(cudaSetDevice(device_), "cudaSetDevice");
+  const DeviceGuard guard(device_);
   if (nranks_ == 1) {
     if (self_sends_.empty()) {
       throw std::runtime_error("pipeline NCCL channel to itself: recv with no send queued before it (a send to self "
@@ -167,10 +223,19 @@ int64_t NcclComm::recv(void* data, int64_t bytes, int peer, cudaStream_t after) 
     const int64_t ticket = new_ticket(recv_stream_, after);
     // The send side must also wait for the recv buffer's producer: both ride on one group.
     cuda_check(cudaStreamWaitEvent(send_stream_, ops_.at(ticket).event, 0), "cudaStreamWaitEvent");
-    settle(ncclGroupStart(), "ncclGroupStart");
-    settle(ncclSend(s.data, static_cast<size_t>(bytes), ncclUint8, rank_, comm_, send_stream_), "ncclSend");
-    settle(ncclRecv(data, static_cast<size_t>(bytes), ncclUint8, rank_, comm_, recv_stream_), "ncclRecv");
-    settle(ncclGroupEnd(), "ncclGroupEnd");
+    // Inside the group the calls only queue (their errors are checked once it ended): the group
+    // is closed before any error handling could abort the communicator, and on every path.
+    ncclResult_t sent = ncclSuccess, received = ncclSuccess, ended = ncclSuccess;
+    {
+      Group group;
+      settle(group.started(), "ncclGroupStart");
+      sent = ncclSend(s.data, static_cast<size_t>(bytes), ncclUint8, rank_, comm_, send_stream_);
+      received = ncclRecv(data, static_cast<size_t>(bytes), ncclUint8, rank_, comm_, recv_stream_);
+      ended = group.end();
+    }
+    settle(sent, "ncclSend");
+    settle(received, "ncclRecv");
+    settle(ended, "ncclGroupEnd");
     issue(send_stream_, s.ticket);
     issue(recv_stream_, ticket);
     return ticket;
@@ -181,11 +246,13 @@ int64_t NcclComm::recv(void* data, int64_t bytes, int peer, cudaStream_t after) 
   return ticket;
 }
 
-bool NcclComm::done(int64_t ticket) { return poll(ticket, false); }
+bool NcclComm::done(int64_t ticket) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return poll(ticket, false);
+}
 
 bool NcclComm::poll(int64_t ticket, bool release) {
   check_open();
-  std::unique_lock<std::mutex> lock(mutex_);
   auto it = ops_.find(ticket);
   if (it == ops_.end()) throw std::invalid_argument("pipeline NCCL channel: unknown ticket " + std::to_string(ticket));
   if (it->second.issued) {
@@ -197,12 +264,8 @@ bool NcclComm::poll(int64_t ticket, bool release) {
       }
       return true;
     }
-    if (err != cudaErrorNotReady) {
-      lock.unlock();
-      fail(std::string("cudaEventQuery: ") + cudaGetErrorString(err), false);
-    }
+    if (err != cudaErrorNotReady) fail(std::string("cudaEventQuery: ") + cudaGetErrorString(err), false);
   }
-  lock.unlock();
   ncclResult_t state = ncclSuccess;
   ncclCommGetAsyncError(comm_, &state);
   if (state != ncclSuccess && state != ncclInProgress) {
@@ -214,11 +277,16 @@ bool NcclComm::poll(int64_t ticket, bool release) {
 void NcclComm::wait(int64_t ticket, double timeout_s) {
   const Clock::time_point t0 = Clock::now();
   int polls = 0;
-  while (!poll(ticket, true)) {
-    if (seconds_since(t0) > timeout_s) {
-      fail("operation " + std::to_string(ticket) + " did not complete within " + std::to_string(timeout_s) +
-               " s (peer gone or stopped?)",
-           true);
+  while (true) {
+    {
+      // Locked per poll only: an abort() from another thread gets in between two polls.
+      std::lock_guard<std::mutex> lock(mutex_);
+      if (poll(ticket, true)) return;
+      if (seconds_since(t0) > timeout_s) {
+        fail("operation " + std::to_string(ticket) + " did not complete within " + std::to_string(timeout_s) +
+                 " s (peer gone or stopped?)",
+             true);
+      }
     }
     backoff(polls);
   }

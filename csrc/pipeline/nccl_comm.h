@@ -2,12 +2,15 @@
 // receive streams, one CUDA event per operation ("ticket"), and waits that poll the event and the
 // communicator's asynchronous error so that a dead or stuck peer gives an error within the timeout
 // (the communicator is then aborted), never a hang. Framework-free: raw device pointers and CUDA
-// streams, no torch; the extension binds it in pipeline_bindings.cpp, bench_pipeline uses it as is.
+// streams, no torch; the extension binds it in pipeline/bindings.cpp, bench_pipeline uses it as is.
+// Every call leaves the caller's current CUDA device as it found it, and may come from any thread:
+// wait() runs without the Python GIL, so abort(), done() or the destructor can meet it.
 #pragma once
 
 #include <cuda_runtime_api.h>
 #include <nccl.h>
 
+#include <atomic>
 #include <cstdint>
 #include <deque>
 #include <map>
@@ -49,8 +52,11 @@ class NcclComm {
   // NcclTimeout, on an NCCL error std::runtime_error, aborting the communicator in both cases.
   void wait(int64_t ticket, double timeout_s);
   void abort();
-  bool aborted() const { return aborted_; }
+  bool aborted() const { return aborted_.load(); }
   int device() const { return device_; }
+  // The streams the transfers run on (the binding records its buffers' use on them).
+  cudaStream_t send_stream() const { return send_stream_; }
+  cudaStream_t recv_stream() const { return recv_stream_; }
 
  private:
   struct Op {
@@ -63,21 +69,25 @@ class NcclComm {
     int64_t ticket;
   };
 
+  // The private functions run with mutex_ held.
   bool poll(int64_t ticket, bool release);
   void release_resources();
   int64_t new_ticket(cudaStream_t stream, cudaStream_t after);
   void issue(cudaStream_t stream, int64_t ticket);
   void settle(ncclResult_t result, const char* what);  // waits out ncclInProgress, throws on errors
   [[noreturn]] void fail(const std::string& message, bool timeout);
+  void abort_locked();
   void check_open() const;
 
+  // Guards the communicator, the streams, the operations, their events and the self-sends: a
+  // close() or a garbage collection in another thread must not free what a wait() is polling.
+  std::mutex mutex_;
   ncclComm_t comm_ = nullptr;
   int rank_, nranks_, device_;
   double timeout_s_;
-  bool aborted_ = false;
+  std::atomic<bool> aborted_{false};
   std::string abort_reason_;
   cudaStream_t send_stream_ = nullptr, recv_stream_ = nullptr;
-  std::mutex mutex_;  // guards ops_ and events_ (wait() runs without the Python GIL)
   std::map<int64_t, Op> ops_;
   std::vector<cudaEvent_t> free_events_;
   std::deque<PendingSelfSend> self_sends_;

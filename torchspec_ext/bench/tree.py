@@ -3,7 +3,10 @@ the same run.
 
 tree_attention: the baseline is ``F.scaled_dot_product_attention(q, k, v, attn_mask, enable_gqa=True)``
 with the ``[B, 1, T, S]`` boolean tree mask built beforehand (not timed), S = prefix + T. Both
-outputs are compared with a float64 reference on the first input set.
+outputs are compared with a float64 reference on the first input set. The bytes the CUDA kernel
+moves (``cuda_attention_bytes``: each block, a tile of nodes, reads the prefix once) are printed
+against the floor (q, k, v read once, out written once) for every case, and for the GPU shape in
+the header, GPU or not.
 
 Verification: the tree is a chain whose every node is accepted (every draft token is the
 target's argmax at its parent), the worst case, in which all T logits rows of every batch row are
@@ -48,6 +51,37 @@ from torchspec_ext.bench.common import (
 from torchspec_ext.ops import tree_attention, verify_tree_greedy, verify_tree_sampling
 
 ATTN, GREEDY, SAMPLING, WALK = "tree_attention", "verify_tree_greedy", "verify_tree_sampling", "greedy walk"
+
+# The CUDA tree_attention kernel's query rows per block (kTreeAttentionRowsPerBlock, csrc/common/tree.h):
+# a block serves the G query heads of one kv head for a tile of 64 / G nodes.
+CUDA_ROWS_PER_BLOCK = 64
+
+
+def cuda_attention_bytes(batch: int, q_heads: int, kv_heads: int, nodes: int, prefix: int, dim: int, esize: int) -> int:
+    """Bytes the CUDA tree_attention kernel reads and writes (tree_attention_cuda_bytes in
+    csrc/common/tree.h): per block, its rows' queries and outputs, the prefix's keys and values,
+    and the tree's up to its last node."""
+    group = q_heads // kv_heads
+    tile = 1 if group >= CUDA_ROWS_PER_BLOCK else CUDA_ROWS_PER_BLOCK // group
+    per_unit = sum(2 * group * min(tile, nodes - j0) * dim + 2 * (prefix + j0 + min(tile, nodes - j0)) * dim
+                   for j0 in range(0, nodes, tile))
+    return batch * kv_heads * per_unit * esize
+
+
+def attention_floor_bytes(batch: int, q_heads: int, kv_heads: int, nodes: int, prefix: int, dim: int, esize: int) -> int:
+    """q, k and v read once, out written once."""
+    return (2 * batch * q_heads * nodes + 2 * batch * kv_heads * (prefix + nodes)) * dim * esize
+
+
+def gpu_shape_bytes_note() -> str:
+    """The byte arithmetic of the CUDA kernel at the GPU benchmark's largest shape."""
+    shape = (64, 32, 8, 64, 4096, 128, 2)
+    ours, floor = cuda_attention_bytes(*shape), attention_floor_bytes(*shape)
+    batch, q_heads, kv_heads, nodes, prefix, dim, esize = shape
+    per_node = batch * kv_heads * nodes * (2 * (q_heads // kv_heads) * dim + 2 * (prefix + 1) * dim) * esize
+    return (f"B={batch} T={nodes} prefix={prefix} Hq={q_heads} Hkv={kv_heads} D={dim} bf16: the CUDA kernel moves "
+            f"{ours / 1e9:.2f} GB, the floor {floor / 1e9:.2f} GB ({ours / floor:.2f}x); one block per node, "
+            f"as before, moved at least {per_node / 1e9:.1f} GB ({per_node / floor:.0f}x)")
 
 FLASHINFER_NOTE = (
     "flashinfer.sampling.chain_speculative_sampling on the verify_tree_sampling rows' chains (T nodes: "
@@ -206,6 +240,10 @@ def run_attention(case: Case, device: torch.device, timing: Timing) -> dict[str,
     if case.compile:
         compiled = lambda fn: lambda q, k, v, lens, parents, mask: fn(q, k, v, lens, parents)
         row.update(time_compiled(reference.tree_attention, compiled, sets, device, timing, ours_ms))
+    esize = torch.empty((), dtype=case.dtype).element_size()
+    shape = (case.batch, case.q_heads, case.kv_heads, case.nodes, case.prefix, case.dim, esize)
+    row["cuda_gb"] = cuda_attention_bytes(*shape) / 1e9
+    row["cuda_over_floor"] = cuda_attention_bytes(*shape) / attention_floor_bytes(*shape)
     # Correct when no worse than twice the baseline's own error (float32: a few 1e-6).
     ok = ours_err <= max(2 * baseline_err, 1e-5)
     return row | {"result": verdict(case, row, ok, ours_err)}
@@ -302,6 +340,8 @@ COLUMNS = [
     Column("flashinfer_ms", "flashinfer chain ms", fmt_num()),
     Column("floor_ms", "one read ms", fmt_num()),
     Column("ours_over_floor", "ours/one read", fmt_fixed(2)),
+    Column("cuda_gb", "CUDA kernel GB", fmt_num()),
+    Column("cuda_over_floor", "CUDA GB/floor", fmt_fixed(2)),
     Column("accepted", "mean accepted", fmt_fixed(1)),
     Column("ours_err", "ours max err", fmt_num(2)),
     Column("baseline_err", "baseline max err", fmt_num(2)),
@@ -319,6 +359,7 @@ def run(args: Any) -> Report:
         "trees": "attention: random trees, mask built before timing; verification: fully accepted chains",
         "compile": COMPILE_NOTE + "; attention only (the verification references are Python walks)",
         "peer": f"{flashinfer_status}. {FLASHINFER_NOTE}",
+        "CUDA attention bytes": gpu_shape_bytes_note(),
         "sizes": "quick (targets not checked)" if args.quick else "default",
     }
 

@@ -393,7 +393,10 @@ class TensorChannel:
 
     def _post_preamble_recv(self, what: str, deadline: float):
         # Posted one batch ahead, so that the sender's preamble never waits for the receiver to
-        # ask for it: per batch only the body costs a round trip, as a raw send does.
+        # ask for it: per batch only the body costs a round trip, as a raw send does. Over NCCL the
+        # receive runs on the communicator's stream, on which the binding records the buffer's use:
+        # dropped with the channel before the peer's preamble came, its memory is not reused until
+        # the receive completed or the communicator was aborted.
         pre = torch.empty(PREAMBLE_BYTES, dtype=torch.uint8, device=self.device)
         return self._call(lambda: self._transport.recv(pre), what, deadline), pre
 
@@ -437,6 +440,9 @@ class TensorChannel:
                 self._prefetcher.join(_CLOSE_JOIN_S)
             if self.backend == "nccl" and self._error is None:
                 self._transport.abort()  # all sends completed: nothing is lost by freeing the communicator
+            # A preamble receive still posted ends with the abort (or the communicator); its buffer
+            # goes back to the allocator, which waits for the communicator's stream first.
+            self._next_pre = None
 
     @property
     def closed(self) -> bool:

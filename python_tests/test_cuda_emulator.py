@@ -1,0 +1,58 @@
+"""Every CUDA kernel of csrc/kernels executed on the CPU, GPU or not.
+
+The kernel files are compiled as C++ against the CUDA emulator (csrc/testing/cuda_emulator.h: one
+fiber per CUDA thread, checked barriers and warp collectives, poisoned and bounded shared memory)
+and run by csrc/testing/emulator_test.cpp against their CPU twins on the cases of the CUDA tests,
+under four thread orders (docs/cuda_emulator.md). This needs only g++ (C++20): without it, and only
+then, these tests are skipped.
+"""
+
+import subprocess
+
+import pytest
+from cuda_emulator_build import CXX, build, compiler
+
+pytestmark = pytest.mark.skipif(compiler() is None, reason=f"no C++ compiler ({CXX}) to build the CUDA emulator test")
+
+
+@pytest.fixture(scope="module")
+def driver():
+    return build()
+
+
+def run(driver, *args, timeout=900):
+    return subprocess.run([str(driver), *args], capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.parametrize("family", ["topk", "draft_loss", "tree_attention", "verify", "launch"])
+def test_cuda_kernels_match_cpu_twins_on_the_emulator(driver, family):
+    done = run(driver, family)
+    assert done.returncode == 0, f"exit {done.returncode}\n{done.stdout}\n{done.stderr}"
+    assert "runs passed" in done.stdout
+    print(done.stdout)
+
+
+# Kernels with a known bug, built into the test binary: the emulator must report each one (exit 3).
+@pytest.mark.parametrize(
+    "name,message",
+    [
+        ("deadlock", "deadlock: no thread can run"),
+        ("divergent_barrier", "divergent __syncthreads"),
+        ("divergent_shuffle", "divergent warp collective"),
+        ("exited_lane", "exited while named in the mask"),
+        ("shuffle_outside_mask", "which is not in the mask"),
+        ("shared_overflow", "past the end of dynamic shared memory"),
+        ("shared_slack", "a write past the end of dynamic shared memory"),
+        ("misaligned_load", "misaligned __ldcs of 16 bytes"),
+        ("global_overflow", "outside a cudaMalloc'd buffer"),
+    ],
+)
+def test_emulator_reports_the_bug(driver, name, message):
+    done = run(driver, "selftest", name, timeout=60)
+    assert done.returncode == 3 and message in done.stderr, f"exit {done.returncode}\n{done.stderr}"
+
+
+def test_emulator_poisons_shared_memory(driver):
+    # A shared variable read before any write gives the poison (all bits set), not a zero.
+    done = run(driver, "selftest", "uninitialised_shared", timeout=60)
+    assert done.returncode == 0 and "read ffffffff" in done.stdout, done.stdout + done.stderr
