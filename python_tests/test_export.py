@@ -2,6 +2,8 @@
 (export CLI, Eagle3Draft.load, eval's --draft DIR), on a tiny random Llama target."""
 
 import json
+import os
+import stat
 
 import pytest
 import torch
@@ -85,7 +87,7 @@ def test_export_of_a_training_run(target, tmp_path, capsys):
     weights = load_file(str(out / "model.safetensors"))
     assert set(weights) == WEIGHT_KEYS  # no embed_tokens: SGLang and vLLM take the target's
     assert weights["d2t"].dtype == torch.int64 and weights["t2d"].dtype == torch.bool
-    assert all(v.dtype == torch.float32 for k, v in weights.items() if k not in ("d2t", "t2d"))
+    assert all(v.dtype == torch.bfloat16 for k, v in weights.items() if k not in ("d2t", "t2d"))  # by default
     target_ids = torch.arange(DRAFT_VOCAB) + weights["d2t"]  # how SGLang and vLLM read d2t
     assert torch.equal(target_ids, draft.draft_to_target())
     assert weights["t2d"].shape == (VOCAB,) and int(weights["t2d"].sum()) == DRAFT_VOCAB
@@ -93,7 +95,7 @@ def test_export_of_a_training_run(target, tmp_path, capsys):
     assert weights["fc.weight"].shape == (64, 3 * 64) and weights["lm_head.weight"].shape == (DRAFT_VOCAB, 64)
     assert weights["midlayer.self_attn.q_proj.weight"].shape == (64, 2 * 64)
     for k, v in draft.trained_state().items():
-        assert torch.equal(weights[k], v), k
+        assert torch.equal(weights[k], v.to(torch.bfloat16) if v.is_floating_point() else v), k
 
     config = json.loads((out / "config.json").read_text())
     assert config["architectures"] == ["LlamaForCausalLMEagle3"] and config["model_type"] == "llama"
@@ -101,17 +103,20 @@ def test_export_of_a_training_run(target, tmp_path, capsys):
     assert config["vocab_size"] == VOCAB and config["draft_vocab_size"] == DRAFT_VOCAB
     assert config["hidden_size"] == config["target_hidden_size"] == 64
     assert config["num_attention_heads"] == 4 and config["num_key_value_heads"] == 2 and config["head_dim"] == 16
-    assert config["torch_dtype"] == "float32" and "torchspec_ext" not in config
+    assert config["torch_dtype"] == "bfloat16" and "torchspec_ext" not in config
     layers = [2, LAYERS // 2, LAYERS - 3]
     assert draft.config.feature_layers == layers
     assert config["eagle_aux_hidden_state_layer_ids"] == layers  # vLLM: input of decoder layer i
     assert config["eagle_config"]["eagle_aux_hidden_state_layer_ids"] == [i - 1 for i in layers]  # SGLang: output of i
     assert config["eagle_config"]["use_aux_hidden_state"] is True
 
-    # What export wrote loads back into the very same draft.
+    # What export wrote loads back into the same draft, up to bfloat16's rounding.
     loaded = Eagle3Draft.load(out, target)
     assert loaded.config.feature_layers == layers
-    assert torch.equal(logprobs(target, loaded, IDS, PATHS), logprobs(target, draft, IDS, PATHS))
+    want, got = logprobs(target, draft, IDS, PATHS), logprobs(target, loaded, IDS, PATHS)
+    kept = torch.isfinite(want)
+    assert torch.equal(kept, torch.isfinite(got))
+    assert torch.allclose(got[kept], want[kept], atol=0.05)
 
 
 def test_export_sources_and_replacement(target, tmp_path, capsys):
@@ -120,32 +125,58 @@ def test_export_sources_and_replacement(target, tmp_path, capsys):
     out = tmp_path / "export"
     assert export_main([str(step_dir), "--out", str(out)]) == 0  # a checkpoint directory
     assert export_main([str(out), "--out", str(tmp_path / "again")]) == 0  # an export re-exports
-    assert torch.equal(load_file(str(tmp_path / "again" / "model.safetensors"))["fc.weight"], draft.fc.weight)
+    bf16 = draft.fc.weight.to(torch.bfloat16)
+    assert torch.equal(load_file(str(tmp_path / "again" / "model.safetensors"))["fc.weight"], bf16)
     # output-dir/draft when there is no checkpoint; an earlier export at --out is replaced.
     final = make_draft(target)
     (run / "checkpoints" / "latest").unlink()
     final.save(run / "draft")
     assert export_main([str(run), "--out", str(out)]) == 0
-    assert torch.equal(load_file(str(out / "model.safetensors"))["fc.weight"], final.fc.weight)
+    assert torch.equal(load_file(str(out / "model.safetensors"))["fc.weight"], final.fc.weight.to(torch.bfloat16))
     assert "run/draft" in capsys.readouterr().out
 
 
-def test_bfloat16_export(target, tmp_path):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_export_in_another_dtype(target, tmp_path, dtype):
+    """--dtype float32 keeps the trained weights bit for bit; float16 rounds them."""
     draft = make_draft(target)
     draft.save(tmp_path / "draft")
-    out = tmp_path / "bf16"
-    assert export_main([str(tmp_path / "draft"), "--out", str(out), "--dtype", "bfloat16"]) == 0
+    out = tmp_path / "other"
+    name = str(dtype).removeprefix("torch.")
+    assert export_main([str(tmp_path / "draft"), "--out", str(out), "--dtype", name]) == 0
     weights = load_file(str(out / "model.safetensors"))
     assert weights["d2t"].dtype == torch.int64 and weights["t2d"].dtype == torch.bool
     for k, v in draft.trained_state().items():
         if k not in ("d2t", "t2d"):
-            assert weights[k].dtype == torch.bfloat16 and torch.equal(weights[k], v.to(torch.bfloat16)), k
-    assert json.loads((out / "config.json").read_text())["torch_dtype"] == "bfloat16"
+            assert weights[k].dtype == dtype and torch.equal(weights[k], v.to(dtype)), k
+    assert json.loads((out / "config.json").read_text())["torch_dtype"] == name
     loaded = Eagle3Draft.load(out, target)
     want, got = logprobs(target, draft, IDS, PATHS), logprobs(target, loaded, IDS, PATHS)
-    kept = torch.isfinite(want)
-    assert torch.equal(kept, torch.isfinite(got))
-    assert torch.allclose(got[kept], want[kept], atol=0.05)
+    if dtype == torch.float32:
+        assert torch.equal(got, want)  # the very same draft
+    else:
+        kept = torch.isfinite(want)
+        assert torch.equal(kept, torch.isfinite(got))
+        assert torch.allclose(got[kept], want[kept], atol=0.05)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027, 0o077])
+def test_export_modes_follow_the_umask(target, tmp_path, umask):
+    """The folder and its files get what mkdir and open give under the umask (0755 / 0644 under
+    022): a serving engine running as another user can read them, also after a re-export."""
+    draft = make_draft(target)
+    src = _saved(draft, tmp_path)
+    out = tmp_path / "export"
+    old = os.umask(umask)
+    try:
+        for _ in range(2):  # a first export, then one replacing it
+            assert export_main([src, "--out", str(out)]) == 0
+            assert stat.S_IMODE(out.stat().st_mode) == 0o777 & ~umask, oct(out.stat().st_mode)
+            for name in ("config.json", "model.safetensors"):
+                mode = stat.S_IMODE((out / name).stat().st_mode)
+                assert mode == 0o666 & ~umask, (name, oct(mode))
+    finally:
+        os.umask(old)
 
 
 def test_load_without_target_reads_a_checkpoint(target, tmp_path):

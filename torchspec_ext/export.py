@@ -5,7 +5,13 @@ final ``draft/``), one checkpoint directory (``checkpoints/step-N``) or a draft 
 DIR receives ``config.json`` (architecture ``LlamaForCausalLMEagle3``) and
 ``model.safetensors`` (``fc``, ``midlayer.*``, ``norm``, ``lm_head``, ``d2t`` int64, ``t2d``
 bool), which SGLang and vLLM load as is next to the target model; the draft has no tokenizer
-or embedding of its own (both are the target's). DIR is written whole or not at all.
+or embedding of its own (both are the target's). DIR is written whole or not at all, readable
+as any model folder (0755 / 0644 under the usual umask 022).
+
+The weights are bfloat16 by default, the dtype targets are served in: SGLang's ``--dtype auto``
+reads the draft's own dtype and serves a float32 draft in float16, which then meets a bfloat16
+target's hidden states ("mat1 and mat2 must have the same dtype"). ``--dtype float32`` keeps
+the trained weights exactly; ``--dtype float16`` is for a float16 target.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import torch
 from torchspec_ext.draft import CONFIG_NAME, WEIGHTS_NAME, Eagle3Draft
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DEFAULT_DTYPE = "bfloat16"
 CHECKPOINTS, LATEST, FINAL_DRAFT = "checkpoints", "latest", "draft"  # train.py's layout
 
 
@@ -94,7 +101,22 @@ def _replace_dir(staging: Path, out: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def export(src: Path, out: Path, dtype: str = "float32") -> tuple[str, str | None]:
+def _umask() -> int:
+    mask = os.umask(0o022)  # the only way to read it is to set it
+    os.umask(mask)
+    return mask
+
+
+def _make_readable(directory: Path) -> None:
+    """Gives ``directory`` and its files the modes ``mkdir`` and ``open`` give them under the
+    umask: tempfile made the folder private (0700), safetensors its file (0600)."""
+    mask = _umask()
+    directory.chmod(0o777 & ~mask)
+    for path in directory.iterdir():
+        path.chmod(0o666 & ~mask)
+
+
+def export(src: Path, out: Path, dtype: str = DEFAULT_DTYPE) -> tuple[str, str | None]:
     """Writes the EAGLE-3 checkpoint of ``src`` to ``out``; returns a one-line summary and a
     warning (or None)."""
     draft_dir = resolve_source(src)
@@ -109,6 +131,7 @@ def export(src: Path, out: Path, dtype: str = "float32") -> tuple[str, str | Non
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         draft.save(staging, DTYPES[dtype], private=False)
+        _make_readable(staging)
         _replace_dir(staging, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -135,7 +158,9 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m torchspec_ext.export", description=__doc__.split("\n\n")[0])
     parser.add_argument("src", help="a training output directory, a checkpoint directory or a draft directory")
     parser.add_argument("--out", required=True, help="the directory to write (replaced if it is an earlier export)")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="of the floating-point weights")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default=DEFAULT_DTYPE,
+                        help="of the floating-point weights (default: %(default)s, as engines serve drafts; "
+                             "float32 keeps the trained weights exactly)")
     args = parser.parse_args(argv)
     try:
         summary, warning = export(Path(args.src), Path(args.out), args.dtype)

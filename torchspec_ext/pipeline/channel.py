@@ -53,7 +53,6 @@ _END_OF_STREAM = -1
 # How long the receive thread waits for a preamble. It waits even while no recv() does (so
 # recv()'s own timeout applies instead); gloo's wait needs a finite limit.
 _PREFETCH_WAIT_S = 7 * 24 * 3600.0
-_CLOSE_JOIN_S = 0.5
 
 
 # Gloo tags of the channels start here, away from the small tags of a job's own send/recv (a
@@ -375,6 +374,8 @@ class TensorChannel:
             while True:
                 self._slots.acquire()
                 if self._closed:
+                    if self._next_pre is not None:  # posted ahead: see _end_receive_thread
+                        self._post_body(time.monotonic() + _PREFETCH_WAIT_S, self._receiving(posted))
                     return
                 # No deadline here: recv() applies the timeout to what it waits for; a wait that
                 # timed out would break gloo's connection, and a peer may rightly pause while no
@@ -416,8 +417,11 @@ class TensorChannel:
     def close(self) -> None:
         """On a side that sent batches: waits (up to ``timeout``) until the peer received them and
         the end of the stream after them (its ``recv()`` raising ``ChannelClosed``), so nothing
-        sent is lost unnoticed; ``ChannelTimeout`` if the peer stops reading. On a side that only
-        received: returns at once. Idempotent; later ``send``/``recv`` raise ``ChannelClosed``."""
+        sent is lost unnoticed; ``ChannelTimeout`` if the peer stops reading. On a side that
+        received over gloo, and did not see the end of the stream yet: waits (up to ``timeout``)
+        for the peer's next message, its end of the stream or the next batch (dropped), so
+        that the two sides may close in either order after the last batch; ``ChannelTimeout``
+        if the peer sends nothing. Idempotent; later ``send``/``recv`` raise ``ChannelClosed``."""
         if self._closed:
             return
         try:
@@ -433,16 +437,29 @@ class TensorChannel:
             self._inflight.clear()
             self._free.clear()
             self._recv_pool.clear()
-            if self._prefetcher is not None:
-                self._slots.release()  # a receive thread waiting for a slot sees the channel closed
-                # One waiting for a preamble ends when the next arrives; let it, if it comes soon: a
-                # thread still in gloo's wait when the interpreter exits could abort the process.
-                self._prefetcher.join(_CLOSE_JOIN_S)
+            self._end_receive_thread()
             if self.backend == "nccl" and self._error is None:
                 self._transport.abort()  # all sends completed: nothing is lost by freeing the communicator
             # A preamble receive still posted ends with the abort (or the communicator); its buffer
             # goes back to the allocator, which waits for the communicator's stream first.
             self._next_pre = None
+
+    def _end_receive_thread(self) -> None:
+        """Waits (up to ``timeout``) until the receive thread ended, which it does once the
+        preamble it posted ahead arrived: a posted gloo receive ends only with a message or the
+        peer's exit. A thread left in gloo's wait aborts the process if the wait ends while the
+        interpreter shuts down: Python then ends the thread with ``pthread_exit``, whose unwinding
+        through the GIL's release in torch's ``Work.wait`` (a noexcept destructor) calls
+        ``std::terminate`` ("terminate called without an active exception")."""
+        if self._prefetcher is None:
+            return
+        self._slots.release()  # a receive thread waiting for a slot sees the channel closed
+        if self._error is not None:
+            return  # the peer failed (the thread ended with it), or it timed out: waiting again is no use
+        self._prefetcher.join(self.timeout)
+        if self._prefetcher.is_alive():
+            self._fail(ChannelTimeout(f"pipeline: closing the channel from rank {self.peer}: it sent neither "
+                                      f"the end of its stream nor another batch within {self.timeout:g} s"))
 
     @property
     def closed(self) -> bool:
