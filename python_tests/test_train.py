@@ -346,3 +346,12 @@ torch.save = dying_save
     resumed = start_run(tiny_target, tmp_path, "--max-steps", "6", "--save-interval", "3", "--resume")
     assert "at step 3" in resumed.stderr.read() and resumed.wait(timeout=300) == 0
     assert (tmp_path / "out" / "checkpoints" / "latest").read_text().strip() == "step-00000006"
+
+
+def test_training_flushes_subnormals_and_restores_the_default():
+    from torchspec_ext.train import subnormals_flushed
+
+    tiny = torch.tensor([1e-40])  # a float32 subnormal
+    with subnormals_flushed():
+        assert (tiny * 1.0).item() == 0.0
+    assert (tiny * 1.0).item() != 0.0

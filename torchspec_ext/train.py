@@ -920,9 +920,9 @@ def fit_to_budget(args, checkpoint: Path | None, started: float, online: Teacher
                   prompt: list[int]) -> float:
     """Sets ``args.max_steps`` (and so the teacher batches, max-steps / epochs) for --time-budget,
     from the cost of the first round of teacher batches (kept for the run), of a training step
-    (on a throw-away copy of the draft) and of decoding for the final evaluation; returns the
-    time (``time.monotonic()``) by which the training loop must end. A resumed run keeps the
-    plan of the run it continues."""
+    (on a throw-away copy of the draft, plus its share of the --eval-interval evaluations) and of
+    decoding for the final evaluation; returns the time (``time.monotonic()``) by which the
+    training loop must end. A resumed run keeps the plan of the run it continues."""
     from torchspec_ext.budget import BudgetError, Costs, plan_run
 
     if checkpoint is not None:
@@ -935,9 +935,11 @@ def fit_to_budget(args, checkpoint: Path | None, started: float, online: Teacher
     for position in range(0, ready, online.round_batches):
         online.prefetch(position)
     teacher_s = (time.monotonic() - begin) / ready
-    costs = Costs(spent=time.monotonic() - started, teacher_batch=teacher_s,
-                  step=training_step_seconds(draft, args, [online.decoded[p] for p in range(min(4, ready))]),
-                  evaluation=evaluation_seconds(target, prompt, args))
+    evaluation = evaluation_seconds(target, prompt, args)
+    step = training_step_seconds(draft, args, [online.decoded[p] for p in range(min(4, ready))])
+    if args.eval_interval:  # the held-out evaluations every --eval-interval steps, spread over the steps
+        step += evaluation / args.eval_interval
+    costs = Costs(spent=time.monotonic() - started, teacher_batch=teacher_s, step=step, evaluation=evaluation)
     try:
         plan = plan_run(args.time_budget * 60, costs, args.epochs, online.round_batches, ready, len(online.batches))
     except BudgetError as exc:
@@ -948,11 +950,13 @@ def fit_to_budget(args, checkpoint: Path | None, started: float, online: Teacher
 
 
 def training_step_seconds(draft: Eagle3Draft, args, batches: list[dict[str, Tensor]]) -> float:
-    """Mean seconds of a training step over ``batches`` (on a copy of the draft, after a warm-up step)."""
+    """Mean seconds of a training step over ``batches`` (on a copy of the draft, after two warm-up
+    steps: the first steps of a process run slower while its allocator and caches fill)."""
     import copy
 
     trainer = DraftTrainer(copy.deepcopy(draft), args)
-    trainer.step(batches[0])
+    for batch in batches[:2]:
+        trainer.step(batch)
     begin = time.monotonic()
     for batch in batches:
         trainer.step(batch)
@@ -999,7 +1003,23 @@ def checkpoint_position(checkpoint: Path | None) -> tuple[int, int]:
     return state["step"], state["data_position"]
 
 
+@contextlib.contextmanager
+def subnormals_flushed():
+    """Subnormal floats appear in the draft's training after some tens of steps and make each CPU
+    step after them up to 1.6x slower; flushed to zero they cost nothing (this sets the CPU's flags)."""
+    torch.set_flush_denormal(True)
+    try:
+        yield
+    finally:
+        torch.set_flush_denormal(False)  # torch's default, for the rest of the caller's process
+
+
 def train(args) -> dict:
+    with subnormals_flushed():
+        return _train(args)
+
+
+def _train(args) -> dict:
     started = time.monotonic()
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise TrainError(f"--device {args.device}: no CUDA GPU is usable here (torch.cuda.is_available() is False: "
@@ -1060,7 +1080,8 @@ def train(args) -> dict:
                 if layout.writer:
                     progress.update(step, result)
                 values = {"loss": result.loss, "acceptance_estimate": result.acceptance_estimate,
-                          "tokens_per_s": progress.tokens_per_s(), "lr": trainer.scheduler.get_last_lr()[0]}
+                          "tokens_per_s": progress.tokens_per_s(), "lr": trainer.scheduler.get_last_lr()[0],
+                          "elapsed_s": time.monotonic() - started}
                 for s, (loss, acc) in enumerate(zip(result.step_losses, result.step_accuracies)):
                     values[f"loss_step{s}"], values[f"accuracy_step{s}"] = loss, acc
                 if layout.writer and args.eval_interval and step % args.eval_interval == 0 and step < args.max_steps:
