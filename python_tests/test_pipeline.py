@@ -25,6 +25,7 @@ from torchspec_ext.pipeline import (
 )
 from torchspec_ext.pipeline.wire import ZERO_COPY_BYTES, pack, plan, preamble, read_preamble, unpack
 
+import pipeline_soak
 from conftest import HAS_GPU
 from pipeline_workers import (assert_same_batch, large_batch, many_tensors_batch, random_batch, run_job,
                               teacher_batch)
@@ -524,6 +525,16 @@ def _job_nccl_self(rank, world):
         ch.send({"big": big})
         assert torch.equal(ch.recv()["big"], big)
     return True
+
+
+@pytest.mark.parametrize("scenario", pipeline_soak.SCENARIOS)
+def test_channel_endings(scenario):
+    """Two processes that exit as a user's script does, or die mid-stream (pipeline_soak.py): exit
+    codes, no abort at exit, every batch bit for bit and in order, the healthy endings never
+    raising. `python python_tests/pipeline_soak.py 20` repeats each 20 times."""
+    runs = int(os.environ.get("TORCHSPEC_SOAK_RUNS", "2"))
+    problems = [f"run {i}: {p}" for i in range(runs) for p in pipeline_soak.run_once(scenario, i)]
+    assert not problems, "\n".join(problems)
 
 
 @pytest.mark.cuda
