@@ -454,9 +454,13 @@ class TensorChannel:
         if self._prefetcher is None:
             return
         self._slots.release()  # a receive thread waiting for a slot sees the channel closed
-        if self._error is not None:
-            return  # the peer failed (the thread ended with it), or it timed out: waiting again is no use
+        if isinstance(self._error, ChannelTimeout):
+            return  # the peer is alive but silent: the thread may wait on it for good, waiting again is no use
+        # A peer that failed fails every receive posted to it too, so the thread ends in a moment;
+        # seen only by recv() first, it may still be waking up.
         self._prefetcher.join(self.timeout)
+        if self._error is not None:
+            return
         if self._prefetcher.is_alive():
             self._fail(ChannelTimeout(f"pipeline: closing the channel from rank {self.peer}: it sent neither "
                                       f"the end of its stream nor another batch within {self.timeout:g} s"))
