@@ -103,10 +103,10 @@ def test_trains_checkpoints_and_resumes_on_the_same_curve(tiny_target, tmp_path,
     b = Eagle3Draft.load(split / "out" / "draft").trained_state()
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6)
-    # The run exports as an EAGLE-3 checkpoint with the trained weights.
+    # The run exports as an EAGLE-3 checkpoint with the trained weights (float32: bit for bit).
     from torchspec_ext import export
 
-    assert export.main([str(straight / "out"), "--out", str(tmp_path / "eagle3")]) == 0
+    assert export.main([str(straight / "out"), "--out", str(tmp_path / "eagle3"), "--dtype", "float32"]) == 0
     exported = Eagle3Draft.load(tmp_path / "eagle3").trained_state()
     for name in ("fc.weight", "midlayer.self_attn.q_proj.weight", "lm_head.weight", "d2t"):
         assert torch.equal(exported[name], a[name]), name
