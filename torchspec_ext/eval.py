@@ -114,10 +114,11 @@ def decode_modes(args) -> dict[str, TreeSpec]:
     return modes
 
 
-def plain_seconds(model, prompt, repeats: int = 2) -> float:
-    """Best time of plain greedy decoding of 16 tokens (after one warm-up call)."""
+def plain_seconds_per_token(model, prompt, tokens: int = 16, repeats: int = 2) -> float:
+    """Best time per token of plain greedy decoding of ``tokens`` tokens (after one warm-up call)."""
     generate_decode(model, prompt, 4, 0.0, None)
-    return min(generate_decode(model, prompt, 16, 0.0, None, min_new_tokens=16).seconds for _ in range(repeats))
+    runs = (generate_decode(model, prompt, tokens, 0.0, None, min_new_tokens=tokens).seconds for _ in range(repeats))
+    return min(runs) / tokens
 
 
 def choose_dtype(target, name: str, prompt) -> tuple:
@@ -129,7 +130,7 @@ def choose_dtype(target, name: str, prompt) -> tuple:
     timed = {}
     for dtype, model in candidates.items():
         try:
-            timed[dtype] = plain_seconds(model, prompt)
+            timed[dtype] = plain_seconds_per_token(model, prompt)
         except RuntimeError as exc:  # a dtype this machine cannot run
             print(f"[eval] the target does not run in {dtype} here: {exc}", file=sys.stderr)
     if not timed:
@@ -138,7 +139,7 @@ def choose_dtype(target, name: str, prompt) -> tuple:
     if name != "auto":
         return candidates[name], name
     best = min(timed, key=timed.get)
-    shown = ", ".join(f"{k} {16 / v:.1f} tokens/s" for k, v in timed.items())
+    shown = ", ".join(f"{k} {1 / v:.1f} tokens/s" for k, v in timed.items())
     print(f"[eval] --dtype auto: plain decoding {shown}: {best}", file=sys.stderr)
     return candidates[best], best
 

@@ -966,12 +966,10 @@ def training_step_seconds(draft: Eagle3Draft, args, batches: list[dict[str, Tens
 def evaluation_seconds(target, prompt: list[int], args) -> float:
     """About what the final evaluation takes: each mode decodes every prompt at roughly one plain
     decoding step and a half per token (measured on ``prompt``), and the draft is saved."""
+    from torchspec_ext.eval import plain_seconds_per_token
+
     modes = 2 if args.eval_tree_topk > 1 else 1
-    with torch.no_grad():
-        target.generate(torch.tensor([prompt]), max_new_tokens=2, do_sample=False)  # warm-up
-        begin = time.monotonic()
-        target.generate(torch.tensor([prompt]), max_new_tokens=8, min_new_tokens=8, do_sample=False)
-    per_token = (time.monotonic() - begin) / 8
+    per_token = plain_seconds_per_token(target, prompt, tokens=8, repeats=1)
     return 1.5 * per_token * args.eval_new_tokens * args.eval_prompts * modes + 5.0
 
 
