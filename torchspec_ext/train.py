@@ -1062,6 +1062,7 @@ def _train(args) -> dict:
     progress = Progress(args.max_steps, step, args.log_interval)
     summary: dict = {"start_step": step}
     done_position = stream.position  # the data position after the last finished step
+    logged_step = step  # the last step with a line in metrics.jsonl
     with StopSignals() as signals:
         try:
             while step < args.max_steps:
@@ -1090,6 +1091,7 @@ def _train(args) -> dict:
                           file=sys.stderr)
                 if step % args.log_interval == 0 or step == args.max_steps or "eval_acceptance_length" in values:
                     metrics.log(step, values)
+                    logged_step = step
                 if layout.writer and (step % args.save_interval == 0 or step == args.max_steps):
                     with signals.deferred():
                         save_checkpoint(output_dir, trainer, done_position, step, args, args.keep_checkpoints)
@@ -1103,6 +1105,8 @@ def _train(args) -> dict:
             progress.end()
             hint = f"continue with --resume --output-dir {output_dir}"
             if layout.writer and step > 0:
+                if step % args.log_interval == 0 and logged_step != step:  # stopped between the step and its line
+                    metrics.log(step, {"loss": result.loss, "elapsed_s": time.monotonic() - started})
                 with signals.deferred():
                     saved = save_checkpoint(output_dir, trainer, done_position, step, args, args.keep_checkpoints)
                 print(f"\n[train] {stop.name} at step {step}: saved {saved}; {hint}", file=sys.stderr)
