@@ -2,7 +2,7 @@
 
 import pytest
 
-from torchspec_ext.budget import MARGIN, BudgetError, Costs, plan_run
+from torchspec_ext.training.budget import MARGIN, BudgetError, Costs, plan_run
 
 
 def test_the_plan_fills_the_budget_with_whole_rounds():
@@ -48,7 +48,8 @@ def test_bad_time_budgets_are_refused_before_anything_loads(capsys):
 
 def test_the_cpu_default_is_a_time_budget():
     from torchspec_ext import train
+    from torchspec_ext.training.config import CPU_TIME_BUDGET
 
-    assert train.parse_args(["--device", "cpu"]).time_budget == train.CPU_TIME_BUDGET
+    assert train.parse_args(["--device", "cpu"]).time_budget == CPU_TIME_BUDGET
     assert train.parse_args(["--device", "cpu", "--max-steps", "7"]).time_budget is None
     assert train.parse_args(["--device", "cuda"]).time_budget is None

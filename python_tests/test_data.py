@@ -122,3 +122,14 @@ def test_missing_package_says_how_to_install():
         packaged_file("no_such_module_here", "x.json", "no-such-pkg==1", "data", "pass your own file")
     with pytest.raises(FileNotFoundError, match="is missing: reinstall pytest"):
         packaged_file("pytest", "no/such/file", "pytest", "data", "pass your own file")
+
+
+def test_pad_rows_pads_right_or_left():
+    import torch
+
+    from torchspec_ext.data import pad_rows
+
+    assert pad_rows([[1, 2, 3], [4]], 0).tolist() == [[1, 2, 3], [4, 0, 0]]
+    assert pad_rows([[1, 2, 3], [4], []], 9, left=True).tolist() == [[1, 2, 3], [9, 9, 4], [9, 9, 9]]
+    mask = pad_rows([torch.tensor([True, False]), torch.tensor([True])], False, dtype=torch.bool)
+    assert mask.dtype == torch.bool and mask.tolist() == [[True, False], [True, False]]

@@ -26,3 +26,14 @@ def test_default_target_loads_fast_and_answers():
 def test_not_a_model_directory(tmp_path):
     with pytest.raises(FileNotFoundError, match="not a Hugging Face model directory"):
         load_target(tmp_path)
+
+
+def test_stop_token_ids_join_the_generation_config_and_the_tokenizer():
+    from types import SimpleNamespace
+
+    from torchspec_ext.target import stop_token_ids
+
+    model = SimpleNamespace(generation_config=SimpleNamespace(eos_token_id=[7, 5]))
+    assert stop_token_ids(model, SimpleNamespace(eos_token_id=2)) == [2, 5, 7]
+    assert stop_token_ids(SimpleNamespace(generation_config=SimpleNamespace(eos_token_id=3))) == [3]
+    assert stop_token_ids(SimpleNamespace(), SimpleNamespace(eos_token_id=None)) == []

@@ -34,6 +34,7 @@ _ROLES = {
 }
 
 Conversation = list  # of {"role": str, "content": str}
+HELD_OUT_FRACTION = 0.02  # of the conversations, kept out of training for evaluation (train and eval split alike)
 
 
 @dataclass
@@ -152,6 +153,17 @@ def split_held_out(conversations: list, held_out: float | int, seed: int = 0) ->
     count = int(round(held_out * len(order))) if isinstance(held_out, float) else int(held_out)
     count = max(1, min(count, len(order) - 1))
     return [conversations[i] for i in order[count:]], [conversations[i] for i in order[:count]]
+
+
+def pad_rows(rows, value, left: bool = False, dtype: torch.dtype = torch.long) -> torch.Tensor:
+    """``rows`` (sequences or 1-D tensors of any lengths) as one ``[len(rows), longest]`` tensor,
+    padded with ``value`` on the right, or with ``left`` on the left (every row ends in the last column)."""
+    width = max(len(r) for r in rows)
+    out = torch.full((len(rows), width), value, dtype=dtype)
+    for i, r in enumerate(rows):
+        where = slice(width - len(r), width) if left else slice(0, len(r))
+        out[i, where] = torch.as_tensor(r, dtype=dtype)
+    return out
 
 
 def tokenize_conversation(tokenizer, messages: Conversation, max_length: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -21,18 +21,19 @@ from typing import Callable
 
 import torch
 
-from torchspec_ext.data import load_conversations, short_prompts, split_held_out
+from torchspec_ext.data import HELD_OUT_FRACTION, load_conversations, short_prompts, split_held_out
 from torchspec_ext.draft import CONFIG_NAME, WEIGHTS_NAME, DraftConfig, Eagle3Draft, Eagle3Drafter
 from torchspec_ext.speculate import TargetAsDraft, TreeSpec, speculative_generate
-from torchspec_ext.target import load_target
+from torchspec_ext.target import load_target, stop_token_ids
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def held_out_prompts(tokenizer, data_path, count: int, max_prompt_tokens: int, seed: int = 0) -> list[list[int]]:
-    """The first user turn of held-out conversations, in the target's chat template."""
+    """The first user turn of held-out conversations (held out as training holds them out by
+    default), in the target's chat template."""
     conversations, _ = load_conversations(data_path)
-    _, held_out = split_held_out(conversations, 0.02, seed=seed)
+    _, held_out = split_held_out(conversations, HELD_OUT_FRACTION, seed=seed)
     return short_prompts(held_out, tokenizer, count, max_prompt_tokens)
 
 
@@ -97,10 +98,61 @@ def generate_decode(model, prompt, max_new_tokens, temperature, eos, counter=Non
         kwargs["temperature"] = temperature
     before = counter.calls if counter else 0
     start = time.perf_counter()
+    pad = eos[0] if isinstance(eos, (list, tuple)) else eos
     out = model.generate(torch.tensor([prompt]), max_new_tokens=max_new_tokens, eos_token_id=eos,
-                         pad_token_id=eos, **kwargs)
+                         pad_token_id=pad, **kwargs)
     seconds = time.perf_counter() - start
     return Decoded(out[0, len(prompt):].tolist(), seconds, counter.calls - before if counter else 0)
+
+
+Decoder = Callable[[list[int], int, int], Decoded]  # (prompt, new tokens, the prompt's number) -> output
+
+
+def speculative_decoder(target, draft, spec: TreeSpec, temperature: float, eos, seed: int) -> Decoder:
+    """Speculative decoding with ``draft`` in ``spec``'s shape (prompt ``i`` sampled with seed ``seed + i``)."""
+    def decode(prompt, new_tokens, i):
+        gen = torch.Generator().manual_seed(seed + i)
+        r = speculative_generate(target, draft, prompt, new_tokens, spec, temperature, eos, generator=gen)
+        return Decoded(r.tokens, r.seconds, r.target_forwards)
+
+    return decode
+
+
+def decode_prompts(decoders: dict[str, Decoder], prompts, new_tokens: int, log=None) -> dict[str, dict]:
+    """The evaluation loop: every decoder on every prompt. Totals per decoder: tokens, seconds,
+    target forwards, and how many outputs equal the one of the decoder named "plain" (if any)."""
+    totals = {name: {"tokens": 0, "seconds": 0.0, "forwards": 0, "same": 0} for name in decoders}
+    for i, prompt in enumerate(prompts):
+        plain = None
+        for name, decode in decoders.items():
+            out = decode(prompt, new_tokens, i)
+            if name == "plain":
+                plain = out.tokens
+            t = totals[name]
+            t["tokens"] += len(out.tokens)
+            t["seconds"] += out.seconds
+            t["forwards"] += out.forwards
+            t["same"] += out.tokens == plain
+        if log is not None:
+            log(i)
+    return totals
+
+
+def acceptance_length(totals: dict) -> float:
+    """Tokens emitted per target forward."""
+    return totals["tokens"] / max(totals["forwards"], 1)
+
+
+def draft_acceptance_lengths(target, draft: Eagle3Draft, prompts, new_tokens: int, modes: dict[str, TreeSpec],
+                             eos) -> dict[str, float]:
+    """Greedy acceptance length of a draft in training, per mode (the draft is left in the
+    train/eval mode it was in)."""
+    was_training = draft.training
+    drafter = Eagle3Drafter(draft)
+    decoders = {name: speculative_decoder(target, drafter, spec, 0.0, eos, 0) for name, spec in modes.items()}
+    totals = decode_prompts(decoders, prompts, new_tokens)
+    draft.train(was_training)
+    return {name: acceptance_length(t) for name, t in totals.items()}
 
 
 def decode_modes(args) -> dict[str, TreeSpec]:
@@ -156,33 +208,19 @@ def evaluate(args, modes: dict[str, TreeSpec] | None = None) -> dict:
     target, dtype = choose_dtype(target, args.dtype, prompts[0])
     counter = ForwardCounter(target)
     draft = load_draft(args.draft, target)
-    eos = tokenizer.eos_token_id
+    eos = stop_token_ids(target, tokenizer)
     modes = decode_modes(args) if modes is None else modes
-    decoders: dict[str, Callable[[list[int], int, int], Decoded]] = {
+    decoders: dict[str, Decoder] = {
         "plain": lambda p, n, i: generate_decode(target, p, n, args.temperature, eos, counter),
         "prompt lookup": lambda p, n, i: generate_decode(target, p, n, args.temperature, eos, counter,
                                                         prompt_lookup_num_tokens=args.lookup_tokens),
     }
     for name, spec in modes.items():
-        def speculative(p, n, i, spec=spec):
-            gen = torch.Generator().manual_seed(args.seed + i)
-            r = speculative_generate(target, draft, p, n, spec, args.temperature, eos, generator=gen)
-            return Decoded(r.tokens, r.seconds, r.target_forwards)
-        decoders[name] = speculative
+        decoders[name] = speculative_decoder(target, draft, spec, args.temperature, eos, args.seed)
     for decode in decoders.values():  # warm-up: first calls pay one-time costs
         decode(prompts[0], 8, 0)
-    totals = {name: {"tokens": 0, "seconds": 0.0, "forwards": 0, "same": 0} for name in decoders}
-    for i, prompt in enumerate(prompts):
-        for name, decode in decoders.items():
-            out = decode(prompt, args.max_new_tokens, i)
-            if name == "plain":
-                plain = out.tokens
-            t = totals[name]
-            t["tokens"] += len(out.tokens)
-            t["seconds"] += out.seconds
-            t["forwards"] += out.forwards
-            t["same"] += out.tokens == plain
-        print(f"[eval] prompt {i + 1}/{len(prompts)} done", file=sys.stderr, flush=True)
+    log = lambda i: print(f"[eval] prompt {i + 1}/{len(prompts)} done", file=sys.stderr, flush=True)
+    totals = decode_prompts(decoders, prompts, args.max_new_tokens, log)
     plain_rate = totals["plain"]["tokens"] / max(totals["plain"]["seconds"], 1e-9)
     rows = []
     for name, t in totals.items():
@@ -192,7 +230,7 @@ def evaluate(args, modes: dict[str, TreeSpec] | None = None) -> dict:
             "max_nodes": modes[name].max_nodes if name in modes else None,
             "tokens": t["tokens"],
             "target_forwards": t["forwards"],
-            "acceptance_length": t["tokens"] / max(t["forwards"], 1),
+            "acceptance_length": acceptance_length(t),
             "tokens_per_s": rate,
             "speedup": rate / plain_rate,
             "same_as_plain": t["same"],

@@ -19,18 +19,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
 
+from torchspec_ext import atomic
 from torchspec_ext.draft import CONFIG_NAME, WEIGHTS_NAME, Eagle3Draft
+from torchspec_ext.training.checkpoints import CHECKPOINTS, FINAL_DRAFT, LATEST
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEFAULT_DTYPE = "bfloat16"
-CHECKPOINTS, LATEST, FINAL_DRAFT = "checkpoints", "latest", "draft"  # train.py's layout
 
 
 class ExportError(Exception):
@@ -86,21 +85,6 @@ def load_source(draft_dir: Path) -> Eagle3Draft:
     return draft
 
 
-def _replace_dir(staging: Path, out: Path) -> None:
-    """Moves ``staging`` to ``out``; an existing ``out`` is swapped out first and removed after."""
-    if not out.exists():
-        os.replace(staging, out)
-        return
-    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-    os.replace(out, old / out.name)
-    try:
-        os.replace(staging, out)
-    except OSError:
-        os.replace(old / out.name, out)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def _umask() -> int:
     mask = os.umask(0o022)  # the only way to read it is to set it
     os.umask(mask)
@@ -109,7 +93,7 @@ def _umask() -> int:
 
 def _make_readable(directory: Path) -> None:
     """Gives ``directory`` and its files the modes ``mkdir`` and ``open`` give them under the
-    umask: tempfile made the folder private (0700), safetensors its file (0600)."""
+    umask (safetensors writes its file 0600)."""
     mask = _umask()
     directory.chmod(0o777 & ~mask)
     for path in directory.iterdir():
@@ -128,13 +112,9 @@ def export(src: Path, out: Path, dtype: str = DEFAULT_DTYPE) -> tuple[str, str |
                           "refusing to replace it")
     out.parent.mkdir(parents=True, exist_ok=True)
     draft.set_vocab(draft.draft_to_target())  # t2d rebuilt from d2t, so the two always agree
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with atomic.staged(out) as staging:
         draft.save(staging, DTYPES[dtype], private=False)
         _make_readable(staging)
-        _replace_dir(staging, out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     c = draft.config
     size_mb = (out / WEIGHTS_NAME).stat().st_size / 2**20
     summary = (f"exported {draft_dir} -> {out}: LlamaForCausalLMEagle3, hidden {c.hidden_size}, draft vocab "

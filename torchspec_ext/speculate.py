@@ -23,7 +23,9 @@ from typing import Protocol, Sequence
 import torch
 from torch import Tensor
 
+from torchspec_ext.data import pad_rows
 from torchspec_ext.ops import tree_attention, verify_tree_greedy, verify_tree_sampling
+from torchspec_ext.target import stop_token_ids
 
 TREE_ATTENTION = "torchspec_tree"
 
@@ -177,8 +179,8 @@ def speculative_generate(
     if temperature < 0:
         raise ValueError(f"speculative_generate: temperature must be >= 0, got {temperature}")
     if eos_token_id is None:
-        eos_token_id = getattr(getattr(target, "generation_config", None), "eos_token_id", None)
-    stop_ids = set([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []))
+        eos_token_id = stop_token_ids(target)
+    stop_ids = set([eos_token_id] if isinstance(eos_token_id, int) else eos_token_id)
     enable_tree_attention(target)
     device = next(target.parameters()).device
     cache_kw = _cache_keyword(target)
@@ -246,13 +248,9 @@ class TargetAsDraft:
     @torch.no_grad()
     def next_logprobs(self, context: Sequence[int], paths: Sequence[Sequence[int]]) -> Tensor:
         rows = [list(context) + list(p) for p in paths]
-        width = max(len(r) for r in rows)
         # Left padding with a mask keeps every row's last position at the end.
-        ids = torch.zeros(len(rows), width, dtype=torch.long)
-        mask = torch.zeros(len(rows), width, dtype=torch.long)
-        for i, r in enumerate(rows):
-            ids[i, width - len(r) :] = torch.tensor(r)
-            mask[i, width - len(r) :] = 1
+        ids = pad_rows(rows, 0, left=True)
+        mask = pad_rows([[1] * len(r) for r in rows], 0, left=True)
         positions = (mask.cumsum(-1) - 1).clamp_min(0)
         out = self.model(
             ids.to(self.device), attention_mask=mask.to(self.device), position_ids=positions.to(self.device)

@@ -22,6 +22,15 @@ _DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _DEFAULT_CACHE_NAME = "SmolLM2-135M-Instruct"
 
 
+def stop_token_ids(model, tokenizer=None) -> list[int]:
+    """The ids that end a reply: the model's generation config's end-of-sequence id(s) and the
+    tokenizer's (chat models often end a turn with a token other than the tokenizer's EOS)."""
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids = set(configured if isinstance(configured, (list, tuple)) else [configured])
+    ids.add(getattr(tokenizer, "eos_token_id", None))
+    return sorted(i for i in ids if i is not None)
+
+
 def cache_root() -> Path:
     """$TORCHSPEC_CACHE, else $XDG_CACHE_HOME/torchspec_ext, else ~/.cache/torchspec_ext."""
     if os.environ.get("TORCHSPEC_CACHE"):

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from torchspec_ext import ops, reference
+from torchspec_ext.data import pad_rows
 
 BATCH_KEYS = ("input_ids", "loss_mask", "features", "teacher_indices", "teacher_logprobs", "teacher_argmax", "batch_index")
 
@@ -84,12 +85,10 @@ class Teacher:
         from transformers import LogitsProcessorList
 
         prompts = [p for group in groups for p in group]
-        b, width = len(prompts), max(len(p) for p in prompts)
-        ids = torch.full((b, width), pad_id, dtype=torch.long)
-        attention = torch.zeros(b, width, dtype=torch.long)
-        for row, p in enumerate(prompts):  # left padding, as generate() wants
-            ids[row, width - len(p):] = torch.tensor(p)
-            attention[row, width - len(p):] = 1
+        b = len(prompts)
+        ids = pad_rows(prompts, pad_id, left=True)  # left padding, as generate() wants
+        attention = pad_rows([[1] * len(p) for p in prompts], 0, left=True)
+        width = ids.shape[1]
         # Each decoding step's logits are the target's at the last prompt token and at every reply
         # token but the last: their top-k is taken as they pass (keeping [B, steps, V] logits
         # would take gigabytes).

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import time
 
 import torch
@@ -40,9 +41,10 @@ def run(args) -> Report:
     if args.data:
         argv += ["--data", args.data]
     base = train.parse_args(argv)
-    target, tokenizer, train_set, _ = train.load_everything(base)
+    target, tokenizer, train_set, _ = train.load_target_and_data(base)
     batches = train.Batches(train_set, tokenizer, base.batch_size, base.max_length, base.seed)
-    draft0 = train.make_draft(target, tokenizer, batches, base)
+    draft0 = train.make_draft(target, tokenizer, train_set, base.draft_vocab, base.vocab_sample, base.max_length)
+    draft0 = draft0.to(base.device)
     token_batches = [batches.next() for _ in range(steps + 1)]
     report = Report(
         "train",
@@ -59,12 +61,11 @@ def run(args) -> Report:
     )
     results = {}
     for mode in ("reference-ops", "ours"):
-        args_mode = copy.copy(base)
-        args_mode.reference_ops = mode == "reference-ops"
+        config = dataclasses.replace(base, reference_ops=mode == "reference-ops")
         draft = copy.deepcopy(draft0)
         teacher = train.Teacher(target, draft.config.feature_layers, draft.target_to_draft(), base.topk,
-                                args_mode.reference_ops)
-        trainer = train.DraftTrainer(draft, args_mode)
+                                config.reference_ops)
+        trainer = train.make_trainer(draft, config)
         teacher_s = draft_s = 0.0
         tokens = 0
         for i, (index, ids, mask) in enumerate(token_batches):

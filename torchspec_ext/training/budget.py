@@ -8,6 +8,7 @@ count, so the learning-rate schedule, the passes and a resume are what they are 
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 
 
@@ -61,3 +62,41 @@ def plan_run(budget_s: float, costs: Costs, epochs: int, round_batches: int, rea
     more = int(more) // round_batches * round_batches
     batches = min(available_batches, ready + more)
     return Plan(batches, batches * epochs)
+
+
+def evaluation_seconds(target, prompt: list[int], decoded_tokens: int) -> float:
+    """About what the final evaluation takes: each of its ``decoded_tokens`` (prompts x new tokens
+    x modes) at roughly one plain decoding step and a half (measured on ``prompt``), and saving
+    the draft."""
+    from torchspec_ext.eval import plain_seconds_per_token
+
+    return 1.5 * plain_seconds_per_token(target, prompt, tokens=8, repeats=1) * decoded_tokens + 5.0
+
+
+def training_step_seconds(trainer, batches: list) -> float:
+    """Mean seconds of ``trainer.step`` over ``batches`` (give it a throw-away copy of the draft),
+    after two warm-up steps: the first steps of a process run slower while its allocator and
+    caches fill."""
+    for batch in batches[:2]:
+        trainer.step(batch)
+    begin = time.monotonic()
+    for batch in batches:
+        trainer.step(batch)
+    return (time.monotonic() - begin) / len(batches)
+
+
+def measure_costs(started: float, online, make_trainer, target, prompt: list[int], decoded_tokens: int,
+                  eval_interval: int) -> tuple[Costs, int]:
+    """(costs, batches made): the first round of ``online``'s teacher batches (at least 4: their
+    costs vary with their lengths; kept for the run), the final evaluation, and a training step
+    (on ``make_trainer()``) plus its share of the evaluations every ``eval_interval`` steps."""
+    ready = min(len(online.batches), max(online.round_batches, 4))
+    begin = time.monotonic()
+    for position in range(0, ready, online.round_batches):
+        online.prefetch(position)
+    teacher_s = (time.monotonic() - begin) / ready
+    evaluation = evaluation_seconds(target, prompt, decoded_tokens)
+    step = training_step_seconds(make_trainer(), [online.decoded[p] for p in range(min(4, ready))])
+    if eval_interval:  # the held-out evaluations every eval_interval steps, spread over the steps
+        step += evaluation / eval_interval
+    return Costs(spent=time.monotonic() - started, teacher_batch=teacher_s, step=step, evaluation=evaluation), ready
