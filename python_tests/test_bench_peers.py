@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from torchspec_ext.bench import common, topk, tree
+from torchspec_ext.bench.report import fmt_num
 
 PEER_SLEEP_S = 0.02  # the fake peer's own time, so that its column can be told from ours
 
@@ -120,7 +121,7 @@ def test_fake_flashinfer_is_called_right_and_timed_into_its_column(monkeypatch):
     selection, linear = report.rows
     assert isinstance(selection["flashinfer_ms"], float), selection.get("flashinfer_error")
     assert selection["flashinfer_ms"] >= PEER_SLEEP_S * 1e3 and selection["flashinfer_max_error"] == 0
-    assert cell(report, "flashinfer top_k ms", 0) == common.fmt_num()(selection["flashinfer_ms"])
+    assert cell(report, "flashinfer top_k ms", 0) == fmt_num()(selection["flashinfer_ms"])
     assert "flashinfer_ms" not in linear and cell(report, "flashinfer top_k ms", 1) == "—"
     assert calls and set(calls) == {("top_k", (32, 4096), torch.float32, 16)}
 
@@ -129,7 +130,7 @@ def test_fake_flashinfer_is_called_right_and_timed_into_its_column(monkeypatch):
     greedy, sampling = report.rows
     assert isinstance(sampling["flashinfer_ms"], float), sampling.get("flashinfer_error")
     assert sampling["flashinfer_ms"] >= PEER_SLEEP_S * 1e3 and 0 <= sampling["flashinfer_accepted"] <= 7
-    assert cell(report, "flashinfer chain ms", 1) == common.fmt_num()(sampling["flashinfer_ms"])
+    assert cell(report, "flashinfer chain ms", 1) == fmt_num()(sampling["flashinfer_ms"])
     assert "flashinfer_ms" not in greedy and cell(report, "flashinfer chain ms", 0) == "—"
     # A chain of T = 8 nodes: 7 draft tokens and a bonus position.
     assert calls and set(calls) == {("chain_speculative_sampling", (3, 7, 1024))}

@@ -104,8 +104,8 @@ def test_unknown_part_is_a_usage_error(capsys):
 
 def test_acceptance_plot_from_a_report(tmp_path):
     pytest.importorskip("matplotlib")
-    from torchspec_ext.bench.common import Report
     from torchspec_ext.bench.plots import write_plots
+    from torchspec_ext.bench.report import Report
 
     rows = [{"mode": "plain", "max_nodes": None, "acceptance_length": 1.0},
             {"mode": "chain", "max_nodes": 6, "acceptance_length": 1.5}]

@@ -2,7 +2,7 @@
 or ``python -m torchspec_ext.bench all [--device ...] [--quick] [--out DIR] [--parts a,b] [--draft DIR]``.
 
 NAME prints a Markdown report to stdout (progress to stderr); ``all`` runs the parts in turn and
-also writes report.md, report.json and plots into --out (see :mod:`torchspec_ext.bench.report`).
+also writes report.md, report.json and plots into --out, docs/bench by default (see :mod:`torchspec_ext.bench.report`).
 """
 
 from __future__ import annotations
@@ -25,6 +25,8 @@ BENCHMARKS = {
     "train": ("torchspec_ext.bench.train", "training-loop tokens/s with the custom ops vs --reference-ops"),
     "acceptance": ("torchspec_ext.bench.acceptance", "a trained draft's acceptance length, chain and trees of several sizes"),
 }
+# `all`'s report goes beside the plots that the README shows, so that a run brings them up to date.
+DEFAULT_OUT = Path("docs") / "bench"
 
 
 def shared_arguments() -> argparse.ArgumentParser:
@@ -73,7 +75,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="name", required=True, metavar="BENCHMARK")
     subparsers = {name: sub.add_parser(name, parents=[shared], help=text) for name, (_, text) in BENCHMARKS.items()}
     every = sub.add_parser("all", parents=[shared_arguments()], help="every part in turn, into one report with plots")
-    every.add_argument("--out", type=Path, default=Path("bench_report"), help="directory for report.md, report.json, PNGs")
+    every.add_argument("--out", type=Path, default=DEFAULT_OUT,
+                       help=f"directory for report.md, report.json, PNGs (default: {DEFAULT_OUT})")
     every.add_argument("--parts", type=parse_parts, default=None, help="comma-separated subset (default: all parts)")
     every.add_argument("--draft", default=None, metavar="DIR", help="the acceptance part's draft (default: torchspec_out/draft)")
 

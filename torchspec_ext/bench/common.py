@@ -1,4 +1,9 @@
-"""Timing, bandwidth, memory and reporting helpers shared by the benchmarks."""
+"""Measurement helpers shared by the benchmarks: devices, timing, bandwidth, memory, the
+torch.compile baseline, peers, and judging a row against its case's targets.
+
+How results are shown and written (Report, Column, the environment header, ``all``'s
+report.md/report.json) is :mod:`torchspec_ext.bench.report`.
+"""
 
 from __future__ import annotations
 
@@ -11,10 +16,13 @@ import platform
 import statistics
 import sys
 import time
-from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
+
+if TYPE_CHECKING:
+    from torchspec_ext.bench.report import Report
 
 MiB = 1 << 20
 DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
@@ -155,19 +163,6 @@ def read_bandwidth(device: torch.device) -> tuple[float, str]:
     return nbytes / (ms * 1e-3), f"x.sum() over {nbytes // MiB} MiB of float32, {torch.get_num_threads()} threads"
 
 
-def environment_header(device: torch.device, timing: Timing, bandwidth: float, how: str) -> dict[str, Any]:
-    """The report header's lines about the machine, the bandwidth and the timing method."""
-    return {
-        "device": f"{device.type}: {device_name(device)}",
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "cache MiB": cache_bytes(device) // MiB,
-        "read bandwidth GB/s": round(bandwidth / 1e9, 2),
-        "bandwidth measured by": how,
-        "timing": timing.describe(device),
-    }
-
-
 def tensor_bytes(obj: Any) -> int:
     if isinstance(obj, torch.Tensor):
         return obj.numel() * obj.element_size()
@@ -218,8 +213,8 @@ def memory_method(device: torch.device) -> str:
     return "rise of peak RSS (VmHWM reset, after malloc_trim) minus outputs"
 
 
-def run_cases(report: "Report", cases: Sequence[Any], run_one: Callable[[Any], dict], label: Callable[[Any], str],
-              device: torch.device) -> "Report":
+def run_cases(report: Report, cases: Sequence[Any], run_one: Callable[[Any], dict], label: Callable[[Any], str],
+              device: torch.device) -> Report:
     """Appends run_one(case) to report.rows for each case (progress on stderr), freeing memory between cases."""
     for case in cases:
         print(f"[bench {report.name}] {label(case)}", file=sys.stderr, flush=True)
@@ -228,26 +223,6 @@ def run_cases(report: "Report", cases: Sequence[Any], run_one: Callable[[Any], d
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return report
-
-
-def fmt_num(digits: int = 3) -> Callable[[Any], str]:
-    """``digits`` significant digits without an exponent (1234.5 -> "1235", 0.01234 -> "0.0123")."""
-
-    def fmt(v: float | str) -> str:
-        if isinstance(v, str):  # a cell that says why there is no number ("failed")
-            return v
-        magnitude = math.floor(math.log10(abs(v))) if v and math.isfinite(v) else 0
-        return f"{v:.{max(0, digits - 1 - magnitude)}f}"
-
-    return fmt
-
-
-def fmt_fixed(decimals: int, suffix: str = "") -> Callable[[Any], str]:
-    return lambda v: v if isinstance(v, str) else f"{v:.{decimals}f}{suffix}"
-
-
-def fmt_percent(decimals: int) -> Callable[[Any], str]:
-    return lambda v: f"{v:.{decimals}%}"
 
 
 def describe_error(exc: BaseException) -> str:
@@ -325,39 +300,43 @@ def peer_result(name: str, measure: Callable[[], dict[str, Any]]) -> dict[str, A
         return {f"{name}_ms": "failed", f"{name}_error": describe_error(exc)}
 
 
-@dataclass
-class Column:
-    key: str
-    title: str
-    fmt: Callable[[Any], str] = str
+@dataclass(frozen=True)
+class Goal:
+    """One target of a benchmark case: its words in the target column, when a row misses it, and
+    the name a MISS lists it by (none: a plain "MISS", for a row with this one target)."""
+
+    text: str
+    missed_if: Callable[[dict[str, Any]], bool]
+    name: str | None = None
 
 
-COMPILE_COLUMNS = [
-    Column("compile_ms", "compile ms", fmt_num()),
-    Column("ours_over_compile", "ours/compile", fmt_fixed(2, "x")),
-]
-COMPILE_NOTE = (
-    "torch.compile of torchspec_ext.reference (fullgraph where it traces, dynamic=False), the compiling "
-    "first call not timed; only some cases (— elsewhere: inductor compiles slowly on a CPU)"
-)
+def target(goals: Sequence[Goal]) -> str | None:
+    """The target cell: the goals' words, or None where the case has none."""
+    return ", ".join(goal.text for goal in goals) or None
 
 
-@dataclass
-class Report:
-    name: str
-    header: dict[str, Any]  # shown as a list above the table and stored as is in the JSON
-    columns: list[Column]
-    rows: list[dict[str, Any]] = field(default_factory=list)
+def verdict(goals: Sequence[Goal], row: dict[str, Any], wrong: str | None = None) -> str | None:
+    """The result cell: ``wrong`` where the output was wrong (its words: "WRONG ..."), else None
+    without goals, else PASS, or MISS with the names of the goals that ``row`` missed."""
+    if wrong is not None:
+        return wrong
+    if not goals:
+        return None
+    missed = [goal for goal in goals if goal.missed_if(row)]
+    if not missed:
+        return "PASS"
+    names = ", ".join(goal.name for goal in missed if goal.name)
+    return f"MISS ({names})" if names else "MISS"
 
-    def markdown(self) -> str:
-        lines = [f"## {self.name}", ""]
-        lines += [f"- {key}: {value}" for key, value in self.header.items()]
-        lines += ["", "| " + " | ".join(c.title for c in self.columns) + " |"]
-        lines.append("|" + "|".join("---" for _ in self.columns) + "|")
-        for row in self.rows:
-            cells = ["—" if row.get(c.key) is None else c.fmt(row[c.key]) for c in self.columns]
-            lines.append("| " + " | ".join(cells) + " |")
-        return "\n".join(lines)
 
-    def to_json(self) -> dict[str, Any]:
-        return {"benchmark": self.name, "header": self.header, "rows": self.rows}
+# Moved to torchspec_ext.bench.report; still importable from here for the parts that import them
+# from common (acceptance.py, train.py) until they import them from report.
+_MOVED_TO_REPORT = {"Column", "Report", "fmt_num", "fmt_fixed", "fmt_percent", "COMPILE_COLUMNS", "COMPILE_NOTE"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _MOVED_TO_REPORT:
+        from torchspec_ext.bench import report
+
+        return getattr(report, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -35,7 +35,16 @@ from typing import Any
 
 import torch
 
-from torchspec_ext.bench.common import MiB, Column, Report, device_name, fmt_fixed, fmt_num, fmt_percent, resolve_device
+from torchspec_ext.bench.common import MiB, Goal, resolve_device, target, verdict
+from torchspec_ext.bench.report import (
+    TARGET_COLUMNS,
+    Column,
+    Report,
+    environment_header,
+    fmt_fixed,
+    fmt_num,
+    fmt_percent,
+)
 
 MIN_BW_FRACTION, MIN_BW_SIZE = 0.90, 16 * MiB
 MAX_SLOWDOWN = 0.05
@@ -274,8 +283,7 @@ COLUMNS = [
     Column("alone_ms", "step alone ms", fmt_num()),
     Column("with_ms", "step + send/recv ms", fmt_num()),
     Column("slowdown", "slowdown", fmt_percent(1)),
-    Column("target", "target"),
-    Column("result", "result"),
+    *TARGET_COLUMNS,
 ]
 
 
@@ -293,9 +301,8 @@ def run(args: Any) -> Report:
         transport = ("one GPU: NCCL refuses two ranks on one GPU, so this measures our channel sending to itself "
                      "(one-rank communicator) against a device-to-device copy of the same bytes; no raw NCCL "
                      "baseline and no overlap measurement are possible here")
-    header = {
-        "device": f"{device.type}: {device_name(device)}",
-        "torch": torch.__version__,
+    # No threads line: each of the two processes sets its own (one).
+    header = environment_header(device, threads=False) | {
         "transport": transport,
         "bandwidth": f"median of {rounds} rounds of {repeat} messages after 1 warm-up, timed on the consumer; "
                      "raw = dist.isend/irecv of one buffer holding the batch's bytes",
@@ -313,19 +320,24 @@ def run(args: Any) -> Report:
         results = _two_processes("nccl" if device.type == "cuda" else "gloo", sizes, repeat, rounds, steps,
                                  overlap_rounds)
         raw_name = "raw send/recv"
+    bandwidth_goal = Goal(f"≥ {MIN_BW_FRACTION:.0%} of raw", lambda row: row["ratio"] < MIN_BW_FRACTION)
+    overlap_goal = Goal(f"slowdown < {MAX_SLOWDOWN:.0%}", lambda row: row["slowdown"] >= MAX_SLOWDOWN)
     for row in results["bandwidth"]:
         row["ratio"] = row["ours_gbps"] / row["raw_gbps"]
         row["case"] = f"bandwidth vs {raw_name}"
         if not args.quick and raw_name == "raw send/recv" and row["size_mib"] * MiB >= MIN_BW_SIZE * 0.99:
-            row["target"] = f"≥ {MIN_BW_FRACTION:.0%} of raw"
-            row["result"] = "PASS" if row["ratio"] >= MIN_BW_FRACTION else "MISS"
+            judge(row, [bandwidth_goal])
         report.rows.append(row)
     if results["overlap"] is not None:
         row = dict(results["overlap"], case="overlap (producer step)")
         if not args.quick:
-            row["target"] = f"slowdown < {MAX_SLOWDOWN:.0%}"
-            row["result"] = "PASS" if row["slowdown"] < MAX_SLOWDOWN else "MISS"
+            judge(row, [overlap_goal])
         report.rows.append(row)
     if results["overlap_consumer"] is not None:  # no target: the issue states the producer's
         report.rows.append(dict(results["overlap_consumer"], case="overlap (consumer step)"))
     return report
+
+
+def judge(row: dict, goals: list[Goal]) -> None:
+    row["target"] = target(goals)
+    row["result"] = verdict(goals, row)

@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 from typing import Any, Callable
 
-from torchspec_ext.bench.common import Report
+from torchspec_ext.bench.report import Report
 
 DPI = 80  # small files: the README commits them
 

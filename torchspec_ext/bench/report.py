@@ -1,6 +1,8 @@
-"""``python -m torchspec_ext.bench all``: every benchmark part in one run, written as one report.
+"""The benchmark report: a part's :class:`Report` (header and table), its columns and cell
+formats, the environment header every report starts with, and ``python -m torchspec_ext.bench
+all``, which runs every part in turn and writes them as one report.
 
-Writes ``report.md`` (a header, then each part's table), ``report.json`` (the header and each
+``all`` writes ``report.md`` (a header, then each part's table), ``report.json`` (the header and each
 part's result) and PNG plots into ``--out``. A part that fails or cannot run here is reported as
 such, with the reason, and the others still run.
 """
@@ -9,18 +11,112 @@ from __future__ import annotations
 
 import datetime
 import json
+import math
 import platform
 import shlex
 import sys
 import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
 
-from torchspec_ext.bench.common import Report, Skipped, describe_error, device_name, resolve_device
+from torchspec_ext.bench.common import MiB, Skipped, cache_bytes, describe_error, device_name, resolve_device
+
+
+def fmt_num(digits: int = 3) -> Callable[[Any], str]:
+    """``digits`` significant digits without an exponent (1234.5 -> "1235", 0.01234 -> "0.0123")."""
+
+    def fmt(v: float | str) -> str:
+        if isinstance(v, str):  # a cell that says why there is no number ("failed")
+            return v
+        magnitude = math.floor(math.log10(abs(v))) if v and math.isfinite(v) else 0
+        return f"{v:.{max(0, digits - 1 - magnitude)}f}"
+
+    return fmt
+
+
+def fmt_fixed(decimals: int, suffix: str = "") -> Callable[[Any], str]:
+    return lambda v: v if isinstance(v, str) else f"{v:.{decimals}f}{suffix}"
+
+
+def fmt_percent(decimals: int) -> Callable[[Any], str]:
+    return lambda v: f"{v:.{decimals}%}"
+
+
+@dataclass
+class Column:
+    """A table column: the row key it shows, its title, and how a value is written."""
+
+    key: str
+    title: str
+    fmt: Callable[[Any], str] = str
+
+
+COMPILE_COLUMNS = [
+    Column("compile_ms", "compile ms", fmt_num()),
+    Column("ours_over_compile", "ours/compile", fmt_fixed(2, "x")),
+]
+COMPILE_NOTE = (
+    "torch.compile of torchspec_ext.reference (fullgraph where it traces, dynamic=False), the compiling "
+    "first call not timed; only some cases (— elsewhere: inductor compiles slowly on a CPU)"
+)
+# The cells that common.target and common.verdict fill, last in a part's table.
+TARGET_COLUMNS = [Column("target", "target"), Column("result", "result")]
+
+
+@dataclass
+class Report:
+    """One part's result: a header (settings and machine) above a table of its rows."""
+
+    name: str
+    header: dict[str, Any]  # shown as a list above the table and stored as is in the JSON
+    columns: list[Column]
+    rows: list[dict[str, Any]] = field(default_factory=list)
+
+    def markdown(self) -> str:
+        lines = [f"## {self.name}", ""]
+        lines += [f"- {key}: {value}" for key, value in self.header.items()]
+        lines += ["", "| " + " | ".join(c.title for c in self.columns) + " |"]
+        lines.append("|" + "|".join("---" for _ in self.columns) + "|")
+        for row in self.rows:
+            cells = ["—" if row.get(c.key) is None else c.fmt(row[c.key]) for c in self.columns]
+            lines.append("| " + " | ".join(cells) + " |")
+        return "\n".join(lines)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"benchmark": self.name, "header": self.header, "rows": self.rows}
+
+
+def environment_header(
+    device: torch.device,
+    timing: str | None = None,
+    bandwidth: tuple[float, str] | None = None,
+    threads: bool = True,
+    command: str | None = None,
+) -> dict[str, Any]:
+    """The header's lines about the machine, the same in every report: the device and torch; the
+    threads (``threads=False`` where the part sets its own, as the pipeline's processes do); with
+    ``bandwidth`` (read_bandwidth's bytes/s and method) the cache and the bandwidth; with ``timing``
+    how times were taken; with ``command`` (the ``all`` report) the host, CPU, Python, date and command."""
+    whole_run = command is not None
+    lines = {
+        "machine": f"{platform.node()} ({platform.machine()}, {platform.system()})" if whole_run else None,
+        "device": f"{device.type}: {device_name(device)}",
+        "cpu": device_name(torch.device("cpu")) if whole_run else None,
+        "torch": torch.__version__,
+        "python": platform.python_version() if whole_run else None,
+        "threads": torch.get_num_threads() if threads else None,
+        "cache MiB": cache_bytes(device) // MiB if bandwidth else None,
+        "read bandwidth GB/s": round(bandwidth[0] / 1e9, 2) if bandwidth else None,
+        "bandwidth measured by": bandwidth[1] if bandwidth else None,
+        "timing": timing,
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC") if whole_run else None,
+        "command": command,
+    }
+    return {key: value for key, value in lines.items() if value is not None}
 
 
 @dataclass
@@ -59,19 +155,6 @@ def run_part(name: str, run: Callable[[], Report]) -> PartResult:
     return PartResult(name, "ok", time.perf_counter() - began, report=report)
 
 
-def environment(device: torch.device, command: str) -> dict[str, Any]:
-    return {
-        "machine": f"{platform.node()} ({platform.machine()}, {platform.system()})",
-        "device": f"{device.type}: {device_name(device)}",
-        "cpu": device_name(torch.device("cpu")),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "threads": torch.get_num_threads(),
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "command": command,
-    }
-
-
 def markdown(header: dict[str, Any], results: Sequence[PartResult], plots: list[str], plot_note: str | None) -> str:
     lines = ["# torchspec_ext benchmark report", ""]
     lines += [f"- {key}: {value}" for key, value in header.items()]
@@ -90,7 +173,7 @@ def run_all(
     into ``out``; returns the Markdown and the JSON object."""
     device = resolve_device(device_choice)  # fails fast on --device cuda without a GPU, before any part
     out.mkdir(parents=True, exist_ok=True)
-    header = environment(device, command)
+    header = environment_header(device, command=command)
     began = time.perf_counter()
     results = [run_part(name, make_runner(name)) for name in parts]
     header["total seconds"] = round(time.perf_counter() - began)

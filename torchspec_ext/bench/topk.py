@@ -18,17 +18,10 @@ import torch
 
 from torchspec_ext import reference
 from torchspec_ext.bench.common import (
-    COMPILE_COLUMNS,
-    COMPILE_NOTE,
     DTYPE_NAMES,
     MiB,
-    Column,
-    Report,
+    Goal,
     Timing,
-    environment_header,
-    fmt_fixed,
-    fmt_num,
-    fmt_percent,
     import_flashinfer,
     input_set_count,
     memory_method,
@@ -37,9 +30,22 @@ from torchspec_ext.bench.common import (
     read_bandwidth,
     resolve_device,
     run_cases,
+    target,
     time_compiled,
     time_ms,
     timing_for,
+    verdict,
+)
+from torchspec_ext.bench.report import (
+    COMPILE_COLUMNS,
+    COMPILE_NOTE,
+    TARGET_COLUMNS,
+    Column,
+    Report,
+    environment_header,
+    fmt_fixed,
+    fmt_num,
+    fmt_percent,
 )
 from torchspec_ext.ops import linear_topk_logprobs, topk_logprobs
 
@@ -79,17 +85,21 @@ class Case:
         h = f" H={self.h}" if self.op == LINEAR else ""
         return f"N={self.n}{h} V={self.v} k={self.k}"
 
-    def target(self) -> str | None:
-        parts = []
+    def goals(self) -> list[Goal]:
+        goals = []
         if self.min_bandwidth_fraction is not None:
-            parts.append(f"BW ≥ {self.min_bandwidth_fraction:.0%} of measured")
+            goals.append(Goal(f"BW ≥ {self.min_bandwidth_fraction:.0%} of measured",
+                              lambda row: row["ours_over_floor"] > 1 / self.min_bandwidth_fraction, "BW"))
         if self.min_speedup is not None:
-            parts.append(f"speed-up ≥ {self.min_speedup:g}x")
+            goals.append(Goal(f"speed-up ≥ {self.min_speedup:g}x", lambda row: row["speedup"] < self.min_speedup,
+                              "speed-up"))
         if self.max_gemm_ratio is not None:
-            parts.append(f"≤ {self.max_gemm_ratio:g}x GEMM")
+            goals.append(Goal(f"≤ {self.max_gemm_ratio:g}x GEMM",
+                              lambda row: row["ours_over_gemm"] > self.max_gemm_ratio, "GEMM"))
         if self.max_extra_fraction is not None:
-            parts.append(f"extra mem < {self.max_extra_fraction:.0%} of logits")
-        return ", ".join(parts) or None
+            goals.append(Goal(f"extra mem < {self.max_extra_fraction:.0%} of logits",
+                              lambda row: not row.get("ours_extra_fraction", 1.0) < self.max_extra_fraction, "memory"))
+        return goals
 
 
 def default_cases(device: torch.device, quick: bool) -> list[Case]:
@@ -186,7 +196,7 @@ def run_case(
         "baseline_ms": baseline_ms,
         "speedup": baseline_ms / ours_ms,
         "max_abs_error": error,
-        "target": case.target(),
+        "target": target(case.goals()),
     }
     if case.compile:
         row.update(time_compiled(getattr(reference, case.op), compiled, sets, device, timing, ours_ms))
@@ -206,25 +216,8 @@ def run_case(
                 baseline_extra_mib=baseline_extra / MiB,
                 ours_extra_fraction=ours_extra / case.logits_bytes,
             )
-    row["result"] = verdict(case, row, error, tolerance)
+    row["result"] = verdict(case.goals(), row, None if error <= tolerance else f"WRONG (max err {error:.2g})")
     return row
-
-
-def verdict(case: Case, row: dict[str, Any], error: float, tolerance: float) -> str | None:
-    if not error <= tolerance:
-        return f"WRONG (max err {error:.2g})"
-    if case.target() is None:
-        return None
-    missed = []
-    if case.min_speedup is not None and row["speedup"] < case.min_speedup:
-        missed.append("speed-up")
-    if case.min_bandwidth_fraction is not None and row["ours_over_floor"] > 1 / case.min_bandwidth_fraction:
-        missed.append("BW")
-    if case.max_gemm_ratio is not None and row["ours_over_gemm"] > case.max_gemm_ratio:
-        missed.append("GEMM")
-    if case.max_extra_fraction is not None and not row.get("ours_extra_fraction", 1.0) < case.max_extra_fraction:
-        missed.append("memory")
-    return "MISS (" + ", ".join(missed) + ")" if missed else "PASS"
 
 
 COLUMNS = [
@@ -245,8 +238,7 @@ COLUMNS = [
     Column("ours_extra_mib", "ours extra MiB", fmt_fixed(1)),
     Column("baseline_extra_mib", "baseline extra MiB", fmt_fixed(1)),
     Column("ours_extra_fraction", "ours extra / logits", fmt_percent(2)),
-    Column("target", "target"),
-    Column("result", "result"),
+    *TARGET_COLUMNS,
 ]
 
 
@@ -255,7 +247,7 @@ def run(args: Any) -> Report:
     timing = timing_for(args, device)
     bandwidth, how = read_bandwidth(device)
     flashinfer, flashinfer_status = import_flashinfer(device)
-    header = environment_header(device, timing, bandwidth, how) | {
+    header = environment_header(device, timing.describe(device), (bandwidth, how)) | {
         "extra memory": memory_method(device) + "; linear op only",
         "compile": COMPILE_NOTE,
         "peer": f"{flashinfer_status}. {FLASHINFER_NOTE}",

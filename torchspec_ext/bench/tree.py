@@ -29,24 +29,30 @@ import torch.nn.functional as F
 
 from torchspec_ext import reference
 from torchspec_ext.bench.common import (
-    COMPILE_COLUMNS,
-    COMPILE_NOTE,
     DTYPE_NAMES,
-    Column,
-    Report,
+    Goal,
     Timing,
-    environment_header,
-    fmt_fixed,
-    fmt_num,
     import_flashinfer,
     input_set_count,
     peer_result,
     read_bandwidth,
     resolve_device,
     run_cases,
+    target,
     time_compiled,
     time_ms,
     timing_for,
+    verdict,
+)
+from torchspec_ext.bench.report import (
+    COMPILE_COLUMNS,
+    COMPILE_NOTE,
+    TARGET_COLUMNS,
+    Column,
+    Report,
+    environment_header,
+    fmt_fixed,
+    fmt_num,
 )
 from torchspec_ext.ops import tree_attention, verify_tree_greedy, verify_tree_sampling
 
@@ -125,15 +131,17 @@ class Case:
     def logits_bytes(self) -> int:
         return self.batch * self.nodes * self.vocab * torch.empty((), dtype=self.dtype).element_size()
 
-    def target(self) -> str | None:
-        parts = []
+    def goals(self) -> list[Goal]:
+        goals = []
         if self.min_speedup is not None:
-            parts.append(f"speed-up ≥ {self.min_speedup:g}x")
+            goals.append(Goal(f"speed-up ≥ {self.min_speedup:g}x", lambda row: row["speedup"] < self.min_speedup,
+                              "speed-up"))
         if self.max_floor_ratio is not None:
-            parts.append(f"≤ {self.max_floor_ratio:g}x one read")
+            goals.append(Goal(f"≤ {self.max_floor_ratio:g}x one read",
+                              lambda row: row["ours_over_floor"] > self.max_floor_ratio, "one read"))
         if self.max_us is not None:
-            parts.append(f"< {self.max_us:g} µs")
-        return ", ".join(parts) or None
+            goals.append(Goal(f"< {self.max_us:g} µs", lambda row: row["ours_ms"] * 1e3 >= self.max_us, "µs"))
+        return goals
 
 
 def default_cases(device: torch.device, quick: bool) -> list[Case]:
@@ -245,8 +253,8 @@ def run_attention(case: Case, device: torch.device, timing: Timing) -> dict[str,
     row["cuda_gb"] = cuda_attention_bytes(*shape) / 1e9
     row["cuda_over_floor"] = cuda_attention_bytes(*shape) / attention_floor_bytes(*shape)
     # Correct when no worse than twice the baseline's own error (float32: a few 1e-6).
-    ok = ours_err <= max(2 * baseline_err, 1e-5)
-    return row | {"result": verdict(case, row, ok, ours_err)}
+    wrong = None if ours_err <= max(2 * baseline_err, 1e-5) else f"WRONG (max err {ours_err:.2g})"
+    return row | {"result": verdict(case.goals(), row, wrong)}
 
 
 def chain_probs(tokens: torch.Tensor, logits: torch.Tensor, temperature: float) -> tuple:
@@ -294,7 +302,7 @@ def run_verify(
         baseline_name = "argmax of all logits"
     num, _, _ = ours(*first)
     # The chain is entirely accepted by the greedy walk (and, for sampling, as often as p allows).
-    ok = case.op == SAMPLING or bool((num == case.nodes - 1).all())
+    wrong = None if case.op == SAMPLING or bool((num == case.nodes - 1).all()) else "WRONG"
     ours_ms = time_ms(ours, sets, device, timing)
     row: dict[str, Any] = {"ours_ms": ours_ms, "accepted": num.double().mean().item()}
     if case.op != WALK:
@@ -309,22 +317,7 @@ def run_verify(
         )
     if case.op == SAMPLING and flashinfer is not None:
         row.update(peer_result("flashinfer", lambda: flashinfer_peer(flashinfer, sets, temperature, device, timing)))
-    return row | {"result": verdict(case, row, ok, None)}
-
-
-def verdict(case: Case, row: dict[str, Any], ok: bool, error: float | None) -> str | None:
-    if not ok:
-        return "WRONG" + (f" (max err {error:.2g})" if error is not None else "")
-    if case.target() is None:
-        return None
-    missed = []
-    if case.min_speedup is not None and row["speedup"] < case.min_speedup:
-        missed.append("speed-up")
-    if case.max_floor_ratio is not None and row["ours_over_floor"] > case.max_floor_ratio:
-        missed.append("one read")
-    if case.max_us is not None and row["ours_ms"] * 1e3 >= case.max_us:
-        missed.append("µs")
-    return "MISS (" + ", ".join(missed) + ")" if missed else "PASS"
+    return row | {"result": verdict(case.goals(), row, wrong)}
 
 
 COLUMNS = [
@@ -345,8 +338,7 @@ COLUMNS = [
     Column("accepted", "mean accepted", fmt_fixed(1)),
     Column("ours_err", "ours max err", fmt_num(2)),
     Column("baseline_err", "baseline max err", fmt_num(2)),
-    Column("target", "target"),
-    Column("result", "result"),
+    *TARGET_COLUMNS,
 ]
 
 
@@ -355,7 +347,7 @@ def run(args: Any) -> Report:
     timing = timing_for(args, device)
     bandwidth, how = read_bandwidth(device)
     flashinfer, flashinfer_status = import_flashinfer(device)
-    header = environment_header(device, timing, bandwidth, how) | {
+    header = environment_header(device, timing.describe(device), (bandwidth, how)) | {
         "trees": "attention: random trees, mask built before timing; verification: fully accepted chains",
         "compile": COMPILE_NOTE + "; attention only (the verification references are Python walks)",
         "peer": f"{flashinfer_status}. {FLASHINFER_NOTE}",
@@ -375,7 +367,7 @@ def run(args: Any) -> Report:
             "shape": case.shape,
             # The size that the report's plots put on the x axis: elements of the scores or of the logits.
             "elements": case.batch * case.nodes * (case.q_heads * (case.prefix + case.nodes) if case.op == ATTN else case.vocab),
-            "target": case.target(),
+            "target": target(case.goals()),
         } | row
 
     return run_cases(
