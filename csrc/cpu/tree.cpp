@@ -225,14 +225,6 @@ int64_t row_argmax(const void* logits, ScalarKind dtype, int64_t row_offset, int
   return best_index;
 }
 
-// The first child of `cur` (in index order) after node `after`, or -1.
-inline int64_t next_child(const int64_t* parents, int64_t nodes, int64_t cur, int64_t after) {
-  for (int64_t c = std::max(after, cur) + 1; c < nodes; ++c) {
-    if (parents[c] == cur) return c;
-  }
-  return -1;
-}
-
 // x[v] <- exp((x[v] - max) / T) for the V values of a row (NaN ignored by the maximum; values
 // that underflow, -inf included, give exactly 0); returns their sum (float64 across chunks).
 TORCHSPEC_CPU_CLONES

@@ -285,13 +285,6 @@ __device__ uint64_t thread_argmax_key(const T* row, int64_t V) {
   return st.key();
 }
 
-__device__ __forceinline__ int64_t first_child(const int64_t* parents, int64_t nodes, int64_t cur, int64_t after) {
-  for (int64_t c = (after > cur ? after : cur) + 1; c < nodes; ++c) {
-    if (parents[c] == cur) return c;
-  }
-  return -1;
-}
-
 __device__ __forceinline__ bool is_rejected(const int64_t* rejected, int n, int64_t token) {
   for (int i = 0; i < n; ++i) {
     if (rejected[i] == token) return true;
@@ -333,8 +326,8 @@ __global__ void __launch_bounds__(kVerifyThreads) verify_tree_kernel(TreeVerifyP
         target = key_index(block_max_key(thread_argmax_key(row, V), st));
       }
       if (tid == 0) {
-        int64_t c = first_child(parents, Tn, cur, cur);
-        while (c >= 0 && tokens[c] != target) c = first_child(parents, Tn, cur, c);
+        int64_t c = next_child(parents, Tn, cur, cur);
+        while (c >= 0 && tokens[c] != target) c = next_child(parents, Tn, cur, c);
         if (c >= 0) {
           path[++st.accepted] = c;
           st.cur = c;
@@ -358,8 +351,8 @@ __global__ void __launch_bounds__(kVerifyThreads) verify_tree_kernel(TreeVerifyP
     if (tid == 0) {
       double residual = 1.0;
       int n_rej = 0;
-      int64_t c = first_child(parents, Tn, cur, cur);
-      for (; c >= 0; c = first_child(parents, Tn, cur, c)) {
+      int64_t c = next_child(parents, Tn, cur, cur);
+      for (; c >= 0; c = next_child(parents, Tn, cur, c)) {
         const int64_t t = tokens[c];
         if (is_rejected(rejected, n_rej, t)) continue;
         const double pt = prob(t);
