@@ -269,7 +269,8 @@ void greedy_row(const TreeVerifyParams& p, int64_t b) {
   int64_t cur = 0, accepted = 0, target = 0;
   path[0] = 0;
   while (true) {
-    target = p.argmax != nullptr ? p.argmax[b * T + cur] : row_argmax(p.logits, p.dtype, (b * T + cur) * p.vocab, p.vocab);
+    target =
+        p.argmax != nullptr ? p.argmax[b * T + cur] : row_argmax(p.logits, p.dtype, (b * T + cur) * p.vocab, p.vocab);
     int64_t c = next_child(parents, T, cur, cur);
     while (c >= 0 && tokens[c] != target) c = next_child(parents, T, cur, c);
     if (c < 0) break;

@@ -32,7 +32,6 @@ namespace torchspec {
 namespace cuda {
 namespace {
 
-
 // ---- tree attention -------------------------------------------------------------------------
 
 constexpr int kAttnWarps = 8;
@@ -145,7 +144,8 @@ __global__ void __launch_bounds__(kAttnThreads) tree_attention_kernel(TreeAttent
     }
   };
 
-  for (int64_t t0 = 0; t0 < prefix; t0 += kKeyTile) fold_tile(t0, static_cast<int>(min(int64_t{kKeyTile}, prefix - t0)), -1);
+  for (int64_t t0 = 0; t0 < prefix; t0 += kKeyTile)
+    fold_tile(t0, static_cast<int>(min(int64_t{kKeyTile}, prefix - t0)), -1);
   // The tree's nodes up to the tile's last, from the last key tile down (ancestors precede nodes).
   const int64_t last = j0 + nodes - 1;
   for (int64_t t0 = last / kKeyTile * kKeyTile; t0 >= 0; t0 -= kKeyTile) {
@@ -177,7 +177,8 @@ cudaError_t launch_attention(const TreeAttentionParams& p, cudaStream_t stream) 
   const size_t smem = attention_smem_bytes(p);
   const cudaError_t err = allow_dynamic_smem(tree_attention_kernel<T, kDimPerLane>, smem);
   if (err != cudaSuccess) return err;
-  TORCHSPEC_LAUNCH((tree_attention_kernel<T, kDimPerLane>), static_cast<unsigned>(blocks), kAttnThreads, smem, stream)(p);
+  TORCHSPEC_LAUNCH((tree_attention_kernel<T, kDimPerLane>), static_cast<unsigned>(blocks), kAttnThreads, smem,
+                   stream)(p);
   return cudaGetLastError();
 }
 
@@ -449,8 +450,9 @@ cudaError_t tree_attention_smem(const TreeAttentionParams& p, size_t* needed, si
   return dispatch_dtype(p.dtype, [&](auto t) {
     using T = decltype(t);
     const size_t dynamic = attention_smem_bytes(p);
-    return p.head_dim <= 128 ? smem_needed_and_allowed(tree_attention_kernel<T, 4>, dynamic, needed, allowed)
-                             : smem_needed_and_allowed(tree_attention_kernel<T, kMaxDimPerLane>, dynamic, needed, allowed);
+    return p.head_dim <= 128
+               ? smem_needed_and_allowed(tree_attention_kernel<T, 4>, dynamic, needed, allowed)
+               : smem_needed_and_allowed(tree_attention_kernel<T, kMaxDimPerLane>, dynamic, needed, allowed);
   });
 }
 

@@ -78,7 +78,8 @@ Targets make_targets(const at::Tensor& indices, const at::Tensor& logprobs, cons
   const at::Tensor present = t.indices.ge(0);
   t.counted = present.any(1);
   if (valid.has_value()) t.counted = t.counted.logical_and(*valid);
-  const at::Tensor p = at::softmax(logprobs.masked_fill(present.logical_not(), -std::numeric_limits<float>::infinity()), 1);
+  const at::Tensor p =
+      at::softmax(logprobs.masked_fill(present.logical_not(), -std::numeric_limits<float>::infinity()), 1);
   // Rows with no present entry have NaN p: the where() drops them.
   t.weights = at::where(present.logical_and(t.counted.unsqueeze(1)), p, at::zeros({}, p.options())).contiguous();
   const at::Tensor count = t.counted.sum().clamp_min(1).to(at::kFloat);
@@ -259,8 +260,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> draft_topk_kl(const at::Tensor& h
 std::tuple<at::Tensor, at::Tensor> draft_topk_kl_backward(const at::Tensor& grad_loss, const at::Tensor& hidden,
                                                           const at::Tensor& weight, const at::Tensor& teacher_indices,
                                                           const at::Tensor& teacher_logprobs,
-                                                          const std::optional<at::Tensor>& valid,
-                                                          const at::Tensor& lse, double temperature) {
+                                                          const std::optional<at::Tensor>& valid, const at::Tensor& lse,
+                                                          double temperature) {
   check_inputs(hidden, weight, teacher_indices, teacher_logprobs, valid, temperature, kBackwardOp, false);
   const int64_t N = hidden.size(0), H = hidden.size(1), V = weight.size(0);
   TORCHSPEC_CHECK_ARG(grad_loss.numel() == 1 && at::isFloatingType(grad_loss.scalar_type()), kBackwardOp,

@@ -30,8 +30,7 @@ void check_trees(const at::Tensor& parents_host, const char* op) {
   const int64_t B = parents_host.size(0), T = parents_host.size(1);
   const int64_t* par = parents_host.data_ptr<int64_t>();
   for (int64_t b = 0; b < B; ++b) {
-    TORCHSPEC_CHECK_ARG(par[b * T] == -1, op, "parents[", b, ", 0] must be -1 (node 0 is the root), got ",
-                        par[b * T]);
+    TORCHSPEC_CHECK_ARG(par[b * T] == -1, op, "parents[", b, ", 0] must be -1 (node 0 is the root), got ", par[b * T]);
     for (int64_t j = 1; j < T; ++j) {
       const int64_t a = par[b * T + j];
       TORCHSPEC_CHECK_ARG(a != -1, op, "parents[", b, ", ", j, "] = -1: a second root (only node 0 may be a root)");
@@ -52,8 +51,8 @@ at::Tensor checked_parents(const at::Tensor& parents, int64_t B, int64_t T, cons
 
 at::Tensor host_copy(const at::Tensor& t) { return t.is_cpu() ? t : t.to(at::kCPU); }
 
-at::Tensor tree_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                          const at::Tensor& prefix_lens, const at::Tensor& parents, std::optional<double> scale) {
+at::Tensor tree_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& prefix_lens,
+                          const at::Tensor& parents, std::optional<double> scale) {
   constexpr const char* op = "tree_attention";
   TORCHSPEC_CHECK_ARG(q.dim() == 4, op, "q must be 4-D [B, Hq, T, D], got ", q.dim(), " dimensions");
   TORCHSPEC_CHECK_ARG(k.dim() == 4, op, "k must be 4-D [B, Hkv, S, D], got ", k.dim(), " dimensions");
@@ -109,8 +108,7 @@ at::Tensor tree_attention(const at::Tensor& q, const at::Tensor& k, const at::Te
   p.head_dim = D;
   p.scale = static_cast<float>(scale_value);
   run_on_device(
-      q, B * Hkv, 1, op, nullptr,
-      [&](int64_t begin, int64_t end) { cpu::tree_attention_units(p, begin, end); },
+      q, B * Hkv, 1, op, nullptr, [&](int64_t begin, int64_t end) { cpu::tree_attention_units(p, begin, end); },
       TORCHSPEC_IF_CUDA([&](cudaStream_t stream) {
         TORCHSPEC_CHECK_ARG(D <= 256, op, "the CUDA kernel supports head dimensions D <= 256, got ", D);
         TORCHSPEC_CHECK_ARG(Hq / Hkv <= 16, op, "the CUDA kernel supports up to 16 query heads per kv head, got ",
@@ -120,8 +118,8 @@ at::Tensor tree_attention(const at::Tensor& q, const at::Tensor& k, const at::Te
         const cudaError_t smem_err = cuda::tree_attention_smem(p, &needed, &allowed);
         TORCH_CHECK(smem_err == cudaSuccess, "torchspec.tree_attention: ", cudaGetErrorString(smem_err));
         TORCHSPEC_CHECK_ARG(needed <= allowed, op, "D = ", D, " with ", Hq / Hkv, " query heads per kv head needs ",
-                            needed, " bytes of shared memory per block on CUDA, more than this GPU allows (",
-                            allowed, ")");
+                            needed, " bytes of shared memory per block on CUDA, more than this GPU allows (", allowed,
+                            ")");
         return cuda::tree_attention(p, stream);
       }));
   return out;
