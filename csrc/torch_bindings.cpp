@@ -26,11 +26,14 @@ TORCH_LIBRARY(torchspec, m) {
       "draft_topk_kl_with_grad(Tensor hidden, Tensor weight, Tensor teacher_indices, Tensor teacher_logprobs, "
       "Tensor? valid=None, float temperature=1.0) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   // Attention of T draft-tree nodes over a shared prefix and their ancestors (mask from parents).
-  m.def("tree_attention(Tensor q, Tensor k, Tensor v, Tensor prefix_lens, Tensor parents, float? scale=None) -> Tensor");
+  m.def(
+      "tree_attention(Tensor q, Tensor k, Tensor v, Tensor prefix_lens, Tensor parents, float? scale=None) -> Tensor");
   // Greedy walk of draft trees against the target's argmaxes: (num_accepted, path, next_token).
   m.def("verify_tree_greedy(Tensor tokens, Tensor parents, Tensor target_logits) -> (Tensor, Tensor, Tensor)");
   // Lossless sampling walk of draft trees given uniforms [B, T]: (num_accepted, path, next_token).
-  m.def("verify_tree_sampling(Tensor tokens, Tensor parents, Tensor target_logits, float temperature, Tensor uniforms) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "verify_tree_sampling(Tensor tokens, Tensor parents, Tensor target_logits, float temperature, Tensor uniforms) "
+      "-> (Tensor, Tensor, Tensor)");
 }
 
 namespace {

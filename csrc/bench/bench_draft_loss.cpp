@@ -69,9 +69,9 @@ struct TilePointers {
 };
 
 TilePointers host_pointers(HostTile& t) {
-  return {t.logits.data(), t.weights.data(), t.coef.data(), t.run_max.data(), t.run_sum.data(),
-          t.argmax_value.data(), t.dot.data(), t.lse.data(), t.row_scale.data(), t.indices.data(),
-          t.argmax_index.data()};
+  return {t.logits.data(),    t.weights.data(),      t.coef.data(),        t.run_max.data(),
+          t.run_sum.data(),   t.argmax_value.data(), t.dot.data(),         t.lse.data(),
+          t.row_scale.data(), t.indices.data(),      t.argmax_index.data()};
 }
 
 // The tile's columns are ids [cols, 2 cols).
@@ -111,8 +111,8 @@ DraftLossBackwardTile backward_params(const HostTile& t, const TilePointers& p) 
 }
 
 std::string bench_name(const char* device, const char* pass, int64_t rows, int64_t cols) {
-  return std::string(device) + "_draft_loss_" + pass + "/rows=" + std::to_string(rows) + "/cols=" +
-         std::to_string(cols) + "/k=" + std::to_string(kTeacherK);
+  return std::string(device) + "_draft_loss_" + pass + "/rows=" + std::to_string(rows) +
+         "/cols=" + std::to_string(cols) + "/k=" + std::to_string(kTeacherK);
 }
 
 void bm_cpu_forward(benchmark::State& state, int64_t rows, int64_t cols, int threads) {
@@ -122,7 +122,8 @@ void bm_cpu_forward(benchmark::State& state, int64_t rows, int64_t cols, int thr
     state.PauseTiming();
     t.reset_state();  // same buffers: the pointers in f stay valid
     state.ResumeTiming();
-    bench::parallel_rows(rows, threads, [&](int64_t b, int64_t e) { torchspec::cpu::draft_loss_forward_rows(f, b, e); });
+    bench::parallel_rows(rows, threads,
+                         [&](int64_t b, int64_t e) { torchspec::cpu::draft_loss_forward_rows(f, b, e); });
   }
   state.SetBytesProcessed(state.iterations() * t.bytes());
   state.counters["threads"] = threads;
@@ -132,7 +133,8 @@ void bm_cpu_backward(benchmark::State& state, int64_t rows, int64_t cols, int th
   HostTile t(rows, cols);
   const DraftLossBackwardTile b = backward_params(t, host_pointers(t));
   for (auto _ : state) {
-    bench::parallel_rows(rows, threads, [&](int64_t lo, int64_t hi) { torchspec::cpu::draft_loss_backward_rows(b, lo, hi); });
+    bench::parallel_rows(rows, threads,
+                         [&](int64_t lo, int64_t hi) { torchspec::cpu::draft_loss_backward_rows(b, lo, hi); });
   }
   state.SetBytesProcessed(state.iterations() * 2 * t.bytes());
   state.counters["threads"] = threads;
@@ -155,19 +157,19 @@ void bm_cuda(benchmark::State& state, int64_t rows, int64_t cols, bool backward)
   cudaEvent_t start = nullptr, stop = nullptr;
   try {
     HostTile t(rows, cols);
-    const TilePointers p{device_copy(t.logits, owned),  device_copy(t.weights, owned),
-                         device_copy(t.coef, owned),    device_copy(t.run_max, owned),
-                         device_copy(t.run_sum, owned), device_copy(t.argmax_value, owned),
-                         device_copy(t.dot, owned),     device_copy(t.lse, owned),
-                         device_copy(t.row_scale, owned), device_copy(t.indices, owned),
-                         device_copy(t.argmax_index, owned)};
+    const TilePointers p{
+        device_copy(t.logits, owned),  device_copy(t.weights, owned),     device_copy(t.coef, owned),
+        device_copy(t.run_max, owned), device_copy(t.run_sum, owned),     device_copy(t.argmax_value, owned),
+        device_copy(t.dot, owned),     device_copy(t.lse, owned),         device_copy(t.row_scale, owned),
+        device_copy(t.indices, owned), device_copy(t.argmax_index, owned)};
     const DraftLossForwardTile f = forward_params(t, p);
     const DraftLossBackwardTile b = backward_params(t, p);
     CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
     CUDA_CHECK(cudaEventCreate(&start));
     CUDA_CHECK(cudaEventCreate(&stop));
     bench::time_launches(state, stream, start, stop, [&] {
-      return backward ? torchspec::cuda::draft_loss_backward(b, stream) : torchspec::cuda::draft_loss_forward(f, stream);
+      return backward ? torchspec::cuda::draft_loss_backward(b, stream)
+                      : torchspec::cuda::draft_loss_forward(f, stream);
     });
     state.SetBytesProcessed(state.iterations() * (backward ? 2 : 1) * t.bytes());
   } catch (const std::exception& e) {

@@ -151,7 +151,13 @@ std::unique_ptr<torchspec::pipeline::NcclComm> register_nccl() {
 }  // namespace
 
 BENCHMARK(bm_pack)->Name("cpu_pack_batch")->Arg(1)->Arg(16)->Arg(64)->UseRealTime()->Unit(benchmark::kMicrosecond);
-BENCHMARK(bm_memcpy_floor)->Name("cpu_memcpy_floor")->Arg(1)->Arg(16)->Arg(64)->UseRealTime()->Unit(benchmark::kMicrosecond);
+BENCHMARK(bm_memcpy_floor)
+    ->Name("cpu_memcpy_floor")
+    ->Arg(1)
+    ->Arg(16)
+    ->Arg(64)
+    ->UseRealTime()
+    ->Unit(benchmark::kMicrosecond);
 BENCHMARK(bm_decode_header)->Name("cpu_decode_header")->Arg(16)->Unit(benchmark::kNanosecond);
 
 int main(int argc, char** argv) {

@@ -101,7 +101,8 @@ void bm_cpu(benchmark::State& state, CpuCase* c, int threads) {
   }
   const TopkLseParams p = make_params(s, c->logits.get(), c->values.data(), c->indices.data(), c->lse.data());
   for (auto _ : state) {
-    bench::parallel_rows(s.rows, threads, [&](int64_t begin, int64_t end) { torchspec::cpu::topk_lse_rows(p, begin, end); });
+    bench::parallel_rows(s.rows, threads,
+                         [&](int64_t begin, int64_t end) { torchspec::cpu::topk_lse_rows(p, begin, end); });
   }
   state.SetBytesProcessed(state.iterations() * input_bytes(s));
   state.counters["threads"] = threads;
@@ -181,7 +182,8 @@ void register_cuda(std::vector<std::unique_ptr<CudaCase>>& cases, int threads) {
     return;
   }
   benchmark::AddCustomContext("gpu", gpu);
-  for (const Shape& s : {Shape{ScalarKind::kFloat32, 2048, 49152, 64}, Shape{ScalarKind::kBFloat16, 8192, 152064, 64}}) {
+  for (const Shape& s :
+       {Shape{ScalarKind::kFloat32, 2048, 49152, 64}, Shape{ScalarKind::kBFloat16, 8192, 152064, 64}}) {
     cases.push_back(std::make_unique<CudaCase>());
     cases.back()->shape = s;
     benchmark::RegisterBenchmark(bench_name("cuda", s).c_str(), bm_cuda, cases.back().get(), threads)

@@ -116,7 +116,8 @@ struct AttnData {
     parents.resize(s.batch * s.nodes);
     for (int64_t b = 0; b < s.batch; ++b) {
       parents[b * s.nodes] = -1;
-      for (int64_t j = 1; j < s.nodes; ++j) parents[b * s.nodes + j] = std::uniform_int_distribution<int64_t>(0, j - 1)(gen);
+      for (int64_t j = 1; j < s.nodes; ++j)
+        parents[b * s.nodes + j] = std::uniform_int_distribution<int64_t>(0, j - 1)(gen);
     }
   }
 };
@@ -165,8 +166,8 @@ struct VerifyShape {
   bool walk_only;  // argmaxes given
   int64_t bytes() const { return walk_only ? 0 : batch * nodes * vocab * static_cast<int64_t>(element_size(dtype)); }
   std::string name(const char* device) const {
-    return std::string(device) + (walk_only ? "_greedy_walk" : "_verify_greedy/") + (walk_only ? "" : dtype_name(dtype)) +
-           "/B=" + std::to_string(batch) + "/T=" + std::to_string(nodes) +
+    return std::string(device) + (walk_only ? "_greedy_walk" : "_verify_greedy/") +
+           (walk_only ? "" : dtype_name(dtype)) + "/B=" + std::to_string(batch) + "/T=" + std::to_string(nodes) +
            (walk_only ? "" : "/V=" + std::to_string(vocab));
   }
 };
@@ -186,7 +187,8 @@ struct VerifyData {
       for (int64_t r = 0; r < rows; ++r) {
         int64_t best = 0;
         for (int64_t i = 1; i < s.vocab; ++i) {
-          if (to_float(logits.data(), s.dtype, r * s.vocab + i) > to_float(logits.data(), s.dtype, r * s.vocab + best)) best = i;
+          if (to_float(logits.data(), s.dtype, r * s.vocab + i) > to_float(logits.data(), s.dtype, r * s.vocab + best))
+            best = i;
         }
         argmax[r] = best;
       }
@@ -235,7 +237,8 @@ void bm_cpu_verify(benchmark::State& state, CpuVerifyCase* c, int threads) {
     if (s.walk_only) {
       torchspec::cpu::verify_tree_rows(p, 0, s.batch);  // a few microseconds: threads would cost more
     } else {
-      parallel_rows(s.batch, threads, [&](int64_t begin, int64_t end) { torchspec::cpu::verify_tree_rows(p, begin, end); });
+      parallel_rows(s.batch, threads,
+                    [&](int64_t begin, int64_t end) { torchspec::cpu::verify_tree_rows(p, begin, end); });
     }
   }
   if (d.num_accepted[0] != s.nodes - 1) state.SkipWithError("the chain was not fully accepted");
@@ -343,8 +346,8 @@ void bm_cuda_verify(benchmark::State& state, CudaVerifyCase* c, int threads) {
 }
 
 // Registers the CUDA benchmarks when a GPU is present; without one, says so and registers none.
-void register_cuda(std::vector<std::unique_ptr<CudaAttnCase>>& attn, std::vector<std::unique_ptr<CudaVerifyCase>>& verify,
-                   int threads) {
+void register_cuda(std::vector<std::unique_ptr<CudaAttnCase>>& attn,
+                   std::vector<std::unique_ptr<CudaVerifyCase>>& verify, int threads) {
   std::string why;
   const std::string gpu = bench::gpu_name(why);
   if (gpu.empty()) {
@@ -362,7 +365,8 @@ void register_cuda(std::vector<std::unique_ptr<CudaAttnCase>>& attn, std::vector
   for (bool walk : {false, true}) {
     verify.push_back(std::make_unique<CudaVerifyCase>());
     verify.back()->shape = VerifyShape{ScalarKind::kBFloat16, 64, 64, 152064, walk};
-    benchmark::RegisterBenchmark(verify.back()->shape.name("cuda").c_str(), bm_cuda_verify, verify.back().get(), threads)
+    benchmark::RegisterBenchmark(verify.back()->shape.name("cuda").c_str(), bm_cuda_verify, verify.back().get(),
+                                 threads)
         ->UseManualTime()
         ->Unit(benchmark::kMicrosecond);
   }

@@ -1,4 +1,4 @@
-// Parameters shared by the CPU and CUDA tree-attention and tree-verification kernels.
+// Parameters and the tree walk shared by the CPU and CUDA tree attention and verification kernels.
 // Framework-free: no torch, no CUDA headers.
 //
 // A draft tree of T nodes per batch row is given by parents [B, T] (int64): parents[b, 0] = -1
@@ -80,5 +80,15 @@ struct TreeVerifyParams {
   int64_t* path = nullptr;
   int64_t* next_token = nullptr;
 };
+
+// The verification walk's step, on the host and the device: the first child of node `cur` (in
+// index order) after node `after`, or -1. parents is one batch row's [T]; children come after
+// their parent, so next_child(parents, T, cur, cur) is cur's first child.
+TORCHSPEC_HD int64_t next_child(const int64_t* parents, int64_t nodes, int64_t cur, int64_t after) {
+  for (int64_t c = (after > cur ? after : cur) + 1; c < nodes; ++c) {
+    if (parents[c] == cur) return c;
+  }
+  return -1;
+}
 
 }  // namespace torchspec

@@ -137,9 +137,7 @@ void rows_impl(const TopkLseParams& p, int64_t row_begin, int64_t row_end) {
 
 }  // namespace
 
-void topk_lse_rows(const TopkLseParams& p, int64_t row_begin, int64_t row_end) {
-  rows_impl(p, row_begin, row_end);
-}
+void topk_lse_rows(const TopkLseParams& p, int64_t row_begin, int64_t row_end) { rows_impl(p, row_begin, row_end); }
 
 }  // namespace cpu
 }  // namespace torchspec

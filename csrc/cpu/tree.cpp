@@ -225,14 +225,6 @@ int64_t row_argmax(const void* logits, ScalarKind dtype, int64_t row_offset, int
   return best_index;
 }
 
-// The first child of `cur` (in index order) after node `after`, or -1.
-inline int64_t next_child(const int64_t* parents, int64_t nodes, int64_t cur, int64_t after) {
-  for (int64_t c = std::max(after, cur) + 1; c < nodes; ++c) {
-    if (parents[c] == cur) return c;
-  }
-  return -1;
-}
-
 // x[v] <- exp((x[v] - max) / T) for the V values of a row (NaN ignored by the maximum; values
 // that underflow, -inf included, give exactly 0); returns their sum (float64 across chunks).
 TORCHSPEC_CPU_CLONES
@@ -277,7 +269,8 @@ void greedy_row(const TreeVerifyParams& p, int64_t b) {
   int64_t cur = 0, accepted = 0, target = 0;
   path[0] = 0;
   while (true) {
-    target = p.argmax != nullptr ? p.argmax[b * T + cur] : row_argmax(p.logits, p.dtype, (b * T + cur) * p.vocab, p.vocab);
+    target =
+        p.argmax != nullptr ? p.argmax[b * T + cur] : row_argmax(p.logits, p.dtype, (b * T + cur) * p.vocab, p.vocab);
     int64_t c = next_child(parents, T, cur, cur);
     while (c >= 0 && tokens[c] != target) c = next_child(parents, T, cur, c);
     if (c < 0) break;

@@ -32,7 +32,6 @@ namespace torchspec {
 namespace cuda {
 namespace {
 
-
 // ---- tree attention -------------------------------------------------------------------------
 
 constexpr int kAttnWarps = 8;
@@ -145,7 +144,8 @@ __global__ void __launch_bounds__(kAttnThreads) tree_attention_kernel(TreeAttent
     }
   };
 
-  for (int64_t t0 = 0; t0 < prefix; t0 += kKeyTile) fold_tile(t0, static_cast<int>(min(int64_t{kKeyTile}, prefix - t0)), -1);
+  for (int64_t t0 = 0; t0 < prefix; t0 += kKeyTile)
+    fold_tile(t0, static_cast<int>(min(int64_t{kKeyTile}, prefix - t0)), -1);
   // The tree's nodes up to the tile's last, from the last key tile down (ancestors precede nodes).
   const int64_t last = j0 + nodes - 1;
   for (int64_t t0 = last / kKeyTile * kKeyTile; t0 >= 0; t0 -= kKeyTile) {
@@ -177,7 +177,8 @@ cudaError_t launch_attention(const TreeAttentionParams& p, cudaStream_t stream) 
   const size_t smem = attention_smem_bytes(p);
   const cudaError_t err = allow_dynamic_smem(tree_attention_kernel<T, kDimPerLane>, smem);
   if (err != cudaSuccess) return err;
-  TORCHSPEC_LAUNCH((tree_attention_kernel<T, kDimPerLane>), static_cast<unsigned>(blocks), kAttnThreads, smem, stream)(p);
+  TORCHSPEC_LAUNCH((tree_attention_kernel<T, kDimPerLane>), static_cast<unsigned>(blocks), kAttnThreads, smem,
+                   stream)(p);
   return cudaGetLastError();
 }
 
@@ -285,13 +286,6 @@ __device__ uint64_t thread_argmax_key(const T* row, int64_t V) {
   return st.key();
 }
 
-__device__ __forceinline__ int64_t first_child(const int64_t* parents, int64_t nodes, int64_t cur, int64_t after) {
-  for (int64_t c = (after > cur ? after : cur) + 1; c < nodes; ++c) {
-    if (parents[c] == cur) return c;
-  }
-  return -1;
-}
-
 __device__ __forceinline__ bool is_rejected(const int64_t* rejected, int n, int64_t token) {
   for (int i = 0; i < n; ++i) {
     if (rejected[i] == token) return true;
@@ -333,8 +327,8 @@ __global__ void __launch_bounds__(kVerifyThreads) verify_tree_kernel(TreeVerifyP
         target = key_index(block_max_key(thread_argmax_key(row, V), st));
       }
       if (tid == 0) {
-        int64_t c = first_child(parents, Tn, cur, cur);
-        while (c >= 0 && tokens[c] != target) c = first_child(parents, Tn, cur, c);
+        int64_t c = next_child(parents, Tn, cur, cur);
+        while (c >= 0 && tokens[c] != target) c = next_child(parents, Tn, cur, c);
         if (c >= 0) {
           path[++st.accepted] = c;
           st.cur = c;
@@ -358,8 +352,8 @@ __global__ void __launch_bounds__(kVerifyThreads) verify_tree_kernel(TreeVerifyP
     if (tid == 0) {
       double residual = 1.0;
       int n_rej = 0;
-      int64_t c = first_child(parents, Tn, cur, cur);
-      for (; c >= 0; c = first_child(parents, Tn, cur, c)) {
+      int64_t c = next_child(parents, Tn, cur, cur);
+      for (; c >= 0; c = next_child(parents, Tn, cur, c)) {
         const int64_t t = tokens[c];
         if (is_rejected(rejected, n_rej, t)) continue;
         const double pt = prob(t);
@@ -456,8 +450,9 @@ cudaError_t tree_attention_smem(const TreeAttentionParams& p, size_t* needed, si
   return dispatch_dtype(p.dtype, [&](auto t) {
     using T = decltype(t);
     const size_t dynamic = attention_smem_bytes(p);
-    return p.head_dim <= 128 ? smem_needed_and_allowed(tree_attention_kernel<T, 4>, dynamic, needed, allowed)
-                             : smem_needed_and_allowed(tree_attention_kernel<T, kMaxDimPerLane>, dynamic, needed, allowed);
+    return p.head_dim <= 128
+               ? smem_needed_and_allowed(tree_attention_kernel<T, 4>, dynamic, needed, allowed)
+               : smem_needed_and_allowed(tree_attention_kernel<T, kMaxDimPerLane>, dynamic, needed, allowed);
   });
 }
 

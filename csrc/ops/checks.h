@@ -19,8 +19,7 @@ inline ScalarKind logits_kind(const at::Tensor& t, const char* op, const char* n
     case at::kHalf:
       return ScalarKind::kFloat16;
     default:
-      TORCH_CHECK(false, "torchspec.", op, ": ", name, " must be float32, bfloat16 or float16, got ",
-                  t.scalar_type());
+      TORCH_CHECK(false, "torchspec.", op, ": ", name, " must be float32, bfloat16 or float16, got ", t.scalar_type());
   }
 }
 
@@ -51,7 +50,8 @@ inline void check_temperature(double temperature, const char* op, const char* hi
   const float inverse = static_cast<float>(1.0 / temperature);
   TORCHSPEC_CHECK_ARG(temperature > 0.0 && std::isfinite(temperature) && std::isnormal(inverse), op,
                       "temperature must be a finite number > 0 whose inverse is a float32 number (about 1e-38 to "
-                      "1e38)", hint, ", got ", temperature);
+                      "1e38)",
+                      hint, ", got ", temperature);
 }
 
 }  // namespace torchspec

@@ -9,7 +9,6 @@
 // training, where the gradients are wanted whenever the loss is. Extra memory: one tile and small
 // [N] / [N, k] arrays, plus float32 accumulators of the gradients when the inputs are bfloat16 /
 // float16.
-#include <ATen/Parallel.h>
 #include <c10/core/DeviceGuard.h>
 #include <torch/library.h>
 
@@ -20,12 +19,8 @@
 
 #include "../cpu/cpu_kernels.h"
 #include "checks.h"
-
-#ifdef TORCHSPEC_WITH_CUDA
-#include <ATen/cuda/CUDAContext.h>
-
-#include "../kernels/cuda_kernels.h"
-#endif
+#include "dispatch.h"
+#include "lm_head.h"
 
 namespace torchspec {
 namespace {
@@ -37,18 +32,10 @@ constexpr const char* kWithGradOp = "draft_topk_kl_with_grad";
 void check_inputs(const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& indices,
                   const at::Tensor& logprobs, const std::optional<at::Tensor>& valid, double temperature,
                   const char* op, bool check_index_range) {
-  TORCHSPEC_CHECK_ARG(hidden.dim() == 2, op, "hidden must be 2-D [N, H], got ", hidden.dim(), " dimensions");
-  TORCHSPEC_CHECK_ARG(weight.dim() == 2, op, "weight must be 2-D [Vd, H], got ", weight.dim(), " dimensions");
-  check_device_supported(hidden, op, "hidden");
-  check_same_device(hidden, "hidden", weight, "weight", op);
+  check_lm_head(hidden, weight, op, /*hidden_2d=*/true, "Vd");
   check_same_device(hidden, "hidden", indices, "teacher_indices", op);
   check_same_device(hidden, "hidden", logprobs, "teacher_logprobs", op);
-  logits_kind(hidden, op, "hidden");
-  TORCHSPEC_CHECK_ARG(hidden.scalar_type() == weight.scalar_type(), op, "hidden and weight must have the same dtype, got ",
-                      hidden.scalar_type(), " and ", weight.scalar_type());
-  const int64_t N = hidden.size(0), H = hidden.size(1), V = weight.size(0);
-  TORCHSPEC_CHECK_ARG(weight.size(1) == H, op, "weight must be [Vd, H] with H = hidden.size(1) = ", H, ", got weight ",
-                      weight.sizes());
+  const int64_t N = hidden.size(0), V = weight.size(0);
   TORCHSPEC_CHECK_ARG(V >= 1, op, "weight must have at least one row (the draft vocabulary is empty)");
   TORCHSPEC_CHECK_ARG(V < (int64_t{1} << 31), op, "the draft vocabulary size must be below 2^31, got ", V);
   TORCHSPEC_CHECK_ARG(indices.scalar_type() == at::kLong, op, "teacher_indices must be int64, got ",
@@ -91,7 +78,8 @@ Targets make_targets(const at::Tensor& indices, const at::Tensor& logprobs, cons
   const at::Tensor present = t.indices.ge(0);
   t.counted = present.any(1);
   if (valid.has_value()) t.counted = t.counted.logical_and(*valid);
-  const at::Tensor p = at::softmax(logprobs.masked_fill(present.logical_not(), -std::numeric_limits<float>::infinity()), 1);
+  const at::Tensor p =
+      at::softmax(logprobs.masked_fill(present.logical_not(), -std::numeric_limits<float>::infinity()), 1);
   // Rows with no present entry have NaN p: the where() drops them.
   t.weights = at::where(present.logical_and(t.counted.unsqueeze(1)), p, at::zeros({}, p.options())).contiguous();
   const at::Tensor count = t.counted.sum().clamp_min(1).to(at::kFloat);
@@ -99,20 +87,16 @@ Targets make_targets(const at::Tensor& indices, const at::Tensor& logprobs, cons
   return t;
 }
 
-// Tiling: vocabulary chunks (outer) times row blocks (inner). The float32 tile stays small next to
-// [N, Vd] but large enough for the GEMMs to run near full rate: 16 MiB on CPU (with 4 MiB tiles the
-// GEMMs took about 1.5x longer at N=4096 H=576 on 2 cores), 32 MiB on CUDA.
+// Tiling: vocabulary chunks (outer) times row blocks (inner), lm_head_tile_bytes of float32 logits.
 struct Tiling {
   int64_t vocab_chunk, row_chunk;
 };
-
-int64_t tile_bytes(bool cuda) { return cuda ? (int64_t{32} << 20) : (int64_t{16} << 20); }
 
 Tiling make_tiling(bool cuda, int64_t V) {
   // 2048 columns on both: on CUDA this keeps the float32 gradient accumulator of a bfloat16
   // weight chunk ([2048, H]) small as well.
   const int64_t vocab_chunk = std::min<int64_t>(V, 2048);
-  return {vocab_chunk, std::max<int64_t>(1, tile_bytes(cuda) / (vocab_chunk * 4))};
+  return {vocab_chunk, std::max<int64_t>(1, lm_head_tile_bytes(cuda) / (vocab_chunk * 4))};
 }
 
 // GEMM operands: float32 on CPU (no mixed-precision GEMM there), the input dtype on CUDA.
@@ -152,31 +136,15 @@ DraftLossTile tile_geometry(const at::Tensor& tile, int64_t c0, int64_t r0, cons
   return g;
 }
 
-// One tile kernel on p's rows: CPU rows split by at::parallel_for, CUDA on the current stream.
+// One tile kernel on p's rows (run_on_device); cuda_launch(p, stream) is the CUDA kernel, or
+// nullptr in a CPU-only build (TORCHSPEC_IF_CUDA).
 template <class Params, class CpuRows, class CudaLaunch>
 void run_tile(const Params& p, const at::Tensor& like, const char* op, const CpuRows& cpu_rows,
               const CudaLaunch& cuda_launch) {
-  if (p.rows == 0) return;
-  if (like.is_cpu()) {
-    const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(p.cols, 1));
-    at::parallel_for(0, p.rows, grain, [&](int64_t b, int64_t e) { cpu_rows(p, b, e); });
-    return;
-  }
-#ifdef TORCHSPEC_WITH_CUDA
-  TORCHSPEC_CHECK_ARG(p.rows < (int64_t{1} << 31), op, "at most 2^31 - 1 rows on CUDA, got ", p.rows);
-  const cudaError_t err = cuda_launch(p, at::cuda::getCurrentCUDAStream());
-  TORCH_CHECK(err == cudaSuccess, "torchspec.", op, ": CUDA kernel failed: ", cudaGetErrorString(err));
-#else
-  (void)op;
-  (void)cuda_launch;
-#endif
+  run_on_device(
+      like, p.rows, row_grain(p.cols), op, "rows", [&](int64_t b, int64_t e) { cpu_rows(p, b, e); },
+      TORCHSPEC_IF_CUDA([&](cudaStream_t stream) { return cuda_launch(p, stream); }));
 }
-
-#ifdef TORCHSPEC_WITH_CUDA
-#define TORCHSPEC_CUDA_TILE(fn) (fn)
-#else
-#define TORCHSPEC_CUDA_TILE(fn) nullptr
-#endif
 
 // Calls fn(tile, c0, c1, r0, r1) for every tile of float32 logits hidden[r0:r1] @ weight[c0:c1].T,
 // vocabulary chunks outer; `at_chunk_end(c0, c1)` after each chunk's last row block.
@@ -229,7 +197,7 @@ struct ForwardRows {
     p.argmax_index = argmax.data_ptr<int64_t>() + r0;
     p.target_dot = dot.data_ptr<float>() + r0;
     p.out_lse = last ? lse.data_ptr<float>() + r0 : nullptr;
-    run_tile(p, tile, op, cpu::draft_loss_forward_rows, TORCHSPEC_CUDA_TILE(cuda::draft_loss_forward));
+    run_tile(p, tile, op, cpu::draft_loss_forward_rows, TORCHSPEC_IF_CUDA(cuda::draft_loss_forward));
   }
 
   // loss = sum over counted rows of (lse - sum_j p_j z_j / T) / count; sum_j p_j = 1 on those rows.
@@ -260,7 +228,7 @@ struct GradientRows {
     p.target_coef = coef.data_ptr<float>() + r0 * t.indices.size(1);
     p.lse = lse.data_ptr<float>() + r0;
     p.row_scale = row_scale.data_ptr<float>() + r0;
-    run_tile(p, tile, op, cpu::draft_loss_backward_rows, TORCHSPEC_CUDA_TILE(cuda::draft_loss_backward));
+    run_tile(p, tile, op, cpu::draft_loss_backward_rows, TORCHSPEC_IF_CUDA(cuda::draft_loss_backward));
   }
 };
 
@@ -292,8 +260,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> draft_topk_kl(const at::Tensor& h
 std::tuple<at::Tensor, at::Tensor> draft_topk_kl_backward(const at::Tensor& grad_loss, const at::Tensor& hidden,
                                                           const at::Tensor& weight, const at::Tensor& teacher_indices,
                                                           const at::Tensor& teacher_logprobs,
-                                                          const std::optional<at::Tensor>& valid,
-                                                          const at::Tensor& lse, double temperature) {
+                                                          const std::optional<at::Tensor>& valid, const at::Tensor& lse,
+                                                          double temperature) {
   check_inputs(hidden, weight, teacher_indices, teacher_logprobs, valid, temperature, kBackwardOp, false);
   const int64_t N = hidden.size(0), H = hidden.size(1), V = weight.size(0);
   TORCHSPEC_CHECK_ARG(grad_loss.numel() == 1 && at::isFloatingType(grad_loss.scalar_type()), kBackwardOp,
@@ -362,7 +330,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> draft_top
   // rows.lse is filled block by block before gradient reads that block (the same tensor).
   const GradientRows gradient(t, inv_temperature, at::ones({}, f32), rows.lse);
   const at::Tensor hidden_op = gemm_operand(hidden), w = gemm_operand(weight);
-  const int64_t row_chunk = std::max<int64_t>(1, tile_bytes(hidden.is_cuda()) / (V * 4));
+  const int64_t row_chunk = std::max<int64_t>(1, lm_head_tile_bytes(hidden.is_cuda()) / (V * 4));
   at::Tensor buffer = at::empty({std::max<int64_t>(1, std::min(N, row_chunk) * V)}, f32);
 
   for (int64_t r0 = 0; r0 < N; r0 += row_chunk) {

@@ -1,5 +1,4 @@
 // torch-facing launchers of topk_logprobs and linear_topk_logprobs (CPU and CUDA).
-#include <ATen/Parallel.h>
 #include <c10/util/accumulate.h>
 #include <torch/library.h>
 
@@ -8,13 +7,8 @@
 
 #include "../cpu/cpu_kernels.h"
 #include "checks.h"
-
-#ifdef TORCHSPEC_WITH_CUDA
-#include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAGuard.h>
-
-#include "../kernels/cuda_kernels.h"
-#endif
+#include "dispatch.h"
+#include "lm_head.h"
 
 namespace torchspec {
 namespace {
@@ -44,19 +38,10 @@ void run_topk_lse(const at::Tensor& logits2d, int64_t k, double temperature, int
   p.out_indices = out_indices.data_ptr<int64_t>();
   p.out_lse = out_lse.data_ptr<float>();
   p.finalize = finalize;
-  if (p.rows == 0) return;
-  if (logits2d.is_cpu()) {
-    // A row is tens of thousands of elements: a few rows per task already amortise the dispatch.
-    const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(p.vocab, 1));
-    at::parallel_for(0, p.rows, grain, [&](int64_t begin, int64_t end) { cpu::topk_lse_rows(p, begin, end); });
-    return;
-  }
-#ifdef TORCHSPEC_WITH_CUDA
-  TORCHSPEC_CHECK_ARG(p.rows < (int64_t{1} << 31), "topk_logprobs", "at most 2^31 - 1 rows on CUDA, got ", p.rows);
-  const c10::cuda::CUDAGuard guard(logits2d.device());
-  const cudaError_t err = cuda::topk_lse(p, at::cuda::getCurrentCUDAStream());
-  TORCH_CHECK(err == cudaSuccess, "torchspec.topk_logprobs: CUDA kernel failed: ", cudaGetErrorString(err));
-#endif
+  run_on_device(
+      logits2d, p.rows, row_grain(p.vocab), "topk_logprobs", "rows",
+      [&](int64_t begin, int64_t end) { cpu::topk_lse_rows(p, begin, end); },
+      TORCHSPEC_IF_CUDA([&](cudaStream_t stream) { return cuda::topk_lse(p, stream); }));
 }
 
 // [..., V] -> a [rows, V] view (or copy) whose columns are contiguous.
@@ -103,17 +88,8 @@ std::vector<int64_t> chunk_bounds(int64_t vocab, int64_t chunk, int64_t k) {
 
 Outputs linear_topk_logprobs(const at::Tensor& hidden, const at::Tensor& weight, int64_t k, double temperature) {
   constexpr const char* op = "linear_topk_logprobs";
-  TORCHSPEC_CHECK_ARG(hidden.dim() >= 1, op, "hidden must be [..., H], got a scalar");
-  TORCHSPEC_CHECK_ARG(weight.dim() == 2, op, "weight must be 2-D [V, H], got ", weight.dim(), " dimensions");
-  check_device_supported(hidden, op, "hidden");
-  check_same_device(hidden, "hidden", weight, "weight", op);
-  logits_kind(hidden, op, "hidden");
-  TORCHSPEC_CHECK_ARG(hidden.scalar_type() == weight.scalar_type(), op, "hidden and weight must have the same dtype, got ",
-                      hidden.scalar_type(), " and ", weight.scalar_type());
-  const int64_t H = hidden.size(-1);
-  TORCHSPEC_CHECK_ARG(weight.size(1) == H, op, "weight must be [V, H] with H = hidden.size(-1) = ", H, ", got weight ",
-                      weight.sizes());
-  const int64_t V = weight.size(0);
+  check_lm_head(hidden, weight, op, /*hidden_2d=*/false, "V");
+  const int64_t H = hidden.size(-1), V = weight.size(0);
   check_topk_k(k, V, op);
   check_temperature(temperature, op);
 
@@ -124,14 +100,12 @@ Outputs linear_topk_logprobs(const at::Tensor& hidden, const at::Tensor& weight,
   if (N == 0) return {values, indices, lse};
   at::Tensor v2 = values.view({-1, k}), i2 = indices.view({-1, k}), l2 = lse.view({-1});
 
-  // Tile [rows, vocab] so that one tile of logits stays small (and, on a GPU, in L2): the extra
-  // memory is one tile, never [N, V]. Each vocabulary chunk merges into the running top-k.
+  // Tile [rows, vocab] (lm_head_tile_bytes): the extra memory is one tile of logits, never
+  // [N, V]. Each vocabulary chunk merges into the running top-k.
   const bool cuda = hidden.is_cuda();
   const int64_t vocab_chunk = cuda ? 8192 : 4096;
-  // 16 MiB on CPU: with 4 MiB tiles ([252, 4096] at H=576) the GEMMs ran 1.4x slower (2 cores).
-  const int64_t tile_bytes = cuda ? (int64_t{32} << 20) : (int64_t{16} << 20);
   const int64_t max_cols = vocab_chunk + k;  // the widest chunk chunk_bounds makes
-  const int64_t row_chunk = std::max<int64_t>(1, tile_bytes / (max_cols * hidden.element_size()));
+  const int64_t row_chunk = std::max<int64_t>(1, lm_head_tile_bytes(cuda) / (max_cols * hidden.element_size()));
   const std::vector<int64_t> bounds = chunk_bounds(V, vocab_chunk, k);
   const int64_t rows_alloc = std::min(N, row_chunk);
   at::Tensor buffer = at::empty({rows_alloc * std::min(V, max_cols)}, hidden.options());

@@ -1,7 +1,6 @@
 // torch-facing launchers of tree_attention, verify_tree_greedy and verify_tree_sampling (CPU and
 // CUDA). The trees (parents), prefix lengths and tokens are validated on the host: for CUDA
 // tensors these small index tensors are copied to the host once per call (one synchronisation).
-#include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -12,13 +11,7 @@
 #include "../common/tree.h"
 #include "../cpu/cpu_kernels.h"
 #include "checks.h"
-
-#ifdef TORCHSPEC_WITH_CUDA
-#include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAGuard.h>
-
-#include "../kernels/cuda_kernels.h"
-#endif
+#include "dispatch.h"
 
 namespace torchspec {
 namespace {
@@ -37,8 +30,7 @@ void check_trees(const at::Tensor& parents_host, const char* op) {
   const int64_t B = parents_host.size(0), T = parents_host.size(1);
   const int64_t* par = parents_host.data_ptr<int64_t>();
   for (int64_t b = 0; b < B; ++b) {
-    TORCHSPEC_CHECK_ARG(par[b * T] == -1, op, "parents[", b, ", 0] must be -1 (node 0 is the root), got ",
-                        par[b * T]);
+    TORCHSPEC_CHECK_ARG(par[b * T] == -1, op, "parents[", b, ", 0] must be -1 (node 0 is the root), got ", par[b * T]);
     for (int64_t j = 1; j < T; ++j) {
       const int64_t a = par[b * T + j];
       TORCHSPEC_CHECK_ARG(a != -1, op, "parents[", b, ", ", j, "] = -1: a second root (only node 0 may be a root)");
@@ -59,8 +51,8 @@ at::Tensor checked_parents(const at::Tensor& parents, int64_t B, int64_t T, cons
 
 at::Tensor host_copy(const at::Tensor& t) { return t.is_cpu() ? t : t.to(at::kCPU); }
 
-at::Tensor tree_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                          const at::Tensor& prefix_lens, const at::Tensor& parents, std::optional<double> scale) {
+at::Tensor tree_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& prefix_lens,
+                          const at::Tensor& parents, std::optional<double> scale) {
   constexpr const char* op = "tree_attention";
   TORCHSPEC_CHECK_ARG(q.dim() == 4, op, "q must be 4-D [B, Hq, T, D], got ", q.dim(), " dimensions");
   TORCHSPEC_CHECK_ARG(k.dim() == 4, op, "k must be 4-D [B, Hkv, S, D], got ", k.dim(), " dimensions");
@@ -115,23 +107,21 @@ at::Tensor tree_attention(const at::Tensor& q, const at::Tensor& k, const at::Te
   p.seq = S;
   p.head_dim = D;
   p.scale = static_cast<float>(scale_value);
-  if (q.is_cpu()) {
-    at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) { cpu::tree_attention_units(p, begin, end); });
-    return out;
-  }
-#ifdef TORCHSPEC_WITH_CUDA
-  TORCHSPEC_CHECK_ARG(D <= 256, op, "the CUDA kernel supports head dimensions D <= 256, got ", D);
-  TORCHSPEC_CHECK_ARG(Hq / Hkv <= 16, op, "the CUDA kernel supports up to 16 query heads per kv head, got ", Hq / Hkv);
-  TORCHSPEC_CHECK_ARG(B * Hkv * T < (int64_t{1} << 31), op, "B * Hkv * T must be below 2^31 on CUDA");
-  const c10::cuda::CUDAGuard guard(q.device());
-  size_t needed = 0, allowed = 0;
-  const cudaError_t smem_err = cuda::tree_attention_smem(p, &needed, &allowed);
-  TORCH_CHECK(smem_err == cudaSuccess, "torchspec.tree_attention: ", cudaGetErrorString(smem_err));
-  TORCHSPEC_CHECK_ARG(needed <= allowed, op, "D = ", D, " with ", Hq / Hkv, " query heads per kv head needs ", needed,
-                      " bytes of shared memory per block on CUDA, more than this GPU allows (", allowed, ")");
-  const cudaError_t err = cuda::tree_attention(p, at::cuda::getCurrentCUDAStream());
-  TORCH_CHECK(err == cudaSuccess, "torchspec.tree_attention: CUDA kernel failed: ", cudaGetErrorString(err));
-#endif
+  run_on_device(
+      q, B * Hkv, 1, op, nullptr, [&](int64_t begin, int64_t end) { cpu::tree_attention_units(p, begin, end); },
+      TORCHSPEC_IF_CUDA([&](cudaStream_t stream) {
+        TORCHSPEC_CHECK_ARG(D <= 256, op, "the CUDA kernel supports head dimensions D <= 256, got ", D);
+        TORCHSPEC_CHECK_ARG(Hq / Hkv <= 16, op, "the CUDA kernel supports up to 16 query heads per kv head, got ",
+                            Hq / Hkv);
+        TORCHSPEC_CHECK_ARG(B * Hkv * T < (int64_t{1} << 31), op, "B * Hkv * T must be below 2^31 on CUDA");
+        size_t needed = 0, allowed = 0;
+        const cudaError_t smem_err = cuda::tree_attention_smem(p, &needed, &allowed);
+        TORCH_CHECK(smem_err == cudaSuccess, "torchspec.tree_attention: ", cudaGetErrorString(smem_err));
+        TORCHSPEC_CHECK_ARG(needed <= allowed, op, "D = ", D, " with ", Hq / Hkv, " query heads per kv head needs ",
+                            needed, " bytes of shared memory per block on CUDA, more than this GPU allows (", allowed,
+                            ")");
+        return cuda::tree_attention(p, stream);
+      }));
   return out;
 }
 
@@ -184,25 +174,20 @@ Outputs run_verify(TreeVerifyParams& p, const at::Tensor& tok, const at::Tensor&
   p.num_accepted = num_accepted.data_ptr<int64_t>();
   p.path = path.data_ptr<int64_t>();
   p.next_token = next_token.data_ptr<int64_t>();
-  if (logits.is_cpu()) {
-    // A walk reads at least one logits row: with small vocabularies, many rows per task.
-    const int64_t grain = std::max<int64_t>(1, 65536 / p.vocab);
-    at::parallel_for(0, p.batch, grain, [&](int64_t begin, int64_t end) { cpu::verify_tree_rows(p, begin, end); });
-    return {num_accepted, path, next_token};
-  }
-#ifdef TORCHSPEC_WITH_CUDA
-  TORCHSPEC_CHECK_ARG(p.batch < (int64_t{1} << 31), op, "at most 2^31 - 1 batch rows on CUDA, got ", p.batch);
-  const c10::cuda::CUDAGuard guard(logits.device());
-  // The kernel keeps the tokens rejected at a node in shared memory, 8 bytes per node.
-  size_t needed = 0, allowed = 0;
-  const cudaError_t smem_err = cuda::verify_tree_smem(p, &needed, &allowed);
-  TORCH_CHECK(smem_err == cudaSuccess, "torchspec.", op, ": ", cudaGetErrorString(smem_err));
-  TORCHSPEC_CHECK_ARG(needed <= allowed, op, "T = ", p.nodes, " tree nodes need ", needed,
-                      " bytes of shared memory per block on CUDA, more than this GPU allows (", allowed,
-                      "): at most ", p.nodes - static_cast<int64_t>((needed - allowed + 7) / 8), " nodes");
-  const cudaError_t err = cuda::verify_tree(p, at::cuda::getCurrentCUDAStream());
-  TORCH_CHECK(err == cudaSuccess, "torchspec.", op, ": CUDA kernel failed: ", cudaGetErrorString(err));
-#endif
+  // A walk reads at least one logits row: with small vocabularies, many rows per task.
+  run_on_device(
+      logits, p.batch, row_grain(p.vocab, 65536), op, "batch rows",
+      [&](int64_t begin, int64_t end) { cpu::verify_tree_rows(p, begin, end); },
+      TORCHSPEC_IF_CUDA([&](cudaStream_t stream) {
+        // The kernel keeps the tokens rejected at a node in shared memory, 8 bytes per node.
+        size_t needed = 0, allowed = 0;
+        const cudaError_t smem_err = cuda::verify_tree_smem(p, &needed, &allowed);
+        TORCH_CHECK(smem_err == cudaSuccess, "torchspec.", op, ": ", cudaGetErrorString(smem_err));
+        TORCHSPEC_CHECK_ARG(needed <= allowed, op, "T = ", p.nodes, " tree nodes need ", needed,
+                            " bytes of shared memory per block on CUDA, more than this GPU allows (", allowed,
+                            "): at most ", p.nodes - static_cast<int64_t>((needed - allowed + 7) / 8), " nodes");
+        return cuda::verify_tree(p, stream);
+      }));
   return {num_accepted, path, next_token};
 }
 

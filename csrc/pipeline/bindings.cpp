@@ -35,8 +35,8 @@ py::tuple plan(uint64_t seq, const std::vector<std::tuple<std::string, int, std:
 }
 
 const uint8_t* host_bytes(const at::Tensor& t, const char* what) {
-  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kByte && t.dim() == 1 && t.is_contiguous(), "pipeline: ",
-              what, " must be a contiguous 1-D uint8 CPU tensor");
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kByte && t.dim() == 1 && t.is_contiguous(),
+              "pipeline: ", what, " must be a contiguous 1-D uint8 CPU tensor");
   return t.data_ptr<uint8_t>();
 }
 

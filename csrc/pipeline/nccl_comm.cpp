@@ -14,7 +14,8 @@ namespace {
 using Clock = std::chrono::steady_clock;
 
 void cuda_check(cudaError_t err, const char* what) {
-  if (err != cudaSuccess) throw std::runtime_error(std::string("pipeline NCCL channel: ") + what + ": " + cudaGetErrorString(err));
+  if (err != cudaSuccess)
+    throw std::runtime_error(std::string("pipeline NCCL channel: ") + what + ": " + cudaGetErrorString(err));
 }
 
 double seconds_since(Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); }
@@ -82,7 +83,8 @@ NcclComm::NcclComm(const std::string& unique_id, int rank, int nranks, int devic
                                 " bytes, got " + std::to_string(unique_id.size()));
   }
   if (nranks < 1 || rank < 0 || rank >= nranks) {
-    throw std::invalid_argument("pipeline NCCL channel: rank " + std::to_string(rank) + " of " + std::to_string(nranks));
+    throw std::invalid_argument("pipeline NCCL channel: rank " + std::to_string(rank) + " of " +
+                                std::to_string(nranks));
   }
   std::lock_guard<std::mutex> lock(mutex_);
   const DeviceGuard guard(device);
@@ -211,8 +213,9 @@ int64_t NcclComm::recv(void* data, int64_t bytes, int peer, cudaStream_t after) 
   const DeviceGuard guard(device_);
   if (nranks_ == 1) {
     if (self_sends_.empty()) {
-      throw std::runtime_error("pipeline NCCL channel to itself: recv with no send queued before it (a send to self "
-                               "is issued together with the matching recv)");
+      throw std::runtime_error(
+          "pipeline NCCL channel to itself: recv with no send queued before it (a send to self "
+          "is issued together with the matching recv)");
     }
     const PendingSelfSend s = self_sends_.front();
     if (s.bytes != bytes) {

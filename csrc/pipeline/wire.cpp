@@ -193,8 +193,8 @@ BatchLayout decode_header(const uint8_t* data, int64_t size) {
     e.name.assign(reinterpret_cast<const char*>(r.p), name_len);
     r.p += name_len;
     // Entries lie after the header inside the buffer, with sizes that match their shapes.
-    if (e.offset < layout.header_bytes || e.offset % kAlign != 0 || e.nbytes < 0 || e.nbytes > layout.total_bytes - e.offset ||
-        checked_nbytes(e.shape, element_size(e.dtype)) != e.nbytes) {
+    if (e.offset < layout.header_bytes || e.offset % kAlign != 0 || e.nbytes < 0 ||
+        e.nbytes > layout.total_bytes - e.offset || checked_nbytes(e.shape, element_size(e.dtype)) != e.nbytes) {
       throw HeaderError("pipeline header: entry '" + e.name + "' (offset " + std::to_string(e.offset) + ", " +
                         std::to_string(e.nbytes) + " B) does not fit its shape or the " +
                         std::to_string(layout.total_bytes) + " B buffer");

@@ -50,8 +50,8 @@
 // ---- what the kernel files spell differently for the emulator (see kernels/cuda_common.cuh) ----
 // A static __shared__ variable: one object per block (the fibers of a block share it), keyed by
 // the declaration (a function-local static's address is unique per template instance).
-#define TORCHSPEC_SHARED(type, name)  \
-  static char name##_cuemu_key_;      \
+#define TORCHSPEC_SHARED(type, name) \
+  static char name##_cuemu_key_;     \
   type& name = ::cuemu::detail::static_shared<type>(&name##_cuemu_key_)
 #define TORCHSPEC_EXTERN_SHARED(type, name) type* name = ::cuemu::detail::dynamic_shared<type>()
 #define TORCHSPEC_LAUNCH(kernel, grid, block, smem, stream) ::cuemu::Launch(kernel, #kernel, grid, block, smem, stream)
@@ -489,9 +489,8 @@ inline Emulator& emu() {
 inline std::string Emulator::where() const {
   std::string s = std::string("kernel ") + kname_;
   if (kinfo_ != nullptr) {
-    s += " block (" + std::to_string(blockIdx.x) + "," + std::to_string(blockIdx.y) + "," +
-         std::to_string(blockIdx.z) + ") of (" + std::to_string(grid_.x) + "," + std::to_string(grid_.y) + "," +
-         std::to_string(grid_.z) + ")";
+    s += " block (" + std::to_string(blockIdx.x) + "," + std::to_string(blockIdx.y) + "," + std::to_string(blockIdx.z) +
+         ") of (" + std::to_string(grid_.x) + "," + std::to_string(grid_.y) + "," + std::to_string(grid_.z) + ")";
   }
   if (cur_ != nullptr) {
     s += ", thread " + std::to_string(cur_->linear) + " (warp " + std::to_string(cur_->warp) + ", lane " +
@@ -539,7 +538,7 @@ inline void Emulator::install_signal_handlers() {
   ss.ss_sp = alt;
   ss.ss_size = sizeof(alt);
   sigaltstack(&ss, nullptr);
-  struct sigaction sa {};
+  struct sigaction sa{};
   sa.sa_flags = SA_SIGINFO | SA_ONSTACK;
   sa.sa_sigaction = [](int sig, siginfo_t* info, void*) {
     char what[256];
@@ -750,8 +749,9 @@ T& Emulator::static_shared(const void* decl) {
     it = k.static_offsets.emplace(decl, offset).first;
     const size_t optin = static_cast<size_t>(options().smem_optin);
     if (k.attribute_before_known && k.max_dynamic >= 0 && static_cast<size_t>(k.max_dynamic) + k.static_bytes > optin) {
-      fault("cudaFuncSetAttribute(MaxDynamicSharedMemorySize) was accepted before the kernel's static shared memory "
-            "was known, and it is too large for it: launch the kernel once with a small case first");
+      fault(
+          "cudaFuncSetAttribute(MaxDynamicSharedMemorySize) was accepted before the kernel's static shared memory "
+          "was known, and it is too large for it: launch the kernel once with a small case first");
     }
     if (dyn_bytes_ > dynamic_limit(k) || k.static_bytes + dyn_bytes_ > optin) {
       // The launch would have failed before it ran: give up the launch (its first block ran this far).
@@ -811,7 +811,8 @@ inline uint64_t Emulator::collective(Kind kind, unsigned mask, uint64_t value, i
   if (!op.active) {
     // The mask is checked once per collective: every later lane must bring the same one, and a
     // lane that exits while named in it is reported by thread_main.
-    if (width <= 0 || width > 32 || (width & (width - 1)) != 0) fault(std::string(what) + ": width " + std::to_string(width));
+    if (width <= 0 || width > 32 || (width & (width - 1)) != 0)
+      fault(std::string(what) + ": width " + std::to_string(width));
     if (mask & ~op.lanes) {
       fault(std::string(what) + " at " + site.str() + ": mask " + hex(mask) + " names lanes the block does not have");
     }
@@ -827,7 +828,8 @@ inline uint64_t Emulator::collective(Kind kind, unsigned mask, uint64_t value, i
     op.width = width;
   } else if (op.kind != kind || !(op.site == site) || op.mask != mask || op.width != width) {
     fault("divergent warp collective: this lane is at " + std::string(what) + " " + site.str() + " (mask " + hex(mask) +
-          ") while lanes of its warp wait at " + kind_name(op.kind) + " " + op.site.str() + " (mask " + hex(op.mask) + ")");
+          ") while lanes of its warp wait at " + kind_name(op.kind) + " " + op.site.str() + " (mask " + hex(op.mask) +
+          ")");
   }
   op.value[t.lane] = value;
   op.arg[t.lane] = arg;
@@ -869,8 +871,8 @@ inline void Emulator::complete(WarpOp& op) {
         break;
     }
     if (src < 0 || src > 31 || !(op.mask >> src & 1u)) {
-      fault(std::string(kind_name(op.kind)) + " at " + op.site.str() + ": lane " + std::to_string(l) +
-            " reads lane " + std::to_string(src) + ", which is not in the mask (undefined on a GPU)");
+      fault(std::string(kind_name(op.kind)) + " at " + op.site.str() + ": lane " + std::to_string(l) + " reads lane " +
+            std::to_string(src) + ", which is not in the mask (undefined on a GPU)");
     }
     Thread& t = threads_[base + l];
     t.result = op.kind == Kind::kBallot ? ballot : op.value[src];
@@ -990,7 +992,8 @@ inline void __syncwarp(unsigned mask = 0xFFFFFFFFu, std::source_location loc = s
   using namespace cuemu::detail;
   emu().collective(Kind::kSyncwarp, mask, 0, 0, 32, Site(loc));
 }
-inline unsigned __ballot_sync(unsigned mask, int predicate, std::source_location loc = std::source_location::current()) {
+inline unsigned __ballot_sync(unsigned mask, int predicate,
+                              std::source_location loc = std::source_location::current()) {
   using namespace cuemu::detail;
   return static_cast<unsigned>(emu().collective(Kind::kBallot, mask, predicate != 0, 0, 32, Site(loc)));
 }

@@ -198,8 +198,8 @@ double lse_tol(int64_t n, double m_scaled, double lse) {
 
 void expect_lse(Check& c, const char* who, int64_t row, float got, double want, int64_t n, double m_scaled) {
   if (std::isnan(want) || std::isinf(want)) {
-    c.expect(std::isnan(want) ? std::isnan(got) : got == want, "row %lld: %s lse %g, want %g", (long long)row, who,
-             got, want);
+    c.expect(std::isnan(want) ? std::isnan(got) : got == want, "row %lld: %s lse %g, want %g", (long long)row, who, got,
+             want);
     return;
   }
   const double tol = lse_tol(n, m_scaled, want);
@@ -265,7 +265,8 @@ void test_topk(const TopkCase& c) {
   void* base = logits.p + c.misalign * es;
   const std::vector<int64_t> rows = c.only_rows.empty() ? all_of(c.rows) : c.only_rows;
   for (int64_t r : rows) {
-    std::mt19937 gen(1000003u * static_cast<uint32_t>(r) + static_cast<uint32_t>(c.vocab) + static_cast<uint32_t>(c.fill));
+    std::mt19937 gen(1000003u * static_cast<uint32_t>(r) + static_cast<uint32_t>(c.vocab) +
+                     static_cast<uint32_t>(c.fill));
     for (int64_t i = 0; i < c.vocab; ++i) store(base, c.dtype, r * stride + i, topk_value(c, r, i, gen));
   }
   const int k = c.k;
@@ -304,9 +305,10 @@ void test_topk(const TopkCase& c) {
       torchspec::cpu::topk_lse_rows(params(cpu_v.data(), cpu_i.data(), cpu_l.data(), split, c.vocab, true), r, r + 1);
     }
   }
-  const std::string name = format("topk %s rows=%lld V=%lld k=%d T=%g stride+%lld misalign=%lld split=%lld %s",
-                                  dtype_name(c.dtype), (long long)c.rows, (long long)c.vocab, k, c.temperature,
-                                  (long long)c.stride_extra, (long long)c.misalign, (long long)c.split, c.label.c_str());
+  const std::string name =
+      format("topk %s rows=%lld V=%lld k=%d T=%g stride+%lld misalign=%lld split=%lld %s", dtype_name(c.dtype),
+             (long long)c.rows, (long long)c.vocab, k, c.temperature, (long long)c.stride_extra, (long long)c.misalign,
+             (long long)c.split, c.label.c_str());
   std::vector<float> row(c.vocab);
   std::vector<double> want_lse(c.rows), m_scaled(c.rows);
   for (int64_t r : rows) {
@@ -378,8 +380,10 @@ void topk_family() {
     test_topk({dt, 3, 12000, 1024, Fill::kNonFinite, 1.0f, 0, 0, 8192, {}, "(two seeded chunks, k = 1024)"});
   }
   // The GPU shape: 8192 rows of a 152064-token vocabulary in bfloat16, k = 1024; the first and last rows.
+  // clang-format off
   test_topk({ScalarKind::kBFloat16, 8192, 152064, 1024, Fill::kNormal, 1.0f, 0, 0, 0, {0, 8190, 8191},
              "(8192 x 152064, first and last rows)"});
+  // clang-format on
 }
 
 // ---- draft_topk_kl tiles ------------------------------------------------------------------------------
@@ -473,8 +477,8 @@ void test_draft_loss(const DraftCase& c) {
   init(cpu.m.data(), cpu.s.data(), cpu.av.data(), cpu.ai.data(), cpu.dot.data());
   for (auto [c0, c1] : chunks) {
     torchspec::cpu::draft_loss_forward_rows(fwd(z.data(), ids.data(), w.data(), cpu.m.data(), cpu.s.data(),
-                                                 cpu.av.data(), cpu.ai.data(), cpu.dot.data(), cpu.lse.data(), c0, c1),
-                                             0, R);
+                                                cpu.av.data(), cpu.ai.data(), cpu.dot.data(), cpu.lse.data(), c0, c1),
+                                            0, R);
   }
   Dev<float> m(R), s(R), av(R), dot(R), lse(R);
   Dev<int64_t> ai(R);
@@ -486,9 +490,9 @@ void test_draft_loss(const DraftCase& c) {
       if (ids[r * K + j] >= 0) dot_abs[r] += std::fabs(static_cast<double>(w[r * K + j]) * z[r * ld + ids[r * K + j]]);
     }
   }
-  const std::string name = format("draft_loss forward rows=%lld V=%lld chunk=%lld k=%d T=%g ld+%lld %s", (long long)R,
-                                  (long long)c.vocab, (long long)c.chunk, K, c.temperature, (long long)c.ld_extra,
-                                  c.label.c_str());
+  const std::string name =
+      format("draft_loss forward rows=%lld V=%lld chunk=%lld k=%d T=%g ld+%lld %s", (long long)R, (long long)c.vocab,
+             (long long)c.chunk, K, c.temperature, (long long)c.ld_extra, c.label.c_str());
   for_each_order(
       name,
       [&] {
@@ -498,8 +502,8 @@ void test_draft_loss(const DraftCase& c) {
       },
       [&] {
         for (auto [c0, c1] : chunks) {
-          const cudaError_t err =
-              torchspec::cuda::draft_loss_forward(fwd(dz.p, dids.p, dw.p, m.p, s.p, av.p, ai.p, dot.p, lse.p, c0, c1), nullptr);
+          const cudaError_t err = torchspec::cuda::draft_loss_forward(
+              fwd(dz.p, dids.p, dw.p, m.p, s.p, av.p, ai.p, dot.p, lse.p, c0, c1), nullptr);
           if (err != cudaSuccess) return err;
         }
         return cudaSuccess;
@@ -507,15 +511,17 @@ void test_draft_loss(const DraftCase& c) {
       [&](Check& check) {
         for (int64_t r = 0; r < R; ++r) {
           check.expect(equal_or_nan(m[r], cpu.m[r]), "row %lld: run_max %g, CPU %g", (long long)r, m[r], cpu.m[r]);
-          check.expect(ai[r] == cpu.ai[r] && equal_or_nan(av[r], cpu.av[r]), "row %lld: argmax %lld (%g), CPU %lld (%g)",
-                       (long long)r, (long long)ai[r], av[r], (long long)cpu.ai[r], cpu.av[r]);
+          check.expect(ai[r] == cpu.ai[r] && equal_or_nan(av[r], cpu.av[r]),
+                       "row %lld: argmax %lld (%g), CPU %lld (%g)", (long long)r, (long long)ai[r], av[r],
+                       (long long)cpu.ai[r], cpu.av[r]);
           if (cpu.m[r] == kInf) {
             // Past a +inf logit the sum is a placeholder (CUDA keeps 1, the CPU 0): only the lse (+inf) counts.
           } else if (std::isnan(cpu.s[r])) {
             check.expect(std::isnan(s[r]), "row %lld: run_sum %g, CPU NaN", (long long)r, s[r]);
           } else {
             const double tol = lse_tol(c.vocab, 0, 0) * std::fabs(cpu.s[r]) * 2;  // both within the bound
-            check.expect(std::fabs(s[r] - cpu.s[r]) <= tol, "row %lld: run_sum %.9g, CPU %.9g", (long long)r, s[r], cpu.s[r]);
+            check.expect(std::fabs(s[r] - cpu.s[r]) <= tol, "row %lld: run_sum %.9g, CPU %.9g", (long long)r, s[r],
+                         cpu.s[r]);
           }
           if (std::isfinite(dot_abs[r])) {
             // Two float32 sums of the same k products in different orders: each within (k + 8) u sum|terms|.
@@ -523,7 +529,8 @@ void test_draft_loss(const DraftCase& c) {
             check.expect(std::fabs(dot[r] - cpu.dot[r]) <= tol, "row %lld: target_dot %.9g, CPU %.9g", (long long)r,
                          dot[r], cpu.dot[r]);
           } else {
-            check.expect(equal_or_nan(dot[r], cpu.dot[r]), "row %lld: target_dot %g, CPU %g", (long long)r, dot[r], cpu.dot[r]);
+            check.expect(equal_or_nan(dot[r], cpu.dot[r]), "row %lld: target_dot %g, CPU %g", (long long)r, dot[r],
+                         cpu.dot[r]);
           }
           expect_lse(check, "CUDA", r, lse[r], want_lse[r], c.vocab, m_scaled[r]);
           expect_lse(check, "CPU", r, cpu.lse[r], want_lse[r], c.vocab, m_scaled[r]);
@@ -533,7 +540,8 @@ void test_draft_loss(const DraftCase& c) {
   // Backward over the same tiles, from the CPU's lse (the same input for both).
   Dev<float> dlse_in(R);
   std::memcpy(dlse_in.p, cpu.lse.data(), R * 4);
-  auto bwd = [&](float* g, const int64_t* idx, const float* cf, const float* l, const float* sc, int64_t c0, int64_t c1) {
+  auto bwd = [&](float* g, const int64_t* idx, const float* cf, const float* l, const float* sc, int64_t c0,
+                 int64_t c1) {
     torchspec::DraftLossBackwardTile p;
     p.rows = R;
     p.cols = c1 - c0;
@@ -550,7 +558,8 @@ void test_draft_loss(const DraftCase& c) {
   };
   std::vector<float> g = z;
   for (auto [c0, c1] : chunks) {
-    torchspec::cpu::draft_loss_backward_rows(bwd(g.data(), ids.data(), coef.data(), cpu.lse.data(), scale.data(), c0, c1), 0, R);
+    torchspec::cpu::draft_loss_backward_rows(
+        bwd(g.data(), ids.data(), coef.data(), cpu.lse.data(), scale.data(), c0, c1), 0, R);
   }
   // Per element g = scale * 2^(z * a - b) - (the coefficients at that column). The exponent is
   // rounded twice, by u |z a| and u |z a - b| (the CPU clones may fuse them: count both for each
@@ -592,15 +601,17 @@ void test_draft_loss(const DraftCase& c) {
           for (int64_t i = 0; i < ld; ++i) {
             const float got = dz[r * ld + i], want = g[r * ld + i];
             if (i >= c.vocab) {  // the padding past the row is never written
-              check.expect(same_float(got, z[r * ld + i]), "row %lld col %lld (padding) changed", (long long)r, (long long)i);
+              check.expect(same_float(got, z[r * ld + i]), "row %lld col %lld (padding) changed", (long long)r,
+                           (long long)i);
             } else if (scale[r] == 0.0f) {
               check.expect(same_float(got, 0.0f), "row %lld col %lld: masked row gives %g, want +0", (long long)r,
                            (long long)i, got);
             } else if (!std::isfinite(want) || !std::isfinite(bound[r * ld + i])) {
-              check.expect(equal_or_nan(got, want), "row %lld col %lld: %g, CPU %g", (long long)r, (long long)i, got, want);
+              check.expect(equal_or_nan(got, want), "row %lld col %lld: %g, CPU %g", (long long)r, (long long)i, got,
+                           want);
             } else {
-              check.expect(std::fabs(got - want) <= bound[r * ld + i],
-                           "row %lld col %lld: grad %.9g, CPU %.9g", (long long)r, (long long)i, got, want);
+              check.expect(std::fabs(got - want) <= bound[r * ld + i], "row %lld col %lld: grad %.9g, CPU %.9g",
+                           (long long)r, (long long)i, got, want);
             }
           }
         }
@@ -613,7 +624,8 @@ void draft_loss_family() {
   test_draft_loss({33, 32768 + 3, 4096, 16, 0.7f, 5, false, "(odd vocabulary, strided rows)"});
   test_draft_loss({300, 5, 5, 3, 1.0f, 0, false, "(V = 5)"});
   test_draft_loss({40, 9000, 2500, 1, 1.0f, 0, false, "(k = 1: cross-entropy)"});
-  test_draft_loss({25, 7000, 3000, 40, 1.6f, 3, true, "(NaN and infinite logits, repeated and absent ids, masked rows)"});
+  test_draft_loss(
+      {25, 7000, 3000, 40, 1.6f, 3, true, "(NaN and infinite logits, repeated and absent ids, masked rows)"});
   test_draft_loss({12, 1000, 1000, 300, 1.0f, 0, true, "(k = 300 > 256, repeated ids)"});
 }
 
@@ -788,10 +800,11 @@ void test_tree_attention(const AttnCase& c) {
                 continue;
               }
               err = std::max(err, std::fabs(got - want));
-              check.expect(std::fabs(got - want) <= tol,
-                           "row %lld (b %lld, head %lld, node %lld) dim %lld: %.9g, float64 %.9g, CPU %.9g (bound %.3g)",
-                           (long long)r, (long long)(r / (Hq * T)), (long long)(r / T % Hq), (long long)(r % T),
-                           (long long)d, got, want, cpu, tol);
+              check.expect(
+                  std::fabs(got - want) <= tol,
+                  "row %lld (b %lld, head %lld, node %lld) dim %lld: %.9g, float64 %.9g, CPU %.9g (bound %.3g)",
+                  (long long)r, (long long)(r / (Hq * T)), (long long)(r / T % Hq), (long long)(r % T), (long long)d,
+                  got, want, cpu, tol);
             }
           }
         }
@@ -810,7 +823,8 @@ void tree_attention_family() {
   test_tree_attention({f32, 2, 16, 1, 9, 256, {20, 3}, 1, AttnSpecial::kNone, {}, "(G = 16, D = 256)"});
   test_tree_attention({f32, 1, 10, 2, 6, 250, {17}, 0, AttnSpecial::kNone, {}, "(D = 250, G = 5)"});
   test_tree_attention({f32, 2, 4, 2, 9, 24, {37, 1}, 0, AttnSpecial::kChain, {}, "(a chain: causal attention)"});
-  test_tree_attention({f32, 2, 4, 2, 5, 16, {40, 1}, 0, AttnSpecial::kInfKeyNegativeScore, {}, "(+inf keys scoring -inf)"});
+  test_tree_attention(
+      {f32, 2, 4, 2, 5, 16, {40, 1}, 0, AttnSpecial::kInfKeyNegativeScore, {}, "(+inf keys scoring -inf)"});
   test_tree_attention({f32, 2, 4, 2, 5, 16, {7, 3}, 0, AttnSpecial::kAllNegInf, {}, "(every score -inf in even rows)"});
   test_tree_attention({f32, 2, 4, 2, 6, 16, {9, 0}, 1, AttnSpecial::kInfScore, {}, "(a +inf score)"});
   test_tree_attention({f32, 2, 8, 2, 100, 64, {70, 33}, 2, AttnSpecial::kNone, {}, "(T = 100)"});
@@ -823,8 +837,10 @@ void tree_attention_family() {
   }
   // The GPU benchmark's shape: B 64, Hq 32, Hkv 8, T 64, a 4096-token prefix, D 128, bfloat16;
   // the first and the last (b, kv head) units.
+  // clang-format off
   test_tree_attention({bf16, 64, 32, 8, 64, 128, std::vector<int64_t>(64, 4096), 0, AttnSpecial::kNone, {0, 511},
                        "(the GPU shape, first and last units)"});
+  // clang-format on
 }
 
 // ---- tree verification ------------------------------------------------------------------------------
@@ -861,7 +877,8 @@ void choose_uniforms(const VerifyCase& c, int64_t b, const void* logits, const s
     double mx = -INFINITY, total = 0;
     for (int64_t i = 0; i < V; ++i) mx = std::max<double>(mx, load(logits, c.dtype, (b * T + cur) * V + i));
     for (int64_t i = 0; i < V; ++i) {
-      prob[i] = std::exp((load(logits, c.dtype, (b * T + cur) * V + i) - mx) * static_cast<double>(1.0f / c.temperature));
+      prob[i] =
+          std::exp((load(logits, c.dtype, (b * T + cur) * V + i) - mx) * static_cast<double>(1.0f / c.temperature));
       total += prob[i];
     }
     for (double& x : prob) x /= total;
@@ -887,7 +904,8 @@ void choose_uniforms(const VerifyCase& c, int64_t b, const void* logits, const s
     }
     int64_t best = -1;
     for (int64_t i = 0; i < V; ++i) {
-      if (std::find(rejected.begin(), rejected.end(), i) == rejected.end() && (best < 0 || prob[i] > prob[best])) best = i;
+      if (std::find(rejected.begin(), rejected.end(), i) == rejected.end() && (best < 0 || prob[i] > prob[best]))
+        best = i;
     }
     double before = 0;
     for (int64_t i = 0; i < best; ++i) {
@@ -929,7 +947,8 @@ void test_verify(const VerifyCase& c) {
       // torch.argmax's rule: the first NaN, else the first of the largest.
       int64_t best = 0;
       for (int64_t i = 1; i < V; ++i) {
-        const float xb = load(logits.p, c.dtype, (b * T + j) * V + best), xi = load(logits.p, c.dtype, (b * T + j) * V + i);
+        const float xb = load(logits.p, c.dtype, (b * T + j) * V + best),
+                    xi = load(logits.p, c.dtype, (b * T + j) * V + i);
         if (std::isnan(xb)) break;
         if (std::isnan(xi) || xi > xb) best = i;
       }
@@ -1006,11 +1025,14 @@ void verify_family() {
       test_verify({dt, 2, 13, 50257, m, 1.7f, TreeShape::kRandom, false, {}, "(a vocabulary past 16-byte rows: odd)"});
       test_verify({dt, 2, 9, 4099, m, 1.0f, TreeShape::kChain, false, {}, "(a chain)"});
       test_verify({dt, 3, 64, 500, m, 1.3f, TreeShape::kStar, false, {}, "(a star: 63 children of the root)"});
+      // clang-format off
       test_verify({dt, 3, 17, 777, m, 1.0f, TreeShape::kRandom, true, {},
                    m == VerifyMode::kSampling ? "(zero-probability tokens)" : "(NaN, ties)"});
+      // clang-format on
     }
     test_verify({dt, 5, 40, 300, VerifyMode::kGreedyArgmax});
   }
+  // clang-format off
   test_verify({ScalarKind::kFloat32, 1, 1, 1, VerifyMode::kGreedy, 1.0f, TreeShape::kRandom, false, {},
                "(the root alone, V = 1)"});
   test_verify({ScalarKind::kFloat32, 2, 3, 1, VerifyMode::kSampling, 1.0f, TreeShape::kRandom, false, {}, "(V = 1)"});
@@ -1019,6 +1041,7 @@ void verify_family() {
                "(the GPU shape, first and last rows)"});
   test_verify({ScalarKind::kBFloat16, 64, 64, 152064, VerifyMode::kSampling, 1.0f, TreeShape::kChain, false, {63},
                "(the GPU shape, last row)"});
+  // clang-format on
 }
 
 // ---- launchers: shared memory and errors --------------------------------------------------------
@@ -1054,8 +1077,10 @@ void expect_launch(const char* what, cudaError_t got, cudaError_t want) {
   }
   const cudaError_t left = cudaGetLastError();
   if (left != cudaSuccess) {
-    std::fprintf(stderr, "FAILED: launch: %s: \"%s\" is left in cudaGetLastError, where the next, unrelated launch "
-                 "check would find it\n", what, cudaGetErrorString(left));
+    std::fprintf(stderr,
+                 "FAILED: launch: %s: \"%s\" is left in cudaGetLastError, where the next, unrelated launch "
+                 "check would find it\n",
+                 what, cudaGetErrorString(left));
     std::exit(1);
   }
 }
@@ -1072,8 +1097,10 @@ void launch_family() {
   test_tree_attention({f32, 1, 2, 1, 3, 8, {4}, 0});
   // Static + dynamic past 48 KiB while the dynamic part alone is not: T from 5602 to 6144.
   for (int64_t T : {5602, 6000, 6144}) {
-    test_verify({f32, 2, T, 5, VerifyMode::kSampling, 1.0f, TreeShape::kRandom, false, {}, "(static + dynamic over 48 KiB)"});
-    test_verify({f32, 2, T, 5, VerifyMode::kGreedy, 1.0f, TreeShape::kRandom, false, {}, "(static + dynamic over 48 KiB)"});
+    test_verify(
+        {f32, 2, T, 5, VerifyMode::kSampling, 1.0f, TreeShape::kRandom, false, {}, "(static + dynamic over 48 KiB)"});
+    test_verify(
+        {f32, 2, T, 5, VerifyMode::kGreedy, 1.0f, TreeShape::kRandom, false, {}, "(static + dynamic over 48 KiB)"});
   }
   // Past the opt-in limit (an H200's 227 KiB) the attribute cannot be set: the launcher fails, and
   // the next, unrelated launch must not see its error.
@@ -1101,13 +1128,13 @@ void launch_family() {
   }
   expect_launch("verify_tree at the largest T verify_tree_smem allows", verify_chain(max_nodes), cudaSuccess);
   expect_launch("verify_tree one node past it", verify_chain(max_nodes + 1), cudaErrorInvalidValue);
-  std::printf("launch: verify_tree takes up to %lld nodes (%lld bytes of static shared memory)\n",
-              (long long)max_nodes, (long long)static_bytes);
+  std::printf("launch: verify_tree takes up to %lld nodes (%lld bytes of static shared memory)\n", (long long)max_nodes,
+              (long long)static_bytes);
 
   // tree_attention at D = 256, G = 16 on a device whose blocks opt in to less shared memory than it
   // needs, then on one with exactly enough.
-  const AttnCase big_heads{f32, 2, 16, 1, 9, 256, {20, 3}, 1, AttnSpecial::kNone, {},
-                           "(on a device with just enough shared memory)"};
+  const AttnCase big_heads{
+      f32, 2, 16, 1, 9, 256, {20, 3}, 1, AttnSpecial::kNone, {}, "(on a device with just enough shared memory)"};
   torchspec::TreeAttentionParams ap;
   ap.dtype = f32;
   ap.q_heads = 16;
@@ -1131,8 +1158,8 @@ void launch_family() {
     p.out = out.p;
     p.prefix_lens = lens.p;
     p.parents = parents.p;
-    expect_launch("tree_attention D = 256 with one byte of shared memory too few", torchspec::cuda::tree_attention(p, nullptr),
-                  cudaErrorInvalidValue);
+    expect_launch("tree_attention D = 256 with one byte of shared memory too few",
+                  torchspec::cuda::tree_attention(p, nullptr), cudaErrorInvalidValue);
   }
   cuemu::use_device_with_smem_optin(static_cast<int>(needed));
   test_tree_attention(big_heads);
@@ -1231,6 +1258,7 @@ int main(int argc, char** argv) {
     if (families.size() != 2) return 2;
     return selftest(families[1]);
   }
+  // clang-format off
   const std::vector<std::pair<std::string, void (*)()>> all = {
       {"topk", topk_family},
       {"draft_loss", draft_loss_family},
@@ -1238,6 +1266,7 @@ int main(int argc, char** argv) {
       {"verify", verify_family},
       {"launch", launch_family},
   };
+  // clang-format on
   if (families.empty()) {
     for (const auto& [name, fn] : all) families.push_back(name);
   }
@@ -1256,12 +1285,12 @@ int main(int argc, char** argv) {
     const double cpu = static_cast<double>(std::clock() - c0) / CLOCKS_PER_SEC;
     const cuemu::Stats& s = cuemu::stats();
     const size_t orders = std::count_if(std::begin(kOrders), std::end(kOrders), order_enabled);
-    std::printf("%s: %d cases x %zu thread orders = %d runs passed (%llu launches, %llu blocks, %llu threads, "
-                "%llu rendezvous) in %.1f s (%.1f s of CPU)\n",
-                f.c_str(), g_cases - cases0, orders, g_runs - runs0,
-                (unsigned long long)(s.launches - s0.launches), (unsigned long long)(s.blocks - s0.blocks),
-                (unsigned long long)(s.threads - s0.threads), (unsigned long long)(s.rendezvous - s0.rendezvous), secs,
-                cpu);
+    std::printf(
+        "%s: %d cases x %zu thread orders = %d runs passed (%llu launches, %llu blocks, %llu threads, "
+        "%llu rendezvous) in %.1f s (%.1f s of CPU)\n",
+        f.c_str(), g_cases - cases0, orders, g_runs - runs0, (unsigned long long)(s.launches - s0.launches),
+        (unsigned long long)(s.blocks - s0.blocks), (unsigned long long)(s.threads - s0.threads),
+        (unsigned long long)(s.rendezvous - s0.rendezvous), secs, cpu);
   }
   return 0;
 }
