@@ -12,16 +12,25 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from torchspec_ext.bench.common import Column, Report, Skipped, fmt_fixed, fmt_num
+from torchspec_ext.bench.common import Skipped
+from torchspec_ext.bench.report import Column, Report, fmt_fixed, fmt_num
 
 DEFAULT_DRAFT = Path("torchspec_out") / "draft"  # python -m torchspec_ext.train's default output-dir/draft
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--draft", default=None, metavar="DIR",
-                        help=f"a draft directory written by python -m torchspec_ext.train (default: {DEFAULT_DRAFT})")
-    parser.add_argument("--tree-nodes", type=lambda s: [int(x) for x in s.split(",")], default=[4, 8, 16, 32],
-                        help="max_nodes of the trees, comma-separated (default 4,8,16,32)")
+    parser.add_argument(
+        "--draft",
+        default=None,
+        metavar="DIR",
+        help=f"a draft directory written by python -m torchspec_ext.train (default: {DEFAULT_DRAFT})",
+    )
+    parser.add_argument(
+        "--tree-nodes",
+        type=lambda s: [int(x) for x in s.split(",")],
+        default=[4, 8, 16, 32],
+        help="max_nodes of the trees, comma-separated (default 4,8,16,32)",
+    )
     parser.add_argument("--depth", type=int, default=6, help="chain length and tree depth")
     parser.add_argument("--tree-topk", type=int, default=6, help="children per tree node")
     parser.add_argument("--prompts", type=int, default=None, help="held-out prompts (default 3; quick: 1)")
@@ -34,13 +43,27 @@ def run(args: Any) -> Report:
 
     draft = args.draft or str(DEFAULT_DRAFT)
     if args.draft is None and not DEFAULT_DRAFT.is_dir():
-        raise Skipped(f"no --draft given and no {DEFAULT_DRAFT} here: train one with `python -m torchspec_ext.train` "
-                      "(writes torchspec_out/draft), or pass --draft DIR")
+        raise Skipped(
+            f"no --draft given and no {DEFAULT_DRAFT} here: train one with `python -m torchspec_ext.train` "
+            "(writes torchspec_out/draft), or pass --draft DIR"
+        )
     prompts = args.prompts or (1 if args.quick else 3)
     new_tokens = args.max_new_tokens or (16 if args.quick else 48)
     # The eval module's own option parsing and checks; the draft is checked before the target loads.
-    eval_args = evaluation.parse_args(["--draft", draft, "--prompts", str(prompts), "--max-new-tokens",
-                                       str(new_tokens), "--depth", str(args.depth), "--topk", str(args.tree_topk)])
+    eval_args = evaluation.parse_args(
+        [
+            "--draft",
+            draft,
+            "--prompts",
+            str(prompts),
+            "--max-new-tokens",
+            str(new_tokens),
+            "--depth",
+            str(args.depth),
+            "--topk",
+            str(args.tree_topk),
+        ]
+    )
     modes = {"chain": TreeSpec.chain(args.depth)}
     modes |= {f"tree {n}": TreeSpec(args.depth, args.tree_topk, n) for n in args.tree_nodes}
     result = evaluation.evaluate(eval_args, modes)

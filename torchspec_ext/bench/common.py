@@ -144,7 +144,11 @@ def time_ms_interleaved(
             fn(*inputs[(timing.warmup + i) % len(inputs)])
             synchronize(device)
             times.append((time.perf_counter() - t0) * 1e3)
-        if timing.budget_s is not None and i + 1 >= MIN_REPEAT and time.perf_counter() - began > timing.budget_s * len(fns):
+        if (
+            timing.budget_s is not None
+            and i + 1 >= MIN_REPEAT
+            and time.perf_counter() - began > timing.budget_s * len(fns)
+        ):
             break
     return [statistics.median(times) for times in samples]
 
@@ -213,8 +217,13 @@ def memory_method(device: torch.device) -> str:
     return "rise of peak RSS (VmHWM reset, after malloc_trim) minus outputs"
 
 
-def run_cases(report: Report, cases: Sequence[Any], run_one: Callable[[Any], dict], label: Callable[[Any], str],
-              device: torch.device) -> Report:
+def run_cases(
+    report: Report,
+    cases: Sequence[Any],
+    run_one: Callable[[Any], dict],
+    label: Callable[[Any], str],
+    device: torch.device,
+) -> Report:
     """Appends run_one(case) to report.rows for each case (progress on stderr), freeing memory between cases."""
     for case in cases:
         print(f"[bench {report.name}] {label(case)}", file=sys.stderr, flush=True)
@@ -327,16 +336,3 @@ def verdict(goals: Sequence[Goal], row: dict[str, Any], wrong: str | None = None
         return "PASS"
     names = ", ".join(goal.name for goal in missed if goal.name)
     return f"MISS ({names})" if names else "MISS"
-
-
-# Moved to torchspec_ext.bench.report; still importable from here for the parts that import them
-# from common (acceptance.py, train.py) until they import them from report.
-_MOVED_TO_REPORT = {"Column", "Report", "fmt_num", "fmt_fixed", "fmt_percent", "COMPILE_COLUMNS", "COMPILE_NOTE"}
-
-
-def __getattr__(name: str) -> Any:
-    if name in _MOVED_TO_REPORT:
-        from torchspec_ext.bench import report
-
-        return getattr(report, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -16,7 +16,9 @@ import time
 
 import torch
 
-from torchspec_ext.bench.common import Column, Report, device_name, fmt_fixed, fmt_num, resolve_device
+from torchspec_ext.bench.common import Goal, resolve_device, verdict
+from torchspec_ext.bench.common import target as target_cell
+from torchspec_ext.bench.report import TARGET_COLUMNS, Column, Report, environment_header, fmt_fixed, fmt_num
 
 TARGET_SPEEDUP = 1.3
 
@@ -26,7 +28,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--target", default=None)
     parser.add_argument("--data", default=None)
     parser.add_argument("--batch-size", type=int, default=2)
-    parser.add_argument("--max-length", type=int, default=None, help="tokens per conversation (default 512; quick: 128)")
+    parser.add_argument(
+        "--max-length", type=int, default=None, help="tokens per conversation (default 512; quick: 128)"
+    )
 
 
 def run(args) -> Report:
@@ -46,25 +50,37 @@ def run(args) -> Report:
     draft0 = train.make_draft(target, tokenizer, train_set, base.draft_vocab, base.vocab_sample, base.max_length)
     draft0 = draft0.to(base.device)
     token_batches = [batches.next() for _ in range(steps + 1)]
+    # Quick runs are too short to judge: no target there.
+    goals = (
+        []
+        if args.quick
+        else [Goal(f"tokens/s ≥ {TARGET_SPEEDUP}x reference-ops", lambda row: row["speedup"] < TARGET_SPEEDUP)]
+    )
+    header = environment_header(
+        device, f"{steps} steps after 1 warm-up, time.perf_counter, same batches in both modes"
+    ) | {
+        "case": f"default loop step: batch {base.batch_size} x up to {base.max_length} tokens, "
+        f"top-{base.topk}, draft vocab {draft0.config.draft_vocab_size}, TTT {base.ttt_steps}",
+    }
     report = Report(
         "train",
-        {
-            "device": device_name(device),
-            "case": f"default loop step: batch {base.batch_size} x up to {base.max_length} tokens, "
-            f"top-{base.topk}, draft vocab {draft0.config.draft_vocab_size}, TTT {base.ttt_steps}",
-            "timing": f"{steps} steps after 1 warm-up, time.perf_counter, same batches in both modes",
-            "target": f"tokens/s ours >= {TARGET_SPEEDUP}x reference-ops",
-        },
-        [Column("mode", "mode"), Column("teacher_ms", "teacher ms/step", fmt_num()),
-         Column("draft_ms", "draft ms/step", fmt_num()), Column("tokens_per_s", "tokens/s", fmt_num()),
-         Column("speedup", "speed-up", fmt_fixed(2, "x")), Column("verdict", "target")],
+        header,
+        [
+            Column("mode", "mode"),
+            Column("teacher_ms", "teacher ms/step", fmt_num()),
+            Column("draft_ms", "draft ms/step", fmt_num()),
+            Column("tokens_per_s", "tokens/s", fmt_num()),
+            Column("speedup", "speed-up", fmt_fixed(2, "x")),
+            *TARGET_COLUMNS,
+        ],
     )
     results = {}
     for mode in ("reference-ops", "ours"):
         config = dataclasses.replace(base, reference_ops=mode == "reference-ops")
         draft = copy.deepcopy(draft0)
-        teacher = train.Teacher(target, draft.config.feature_layers, draft.target_to_draft(), base.topk,
-                                config.reference_ops)
+        teacher = train.Teacher(
+            target, draft.config.feature_layers, draft.target_to_draft(), base.topk, config.reference_ops
+        )
         trainer = train.make_trainer(draft, config)
         teacher_s = draft_s = 0.0
         tokens = 0
@@ -79,10 +95,14 @@ def run(args) -> Report:
                 draft_s += end - middle
                 tokens += ids.numel()
         results[mode] = tokens / (teacher_s + draft_s)
-        row = {"mode": mode, "teacher_ms": 1e3 * teacher_s / steps, "draft_ms": 1e3 * draft_s / steps,
-               "tokens_per_s": results[mode]}
+        row = {
+            "mode": mode,
+            "teacher_ms": 1e3 * teacher_s / steps,
+            "draft_ms": 1e3 * draft_s / steps,
+            "tokens_per_s": results[mode],
+        }
         if mode == "ours":
             row["speedup"] = results["ours"] / results["reference-ops"]
-            row["verdict"] = "—" if args.quick else ("PASS" if row["speedup"] >= TARGET_SPEEDUP else "MISS")
+            row["target"], row["result"] = target_cell(goals), verdict(goals, row)
         report.rows.append(row)
     return report
