@@ -127,8 +127,12 @@ def build_extensions():
     opt = ["-O0", "-g"] if debug else ["-O3"]
     cxx_flags = opt + ["-Wno-psabi", "-fopenmp"]  # -fopenmp: at::parallel_for is OpenMP inline code
     nvcc_flags = opt + (["-lineinfo"] if debug else []) + ["--expt-relaxed-constexpr"]
-    sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/ops/*.cpp") + glob.glob("csrc/cpu/*.cpp")
-                     + glob.glob("csrc/pipeline/*.cpp"))
+    sources = sorted(
+        glob.glob("csrc/*.cpp")
+        + glob.glob("csrc/ops/*.cpp")
+        + glob.glob("csrc/cpu/*.cpp")
+        + glob.glob("csrc/pipeline/*.cpp")
+    )
     define_macros = []
     extra_link_args = ["-fopenmp"]
     include_dirs = []
@@ -159,8 +163,10 @@ def build_extensions():
             extra_compile_args={"cxx": cxx_flags},
             extra_link_args=extra_link_args,
         )
-    print(f"torchspec_ext: building {'with CUDA (' + cuda_home + ')' if with_cuda else 'CPU only'}, "
-          f"TORCH_CUDA_ARCH_LIST={os.environ.get('TORCH_CUDA_ARCH_LIST', '(torch default)')}")
+    print(
+        f"torchspec_ext: building {'with CUDA (' + cuda_home + ')' if with_cuda else 'CPU only'}, "
+        f"TORCH_CUDA_ARCH_LIST={os.environ.get('TORCH_CUDA_ARCH_LIST', '(torch default)')}"
+    )
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 
 

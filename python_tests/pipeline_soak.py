@@ -88,8 +88,13 @@ def _trainer(scenario: str, ch, flags: Path, run_index: int) -> dict:
                 t0 = time.monotonic()  # the time to notice is counted from the last batch
     except ChannelError as exc:
         closed = isinstance(exc, ChannelClosed)
-        return {"received": received, "error": type(exc).__name__, "message": str(exc), "closed": closed,
-                "elapsed": time.monotonic() - t0}
+        return {
+            "received": received,
+            "error": type(exc).__name__,
+            "message": str(exc),
+            "closed": closed,
+            "elapsed": time.monotonic() - t0,
+        }
     return {"received": received, "error": None}
 
 
@@ -105,8 +110,13 @@ def worker(scenario: str, rank: int, run_dir: str, run_index: int) -> None:
     run = Path(run_dir)
     os.environ["GLOO_SOCKET_IFNAME"] = "lo"
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", store=dist.FileStore(str(run / "store"), 2), rank=rank, world_size=2,
-                            timeout=datetime.timedelta(seconds=60))
+    dist.init_process_group(
+        "gloo",
+        store=dist.FileStore(str(run / "store"), 2),
+        rank=rank,
+        world_size=2,
+        timeout=datetime.timedelta(seconds=60),
+    )
     with TensorChannel(1 - rank, depth=DEPTH, timeout=TIMEOUT) as ch:
         result = (_teacher if rank == 0 else _trainer)(scenario, ch, run, run_index)
     print("RESULT " + json.dumps(result), flush=True)
@@ -117,9 +127,24 @@ def run_once(scenario: str, run_index: int = 0, limit: float = 300.0) -> list[st
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(_HERE), os.environ.get("PYTHONPATH", "")]))
     with tempfile.TemporaryDirectory(prefix="soak-") as run_dir:
         run = Path(run_dir)
-        procs = [subprocess.Popen([sys.executable, str(_HERE / "pipeline_soak.py"), "--worker", scenario, str(rank),
-                                   run_dir, str(run_index)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-                 for rank in (0, 1)]
+        procs = [
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    str(_HERE / "pipeline_soak.py"),
+                    "--worker",
+                    scenario,
+                    str(rank),
+                    run_dir,
+                    str(run_index),
+                ],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                env=env,
+            )
+            for rank in (0, 1)
+        ]
         deadline = time.monotonic() + limit
         outputs, problems = [None, None], []
         if scenario == "teacher_leaves_first":  # tell the trainer once the teacher's process is gone
@@ -136,7 +161,9 @@ def run_once(scenario: str, run_index: int = 0, limit: float = 300.0) -> list[st
                 p.kill()
                 outputs[rank] = p.communicate()
                 problems.append(f"rank {rank} hung (killed after {limit:g} s)")
-        results = [_check_process(rank, p.returncode, *outputs[rank], scenario, problems) for rank, p in enumerate(procs)]
+        results = [
+            _check_process(rank, p.returncode, *outputs[rank], scenario, problems) for rank, p in enumerate(procs)
+        ]
     _check_results(scenario, *results, problems)
     return problems
 
@@ -155,7 +182,7 @@ def _check_process(rank: int, code: int, out: str, err: str, scenario: str, prob
     if not lines:
         problems.append(f"rank {rank} reported no result:\n    {tail}")
         return None
-    return json.loads(lines[-1][len("RESULT "):])
+    return json.loads(lines[-1][len("RESULT ") :])
 
 
 def _check_results(scenario: str, teacher, trainer, problems: list[str]) -> None:

@@ -50,8 +50,9 @@ def large_batch(seed: int) -> dict[str, torch.Tensor]:
 def many_tensors_batch(seed: int) -> dict[str, torch.Tensor]:
     """80 small tensors with long names: a header too long to travel inside the preamble."""
     g = torch.Generator().manual_seed(seed)
-    return {f"tensor_{i}_with_a_name_long_enough_to_fill_the_header": torch.randn(i % 7, 3, generator=g)
-            for i in range(80)}
+    return {
+        f"tensor_{i}_with_a_name_long_enough_to_fill_the_header": torch.randn(i % 7, 3, generator=g) for i in range(80)
+    }
 
 
 def teacher_batch(seed: int) -> dict[str, torch.Tensor]:
@@ -71,14 +72,17 @@ def teacher_batch(seed: int) -> dict[str, torch.Tensor]:
 def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
     if a.dtype != b.dtype or a.shape != b.shape:
         return False
-    return torch.equal(a.contiguous().reshape(-1).view(torch.uint8).cpu(), b.contiguous().reshape(-1).view(torch.uint8).cpu())
+    return torch.equal(
+        a.contiguous().reshape(-1).view(torch.uint8).cpu(), b.contiguous().reshape(-1).view(torch.uint8).cpu()
+    )
 
 
 def assert_same_batch(got: dict, want: dict, what: str) -> None:
     assert list(got) == list(want), f"{what}: names {list(got)} != {list(want)}"
     for name in want:
         assert same_bits(got[name], want[name]), (
-            f"{what}: '{name}' differs: {got[name].dtype}{list(got[name].shape)} vs {want[name].dtype}{list(want[name].shape)}")
+            f"{what}: '{name}' differs: {got[name].dtype}{list(got[name].shape)} vs {want[name].dtype}{list(want[name].shape)}"
+        )
 
 
 def init(rank: int, world: int, store_path: str, timeout_s: float = 30.0) -> None:
@@ -87,8 +91,9 @@ def init(rank: int, world: int, store_path: str, timeout_s: float = 30.0) -> Non
     os.environ["GLOO_SOCKET_IFNAME"] = "lo"  # loopback only
     torch.set_num_threads(1)
     store = dist.FileStore(store_path, world)
-    dist.init_process_group("gloo", store=store, rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=timeout_s))
+    dist.init_process_group(
+        "gloo", store=store, rank=rank, world_size=world, timeout=datetime.timedelta(seconds=timeout_s)
+    )
 
 
 def _entry(fn, rank, world, store_path, results, args):
@@ -111,7 +116,9 @@ def run_job(fn, world: int, tmp_path, args=(), timeout: float = 60.0, expect_los
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     store_path = str(tmp_path / f"store_{time.monotonic_ns()}")
-    procs = [ctx.Process(target=_entry, args=(fn, r, world, store_path, results, args), daemon=True) for r in range(world)]
+    procs = [
+        ctx.Process(target=_entry, args=(fn, r, world, store_path, results, args), daemon=True) for r in range(world)
+    ]
     for p in procs:
         p.start()
     out, deadline, finished = {}, time.monotonic() + timeout, False

@@ -76,8 +76,15 @@ def make_fake_flashinfer(calls: list) -> types.ModuleType:
         return values, indices  # input dtype, int64
 
     def chain_speculative_sampling(
-        draft_probs, draft_token_ids, target_probs, maybe_output_accepted_token_num=None,
-        maybe_output_emitted_draft_token_num=None, deterministic=True, generator=None, seed=None, offset=None,
+        draft_probs,
+        draft_token_ids,
+        target_probs,
+        maybe_output_accepted_token_num=None,
+        maybe_output_emitted_draft_token_num=None,
+        deterministic=True,
+        generator=None,
+        seed=None,
+        offset=None,
     ):
         batch, n, vocab = draft_probs.shape
         assert draft_probs.dtype == torch.float32 and target_probs.dtype == torch.float32

@@ -47,7 +47,9 @@ def test_report_json_holds_each_part_and_the_compile_baseline(quick_report):
             elif row["compile_ms"] == "failed":
                 assert row["compile_error"]
             else:
-                assert row["compile_ms"] > 0 and row["ours_over_compile"] == pytest.approx(row["ours_ms"] / row["compile_ms"])
+                assert row["compile_ms"] > 0 and row["ours_over_compile"] == pytest.approx(
+                    row["ours_ms"] / row["compile_ms"]
+                )
 
 
 def test_report_plots_are_pngs(quick_report):
@@ -86,7 +88,9 @@ def test_a_failing_part_a_failing_compile_and_a_missing_draft_are_reported(tmp_p
     assert parts["tree"]["status"] == "ok"
     row = parts["tree"]["rows"][0]
     assert row["compile_ms"] == "failed" and "no C++ compiler" in row["compile_error"] and row["ours_ms"] > 0
-    assert parts["acceptance"]["status"] == "skipped" and "python -m torchspec_ext.train" in parts["acceptance"]["reason"]
+    assert (
+        parts["acceptance"]["status"] == "skipped" and "python -m torchspec_ext.train" in parts["acceptance"]["reason"]
+    )
     assert data["plots"] == [] and "matplotlib is missing" in data["plots_note"]
 
     text = (out / "report.md").read_text()
@@ -107,8 +111,10 @@ def test_acceptance_plot_from_a_report(tmp_path):
     from torchspec_ext.bench.plots import write_plots
     from torchspec_ext.bench.report import Report
 
-    rows = [{"mode": "plain", "max_nodes": None, "acceptance_length": 1.0},
-            {"mode": "chain", "max_nodes": 6, "acceptance_length": 1.5}]
+    rows = [
+        {"mode": "plain", "max_nodes": None, "acceptance_length": 1.0},
+        {"mode": "chain", "max_nodes": 6, "acceptance_length": 1.5},
+    ]
     rows += [{"mode": f"tree {n}", "max_nodes": n, "acceptance_length": 1 + n / 16} for n in (4, 8, 16, 32)]
     assert write_plots({"acceptance": Report("acceptance", {}, [], rows)}, tmp_path) == ["acceptance.png"]
     assert (tmp_path / "acceptance.png").read_bytes().startswith(PNG_MAGIC)

@@ -38,9 +38,11 @@ def test_a_budget_too_short_for_one_step_names_the_minimum():
 def test_bad_time_budgets_are_refused_before_anything_loads(capsys):
     from torchspec_ext import train
 
-    for argv, message in ((["--time-budget", "0.5"], "--time-budget must be at least 1 (minutes)"),
-                          (["--time-budget", "5", "--max-steps", "10"], "give --max-steps or --time-budget, not both"),
-                          (["--time-budget", "5", "--cache-teacher", "x"], "single-process")):
+    for argv, message in (
+        (["--time-budget", "0.5"], "--time-budget must be at least 1 (minutes)"),
+        (["--time-budget", "5", "--max-steps", "10"], "give --max-steps or --time-budget, not both"),
+        (["--time-budget", "5", "--cache-teacher", "x"], "single-process"),
+    ):
         with pytest.raises(SystemExit):
             train.parse_args(argv)
         assert message in capsys.readouterr().err

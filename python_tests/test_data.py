@@ -8,7 +8,10 @@ from torchspec_ext.data import load_conversations, parse_conversation, split_hel
 
 
 def sharegpt(i):
-    return {"id": str(i), "conversations": [{"from": "human", "value": f"question {i}"}, {"from": "gpt", "value": f"answer {i}"}]}
+    return {
+        "id": str(i),
+        "conversations": [{"from": "human", "value": f"question {i}"}, {"from": "gpt", "value": f"answer {i}"}],
+    }
 
 
 def test_truncated_json_array_keeps_every_complete_record(tmp_path):
@@ -19,7 +22,10 @@ def test_truncated_json_array_keeps_every_complete_record(tmp_path):
     conversations, report = load_conversations(path)
     assert len(conversations) == 47 and report.kept == 47
     assert report.truncated_tail and report.skipped == 1
-    assert conversations[46] == [{"role": "user", "content": "question 46"}, {"role": "assistant", "content": "answer 46"}]
+    assert conversations[46] == [
+        {"role": "user", "content": "question 46"},
+        {"role": "assistant", "content": "answer 46"},
+    ]
     # Cut between two records (after a comma): nothing lost, still reported as truncated.
     path.write_text(text[: text.index('{\n    "id": "10"')])
     conversations, report = load_conversations(path)
@@ -32,7 +38,15 @@ def test_truncated_json_array_keeps_every_complete_record(tmp_path):
 
 def test_jsonl_openai_style_and_bad_lines(tmp_path):
     lines = [
-        json.dumps({"messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}),
+        json.dumps(
+            {
+                "messages": [
+                    {"role": "system", "content": "be brief"},
+                    {"role": "user", "content": "hi"},
+                    {"role": "assistant", "content": "hello"},
+                ]
+            }
+        ),
         "{not json",
         json.dumps({"messages": [{"role": "user", "content": "no reply"}]}),
         "",

@@ -120,7 +120,10 @@ def test_absent_rows_and_masks(device):
 def test_no_row_counts(device):
     hidden, weight = inputs(10, 16, 700, device)
     indices, logprobs = teacher(10, 4, 700, device)
-    for idx, valid in ((torch.full_like(indices, -1), None), (indices, torch.zeros(10, dtype=torch.bool, device=device))):
+    for idx, valid in (
+        (torch.full_like(indices, -1), None),
+        (indices, torch.zeros(10, dtype=torch.bool, device=device)),
+    ):
         loss, argmax, lse, gh, gw = ours_with_grads(hidden, weight, idx, logprobs, valid)
         assert loss.item() == 0.0 and not gh.any() and not gw.any()
         assert torch.equal(argmax, (hidden @ weight.T).argmax(-1))  # the metric still comes out
@@ -233,9 +236,12 @@ def test_one_pass_gradients_equal_the_backward_op(device, dtype):
     h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
     loss, argmax, lse = draft_topk_kl(h, w, indices, logprobs, valid, 0.7)
     (3.0 * loss).backward()
-    ref_loss, ref_argmax, ref_lse = torch.ops.torchspec.draft_topk_kl.default(hidden, weight, indices, logprobs, valid, 0.7)
+    ref_loss, ref_argmax, ref_lse = torch.ops.torchspec.draft_topk_kl.default(
+        hidden, weight, indices, logprobs, valid, 0.7
+    )
     gh, gw = torch.ops.torchspec.draft_topk_kl_backward.default(
-        torch.tensor(3.0, device=device), hidden, weight, indices, logprobs, valid, ref_lse, 0.7)
+        torch.tensor(3.0, device=device), hidden, weight, indices, logprobs, valid, ref_lse, 0.7
+    )
     torch.testing.assert_close(loss, ref_loss, rtol=1e-6, atol=1e-6)
     assert torch.equal(argmax, ref_argmax)
     torch.testing.assert_close(lse, ref_lse, rtol=1e-6, atol=1e-6)

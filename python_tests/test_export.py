@@ -15,10 +15,20 @@ from torchspec_ext.speculate import TreeSpec, speculative_generate
 
 VOCAB, DRAFT_VOCAB, LAYERS = 300, 100, 6
 WEIGHT_KEYS = {
-    "fc.weight", "norm.weight", "lm_head.weight", "d2t", "t2d",
-    "midlayer.input_layernorm.weight", "midlayer.hidden_norm.weight", "midlayer.post_attention_layernorm.weight",
-    "midlayer.self_attn.q_proj.weight", "midlayer.self_attn.k_proj.weight", "midlayer.self_attn.v_proj.weight",
-    "midlayer.self_attn.o_proj.weight", "midlayer.mlp.gate_proj.weight", "midlayer.mlp.up_proj.weight",
+    "fc.weight",
+    "norm.weight",
+    "lm_head.weight",
+    "d2t",
+    "t2d",
+    "midlayer.input_layernorm.weight",
+    "midlayer.hidden_norm.weight",
+    "midlayer.post_attention_layernorm.weight",
+    "midlayer.self_attn.q_proj.weight",
+    "midlayer.self_attn.k_proj.weight",
+    "midlayer.self_attn.v_proj.weight",
+    "midlayer.self_attn.o_proj.weight",
+    "midlayer.mlp.gate_proj.weight",
+    "midlayer.mlp.up_proj.weight",
     "midlayer.mlp.down_proj.weight",
 }
 
@@ -28,9 +38,18 @@ def target():
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=LAYERS,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                         bos_token_id=None, eos_token_id=None, pad_token_id=None)
+    config = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        bos_token_id=None,
+        eos_token_id=None,
+        pad_token_id=None,
+    )
     model = LlamaForCausalLM(config).eval()
     model.generation_config.eos_token_id = None
     model.generation_config.pad_token_id = 0
@@ -243,7 +262,7 @@ def test_eagle3_drafter_decoding_is_lossless(target, tmp_path):
     assert export_main([str(tmp_path / "draft"), "--out", str(tmp_path / "export")]) == 0
     prompt = [5, 17, 42, 99, 123, 7]
     with torch.no_grad():
-        want = target.generate(torch.tensor([prompt]), max_new_tokens=24, do_sample=False)[0, len(prompt):].tolist()
+        want = target.generate(torch.tensor([prompt]), max_new_tokens=24, do_sample=False)[0, len(prompt) :].tolist()
     for directory, spec in (("draft", TreeSpec(depth=3, topk=2, max_nodes=6)), ("export", TreeSpec.chain(3))):
         drafter = load_draft(str(tmp_path / directory), target)
         assert isinstance(drafter, Eagle3Drafter)
@@ -257,8 +276,18 @@ def test_eval_rejects_a_directory_that_is_not_a_draft(target, tmp_path):
 
     with pytest.raises(SystemExit, match=f"cannot load draft '{tmp_path}': not an EAGLE-3 draft directory"):
         load_draft(str(tmp_path), target)
-    other = Eagle3Draft(DraftConfig(hidden_size=32, intermediate_size=64, num_attention_heads=2, num_key_value_heads=2,
-                                    head_dim=16, vocab_size=VOCAB, draft_vocab_size=10, feature_layers=[1, 2, 3]))
+    other = Eagle3Draft(
+        DraftConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            head_dim=16,
+            vocab_size=VOCAB,
+            draft_vocab_size=10,
+            feature_layers=[1, 2, 3],
+        )
+    )
     other.save(tmp_path / "other")
     with pytest.raises(SystemExit, match="made for another target"):
         load_draft(str(tmp_path / "other"), target)

@@ -27,8 +27,7 @@ from torchspec_ext.pipeline.wire import ZERO_COPY_BYTES, pack, plan, preamble, r
 
 import pipeline_soak
 from conftest import HAS_GPU
-from pipeline_workers import (assert_same_batch, large_batch, many_tensors_batch, random_batch, run_job,
-                              teacher_batch)
+from pipeline_workers import assert_same_batch, large_batch, many_tensors_batch, random_batch, run_job, teacher_batch
 
 HAS_NCCL = torchspec_ext.build_info()["nccl_version"] is not None
 
@@ -77,8 +76,11 @@ def test_overlapping_entries_raise():
 
 
 def test_small_tensors_are_laid_out_first_back_to_back():
-    batch = {"big": torch.zeros(ZERO_COPY_BYTES // 4 + 1), "ids": torch.zeros(5, dtype=torch.long),
-             "mask": torch.zeros(7, dtype=torch.bool)}
+    batch = {
+        "big": torch.zeros(ZERO_COPY_BYTES // 4 + 1),
+        "ids": torch.zeros(5, dtype=torch.long),
+        "mask": torch.zeros(7, dtype=torch.bool),
+    }
     _, offsets, total = plan(batch, 0)
     assert offsets[1] < offsets[2] < offsets[0]  # small ones first, each group in the batch's order
     assert offsets[2] - offsets[1] == 64 and offsets[0] - offsets[2] == 64  # aligned, no gaps
@@ -137,8 +139,11 @@ class Loopback:
         pass
 
 
-@pytest.mark.parametrize("scatter,prefetch", [(True, True), (False, False), (True, False), (False, True)],
-                         ids=["gloo", "packed", "scatter-no-thread", "packed-thread"])
+@pytest.mark.parametrize(
+    "scatter,prefetch",
+    [(True, True), (False, False), (True, False), (False, True)],
+    ids=["gloo", "packed", "scatter-no-thread", "packed-thread"],
+)
 def test_channel_logic_round_trip_bit_exact(scatter, prefetch):
     """The channel's own send/recv over a loopback, on batches of every size in turn, bit for bit."""
     batches = [many_tensors_batch(1)]  # a header too long for the preamble: a message of its own

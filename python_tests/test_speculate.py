@@ -17,7 +17,9 @@ def target():
 
 
 def prompt_ids(tokenizer, text):
-    rendered = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=False)
+    rendered = tokenizer.apply_chat_template(
+        [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=False
+    )
     return tokenizer(rendered, add_special_tokens=False).input_ids
 
 
@@ -53,7 +55,9 @@ def test_useless_draft_still_matches_greedy(target):
     model, tokenizer = target
     ids = prompt_ids(tokenizer, "What is the capital of France?")
     want = greedy(model, ids, 12)
-    result = speculative_generate(model, UniformDraft(model.config.vocab_size), ids, 12, TreeSpec(depth=2, topk=3, max_nodes=6))
+    result = speculative_generate(
+        model, UniformDraft(model.config.vocab_size), ids, 12, TreeSpec(depth=2, topk=3, max_nodes=6)
+    )
     assert result.tokens == want
     assert result.target_forwards >= len(result.tokens) - 2  # nearly nothing accepted: ~1 token per forward
 
@@ -64,7 +68,11 @@ def test_sampling_runs_and_is_reproducible(target):
     runs = []
     for _ in range(2):
         gen = torch.Generator().manual_seed(7)
-        runs.append(speculative_generate(model, TargetAsDraft(model), ids, 10, TreeSpec.chain(3), temperature=0.8, generator=gen))
+        runs.append(
+            speculative_generate(
+                model, TargetAsDraft(model), ids, 10, TreeSpec.chain(3), temperature=0.8, generator=gen
+            )
+        )
     assert runs[0].tokens == runs[1].tokens and len(runs[0].tokens) == 10
     assert all(0 <= t < model.config.vocab_size for t in runs[0].tokens)
 
@@ -97,8 +105,26 @@ def test_propose_tree_shape():
 def test_eval_cli_reports_acceptance(capsys):
     from torchspec_ext.eval import main
 
-    assert main(["--prompts", "2", "--max-new-tokens", "8", "--depth", "2", "--topk", "2", "--dtype", "float32",
-                 "--min-prob", "0.5", "--json"]) == 0
+    assert (
+        main(
+            [
+                "--prompts",
+                "2",
+                "--max-new-tokens",
+                "8",
+                "--depth",
+                "2",
+                "--topk",
+                "2",
+                "--dtype",
+                "float32",
+                "--min-prob",
+                "0.5",
+                "--json",
+            ]
+        )
+        == 0
+    )
     report = json.loads(capsys.readouterr().out)
     rows = {r["mode"]: r for r in report["rows"]}
     assert set(rows) == {"plain", "prompt lookup", "chain", "tree", "chain, p >= 0.5", "tree, p >= 0.5"}

@@ -221,7 +221,9 @@ def check_linear(hidden, weight, k, temperature=1.0):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", [(1, 576, 49152, 64), (7, 64, 50257, 1024), (1000, 96, 50257, 64), (3, 32, 5000, 1024)])
+@pytest.mark.parametrize(
+    "shape", [(1, 576, 49152, 64), (7, 64, 50257, 1024), (1000, 96, 50257, 64), (3, 32, 5000, 1024)]
+)
 def test_linear_matches_topk_of_matmul(device, dtype, shape):
     rows, hidden_size, vocab, k = shape
     hidden = torch.randn(rows, hidden_size, device=device).to(dtype)
@@ -268,7 +270,6 @@ def test_gradients(device, which):
     (want,) = torch.autograd.grad(float64_topk_loss(logits, indices, 0.8, grad_values, grad_lse), logits)
     assert not indices.requires_grad
     torch.testing.assert_close(got.double(), want.double(), rtol=0, atol=1e-5)
-
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -24,8 +24,12 @@ REPLIES = [
 
 def write_chat(path, count=16):
     records = [
-        {"conversations": [{"from": "human", "value": f"Question {i}: tell me something."},
-                           {"from": "gpt", "value": REPLIES[i % len(REPLIES)]}]}
+        {
+            "conversations": [
+                {"from": "human", "value": f"Question {i}: tell me something."},
+                {"from": "gpt", "value": REPLIES[i % len(REPLIES)]},
+            ]
+        }
         for i in range(count)
     ]
     path.write_text(json.dumps(records))
@@ -41,9 +45,17 @@ def tiny_target(tmp_path_factory):
 
     directory = tmp_path_factory.mktemp("tiny_target")
     tokenizer = AutoTokenizer.from_pretrained(default_target_dir())
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=48, intermediate_size=96, num_hidden_layers=6,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                         eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=48,
+        intermediate_size=96,
+        num_hidden_layers=6,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+    )
     torch.manual_seed(0)
     LlamaForCausalLM(config).save_pretrained(directory)
     tokenizer.save_pretrained(directory)
@@ -52,10 +64,37 @@ def tiny_target(tmp_path_factory):
 
 def run(tiny_target, tmp_path, *extra):
     data = write_chat(tmp_path / "chat.json")
-    argv = ["--target", str(tiny_target), "--data", str(data), "--output-dir", str(tmp_path / "out"),
-            "--batch-size", "2", "--max-length", "64", "--draft-vocab", "4096", "--topk", "32", "--ttt-steps", "2",
-            "--eval-prompts", "1", "--eval-new-tokens", "8", "--eval-interval", "0", "--log-interval", "1",
-            "--held-out", "0.2", "--warmup-steps", "1", *extra]
+    argv = [
+        "--target",
+        str(tiny_target),
+        "--data",
+        str(data),
+        "--output-dir",
+        str(tmp_path / "out"),
+        "--batch-size",
+        "2",
+        "--max-length",
+        "64",
+        "--draft-vocab",
+        "4096",
+        "--topk",
+        "32",
+        "--ttt-steps",
+        "2",
+        "--eval-prompts",
+        "1",
+        "--eval-new-tokens",
+        "8",
+        "--eval-interval",
+        "0",
+        "--log-interval",
+        "1",
+        "--held-out",
+        "0.2",
+        "--warmup-steps",
+        "1",
+        *extra,
+    ]
     return train.main(argv)
 
 
@@ -65,8 +104,11 @@ def losses(out_dir):
 
 
 def logged_steps(out_dir):
-    return sorted(json.loads(line)["step"] for line in (out_dir / "metrics.jsonl").read_text().splitlines()
-                  if "loss" in json.loads(line))
+    return sorted(
+        json.loads(line)["step"]
+        for line in (out_dir / "metrics.jsonl").read_text().splitlines()
+        if "loss" in json.loads(line)
+    )
 
 
 def test_trains_checkpoints_and_resumes_on_the_same_curve(tiny_target, tmp_path, monkeypatch, capsys):
@@ -122,7 +164,10 @@ def test_loss_goes_down(tiny_target, tmp_path):
 
 
 def test_reference_ops_and_hard_ce_train(tiny_target, tmp_path):
-    assert run(tiny_target, tmp_path, "--max-steps", "2", "--reference-ops", "--loss", "hard_ce", "--responses", "target") == 0
+    assert (
+        run(tiny_target, tmp_path, "--max-steps", "2", "--reference-ops", "--loss", "hard_ce", "--responses", "target")
+        == 0
+    )
 
 
 def test_same_loss_with_reference_ops(tiny_target, tmp_path):
@@ -157,25 +202,80 @@ def test_nan_loss_stops_with_step_and_batch_named(tiny_target, tmp_path, monkeyp
 def test_bad_input_gets_a_clear_message(tiny_target, tmp_path, capsys):
     empty = tmp_path / "empty.json"
     empty.write_text("[]")
-    assert train.main(["--target", str(tiny_target), "--data", str(empty), "--output-dir", str(tmp_path / "o"),
-                       "--max-length", "64"]) == 2
+    assert (
+        train.main(
+            [
+                "--target",
+                str(tiny_target),
+                "--data",
+                str(empty),
+                "--output-dir",
+                str(tmp_path / "o"),
+                "--max-length",
+                "64",
+            ]
+        )
+        == 2
+    )
     assert "no usable conversation" in capsys.readouterr().err
     data = write_chat(tmp_path / "chat.json")
-    assert train.main(["--target", str(tiny_target), "--data", str(data), "--output-dir", str(tmp_path / "o"),
-                       "--max-length", "100000"]) == 2
+    assert (
+        train.main(
+            [
+                "--target",
+                str(tiny_target),
+                "--data",
+                str(data),
+                "--output-dir",
+                str(tmp_path / "o"),
+                "--max-length",
+                "100000",
+            ]
+        )
+        == 2
+    )
     assert "longer than the target's context" in capsys.readouterr().err
     assert train.main(["--target", str(tmp_path / "nowhere"), "--output-dir", str(tmp_path / "o")]) == 2
     assert "cannot load the target" in capsys.readouterr().err
-    assert train.main(["--target", str(tiny_target), "--data", str(data), "--output-dir", str(tmp_path / "o2"),
-                       "--max-length", "64", "--resume"]) == 2
+    assert (
+        train.main(
+            [
+                "--target",
+                str(tiny_target),
+                "--data",
+                str(data),
+                "--output-dir",
+                str(tmp_path / "o2"),
+                "--max-length",
+                "64",
+                "--resume",
+            ]
+        )
+        == 2
+    )
     assert "no checkpoint" in capsys.readouterr().err
     not_a_model = tmp_path / "not_a_model"  # a config.json and nothing else
     not_a_model.mkdir()
     (not_a_model / "config.json").write_text('{"model_type": "llama"}')
     assert train.main(["--target", str(not_a_model), "--output-dir", str(tmp_path / "o")]) == 2
     assert f"{not_a_model} is not a causal-LM directory that transformers can load" in capsys.readouterr().err
-    assert train.main(["--target", str(tiny_target), "--data", str(data), "--output-dir", str(tmp_path / "o"),
-                       "--max-length", "64", "--draft-vocab", "10000000"]) == 2
+    assert (
+        train.main(
+            [
+                "--target",
+                str(tiny_target),
+                "--data",
+                str(data),
+                "--output-dir",
+                str(tmp_path / "o"),
+                "--max-length",
+                "64",
+                "--draft-vocab",
+                "10000000",
+            ]
+        )
+        == 2
+    )
     assert "--draft-vocab 10000000 is larger than the target's vocabulary: give 1 to" in capsys.readouterr().err
     if not torch.cuda.is_available():
         assert train.main(["--device", "cuda", "--output-dir", str(tmp_path / "o")]) == 2
@@ -193,14 +293,18 @@ def test_target_without_chat_template(tiny_target, tmp_path, capsys):
     for extra in ("chat_template.jinja", "chat_template.json"):
         (bare / extra).unlink(missing_ok=True)
     data = write_chat(tmp_path / "chat.json")
-    assert train.main(["--target", str(bare), "--data", str(data), "--output-dir", str(tmp_path / "o"),
-                       "--max-length", "64"]) == 2
+    assert (
+        train.main(
+            ["--target", str(bare), "--data", str(data), "--output-dir", str(tmp_path / "o"), "--max-length", "64"]
+        )
+        == 2
+    )
     assert "no chat template" in capsys.readouterr().err
 
 
 def test_config_file_and_flags(tmp_path):
     config = tmp_path / "run.toml"
-    config.write_text('max_steps = 7\nlr = 0.002\n')
+    config.write_text("max_steps = 7\nlr = 0.002\n")
     args = train.parse_args(["--config", str(config), "--lr", "0.005"])
     assert args.max_steps == 7 and args.lr == 0.005
     (tmp_path / "bad.json").write_text('{"max_stepz": 3}')
@@ -259,8 +363,15 @@ def test_training_unroll_equals_the_drafter_at_inference():
 
     from torchspec_ext.draft import DraftConfig, Eagle3Drafter
 
-    config = LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=6,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    config = LlamaConfig(
+        vocab_size=300,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=6,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+    )
     target = LlamaForCausalLM(config).eval()
     draft = Eagle3Draft(DraftConfig.from_target(config, 100))
     draft.set_vocab(torch.randperm(300)[:100])
@@ -283,10 +394,37 @@ def test_training_unroll_equals_the_drafter_at_inference():
 def start_run(tiny_target, tmp_path, *extra, prelude=""):
     """The training command in a child process (``prelude``: Python run before it, e.g. a patch)."""
     data = write_chat(tmp_path / "chat.json")
-    argv = ["--target", str(tiny_target), "--data", str(data), "--output-dir", str(tmp_path / "out"),
-            "--batch-size", "2", "--max-length", "64", "--draft-vocab", "4096", "--topk", "32", "--ttt-steps", "2",
-            "--eval-prompts", "1", "--eval-new-tokens", "8", "--eval-interval", "0", "--log-interval", "10",
-            "--held-out", "0.2", "--warmup-steps", "1", *extra]
+    argv = [
+        "--target",
+        str(tiny_target),
+        "--data",
+        str(data),
+        "--output-dir",
+        str(tmp_path / "out"),
+        "--batch-size",
+        "2",
+        "--max-length",
+        "64",
+        "--draft-vocab",
+        "4096",
+        "--topk",
+        "32",
+        "--ttt-steps",
+        "2",
+        "--eval-prompts",
+        "1",
+        "--eval-new-tokens",
+        "8",
+        "--eval-interval",
+        "0",
+        "--log-interval",
+        "10",
+        "--held-out",
+        "0.2",
+        "--warmup-steps",
+        "1",
+        *extra,
+    ]
     code = f"{prelude}\nimport sys\nfrom torchspec_ext import train\nsys.exit(train.main({argv!r}))"
     return subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE, text=True)
 

@@ -20,8 +20,20 @@ from torchspec_ext import train as train_mod
 
 REPO = Path(__file__).resolve().parents[1]
 
-TOPICS = ["the sea", "a red kite", "bread", "trains", "the moon", "a garden", "chess", "rain", "tea", "a bridge",
-          "owls", "winter"]
+TOPICS = [
+    "the sea",
+    "a red kite",
+    "bread",
+    "trains",
+    "the moon",
+    "a garden",
+    "chess",
+    "rain",
+    "tea",
+    "a bridge",
+    "owls",
+    "winter",
+]
 
 
 @pytest.fixture(scope="module")
@@ -35,25 +47,74 @@ def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny")
     tokenizer = AutoTokenizer.from_pretrained(default_target_dir())
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=4,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                         tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
     LlamaForCausalLM(config).save_pretrained(root / "target")
     tokenizer.save_pretrained(root / "target")
-    chats = [{"messages": [{"role": "user", "content": f"Tell me about {t}."},
-                           {"role": "assistant", "content": f"Here is a short note about {t}: it is {t}, as ever."}]}
-             for t in TOPICS]
+    chats = [
+        {
+            "messages": [
+                {"role": "user", "content": f"Tell me about {t}."},
+                {"role": "assistant", "content": f"Here is a short note about {t}: it is {t}, as ever."},
+            ]
+        }
+        for t in TOPICS
+    ]
     (root / "chats.json").write_text(json.dumps(chats))
     return root / "target", root / "chats.json"
 
 
 def options(tiny, out, steps=3, *extra) -> list[str]:
     target, data = tiny
-    return ["--target", str(target), "--data", str(data), "--output-dir", str(out), "--max-steps", str(steps),
-            "--batch-size", "2", "--max-length", "64", "--ttt-steps", "2", "--topk", "8", "--draft-vocab", "256",
-            "--vocab-sample", "50", "--held-out", "0.2", "--eval-interval", "0", "--eval-prompts", "1",
-            "--eval-new-tokens", "4", "--eval-depth", "2", "--log-interval", "1", "--warmup-steps", "1",
-            "--device", "cpu", *extra]
+    return [
+        "--target",
+        str(target),
+        "--data",
+        str(data),
+        "--output-dir",
+        str(out),
+        "--max-steps",
+        str(steps),
+        "--batch-size",
+        "2",
+        "--max-length",
+        "64",
+        "--ttt-steps",
+        "2",
+        "--topk",
+        "8",
+        "--draft-vocab",
+        "256",
+        "--vocab-sample",
+        "50",
+        "--held-out",
+        "0.2",
+        "--eval-interval",
+        "0",
+        "--eval-prompts",
+        "1",
+        "--eval-new-tokens",
+        "4",
+        "--eval-depth",
+        "2",
+        "--log-interval",
+        "1",
+        "--warmup-steps",
+        "1",
+        "--device",
+        "cpu",
+        *extra,
+    ]
 
 
 def losses(out: Path) -> list[float]:
@@ -75,12 +136,28 @@ def launch(args: list[str], world: int, logs: Path) -> list[subprocess.Popen]:
     logs.mkdir(parents=True, exist_ok=True)
     procs = []
     for rank in range(world):
-        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
-                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1",
-                   PYTHONPATH=str(REPO))
+        env = dict(
+            os.environ,
+            RANK=str(rank),
+            LOCAL_RANK=str(rank),
+            WORLD_SIZE=str(world),
+            LOCAL_WORLD_SIZE=str(world),
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(port),
+            GLOO_SOCKET_IFNAME="lo",
+            OMP_NUM_THREADS="1",
+            PYTHONPATH=str(REPO),
+        )
         with open(logs / f"{rank}.out", "w") as stdout, open(logs / f"{rank}.err", "w") as stderr:
-            procs.append(subprocess.Popen([sys.executable, "-m", "torchspec_ext.train", *args], env=env, cwd=REPO,
-                                          stdout=stdout, stderr=stderr))
+            procs.append(
+                subprocess.Popen(
+                    [sys.executable, "-m", "torchspec_ext.train", *args],
+                    env=env,
+                    cwd=REPO,
+                    stdout=stdout,
+                    stderr=stderr,
+                )
+            )
     return procs
 
 
@@ -169,8 +246,9 @@ def test_teacher_batches_run_once_then_replayed_from_cache_or_memory(tiny, tmp_p
     monkeypatch.setattr(teacher_mod.Teacher, "__call__", lambda self, *a: calls.append(a[2]) or real(self, *a))
     cache = tmp_path / "cache"
     # 4 steps over 2 epochs: 2 batches cached, each trained on twice.
-    run = lambda out, *extra: train_mod.main(options(tiny, tmp_path / out, 4, "--cache-teacher", str(cache),
-                                                     "--epochs", "2", *extra))
+    run = lambda out, *extra: train_mod.main(
+        options(tiny, tmp_path / out, 4, "--cache-teacher", str(cache), "--epochs", "2", *extra)
+    )
     assert run("a", "--save-interval", "1", "--keep-checkpoints", "4") == 0
     assert calls == [0, 1]
     manifest = json.loads((cache / "manifest.json").read_text())

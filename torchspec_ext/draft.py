@@ -177,7 +177,9 @@ class Attention(nn.Module):
         groups = c.num_attention_heads // c.num_key_value_heads
         return q, k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
 
-    def attend(self, q: Tensor, k0: Tensor, v0: Tensor, mask0: Tensor | None, own_k: list[Tensor], own_v: list[Tensor]) -> Tensor:
+    def attend(
+        self, q: Tensor, k0: Tensor, v0: Tensor, mask0: Tensor | None, own_k: list[Tensor], own_v: list[Tensor]
+    ) -> Tensor:
         """Softmax attention of ``q [B, h, T, D]`` over the step-0 keys ``k0 [B, h, S, D]`` (where
         ``mask0`` allows; None: all) and, per query, over its own keys of later steps
         (``own_k[j] [B, h, T, D]``: the key at the query's own index)."""
@@ -240,9 +242,16 @@ class Eagle3Draft(nn.Module):
         # d2t[i]: target id of draft id i minus i (EAGLE-3's convention); t2d: target ids kept.
         self.register_buffer("d2t", torch.zeros(c.draft_vocab_size, dtype=torch.long))
         self.register_buffer("t2d", torch.zeros(c.vocab_size, dtype=torch.bool))
-        for module in (self.fc, self.midlayer.self_attn.q_proj, self.midlayer.self_attn.k_proj,
-                       self.midlayer.self_attn.v_proj, self.midlayer.self_attn.o_proj, self.midlayer.mlp.gate_proj,
-                       self.midlayer.mlp.up_proj, self.midlayer.mlp.down_proj):
+        for module in (
+            self.fc,
+            self.midlayer.self_attn.q_proj,
+            self.midlayer.self_attn.k_proj,
+            self.midlayer.self_attn.v_proj,
+            self.midlayer.self_attn.o_proj,
+            self.midlayer.mlp.gate_proj,
+            self.midlayer.mlp.up_proj,
+            self.midlayer.mlp.down_proj,
+        ):
             nn.init.normal_(module.weight, std=0.02)
 
     # --- vocabulary maps -------------------------------------------------------------------
@@ -360,7 +369,9 @@ class Eagle3Draft(nn.Module):
         except RuntimeError as exc:  # a tensor of the wrong shape
             raise ValueError(f"{directory}: not a compatible EAGLE-3 draft ({exc})".replace("\n", " ")) from None
         if unexpected or set(missing) - {"embed_tokens.weight"}:
-            raise ValueError(f"{directory}: not a compatible EAGLE-3 draft (missing {missing}, unexpected {unexpected})")
+            raise ValueError(
+                f"{directory}: not a compatible EAGLE-3 draft (missing {missing}, unexpected {unexpected})"
+            )
         return draft
 
 
@@ -402,7 +413,10 @@ class Eagle3Drafter:
             size = max(need, 2 * self.k0.shape[-2])
             k0 = self.k0.new_empty(self.k0.shape[:2] + (size, self.k0.shape[-1]))
             v0 = torch.empty_like(k0)
-            k0[:, :, : self.length], v0[:, :, : self.length] = self.k0[:, :, : self.length], self.v0[:, :, : self.length]
+            k0[:, :, : self.length], v0[:, :, : self.length] = (
+                self.k0[:, :, : self.length],
+                self.v0[:, :, : self.length],
+            )
             self.k0, self.v0 = k0, v0
 
     @torch.no_grad()
@@ -410,8 +424,10 @@ class Eagle3Drafter:
         d, attn = self.draft, self.draft.midlayer.self_attn
         n, done = len(context), self.length
         if done + self.pending.shape[0] != n - 1:
-            raise RuntimeError(f"Eagle3Drafter: {done + self.pending.shape[0]} feature rows for a context of {n} "
-                               f"tokens ({n - 1} expected); speculative_generate feeds them")
+            raise RuntimeError(
+                f"Eagle3Drafter: {done + self.pending.shape[0]} feature rows for a context of {n} "
+                f"tokens ({n - 1} expected); speculative_generate feeds them"
+            )
         if done == n - 1:
             return
         index = torch.arange(done, n - 1, device=self.device)
@@ -448,7 +464,9 @@ class Eagle3Drafter:
         self._extend_context(context)
         if self.nodes_context != len(context):
             c = self.draft.config
-            none = torch.empty(c.num_attention_heads, 0, c.head_dim, device=self.device, dtype=self.dtype)  # [h, levels, D]
+            none = torch.empty(
+                c.num_attention_heads, 0, c.head_dim, device=self.device, dtype=self.dtype
+            )  # [h, levels, D]
             self.nodes, self.nodes_context = {(): (self.last_hidden, none, none)}, len(context)
         paths = [tuple(p) for p in paths]
         missing = {p[:i] for p in paths for i in range(1, len(p) + 1)} - self.nodes.keys()

@@ -43,9 +43,11 @@ def check_draft_spec(spec: str) -> None:
         return
     path = Path(spec)
     if not ((path / CONFIG_NAME).is_file() and (path / WEIGHTS_NAME).is_file()):
-        raise SystemExit(f"torchspec_ext.eval: cannot load draft {spec!r}: not an EAGLE-3 draft directory (expected "
-                         f"{CONFIG_NAME} and {WEIGHTS_NAME}: python -m torchspec_ext.train's output-dir/draft, a "
-                         "checkpoint, or python -m torchspec_ext.export's output), nor 'target'")
+        raise SystemExit(
+            f"torchspec_ext.eval: cannot load draft {spec!r}: not an EAGLE-3 draft directory (expected "
+            f"{CONFIG_NAME} and {WEIGHTS_NAME}: python -m torchspec_ext.train's output-dir/draft, a "
+            "checkpoint, or python -m torchspec_ext.export's output), nor 'target'"
+        )
 
 
 def load_draft(spec: str, target):
@@ -59,11 +61,16 @@ def load_draft(spec: str, target):
         c = DraftConfig.from_hf(json.loads((Path(spec) / CONFIG_NAME).read_text()))
     except (ValueError, KeyError, TypeError) as exc:
         raise SystemExit(f"{error}: unreadable {CONFIG_NAME} ({type(exc).__name__}: {exc})") from None
-    if c.vocab_size != t.vocab_size or c.hidden_size != t.hidden_size \
-            or any(not 0 <= i <= t.num_hidden_layers for i in c.feature_layers):
-        raise SystemExit(f"{error}: it was made for another target (vocab {c.vocab_size}, hidden {c.hidden_size}, "
-                         f"feature layers {c.feature_layers}; the target has vocab {t.vocab_size}, hidden "
-                         f"{t.hidden_size}, {t.num_hidden_layers} layers)")
+    if (
+        c.vocab_size != t.vocab_size
+        or c.hidden_size != t.hidden_size
+        or any(not 0 <= i <= t.num_hidden_layers for i in c.feature_layers)
+    ):
+        raise SystemExit(
+            f"{error}: it was made for another target (vocab {c.vocab_size}, hidden {c.hidden_size}, "
+            f"feature layers {c.feature_layers}; the target has vocab {t.vocab_size}, hidden "
+            f"{t.hidden_size}, {t.num_hidden_layers} layers)"
+        )
     try:
         draft = Eagle3Draft.load(spec, target)
     except (ValueError, OSError) as exc:
@@ -99,10 +106,11 @@ def generate_decode(model, prompt, max_new_tokens, temperature, eos, counter=Non
     before = counter.calls if counter else 0
     start = time.perf_counter()
     pad = eos[0] if isinstance(eos, (list, tuple)) else eos
-    out = model.generate(torch.tensor([prompt]), max_new_tokens=max_new_tokens, eos_token_id=eos,
-                         pad_token_id=pad, **kwargs)
+    out = model.generate(
+        torch.tensor([prompt]), max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=pad, **kwargs
+    )
     seconds = time.perf_counter() - start
-    return Decoded(out[0, len(prompt):].tolist(), seconds, counter.calls - before if counter else 0)
+    return Decoded(out[0, len(prompt) :].tolist(), seconds, counter.calls - before if counter else 0)
 
 
 Decoder = Callable[[list[int], int, int], Decoded]  # (prompt, new tokens, the prompt's number) -> output
@@ -110,6 +118,7 @@ Decoder = Callable[[list[int], int, int], Decoded]  # (prompt, new tokens, the p
 
 def speculative_decoder(target, draft, spec: TreeSpec, temperature: float, eos, seed: int) -> Decoder:
     """Speculative decoding with ``draft`` in ``spec``'s shape (prompt ``i`` sampled with seed ``seed + i``)."""
+
     def decode(prompt, new_tokens, i):
         gen = torch.Generator().manual_seed(seed + i)
         r = speculative_generate(target, draft, prompt, new_tokens, spec, temperature, eos, generator=gen)
@@ -143,8 +152,9 @@ def acceptance_length(totals: dict) -> float:
     return totals["tokens"] / max(totals["forwards"], 1)
 
 
-def draft_acceptance_lengths(target, draft: Eagle3Draft, prompts, new_tokens: int, modes: dict[str, TreeSpec],
-                             eos) -> dict[str, float]:
+def draft_acceptance_lengths(
+    target, draft: Eagle3Draft, prompts, new_tokens: int, modes: dict[str, TreeSpec], eos
+) -> dict[str, float]:
     """Greedy acceptance length of a draft in training, per mode (the draft is left in the
     train/eval mode it was in)."""
     was_training = draft.training
@@ -186,8 +196,10 @@ def choose_dtype(target, name: str, prompt) -> tuple:
         except RuntimeError as exc:  # a dtype this machine cannot run
             print(f"[eval] the target does not run in {dtype} here: {exc}", file=sys.stderr)
     if not timed:
-        raise SystemExit(f"torchspec_ext.eval: --dtype {name}: the target does not run in "
-                         f"{' or '.join(names)} on this machine; try --dtype float32")
+        raise SystemExit(
+            f"torchspec_ext.eval: --dtype {name}: the target does not run in "
+            f"{' or '.join(names)} on this machine; try --dtype float32"
+        )
     if name != "auto":
         return candidates[name], name
     best = min(timed, key=timed.get)
@@ -212,8 +224,9 @@ def evaluate(args, modes: dict[str, TreeSpec] | None = None) -> dict:
     modes = decode_modes(args) if modes is None else modes
     decoders: dict[str, Decoder] = {
         "plain": lambda p, n, i: generate_decode(target, p, n, args.temperature, eos, counter),
-        "prompt lookup": lambda p, n, i: generate_decode(target, p, n, args.temperature, eos, counter,
-                                                        prompt_lookup_num_tokens=args.lookup_tokens),
+        "prompt lookup": lambda p, n, i: generate_decode(
+            target, p, n, args.temperature, eos, counter, prompt_lookup_num_tokens=args.lookup_tokens
+        ),
     }
     for name, spec in modes.items():
         decoders[name] = speculative_decoder(target, draft, spec, args.temperature, eos, args.seed)
@@ -225,16 +238,18 @@ def evaluate(args, modes: dict[str, TreeSpec] | None = None) -> dict:
     rows = []
     for name, t in totals.items():
         rate = t["tokens"] / max(t["seconds"], 1e-9)
-        rows.append({
-            "mode": name,
-            "max_nodes": modes[name].max_nodes if name in modes else None,
-            "tokens": t["tokens"],
-            "target_forwards": t["forwards"],
-            "acceptance_length": acceptance_length(t),
-            "tokens_per_s": rate,
-            "speedup": rate / plain_rate,
-            "same_as_plain": t["same"],
-        })
+        rows.append(
+            {
+                "mode": name,
+                "max_nodes": modes[name].max_nodes if name in modes else None,
+                "tokens": t["tokens"],
+                "target_forwards": t["forwards"],
+                "acceptance_length": acceptance_length(t),
+                "tokens_per_s": rate,
+                "speedup": rate / plain_rate,
+                "same_as_plain": t["same"],
+            }
+        )
     return {
         "draft": args.draft,
         "target": args.target or "SmolLM2-135M-Instruct (default)",
@@ -271,8 +286,12 @@ def markdown(report: dict) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m torchspec_ext.eval", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--draft", default="target", help="'target' (the target as its own draft) or an EAGLE-3 draft directory")
-    parser.add_argument("--target", default=None, help="a Hugging Face causal-LM directory (default: SmolLM2-135M-Instruct)")
+    parser.add_argument(
+        "--draft", default="target", help="'target' (the target as its own draft) or an EAGLE-3 draft directory"
+    )
+    parser.add_argument(
+        "--target", default=None, help="a Hugging Face causal-LM directory (default: SmolLM2-135M-Instruct)"
+    )
     parser.add_argument("--data", default=None, help="chat JSON/JSONL for the held-out prompts (default: ShareGPT)")
     parser.add_argument("--prompts", type=int, default=16)
     parser.add_argument("--max-new-tokens", type=int, default=64)
@@ -280,14 +299,25 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--depth", type=int, default=4)
     parser.add_argument("--topk", type=int, default=4)
     parser.add_argument("--max-nodes", type=int, default=16)
-    parser.add_argument("--min-prob", type=float, default=0.15,
-                        help="the pruned chain and tree propose no node below this cumulative draft probability "
-                        "(0: no pruned rows)")
-    parser.add_argument("--lookup-tokens", type=int, default=10,
-                        help="prompt_lookup_num_tokens of the prompt-lookup row (transformers' suggestion: 10)")
-    parser.add_argument("--dtype", choices=["auto", *DTYPES], default="auto",
-                        help="of the target and the draft, for every mode; auto: whichever makes plain decoding "
-                        "fastest here (measured at the start)")
+    parser.add_argument(
+        "--min-prob",
+        type=float,
+        default=0.15,
+        help="the pruned chain and tree propose no node below this cumulative draft probability (0: no pruned rows)",
+    )
+    parser.add_argument(
+        "--lookup-tokens",
+        type=int,
+        default=10,
+        help="prompt_lookup_num_tokens of the prompt-lookup row (transformers' suggestion: 10)",
+    )
+    parser.add_argument(
+        "--dtype",
+        choices=["auto", *DTYPES],
+        default="auto",
+        help="of the target and the draft, for every mode; auto: whichever makes plain decoding "
+        "fastest here (measured at the start)",
+    )
     parser.add_argument("--temperature", type=float, default=0.0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")

@@ -66,8 +66,10 @@ def resolve_source(src: Path) -> Path:
         return src / FINAL_DRAFT
     if _is_draft_dir(src):
         return src
-    raise ExportError(f"{src} is not a draft, a checkpoint or a training output directory "
-                      f"(no {CONFIG_NAME} + {WEIGHTS_NAME}, {CHECKPOINTS}/{LATEST} or {FINAL_DRAFT}/)")
+    raise ExportError(
+        f"{src} is not a draft, a checkpoint or a training output directory "
+        f"(no {CONFIG_NAME} + {WEIGHTS_NAME}, {CHECKPOINTS}/{LATEST} or {FINAL_DRAFT}/)"
+    )
 
 
 def load_source(draft_dir: Path) -> Eagle3Draft:
@@ -77,8 +79,10 @@ def load_source(draft_dir: Path) -> Eagle3Draft:
         raise ExportError(f"{draft_dir} is not a readable EAGLE-3 draft: {exc}") from None
     c = draft.config
     if len(c.feature_layers) != 3:
-        raise ExportError(f"{draft_dir}: the draft fuses {len(c.feature_layers)} target layers; "
-                          "SGLang and vLLM's EAGLE-3 fuse exactly 3")
+        raise ExportError(
+            f"{draft_dir}: the draft fuses {len(c.feature_layers)} target layers; "
+            "SGLang and vLLM's EAGLE-3 fuse exactly 3"
+        )
     ids = draft.draft_to_target()
     if ids.min() < 0 or ids.max() >= c.vocab_size or len(ids.unique()) != len(ids):
         raise ExportError(f"{draft_dir}: d2t does not map the draft vocabulary onto distinct target ids")
@@ -108,8 +112,9 @@ def export(src: Path, out: Path, dtype: str = DEFAULT_DTYPE) -> tuple[str, str |
     if out.resolve() in (src.resolve(), draft_dir.resolve()):
         raise ExportError(f"--out {out} is the source itself; export to another directory")
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not _is_earlier_export(out))):
-        raise ExportError(f"--out {out} exists and is not an empty directory or an earlier export; "
-                          "refusing to replace it")
+        raise ExportError(
+            f"--out {out} exists and is not an empty directory or an earlier export; refusing to replace it"
+        )
     out.parent.mkdir(parents=True, exist_ok=True)
     draft.set_vocab(draft.draft_to_target())  # t2d rebuilt from d2t, so the two always agree
     with atomic.staged(out) as staging:
@@ -117,9 +122,11 @@ def export(src: Path, out: Path, dtype: str = DEFAULT_DTYPE) -> tuple[str, str |
         _make_readable(staging)
     c = draft.config
     size_mb = (out / WEIGHTS_NAME).stat().st_size / 2**20
-    summary = (f"exported {draft_dir} -> {out}: LlamaForCausalLMEagle3, hidden {c.hidden_size}, draft vocab "
-            f"{c.draft_vocab_size}/{c.vocab_size}, aux layers {list(c.feature_layers)} (vLLM; SGLang "
-            f"{[i - 1 for i in c.feature_layers]}), {dtype}, {size_mb:.1f} MiB")
+    summary = (
+        f"exported {draft_dir} -> {out}: LlamaForCausalLMEagle3, hidden {c.hidden_size}, draft vocab "
+        f"{c.draft_vocab_size}/{c.vocab_size}, aux layers {list(c.feature_layers)} (vLLM; SGLang "
+        f"{[i - 1 for i in c.feature_layers]}), {dtype}, {size_mb:.1f} MiB"
+    )
     return summary, layer_warning(draft)
 
 
@@ -129,18 +136,24 @@ def layer_warning(draft: Eagle3Draft) -> str | None:
     odd = [i for i in c.feature_layers if i < 1 or (c.target_num_layers and i >= c.target_num_layers)]
     if not odd:
         return None
-    return (f"warning: feature layers {odd} are the target's embeddings or its final (normed) hidden state; "
-            "SGLang and vLLM capture the inputs of decoder layers 1..L-1 only, so they will not feed this draft "
-            "what it was trained on")
+    return (
+        f"warning: feature layers {odd} are the target's embeddings or its final (normed) hidden state; "
+        "SGLang and vLLM capture the inputs of decoder layers 1..L-1 only, so they will not feed this draft "
+        "what it was trained on"
+    )
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m torchspec_ext.export", description=__doc__.split("\n\n")[0])
     parser.add_argument("src", help="a training output directory, a checkpoint directory or a draft directory")
     parser.add_argument("--out", required=True, help="the directory to write (replaced if it is an earlier export)")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default=DEFAULT_DTYPE,
-                        help="of the floating-point weights (default: %(default)s, as engines serve drafts; "
-                             "float32 keeps the trained weights exactly)")
+    parser.add_argument(
+        "--dtype",
+        choices=sorted(DTYPES),
+        default=DEFAULT_DTYPE,
+        help="of the floating-point weights (default: %(default)s, as engines serve drafts; "
+        "float32 keeps the trained weights exactly)",
+    )
     args = parser.parse_args(argv)
     try:
         summary, warning = export(Path(args.src), Path(args.out), args.dtype)

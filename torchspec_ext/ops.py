@@ -192,7 +192,8 @@ class _DraftTopkKLOnePass(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, teacher_indices, teacher_logprobs, valid, temperature):
         loss, argmax, lse, grad_hidden, grad_weight = torch.ops.torchspec.draft_topk_kl_with_grad.default(
-            hidden, weight, teacher_indices, teacher_logprobs, valid, temperature)
+            hidden, weight, teacher_indices, teacher_logprobs, valid, temperature
+        )
         ctx.mark_non_differentiable(argmax, lse)
         ctx.save_for_backward(grad_hidden, grad_weight)
         return loss, argmax, lse
@@ -220,8 +221,13 @@ def _draft_topk_kl_fake(hidden, weight, teacher_indices, teacher_logprobs, valid
 @torch.library.register_fake("torchspec::draft_topk_kl_with_grad")
 def _draft_topk_kl_with_grad_fake(hidden, weight, teacher_indices, teacher_logprobs, valid=None, temperature=1.0):
     loss, argmax, lse = _draft_topk_kl_fake(hidden, weight, teacher_indices, teacher_logprobs, valid, temperature)
-    return loss, argmax, lse, torch.empty_like(hidden, memory_format=torch.contiguous_format), torch.empty_like(
-        weight, memory_format=torch.contiguous_format)
+    return (
+        loss,
+        argmax,
+        lse,
+        torch.empty_like(hidden, memory_format=torch.contiguous_format),
+        torch.empty_like(weight, memory_format=torch.contiguous_format),
+    )
 
 
 @torch.library.register_fake("torchspec::draft_topk_kl_backward")

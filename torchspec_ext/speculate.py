@@ -102,7 +102,9 @@ def _attention(module, query, key, value, attention_mask, dropout=0.0, scaling=N
     if parents is None:
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
     out = tree_attention(query, key, value, kwargs["tree_prefix_lens"], parents, scaling)
     return out.transpose(1, 2).contiguous(), None
 
@@ -193,8 +195,12 @@ def speculative_generate(
         return torch.cat([out.hidden_states[i][0] for i in layers], -1)
 
     if len(committed) > 1:  # the root (last prompt token) is scored with the first tree
-        out = target(torch.tensor([committed[:-1]], device=device), use_cache=True,
-                     output_hidden_states=bool(layers), **{cache_kw: cache})
+        out = target(
+            torch.tensor([committed[:-1]], device=device),
+            use_cache=True,
+            output_hidden_states=bool(layers),
+            **{cache_kw: cache},
+        )
         if layers:
             draft.reset(features(out))
     elif layers:

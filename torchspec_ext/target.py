@@ -49,7 +49,9 @@ def _require_transformers():
     try:
         import transformers  # noqa: F401
     except ImportError as exc:
-        raise ImportError("loading a target model needs transformers: pip install transformers gguf accelerate") from exc
+        raise ImportError(
+            "loading a target model needs transformers: pip install transformers gguf accelerate"
+        ) from exc
 
 
 def default_target_dir() -> Path:
@@ -103,8 +105,10 @@ def load_target(path: str | Path | None = None, dtype: torch.dtype = torch.float
         model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype)
     except (ValueError, OSError, KeyError, TypeError, ImportError) as exc:
         said = " ".join(str(exc).split())[:300] or type(exc).__name__
-        raise ValueError(f"{directory} is not a causal-LM directory that transformers can load (a config.json, "
-                         f"the weights and a tokenizer, as save_pretrained writes them): {said}") from exc
+        raise ValueError(
+            f"{directory} is not a causal-LM directory that transformers can load (a config.json, "
+            f"the weights and a tokenizer, as save_pretrained writes them): {said}"
+        ) from exc
     model = model.to(device)
     model.eval()
     return model, tokenizer

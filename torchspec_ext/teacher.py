@@ -22,7 +22,15 @@ from torch import Tensor
 from torchspec_ext import ops, reference
 from torchspec_ext.data import pad_rows
 
-BATCH_KEYS = ("input_ids", "loss_mask", "features", "teacher_indices", "teacher_logprobs", "teacher_argmax", "batch_index")
+BATCH_KEYS = (
+    "input_ids",
+    "loss_mask",
+    "features",
+    "teacher_indices",
+    "teacher_logprobs",
+    "teacher_argmax",
+    "batch_index",
+)
 
 
 def build_draft_vocab(token_lists, loss_masks, size: int, vocab_size: int) -> Tensor:
@@ -74,8 +82,9 @@ class Teacher:
         }
 
     @torch.no_grad()
-    def generate(self, groups: list[list[list[int]]], max_new_tokens: int, batch_indices: list[int], pad_id: int,
-                 eos_ids) -> list[dict[str, Tensor]]:
+    def generate(
+        self, groups: list[list[list[int]]], max_new_tokens: int, batch_indices: list[int], pad_id: int, eos_ids
+    ) -> list[dict[str, Tensor]]:
         """Batches of the target's own greedy replies: one batch per group of prompts, all the
         groups decoded together (one decoding of many rows costs far less per token than one of
         a few). The decoding forwards yield the features at every position and the top-k at
@@ -99,9 +108,16 @@ class Teacher:
             return scores
 
         out = self.target.generate(
-            ids.to(self.device), attention_mask=attention.to(self.device), max_new_tokens=max_new_tokens,
-            do_sample=False, return_dict_in_generate=True, output_hidden_states=True, pad_token_id=pad_id,
-            eos_token_id=eos_ids, cache_implementation="static", logits_processor=LogitsProcessorList([keep_topk]),
+            ids.to(self.device),
+            attention_mask=attention.to(self.device),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            return_dict_in_generate=True,
+            output_hidden_states=True,
+            pad_token_id=pad_id,
+            eos_token_id=eos_ids,
+            cache_implementation="static",
+            logits_processor=LogitsProcessorList([keep_topk]),
         )
         steps = out.hidden_states  # per decoding step: a tuple over layers of [B, new positions, H]
         features = torch.cat([torch.cat([s[i] for s in steps], 1) for i in self.layers], -1)
@@ -128,7 +144,9 @@ class Teacher:
                 "input_ids": torch.full((len(group), length), pad_id, dtype=torch.long, device=self.device),
                 "loss_mask": torch.zeros(len(group), length, dtype=torch.bool, device=self.device),
                 "features": features.new_zeros(len(group), length, features.shape[-1]),
-                "teacher_indices": torch.full((len(group), length, self.topk), -1, dtype=torch.long, device=self.device),
+                "teacher_indices": torch.full(
+                    (len(group), length, self.topk), -1, dtype=torch.long, device=self.device
+                ),
                 "teacher_logprobs": torch.zeros(len(group), length, self.topk, device=self.device),
                 "teacher_argmax": torch.full((len(group), length), -1, dtype=torch.long, device=self.device),
                 "batch_index": torch.tensor([batch_index], dtype=torch.long),

@@ -40,8 +40,14 @@ from torchspec_ext.target import stop_token_ids
 from torchspec_ext.teacher import Teacher, build_draft_vocab
 from torchspec_ext.training import budget, cache
 from torchspec_ext.training.batches import Batches, prepare_tokenizer
-from torchspec_ext.training.checkpoints import (FINAL_DRAFT, checkpoint_position, find_checkpoint, load_checkpoint,
-                                                save_checkpoint, trainer_state)
+from torchspec_ext.training.checkpoints import (
+    FINAL_DRAFT,
+    checkpoint_position,
+    find_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+    trainer_state,
+)
 from torchspec_ext.training.config import TrainConfig, parse_args as _parse_args
 from torchspec_ext.training.errors import Interrupted, StopSignals, TrainError
 from torchspec_ext.training.metrics import Metrics, Progress, step_values
@@ -65,8 +71,10 @@ def load_target_and_data(config: TrainConfig):
     prepare_tokenizer(tokenizer, config.chat_template)
     context = getattr(target.config, "max_position_embeddings", None)
     if context is not None and config.max_length > context:
-        raise TrainError(f"--max-length {config.max_length} is longer than the target's context ({context} tokens): "
-                         f"pass --max-length {context} or less")
+        raise TrainError(
+            f"--max-length {config.max_length} is longer than the target's context ({context} tokens): "
+            f"pass --max-length {context} or less"
+        )
     try:
         conversations, report = load_conversations(config.data)
     except FileNotFoundError as exc:
@@ -75,8 +83,10 @@ def load_target_and_data(config: TrainConfig):
         raise TrainError(str(exc)) from exc
     print(f"[train] data: {report.summary()}", file=sys.stderr)
     if len(conversations) < 2:
-        raise TrainError(f"{report.path}: {len(conversations)} usable conversation(s); training needs at least 2 "
-                         "(one is held out for evaluation)")
+        raise TrainError(
+            f"{report.path}: {len(conversations)} usable conversation(s); training needs at least 2 "
+            "(one is held out for evaluation)"
+        )
     train_set, held_out = split_held_out(conversations, config.held_out, seed=config.seed)
     return target, tokenizer, train_set, held_out
 
@@ -85,8 +95,9 @@ def make_draft(target, tokenizer, conversations, vocab_size: int, vocab_sample: 
     """A new draft for ``target`` whose vocabulary is the ``vocab_size`` target tokens most frequent
     in the replies of the first ``vocab_sample`` conversations, initialised from the target."""
     if vocab_size > target.config.vocab_size:
-        raise TrainError(f"--draft-vocab {vocab_size} is larger than the target's vocabulary: give 1 to "
-                         f"{target.config.vocab_size}")
+        raise TrainError(
+            f"--draft-vocab {vocab_size} is larger than the target's vocabulary: give 1 to {target.config.vocab_size}"
+        )
     sample = [tokenize_conversation(tokenizer, c, max_length) for c in conversations[:vocab_sample]]
     vocab = build_draft_vocab([ids for ids, _ in sample], [m for _, m in sample], vocab_size, target.config.vocab_size)
     draft = Eagle3Draft(DraftConfig.from_target(target.config, vocab_size))
@@ -96,9 +107,18 @@ def make_draft(target, tokenizer, conversations, vocab_size: int, vocab_sample: 
 
 
 def make_trainer(draft: Eagle3Draft, config: TrainConfig, ddp_group=None) -> DraftTrainer:
-    return DraftTrainer(draft, ttt_steps=config.ttt_steps, lr=config.lr, warmup_steps=config.warmup_steps,
-                        total_steps=config.max_steps, weight_decay=config.weight_decay, grad_clip=config.grad_clip,
-                        loss=config.loss, reference_ops=config.reference_ops, ddp_group=ddp_group)
+    return DraftTrainer(
+        draft,
+        ttt_steps=config.ttt_steps,
+        lr=config.lr,
+        warmup_steps=config.warmup_steps,
+        total_steps=config.max_steps,
+        weight_decay=config.weight_decay,
+        grad_clip=config.grad_clip,
+        loss=config.loss,
+        reference_ops=config.reference_ops,
+        ddp_group=ddp_group,
+    )
 
 
 def eval_modes(config: TrainConfig) -> dict[str, TreeSpec]:
@@ -109,8 +129,9 @@ def eval_modes(config: TrainConfig) -> dict[str, TreeSpec]:
     return modes
 
 
-def evaluate_draft(target, draft: Eagle3Draft, prompts, new_tokens: int, modes: dict[str, TreeSpec],
-                   eos) -> dict[str, float]:
+def evaluate_draft(
+    target, draft: Eagle3Draft, prompts, new_tokens: int, modes: dict[str, TreeSpec], eos
+) -> dict[str, float]:
     """``acceptance_length`` (the chain's, the number the targets speak of) and, with a tree,
     ``tree_acceptance_length``: greedy, on the held-out ``prompts``."""
     from torchspec_ext.eval import draft_acceptance_lengths
@@ -124,13 +145,22 @@ def describe_acceptance(found: dict[str, float], modes: dict[str, TreeSpec]) -> 
     text = f"chain of {chain.depth} {found['acceptance_length']:.2f}"
     if "tree" in modes:
         tree = modes["tree"]
-        text += (f", tree (depth {tree.depth}, top-{tree.topk}, {tree.max_nodes} nodes) "
-                 f"{found['tree_acceptance_length']:.2f}")
+        text += (
+            f", tree (depth {tree.depth}, top-{tree.topk}, {tree.max_nodes} nodes) "
+            f"{found['tree_acceptance_length']:.2f}"
+        )
     return text
 
 
-def plan_to_budget(config: TrainConfig, checkpoint: Path | None, started: float, online: TeacherStream,
-                   draft: Eagle3Draft, target, prompt: list[int]) -> float:
+def plan_to_budget(
+    config: TrainConfig,
+    checkpoint: Path | None,
+    started: float,
+    online: TeacherStream,
+    draft: Eagle3Draft,
+    target,
+    prompt: list[int],
+) -> float:
     """Sets ``config.max_steps`` (and so the teacher batches, max-steps / epochs) for --time-budget
     from measured costs (:func:`budget.measure_costs`); returns the time (``time.monotonic()``) by
     which the training loop must end. A resumed run keeps the plan of the run it continues."""
@@ -141,8 +171,15 @@ def plan_to_budget(config: TrainConfig, checkpoint: Path | None, started: float,
         config.max_steps, config.epochs = planned["max_steps"], planned["epochs"]
         print(f"[train] --time-budget: resuming the plan of {checkpoint}: {config.max_steps} steps", file=sys.stderr)
         return started + 60 * minutes - budget.evaluation_seconds(target, prompt, decoded_tokens)
-    costs, ready = budget.measure_costs(started, online, lambda: make_trainer(copy.deepcopy(draft), config), target,
-                                        prompt, decoded_tokens, config.eval_interval)
+    costs, ready = budget.measure_costs(
+        started,
+        online,
+        lambda: make_trainer(copy.deepcopy(draft), config),
+        target,
+        prompt,
+        decoded_tokens,
+        config.eval_interval,
+    )
     try:
         plan = budget.plan_run(minutes * 60, costs, config.epochs, online.round_batches, ready, len(online.batches))
     except budget.BudgetError as exc:
@@ -164,15 +201,25 @@ def open_stream(config: TrainConfig, roles: RankRoles, draft: Eagle3Draft, onlin
 
         target_dir = Path(config.target) if config.target else default_target_dir()
         identity = cache.cache_identity(target_dir, config.topk, draft.config.feature_layers, draft.draft_to_target())
-        cached = cache.open_cache(Path(config.cache_teacher), identity, online, count, config.seed, config.device,
-                                  may_write=not roles.distributed)
+        cached = cache.open_cache(
+            Path(config.cache_teacher),
+            identity,
+            online,
+            count,
+            config.seed,
+            config.device,
+            may_write=not roles.distributed,
+        )
     if roles.distributed and not roles.is_teacher:
         return RoutedStream(open_router(roles, config.dist_timeout, config.device), len(roles.trainers))
     if cached is not None:
         return cached
     if config.epochs > 1:
-        print(f"[train] --epochs {config.epochs}: {count} teacher batches, each run through the target once and "
-              "kept in CPU memory for the later passes", file=sys.stderr)
+        print(
+            f"[train] --epochs {config.epochs}: {count} teacher batches, each run through the target once and "
+            "kept in CPU memory for the later passes",
+            file=sys.stderr,
+        )
         return replayed_passes(online, count, config.seed)
     return online
 
@@ -196,8 +243,10 @@ def train(config: TrainConfig) -> dict:
 def _train(config: TrainConfig) -> dict:
     started = time.monotonic()
     if config.on_gpu and not torch.cuda.is_available():
-        raise TrainError(f"--device {config.device}: no CUDA GPU is usable here (torch.cuda.is_available() is False: "
-                         "no GPU, no driver, or a CPU-only torch); use --device cpu")
+        raise TrainError(
+            f"--device {config.device}: no CUDA GPU is usable here (torch.cuda.is_available() is False: "
+            "no GPU, no driver, or a CPU-only torch); use --device cpu"
+        )
     torch.manual_seed(config.seed)
     random.seed(config.seed)
     roles, config.device = join_job(config.teacher_ranks, config.device, config.dist_timeout)
@@ -209,11 +258,14 @@ def _train(config: TrainConfig) -> dict:
     if checkpoint is not None:
         draft = Eagle3Draft.load(checkpoint, target)
     else:
-        draft = make_draft(target, tokenizer, batches.conversations, config.draft_vocab, config.vocab_sample,
-                           config.max_length)
+        draft = make_draft(
+            target, tokenizer, batches.conversations, config.draft_vocab, config.vocab_sample, config.max_length
+        )
     draft = draft.to(config.device)
-    roles.same_everywhere("draft vocabulary (every rank must read the same data, target, options and checkpoint)",
-                          tensor_digest([draft.draft_to_target()])[0])
+    roles.same_everywhere(
+        "draft vocabulary (every rank must read the same data, target, options and checkpoint)",
+        tensor_digest([draft.draft_to_target()])[0],
+    )
     teacher = Teacher(target, draft.config.feature_layers, draft.target_to_draft(), config.topk, config.reference_ops)
     eos = stop_token_ids(target, tokenizer)
     online = TeacherStream(batches, teacher, config.responses, eos)
@@ -250,21 +302,29 @@ def _train(config: TrainConfig) -> dict:
                 try:
                     result = trainer.step(batch, signals.deferred)
                 except FloatingPointError:
-                    raise TrainError(f"the loss is not finite at step {step + 1} (batch {index} of the data stream, "
-                                     f"epoch {index // len(batches)}); stopped without saving it. The last checkpoint "
-                                     "is intact: resume with a lower --lr or inspect that batch") from None
+                    raise TrainError(
+                        f"the loss is not finite at step {step + 1} (batch {index} of the data stream, "
+                        f"epoch {index // len(batches)}); stopped without saving it. The last checkpoint "
+                        "is intact: resume with a lower --lr or inspect that batch"
+                    ) from None
                 step += 1
                 done_position = stream.position
                 if lead:
                     progress.update(step, result)
-                values = {**step_values(result), "tokens_per_s": progress.tokens_per_s(),
-                          "lr": trainer.scheduler.get_last_lr()[0], "elapsed_s": time.monotonic() - started}
+                values = {
+                    **step_values(result),
+                    "tokens_per_s": progress.tokens_per_s(),
+                    "lr": trainer.scheduler.get_last_lr()[0],
+                    "elapsed_s": time.monotonic() - started,
+                }
                 if lead and config.eval_interval and step % config.eval_interval == 0 and step < config.max_steps:
                     found = evaluate_draft(target, draft, prompts, config.eval_new_tokens, modes, eos)
                     values.update({f"eval_{k}": v for k, v in found.items()})
                     progress.end()
-                    print(f"[train] step {step}: held-out acceptance length {describe_acceptance(found, modes)}",
-                          file=sys.stderr)
+                    print(
+                        f"[train] step {step}: held-out acceptance length {describe_acceptance(found, modes)}",
+                        file=sys.stderr,
+                    )
                 if step % config.log_interval == 0 or step == config.max_steps or "eval_acceptance_length" in values:
                     metrics.log(step, values)
                     logged_step = step
@@ -274,8 +334,11 @@ def _train(config: TrainConfig) -> dict:
                 summary["tokens_per_s"] = progress.tokens_per_s()
                 if time.monotonic() > deadline:  # the costs measured for the plan were too low
                     progress.end()
-                    print(f"[train] --time-budget {config.time_budget:g}: out of time at step {step} of "
-                          f"{config.max_steps}; ending here", file=sys.stderr)
+                    print(
+                        f"[train] --time-budget {config.time_budget:g}: out of time at step {step} of "
+                        f"{config.max_steps}; ending here",
+                        file=sys.stderr,
+                    )
                     break
         except Interrupted as stop:
             progress.end()
@@ -298,9 +361,12 @@ def _train(config: TrainConfig) -> dict:
         found = evaluate_draft(target, draft, prompts, config.eval_new_tokens, modes, eos)
         summary.update({f"eval_{k}": v for k, v in found.items()})
         metrics.log(step, {f"final_eval_{k}": v for k, v in found.items()})
-        print(f"[train] done: {step} steps in {(time.monotonic() - started) / 60:.1f} min; held-out acceptance "
-              f"length, greedy, {len(prompts)} prompts: {describe_acceptance(found, modes)}; draft in "
-              f"{output_dir / FINAL_DRAFT}", file=sys.stderr)
+        print(
+            f"[train] done: {step} steps in {(time.monotonic() - started) / 60:.1f} min; held-out acceptance "
+            f"length, greedy, {len(prompts)} prompts: {describe_acceptance(found, modes)}; draft in "
+            f"{output_dir / FINAL_DRAFT}",
+            file=sys.stderr,
+        )
     metrics.close()
     if roles.distributed:
         summary.update(rank=roles.rank, role="trainer", draft_sha256=finish_job(roles, draft.trained_state().values()))

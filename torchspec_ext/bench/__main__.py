@@ -19,11 +19,17 @@ from typing import Sequence
 # `all` runs them in this order.
 BENCHMARKS = {
     "topk": ("torchspec_ext.bench.topk", "fused top-k log-probs vs torch.topk + logsumexp (and vs the GEMM)"),
-    "draft_loss": ("torchspec_ext.bench.draft_loss", "fused LM head + top-k teacher loss, forward + backward, vs eager"),
+    "draft_loss": (
+        "torchspec_ext.bench.draft_loss",
+        "fused LM head + top-k teacher loss, forward + backward, vs eager",
+    ),
     "tree": ("torchspec_ext.bench.tree", "tree attention vs SDPA with a dense mask, and tree verification"),
     "pipeline": ("torchspec_ext.bench.pipeline", "tensor pipeline vs raw torch.distributed send/recv, and overlap"),
     "train": ("torchspec_ext.bench.train", "training-loop tokens/s with the custom ops vs --reference-ops"),
-    "acceptance": ("torchspec_ext.bench.acceptance", "a trained draft's acceptance length, chain and trees of several sizes"),
+    "acceptance": (
+        "torchspec_ext.bench.acceptance",
+        "a trained draft's acceptance length, chain and trees of several sizes",
+    ),
 }
 # `all`'s report goes beside the plots that the README shows, so that a run brings them up to date.
 DEFAULT_OUT = Path("docs") / "bench"
@@ -51,7 +57,11 @@ def part_runner(name: str, args: argparse.Namespace):
     def run():
         parser = argparse.ArgumentParser(prog=f"bench {name}", parents=[shared_arguments()])
         module = add_benchmark_arguments(parser, name)
-        argv = ["--device", args.device] + ["--quick"] * args.quick + (["--repeat", str(args.repeat)] if args.repeat else [])
+        argv = (
+            ["--device", args.device]
+            + ["--quick"] * args.quick
+            + (["--repeat", str(args.repeat)] if args.repeat else [])
+        )
         if name == "acceptance" and args.draft:
             argv += ["--draft", args.draft]
         return module.run(parser.parse_args(argv))
@@ -63,7 +73,9 @@ def parse_parts(text: str) -> list[str]:
     parts = [p.strip() for p in text.split(",") if p.strip()]
     unknown = [p for p in parts if p not in BENCHMARKS]
     if unknown or not parts:
-        raise argparse.ArgumentTypeError(f"unknown part(s) {', '.join(unknown) or '(none)'}; choose from {', '.join(BENCHMARKS)}")
+        raise argparse.ArgumentTypeError(
+            f"unknown part(s) {', '.join(unknown) or '(none)'}; choose from {', '.join(BENCHMARKS)}"
+        )
     return parts
 
 
@@ -75,10 +87,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="name", required=True, metavar="BENCHMARK")
     subparsers = {name: sub.add_parser(name, parents=[shared], help=text) for name, (_, text) in BENCHMARKS.items()}
     every = sub.add_parser("all", parents=[shared_arguments()], help="every part in turn, into one report with plots")
-    every.add_argument("--out", type=Path, default=DEFAULT_OUT,
-                       help=f"directory for report.md, report.json, PNGs (default: {DEFAULT_OUT})")
+    every.add_argument(
+        "--out",
+        type=Path,
+        default=DEFAULT_OUT,
+        help=f"directory for report.md, report.json, PNGs (default: {DEFAULT_OUT})",
+    )
     every.add_argument("--parts", type=parse_parts, default=None, help="comma-separated subset (default: all parts)")
-    every.add_argument("--draft", default=None, metavar="DIR", help="the acceptance part's draft (default: torchspec_out/draft)")
+    every.add_argument(
+        "--draft", default=None, metavar="DIR", help="the acceptance part's draft (default: torchspec_out/draft)"
+    )
 
     # Import only the chosen benchmark, then let it add its own flags before the full parse.
     name = parser.parse_known_args(argv)[0].name

@@ -70,11 +70,21 @@ class Case:
     def goals(self) -> list[Goal]:
         goals = []
         if self.max_time_ratio is not None:
-            goals.append(Goal(f"time ≤ {self.max_time_ratio:g}x eager", lambda row: row["time_ratio"] > self.max_time_ratio,
-                              "time"))
+            goals.append(
+                Goal(
+                    f"time ≤ {self.max_time_ratio:g}x eager",
+                    lambda row: row["time_ratio"] > self.max_time_ratio,
+                    "time",
+                )
+            )
         if self.max_extra_ratio is not None:
-            goals.append(Goal(f"extra mem ≤ {self.max_extra_ratio:.0%} of eager's",
-                              lambda row: not row.get("extra_ratio", 1.0) <= self.max_extra_ratio, "memory"))
+            goals.append(
+                Goal(
+                    f"extra mem ≤ {self.max_extra_ratio:.0%} of eager's",
+                    lambda row: not row.get("extra_ratio", 1.0) <= self.max_extra_ratio,
+                    "memory",
+                )
+            )
         return goals
 
 
@@ -164,7 +174,8 @@ def k1_peers(labels: torch.Tensor) -> dict[str, Callable]:
 def max_rel_error(ours, eager) -> float:
     """Largest difference of loss and gradients, each relative to the eager value's largest entry."""
     return max(
-        ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-30)).item() for a, b in zip(ours, eager)
+        ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-30)).item()
+        for a, b in zip(ours, eager)
     )
 
 
@@ -184,7 +195,11 @@ def run_case(case: Case, device: torch.device, timing: Timing) -> dict[str, Any]
         "device": device.type,
         "dtype": DTYPE_NAMES[case.dtype],
         "shape": case.shape,
-        "n": case.n, "h": case.h, "v": case.v, "k": case.k, "temperature": t,
+        "n": case.n,
+        "h": case.h,
+        "v": case.v,
+        "k": case.k,
+        "temperature": t,
         "ours_ms": ours_ms,
         "eager_ms": eager_ms,
         "time_ratio": ours_ms / eager_ms,
@@ -252,7 +267,7 @@ def run(args: Any) -> Report:
         "extra memory": memory_method(device),
         "compile": COMPILE_NOTE,
         "peers": "k = 1: torch's chunked F.linear_cross_entropy where torch has it; liger-kernel and Cut "
-                 "Cross-Entropy on CUDA where they import",
+        "Cross-Entropy on CUDA where they import",
         "sizes": "quick (targets not checked)" if args.quick else "default",
     }
     return run_cases(

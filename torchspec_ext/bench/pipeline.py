@@ -51,8 +51,11 @@ MAX_SLOWDOWN = 0.05
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--sizes", type=lambda s: [int(float(x) * MiB) for x in s.split(",")],
-                        help="batch sizes in MiB, comma-separated (default 1,4,16,64; quick: 1,16)")
+    parser.add_argument(
+        "--sizes",
+        type=lambda s: [int(float(x) * MiB) for x in s.split(",")],
+        help="batch sizes in MiB, comma-separated (default 1,4,16,64; quick: 1,16)",
+    )
 
 
 def overlap_size(sizes) -> int:
@@ -85,8 +88,13 @@ def _init(rank: int, world: int, store_path: str, backend: str) -> None:
     torch.set_num_threads(1)  # two processes share the cores
     if backend == "nccl":
         torch.cuda.set_device(rank)
-    dist.init_process_group(backend, store=dist.FileStore(store_path, world), rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=120))
+    dist.init_process_group(
+        backend,
+        store=dist.FileStore(store_path, world),
+        rank=rank,
+        world_size=world,
+        timeout=datetime.timedelta(seconds=120),
+    )
 
 
 def _sync(device) -> None:
@@ -123,8 +131,13 @@ def _bandwidth(rank: int, device, sizes, repeat: int, rounds: int, backend: str)
                         times[kind].append(time.perf_counter() - t0)
             if rank == 1:
                 ours_s, raw_s = statistics.median(times["ours"]), statistics.median(times["raw"])
-                rows.append({"size_mib": nbytes / MiB, "ours_gbps": nbytes * repeat / ours_s / 1e9,
-                             "raw_gbps": nbytes * repeat / raw_s / 1e9})
+                rows.append(
+                    {
+                        "size_mib": nbytes / MiB,
+                        "ours_gbps": nbytes * repeat / ours_s / 1e9,
+                        "raw_gbps": nbytes * repeat / raw_s / 1e9,
+                    }
+                )
         _read_end(ch, rank)
     return rows
 
@@ -183,8 +196,12 @@ def _overlap(rank: int, device, size: int, steps: int, rounds: int, backend: str
                         transfer()
         if rank == stepper:
             ratios = [w / a for a, w in zip(times["alone"], times["with"])]
-            result = {"size_mib": batch_bytes(batch) / MiB, "alone_ms": statistics.median(times["alone"]) * 1e3,
-                      "with_ms": statistics.median(times["with"]) * 1e3, "slowdown": statistics.median(ratios) - 1}
+            result = {
+                "size_mib": batch_bytes(batch) / MiB,
+                "alone_ms": statistics.median(times["alone"]) * 1e3,
+                "with_ms": statistics.median(times["with"]) * 1e3,
+                "slowdown": statistics.median(ratios) - 1,
+            }
         _read_end(ch, rank)
     return result
 
@@ -212,8 +229,10 @@ def _two_processes(backend: str, sizes, repeat: int, rounds: int, steps: int, ov
     queue = ctx.Queue()
     with tempfile.TemporaryDirectory() as tmp:
         store = os.path.join(tmp, "store")
-        procs = [ctx.Process(target=_worker, args=(r, store, backend, sizes, repeat, rounds, steps, overlap_rounds, queue))
-                 for r in range(2)]
+        procs = [
+            ctx.Process(target=_worker, args=(r, store, backend, sizes, repeat, rounds, steps, overlap_rounds, queue))
+            for r in range(2)
+        ]
         for p in procs:
             p.start()
         results = {}
@@ -228,8 +247,11 @@ def _two_processes(backend: str, sizes, repeat: int, rounds: int, steps: int, ov
                 p.join(10)
                 if p.is_alive():
                     p.kill()
-    return {"bandwidth": results[1]["bandwidth"], "overlap": results[0]["overlap"],
-            "overlap_consumer": results[1]["overlap"]}
+    return {
+        "bandwidth": results[1]["bandwidth"],
+        "overlap": results[0]["overlap"],
+        "overlap_consumer": results[1]["overlap"],
+    }
 
 
 def _self_send(sizes, repeat: int) -> list[dict]:
@@ -267,8 +289,13 @@ def _self_send(sizes, repeat: int) -> list[dict]:
                             fn()
                         _sync(device)
                         timed[name] = (time.perf_counter() - t0) / repeat
-                    rows.append({"size_mib": nbytes / MiB, "ours_gbps": nbytes / timed["ours"] / 1e9,
-                                 "raw_gbps": nbytes / timed["copy"] / 1e9})
+                    rows.append(
+                        {
+                            "size_mib": nbytes / MiB,
+                            "ours_gbps": nbytes / timed["ours"] / 1e9,
+                            "raw_gbps": nbytes / timed["copy"] / 1e9,
+                        }
+                    )
         finally:
             dist.destroy_process_group()
     return rows
@@ -298,17 +325,19 @@ def run(args: Any) -> Report:
     elif gpus >= 2:
         transport = "NCCL, 2 processes on cuda:0 and cuda:1"
     else:
-        transport = ("one GPU: NCCL refuses two ranks on one GPU, so this measures our channel sending to itself "
-                     "(one-rank communicator) against a device-to-device copy of the same bytes; no raw NCCL "
-                     "baseline and no overlap measurement are possible here")
+        transport = (
+            "one GPU: NCCL refuses two ranks on one GPU, so this measures our channel sending to itself "
+            "(one-rank communicator) against a device-to-device copy of the same bytes; no raw NCCL "
+            "baseline and no overlap measurement are possible here"
+        )
     # No threads line: each of the two processes sets its own (one).
     header = environment_header(device, threads=False) | {
         "transport": transport,
         "bandwidth": f"median of {rounds} rounds of {repeat} messages after 1 warm-up, timed on the consumer; "
-                     "raw = dist.isend/irecv of one buffer holding the batch's bytes",
+        "raw = dist.isend/irecv of one buffer holding the batch's bytes",
         "overlap": f"a step (6 chained 768x768 matmuls) alone vs followed by the channel call, on the producer "
-                   f"(send) and on the consumer (recv) of a {overlap_size(sizes) // MiB} MiB batch: {overlap_rounds} "
-                   f"rounds of {steps} steps each way, slowdown = median of the rounds' ratios",
+        f"(send) and on the consumer (recv) of a {overlap_size(sizes) // MiB} MiB batch: {overlap_rounds} "
+        f"rounds of {steps} steps each way, slowdown = median of the rounds' ratios",
         "sizes": "quick (targets not checked)" if args.quick else "default",
     }
     report = Report("pipeline", header, COLUMNS)
@@ -317,8 +346,9 @@ def run(args: Any) -> Report:
         results = {"bandwidth": _self_send(sizes, repeat), "overlap": None, "overlap_consumer": None}
         raw_name = "device copy"
     else:
-        results = _two_processes("nccl" if device.type == "cuda" else "gloo", sizes, repeat, rounds, steps,
-                                 overlap_rounds)
+        results = _two_processes(
+            "nccl" if device.type == "cuda" else "gloo", sizes, repeat, rounds, steps, overlap_rounds
+        )
         raw_name = "raw send/recv"
     bandwidth_goal = Goal(f"≥ {MIN_BW_FRACTION:.0%} of raw", lambda row: row["ratio"] < MIN_BW_FRACTION)
     overlap_goal = Goal(f"slowdown < {MAX_SLOWDOWN:.0%}", lambda row: row["slowdown"] >= MAX_SLOWDOWN)

@@ -166,7 +166,10 @@ def markdown(header: dict[str, Any], results: Sequence[PartResult], plots: list[
 
 
 def run_all(
-    parts: Sequence[str], device_choice: str, out: Path, make_runner: Callable[[str], Callable[[], Report]],
+    parts: Sequence[str],
+    device_choice: str,
+    out: Path,
+    make_runner: Callable[[str], Callable[[], Report]],
     command: str,
 ) -> tuple[str, dict[str, Any]]:
     """Runs ``make_runner(part)()`` for each part, in turn, and writes report.md, report.json and the plots

@@ -88,17 +88,31 @@ class Case:
     def goals(self) -> list[Goal]:
         goals = []
         if self.min_bandwidth_fraction is not None:
-            goals.append(Goal(f"BW ≥ {self.min_bandwidth_fraction:.0%} of measured",
-                              lambda row: row["ours_over_floor"] > 1 / self.min_bandwidth_fraction, "BW"))
+            goals.append(
+                Goal(
+                    f"BW ≥ {self.min_bandwidth_fraction:.0%} of measured",
+                    lambda row: row["ours_over_floor"] > 1 / self.min_bandwidth_fraction,
+                    "BW",
+                )
+            )
         if self.min_speedup is not None:
-            goals.append(Goal(f"speed-up ≥ {self.min_speedup:g}x", lambda row: row["speedup"] < self.min_speedup,
-                              "speed-up"))
+            goals.append(
+                Goal(f"speed-up ≥ {self.min_speedup:g}x", lambda row: row["speedup"] < self.min_speedup, "speed-up")
+            )
         if self.max_gemm_ratio is not None:
-            goals.append(Goal(f"≤ {self.max_gemm_ratio:g}x GEMM",
-                              lambda row: row["ours_over_gemm"] > self.max_gemm_ratio, "GEMM"))
+            goals.append(
+                Goal(
+                    f"≤ {self.max_gemm_ratio:g}x GEMM", lambda row: row["ours_over_gemm"] > self.max_gemm_ratio, "GEMM"
+                )
+            )
         if self.max_extra_fraction is not None:
-            goals.append(Goal(f"extra mem < {self.max_extra_fraction:.0%} of logits",
-                              lambda row: not row.get("ours_extra_fraction", 1.0) < self.max_extra_fraction, "memory"))
+            goals.append(
+                Goal(
+                    f"extra mem < {self.max_extra_fraction:.0%} of logits",
+                    lambda row: not row.get("ours_extra_fraction", 1.0) < self.max_extra_fraction,
+                    "memory",
+                )
+            )
         return goals
 
 
@@ -191,7 +205,11 @@ def run_case(
         "device": device.type,
         "dtype": DTYPE_NAMES[case.dtype],
         "shape": case.shape,
-        "n": case.n, "h": case.h, "v": case.v, "k": case.k, "temperature": t,
+        "n": case.n,
+        "h": case.h,
+        "v": case.v,
+        "k": case.k,
+        "temperature": t,
         "ours_ms": ours_ms,
         "baseline_ms": baseline_ms,
         "speedup": baseline_ms / ours_ms,

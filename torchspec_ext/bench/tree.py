@@ -69,12 +69,16 @@ def cuda_attention_bytes(batch: int, q_heads: int, kv_heads: int, nodes: int, pr
     and the tree's up to its last node."""
     group = q_heads // kv_heads
     tile = 1 if group >= CUDA_ROWS_PER_BLOCK else CUDA_ROWS_PER_BLOCK // group
-    per_unit = sum(2 * group * min(tile, nodes - j0) * dim + 2 * (prefix + j0 + min(tile, nodes - j0)) * dim
-                   for j0 in range(0, nodes, tile))
+    per_unit = sum(
+        2 * group * min(tile, nodes - j0) * dim + 2 * (prefix + j0 + min(tile, nodes - j0)) * dim
+        for j0 in range(0, nodes, tile)
+    )
     return batch * kv_heads * per_unit * esize
 
 
-def attention_floor_bytes(batch: int, q_heads: int, kv_heads: int, nodes: int, prefix: int, dim: int, esize: int) -> int:
+def attention_floor_bytes(
+    batch: int, q_heads: int, kv_heads: int, nodes: int, prefix: int, dim: int, esize: int
+) -> int:
     """q, k and v read once, out written once."""
     return (2 * batch * q_heads * nodes + 2 * batch * kv_heads * (prefix + nodes)) * dim * esize
 
@@ -85,9 +89,12 @@ def gpu_shape_bytes_note() -> str:
     ours, floor = cuda_attention_bytes(*shape), attention_floor_bytes(*shape)
     batch, q_heads, kv_heads, nodes, prefix, dim, esize = shape
     per_node = batch * kv_heads * nodes * (2 * (q_heads // kv_heads) * dim + 2 * (prefix + 1) * dim) * esize
-    return (f"B={batch} T={nodes} prefix={prefix} Hq={q_heads} Hkv={kv_heads} D={dim} bf16: the CUDA kernel moves "
-            f"{ours / 1e9:.2f} GB, the floor {floor / 1e9:.2f} GB ({ours / floor:.2f}x); one block per node, "
-            f"as before, moved at least {per_node / 1e9:.1f} GB ({per_node / floor:.0f}x)")
+    return (
+        f"B={batch} T={nodes} prefix={prefix} Hq={q_heads} Hkv={kv_heads} D={dim} bf16: the CUDA kernel moves "
+        f"{ours / 1e9:.2f} GB, the floor {floor / 1e9:.2f} GB ({ours / floor:.2f}x); one block per node, "
+        f"as before, moved at least {per_node / 1e9:.1f} GB ({per_node / floor:.0f}x)"
+    )
+
 
 FLASHINFER_NOTE = (
     "flashinfer.sampling.chain_speculative_sampling on the verify_tree_sampling rows' chains (T nodes: "
@@ -134,11 +141,17 @@ class Case:
     def goals(self) -> list[Goal]:
         goals = []
         if self.min_speedup is not None:
-            goals.append(Goal(f"speed-up ≥ {self.min_speedup:g}x", lambda row: row["speedup"] < self.min_speedup,
-                              "speed-up"))
+            goals.append(
+                Goal(f"speed-up ≥ {self.min_speedup:g}x", lambda row: row["speedup"] < self.min_speedup, "speed-up")
+            )
         if self.max_floor_ratio is not None:
-            goals.append(Goal(f"≤ {self.max_floor_ratio:g}x one read",
-                              lambda row: row["ours_over_floor"] > self.max_floor_ratio, "one read"))
+            goals.append(
+                Goal(
+                    f"≤ {self.max_floor_ratio:g}x one read",
+                    lambda row: row["ours_over_floor"] > self.max_floor_ratio,
+                    "one read",
+                )
+            )
         if self.max_us is not None:
             goals.append(Goal(f"< {self.max_us:g} µs", lambda row: row["ours_ms"] * 1e3 >= self.max_us, "µs"))
         return goals
@@ -366,7 +379,9 @@ def run(args: Any) -> Report:
             "dtype": DTYPE_NAMES[case.dtype],
             "shape": case.shape,
             # The size that the report's plots put on the x axis: elements of the scores or of the logits.
-            "elements": case.batch * case.nodes * (case.q_heads * (case.prefix + case.nodes) if case.op == ATTN else case.vocab),
+            "elements": case.batch
+            * case.nodes
+            * (case.q_heads * (case.prefix + case.nodes) if case.op == ATTN else case.vocab),
             "target": target(case.goals()),
         } | row
 

@@ -42,9 +42,21 @@ from torch import Tensor
 import torchspec_ext
 from torchspec_ext import _C
 from torchspec_ext.pipeline.errors import ChannelClosed, ChannelError, ChannelTimeout, HeaderMismatch
-from torchspec_ext.pipeline.wire import (PREAMBLE_BYTES, body_messages, body_receives, bytes_tensor, decode,
-                                         entry_bytes, header_fits_inline, host_to_device, pack, plan, preamble,
-                                         read_preamble, unpack)
+from torchspec_ext.pipeline.wire import (
+    PREAMBLE_BYTES,
+    body_messages,
+    body_receives,
+    bytes_tensor,
+    decode,
+    entry_bytes,
+    header_fits_inline,
+    host_to_device,
+    pack,
+    plan,
+    preamble,
+    read_preamble,
+    unpack,
+)
 
 __all__ = ["TensorChannel"]
 
@@ -173,8 +185,15 @@ class TensorChannel:
     open their channels with each other in the same order. Not thread-safe.
     """
 
-    def __init__(self, peer: int, group=None, backend: str = "auto", depth: int = 2, timeout: float = 300.0,
-                 device: torch.device | str | None = None):
+    def __init__(
+        self,
+        peer: int,
+        group=None,
+        backend: str = "auto",
+        depth: int = 2,
+        timeout: float = 300.0,
+        device: torch.device | str | None = None,
+    ):
         if not dist.is_available() or not dist.is_initialized():
             raise ChannelError("pipeline: torch.distributed must be initialised before opening a TensorChannel")
         if backend not in ("auto", "nccl", "gloo"):
@@ -187,7 +206,9 @@ class TensorChannel:
         self.peer, self.depth, self.timeout = int(peer), depth, float(timeout)
         if not 0 <= self.peer < dist.get_world_size():
             raise ValueError(f"pipeline: peer {peer} is not a rank of the {dist.get_world_size()}-rank job")
-        device = torch.device("cpu" if backend == "gloo" else _default_device()) if device is None else torch.device(device)
+        device = (
+            torch.device("cpu" if backend == "gloo" else _default_device()) if device is None else torch.device(device)
+        )
         if backend == "auto":
             backend = "nccl" if device.type == "cuda" else "gloo"
         if (backend == "nccl") != (device.type == "cuda"):
@@ -204,8 +225,11 @@ class TensorChannel:
             self._transport: Any = _GlooTransport(self.peer, group, tag=_GLOO_TAG_BASE + index)
         else:
             store = dist.distributed_c10d._get_default_store()
-            self._transport = self._guard(lambda: _NcclTransport(self.rank, self.peer, device, index, self.timeout,
-                                                                 store), "setting up NCCL", time.monotonic() + self.timeout)
+            self._transport = self._guard(
+                lambda: _NcclTransport(self.rank, self.peer, device, index, self.timeout, store),
+                "setting up NCCL",
+                time.monotonic() + self.timeout,
+            )
 
     @classmethod
     def _over(cls, transport, rank: int = 0, peer: int = 1, depth: int = 2, timeout: float = 30.0) -> "TensorChannel":
@@ -314,8 +338,11 @@ class TensorChannel:
         except HeaderMismatch as exc:
             self._fail(exc)
         if seq != self._received:
-            self._fail(HeaderMismatch(f"pipeline: expected batch {self._received} from rank {self.peer}, "
-                                      f"got sequence number {seq}"))
+            self._fail(
+                HeaderMismatch(
+                    f"pipeline: expected batch {self._received} from rank {self.peer}, got sequence number {seq}"
+                )
+            )
         self._received += 1
         return batch
 
@@ -332,8 +359,9 @@ class TensorChannel:
         if total == _END_OF_STREAM:
             return None
         if not 0 < header_bytes <= total:
-            raise HeaderMismatch(f"pipeline: {what}: the preamble announced {total} bytes with a "
-                                 f"{header_bytes}-byte header")
+            raise HeaderMismatch(
+                f"pipeline: {what}: the preamble announced {total} bytes with a {header_bytes}-byte header"
+            )
         buffer = self._recv_buffer(total)
         decoded = None
         if self._transport.scatter:
@@ -354,8 +382,9 @@ class TensorChannel:
 
     def _take_prefetched(self, deadline: float, what: str):
         if self._prefetcher is None:
-            self._prefetcher = threading.Thread(target=self._prefetch, name=f"TensorChannel-recv-{self.peer}",
-                                                daemon=True)  # daemon: may wait on a peer that never sends again
+            self._prefetcher = threading.Thread(
+                target=self._prefetch, name=f"TensorChannel-recv-{self.peer}", daemon=True
+            )  # daemon: may wait on a peer that never sends again
             self._prefetcher.start()
         try:
             posted = self._ready.get(timeout=max(deadline - time.monotonic(), 0.0))
@@ -462,8 +491,12 @@ class TensorChannel:
         if self._error is not None:
             return
         if self._prefetcher.is_alive():
-            self._fail(ChannelTimeout(f"pipeline: closing the channel from rank {self.peer}: it sent neither "
-                                      f"the end of its stream nor another batch within {self.timeout:g} s"))
+            self._fail(
+                ChannelTimeout(
+                    f"pipeline: closing the channel from rank {self.peer}: it sent neither "
+                    f"the end of its stream nor another batch within {self.timeout:g} s"
+                )
+            )
 
     @property
     def closed(self) -> bool:
@@ -489,8 +522,10 @@ class TensorChannel:
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else "broken" if self._error else "open"
-        return (f"TensorChannel(rank={self.rank}, peer={self.peer}, backend={self.backend!r}, device={self.device}, "
-                f"depth={self.depth}, sent={self._sent}, received={self._received}, {state})")
+        return (
+            f"TensorChannel(rank={self.rank}, peer={self.peer}, backend={self.backend!r}, device={self.device}, "
+            f"depth={self.depth}, sent={self._sent}, received={self._received}, {state})"
+        )
 
     # ------------------------------------------------------------------------------ errors
     def _check_open(self) -> None:
@@ -503,8 +538,9 @@ class TensorChannel:
         return f"receiving batch {batch} from rank {self.peer}"
 
     def _timed_out(self, what: str) -> ChannelTimeout:
-        return ChannelTimeout(f"pipeline: {what} (rank {self.rank} <-> {self.peer}) did not complete "
-                              f"within {self.timeout:g} s")
+        return ChannelTimeout(
+            f"pipeline: {what} (rank {self.rank} <-> {self.peer}) did not complete within {self.timeout:g} s"
+        )
 
     def _wait(self, ticket, deadline: float, what: str) -> None:
         self._guard(lambda: self._await(ticket, deadline, what), what, deadline)

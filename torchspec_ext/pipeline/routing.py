@@ -105,8 +105,10 @@ class Router:
 
     def _next(self, role: str) -> int:
         if self.route.role != role:
-            raise ChannelError(f"pipeline: rank {self.route.rank} is a {self.route.role} in this route, "
-                               f"only a {role} may {'send' if role == 'teacher' else 'recv'}")
+            raise ChannelError(
+                f"pipeline: rank {self.route.rank} is a {self.route.role} in this route, "
+                f"only a {role} may {'send' if role == 'teacher' else 'recv'}"
+            )
         return self.route.peers[self._count % len(self.route.peers)]
 
     def close(self) -> None:
@@ -126,8 +128,10 @@ class Router:
                     except ChannelClosed:
                         pass
                     else:
-                        raise ChannelError(f"pipeline: rank {peer} sent a batch after the stream ended (teachers "
-                                           "must send equal numbers of batches); it was dropped")
+                        raise ChannelError(
+                            f"pipeline: rank {peer} sent a batch after the stream ended (teachers "
+                            "must send equal numbers of batches); it was dropped"
+                        )
                 channel.close()
             except ChannelError as exc:
                 first = first or exc

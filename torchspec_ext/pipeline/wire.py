@@ -19,9 +19,24 @@ from torch import Tensor
 from torchspec_ext import _C
 from torchspec_ext.pipeline.errors import HeaderMismatch
 
-__all__ = ["DTYPE_CODES", "PREAMBLE_BYTES", "ZERO_COPY_BYTES", "body_messages", "body_receives", "bytes_tensor",
-           "decode", "entry_bytes", "header_fits_inline", "host_to_device", "pack", "plan", "preamble",
-           "read_preamble", "split_body", "unpack"]
+__all__ = [
+    "DTYPE_CODES",
+    "PREAMBLE_BYTES",
+    "ZERO_COPY_BYTES",
+    "body_messages",
+    "body_receives",
+    "bytes_tensor",
+    "decode",
+    "entry_bytes",
+    "header_fits_inline",
+    "host_to_device",
+    "pack",
+    "plan",
+    "preamble",
+    "read_preamble",
+    "split_body",
+    "unpack",
+]
 
 #: torch dtype -> wire code (csrc/pipeline/wire.h, WireDtype).
 DTYPE_CODES = {
@@ -85,8 +100,9 @@ def split_body(spans: list[tuple[int, int]]) -> tuple[tuple[int, int] | None, li
     return region, large
 
 
-def body_messages(batch: dict[str, Tensor], offsets: list[int], device: torch.device,
-                  alloc: Callable[[int], Tensor]) -> tuple[list[Tensor], Tensor | None]:
+def body_messages(
+    batch: dict[str, Tensor], offsets: list[int], device: torch.device, alloc: Callable[[int], Tensor]
+) -> tuple[list[Tensor], Tensor | None]:
     """``(messages, small)``: the body as messages on the sending side: the small tensors' region
     of the packed buffer, copied into ``alloc(bytes)`` (``small``, None if there are none), then
     each large tensor's own bytes (no copy when it is contiguous and on ``device``)."""
@@ -171,7 +187,9 @@ def entry_bytes(code: int, shape) -> int:
     return math.prod(shape) * _CODE_DTYPES[code].itemsize
 
 
-def unpack(buffer: Tensor, header_bytes: int, decoded: tuple[int, int, list] | None = None) -> tuple[int, dict[str, Tensor]]:
+def unpack(
+    buffer: Tensor, header_bytes: int, decoded: tuple[int, int, list] | None = None
+) -> tuple[int, dict[str, Tensor]]:
     """``(seq, batch)`` from a received buffer; the tensors are views into ``buffer`` (no copy).
     ``decoded``: :func:`decode` of the buffer's header, when the caller already has it."""
     seq, total, entries = decoded if decoded is not None else decode(buffer[:header_bytes])

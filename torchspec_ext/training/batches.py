@@ -74,5 +74,7 @@ def prepare_tokenizer(tokenizer, chat_template: str | None) -> None:
             raise TrainError(f"--chat-template {path}: no such file")
         tokenizer.chat_template = path.read_text()
     if not getattr(tokenizer, "chat_template", None):
-        raise TrainError("the target's tokenizer has no chat template, so conversations cannot be formatted: "
-                         "pass --chat-template FILE (a Jinja template) or use an instruction-tuned target")
+        raise TrainError(
+            "the target's tokenizer has no chat template, so conversations cannot be formatted: "
+            "pass --chat-template FILE (a Jinja template) or use an instruction-tuned target"
+        )

