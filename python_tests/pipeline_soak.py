@@ -50,9 +50,9 @@ def _wait_for(path: Path, limit: float = 60.0) -> None:
 
 
 def _teacher(scenario: str, ch, flags: Path, run_index: int) -> dict:
-    from pipeline_workers import teacher_batch
-
     from torchspec_ext.pipeline import ChannelError
+
+    from pipeline_workers import teacher_batch
 
     sent, t0 = 0, time.monotonic()
     try:
@@ -70,9 +70,9 @@ def _teacher(scenario: str, ch, flags: Path, run_index: int) -> dict:
 
 
 def _trainer(scenario: str, ch, flags: Path, run_index: int) -> dict:
-    from pipeline_workers import assert_same_batch, teacher_batch
-
     from torchspec_ext.pipeline import ChannelClosed, ChannelError
+
+    from pipeline_workers import assert_same_batch, teacher_batch
 
     received, t0 = 0, time.monotonic()
     try:

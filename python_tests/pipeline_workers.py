@@ -81,7 +81,8 @@ def assert_same_batch(got: dict, want: dict, what: str) -> None:
     assert list(got) == list(want), f"{what}: names {list(got)} != {list(want)}"
     for name in want:
         assert same_bits(got[name], want[name]), (
-            f"{what}: '{name}' differs: {got[name].dtype}{list(got[name].shape)} vs {want[name].dtype}{list(want[name].shape)}"
+            f"{what}: '{name}' differs: {got[name].dtype}{list(got[name].shape)} vs "
+            f"{want[name].dtype}{list(want[name].shape)}"
         )
 
 

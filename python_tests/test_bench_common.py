@@ -1,6 +1,5 @@
 """The benchmarks' shared target cells (``target`` and ``verdict``) and the names common.py still lends."""
 
-from torchspec_ext.bench import common, report
 from torchspec_ext.bench.common import Goal, target, verdict
 
 FAST = Goal("speed-up ≥ 2x", lambda row: row["speedup"] < 2, "speed-up")
@@ -19,10 +18,3 @@ def test_verdict_wrong_first_then_pass_or_the_goals_missed():
     assert verdict([], {"speedup": 1.0}) is None and verdict([], {}, "WRONG") == "WRONG"
     # A goal without a name (a row's only target) misses as a plain MISS.
     assert verdict([Goal("slowdown < 5%", lambda row: row["slowdown"] >= 0.05)], {"slowdown": 0.1}) == "MISS"
-
-
-def test_report_names_are_still_importable_from_common():
-    # acceptance.py and train.py import them from common.
-    from torchspec_ext.bench.common import Column, Report, fmt_fixed, fmt_num  # noqa: F401
-
-    assert common.Report is report.Report and common.Column is report.Column

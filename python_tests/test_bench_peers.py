@@ -7,7 +7,6 @@ import sys
 import time
 import types
 
-import pytest
 import torch
 
 from torchspec_ext.bench import common, topk, tree
@@ -39,7 +38,7 @@ def cell(report, title, row_index):
 
 def assert_no_peer_and_still_correct(report, reason):
     assert report.header["peer"].startswith(f"did not run: {reason}")
-    for i, row in enumerate(report.rows):
+    for row in report.rows:
         assert "flashinfer_ms" not in row and row["ours_ms"] > 0
         assert not str(row.get("result")).startswith("WRONG")
     title = "flashinfer top_k ms" if report.name == "topk" else "flashinfer chain ms"

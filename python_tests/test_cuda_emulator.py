@@ -10,6 +10,7 @@ then, these tests are skipped.
 import subprocess
 
 import pytest
+
 from cuda_emulator_build import CXX, build, compiler
 
 pytestmark = pytest.mark.skipif(compiler() is None, reason=f"no C++ compiler ({CXX}) to build the CUDA emulator test")

@@ -3,10 +3,11 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import DEVICES
 
 from torchspec_ext import reference
 from torchspec_ext.ops import draft_topk_kl
+
+from conftest import DEVICES
 
 
 def teacher(n, k, vocab, device, absent=0.2, generator=None):

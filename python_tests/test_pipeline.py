@@ -13,7 +13,6 @@ import pytest
 import torch
 
 import torchspec_ext
-from torchspec_ext import _C
 from torchspec_ext.pipeline import (
     ChannelClosed,
     ChannelError,
@@ -234,8 +233,8 @@ def test_routes_deliver_every_batch_once_in_order(n, m):
             fifo.setdefault((t, dst), []).append(g)
     for r, t in enumerate(trainers):
         got = []
-        for l in range(K * n // m):
-            src = r_trainer[t].peers[l % len(r_trainer[t].peers)]
+        for i in range(K * n // m):
+            src = r_trainer[t].peers[i % len(r_trainer[t].peers)]
             got.append(fifo[(src, t)].pop(0))
         assert got == list(range(r, K * n, m))  # its share of the global order, in order
     assert all(not q for q in fifo.values())

@@ -2,9 +2,10 @@
 
 import pytest
 import torch
-from conftest import DEVICES
 
 from torchspec_ext import ops, reference
+
+from conftest import DEVICES
 
 
 def assert_same_topk(got, want, atol):

@@ -4,10 +4,11 @@ import math
 
 import pytest
 import torch
-from conftest import DEVICES
 
 from torchspec_ext import reference
 from torchspec_ext.ops import linear_topk_logprobs, topk_logprobs
+
+from conftest import DEVICES
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 

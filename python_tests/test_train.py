@@ -2,7 +2,6 @@
 resume, bad input."""
 
 import json
-import os
 import signal
 import subprocess
 import sys

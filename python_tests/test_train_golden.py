@@ -1,6 +1,7 @@
 """The training loop's numbers on a fixed seed, against a record written before the training code
 was split into a package: per-step losses and accuracies, and the final held-out acceptance
-lengths, in four configurations (replayed epochs, one pass with hard_ce over the whole vocabulary, the target's own replies
+lengths, in four configurations (replayed epochs, one pass with hard_ce over the whole vocabulary, the target's own
+replies
 with the reference ops, a teacher cache).
 
 Where the record was made (the same torch, CPU capability and thread count) they must match bit for bit: a

@@ -11,7 +11,6 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import DEVICES, HAS_GPU
 
 from torchspec_ext import reference
 from torchspec_ext.ops import (
@@ -20,6 +19,8 @@ from torchspec_ext.ops import (
     verify_tree_sampling,
     verify_tree_sampling_uniforms,
 )
+
+from conftest import DEVICES, HAS_GPU
 
 # ---- helpers ------------------------------------------------------------------------------------
 

@@ -33,7 +33,8 @@ MUTATIONS = [
     (
         "topk: no barrier between the histogram and its scan (compact)",
         "topk_lse.cu",
-        "      if ((key & mask) == prefix) atomicAdd(&st.hist[(key >> shift) & 255], 1);\n    }\n    __syncthreads();\n",
+        "      if ((key & mask) == prefix) atomicAdd(&st.hist[(key >> shift) & 255], 1);\n"
+        "    }\n    __syncthreads();\n",
         "      if ((key & mask) == prefix) atomicAdd(&st.hist[(key >> shift) & 255], 1);\n    }\n",
         "topk",
     ),

@@ -50,7 +50,7 @@ class DraftConfig:
     target_num_layers: int = 0
 
     @staticmethod
-    def from_target(config, draft_vocab_size: int) -> "DraftConfig":
+    def from_target(config, draft_vocab_size: int) -> DraftConfig:
         """The draft shaped like one layer of the target (a Hugging Face Llama-like config)."""
         heads = config.num_attention_heads
         rope = getattr(config, "rope_parameters", None) or {}
@@ -112,7 +112,7 @@ class DraftConfig:
         return config
 
     @staticmethod
-    def from_hf(config: dict) -> "DraftConfig":
+    def from_hf(config: dict) -> DraftConfig:
         if "torchspec_ext" in config:
             return DraftConfig(**config["torchspec_ext"])
         layers = config.get("eagle_aux_hidden_state_layer_ids")  # vLLM's count: ours
@@ -343,7 +343,7 @@ class Eagle3Draft(nn.Module):
         save_file(state, str(directory / WEIGHTS_NAME))
 
     @staticmethod
-    def load(directory: str | Path, target=None) -> "Eagle3Draft":
+    def load(directory: str | Path, target=None) -> Eagle3Draft:
         """A saved or exported draft; embeddings from ``target`` (or from the file, if it has them).
 
         Without either, ``embed_tokens`` stays zero: enough to read or re-export the trained

@@ -15,9 +15,9 @@ import copy
 import json
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -209,7 +209,8 @@ def choose_dtype(target, name: str, prompt) -> tuple:
 
 
 def evaluate(args, modes: dict[str, TreeSpec] | None = None) -> dict:
-    """Plain decoding, prompt lookup and each of ``modes`` (default: :func:`decode_modes`) on the same held-out prompts."""
+    """Plain decoding, prompt lookup and each of ``modes`` (default: :func:`decode_modes`) on the same
+    held-out prompts."""
     torch.manual_seed(args.seed)
     check_draft_spec(args.draft)
     try:

@@ -5,8 +5,6 @@ Every op runs on CPU and CUDA tensors, under autograd where it has a gradient, a
 argument named (``RuntimeError`` / ``torch.fx`` wraps them under compile).
 """
 
-from typing import Optional, Tuple
-
 import torch
 from torch import Tensor
 
@@ -24,7 +22,7 @@ __all__ = [
 MAX_TOPK = 1024
 
 
-def topk_logprobs(logits: Tensor, k: int, temperature: float = 1.0) -> Tuple[Tensor, Tensor, Tensor]:
+def topk_logprobs(logits: Tensor, k: int, temperature: float = 1.0) -> tuple[Tensor, Tensor, Tensor]:
     """Top-k log-probabilities of ``softmax(logits / temperature)`` and the log-sum-exp, in one read.
 
     Args:
@@ -49,7 +47,7 @@ def topk_logprobs(logits: Tensor, k: int, temperature: float = 1.0) -> Tuple[Ten
 
 def linear_topk_logprobs(
     hidden: Tensor, weight: Tensor, k: int, temperature: float = 1.0
-) -> Tuple[Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor]:
     """``topk_logprobs(hidden @ weight.T, k, temperature)`` without materialising ``[tokens, V]``.
 
     Args:
@@ -151,9 +149,9 @@ def draft_topk_kl(
     weight: Tensor,
     teacher_indices: Tensor,
     teacher_logprobs: Tensor,
-    valid: Optional[Tensor] = None,
+    valid: Tensor | None = None,
     temperature: float = 1.0,
-) -> Tuple[Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor]:
     """The draft's loss against a top-k teacher, fused with the draft's LM head.
 
     Args:
@@ -261,7 +259,7 @@ torch.library.register_autograd(
 
 
 def tree_attention(
-    q: Tensor, k: Tensor, v: Tensor, prefix_lens: Tensor, parents: Tensor, scale: Optional[float] = None
+    q: Tensor, k: Tensor, v: Tensor, prefix_lens: Tensor, parents: Tensor, scale: float | None = None
 ) -> Tensor:
     """Attention of the T nodes of a draft tree over their prefix and their ancestors.
 
@@ -284,7 +282,7 @@ def tree_attention(
     return torch.ops.torchspec.tree_attention.default(q, k, v, prefix_lens, parents, scale)
 
 
-def verify_tree_greedy(tokens: Tensor, parents: Tensor, target_logits: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+def verify_tree_greedy(tokens: Tensor, parents: Tensor, target_logits: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Greedy verification of draft trees: the longest path the target's argmaxes agree with.
 
     Args:
@@ -311,8 +309,8 @@ def verify_tree_sampling(
     parents: Tensor,
     target_logits: Tensor,
     temperature: float,
-    generator: Optional[torch.Generator] = None,
-) -> Tuple[Tensor, Tensor, Tensor]:
+    generator: torch.Generator | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
     """Lossless sampling verification of draft trees with deterministic (greedy-drafted) tokens.
 
     Arguments and outputs as :func:`verify_tree_greedy`, plus ``temperature > 0`` (temperature 0
@@ -346,7 +344,7 @@ def verify_tree_sampling(
 
 def verify_tree_sampling_uniforms(
     tokens: Tensor, parents: Tensor, target_logits: Tensor, temperature: float, uniforms: Tensor
-) -> Tuple[Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor]:
     """:func:`verify_tree_sampling` with its uniforms given: ``[B, T]`` float64 in ``[0, 1)``,
     on target_logits' device (deterministic; used to compare devices and by tests)."""
     return torch.ops.torchspec.verify_tree_sampling.default(tokens, parents, target_logits, temperature, uniforms)

@@ -8,8 +8,6 @@ against, and the training loop's ``--reference-ops`` calls :func:`linear_topk_lo
 what the ops avoid: the ``[..., V]`` logits, a dense tree mask, Python walks of the trees.
 """
 
-from typing import Optional, Tuple
-
 import torch
 from torch import Tensor
 
@@ -29,7 +27,7 @@ def _at_least_float32(x: Tensor) -> Tensor:
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
-def topk_logprobs(logits: Tensor, k: int, temperature: float = 1.0) -> Tuple[Tensor, Tensor, Tensor]:
+def topk_logprobs(logits: Tensor, k: int, temperature: float = 1.0) -> tuple[Tensor, Tensor, Tensor]:
     """``(logprobs, indices, lse)`` of ``logits / temperature`` by a stable descending sort (lower index first)."""
     x = _at_least_float32(logits) / temperature
     lse = torch.logsumexp(x, dim=-1)
@@ -50,7 +48,7 @@ def topk_logprobs(logits: Tensor, k: int, temperature: float = 1.0) -> Tuple[Ten
 
 def linear_topk_logprobs(
     hidden: Tensor, weight: Tensor, k: int, temperature: float = 1.0
-) -> Tuple[Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor]:
     """:func:`topk_logprobs` of the materialised ``hidden @ weight.T`` (in the input dtype)."""
     return topk_logprobs(hidden @ weight.T, k, temperature)
 
@@ -60,9 +58,9 @@ def draft_topk_kl(
     weight: Tensor,
     teacher_indices: Tensor,
     teacher_logprobs: Tensor,
-    valid: Optional[Tensor] = None,
+    valid: Tensor | None = None,
     temperature: float = 1.0,
-) -> Tuple[Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor]:
     """``(loss, argmax, lse)`` from the materialised ``[N, Vd]`` logits; ``loss`` differentiable by autograd."""
     logits = _at_least_float32(hidden @ weight.T) / temperature
     logq = torch.log_softmax(logits, dim=-1)
@@ -92,7 +90,7 @@ def _tree_mask(prefix_lens: Tensor, parents: Tensor, seq: int) -> Tensor:
 
 
 def tree_attention(
-    q: Tensor, k: Tensor, v: Tensor, prefix_lens: Tensor, parents: Tensor, scale: Optional[float] = None
+    q: Tensor, k: Tensor, v: Tensor, prefix_lens: Tensor, parents: Tensor, scale: float | None = None
 ) -> Tensor:
     """Eager ``softmax(q k^T * scale) v`` in q's dtype under the dense mask built from ``parents``."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
@@ -105,7 +103,7 @@ def tree_attention(
     return torch.softmax(scores, dim=-1) @ v
 
 
-def _verdicts(rows, tokens: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+def _verdicts(rows, tokens: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """``(num_accepted [B], path [B, T], next_token [B])`` int64 on tokens' device from per-row walks."""
     num = torch.tensor([r[0] for r in rows], dtype=torch.int64)
     path = torch.tensor([r[1] for r in rows], dtype=torch.int64).reshape(tokens.shape)
@@ -126,7 +124,7 @@ def _greedy_walk(tokens, parents, argmax):
         cur = child
 
 
-def verify_tree_greedy(tokens: Tensor, parents: Tensor, target_logits: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+def verify_tree_greedy(tokens: Tensor, parents: Tensor, target_logits: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """The greedy walk in Python over ``torch.argmax`` of every node (lowest id on ties, NaN first)."""
     argmax = target_logits.argmax(-1).tolist()
     rows = [_greedy_walk(*row) for row in zip(tokens.tolist(), parents.tolist(), argmax)]
@@ -172,7 +170,7 @@ def _sampling_walk(tokens, parents, probs: Tensor, u):
 
 def verify_tree_sampling_uniforms(
     tokens: Tensor, parents: Tensor, target_logits: Tensor, temperature: float, uniforms: Tensor
-) -> Tuple[Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor]:
     """The sampling walk in Python with the given ``[B, T]`` uniforms, ``p = softmax(target_logits / temperature)``."""
     probs = torch.softmax(_at_least_float32(target_logits) / temperature, dim=-1)
     rows = [_sampling_walk(*row) for row in zip(tokens.tolist(), parents.tolist(), probs.unbind(0), uniforms.tolist())]
@@ -184,8 +182,8 @@ def verify_tree_sampling(
     parents: Tensor,
     target_logits: Tensor,
     temperature: float,
-    generator: Optional[torch.Generator] = None,
-) -> Tuple[Tensor, Tensor, Tensor]:
+    generator: torch.Generator | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
     """:func:`verify_tree_sampling_uniforms` after the op's draw (``torch.rand(B, T, float64)``, generator's device)."""
     device = generator.device if generator is not None else target_logits.device
     uniforms = torch.rand(tokens.shape, dtype=torch.float64, device=device, generator=generator)

@@ -17,8 +17,9 @@ import heapq
 import inspect
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Protocol, Sequence
+from typing import Protocol
 
 import torch
 from torch import Tensor
@@ -55,7 +56,7 @@ class TreeSpec:
     min_prob: float = 0.0
 
     @staticmethod
-    def chain(depth: int, min_prob: float = 0.0) -> "TreeSpec":
+    def chain(depth: int, min_prob: float = 0.0) -> TreeSpec:
         return TreeSpec(depth=depth, topk=1, max_nodes=depth, min_prob=min_prob)
 
 

@@ -94,7 +94,6 @@ class Teacher:
         from transformers import LogitsProcessorList
 
         prompts = [p for group in groups for p in group]
-        b = len(prompts)
         ids = pad_rows(prompts, pad_id, left=True)  # left padding, as generate() wants
         attention = pad_rows([[1] * len(p) for p in prompts], 0, left=True)
         width = ids.shape[1]

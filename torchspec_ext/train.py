@@ -48,7 +48,8 @@ from torchspec_ext.training.checkpoints import (
     save_checkpoint,
     trainer_state,
 )
-from torchspec_ext.training.config import TrainConfig, parse_args as _parse_args
+from torchspec_ext.training.config import TrainConfig
+from torchspec_ext.training.config import parse_args as _parse_args
 from torchspec_ext.training.errors import Interrupted, StopSignals, TrainError
 from torchspec_ext.training.metrics import Metrics, Progress, step_values
 from torchspec_ext.training.roles import RankRoles, finish_job, join_job, open_router, serve_batches, tensor_digest

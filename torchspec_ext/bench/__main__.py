@@ -11,9 +11,9 @@ import argparse
 import importlib
 import json
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from types import ModuleType
-from typing import Sequence
 
 # name -> (module with run(args) -> Report and optionally add_arguments(parser), one-line help);
 # `all` runs them in this order.

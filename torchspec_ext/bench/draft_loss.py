@@ -13,16 +13,17 @@ beside ours on that version.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
 from torchspec_ext import reference
 from torchspec_ext.bench.common import (
     DTYPE_NAMES,
-    MiB,
     Goal,
+    MiB,
     Timing,
     memory_method,
     peak_extra_bytes,
@@ -225,7 +226,7 @@ def run_case(case: Case, device: torch.device, timing: Timing) -> dict[str, Any]
         ours_k1 = loss_step(indices[:, :1].clamp_min(0), torch.zeros_like(logprobs[:, :1]), 1.0)
         row["ours_k1_ms"] = time_ms(ours_k1, args, device, timing)
         for name, step in peers.items():
-            row.update(peer_result(name, lambda: {f"{name}_ms": time_ms(step, args, device, timing)}))
+            row.update(peer_result(name, lambda: {f"{name}_ms": time_ms(step, args, device, timing)}))  # noqa: B023
     # Against eager in the same dtype; bfloat16 eager rounds its logits, ours does not.
     tolerance = 1e-3 if case.dtype == torch.float32 else 0.1
     row["result"] = verdict(case.goals(), row, None if error <= tolerance else f"WRONG (max rel err {error:.2g})")

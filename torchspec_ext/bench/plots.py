@@ -4,8 +4,9 @@ draft loss's extra memory against tokens, acceptance length against tree size.""
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from torchspec_ext.bench.report import Report
 

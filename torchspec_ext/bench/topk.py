@@ -11,16 +11,17 @@ rows), see ``FLASHINFER_NOTE``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
 from torchspec_ext import reference
 from torchspec_ext.bench.common import (
     DTYPE_NAMES,
-    MiB,
     Goal,
+    MiB,
     Timing,
     import_flashinfer,
     input_set_count,

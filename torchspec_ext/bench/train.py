@@ -14,8 +14,6 @@ import copy
 import dataclasses
 import time
 
-import torch
-
 from torchspec_ext.bench.common import Goal, resolve_device, verdict
 from torchspec_ext.bench.common import target as target_cell
 from torchspec_ext.bench.report import TARGET_COLUMNS, Column, Report, environment_header, fmt_fixed, fmt_num

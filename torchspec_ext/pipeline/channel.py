@@ -232,7 +232,7 @@ class TensorChannel:
             )
 
     @classmethod
-    def _over(cls, transport, rank: int = 0, peer: int = 1, depth: int = 2, timeout: float = 30.0) -> "TensorChannel":
+    def _over(cls, transport, rank: int = 0, peer: int = 1, depth: int = 2, timeout: float = 30.0) -> TensorChannel:
         """A CPU channel over ``transport`` (the tests' in-process loopback), without torch.distributed."""
         channel = cls.__new__(cls)
         channel.rank, channel.peer, channel.depth, channel.timeout = rank, peer, depth, timeout
@@ -294,7 +294,7 @@ class TensorChannel:
         """Releases finished sends; waits for the oldest until at most ``keep`` are in flight."""
         while self._inflight:
             oldest = self._inflight[0]
-            if len(self._inflight) <= keep and not self._guard(lambda: self._done(oldest), "sending", deadline):
+            if len(self._inflight) <= keep and not self._guard(lambda: self._done(oldest), "sending", deadline):  # noqa: B023
                 return
             for ticket in oldest.tickets:
                 self._wait(ticket, deadline, f"sending batch {self._sent - len(self._inflight)}")
@@ -508,7 +508,7 @@ class TensorChannel:
         """Whether the peer's end of the stream was received."""
         return self._peer_closed
 
-    def __enter__(self) -> "TensorChannel":
+    def __enter__(self) -> TensorChannel:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:

@@ -18,8 +18,8 @@ cycle has closed), so ``for batch in router`` ends cleanly.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Iterator, Sequence
 
 import torch.distributed as dist
 from torch import Tensor
@@ -138,7 +138,7 @@ class Router:
         if first is not None:
             raise first
 
-    def __enter__(self) -> "Router":
+    def __enter__(self) -> Router:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:

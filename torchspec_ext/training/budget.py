@@ -37,7 +37,8 @@ class Plan:
         return (
             f"{self.teacher_batches} teacher batches (~{teacher / 60:.1f} min at {costs.teacher_batch:.2f} s) and "
             f"{self.steps} training steps (~{train / 60:.1f} min at {costs.step:.2f} s, held-out checks included), "
-            f"final evaluation ~{costs.evaluation / 60:.1f} min, {costs.spent / 60:.1f} min spent so far: {budget_s / 60:.1f} min"
+            f"final evaluation ~{costs.evaluation / 60:.1f} min, {costs.spent / 60:.1f} min spent so far: "
+            f"{budget_s / 60:.1f} min"
         )
 
 

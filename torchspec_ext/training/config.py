@@ -8,10 +8,10 @@ import argparse
 import dataclasses
 import json
 import os
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
+import tomllib
 import torch
 
 from torchspec_ext import ops

@@ -26,7 +26,7 @@ class StopSignals:
     def __init__(self):
         self._deferring, self._pending, self._previous = False, None, {}
 
-    def __enter__(self) -> "StopSignals":
+    def __enter__(self) -> StopSignals:
         if threading.current_thread() is threading.main_thread():
             for signum in (signal.SIGINT, signal.SIGTERM):
                 self._previous[signum] = signal.signal(signum, self._handle)

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import math
 import sys
-from typing import Callable, Protocol
+from collections.abc import Callable
+from typing import Protocol
 
 from torch import Tensor
 
