@@ -13,6 +13,8 @@ import torch
 from torchspec_ext import train
 from torchspec_ext.draft import Eagle3Draft
 
+from conftest import save_tiny_chat_target
+
 REPLIES = [
     "The capital of France is Paris.",
     "Two plus two is four, and four plus four is eight.",
@@ -37,64 +39,25 @@ def write_chat(path, count=16):
 
 @pytest.fixture(scope="module")
 def tiny_target(tmp_path_factory):
-    """A 4-layer Llama with the default target's tokenizer (and chat template)."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    """A 6-layer Llama with the default target's tokenizer (and chat template)."""
+    return save_tiny_chat_target(tmp_path_factory.mktemp("tiny_target"), hidden_size=48, layers=6)
 
-    from torchspec_ext.target import default_target_dir
 
-    directory = tmp_path_factory.mktemp("tiny_target")
-    tokenizer = AutoTokenizer.from_pretrained(default_target_dir())
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=48,
-        intermediate_size=96,
-        num_hidden_layers=6,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        eos_token_id=tokenizer.eos_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-    )
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    return directory
+SMALL = (
+    "--batch-size 2 --max-length 64 --draft-vocab 4096 --topk 32 --ttt-steps 2 --eval-prompts 1 --eval-new-tokens 8 "
+    "--eval-interval 0 --held-out 0.2 --warmup-steps 1"
+).split()
+
+
+def tiny_argv(tiny_target, tmp_path, *extra, log_interval=1):
+    """A few-second training run on the tiny target and 16 chats, output in tmp_path/out."""
+    data = write_chat(tmp_path / "chat.json")
+    paths = ["--target", str(tiny_target), "--data", str(data), "--output-dir", str(tmp_path / "out")]
+    return [*paths, *SMALL, "--log-interval", str(log_interval), *extra]
 
 
 def run(tiny_target, tmp_path, *extra):
-    data = write_chat(tmp_path / "chat.json")
-    argv = [
-        "--target",
-        str(tiny_target),
-        "--data",
-        str(data),
-        "--output-dir",
-        str(tmp_path / "out"),
-        "--batch-size",
-        "2",
-        "--max-length",
-        "64",
-        "--draft-vocab",
-        "4096",
-        "--topk",
-        "32",
-        "--ttt-steps",
-        "2",
-        "--eval-prompts",
-        "1",
-        "--eval-new-tokens",
-        "8",
-        "--eval-interval",
-        "0",
-        "--log-interval",
-        "1",
-        "--held-out",
-        "0.2",
-        "--warmup-steps",
-        "1",
-        *extra,
-    ]
-    return train.main(argv)
+    return train.main(tiny_argv(tiny_target, tmp_path, *extra))
 
 
 def losses(out_dir):
@@ -392,38 +355,7 @@ def test_training_unroll_equals_the_drafter_at_inference():
 
 def start_run(tiny_target, tmp_path, *extra, prelude=""):
     """The training command in a child process (``prelude``: Python run before it, e.g. a patch)."""
-    data = write_chat(tmp_path / "chat.json")
-    argv = [
-        "--target",
-        str(tiny_target),
-        "--data",
-        str(data),
-        "--output-dir",
-        str(tmp_path / "out"),
-        "--batch-size",
-        "2",
-        "--max-length",
-        "64",
-        "--draft-vocab",
-        "4096",
-        "--topk",
-        "32",
-        "--ttt-steps",
-        "2",
-        "--eval-prompts",
-        "1",
-        "--eval-new-tokens",
-        "8",
-        "--eval-interval",
-        "0",
-        "--log-interval",
-        "10",
-        "--held-out",
-        "0.2",
-        "--warmup-steps",
-        "1",
-        *extra,
-    ]
+    argv = tiny_argv(tiny_target, tmp_path, *extra, log_interval=10)
     code = f"{prelude}\nimport sys\nfrom torchspec_ext import train\nsys.exit(train.main({argv!r}))"
     return subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE, text=True)
 

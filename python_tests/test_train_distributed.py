@@ -18,6 +18,8 @@ import torch
 
 from torchspec_ext import train as train_mod
 
+from conftest import save_tiny_chat_target
+
 REPO = Path(__file__).resolve().parents[1]
 
 TOPICS = [
@@ -40,27 +42,8 @@ TOPICS = [
 def tiny(tmp_path_factory):
     """(target dir, data file): a random 4-layer Llama with the default target's tokenizer, and 12
     short chats."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    from torchspec_ext.target import default_target_dir
-
     root = tmp_path_factory.mktemp("tiny")
-    tokenizer = AutoTokenizer.from_pretrained(default_target_dir())
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        tie_word_embeddings=True,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
-    LlamaForCausalLM(config).save_pretrained(root / "target")
-    tokenizer.save_pretrained(root / "target")
+    save_tiny_chat_target(root / "target", hidden_size=32, layers=4, tie_word_embeddings=True)
     chats = [
         {
             "messages": [
@@ -74,6 +57,13 @@ def tiny(tmp_path_factory):
     return root / "target", root / "chats.json"
 
 
+SMALL = (
+    "--batch-size 2 --max-length 64 --ttt-steps 2 --topk 8 --draft-vocab 256 --vocab-sample 50 --held-out 0.2 "
+    "--eval-interval 0 --eval-prompts 1 --eval-new-tokens 4 --eval-depth 2 --log-interval 1 --warmup-steps 1 "
+    "--device cpu"
+).split()
+
+
 def options(tiny, out, steps=3, *extra) -> list[str]:
     target, data = tiny
     return [
@@ -85,34 +75,7 @@ def options(tiny, out, steps=3, *extra) -> list[str]:
         str(out),
         "--max-steps",
         str(steps),
-        "--batch-size",
-        "2",
-        "--max-length",
-        "64",
-        "--ttt-steps",
-        "2",
-        "--topk",
-        "8",
-        "--draft-vocab",
-        "256",
-        "--vocab-sample",
-        "50",
-        "--held-out",
-        "0.2",
-        "--eval-interval",
-        "0",
-        "--eval-prompts",
-        "1",
-        "--eval-new-tokens",
-        "4",
-        "--eval-depth",
-        "2",
-        "--log-interval",
-        "1",
-        "--warmup-steps",
-        "1",
-        "--device",
-        "cpu",
+        *SMALL,
         *extra,
     ]
 

@@ -10,7 +10,7 @@
 namespace torchspec {
 
 // The kernels' element type for a floating tensor, or a clear error.
-inline ScalarKind logits_kind(const at::Tensor& t, const char* op, const char* name) {
+inline ScalarKind float_kind(const at::Tensor& t, const char* op, const char* name) {
   switch (t.scalar_type()) {
     case at::kFloat:
       return ScalarKind::kFloat32;

@@ -21,7 +21,7 @@ inline void check_lm_head(const at::Tensor& hidden, const at::Tensor& weight, co
   TORCHSPEC_CHECK_ARG(weight.dim() == 2, op, "weight must be 2-D [", vocab, ", H], got ", weight.dim(), " dimensions");
   check_device_supported(hidden, op, "hidden");
   check_same_device(hidden, "hidden", weight, "weight", op);
-  logits_kind(hidden, op, "hidden");
+  float_kind(hidden, op, "hidden");
   TORCHSPEC_CHECK_ARG(hidden.scalar_type() == weight.scalar_type(), op,
                       "hidden and weight must have the same dtype, got ", hidden.scalar_type(), " and ",
                       weight.scalar_type());

@@ -22,7 +22,7 @@ void run_topk_lse(const at::Tensor& logits2d, int64_t k, double temperature, int
                   at::Tensor& out_values, at::Tensor& out_indices, at::Tensor& out_lse, bool finalize) {
   TopkLseParams p;
   p.logits = logits2d.data_ptr();
-  p.dtype = logits_kind(logits2d, "topk_logprobs", "logits");
+  p.dtype = float_kind(logits2d, "topk_logprobs", "logits");
   p.rows = logits2d.size(0);
   p.vocab = logits2d.size(1);
   p.row_stride = logits2d.stride(0);
@@ -64,7 +64,7 @@ Outputs topk_logprobs(const at::Tensor& logits, int64_t k, double temperature) {
   constexpr const char* op = "topk_logprobs";
   TORCHSPEC_CHECK_ARG(logits.dim() >= 1, op, "logits must have at least one dimension [..., V], got a scalar");
   check_device_supported(logits, op, "logits");
-  logits_kind(logits, op, "logits");
+  float_kind(logits, op, "logits");
   check_topk_k(k, logits.size(-1), op);
   check_temperature(temperature, op);
   auto [values, indices, lse] = allocate_outputs(logits.sizes().slice(0, logits.dim() - 1), k, logits.device());

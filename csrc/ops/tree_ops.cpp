@@ -62,7 +62,7 @@ at::Tensor tree_attention(const at::Tensor& q, const at::Tensor& k, const at::Te
   check_same_device(q, "q", v, "v", op);
   check_same_device(q, "q", prefix_lens, "prefix_lens", op);
   check_same_device(q, "q", parents, "parents", op);
-  const ScalarKind dtype = logits_kind(q, op, "q");
+  const ScalarKind dtype = float_kind(q, op, "q");
   TORCHSPEC_CHECK_ARG(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(), op,
                       "q, k and v must have the same dtype, got ", q.scalar_type(), ", ", k.scalar_type(), " and ",
                       v.scalar_type());
@@ -136,7 +136,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> prepare_verify(const at::Tensor& 
   check_device_supported(target_logits, op, "target_logits");
   check_same_device(target_logits, "target_logits", tokens, "tokens", op);
   check_same_device(target_logits, "target_logits", parents, "parents", op);
-  p.dtype = logits_kind(target_logits, op, "target_logits");
+  p.dtype = float_kind(target_logits, op, "target_logits");
   const int64_t B = tokens.size(0), T = tokens.size(1), V = target_logits.size(2);
   TORCHSPEC_CHECK_ARG(T >= 1, op, "tokens must hold at least the root (T >= 1), got T = 0");
   TORCHSPEC_CHECK_ARG(target_logits.size(0) == B, op, "target_logits must be [B, T, V] with B = ", B,
