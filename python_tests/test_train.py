@@ -424,3 +424,15 @@ def test_training_flushes_subnormals_and_restores_the_default():
     with subnormals_flushed():
         assert (tiny * 1.0).item() == 0.0
     assert (tiny * 1.0).item() != 0.0
+
+
+def test_a_bfloat16_target_teaches_what_the_float32_one_does(tiny_target, tmp_path):
+    """--target-dtype bfloat16 halves the target's memory; its features and top-k are the float32
+    target's to bfloat16 rounding, so the first losses agree to a percent."""
+    f32, bf16 = tmp_path / "f32", tmp_path / "bf16"
+    f32.mkdir()
+    bf16.mkdir()
+    assert run(tiny_target, f32, "--max-steps", "3") == 0
+    assert run(tiny_target, bf16, "--max-steps", "3", "--target-dtype", "bfloat16") == 0
+    want, got = losses(f32 / "out"), losses(bf16 / "out")
+    assert got == pytest.approx(want, rel=0.01) and got != want

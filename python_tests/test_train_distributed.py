@@ -243,3 +243,57 @@ def test_teacher_cache_of_another_run_is_refused(tiny, tmp_path, capsys):
     assert train_mod.main(options(tiny, tmp_path / "a", 1, "--cache-teacher", str(cache))) == 0
     assert train_mod.main(options(tiny, tmp_path / "b", 1, "--cache-teacher", str(cache), "--topk", "4")) == 2
     assert "another topk" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------ sharded teacher
+def test_a_target_sharded_over_two_teacher_ranks_trains_as_one_process(tiny, tmp_path):
+    """--teacher-shards 2: ranks 0 and 1 hold one target between them (FSDP2 over gloo), half of
+    its weights each, and each sends its share of the batches; the trainer's per-step losses are
+    the single-process run's (to 1e-4: the processes run one thread, the test two)."""
+    single = tmp_path / "single"
+    assert train_mod.main(options(tiny, single, 4)) == 0
+    out, logs = tmp_path / "out", tmp_path / "logs"
+    args = options(tiny, out, 4, "--teacher-ranks", "2", "--teacher-shards", "2", "--dist-timeout", "60")
+    codes = wait_all(launch(args, 3, logs), logs, timeout=240)
+    assert codes == [0, 0, 0], tails(logs, 3)
+    got = summaries(logs, 3)
+    assert [s["role"] for s in got] == ["teacher", "teacher", "trainer"]
+    for s in got[:2]:  # half of every weight, the last shard of an odd size a row short
+        assert s["weights_held_mib"] == pytest.approx(s["weights_mib"] / 2, rel=0.01)
+    assert "holds" in (logs / "0.err").read_text() and "sharded over ranks 0, 1" in (logs / "1.err").read_text()
+    assert losses(out) == pytest.approx(losses(single), rel=1e-4)
+
+
+def test_shard_counts_that_cannot_work_are_refused_up_front(monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    with pytest.raises(SystemExit):
+        train_mod.parse_args(["--device", "cpu", "--max-steps", "1", "--teacher-ranks", "3", "--teacher-shards", "2"])
+    assert "with 3 teacher ranks it can be 1, 3" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        train_mod.parse_args(
+            ["--max-steps", "1", "--teacher-ranks", "2", "--teacher-shards", "2", "--responses", "target"]
+        )
+    assert "--responses data" in capsys.readouterr().err
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    with pytest.raises(SystemExit):
+        train_mod.parse_args(["--device", "cpu", "--teacher-shards", "2"])
+    assert "runs under torchrun" in capsys.readouterr().err
+
+
+def test_a_dead_shard_fails_the_job(tiny, tmp_path):
+    out, logs = tmp_path / "out", tmp_path / "logs"
+    args = options(tiny, out, 200, "--teacher-ranks", "2", "--teacher-shards", "2", "--dist-timeout", "30")
+    procs = launch(args, 3, logs)
+    deadline = time.monotonic() + 120
+    while "step 2/" not in (logs / "2.err").read_text():  # training under way
+        assert time.monotonic() < deadline and procs[2].poll() is None, tails(logs, 3)
+        time.sleep(0.2)
+    begin = time.monotonic()
+    procs[1].send_signal(signal.SIGKILL)
+    codes = wait_all(procs, logs, timeout=90)
+    assert codes[0] != 0 and codes[2] != 0 and time.monotonic() - begin < 60
+    errors = {rank: (logs / f"{rank}.err").read_text() for rank in (0, 2)}
+    # The shard's partner names its group; the trainer names whichever teacher it was waiting on.
+    assert "the group of ranks 0, 1 holding the target failed" in errors[0] or "from rank 1" in errors[2], tails(
+        logs, 3
+    )

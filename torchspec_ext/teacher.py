@@ -19,7 +19,7 @@ from collections import Counter
 import torch
 from torch import Tensor
 
-from torchspec_ext import ops, reference
+from torchspec_ext import ops, reference, sharding
 from torchspec_ext.data import pad_rows
 
 BATCH_KEYS = (
@@ -57,6 +57,7 @@ class Teacher:
         self.topk = topk
         self.linear_topk = reference.linear_topk_logprobs if reference_ops else ops.linear_topk_logprobs
         self.topk_logprobs = reference.topk_logprobs if reference_ops else ops.topk_logprobs
+        self.sharded = sharding.is_sharded(target)  # over a group of teacher ranks (torchspec_ext.sharding)
         num_layers = target.config.num_hidden_layers
         if any(not 0 <= i <= num_layers for i in self.layers):
             raise ValueError(f"feature layers {self.layers} out of range for a target of {num_layers} layers")
@@ -64,13 +65,15 @@ class Teacher:
     @torch.no_grad()
     def __call__(self, input_ids: Tensor, loss_mask: Tensor, batch_index: int) -> dict[str, Tensor]:
         input_ids = input_ids.to(self.device)
-        out = self.target.model(input_ids, output_hidden_states=True)
-        hidden = out.hidden_states
+        if self.sharded:
+            hidden, final = sharding.hidden_states(self.target.model, input_ids)
+        else:
+            out = self.target.model(input_ids, output_hidden_states=True)
+            hidden, final = out.hidden_states, out.last_hidden_state
         features = torch.cat([hidden[i] for i in self.layers], -1)
-        final = out.last_hidden_state
         b, t, h = final.shape
-        head = self.target.get_output_embeddings().weight
-        logprobs, indices, _ = self.linear_topk(final.reshape(b * t, h), head, self.topk)
+        with sharding.gathered_weight(self.target.get_output_embeddings()) as head:
+            logprobs, indices, _ = self.linear_topk(final.reshape(b * t, h), head, self.topk)
         return {
             "input_ids": input_ids,
             "loss_mask": loss_mask.to(self.device),

@@ -8,7 +8,8 @@ hidden states and its top-k next-token log-probabilities), then the draft is unr
 
 Under ``torchrun --nproc-per-node N -m torchspec_ext.train --teacher-ranks n``, ranks ``0..n-1``
 run the target and send their batches (torchspec_ext.pipeline) to the other ranks, which train the
-draft data-parallel; the first trainer writes checkpoints, metrics and the draft (see ``training.roles``).
+draft data-parallel; the first trainer writes checkpoints, metrics and the draft (see ``training.roles``);
+``--teacher-shards S`` makes the teacher ranks groups of S, each holding one target sharded over it.
 ``--epochs E`` runs the target over max-steps / E batches once and replays them E times (kept in
 memory); ``--cache-teacher DIR`` stores them in DIR instead, for this run and later ones.
 
@@ -32,6 +33,7 @@ from pathlib import Path
 
 import torch
 
+from torchspec_ext import sharding
 from torchspec_ext.data import load_conversations, short_prompts, split_held_out, tokenize_conversation
 from torchspec_ext.draft import DraftConfig, Eagle3Draft
 from torchspec_ext.pipeline import ChannelError
@@ -48,7 +50,7 @@ from torchspec_ext.training.checkpoints import (
     save_checkpoint,
     trainer_state,
 )
-from torchspec_ext.training.config import TrainConfig
+from torchspec_ext.training.config import TARGET_DTYPES, TrainConfig
 from torchspec_ext.training.config import parse_args as _parse_args
 from torchspec_ext.training.errors import Interrupted, StopSignals, TrainError
 from torchspec_ext.training.metrics import Metrics, Progress, step_values
@@ -61,12 +63,12 @@ def parse_args(argv=None) -> TrainConfig:
     return _parse_args(argv, __doc__)
 
 
-def load_target_and_data(config: TrainConfig):
-    """(target, tokenizer, train conversations, held-out conversations), with clear errors."""
+def load_target_and_data(config: TrainConfig, device: str):
+    """(target on ``device``, tokenizer, train conversations, held-out conversations), with clear errors."""
     from torchspec_ext.target import load_target
 
     try:
-        target, tokenizer = load_target(config.target, device=config.device)
+        target, tokenizer = load_target(config.target, TARGET_DTYPES[config.target_dtype], device)
     except (FileNotFoundError, ModuleNotFoundError, ImportError, OSError, ValueError) as exc:
         raise TrainError(f"cannot load the target: {exc}") from exc
     prepare_tokenizer(tokenizer, config.chat_template)
@@ -134,9 +136,13 @@ def evaluate_draft(
     target, draft: Eagle3Draft, prompts, new_tokens: int, modes: dict[str, TreeSpec], eos
 ) -> dict[str, float]:
     """``acceptance_length`` (the chain's, the number the targets speak of) and, with a tree,
-    ``tree_acceptance_length``: greedy, on the held-out ``prompts``."""
+    ``tree_acceptance_length``: greedy, on the held-out ``prompts``; on the target's device (a
+    copy of the draft there when the target is elsewhere, as in a job with a sharded teacher)."""
     from torchspec_ext.eval import draft_acceptance_lengths
 
+    device = next(target.parameters()).device
+    if draft.fc.weight.device != device:
+        draft = copy.deepcopy(draft).to(device)
     found = draft_acceptance_lengths(target, draft, prompts, new_tokens, modes, eos)
     return {"acceptance_length" if name == "chain" else f"{name}_acceptance_length": v for name, v in found.items()}
 
@@ -201,7 +207,9 @@ def open_stream(config: TrainConfig, roles: RankRoles, draft: Eagle3Draft, onlin
         from torchspec_ext.target import default_target_dir
 
         target_dir = Path(config.target) if config.target else default_target_dir()
-        identity = cache.cache_identity(target_dir, config.topk, draft.config.feature_layers, draft.draft_to_target())
+        identity = cache.cache_identity(
+            target_dir, config.target_dtype, config.topk, draft.config.feature_layers, draft.draft_to_target()
+        )
         cached = cache.open_cache(
             Path(config.cache_teacher),
             identity,
@@ -250,10 +258,14 @@ def _train(config: TrainConfig) -> dict:
         )
     torch.manual_seed(config.seed)
     random.seed(config.seed)
-    roles, config.device = join_job(config.teacher_ranks, config.device, config.dist_timeout)
+    roles, config.device = join_job(config.teacher_ranks, config.device, config.dist_timeout, config.teacher_shards)
     output_dir = Path(config.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    target, tokenizer, train_set, held_out = load_target_and_data(config)
+    # In a job whose teachers shard the target (too large for one device) every rank reads it into CPU
+    # memory: the teachers' sharding moves their shards to their devices, the trainers evaluate there.
+    target, tokenizer, train_set, held_out = load_target_and_data(
+        config, "cpu" if config.teacher_shards > 1 else config.device
+    )
     batches = Batches(train_set, tokenizer, config.batch_size, config.max_length, config.seed)
     checkpoint = find_checkpoint(output_dir, config.resume) if config.resume else None
     if checkpoint is not None:
@@ -267,6 +279,16 @@ def _train(config: TrainConfig) -> dict:
         "draft vocabulary (every rank must read the same data, target, options and checkpoint)",
         tensor_digest([draft.draft_to_target()])[0],
     )
+    shard_summary = {}
+    if roles.shard_group is not None:  # after the draft copied what it needs from the whole target
+        sharding.shard_target(target, roles.shard_group, torch.device(config.device))
+        held, whole = sharding.weight_bytes(target)
+        shard_summary = {"weights_held_mib": held / 2**20, "weights_mib": whole / 2**20}
+        print(
+            f"[train] rank {roles.rank}: holds {held / 2**20:.2f} MiB of the target's {whole / 2**20:.2f} MiB of "
+            f"weights, sharded over ranks {', '.join(map(str, roles.shard_ranks))}",
+            file=sys.stderr,
+        )
     teacher = Teacher(target, draft.config.feature_layers, draft.target_to_draft(), config.topk, config.reference_ops)
     eos = stop_token_ids(target, tokenizer)
     online = TeacherStream(batches, teacher, config.responses, eos)
@@ -278,7 +300,17 @@ def _train(config: TrainConfig) -> dict:
     if roles.is_teacher:
         step, position = checkpoint_position(checkpoint)
         router = open_router(roles, config.dist_timeout, config.device)
-        summary = serve_batches(roles, stream, router, config.max_steps - step, position)
+        try:
+            summary = serve_batches(roles, stream, router, config.max_steps - step, position)
+        except RuntimeError as exc:  # a collective of the shard group (gloo / NCCL) failed
+            if not roles.shard_ranks or isinstance(exc, ChannelError):
+                raise
+            ranks = ", ".join(map(str, roles.shard_ranks))
+            raise ChannelError(
+                f"the group of ranks {ranks} holding the target failed: one of them died or stopped "
+                f"({str(exc).splitlines()[0]})"
+            ) from exc
+        summary.update(shard_summary)
         finish_job(roles, None)
         return summary
     if not roles.is_lead_trainer:

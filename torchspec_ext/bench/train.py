@@ -43,7 +43,7 @@ def run(args) -> Report:
     if args.data:
         argv += ["--data", args.data]
     base = train.parse_args(argv)
-    target, tokenizer, train_set, _ = train.load_target_and_data(base)
+    target, tokenizer, train_set, _ = train.load_target_and_data(base, base.device)
     batches = train.Batches(train_set, tokenizer, base.batch_size, base.max_length, base.seed)
     draft0 = train.make_draft(target, tokenizer, train_set, base.draft_vocab, base.vocab_sample, base.max_length)
     draft0 = draft0.to(base.device)

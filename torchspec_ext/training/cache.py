@@ -15,10 +15,11 @@ MANIFEST = "manifest.json"
 FORMAT = "torchspec_ext teacher cache 1"
 
 
-def cache_identity(target_dir: Path, topk: int, feature_layers, draft_to_target) -> dict:
+def cache_identity(target_dir: Path, target_dtype: str, topk: int, feature_layers, draft_to_target) -> dict:
     """What a teacher cache must agree on with the run that reads it."""
     return {
         "target": str(target_dir.resolve()),
+        "target_dtype": target_dtype,
         "topk": topk,
         "feature_layers": list(feature_layers),
         "draft_vocab": draft_to_target.tolist(),

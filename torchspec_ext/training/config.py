@@ -18,6 +18,7 @@ from torchspec_ext import ops
 from torchspec_ext.data import HELD_OUT_FRACTION
 from torchspec_ext.training.checkpoints import LATEST
 
+TARGET_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 CPU_TIME_BUDGET = 14.0  # minutes: the default CPU run fits in 15 with the target's first conversion
 
 
@@ -61,6 +62,8 @@ class TrainConfig:
     cache_teacher: str | None = None
     epochs: int | None = None
     teacher_ranks: int = 1
+    teacher_shards: int = 1
+    target_dtype: str = "float32"
     dist_timeout: float = 600.0
 
     @property
@@ -157,7 +160,19 @@ def parser(doc: str = "") -> argparse.ArgumentParser:
         "the default shapes; --cache-teacher DIR keeps them on disk instead). Default: 3 on CPU, where the "
         "target's forward is most of a step, so replaying its batches buys more steps; 1 on GPU",
     )
+    a(
+        "--target-dtype",
+        choices=list(TARGET_DTYPES),
+        help="the target's weights in the teacher and the evaluation (bfloat16: half the memory, for large targets)",
+    )
     a("--teacher-ranks", type=int, help="under torchrun: how many ranks run the teacher (the rest train)")
+    a(
+        "--teacher-shards",
+        type=int,
+        metavar="S",
+        help="under torchrun: the teacher ranks form groups of S, each holding one copy of the target sharded "
+        "over its S ranks (FSDP2), for a target larger than one device; --teacher-ranks must be a multiple of S",
+    )
     a(
         "--dist-timeout",
         type=float,
@@ -178,6 +193,22 @@ def _read_config_file(p: argparse.ArgumentParser, path: Path) -> dict:
     if unknown:
         p.error(f"--config {path}: unknown option(s) {', '.join(unknown)}")
     return values
+
+
+def _check_shards(p: argparse.ArgumentParser, ranks: int, shards: int, single_process: bool, responses: str) -> None:
+    if single_process:
+        p.error(
+            "--teacher-shards runs under torchrun (teacher ranks and trainer ranks); in one process the target "
+            "is not sharded"
+        )
+    if ranks % shards:
+        works = ", ".join(str(s) for s in range(1, ranks + 1) if ranks % s == 0)
+        p.error(
+            f"--teacher-shards {shards} does not divide --teacher-ranks {ranks} into groups: with {ranks} teacher "
+            f"ranks it can be {works}; or give --teacher-ranks a multiple of {shards}"
+        )
+    if responses == "target":
+        p.error("--responses target decodes in one process per target copy; with --teacher-shards use --responses data")
 
 
 def parse_args(argv=None, doc: str = "") -> TrainConfig:
@@ -201,6 +232,7 @@ def parse_args(argv=None, doc: str = "") -> TrainConfig:
         "keep_checkpoints",
         "log_interval",
         "teacher_ranks",
+        "teacher_shards",
     ):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
@@ -223,6 +255,8 @@ def parse_args(argv=None, doc: str = "") -> TrainConfig:
             p.error("give --max-steps or --time-budget, not both")
         if args.cache_teacher or not single_process:
             p.error("--time-budget plans a single-process run without --cache-teacher; give --max-steps instead")
+    if args.teacher_shards > 1:
+        _check_shards(p, args.teacher_ranks, args.teacher_shards, single_process, args.responses)
     config = TrainConfig(**vars(args))
     config.device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if not config.on_gpu and config.device != "cpu":

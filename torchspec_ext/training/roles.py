@@ -26,6 +26,8 @@ class RankRoles:
     teachers: tuple[int, ...] = ()
     trainers: tuple[int, ...] = (0,)
     trainer_group: object = None
+    shard_ranks: tuple[int, ...] = ()  # a teacher whose target is sharded (--teacher-shards): its group
+    shard_group: object = None
 
     @property
     def distributed(self) -> bool:
@@ -65,9 +67,11 @@ def tensor_digest(tensors) -> tuple[int, str]:
     return int.from_bytes(digest[:8], "little", signed=True), digest.hex()
 
 
-def join_job(teacher_ranks: int, device: str, timeout: float) -> tuple[RankRoles, str]:
+def join_job(teacher_ranks: int, device: str, timeout: float, teacher_shards: int = 1) -> tuple[RankRoles, str]:
     """(this rank's roles, its device): joins the torchrun job when WORLD_SIZE > 1 (gloo on the
-    CPU, NCCL for CUDA tensors); a CUDA rank takes the GPU of its LOCAL_RANK."""
+    CPU, NCCL for CUDA tensors); a CUDA rank takes the GPU of its LOCAL_RANK. With
+    ``teacher_shards`` S > 1 the teacher ranks form groups of S consecutive ranks, each to hold
+    one target sharded over it."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         return RankRoles(), device
@@ -84,7 +88,15 @@ def join_job(teacher_ranks: int, device: str, timeout: float) -> tuple[RankRoles
     dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout))
     roles = RankRoles(dist.get_rank(), tuple(range(n)), tuple(range(n, world)))
     roles.trainer_group = dist.new_group(list(roles.trainers))  # every rank takes part in new_group
+    if teacher_shards > 1:
+        for first in range(0, n, teacher_shards):
+            ranks = tuple(range(first, first + teacher_shards))
+            group = dist.new_group(list(ranks))
+            if roles.rank in ranks:
+                roles.shard_ranks, roles.shard_group = ranks, group
     role = f"teacher {roles.rank + 1} of {n}" if roles.is_teacher else f"trainer {roles.rank - n + 1} of {world - n}"
+    if roles.shard_ranks:
+        role += f", holding 1/{teacher_shards} of the target with ranks {', '.join(map(str, roles.shard_ranks))}"
     print(f"[train] rank {roles.rank} of {world}: {role}", file=sys.stderr)
     return roles, device
 
