@@ -105,7 +105,7 @@ def generate_decode(model, prompt, max_new_tokens, temperature, eos, counter=Non
         kwargs["temperature"] = temperature
     before = counter.calls if counter else 0
     start = time.perf_counter()
-    pad = eos[0] if isinstance(eos, (list, tuple)) else eos
+    pad = (eos[0] if eos else None) if isinstance(eos, (list, tuple)) else eos  # generate pads with one id
     out = model.generate(
         torch.tensor([prompt]), max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=pad, **kwargs
     )

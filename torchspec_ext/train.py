@@ -233,6 +233,24 @@ def open_stream(config: TrainConfig, roles: RankRoles, draft: Eagle3Draft, onlin
     return online
 
 
+def serve_as_teacher(roles: RankRoles, stream, checkpoint: Path | None, config: TrainConfig) -> dict:
+    """A teacher rank's whole job: its share of the batches of the steps left, then the job's end."""
+    step, position = checkpoint_position(checkpoint)
+    router = open_router(roles, config.dist_timeout, config.device)
+    try:
+        summary = serve_batches(roles, stream, router, config.max_steps - step, position)
+    except RuntimeError as exc:  # a collective of the shard group (gloo / NCCL) failed
+        if not roles.shard_ranks or isinstance(exc, ChannelError):
+            raise
+        ranks = ", ".join(map(str, roles.shard_ranks))
+        raise ChannelError(
+            f"the group of ranks {ranks} holding the target failed: one of them died or stopped "
+            f"({str(exc).splitlines()[0]})"
+        ) from exc
+    finish_job(roles, None)
+    return summary
+
+
 @contextlib.contextmanager
 def subnormals_flushed():
     """Subnormal floats appear in the draft's training after some tens of steps and make each CPU
@@ -298,21 +316,7 @@ def _train(config: TrainConfig) -> dict:
         deadline = plan_to_budget(config, checkpoint, started, online, draft, target, prompts[0])
     stream = open_stream(config, roles, draft, online)
     if roles.is_teacher:
-        step, position = checkpoint_position(checkpoint)
-        router = open_router(roles, config.dist_timeout, config.device)
-        try:
-            summary = serve_batches(roles, stream, router, config.max_steps - step, position)
-        except RuntimeError as exc:  # a collective of the shard group (gloo / NCCL) failed
-            if not roles.shard_ranks or isinstance(exc, ChannelError):
-                raise
-            ranks = ", ".join(map(str, roles.shard_ranks))
-            raise ChannelError(
-                f"the group of ranks {ranks} holding the target failed: one of them died or stopped "
-                f"({str(exc).splitlines()[0]})"
-            ) from exc
-        summary.update(shard_summary)
-        finish_job(roles, None)
-        return summary
+        return serve_as_teacher(roles, stream, checkpoint, config) | shard_summary
     if not roles.is_lead_trainer:
         target = teacher = None  # only the lead trainer evaluates
     trainer = make_trainer(draft, config, ddp_group=roles.trainer_group if len(roles.trainers) > 1 else None)
