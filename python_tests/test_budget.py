@@ -55,3 +55,28 @@ def test_the_cpu_default_is_a_time_budget():
     assert train.parse_args(["--device", "cpu"]).time_budget == CPU_TIME_BUDGET
     assert train.parse_args(["--device", "cpu", "--max-steps", "7"]).time_budget is None
     assert train.parse_args(["--device", "cuda"]).time_budget is None
+
+
+def test_a_time_budget_run_plans_its_steps_and_ends_in_time(tmp_path, capsys):
+    """The whole --time-budget path on the tiny target: costs measured, a plan printed, every
+    planned step run (the data allows few), the run done well within its minute."""
+    import json
+    import re
+    import time
+
+    from torchspec_ext import train
+
+    from conftest import save_tiny_chat_target
+    from test_train import SMALL, write_chat
+
+    target = save_tiny_chat_target(tmp_path / "target", hidden_size=48, layers=6)
+    data = write_chat(tmp_path / "chat.json")
+    argv = ["--target", str(target), "--data", str(data), "--output-dir", str(tmp_path / "out"), *SMALL]
+    begin = time.monotonic()
+    assert train.main([*argv, "--device", "cpu", "--time-budget", "1"]) == 0
+    assert time.monotonic() - begin < 60
+    err = capsys.readouterr().err
+    assert "--time-budget 1: " in err and "teacher batches" in err and "out of time" not in err
+    planned = int(re.search(r"(\d+) training steps", err).group(1))
+    rows = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["step"] == planned >= 1 and "final_eval_acceptance_length" in rows[-1]
