@@ -80,3 +80,6 @@ def test_a_time_budget_run_plans_its_steps_and_ends_in_time(tmp_path, capsys):
     planned = int(re.search(r"(\d+) training steps", err).group(1))
     rows = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["step"] == planned >= 1 and "final_eval_acceptance_length" in rows[-1]
+    # Resumed, the run keeps its plan (read from the checkpoint) instead of measuring again.
+    assert train.main([*argv, "--device", "cpu", "--time-budget", "1", "--resume"]) == 0
+    assert f"resuming the checkpoint's plan: {planned} steps" in capsys.readouterr().err

@@ -162,86 +162,32 @@ def test_nan_loss_stops_with_step_and_batch_named(tiny_target, tmp_path, monkeyp
 
 
 def test_bad_input_gets_a_clear_message(tiny_target, tmp_path, capsys):
+    def refused(*argv) -> str:
+        """The command's stderr, after it exits with status 2 (a problem with the user's input)."""
+        assert train.main([str(a) for a in argv]) == 2
+        return capsys.readouterr().err
+
     empty = tmp_path / "empty.json"
     empty.write_text("[]")
-    assert (
-        train.main(
-            [
-                "--target",
-                str(tiny_target),
-                "--data",
-                str(empty),
-                "--output-dir",
-                str(tmp_path / "o"),
-                "--max-length",
-                "64",
-            ]
-        )
-        == 2
-    )
-    assert "no usable conversation" in capsys.readouterr().err
+    out = tmp_path / "o"
     data = write_chat(tmp_path / "chat.json")
-    assert (
-        train.main(
-            [
-                "--target",
-                str(tiny_target),
-                "--data",
-                str(data),
-                "--output-dir",
-                str(tmp_path / "o"),
-                "--max-length",
-                "100000",
-            ]
-        )
-        == 2
-    )
-    assert "longer than the target's context" in capsys.readouterr().err
-    assert train.main(["--target", str(tmp_path / "nowhere"), "--output-dir", str(tmp_path / "o")]) == 2
-    assert "cannot load the target" in capsys.readouterr().err
-    assert (
-        train.main(
-            [
-                "--target",
-                str(tiny_target),
-                "--data",
-                str(data),
-                "--output-dir",
-                str(tmp_path / "o2"),
-                "--max-length",
-                "64",
-                "--resume",
-            ]
-        )
-        == 2
-    )
-    assert "no checkpoint" in capsys.readouterr().err
+    assert "no usable conversation" in refused("--target", tiny_target, "--data", empty, "--output-dir", out,
+                                               "--max-length", 64)  # fmt: skip
+    assert "longer than the target's context" in refused("--target", tiny_target, "--data", data, "--output-dir",
+                                                         out, "--max-length", 100000)  # fmt: skip
+    assert "cannot load the target" in refused("--target", tmp_path / "nowhere", "--output-dir", out)
+    assert "no checkpoint" in refused("--target", tiny_target, "--data", data, "--output-dir", tmp_path / "o2",
+                                      "--max-length", 64, "--resume")  # fmt: skip
     not_a_model = tmp_path / "not_a_model"  # a config.json and nothing else
     not_a_model.mkdir()
     (not_a_model / "config.json").write_text('{"model_type": "llama"}')
-    assert train.main(["--target", str(not_a_model), "--output-dir", str(tmp_path / "o")]) == 2
-    assert f"{not_a_model} is not a causal-LM directory that transformers can load" in capsys.readouterr().err
-    assert (
-        train.main(
-            [
-                "--target",
-                str(tiny_target),
-                "--data",
-                str(data),
-                "--output-dir",
-                str(tmp_path / "o"),
-                "--max-length",
-                "64",
-                "--draft-vocab",
-                "10000000",
-            ]
-        )
-        == 2
-    )
-    assert "--draft-vocab 10000000 is larger than the target's vocabulary: give 1 to" in capsys.readouterr().err
+    err = refused("--target", not_a_model, "--output-dir", out)
+    assert f"{not_a_model} is not a causal-LM directory that transformers can load" in err
+    err = refused("--target", tiny_target, "--data", data, "--output-dir", out, "--max-length", 64,
+                  "--draft-vocab", 10000000)  # fmt: skip
+    assert "--draft-vocab 10000000 is larger than the target's vocabulary: give 1 to" in err
     if not torch.cuda.is_available():
-        assert train.main(["--device", "cuda", "--output-dir", str(tmp_path / "o")]) == 2
-        assert "--device cuda: no CUDA GPU is usable here" in capsys.readouterr().err
+        assert "--device cuda: no CUDA GPU is usable here" in refused("--device", "cuda", "--output-dir", out)
 
 
 def test_target_without_chat_template(tiny_target, tmp_path, capsys):

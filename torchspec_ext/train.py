@@ -44,9 +44,8 @@ from torchspec_ext.training import budget, cache
 from torchspec_ext.training.batches import Batches, prepare_tokenizer
 from torchspec_ext.training.checkpoints import (
     FINAL_DRAFT,
-    checkpoint_position,
     find_checkpoint,
-    load_checkpoint,
+    restore,
     save_checkpoint,
     trainer_state,
 )
@@ -161,7 +160,7 @@ def describe_acceptance(found: dict[str, float], modes: dict[str, TreeSpec]) -> 
 
 def plan_to_budget(
     config: TrainConfig,
-    checkpoint: Path | None,
+    resumed: dict | None,
     started: float,
     online: TeacherStream,
     draft: Eagle3Draft,
@@ -170,13 +169,14 @@ def plan_to_budget(
 ) -> float:
     """Sets ``config.max_steps`` (and so the teacher batches, max-steps / epochs) for --time-budget
     from measured costs (:func:`budget.measure_costs`); returns the time (``time.monotonic()``) by
-    which the training loop must end. A resumed run keeps the plan of the run it continues."""
+    which the training loop must end. A resumed run (``resumed``: its checkpoint's trainer state)
+    keeps the plan of the run it continues."""
     decoded_tokens = config.eval_new_tokens * config.eval_prompts * len(eval_modes(config))
     minutes = config.time_budget
-    if checkpoint is not None:
-        planned = trainer_state(checkpoint)["args"]
+    if resumed is not None:
+        planned = resumed["args"]
         config.max_steps, config.epochs = planned["max_steps"], planned["epochs"]
-        print(f"[train] --time-budget: resuming the plan of {checkpoint}: {config.max_steps} steps", file=sys.stderr)
+        print(f"[train] --time-budget: resuming the checkpoint's plan: {config.max_steps} steps", file=sys.stderr)
         return started + 60 * minutes - budget.evaluation_seconds(target, prompt, decoded_tokens)
     costs, ready = budget.measure_costs(
         started,
@@ -233,9 +233,9 @@ def open_stream(config: TrainConfig, roles: RankRoles, draft: Eagle3Draft, onlin
     return online
 
 
-def serve_as_teacher(roles: RankRoles, stream, checkpoint: Path | None, config: TrainConfig) -> dict:
-    """A teacher rank's whole job: its share of the batches of the steps left, then the job's end."""
-    step, position = checkpoint_position(checkpoint)
+def serve_as_teacher(roles: RankRoles, stream, step: int, position: int, config: TrainConfig) -> dict:
+    """A teacher rank's whole job: its share of the batches of the steps after ``step`` (from data
+    position ``position``), then the job's end."""
     router = open_router(roles, config.dist_timeout, config.device)
     try:
         summary = serve_batches(roles, stream, router, config.max_steps - step, position)
@@ -286,6 +286,7 @@ def _train(config: TrainConfig) -> dict:
     )
     batches = Batches(train_set, tokenizer, config.batch_size, config.max_length, config.seed)
     checkpoint = find_checkpoint(output_dir, config.resume) if config.resume else None
+    resumed = trainer_state(checkpoint) if checkpoint is not None else None  # read once: it holds the optimiser
     if checkpoint is not None:
         draft = Eagle3Draft.load(checkpoint, target)
     else:
@@ -313,14 +314,15 @@ def _train(config: TrainConfig) -> dict:
     prompts = short_prompts(held_out, tokenizer, config.eval_prompts, max_prompt_tokens=256)
     deadline = math.inf  # for the training loop
     if config.time_budget is not None:
-        deadline = plan_to_budget(config, checkpoint, started, online, draft, target, prompts[0])
+        deadline = plan_to_budget(config, resumed, started, online, draft, target, prompts[0])
     stream = open_stream(config, roles, draft, online)
     if roles.is_teacher:
-        return serve_as_teacher(roles, stream, checkpoint, config) | shard_summary
+        step, position = (resumed["step"], resumed["data_position"]) if resumed else (0, 0)
+        return serve_as_teacher(roles, stream, step, position, config) | shard_summary
     if not roles.is_lead_trainer:
         target = teacher = None  # only the lead trainer evaluates
     trainer = make_trainer(draft, config, ddp_group=roles.trainer_group if len(roles.trainers) > 1 else None)
-    step = load_checkpoint(checkpoint, trainer, stream) if checkpoint is not None else 0
+    step = restore(resumed, trainer, stream) if resumed is not None else 0
     if checkpoint is not None:
         print(f"[train] resumed from {checkpoint} at step {step}", file=sys.stderr)
     modes = eval_modes(config)

@@ -60,21 +60,14 @@ def find_checkpoint(output_dir: Path, resume: str) -> Path:
 
 
 def trainer_state(checkpoint: Path) -> dict:
+    """A checkpoint's ``trainer.pt``: step, data position, optimiser, scheduler, random states, options."""
     return torch.load(checkpoint / TRAINER_STATE, weights_only=False)
 
 
-def checkpoint_position(checkpoint: Path | None) -> tuple[int, int]:
-    """(step, data_position) of a checkpoint; (0, 0) for a fresh run."""
-    if checkpoint is None:
-        return 0, 0
-    state = trainer_state(checkpoint)
-    return state["step"], state["data_position"]
-
-
-def load_checkpoint(path: Path, trainer, stream) -> int:
-    """Restores the trainer's state and the stream's data position; returns the step. The draft's
-    weights were loaded from the same checkpoint when the draft was made (``Eagle3Draft.load``)."""
-    state = trainer_state(path)
+def restore(state: dict, trainer, stream) -> int:
+    """Restores the trainer's state and the stream's data position from a :func:`trainer_state`;
+    returns the step. The draft's weights were loaded from the same checkpoint when the draft was
+    made (``Eagle3Draft.load``)."""
     trainer.optimizer.load_state_dict(state["optimizer"])
     trainer.scheduler.load_state_dict(state["scheduler"])
     stream.position = state["data_position"]
