@@ -66,8 +66,7 @@ def test_a_time_budget_run_plans_its_steps_and_ends_in_time(tmp_path, capsys):
 
     from torchspec_ext import train
 
-    from conftest import save_tiny_chat_target
-    from test_train import SMALL, write_chat
+    from conftest import SMALL, save_tiny_chat_target, write_chat
 
     target = save_tiny_chat_target(tmp_path / "target", hidden_size=48, layers=6)
     data = write_chat(tmp_path / "chat.json")

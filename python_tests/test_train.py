@@ -13,51 +13,7 @@ import torch
 from torchspec_ext import train
 from torchspec_ext.draft import Eagle3Draft
 
-from conftest import save_tiny_chat_target
-
-REPLIES = [
-    "The capital of France is Paris.",
-    "Two plus two is four, and four plus four is eight.",
-    "A speculative decoder drafts tokens that the target verifies in one pass.",
-    "Water boils at one hundred degrees Celsius at sea level.",
-]
-
-
-def write_chat(path, count=16):
-    records = [
-        {
-            "conversations": [
-                {"from": "human", "value": f"Question {i}: tell me something."},
-                {"from": "gpt", "value": REPLIES[i % len(REPLIES)]},
-            ]
-        }
-        for i in range(count)
-    ]
-    path.write_text(json.dumps(records))
-    return path
-
-
-@pytest.fixture(scope="module")
-def tiny_target(tmp_path_factory):
-    """A 6-layer Llama with the default target's tokenizer (and chat template)."""
-    return save_tiny_chat_target(tmp_path_factory.mktemp("tiny_target"), hidden_size=48, layers=6)
-
-
-SMALL = (
-    "--batch-size 2 --max-length 64 --draft-vocab 4096 --topk 32 --ttt-steps 2 --eval-prompts 1 --eval-new-tokens 8 "
-    "--eval-interval 0 --held-out 0.2 --warmup-steps 1"
-).split()
-
-
-def tiny_argv(tiny_target, tmp_path, *extra, log_interval=1):
-    """A few-second training run on the tiny target and 16 chats, output in tmp_path/out."""
-    data = write_chat(tmp_path / "chat.json")
-    paths = ["--target", str(tiny_target), "--data", str(data), "--output-dir", str(tmp_path / "out")]
-    return [*paths, *SMALL, "--log-interval", str(log_interval), *extra]
-
-
-def run(tiny_target, tmp_path, *extra):
-    return train.main(tiny_argv(tiny_target, tmp_path, *extra))
+from conftest import run_train, tiny_argv, write_chat
 
 
 def losses(out_dir):
@@ -77,7 +33,7 @@ def test_trains_checkpoints_and_resumes_on_the_same_curve(tiny_target, tmp_path,
     straight, split = tmp_path / "straight", tmp_path / "split"
     straight.mkdir()
     split.mkdir()
-    assert run(tiny_target, straight, "--max-steps", "6", "--save-interval", "3") == 0
+    assert run_train(tiny_target, straight, "--max-steps", "6", "--save-interval", "3") == 0
     draft_dir = straight / "out" / "draft"
     assert (draft_dir / "config.json").is_file() and (draft_dir / "model.safetensors").is_file()
     assert (straight / "out" / "checkpoints" / "latest").read_text().strip() == "step-00000006"
@@ -93,12 +49,12 @@ def test_trains_checkpoints_and_resumes_on_the_same_curve(tiny_target, tmp_path,
 
     monkeypatch.setattr(train.DraftTrainer, "step", interrupted)
     with pytest.raises(SystemExit) as stop:
-        run(tiny_target, split, "--max-steps", "6", "--save-interval", "3")
+        run_train(tiny_target, split, "--max-steps", "6", "--save-interval", "3")
     err = capsys.readouterr().err
     assert stop.value.code == 130 and "SIGINT at step 4: saved" in err and "step-00000004" in err
     assert (split / "out" / "checkpoints" / "latest").read_text().strip() == "step-00000004"
     monkeypatch.setattr(train.DraftTrainer, "step", real)
-    assert run(tiny_target, split, "--max-steps", "6", "--save-interval", "3", "--resume") == 0
+    assert run_train(tiny_target, split, "--max-steps", "6", "--save-interval", "3", "--resume") == 0
     want, got = losses(straight / "out"), losses(split / "out")
     assert logged_steps(split / "out") == [1, 2, 3, 4, 5, 6]  # nothing lost, nothing run twice
     for step in (4, 5, 6):
@@ -117,7 +73,7 @@ def test_trains_checkpoints_and_resumes_on_the_same_curve(tiny_target, tmp_path,
 
 
 def test_loss_goes_down(tiny_target, tmp_path):
-    assert run(tiny_target, tmp_path, "--max-steps", "30", "--save-interval", "100", "--lr", "3e-3") == 0
+    assert run_train(tiny_target, tmp_path, "--max-steps", "30", "--save-interval", "100", "--lr", "3e-3") == 0
     curve = losses(tmp_path / "out")
     assert sum(curve[s] for s in range(26, 31)) < 0.8 * sum(curve[s] for s in range(1, 6))
     final = json.loads((tmp_path / "out" / "metrics.jsonl").read_text().splitlines()[-1])
@@ -127,7 +83,9 @@ def test_loss_goes_down(tiny_target, tmp_path):
 
 def test_reference_ops_and_hard_ce_train(tiny_target, tmp_path):
     assert (
-        run(tiny_target, tmp_path, "--max-steps", "2", "--reference-ops", "--loss", "hard_ce", "--responses", "target")
+        run_train(
+            tiny_target, tmp_path, "--max-steps", "2", "--reference-ops", "--loss", "hard_ce", "--responses", "target"
+        )
         == 0
     )
 
@@ -136,8 +94,8 @@ def test_same_loss_with_reference_ops(tiny_target, tmp_path):
     ours, ref = tmp_path / "ours", tmp_path / "ref"
     ours.mkdir()
     ref.mkdir()
-    assert run(tiny_target, ours, "--max-steps", "3") == 0
-    assert run(tiny_target, ref, "--max-steps", "3", "--reference-ops") == 0
+    assert run_train(tiny_target, ours, "--max-steps", "3") == 0
+    assert run_train(tiny_target, ref, "--max-steps", "3", "--reference-ops") == 0
     a, b = losses(ours / "out"), losses(ref / "out")
     for step in a:
         assert a[step] == pytest.approx(b[step], rel=2e-4), step
@@ -154,7 +112,7 @@ def test_nan_loss_stops_with_step_and_batch_named(tiny_target, tmp_path, monkeyp
         return real(self, batch, deferred)
 
     monkeypatch.setattr(train.DraftTrainer, "step", poisoned)
-    assert run(tiny_target, tmp_path, "--max-steps", "4", "--save-interval", "1", "--epochs", "1") == 2
+    assert run_train(tiny_target, tmp_path, "--max-steps", "4", "--save-interval", "1", "--epochs", "1") == 2
     err = capsys.readouterr().err
     assert "not finite at step 2" in err and "batch 1" in err
     # The checkpoint of step 1 is intact and resumable.
@@ -378,7 +336,7 @@ def test_a_bfloat16_target_teaches_what_the_float32_one_does(tiny_target, tmp_pa
     f32, bf16 = tmp_path / "f32", tmp_path / "bf16"
     f32.mkdir()
     bf16.mkdir()
-    assert run(tiny_target, f32, "--max-steps", "3") == 0
-    assert run(tiny_target, bf16, "--max-steps", "3", "--target-dtype", "bfloat16") == 0
+    assert run_train(tiny_target, f32, "--max-steps", "3") == 0
+    assert run_train(tiny_target, bf16, "--max-steps", "3", "--target-dtype", "bfloat16") == 0
     want, got = losses(f32 / "out"), losses(bf16 / "out")
     assert got == pytest.approx(want, rel=0.01) and got != want
