@@ -105,7 +105,7 @@ def chat_file(tmp_path):
 # A few-second training run of the tiny target on 16 chats.
 SMALL = (
     "--batch-size 2 --max-length 64 --draft-vocab 4096 --topk 32 --ttt-steps 2 --eval-prompts 1 --eval-new-tokens 8 "
-    "--eval-interval 0 --held-out 0.2 --warmup-steps 1"
+    "--eval-interval 0 --held-out 0.2 --warmup-steps 1 --target-dtype float32"
 ).split()
 
 

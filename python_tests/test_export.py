@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from torchspec_ext.draft import DraftConfig, Eagle3Draft, Eagle3Drafter
+from torchspec_ext.drafts.eagle3 import DraftConfig, Eagle3Draft, Eagle3Drafter
 from torchspec_ext.export import main as export_main
 from torchspec_ext.speculate import TreeSpec, speculative_generate
 
@@ -240,7 +240,7 @@ def test_export_errors(target, tmp_path, capsys):
     bad.mkdir()
     (bad / "config.json").write_text("{not json")
     (bad / "model.safetensors").write_bytes(b"nothing")
-    assert "not a readable EAGLE-3 draft" in _error(capsys, [str(bad), "--out", out])
+    assert "not a readable draft" in _error(capsys, [str(bad), "--out", out])
     src = _saved(make_draft(target), tmp_path)
     assert "is the source itself" in _error(capsys, [src, "--out", src])
     (tmp_path / "busy").mkdir()
@@ -264,9 +264,9 @@ def test_eagle3_drafter_decoding_is_lossless(target, tmp_path):
     with torch.no_grad():
         want = target.generate(torch.tensor([prompt]), max_new_tokens=24, do_sample=False)[0, len(prompt) :].tolist()
     for directory, spec in (("draft", TreeSpec(depth=3, topk=2, max_nodes=6)), ("export", TreeSpec.chain(3))):
-        drafter = load_draft(str(tmp_path / directory), target)
-        assert isinstance(drafter, Eagle3Drafter)
-        result = speculative_generate(target, drafter, prompt, 24, spec)
+        family, draft = load_draft(str(tmp_path / directory), target)
+        assert isinstance(draft, Eagle3Draft) and family.name == "eagle3"
+        result = speculative_generate(target, family.proposer(draft, spec), prompt, 24)
         assert result.tokens == want
         assert result.target_forwards <= len(want)
 
@@ -274,7 +274,7 @@ def test_eagle3_drafter_decoding_is_lossless(target, tmp_path):
 def test_eval_rejects_a_directory_that_is_not_a_draft(target, tmp_path):
     from torchspec_ext.eval import load_draft
 
-    with pytest.raises(SystemExit, match=f"cannot load draft '{tmp_path}': not an EAGLE-3 draft directory"):
+    with pytest.raises(SystemExit, match=f"cannot load draft '{tmp_path}': not a draft directory"):
         load_draft(str(tmp_path), target)
     other = Eagle3Draft(
         DraftConfig(

@@ -11,7 +11,9 @@ import pytest
 import torch
 
 from torchspec_ext import train
-from torchspec_ext.draft import Eagle3Draft
+from torchspec_ext.drafts.eagle3 import Eagle3Draft
+from torchspec_ext.training.errors import Interrupted
+from torchspec_ext.training.trainer import DraftTrainer
 
 from conftest import run_train, tiny_argv, write_chat
 
@@ -39,21 +41,21 @@ def test_trains_checkpoints_and_resumes_on_the_same_curve(tiny_target, tmp_path,
     assert (straight / "out" / "checkpoints" / "latest").read_text().strip() == "step-00000006"
     # Ctrl-C during step 5: the checkpoint of step 4 (the last finished one) is written, and
     # --resume continues the curve from there.
-    real, calls = train.DraftTrainer.step, []
+    real, calls = DraftTrainer.step, []
 
     def interrupted(self, batch, deferred):
         calls.append(1)
         if len(calls) == 5:
-            raise train.Interrupted(signal.SIGINT)
+            raise Interrupted(signal.SIGINT)
         return real(self, batch, deferred)
 
-    monkeypatch.setattr(train.DraftTrainer, "step", interrupted)
+    monkeypatch.setattr(DraftTrainer, "step", interrupted)
     with pytest.raises(SystemExit) as stop:
         run_train(tiny_target, split, "--max-steps", "6", "--save-interval", "3")
     err = capsys.readouterr().err
     assert stop.value.code == 130 and "SIGINT at step 4: saved" in err and "step-00000004" in err
     assert (split / "out" / "checkpoints" / "latest").read_text().strip() == "step-00000004"
-    monkeypatch.setattr(train.DraftTrainer, "step", real)
+    monkeypatch.setattr(DraftTrainer, "step", real)
     assert run_train(tiny_target, split, "--max-steps", "6", "--save-interval", "3", "--resume") == 0
     want, got = losses(straight / "out"), losses(split / "out")
     assert logged_steps(split / "out") == [1, 2, 3, 4, 5, 6]  # nothing lost, nothing run twice
@@ -102,16 +104,16 @@ def test_same_loss_with_reference_ops(tiny_target, tmp_path):
 
 
 def test_nan_loss_stops_with_step_and_batch_named(tiny_target, tmp_path, monkeypatch, capsys):
-    real = train.DraftTrainer.step
+    real = DraftTrainer.step
     calls = []
 
     def poisoned(self, batch, deferred):
         calls.append(1)
         if len(calls) == 2:
-            batch["features"] = batch["features"] * float("nan")
+            batch.features = batch.features * float("nan")
         return real(self, batch, deferred)
 
-    monkeypatch.setattr(train.DraftTrainer, "step", poisoned)
+    monkeypatch.setattr(DraftTrainer, "step", poisoned)
     assert run_train(tiny_target, tmp_path, "--max-steps", "4", "--save-interval", "1", "--epochs", "1") == 2
     err = capsys.readouterr().err
     assert "not finite at step 2" in err and "batch 1" in err
@@ -181,9 +183,9 @@ def test_config_file_and_flags(tmp_path):
 def test_defaults_depend_on_the_device():
     # CPU: the target's forward is most of a step, so its batches are replayed (3 passes).
     cpu = train.parse_args(["--device", "cpu"])
-    assert (cpu.max_steps, cpu.epochs, cpu.batch_size, cpu.ttt_steps) == (180, 3, 2, 3)
+    assert (cpu.max_steps, cpu.epochs, cpu.batch_size, cpu.family_options.ttt_steps) == (180, 3, 2, 3)
     gpu = train.parse_args(["--device", "cuda"])
-    assert (gpu.max_steps, gpu.epochs, gpu.batch_size, gpu.ttt_steps) == (2000, 1, 16, 7)
+    assert (gpu.max_steps, gpu.epochs, gpu.batch_size, gpu.family_options.ttt_steps) == (2000, 1, 16, 7)
     given = train.parse_args(["--device", "cpu", "--epochs", "1", "--batch-size", "4"])
     assert (given.epochs, given.batch_size) == (1, 4)
 
@@ -200,7 +202,7 @@ def test_generated_replies_match_a_teacher_pass_over_them(tiny_target):
     prompts = [[5, 6, 7, 8, 9, 10], [11, 12, 13]]
     eos = [int(target(torch.tensor([[11, 12, 13]])).logits[0, -1].argmax())]  # row 1 stops at once
     batch = teacher.generate([prompts], 5, [3], pad_id=0, eos_ids=eos)[0]
-    full = teacher(batch["input_ids"][:1], batch["loss_mask"][:1], 3)
+    batch, full = batch.tensors(), teacher(batch.input_ids[:1], batch.loss_mask[:1], 3).tensors()
     assert batch["input_ids"].shape[1] == 6 + 5 - 1  # the last generated token is never fed back
     torch.testing.assert_close(batch["features"][:1], full["features"], rtol=1e-4, atol=1e-4)
     # The teacher's rows from the last prompt token on (those that predict a reply token).
@@ -214,7 +216,9 @@ def test_generated_replies_match_a_teacher_pass_over_them(tiny_target):
     assert batch["loss_mask"][1].tolist() == [False] * 3 + [True] + [False] * 6
     assert batch["teacher_argmax"][1, 2] == eos[0]
     # Decoded together, returned as one batch per group, each as wide as its longest row.
-    first, second = teacher.generate([prompts[:1], prompts[1:]], 5, [3, 4], pad_id=0, eos_ids=eos)
+    first, second = (
+        b.tensors() for b in teacher.generate([prompts[:1], prompts[1:]], 5, [3, 4], pad_id=0, eos_ids=eos)
+    )
     assert int(first["batch_index"]) == 3 and int(second["batch_index"]) == 4
     for key in ("input_ids", "loss_mask", "features", "teacher_indices", "teacher_argmax"):
         torch.testing.assert_close(first[key], batch[key][:1])
@@ -227,7 +231,7 @@ def test_training_unroll_equals_the_drafter_at_inference():
     share one attention pattern."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from torchspec_ext.draft import DraftConfig, Eagle3Drafter
+    from torchspec_ext.drafts.eagle3 import DraftConfig, Eagle3Drafter
 
     config = LlamaConfig(
         vocab_size=300,

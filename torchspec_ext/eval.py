@@ -10,7 +10,6 @@ decoding's, token for token.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import sys
@@ -21,12 +20,54 @@ from pathlib import Path
 
 import torch
 
+from torchspec_ext import drafts
 from torchspec_ext.data import HELD_OUT_FRACTION, load_conversations, short_prompts, split_held_out
-from torchspec_ext.draft import CONFIG_NAME, WEIGHTS_NAME, DraftConfig, Eagle3Draft, Eagle3Drafter
-from torchspec_ext.speculate import TargetAsDraft, TreeSpec, speculative_generate
+from torchspec_ext.drafts.base import CONFIG_NAME, WEIGHTS_NAME, DraftFamily, DraftLoadError
+from torchspec_ext.options import DTYPES, at_least, option, parse
+from torchspec_ext.speculate import Proposer, TargetAsDraft, TreeProposer, TreeSpec, speculative_generate
 from torchspec_ext.target import load_target, stop_token_ids
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+EVAL_DTYPES = ("float32", "bfloat16")
+
+
+def _min_prob_check(v) -> str | None:
+    return None if 0 <= v < 1 else "must be in [0, 1)"
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    draft: str = option(
+        "target",
+        "a draft directory (train's output-dir/draft, a checkpoint, or export's output; any family), 'target' "
+        "(the target as its own draft) or 'lookup' (prompt lookup, no training)",
+    )
+    target: str | None = option(None, "a Hugging Face causal-LM directory (default: SmolLM2-135M-Instruct)")
+    data: str | None = option(None, "chat JSON/JSONL for the held-out prompts (default: ShareGPT)")
+    prompts: int = option(16, check=at_least(1))
+    max_new_tokens: int = option(64, check=at_least(1))
+    max_prompt_tokens: int = option(256, check=at_least(1))
+    depth: int = option(4, "chain length and tree depth", check=at_least(1))
+    topk: int = option(4, "children per tree node (1: no tree rows)", check=at_least(1))
+    max_nodes: int = option(16, "draft nodes per tree", check=at_least(1))
+    min_prob: float = option(
+        0.15,
+        "the pruned chain and tree propose no node below this cumulative draft probability (0: no pruned rows)",
+        check=_min_prob_check,
+    )
+    lookup_tokens: int = option(
+        10,
+        "prompt_lookup_num_tokens of the prompt-lookup row (transformers' suggestion: 10)",
+        check=at_least(1),
+    )
+    dtype: str = option(
+        "auto",
+        "of the target and the draft, for every mode; auto: whichever makes plain decoding fastest here "
+        "(measured at the start)",
+        choices=("auto", *EVAL_DTYPES),
+    )
+    temperature: float = option(0.0, check=at_least(0))
+    seed: int = option(0)
+    json: bool = option(False, "print JSON instead of a table")
 
 
 def held_out_prompts(tokenizer, data_path, count: int, max_prompt_tokens: int, seed: int = 0) -> list[list[int]]:
@@ -38,45 +79,43 @@ def held_out_prompts(tokenizer, data_path, count: int, max_prompt_tokens: int, s
 
 
 def check_draft_spec(spec: str) -> None:
-    """Fails fast (before the target loads) on a --draft that is neither 'target' nor a draft directory."""
-    if spec == "target":
+    """Fails fast (before the target loads) on a --draft that is no draft directory nor a proposer's name."""
+    if spec == "target" or (spec in drafts.FAMILIES and not drafts.FAMILIES[spec].trainable):
         return
     path = Path(spec)
     if not ((path / CONFIG_NAME).is_file() and (path / WEIGHTS_NAME).is_file()):
+        untrained = ", ".join(repr(n) for n, f in drafts.FAMILIES.items() if not f.trainable)
         raise SystemExit(
-            f"torchspec_ext.eval: cannot load draft {spec!r}: not an EAGLE-3 draft directory (expected "
-            f"{CONFIG_NAME} and {WEIGHTS_NAME}: python -m torchspec_ext.train's output-dir/draft, a "
-            "checkpoint, or python -m torchspec_ext.export's output), nor 'target'"
+            f"torchspec_ext.eval: cannot load draft {spec!r}: not a draft directory (expected {CONFIG_NAME} and "
+            f"{WEIGHTS_NAME}: python -m torchspec_ext.train's output-dir/draft, a checkpoint, or python -m "
+            f"torchspec_ext.export's output), nor 'target', nor {untrained}"
         )
 
 
-def load_draft(spec: str, target):
-    """'target' (the target as its own draft) or a trained / exported EAGLE-3 draft directory, in
-    the target's device and dtype."""
+class TargetFamily(DraftFamily):
+    """The target as its own draft (a ceiling on acceptance; the tests use it)."""
+
+    name, title, trainable = "target", "the target itself", False
+
+    def proposer(self, draft, spec: TreeSpec) -> Proposer:
+        return TreeProposer(draft, spec)
+
+
+def load_draft(spec: str, target) -> tuple[DraftFamily, object]:
+    """(family, draft) of ``spec``: 'target' (the target as its own draft), a proposer that needs no
+    training ('lookup'), or a trained / exported draft directory of any family, in the target's
+    device and dtype."""
     if spec == "target":
-        return TargetAsDraft(target)
+        return TargetFamily(), TargetAsDraft(target)
+    if spec in drafts.FAMILIES and not drafts.FAMILIES[spec].trainable:
+        return drafts.FAMILIES[spec], None
     check_draft_spec(spec)
-    t, error = target.config, f"torchspec_ext.eval: cannot load draft {spec!r}"
     try:
-        c = DraftConfig.from_hf(json.loads((Path(spec) / CONFIG_NAME).read_text()))
-    except (ValueError, KeyError, TypeError) as exc:
-        raise SystemExit(f"{error}: unreadable {CONFIG_NAME} ({type(exc).__name__}: {exc})") from None
-    if (
-        c.vocab_size != t.vocab_size
-        or c.hidden_size != t.hidden_size
-        or any(not 0 <= i <= t.num_hidden_layers for i in c.feature_layers)
-    ):
-        raise SystemExit(
-            f"{error}: it was made for another target (vocab {c.vocab_size}, hidden {c.hidden_size}, "
-            f"feature layers {c.feature_layers}; the target has vocab {t.vocab_size}, hidden "
-            f"{t.hidden_size}, {t.num_hidden_layers} layers)"
-        )
-    try:
-        draft = Eagle3Draft.load(spec, target)
-    except (ValueError, OSError) as exc:
-        raise SystemExit(f"{error}: {exc}") from None
+        family, draft = drafts.load_draft(Path(spec), target)
+    except (DraftLoadError, OSError) as exc:
+        raise SystemExit(f"torchspec_ext.eval: cannot load draft {spec!r}: {exc}") from None
     weight = next(target.parameters())
-    return Eagle3Drafter(draft.to(weight.device, weight.dtype))
+    return family, draft.to(weight.device, weight.dtype)
 
 
 @dataclass
@@ -116,12 +155,12 @@ def generate_decode(model, prompt, max_new_tokens, temperature, eos, counter=Non
 Decoder = Callable[[list[int], int, int], Decoded]  # (prompt, new tokens, the prompt's number) -> output
 
 
-def speculative_decoder(target, draft, spec: TreeSpec, temperature: float, eos, seed: int) -> Decoder:
-    """Speculative decoding with ``draft`` in ``spec``'s shape (prompt ``i`` sampled with seed ``seed + i``)."""
+def speculative_decoder(target, proposer: Proposer, temperature: float, eos, seed: int) -> Decoder:
+    """Speculative decoding with ``proposer`` (prompt ``i`` sampled with seed ``seed + i``)."""
 
     def decode(prompt, new_tokens, i):
         gen = torch.Generator().manual_seed(seed + i)
-        r = speculative_generate(target, draft, prompt, new_tokens, spec, temperature, eos, generator=gen)
+        r = speculative_generate(target, proposer, prompt, new_tokens, temperature, eos, generator=gen)
         return Decoded(r.tokens, r.seconds, r.target_forwards)
 
     return decode
@@ -152,28 +191,19 @@ def acceptance_length(totals: dict) -> float:
     return totals["tokens"] / max(totals["forwards"], 1)
 
 
-def draft_acceptance_lengths(
-    target, draft: Eagle3Draft, prompts, new_tokens: int, modes: dict[str, TreeSpec], eos
+def acceptance_lengths(
+    target, family: DraftFamily, draft, prompts, new_tokens: int, modes: dict[str, TreeSpec], eos
 ) -> dict[str, float]:
     """Greedy acceptance length of a draft in training, per mode (the draft is left in the
     train/eval mode it was in)."""
     was_training = draft.training
-    drafter = Eagle3Drafter(draft)
-    decoders = {name: speculative_decoder(target, drafter, spec, 0.0, eos, 0) for name, spec in modes.items()}
+    draft.eval()
+    decoders = {
+        name: speculative_decoder(target, family.proposer(draft, spec), 0.0, eos, 0) for name, spec in modes.items()
+    }
     totals = decode_prompts(decoders, prompts, new_tokens)
     draft.train(was_training)
     return {name: acceptance_length(t) for name, t in totals.items()}
-
-
-def decode_modes(args) -> dict[str, TreeSpec]:
-    """The speculative modes of one evaluation: a chain of --depth and a tree of --depth/--topk/--max-nodes,
-    each whole (the draft's acceptance length) and pruned below --min-prob (what pays on a machine where
-    every verified token costs)."""
-    modes = {"chain": TreeSpec.chain(args.depth), "tree": TreeSpec(args.depth, args.topk, args.max_nodes)}
-    if args.min_prob > 0:
-        modes[f"chain, p >= {args.min_prob:g}"] = TreeSpec.chain(args.depth, args.min_prob)
-        modes[f"tree, p >= {args.min_prob:g}"] = TreeSpec(args.depth, args.topk, args.max_nodes, args.min_prob)
-    return modes
 
 
 def plain_seconds_per_token(model, prompt, tokens: int = 16, repeats: int = 2) -> float:
@@ -186,7 +216,7 @@ def plain_seconds_per_token(model, prompt, tokens: int = 16, repeats: int = 2) -
 def choose_dtype(target, name: str, prompt) -> tuple:
     """(target in the dtype, its name): ``name``, or for 'auto' the one of float32 and bfloat16 in
     which plain decoding is fastest on this machine (measured on ``prompt``)."""
-    names = list(DTYPES) if name == "auto" else [name]
+    names = list(EVAL_DTYPES) if name == "auto" else [name]
     models = [copy.deepcopy(target) for _ in names[1:]] + [target]  # the last one converted in place
     candidates = {n: model.to(DTYPES[n]) for n, model in zip(names, models)}
     timed = {}
@@ -208,8 +238,8 @@ def choose_dtype(target, name: str, prompt) -> tuple:
     return candidates[best], best
 
 
-def evaluate(args, modes: dict[str, TreeSpec] | None = None) -> dict:
-    """Plain decoding, prompt lookup and each of ``modes`` (default: :func:`decode_modes`) on the same
+def evaluate(args: EvalConfig, modes: dict[str, TreeSpec] | None = None) -> dict:
+    """Plain decoding, prompt lookup and each of ``modes`` (default: the draft family's) on the same
     held-out prompts."""
     torch.manual_seed(args.seed)
     check_draft_spec(args.draft)
@@ -220,9 +250,10 @@ def evaluate(args, modes: dict[str, TreeSpec] | None = None) -> dict:
     prompts = held_out_prompts(tokenizer, args.data, args.prompts, args.max_prompt_tokens, args.seed)
     target, dtype = choose_dtype(target, args.dtype, prompts[0])
     counter = ForwardCounter(target)
-    draft = load_draft(args.draft, target)
+    family, draft = load_draft(args.draft, target)
     eos = stop_token_ids(target, tokenizer)
-    modes = decode_modes(args) if modes is None else modes
+    if modes is None:
+        modes = family.decode_modes(args.depth, args.topk, args.max_nodes, args.min_prob)
     decoders: dict[str, Decoder] = {
         "plain": lambda p, n, i: generate_decode(target, p, n, args.temperature, eos, counter),
         "prompt lookup": lambda p, n, i: generate_decode(
@@ -230,7 +261,7 @@ def evaluate(args, modes: dict[str, TreeSpec] | None = None) -> dict:
         ),
     }
     for name, spec in modes.items():
-        decoders[name] = speculative_decoder(target, draft, spec, args.temperature, eos, args.seed)
+        decoders[name] = speculative_decoder(target, family.proposer(draft, spec), args.temperature, eos, args.seed)
     for decode in decoders.values():  # warm-up: first calls pay one-time costs
         decode(prompts[0], 8, 0)
     log = lambda i: print(f"[eval] prompt {i + 1}/{len(prompts)} done", file=sys.stderr, flush=True)
@@ -285,57 +316,8 @@ def markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m torchspec_ext.eval", description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--draft", default="target", help="'target' (the target as its own draft) or an EAGLE-3 draft directory"
-    )
-    parser.add_argument(
-        "--target", default=None, help="a Hugging Face causal-LM directory (default: SmolLM2-135M-Instruct)"
-    )
-    parser.add_argument("--data", default=None, help="chat JSON/JSONL for the held-out prompts (default: ShareGPT)")
-    parser.add_argument("--prompts", type=int, default=16)
-    parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--max-prompt-tokens", type=int, default=256)
-    parser.add_argument("--depth", type=int, default=4)
-    parser.add_argument("--topk", type=int, default=4)
-    parser.add_argument("--max-nodes", type=int, default=16)
-    parser.add_argument(
-        "--min-prob",
-        type=float,
-        default=0.15,
-        help="the pruned chain and tree propose no node below this cumulative draft probability (0: no pruned rows)",
-    )
-    parser.add_argument(
-        "--lookup-tokens",
-        type=int,
-        default=10,
-        help="prompt_lookup_num_tokens of the prompt-lookup row (transformers' suggestion: 10)",
-    )
-    parser.add_argument(
-        "--dtype",
-        choices=["auto", *DTYPES],
-        default="auto",
-        help="of the target and the draft, for every mode; auto: whichever makes plain decoding "
-        "fastest here (measured at the start)",
-    )
-    parser.add_argument("--temperature", type=float, default=0.0)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    return parser
-
-
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    for name in ("prompts", "max_new_tokens", "depth", "topk", "max_nodes", "lookup_tokens"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be >= 1")
-    if args.temperature < 0:
-        parser.error("--temperature must be >= 0")
-    if not 0 <= args.min_prob < 1:
-        parser.error("--min-prob must be in [0, 1)")
-    return args
+def parse_args(argv=None) -> EvalConfig:
+    return parse(EvalConfig, argv, "python -m torchspec_ext.eval", __doc__.split("\n\n")[0])
 
 
 def main(argv=None) -> int:

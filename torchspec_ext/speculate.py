@@ -1,14 +1,16 @@
-"""Speculative decoding of a Hugging Face causal LM with a draft: chains and dynamic trees.
+"""Speculative decoding of a Hugging Face causal LM with a proposer: chains, trees and blocks.
 
-Each step the draft proposes a tree of candidate tokens rooted at the last committed token;
-the target scores the whole tree in one forward pass, with ``tree_attention`` standing in for
-the model's attention (registered with transformers as the ``torchspec_tree`` implementation);
-verification keeps the longest path the target agrees with (``verify_tree_greedy``, or
-``verify_tree_sampling`` at a temperature > 0) and the KV cache is compacted to that path.
+Each step a :class:`Proposer` proposes a tree of candidate tokens rooted at the last committed
+token (a chain and a block are trees too); the target scores the whole tree in one forward pass,
+with ``tree_attention`` standing in for the model's attention (registered with transformers as the
+``torchspec_tree`` implementation); verification keeps the longest path the target agrees with
+(``verify_tree_greedy``, or ``verify_tree_sampling`` at a temperature > 0) and the KV cache is
+compacted to that path.
 
-A draft is anything with ``next_logprobs(context, paths)`` (see :class:`Draft`), so the same
-decoder measures an EAGLE-3 draft, or the target itself (every step then accepts the whole
-depth at temperature 0, which the tests use).
+Every draft family makes its proposer (``torchspec_ext.drafts``); :class:`TreeProposer` grows
+EAGLE-2-style trees from any :class:`StepDraft` (``next_logprobs(context, paths)``), such as an
+EAGLE-3 draft or the target itself (:class:`TargetAsDraft`: every step then accepts the whole depth
+at temperature 0, which the tests use).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import inspect
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 import torch
@@ -31,14 +33,29 @@ from torchspec_ext.target import stop_token_ids
 TREE_ATTENTION = "torchspec_tree"
 
 
-class Draft(Protocol):
-    """A draft for :func:`speculative_generate`. One that reads the target's hidden states (EAGLE)
-    also has ``feature_layers`` (Hugging Face ``hidden_states`` indices), ``reset(features)`` and
-    ``observe(features)``: it is then given ``[n, len(feature_layers) * H]`` features of every
-    committed token but the last, which is the root of the next tree."""
+class Proposer(Protocol):
+    """What :func:`speculative_generate` decodes with. ``feature_layers``: the target's hidden states
+    it reads (Hugging Face ``hidden_states`` indices; empty for none). ``reset`` starts a sequence
+    with the features ``[n, len(feature_layers) * H]`` of every prompt token but the last (None
+    when it reads none); ``observe`` gives those of the tokens committed since (the last committed
+    token, the next root, is never included); ``propose`` returns ``(tokens [T], parents [T])`` of a
+    tree whose node 0 is ``context[-1]`` and whose parents come before their children."""
 
-    def next_logprobs(self, context: Sequence[int], paths: Sequence[Sequence[int]]) -> Tensor:
-        """Log-probabilities ``[len(paths), V]`` of the token after ``context + path``, per path."""
+    feature_layers: Sequence[int]
+
+    def reset(self, features: Tensor | None) -> None: ...
+
+    def observe(self, features: Tensor | None) -> None: ...
+
+    def propose(self, context: Sequence[int]) -> tuple[Tensor, Tensor]: ...
+
+
+class StepDraft(Protocol):
+    """A draft that scores one tree level at a time (EAGLE): log-probabilities ``[len(paths), V]`` of
+    the token after ``context + path``, per path. One that reads the target's hidden states also has
+    ``feature_layers``, ``reset`` and ``observe`` as :class:`Proposer` has."""
+
+    def next_logprobs(self, context: Sequence[int], paths: Sequence[Sequence[int]]) -> Tensor: ...
 
 
 @dataclass
@@ -60,7 +77,38 @@ class TreeSpec:
         return TreeSpec(depth=depth, topk=1, max_nodes=depth, min_prob=min_prob)
 
 
-def propose_tree(draft: Draft, context: Sequence[int], spec: TreeSpec) -> tuple[Tensor, Tensor]:
+def decode_modes(depth: int, topk: int, max_nodes: int, min_prob: float = 0.0) -> dict[str, TreeSpec]:
+    """The proposal shapes an evaluation measures: a chain of ``depth``, a tree (when ``topk`` > 1),
+    and with ``min_prob`` > 0 each again pruned below that cumulative draft probability (what pays
+    where every verified token costs)."""
+    modes = {"chain": TreeSpec.chain(depth)}
+    if topk > 1:
+        modes["tree"] = TreeSpec(depth, topk, max_nodes)
+    if min_prob > 0:
+        modes |= {f"{name}, p >= {min_prob:g}": replace(spec, min_prob=min_prob) for name, spec in modes.items()}
+    return modes
+
+
+class TreeProposer:
+    """EAGLE-2-style trees of ``spec``'s shape grown from a :class:`StepDraft`, one level a call."""
+
+    def __init__(self, draft: StepDraft, spec: TreeSpec):
+        self.draft, self.spec = draft, spec
+        self.feature_layers = list(getattr(draft, "feature_layers", ()))
+
+    def reset(self, features: Tensor | None) -> None:
+        if self.feature_layers:
+            self.draft.reset(features)
+
+    def observe(self, features: Tensor | None) -> None:
+        if self.feature_layers:
+            self.draft.observe(features)
+
+    def propose(self, context: Sequence[int]) -> tuple[Tensor, Tensor]:
+        return propose_tree(self.draft, context, self.spec)
+
+
+def propose_tree(draft: StepDraft, context: Sequence[int], spec: TreeSpec) -> tuple[Tensor, Tensor]:
     """(tokens [T], parents [T]) of a draft tree; node 0 is ``context[-1]`` (the root)."""
     tokens, parents, scores, paths = [context[-1]], [-1], [0.0], [[]]
     floor = math.log(spec.min_prob) if spec.min_prob > 0 else -math.inf
@@ -160,10 +208,9 @@ class SpeculativeResult:
 @torch.no_grad()
 def speculative_generate(
     target,
-    draft: Draft,
+    proposer: Proposer,
     prompt: Sequence[int],
     max_new_tokens: int,
-    spec: TreeSpec,
     temperature: float = 0.0,
     eos_token_id: int | Sequence[int] | None = None,
     generator: torch.Generator | None = None,
@@ -190,7 +237,7 @@ def speculative_generate(
     cache = DynamicCache()
     committed = list(prompt)
     start = time.perf_counter()
-    layers = getattr(draft, "feature_layers", None)
+    layers = list(proposer.feature_layers)
 
     def features(out):  # [T, len(layers) * H] of the one sequence of a forward's output
         return torch.cat([out.hidden_states[i][0] for i in layers], -1)
@@ -202,13 +249,12 @@ def speculative_generate(
             output_hidden_states=bool(layers),
             **{cache_kw: cache},
         )
-        if layers:
-            draft.reset(features(out))
-    elif layers:
-        draft.reset(torch.empty(0, len(layers) * target.config.hidden_size, device=device))
+        proposer.reset(features(out) if layers else None)
+    else:
+        proposer.reset(torch.empty(0, len(layers) * target.config.hidden_size, device=device) if layers else None)
     result = SpeculativeResult(tokens=[])
     while len(result.tokens) < max_new_tokens:
-        tokens, parents = propose_tree(draft, committed, spec)
+        tokens, parents = proposer.propose(committed)
         prefix_len = len(committed) - 1
         tokens, parents = tokens.to(device), parents.to(device)
         positions = (prefix_len + _tree_depths(parents)).to(device)
@@ -229,8 +275,8 @@ def speculative_generate(
         accepted = int(num[0])
         path_nodes = path[0, : accepted + 1]
         _commit_path(cache, prefix_len, path_nodes)
-        if layers:  # the root and the accepted nodes are committed now; the bonus token is the next root
-            draft.observe(features(out)[path_nodes])
+        # The root and the accepted nodes are committed now; the bonus token is the next root.
+        proposer.observe(features(out)[path_nodes] if layers else None)
         emitted = tokens[path_nodes[1:]].tolist() + [int(nxt[0])]
         result.target_forwards += 1
         result.accepted_per_step.append(accepted)
