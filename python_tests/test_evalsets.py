@@ -87,7 +87,7 @@ def test_limit_is_stratified_over_categories_and_seeded():
     assert [i.category for i in load_prompt_set("mt-bench", limit=3).items] == MT_BENCH_CATEGORIES[:3]
     everything = load_prompt_set("mt-bench", limit=1000)
     assert sorted(i.id for i in everything.items) == sorted(i.id for i in items) and everything.total == 80
-    with pytest.raises(ValueError, match="limit must be >= 1"):
+    with pytest.raises(PromptSetError, match="limit must be >= 1"):
         load_prompt_set("mt-bench", limit=0)
 
 
@@ -124,7 +124,7 @@ def test_prompts_over_the_cap_are_skipped_and_counted(tokenizer, tmp_path):
     )
     with pytest.raises(PromptSetError, match="none of its 7 prompts fits in 5 tokens"):
         load_prompt_set(str(tmp_path / "q.jsonl"), tokenizer, max_prompt_tokens=5)
-    with pytest.raises(ValueError, match="needs the target's tokenizer"):
+    with pytest.raises(PromptSetError, match="needs the target's tokenizer"):
         load_prompt_set("mt-bench", max_prompt_tokens=256)
 
 
@@ -259,7 +259,9 @@ def test_sharegpt_is_the_held_out_split_of_training(tmp_path, tokenizer):
     long_ones = [len(first_turn_prompt(tokenizer, c)) > 60 for c in held_out]
     kept = [i for i, is_long in enumerate(long_ones) if not is_long]
     assert prompt_set.too_long == sum(long_ones[: kept[7]])
-    assert prompt_set.total == 20 and prompt_set.categories() == ["sharegpt"]
+    assert prompt_set.total == 20 and prompt_set.categories() == ["sharegpt"] and prompt_set.source == str(path)
+    with pytest.raises(PromptSetError, match="sharegpt: .*missing.json"):
+        load_prompt_set("sharegpt", data_path=tmp_path / "missing.json")
 
 
 def test_several_sets_at_once(tmp_path):

