@@ -145,8 +145,9 @@ LKTargets make_lk_targets(const Targets& t, const at::Tensor& logprobs) {
   return lk;
 }
 
-// LK losses read teacher_logprobs as probabilities: each counted row's must sum to at most 1 (up to
-// rounding). One small reduction (a device sync on CUDA); catches logits passed as log-probabilities.
+// LK losses read teacher_logprobs as probabilities: each counted row's must sum to at most 1, up to
+// 1% (rounding, even of log-probabilities that went through bfloat16). One small reduction (a device
+// sync on CUDA); catches logits passed as log-probabilities.
 void check_lk_logprobs(const at::Tensor& logprobs, const Targets& t, const LossSpec& spec, const char* op) {
   if (spec.kind == DraftLossKind::kKL || logprobs.numel() == 0) return;
   const at::Tensor row_lse = at::logsumexp(logprobs, 1);
@@ -154,9 +155,9 @@ void check_lk_logprobs(const at::Tensor& logprobs, const Targets& t, const LossS
       at::where(t.counted, row_lse, at::full({}, -std::numeric_limits<float>::infinity(), row_lse.options()))
           .max()
           .item<float>();
-  TORCHSPEC_CHECK_ARG(!(worst > 1e-3f), op, "teacher_logprobs must be log-probabilities for loss='", spec.name,
-                      "': exp(teacher_logprobs) must sum to at most 1 in every counted row, got a row whose "
-                      "log-sum-exp is ",
+  TORCHSPEC_CHECK_ARG(!(worst > 1e-2f), op, "teacher_logprobs must be log-probabilities for loss='", spec.name,
+                      "': exp(teacher_logprobs) must sum to at most 1 in every counted row (log-sum-exp <= 0.01), "
+                      "got a row whose log-sum-exp is ",
                       worst);
 }
 
