@@ -21,6 +21,9 @@ cudaError_t draft_loss_forward(const DraftLossForwardTile& p, cudaStream_t strea
 // draft_topk_kl backward: a logits tile becomes d loss / d logits in place; one block per row.
 cudaError_t draft_loss_backward(const DraftLossBackwardTile& p, cudaStream_t stream);
 
+// draft_topk_kl, LK losses: each row's statistics and coefficients; one warp per row.
+cudaError_t draft_loss_lk_rows(const DraftLossLKRows& p, cudaStream_t stream);
+
 // Tree attention (see TreeAttentionParams); one thread block per (batch row, kv head, tile of nodes).
 cudaError_t tree_attention(const TreeAttentionParams& p, cudaStream_t stream);
 
