@@ -2,6 +2,7 @@
 resume, bad input."""
 
 import json
+import math
 import signal
 import subprocess
 import sys
@@ -344,3 +345,16 @@ def test_a_bfloat16_target_teaches_what_the_float32_one_does(tiny_target, tmp_pa
     assert run_train(tiny_target, bf16, "--max-steps", "3", "--target-dtype", "bfloat16") == 0
     want, got = losses(f32 / "out"), losses(bf16 / "out")
     assert got == pytest.approx(want, rel=0.01) and got != want
+
+
+@pytest.mark.parametrize("loss", ["lk-alpha", "lk-lambda"])
+def test_lk_losses_train_as_their_reference(tiny_target, tmp_path, loss):
+    ours, ref = tmp_path / "ours", tmp_path / "ref"
+    ours.mkdir()
+    ref.mkdir()
+    assert run_train(tiny_target, ours, "--max-steps", "3", "--loss", loss) == 0
+    assert run_train(tiny_target, ref, "--max-steps", "3", "--loss", loss, "--reference-ops") == 0
+    a, b = losses(ours / "out"), losses(ref / "out")
+    assert len(a) == 3 and all(math.isfinite(v) for v in a.values())
+    for step in a:
+        assert a[step] == pytest.approx(b[step], rel=2e-4), step

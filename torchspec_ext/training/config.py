@@ -16,10 +16,10 @@ from torchspec_ext import drafts, ops
 from torchspec_ext.data import HELD_OUT_FRACTION
 from torchspec_ext.options import at_least, build_parser, fill, flag, fraction, option, parse_namespace, positive
 from torchspec_ext.training.checkpoints import LATEST
+from torchspec_ext.training.losses import LOSSES
 
 CPU_TIME_BUDGET = 14.0  # minutes: the default CPU run fits in 15 with the target's first conversion
 TARGET_DTYPES = ("auto", "float32", "bfloat16")
-LOSSES = ("topk_kl", "hard_ce")
 
 
 def _budget_check(v) -> str | None:
@@ -80,7 +80,8 @@ class TrainConfig:
     )
     loss: str = option(
         "topk_kl",
-        "topk_kl: distil the teacher's top-k; hard_ce: cross-entropy on the teacher's argmax (baseline)",
+        "topk_kl: distil the teacher's top-k; hard_ce: cross-entropy on the teacher's argmax (baseline); lk-alpha, "
+        "lk-lambda: maximise the expected acceptance over the teacher's top-k (LK losses)",
         choices=LOSSES,
     )
     reference_ops: bool = option(False, "the same math in plain PyTorch, no custom op (baseline)")
