@@ -415,7 +415,7 @@ class _ScaleRowGrad(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, scale):
         ctx.scale = scale  # not saved for backward: it is written after this forward, on purpose
-        return x.view_as(x)
+        return x.clone()
 
     @staticmethod
     def backward(ctx, grad):
@@ -546,156 +546,128 @@ class DFlashDraft(nn.Module):
 
     # --- training ---------------------------------------------------------------------------------
     def forward(self, batch, loss: LossFunction, options: DFlashOptions) -> Objective:
-        """The training objective on a teacher batch: ``options.num_anchors`` random blocks per row, each
-        slot's loss (``options.block_loss``) weighted by its position in the block."""
+        """The training objective on a teacher batch: ``options.num_anchors`` random blocks per row, the
+        loss of every supervised slot (``options.block_loss``) weighted by its place in the block.
+
+        All the slots' rows go through one call of the loss (one pass over the LM head); each row's
+        weight reaches the gradient through its scale (:class:`_ScaleRowGrad`). ``Objective.losses``
+        are per slot the cross-entropy on the data's tokens, ``accuracies`` the agreement with the
+        teacher's argmax; ``total``'s value is the weighted loss (with ``teacher``, the run's loss,
+        whose rows this cannot weigh after the fact, its plain mean over the rows)."""
         c = self.config
         ids, mask = batch.input_ids, batch.loss_mask
-        b, t = ids.shape
         blocks = self.sample_blocks(mask, options.num_anchors)
         block_ids, positions = self.block_inputs(ids, blocks)
         hidden = self.run_blocks(
             self.context(batch.features.to(self.fc.weight.dtype)), block_ids, positions,
-            self.attention_masks(blocks.anchors, t),
+            self.attention_masks(blocks.anchors, ids.shape[1]),
         )  # fmt: skip
-        first = 1 if c.sample_from_anchor else 0  # slot s predicts position anchor + s + first
-        slots = range(0 if c.sample_from_anchor else 1, c.block_size)
-        rows = []  # per slot: (row mask [b, N], predicted position [b, N])
-        supervised = torch.ones_like(blocks.keep)
-        for s in slots:
-            target_pos = blocks.anchors + s + first
-            inside = target_pos < t
-            ok = blocks.keep & inside & mask.gather(1, target_pos.clamp(max=t - 1))
-            if c.sample_from_anchor:  # DSpark trains a slot only while every earlier one is supervised
-                supervised = supervised & ok
-                ok = supervised
-            rows.append((ok, target_pos.clamp(max=t - 1)))
+        rows = self.supervised_rows(blocks, mask)
+        b_idx, n_idx, slot = rows
+        position = blocks.anchors[b_idx, n_idx] + slot + 1  # the predicted token's
+        h = hidden[b_idx, n_idx, slot + (0 if c.sample_from_anchor else 1)]
+        token = ids[b_idx, position]
+        t_idx, t_lp = batch.teacher_indices[b_idx, position - 1], batch.teacher_logprobs[b_idx, position - 1]
+        t_arg = batch.teacher_argmax[b_idx, position - 1]
+        count = len(slot)
+        if count == 0:
+            zero = hidden.sum() * 0
+            return Objective(zero, [zero.detach()] * c.proposals, [0.0] * c.proposals, 0)
+        decay = torch.exp(-slot.float() / options.loss_decay_gamma)
+        prev_embed = None
         if c.is_dspark:
-            return self._dspark_objective(batch, hidden, blocks, rows, loss, options)
-        return self._dflash_objective(batch, hidden, rows, loss, options)
-
-    def _slot_rows(self, batch, hidden: Tensor, s: int, ok: Tensor, pos: Tensor):
-        """Slot ``s``'s rows: hidden ``[M, H]``, data token ``[M]``, teacher top-k ``[M, k]`` (ids and
-        log-probabilities at the position before the predicted one) and teacher argmax ``[M]``."""
-        where = ok.nonzero(as_tuple=True)
-        b_idx, p = where[0], pos[where]
-        return (
-            hidden[:, :, s][where],
-            batch.input_ids[b_idx, p],
-            batch.teacher_indices[b_idx, p - 1],
-            batch.teacher_logprobs[b_idx, p - 1],
-            batch.teacher_argmax[b_idx, p - 1],
-        )
-
-    def _dflash_objective(self, batch, hidden: Tensor, rows, loss: LossFunction, options: DFlashOptions) -> Objective:
-        weight = self.lm_head.weight
-        losses, accuracies, counts, tokens = [], [], [], 0
-        dpace = options.block_loss == "dpace"
-        per_row = []  # dpace: (scale buffer, rows, cross-entropy per row (detached)) per slot
-        for j, (ok, pos) in enumerate(rows):
-            s = j + 1
-            h, token, t_idx, t_lp, t_arg = self._slot_rows(batch, hidden, s, ok, pos)
-            m = len(token)
-            if j == 0:
-                tokens = m
-            if m == 0:
-                losses.append(hidden.new_zeros(()))
-                accuracies.append(0.0)
-                counts.append(0)
-                continue
-            if options.block_loss == "teacher":
-                value, argmax, _ = loss(h, weight, t_idx, t_lp)
-            else:  # the data's token as a one-entry teacher: cross-entropy
-                if dpace:
-                    scale = h.new_zeros(m)
-                    h = _ScaleRowGrad.apply(h, scale)
-                value, argmax, lse = loss(h, weight, token[:, None], torch.zeros(m, 1, device=h.device))
-                if dpace:
-                    with torch.no_grad():
-                        per_row.append((scale, ok, lse - (h * weight[token]).sum(-1)))
-            losses.append(value)
-            accuracies.append((argmax == t_arg).float().mean().item())
-            counts.append(m)
-        if dpace:
-            total = self._dpace_total(losses, per_row, rows, options.dpace_alpha)
+            previous = ids[b_idx, position - 1]
+            argmax, lse, total, prev_embed = self._dspark_loss(h, previous, t_idx, t_lp, slot, decay, loss, options)
         else:
-            decay = [math.exp(-j / options.loss_decay_gamma) for j in range(len(rows))]
-            norm = sum(w * n for w, n in zip(decay, counts)) or 1.0
-            total = sum(w * n / norm * value for w, n, value in zip(decay, counts, losses))
-        return Objective(total if torch.is_tensor(total) else hidden.sum() * 0, losses, accuracies, tokens)
+            shape = blocks.anchors.shape
+            argmax, lse, total = self._dflash_loss(h, token, t_idx, t_lp, rows, shape, decay, loss, options)
+        with torch.no_grad():
+            ce = lse.float() - (h.float() * self.lm_head.weight[token].float()).sum(-1)
+            if prev_embed is not None:  # the Markov bias of the previous token
+                ce = ce - (self.markov_head.markov_w2.weight[token].float() * prev_embed.float()).sum(-1)
+            slots = c.proposals
+            per_slot = torch.zeros(slots, device=h.device).index_add_(0, slot, ce)
+            seen = torch.bincount(slot, minlength=slots)
+            hits = torch.zeros(slots, device=h.device).index_add_(0, slot, (argmax == t_arg).float())
+        losses = list((per_slot / seen.clamp(min=1)).unbind())
+        accuracies = (hits / seen.clamp(min=1)).tolist()
+        return Objective(total, losses, accuracies, int(seen[0]))
 
-    @staticmethod
-    def _dpace_total(losses, per_row, rows, alpha: float) -> Tensor:
-        """D-PACE (arXiv 2605.18810): slot ``k``'s cross-entropy weighs ``sum_{j >= k} prod_{i <= j}
-        ((1 - alpha) q_i + alpha)``, ``q_i`` the draft's probability of slot ``i``'s token (detached);
-        normalised by the number of supervised slots. The weights reach the gradient through each
-        row's scale (:class:`_ScaleRowGrad`); the value returned is the weighted loss."""
-        ok_all = torch.stack([ok for ok, _ in rows], -1)  # [b, N, S]
-        q = torch.ones(ok_all.shape, device=ok_all.device)
-        present = [j for j, (ok, _) in enumerate(rows) if ok.any()]
-        for j, (_, _, ce) in zip(present, per_row):
-            q[..., j][rows[j][0]] = (-ce).exp().float()
-        smooth = torch.where(ok_all, (1 - alpha) * q + alpha, torch.ones_like(q))
-        prefix = smooth.cumprod(-1)
-        weights = (prefix * ok_all).flip(-1).cumsum(-1).flip(-1)  # suffix sums
-        count = max(int(ok_all.sum()), 1)
-        value = 0.0
-        for j, (scale, _, ce) in zip(present, per_row):
-            w = weights[..., j][rows[j][0]]
-            scale.copy_(w * len(w) / count)  # the slot's mean loss times this is sum_rows w * ce / count
-            value = value + (w * ce).sum() / count
-        grad_part = sum(losses[j] for j in present)
-        return (value - grad_part.detach()) + grad_part  # the weighted value; the scaled gradient
+    def supervised_rows(self, blocks: _Blocks, loss_mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(row, block, slot) ``[M]`` each of the supervised predictions: slot ``s`` (counting the
+        predicting slots from 0) predicts the token at ``anchor + s + 1``, supervised where it is
+        inside the row and in the loss mask; DSpark's only while every earlier slot of its block is
+        (SpecForge trains it so), DFlash's whatever the others."""
+        c = self.config
+        t = loss_mask.shape[1]
+        position = blocks.anchors[..., None] + torch.arange(1, c.proposals + 1, device=loss_mask.device)
+        ok = blocks.keep[..., None] & (position < t)
+        ok = ok & loss_mask.gather(1, position.clamp(max=t - 1).flatten(1)).view_as(ok)
+        if c.sample_from_anchor:
+            ok = ok.int().cumprod(-1).bool()
+        return ok.nonzero(as_tuple=True)
 
-    def _dspark_objective(self, batch, hidden: Tensor, blocks: _Blocks, rows, loss, options) -> Objective:
-        """DSpark's objective: per slot ``k`` (predicting ``anchor + k + 1``), the loss of the logits with
-        the Markov bias of the data's token at ``anchor + k`` (``block_loss`` dspark: 0.1 * the
-        cross-entropy to the teacher's top-k + 0.9 * the L1 distance to it, ``2 (1 - alpha)``, from the
-        fused op's LK estimate of the acceptance ``alpha`` over the top-k and its tail; teacher: the
-        run's ``--loss``), plus the confidence head's binary cross-entropy against that ``alpha``;
-        each slot weighs ``exp(-k / gamma)``."""
-        op = getattr(loss, "op", None)
-        if options.block_loss == "dspark" and op is None:
-            raise TypeError("DSpark's loss needs the run's fused op (training.losses.loss_function gives it)")
-        base = self.lm_head.weight
-        bias = self.markov_head.markov_w2.weight if self.markov_head is not None else None
-        weight = base if bias is None else torch.cat([base, bias], -1)
-        # lk_lambda with a constant KL weight s: s * KL + (1 - s) * (1 - alpha); scaled to 0.1 KL + 0.9 * 2 (1 - alpha)
-        kl_share = DSPARK_CE / (DSPARK_CE + 2 * DSPARK_L1)
-        losses, accuracies, counts, confidences, tokens = [], [], [], [], 0
-        for s, (ok, pos) in enumerate(rows):
-            h, token, t_idx, t_lp, t_arg = self._slot_rows(batch, hidden, s, ok, pos)
-            m = len(token)
-            if s == 0:
-                tokens = m
-            if m == 0:
-                losses.append(hidden.new_zeros(()))
-                confidences.append(hidden.new_zeros(()))
-                accuracies.append(0.0)
-                counts.append(0)
-                continue
-            where = ok.nonzero(as_tuple=True)
-            previous = batch.input_ids[where[0], pos[where] - 1]
-            prev_embed = self.markov_head.markov_w1(previous) if self.markov_head is not None else None
-            h_all = h if prev_embed is None else torch.cat([h, prev_embed.to(h.dtype)], -1)
+    def _dflash_loss(self, h, token, t_idx, t_lp, rows, blocks_shape, decay, loss, options):
+        """DFlash's loss on the rows ``h [M, H]``: (argmax, lse, the objective). The target's LM head is
+        frozen, so one call of the loss weighs every row through its scale (:class:`_ScaleRowGrad`),
+        filled after the call: D-PACE's weights need each row's cross-entropy first."""
+        m = len(token)
+        scale = torch.ones(m, device=h.device)
+        h_scaled = _ScaleRowGrad.apply(h, scale)
+        if options.block_loss == "teacher":
+            value, argmax, lse = loss(h_scaled, self.lm_head.weight, t_idx, t_lp)
+        else:  # the data's token as a one-entry teacher: its cross-entropy
+            value, argmax, lse = loss(h_scaled, self.lm_head.weight, token[:, None], h.new_zeros(m, 1))
+        with torch.no_grad():
+            ce = lse.float() - (h.float() * self.lm_head.weight[token].float()).sum(-1)
+            if options.block_loss == "dpace":
+                weights = dpace_weights(ce, rows, blocks_shape, self.config.proposals, options.dpace_alpha)
+                scale.copy_(weights)  # the mean over the rows, each scaled by w: sum_r w_r ce_r / M
+                reported = (weights * ce).mean()
+            else:
+                scale.copy_(decay * m / decay.sum())
+                reported = (decay * ce).sum() / decay.sum() if options.block_loss == "ce" else value.detach()
+        return argmax, lse, reported + (value - value.detach())
+
+    def _dspark_loss(self, h, previous, t_idx, t_lp, slot, decay, loss, options):
+        """DSpark's loss on the rows ``h [M, H]`` whose previous tokens are ``previous [M]``: the logits
+        with the Markov bias (as ``[h, markov_w1[previous]] @ [lm_head, markov_w2]^T`` in the fused op);
+        ``block_loss`` dspark: 0.1 * the cross-entropy to the teacher's top-k + 0.9 * the L1 distance to
+        the teacher, ``2 (1 - alpha)`` with ``alpha`` the op's LK estimate of the acceptance over the
+        top-k and its tail (SpecForge's ``dspark`` has the target's whole distribution and the data's
+        token; we have the teacher's top-k); teacher: the run's ``--loss``. Plus the confidence head's
+        binary cross-entropy against ``alpha``. Returns (argmax, lse, the objective, Markov embeddings
+        of ``previous`` or None)."""
+        markov = self.markov_head
+        prev_embed = markov.markov_w1(previous).to(h.dtype) if markov is not None else None
+        h_all = h if prev_embed is None else torch.cat([h, prev_embed], -1)
+        weight = (
+            self.lm_head.weight if markov is None else torch.cat([self.lm_head.weight, markov.markov_w2.weight], -1)
+        )
+        if options.block_loss == "dspark":
+            op = getattr(loss, "op", None)
+            if op is None:
+                raise TypeError("DSpark's loss needs the run's fused op (training.losses.loss_function gives it)")
+            # lk_lambda with a constant KL weight s: s KL + (1 - s)(1 - alpha), scaled to 0.1 KL + 0.9 * 2 (1 - alpha)
+            share = DSPARK_CE / (DSPARK_CE + 2 * DSPARK_L1)
+            fn = lambda *args: _scaled(op(*args, loss="lk_lambda", kl_scale=share, kl_decay=0.0), DSPARK_CE / share)
+        else:
+            fn = loss
+        value, argmax, lse = weighted_loss(fn, h_all, weight, t_idx, t_lp, slot, decay)
+        with torch.no_grad():
+            logits = topk_logits(h_all, weight, t_idx)
+            alpha = topk_acceptance(logits, lse, t_idx, t_lp)
             if options.block_loss == "dspark":
-                value, argmax, lse = op(h_all, weight, t_idx, t_lp, loss="lk_lambda", kl_scale=kl_share, kl_decay=0.0)
-                value = value * (DSPARK_CE / kl_share)
+                per_row = DSPARK_CE * topk_cross_entropy(logits, lse, t_idx, t_lp) + 2 * DSPARK_L1 * (1 - alpha)
+                reported = (decay * per_row).sum() / decay.sum()
             else:
-                value, argmax, lse = loss(h_all, weight, t_idx, t_lp)
-            if self.confidence_head is not None:
-                with torch.no_grad():
-                    alpha = topk_acceptance(h_all, weight, t_idx, t_lp, lse)
-                logit = self.confidence_head.proj(h_all).squeeze(-1).float()
-                confidences.append(F.binary_cross_entropy_with_logits(logit, alpha))
-            else:
-                confidences.append(hidden.new_zeros(()))
-            losses.append(value)
-            accuracies.append((argmax == t_arg).float().mean().item())
-            counts.append(m)
-        decay = [math.exp(-s / options.loss_decay_gamma) for s in range(len(rows))]
-        norm = sum(w * n for w, n in zip(decay, counts)) or 1.0
-        total = sum(w * n / norm * (v + b) for w, n, v, b in zip(decay, counts, losses, confidences))
-        return Objective(total if torch.is_tensor(total) else hidden.sum() * 0, losses, accuracies, tokens)
+                reported = value.detach()
+        total = reported + (value - value.detach())
+        if self.confidence_head is not None:
+            logit = self.confidence_head.proj(h_all).squeeze(-1).float()
+            bce = F.binary_cross_entropy_with_logits(logit, alpha, reduction="none")
+            total = total + (decay * bce).sum() / decay.sum()
+        return argmax, lse, total, prev_embed
 
     # --- checkpoints ------------------------------------------------------------------------------
     def trained_state(self) -> dict[str, Tensor]:
@@ -734,18 +706,80 @@ class DFlashDraft(nn.Module):
         return draft
 
 
+def _scaled(result, factor: float):
+    value, argmax, lse = result
+    return value * factor, argmax, lse
+
+
+def weighted_loss(fn: LossFunction, hidden: Tensor, weight: Tensor, ids, logprobs, slot: Tensor, decay: Tensor):
+    """``fn`` (a loss that is a mean over rows) weighted per row by ``decay`` (constant within a
+    ``slot``): (value, argmax, lse). With a frozen ``weight``, one call, each row's weight reaching
+    the gradient through its scale (:class:`_ScaleRowGrad`; the value is then the plain mean). With a
+    trained one (DSpark's Markov bias), the op's weight gradient is a plain mean over its rows, which
+    no scale of the rows reweighs: one call per slot (the value is then the weighted mean)."""
+    norm = decay.sum()
+    if not weight.requires_grad:
+        return fn(_ScaleRowGrad.apply(hidden, decay * len(decay) / norm), weight, ids, logprobs)
+    argmax = torch.empty(len(slot), dtype=torch.long, device=hidden.device)
+    lse = torch.empty(len(slot), device=hidden.device)
+    value = hidden.new_zeros((), dtype=torch.float32)
+    for s in slot.unique().tolist():
+        rows = (slot == s).nonzero().squeeze(1)
+        v, best, row_lse = fn(hidden[rows], weight, ids[rows], logprobs[rows])
+        value = value + v * (decay[rows].sum() / norm)
+        argmax[rows], lse[rows] = best, row_lse.float()
+    return value, argmax, lse
+
+
 @torch.no_grad()
-def topk_acceptance(hidden: Tensor, weight: Tensor, ids: Tensor, logprobs: Tensor, lse: Tensor) -> Tensor:
-    """Per row, the expected acceptance ``sum_v min(p(v), q(v))`` estimated from the teacher's top-k
-    as the fused op's LK losses estimate it: the top-k ids present, plus ``min`` of the two tails.
-    ``lse [N]``: the log-sum-exp of the draft's logits (the op returns it)."""
+def topk_logits(hidden: Tensor, weight: Tensor, ids: Tensor, chunk: int = 256) -> Tensor:
+    """The draft's logits ``[N, k]`` at the teacher's top-k ids (0 where an id is -1), in chunks of rows
+    (never the ``[N, V]`` logits, nor more than ``chunk * k`` rows of ``weight`` at once)."""
+    out = hidden.new_zeros(ids.shape, dtype=torch.float32)
+    for start in range(0, len(ids), chunk):
+        i = ids[start : start + chunk]
+        rows = weight[i.clamp(min=0)].float()  # [n, k, H]
+        out[start : start + chunk] = (rows @ hidden[start : start + chunk].float()[:, :, None]).squeeze(-1)
+    return out.masked_fill(ids < 0, 0.0)
+
+
+@torch.no_grad()
+def topk_acceptance(logits: Tensor, lse: Tensor, ids: Tensor, logprobs: Tensor) -> Tensor:
+    """Per row, the expected acceptance ``sum_v min(p(v), q(v))`` estimated from the teacher's top-k as
+    the fused op's LK losses estimate it (docs/ops.md): the ids present, plus ``min`` of the two
+    tails. ``logits [N, k]`` the draft's at the ids (:func:`topk_logits`), ``lse [N]`` its log-sum-exp."""
     present = ids >= 0
-    safe = ids.clamp(min=0)
-    logits = torch.einsum("nh,nkh->nk", hidden.float(), weight[safe].float())
-    q = torch.where(present, (logits - lse[:, None]).exp(), 0.0)
-    p = torch.where(present, logprobs.float().exp(), 0.0)
-    tails = torch.minimum((1 - p.sum(-1)).clamp(min=0), (1 - q.sum(-1)).clamp(min=0))
+    q = torch.where(present, (logits - lse.float()[:, None]).exp(), 0.0)
+    p_all = logprobs.float().exp()
+    p = torch.where(present, p_all, 0.0)
+    # the teacher's tail is the mass outside all k entries (those outside the draft's vocabulary too)
+    tails = torch.minimum((1 - p_all.sum(-1)).clamp(min=0), (1 - q.sum(-1)).clamp(min=0))
     return (torch.minimum(p, q).sum(-1) + tails).clamp(0, 1)
+
+
+@torch.no_grad()
+def topk_cross_entropy(logits: Tensor, lse: Tensor, ids: Tensor, logprobs: Tensor) -> Tensor:
+    """Per row, the fused op's ``kl`` loss: ``-sum_j p_j log q(id_j)``, ``p`` the softmax of the teacher's
+    log-probabilities over the ids present."""
+    present = ids >= 0
+    p = torch.softmax(logprobs.float().masked_fill(~present, float("-inf")), -1).nan_to_num(0.0)
+    return (p * (lse.float()[:, None] - logits)).sum(-1)
+
+
+@torch.no_grad()
+def dpace_weights(ce: Tensor, rows, blocks_shape, slots: int, alpha: float) -> Tensor:
+    """D-PACE's weight of each supervised row (arXiv 2605.18810; SpecForge's ``dpace``): slot ``k``'s is
+    ``sum_{j >= k, supervised} prod_{i <= j} s_i`` over its block, with ``s_i = (1 - alpha) q_i + alpha``
+    for a supervised slot (``q_i = exp(-ce_i)``, the draft's probability of its token) and 1 otherwise.
+    ``rows``: (row, block, slot) of each ``ce``; ``blocks_shape``: (rows, blocks)."""
+    b_idx, n_idx, slot = rows
+    smooth = torch.ones(*blocks_shape, slots, device=ce.device)
+    present = torch.zeros_like(smooth, dtype=torch.bool)
+    smooth[b_idx, n_idx, slot] = (1 - alpha) * (-ce).exp() + alpha
+    present[b_idx, n_idx, slot] = True
+    prefix = smooth.cumprod(-1)
+    suffix = (prefix * present).flip(-1).cumsum(-1).flip(-1)
+    return suffix[b_idx, n_idx, slot]
 
 
 class DFlashDrafter:
