@@ -192,11 +192,26 @@ def _commit_path(cache, prefix_len: int, path_nodes: Tensor) -> None:
         layer.keys, layer.values = layer.keys[:, :, :keep], layer.values[:, :, :keep]
 
 
+def _score_tree(target, tokens: Tensor, parents: Tensor, prefix_len: int, hidden_states: bool, cache: dict):
+    """The target's forward over a tree after ``prefix_len`` cached tokens (tree attention)."""
+    positions = prefix_len + _tree_depths(parents).to(tokens.device)
+    return target(
+        tokens[None],
+        position_ids=positions[None],
+        use_cache=True,
+        output_hidden_states=hidden_states,
+        tree_parents=parents[None],
+        tree_prefix_lens=torch.tensor([prefix_len], device=tokens.device),
+        **cache,
+    )
+
+
 @dataclass
 class SpeculativeResult:
     tokens: list[int]  # the generated tokens (the prompt excluded)
     target_forwards: int = 0  # tree-scoring passes (the prompt's prefill not counted)
     accepted_per_step: list[int] = field(default_factory=list)
+    proposed_per_step: list[int] = field(default_factory=list)  # draft nodes of each step's tree
     seconds: float = 0.0
 
     @property
@@ -238,17 +253,10 @@ def speculative_generate(
     committed = list(prompt)
     start = time.perf_counter()
     layers = list(proposer.feature_layers)
-
-    def features(out):  # [T, len(layers) * H] of the one sequence of a forward's output
-        return torch.cat([out.hidden_states[i][0] for i in layers], -1)
-
+    features = lambda out: torch.cat([out.hidden_states[i][0] for i in layers], -1)  # [T, len(layers) * H]
     if len(committed) > 1:  # the root (last prompt token) is scored with the first tree
-        out = target(
-            torch.tensor([committed[:-1]], device=device),
-            use_cache=True,
-            output_hidden_states=bool(layers),
-            **{cache_kw: cache},
-        )
+        out = target(torch.tensor([committed[:-1]], device=device), use_cache=True,
+                     output_hidden_states=bool(layers), **{cache_kw: cache})  # fmt: skip
         proposer.reset(features(out) if layers else None)
     else:
         proposer.reset(torch.empty(0, len(layers) * target.config.hidden_size, device=device) if layers else None)
@@ -257,21 +265,11 @@ def speculative_generate(
         tokens, parents = proposer.propose(committed)
         prefix_len = len(committed) - 1
         tokens, parents = tokens.to(device), parents.to(device)
-        positions = (prefix_len + _tree_depths(parents)).to(device)
-        out = target(
-            tokens[None],
-            position_ids=positions[None],
-            use_cache=True,
-            output_hidden_states=bool(layers),
-            tree_parents=parents[None],
-            tree_prefix_lens=torch.tensor([prefix_len], device=device),
-            **{cache_kw: cache},
-        )
-        logits = out.logits
+        out = _score_tree(target, tokens, parents, prefix_len, bool(layers), {cache_kw: cache})
         if temperature == 0:
-            num, path, nxt = verify_tree_greedy(tokens[None], parents[None], logits)
+            num, path, nxt = verify_tree_greedy(tokens[None], parents[None], out.logits)
         else:
-            num, path, nxt = verify_tree_sampling(tokens[None], parents[None], logits, temperature, generator)
+            num, path, nxt = verify_tree_sampling(tokens[None], parents[None], out.logits, temperature, generator)
         accepted = int(num[0])
         path_nodes = path[0, : accepted + 1]
         _commit_path(cache, prefix_len, path_nodes)
@@ -280,6 +278,7 @@ def speculative_generate(
         emitted = tokens[path_nodes[1:]].tolist() + [int(nxt[0])]
         result.target_forwards += 1
         result.accepted_per_step.append(accepted)
+        result.proposed_per_step.append(len(tokens) - 1)
         for token in emitted:
             result.tokens.append(token)
             committed.append(token)
