@@ -110,3 +110,19 @@ def test_eval_renders_prompts_with_the_template_the_draft_was_trained_with(
     captured = capsys.readouterr()
     assert "renders chats differently from the one this draft was trained with" in captured.err
     assert "<think>" in json.loads(captured.out)["header"]["template_warning"]
+
+
+def test_the_lossless_part_finds_no_flip_in_float32(predictable_target, prompt_file):
+    """bench lossless: verification's chunks score plain decoding's tokens; in float32 no argmax moves."""
+    import argparse
+
+    from torchspec_ext.bench import lossless
+
+    args = argparse.Namespace(prompts=[str(prompt_file)], limit=2, max_new_tokens=10, depth=3,
+                              target=str(predictable_target), quick=True)  # fmt: skip
+    rows = {(r["dtype"], r["path"]): r for r in lossless.run(args).rows}
+    assert {path for _, path in rows} == {"chunks, model attention", "chunks, tree_attention"}
+    for (dtype, _), row in rows.items():
+        assert row["positions"] > 0 and row["max_diff"] < (1e-3 if dtype == "float32" else 1.0)
+        if dtype == "float32":
+            assert row["flips"] == 0
