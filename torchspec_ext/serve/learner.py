@@ -27,6 +27,7 @@ from torch import Tensor
 
 from torchspec_ext import atomic, ops
 from torchspec_ext.serve.engine import Verified
+from torchspec_ext.serve.scheduler import own_threads
 from torchspec_ext.teacher import TeacherBatch
 from torchspec_ext.training.losses import kernels, loss_function
 from torchspec_ext.training.trainer import DraftTrainer
@@ -160,7 +161,7 @@ def batch_of(rows: list[Row], index: int) -> TeacherBatch:
 class LearnSettings:
     topk: int = 64  # the teacher's top-k, as training's default
     loss: str = "topk_kl"
-    lr: float = 3e-4
+    lr: float = 1e-3
     warmup_steps: int = 10
     batch_size: int = 2
     max_length: int = 512
@@ -239,7 +240,7 @@ class Learner:
         return self.settings.when == "shared" or not self.busy()
 
     def _run(self) -> None:
-        torch.set_num_threads(self.settings.threads)
+        own_threads(self.settings.threads)
         torch.set_flush_denormal(True)  # as training does: subnormal floats slow CPU steps ~1.6x
         while True:
             with self._wake:

@@ -24,6 +24,14 @@ import torch
 from torchspec_ext.serve.engine import Engine, GenerationRequest, GenerationStats, Verified
 
 
+def own_threads(count: int) -> None:
+    """Gives the calling thread ``count`` torch threads. A thread's first torch call copies the count
+    last set by any thread, so that call is made first; after it, each thread keeps its own (OpenMP's
+    per-thread setting), and the learner's share does not shrink the decoder's."""
+    torch.get_num_threads()
+    torch.set_num_threads(count)
+
+
 class QueueFull(Exception):
     pass
 
@@ -97,7 +105,8 @@ class Stats:
 
 class Scheduler:
     def __init__(self, engine: Engine, max_queue: int, window: int = 50, threads: int | None = None, learner=None):
-        self.engine, self.max_queue, self.threads, self.learner = engine, max_queue, threads, learner
+        self.engine, self.max_queue, self.learner = engine, max_queue, learner
+        self.threads = threads or torch.get_num_threads()  # the loading thread's: what torch chose here
         self.stats = Stats(window)
         self.queue: queue.Queue[Job | None] = queue.Queue()
         self.waiting = 0
@@ -147,8 +156,7 @@ class Scheduler:
                 self.stats.draft_updates += 1
 
     def _work(self) -> None:
-        if self.threads:
-            torch.set_num_threads(self.threads)
+        own_threads(self.threads)
         while True:
             job = self.queue.get()
             if job is None:

@@ -61,7 +61,7 @@ class ServeConfig:
     metrics_window: int = option(50, "requests in /metrics' rolling acceptance length and tokens/s", check=at_least(1))
     learn: bool = option(False, "train the draft on the traffic (a copy, swapped in between requests)")
     output_dir: str = option("serve_out", "--learn: the learned draft (output-dir/draft) and the learner's state")
-    learn_lr: float = option(3e-4, "--learn: learning rate (constant after the warm-up)", check=at_least(0))
+    learn_lr: float = option(1e-3, "--learn: learning rate (constant after the warm-up)", check=at_least(0))
     learn_warmup: int = option(10, "--learn: warm-up steps", check=at_least(0))
     learn_loss: str = option("topk_kl", "--learn: the training loss, as train's --loss", choices=LOSSES)
     learn_topk: int = option(64, "--learn: the teacher's top-k per position, as train's --topk", check=at_least(1))
