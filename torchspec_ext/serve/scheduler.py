@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from torchspec_ext.serve.engine import Engine, GenerationRequest, GenerationStats, Verified
+from torchspec_ext.serve.engine import Engine, GenerationRequest, GenerationStats
 
 
 def own_threads(count: int) -> None:
@@ -164,18 +164,28 @@ class Scheduler:
             with self._lock:
                 self.waiting -= 1
                 self.running = job
+            queued = time.monotonic() - job.submitted
+            recorder, error = None, ""
             try:
-                self._run(job)
-            finally:
-                with self._lock:
-                    self.running = None
+                stats, status, recorder = self._run(job)
+            except Exception as exc:  # one request's failure is its own: the server goes on
+                error = f"{type(exc).__name__}: {exc}"
+                print(f"[serve] request {job.id} failed: {error}", file=sys.stderr)
+                stats, status = GenerationStats(), "error"
+            with self._lock:
+                self.running = None  # before the counters: whoever sees the request counted sees it done
+            self.stats.finished(job, stats, queued, status)
+            if recorder is not None:  # a cancelled request's verified positions are as good as any
+                try:
+                    self.learner.add(recorder)
+                except Exception as exc:
+                    print(f"[serve] request {job.id}: not learned from: {type(exc).__name__}: {exc}", file=sys.stderr)
+            job.send(("error", error) if status == "error" else ("stats", stats))
 
-    def _run(self, job: Job) -> None:
-        queued = time.monotonic() - job.submitted
+    def _run(self, job: Job):
+        """(stats, status, recorder) of one job."""
         if job.cancelled.is_set():
-            self.stats.finished(job, GenerationStats(), queued, "cancelled")
-            job.send(("stats", GenerationStats(stopped=True)))
-            return
+            return GenerationStats(stopped=True), "cancelled", None
         self._apply_update()
         job.started_order = next(self._started)
         recorder = self.learner.recorder(job.request.prompt) if self.learner is not None else None
@@ -183,21 +193,5 @@ class Scheduler:
         def on_tokens(tokens: list[int]) -> bool:
             return bool(job.on_tokens(tokens)) or job.cancelled.is_set()
 
-        def on_verified(v: Verified) -> None:
-            recorder(v)
-
-        try:
-            stats = self.engine.generate(job.request, on_tokens, on_verified if recorder else None)
-        except Exception as exc:  # one request's failure is its own: the server goes on
-            print(f"[serve] request {job.id} failed: {type(exc).__name__}: {exc}", file=sys.stderr)
-            self.stats.finished(job, GenerationStats(), queued, "error")
-            job.send(("error", f"{type(exc).__name__}: {exc}"))
-            return
-        status = "cancelled" if job.cancelled.is_set() else "ok"
-        self.stats.finished(job, stats, queued, status)
-        if recorder is not None:
-            try:
-                self.learner.add(recorder)
-            except Exception as exc:
-                print(f"[serve] request {job.id}: not learned from: {type(exc).__name__}: {exc}", file=sys.stderr)
-        job.send(("stats", stats))
+        stats = self.engine.generate(job.request, on_tokens, recorder)
+        return stats, "cancelled" if job.cancelled.is_set() else "ok", recorder
