@@ -280,3 +280,21 @@ def test_learning_from_served_requests_raises_their_acceptance_and_resumes(model
     assert (
         again.trainer.optimizer.state_dict()["state"].keys() == learner.trainer.optimizer.state_dict()["state"].keys()
     )
+
+
+def test_the_measured_stream_is_distinct_seeded_and_asks_second_turns_after_first_ones():
+    from transformers import AutoTokenizer
+
+    from torchspec_ext.serve.measure import build_stream
+    from torchspec_ext.target import default_target_dir
+
+    tokenizer = AutoTokenizer.from_pretrained(default_target_dir())
+    stream = build_stream(tokenizer, 300, 1024, seed=0)
+    assert len(stream) == 300 and len({t.item.turns[t.turn] for t in stream}) == 300
+    assert {t.key.split("/")[0] for t in stream} == {"mt-bench", "humaneval"}
+    where = {t.key: i for i, t in enumerate(stream)}
+    for key, i in where.items():
+        if key.endswith("/1"):
+            assert where[key[:-1] + "0"] < i, key
+    assert [t.key for t in build_stream(tokenizer, 300, 1024, seed=0)] == list(where)
+    assert [t.key for t in build_stream(tokenizer, 300, 1024, seed=1)] != list(where)
