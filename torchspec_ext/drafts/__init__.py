@@ -11,6 +11,7 @@ from pathlib import Path
 from torchspec_ext.drafts.base import DraftFamily, DraftLoadError, read_config
 from torchspec_ext.drafts.dflash import DFlashFamily, DSparkFamily
 from torchspec_ext.drafts.eagle3 import Eagle3Family
+from torchspec_ext.drafts.itself import TargetItselfFamily
 from torchspec_ext.drafts.lookup import PromptLookupFamily
 
 FAMILIES: dict[str, DraftFamily] = {
@@ -20,6 +21,7 @@ FAMILIES: dict[str, DraftFamily] = {
         DFlashFamily(),
         DSparkFamily(),
         PromptLookupFamily(),
+        TargetItselfFamily(),
     )
 }
 TRAINABLE = [name for name, family in FAMILIES.items() if family.trainable]
