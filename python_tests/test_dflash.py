@@ -1,30 +1,30 @@
 """The DFlash and DSpark draft families (torchspec_ext.drafts.dflash): the block attention against a
-dense float64 reference, training blocks equal to the drafter's, each objective and its gradients
-against an eager float64 reference, greedy decoding equal to plain decoding and sampling lossless
-(chi-square), the checkpoint layout SGLang's, vLLM's and speculators' loaders read (their loading
-code replayed), loading across families, and training runs on a tiny target."""
+dense float64 reference, training blocks equal to the drafter's, the drafter's slots and Markov bias,
+anchors, each objective and its gradients against an eager float64 reference, the options, saving and
+loading (the training metadata kept; a folder of one family refused by another's loader, naming both),
+and train -> export -> eval on a tiny target (greedy outputs equal to plain decoding)."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
 import torch
 
 from torchspec_ext import drafts, ops
-from torchspec_ext.drafts.dflash import (
-    DFlashDraft,
-    DFlashDrafter,
-    _Blocks,
-    block_attention,
-    default_target_layers,
-    dpace_weights,
-    topk_acceptance,
-    topk_cross_entropy,
-    topk_logits,
-)
+from torchspec_ext.drafts.dflash import DFlashConfig, DFlashDraft, DFlashDrafter
+from torchspec_ext.drafts.dflash.config import default_target_layers
+from torchspec_ext.drafts.dflash.loss_parts import dpace_weights, topk_acceptance, topk_cross_entropy, topk_logits
+from torchspec_ext.drafts.dflash.model import block_attention
+from torchspec_ext.drafts.dflash.objective import sample_blocks, supervised_rows
+from torchspec_ext.eval import main as eval_main
+from torchspec_ext.export import main as export_main
 from torchspec_ext.teacher import Teacher
+from torchspec_ext.train import main as train_main
 from torchspec_ext.training.losses import loss_function
+
+from conftest import write_chat
 
 VOCAB, MASK = 300, 299
 
@@ -98,8 +98,6 @@ def dense_attention(q, kc, vc, kb, vb, anchors, window):
 
 @pytest.mark.parametrize("window", [None, 5])
 def test_block_attention_against_dense_reference(window):
-    from torchspec_ext.drafts.dflash import DFlashConfig
-
     b, h, g, n, bs, d, t = 2, 2, 3, 3, 5, 8, 13
     q = torch.randn(b, h, g, n, bs, d)
     kc, vc = torch.randn(b, h, t, d), torch.randn(b, h, t, d)
@@ -124,9 +122,8 @@ def test_training_blocks_are_what_the_drafter_computes(target, family, window):
     ids = torch.randint(0, VOCAB - 1, (1, 30))
     feats = features(target, draft, ids)
     anchors = torch.tensor([[0, 3, 11, 24, 29]])
-    blocks = _Blocks(anchors, torch.ones_like(anchors, dtype=torch.bool))
     with torch.no_grad():
-        block_ids, positions = draft.block_inputs(ids, blocks)
+        block_ids, positions = draft.block_inputs(ids, anchors)
         hidden = draft.run_blocks(draft.context(feats), block_ids, positions, draft.attention_masks(anchors, 30))
     drafter = DFlashDrafter(draft)
     for n, a in enumerate(anchors[0].tolist()):
@@ -166,14 +163,13 @@ def test_drafter_slots_and_markov_bias(target):
 # ---- anchors -----------------------------------------------------------------------------------------
 
 
-def test_anchors_are_drawn_inside_the_replies(target):
-    draft = make_draft(target)
+def test_anchors_are_drawn_inside_the_replies():
     mask = torch.zeros(3, 20, dtype=torch.bool)
     mask[0, 5:12] = True  # 6 valid anchors (5..10: the token and the next one supervised)
     mask[1, 3] = mask[1, 8:10] = True  # 1 valid anchor: 8
     draws = set()
     for _ in range(20):
-        blocks = draft.sample_blocks(mask, 4)
+        blocks = sample_blocks(mask, 4)
         a, keep = blocks.anchors, blocks.keep
         assert keep.sum(1).tolist() == [4, 1, 0]
         for row, valid in ((0, set(range(5, 11))), (1, {8})):
@@ -181,7 +177,7 @@ def test_anchors_are_drawn_inside_the_replies(target):
             assert set(chosen) <= valid and len(set(chosen)) == len(chosen)
         draws.add(tuple(a[0].tolist()))
     assert len(draws) > 5  # a new draw each time (each pass over a replayed batch)
-    assert draft.sample_blocks(torch.zeros(2, 9, dtype=torch.bool), 4).keep.sum() == 0
+    assert sample_blocks(torch.zeros(2, 9, dtype=torch.bool), 4).keep.sum() == 0
 
 
 def test_default_target_layers_are_the_published_ones():
@@ -208,10 +204,10 @@ def reference_objective(draft, batch, options, blocks):
     the draft's own forward), per slot weight exp(-j / gamma) for the j-th predicted token."""
     c = draft.config
     hidden = draft.run_blocks(
-        draft.context(batch.features), *draft.block_inputs(batch.input_ids, blocks),
+        draft.context(batch.features), *draft.block_inputs(batch.input_ids, blocks.anchors),
         draft.attention_masks(blocks.anchors, batch.input_ids.shape[1]),
     )  # fmt: skip
-    b_idx, n_idx, slot = draft.supervised_rows(blocks, batch.loss_mask)
+    b_idx, n_idx, slot = supervised_rows(draft.config, blocks, batch.loss_mask)
     pos = blocks.anchors[b_idx, n_idx] + slot + 1
     h = hidden[b_idx, n_idx, slot + (0 if c.sample_from_anchor else 1)].double()
     weight = draft.lm_head.weight.double()
@@ -263,7 +259,7 @@ def test_objective_and_gradients_against_the_reference(target, family, block_los
     mine = {n: p.grad.clone() for n, p in draft.named_parameters() if p.requires_grad}
     draft.zero_grad()
     torch.manual_seed(3)  # the same draw of anchors
-    blocks = draft.sample_blocks(batch.loss_mask, options.num_anchors)
+    blocks = sample_blocks(batch.loss_mask, options.num_anchors)
     want = reference_objective(draft, batch, options, blocks)
     if block_loss == "teacher":  # the gradient is of the decayed mean: check it on its own
         with torch.no_grad():
@@ -282,10 +278,10 @@ def test_objective_and_gradients_against_the_reference(target, family, block_los
 def _teacher_decayed(draft, batch, options, blocks):
     c = draft.config
     hidden = draft.run_blocks(
-        draft.context(batch.features), *draft.block_inputs(batch.input_ids, blocks),
+        draft.context(batch.features), *draft.block_inputs(batch.input_ids, blocks.anchors),
         draft.attention_masks(blocks.anchors, batch.input_ids.shape[1]),
     )  # fmt: skip
-    b_idx, n_idx, slot = draft.supervised_rows(blocks, batch.loss_mask)
+    b_idx, n_idx, slot = supervised_rows(draft.config, blocks, batch.loss_mask)
     pos = blocks.anchors[b_idx, n_idx] + slot + 1
     h = hidden[b_idx, n_idx, slot + (0 if c.sample_from_anchor else 1)].double()
     logq = torch.log_softmax(h @ draft.lm_head.weight.double().T, -1)
@@ -334,3 +330,67 @@ def test_options_are_checked():
     with pytest.raises(SystemExit):  # a DFlash option in an EAGLE-3 run
         parse_args(["--block-size", "8"])
     assert parse_args(["--device", "cpu"]).family_options.ttt_steps == 3  # EAGLE-3's, untouched
+
+
+# ---- train -> save -> eval -------------------------------------------------------------------------
+
+
+def test_saved_drafts_keep_how_they_were_trained(target, tmp_path):
+    """config.json's "training" (what eval renders prompts by) is written by save and read back by load,
+    for both families; the trained weights come back as saved."""
+    for family in ("dflash", "dspark"):
+        draft = make_draft(target, family)
+        draft.metadata = {"chat_template": "{{ messages }}", "chat_probe": "probe", "loss": "topk_kl"}
+        draft.save(tmp_path / family)
+        found, loaded = drafts.load_draft(tmp_path / family, target)
+        assert found.name == family and loaded.metadata == draft.metadata
+        for name, tensor in draft.state_dict().items():
+            torch.testing.assert_close(loaded.state_dict()[name], tensor, rtol=0, atol=0, msg=name)
+        draft.metadata = {}
+        draft.save(tmp_path / f"{family}-bare")
+        assert drafts.load_draft(tmp_path / f"{family}-bare", target)[1].metadata == {}
+
+
+def test_a_folder_of_one_family_is_refused_by_the_others(target, tmp_path):
+    from torchspec_ext.drafts import DraftLoadError
+
+    make_draft(target, "dflash").save(tmp_path / "dflash")
+    make_draft(target, "dspark").save(tmp_path / "dspark")
+    for folder, other, titles in (
+        ("dflash", "eagle3", ("DFlash", "EAGLE-3")),
+        ("dflash", "dspark", ("DFlash", "DSpark")),
+        ("dspark", "dflash", ("DSpark", "DFlash")),
+    ):
+        with pytest.raises(DraftLoadError) as caught:
+            drafts.family(other).load(tmp_path / folder, target)
+        assert all(title in str(caught.value) for title in titles), (folder, other, str(caught.value))
+
+
+def test_train_save_export_and_eval_a_dflash_draft(predictable_target, tmp_path, capsys):
+    """A few steps of ``train --draft-family dflash`` on the tiny target; its draft, and its export,
+    evaluated by ``eval --draft``: greedy outputs equal to plain decoding, the modes no deeper than the
+    block proposes, and the training's chat template kept through export."""
+    argv = [
+        "--target", predictable_target, "--data", write_chat(tmp_path / "chat.json"), "--output-dir", tmp_path / "out",
+        "--draft-family", "dflash", "--block-size", 4, "--draft-layers", 2, "--num-anchors", 4, "--max-steps", 2,
+        "--batch-size", 2, "--max-length", 64, "--topk", 16, "--eval-prompts", 1, "--eval-new-tokens", 4,
+        "--eval-interval", 0, "--held-out", 0.2, "--warmup-steps", 1, "--target-dtype", "float32",
+    ]  # fmt: skip
+    assert train_main([str(a) for a in argv]) == 0
+    assert export_main([str(tmp_path / "out"), "--out", str(tmp_path / "export")]) == 0
+    prompts = tmp_path / "prompts.json"
+    prompts.write_text(json.dumps(["Tell me something.", {"turns": ["What is two plus two?", "And three?"]}]))
+    capsys.readouterr()
+    for name in ("out/draft", "export"):
+        config = json.loads((tmp_path / name / "config.json").read_text())
+        assert config["architectures"] == ["DFlashDraftModel"] and config["training"]["chat_template"]
+        assert eval_main(["--target", str(predictable_target), "--draft", str(tmp_path / name), "--prompts",
+                          str(prompts), "--max-new-tokens", "8", "--dtype", "float32", "--json"]) == 0  # fmt: skip
+        report = json.loads(capsys.readouterr().out)
+        assert report["header"]["family"] == "DFlash" and report["header"]["template_warning"] is None
+        assert {spec["depth"] for spec in report["header"]["modes"].values()} == {3}  # a block of 4 proposes 3
+        rows = {r["mode"]: r for r in report["rows"]}
+        assert {"plain", "block", "tree"} <= set(rows)
+        for r in rows.values():
+            assert r["same_as_plain"] == r["compared_with_plain"] == 3, r["mode"]
+        assert len(rows["block"]["per_position_acceptance"]) == 3
