@@ -7,12 +7,20 @@ on gloo (CPU) and NCCL alike, shards any model whatever its head counts (tensor 
 needs S to divide the attention and key/value heads: SmolLM2's 9 and 3 allow only 1 and 3),
 and leaves each rank a whole forward pass, so every shard rank is a teacher that sends its own
 batches.
+
+Loading is sharded too (:func:`load_sharded_target`): the target is built without weights (on
+the meta device), sharded, and each rank reads only its slices of the safetensors files with
+torch.distributed.checkpoint's Hugging Face reader, so no rank ever holds the whole target.
 """
 
 from __future__ import annotations
 
 import contextlib
+import resource
+import time
+import warnings
 from collections.abc import Iterator
+from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -40,10 +48,96 @@ def shard_target(target, group, device: torch.device) -> None:
     head = target.get_output_embeddings()
     if head.weight is target.get_input_embeddings().weight:
         head.weight = torch.nn.Parameter(head.weight.detach().clone())
+    # Resharded after every forward, the root too (FSDP2 keeps a root's weights gathered for the
+    # backward it expects; a teacher never runs one, and would hold the whole embedding).
     for layer in target.model.layers:
-        fully_shard(layer, mesh=mesh)
-    fully_shard(target.model, mesh=mesh)
-    fully_shard(head, mesh=mesh)
+        fully_shard(layer, mesh=mesh, reshard_after_forward=True)
+    fully_shard(target.model, mesh=mesh, reshard_after_forward=True)
+    fully_shard(head, mesh=mesh, reshard_after_forward=True)
+
+
+def load_sharded_target(target, files: list[Path], group, device: torch.device) -> dict:
+    """Shards an :func:`torchspec_ext.target.empty_target` over ``group`` (:func:`shard_target`) and
+    fills this rank's shards from the safetensors ``files`` (checked by
+    ``torchspec_ext.target.weight_files``): every rank reads just its rows of each tensor. A tied
+    LM head is read once, as the embedding, and its shard copied. A collective of the group.
+    Returns what was read: ``read_bytes``, ``load_s`` and the process's peak RSS after it."""
+    import torch.distributed.checkpoint as dcp
+
+    from torchspec_ext.target import checkpoint_names, source_names
+
+    begin = time.monotonic()
+    names = checkpoint_names(files)
+    sources = source_names(target, names)  # before shard_target unties a tied head
+    buffers = {name: b.detach().clone() for name, b in target.named_buffers()}
+    shard_target(target, group, device)
+    target.to_empty(device=device)  # allocates this rank's shards; buffers come back below
+    with torch.no_grad():
+        for name, b in buffers.items():
+            target.get_buffer(name).copy_(b)
+        wanted, copies = {}, []
+        for name, p in target.named_parameters():
+            if sources[name] in wanted:  # the second of a tied pair, now a parameter of its own
+                copies.append((p, wanted[sources[name]]))
+            else:
+                wanted[sources[name]] = p
+        reader = _slice_reader(str(files[0].parent))
+        dcp.load({key: p.detach() for key, p in wanted.items()}, storage_reader=reader, process_group=group)
+        for p, source in copies:
+            p.to_local().copy_(source.to_local())
+    target.eval()
+    return {
+        "read_bytes": reader.read_bytes,
+        "load_s": time.monotonic() - begin,
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+    }
+
+
+def _slice_reader(path: str):
+    from torch.distributed.checkpoint import HuggingFaceStorageReader
+
+    class SliceReader(HuggingFaceStorageReader):
+        """torch.distributed.checkpoint's reader of Hugging Face safetensors, but opening the file
+        for each slice it reads: safetensors maps a file into memory, and the pages a rank touched
+        stay in its resident set until the file is closed, so one open file for all of a rank's
+        slices of a large file would count that share again on top of the shards. Counts the
+        bytes read."""
+
+        read_bytes = 0
+
+        def read_data(self, plan, planner):
+            from safetensors import safe_open
+
+            for item in plan.items:
+                file = self.storage_data[item.storage_index].relative_path
+                index = tuple(slice(o, o + n) for o, n in zip(item.storage_offsets, item.lengths))
+                with safe_open(file, framework="pt") as f:
+                    data = f.get_slice(item.storage_index.fqn)[index]
+                into = planner.resolve_tensor(item).detach()
+                if into.shape != data.shape:
+                    raise ValueError(
+                        f"{file}: {item.storage_index.fqn}: read {list(data.shape)} for a shard of {list(into.shape)}"
+                    )
+                into.copy_(data)
+                planner.commit_tensor(item, into)
+                self.read_bytes += data.numel() * data.element_size()
+            done = torch.futures.Future()
+            done.set_result(None)
+            return done
+
+    return SliceReader(path)
+
+
+@contextlib.contextmanager
+def weightless() -> Iterator[None]:
+    """Modules built in the block get their parameters on the meta device (no memory) and their
+    buffers as usual: a teacher rank's draft, of which it uses only the vocabulary maps (buffers)
+    and the feature layers. Copies into those parameters (a draft's initialisation) do nothing."""
+    from accelerate import init_empty_weights
+
+    with init_empty_weights(include_buffers=False), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*copying from a non-meta parameter.*")
+        yield
 
 
 def is_sharded(target) -> bool:
