@@ -20,7 +20,8 @@ def status_kib(field: str) -> int:
     raise KeyError(field)
 
 
-def main(directory: str, out: str) -> None:
+def main(directory: str, out: str, chunk_bytes: str) -> None:
+    sharding.READ_CHUNK_BYTES = int(chunk_bytes)  # small, so that the test's tensors are read in several blocks
     dist.init_process_group("gloo")
     files = weight_files(directory)
     model = empty_target(directory, torch.float32)

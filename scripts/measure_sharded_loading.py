@@ -4,9 +4,10 @@
 Launches ``python -m torchspec_ext.train`` as torchrun would (one process per rank on 127.0.0.1),
 ``--teacher-ranks T --teacher-shards S`` plus one trainer, for a few steps, and samples every rank's
 /proc/PID/status 20 times a second: the peak resident set (VmHWM), the peaks of its anonymous and
-file-backed parts (file-backed: pages of memory-mapped safetensors files), and the resident set
-when the rank has joined the job and not yet read the target. Times from the launch: a teacher's
-shard ready (its "holds" line), and the lead trainer's first step (it has received the first
+file-backed parts (file-backed: the shared libraries, and pages of memory-mapped safetensors
+files), the resident set when the rank has joined the job and not yet read the target, and the
+peak until a teacher's shard is ready (its "holds" line; a trainer: its first step). Times from
+the launch: a teacher's shard ready, and the lead trainer's first step (it has received the first
 teacher batch). Bytes read: what a teacher's summary says its reader read (``read_mib``); a rank
 that loads the target whole with ``from_pretrained`` reads every tensor of the checkpoint.
 
@@ -59,6 +60,7 @@ def write_synthetic(directory: Path, gb: float) -> Path:
         eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id,
     )  # fmt: skip
     torch.manual_seed(0)
+    directory.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".writing-", dir=directory.parent))
     LlamaForCausalLM(config).save_pretrained(staging, max_shard_size="512MB")
     tokenizer.save_pretrained(staging)
@@ -118,7 +120,7 @@ def run_job(code: Path, target: Path | None, teachers: int, shards: int, trainer
                 )
             )
     peaks = [dict.fromkeys(("VmHWM", "RssAnon", "RssFile"), 0) for _ in range(world)]
-    joined_rss, events = [None] * world, [{} for _ in range(world)]
+    joined_rss, ready_peak, events = [None] * world, [None] * world, [{} for _ in range(world)]
     while any(p.poll() is None for p in procs):
         now = time.monotonic() - begin
         for rank, p in enumerate(procs):
@@ -135,6 +137,8 @@ def run_job(code: Path, target: Path | None, teachers: int, shards: int, trainer
                     events[rank][name] = now
                     if name == "joined":
                         joined_rss[rank] = status.get("VmRSS")
+                    if name in ("shard_ready", "first_step"):  # VmHWM only grows: the peak until then
+                        ready_peak[rank] = status.get("VmHWM")
         time.sleep(0.05)
     codes = [p.returncode for p in procs]
     if any(codes):
@@ -151,6 +155,7 @@ def run_job(code: Path, target: Path | None, teachers: int, shards: int, trainer
                 "peak_anon_mib": peaks[rank]["RssAnon"] / 2**20,
                 "peak_file_mib": peaks[rank]["RssFile"] / 2**20,
                 "rss_at_join_mib": (joined_rss[rank] or 0) / 2**20,
+                "peak_at_ready_mib": (ready_peak[rank] or 0) / 2**20,
                 "read_mib": summary.get("read_mib"),
                 "load_s": summary.get("load_s"),
                 "weights_held_mib": summary.get("weights_held_mib"),
@@ -188,7 +193,17 @@ def main() -> None:
     setting = {"code": str(a.code), "target": str(target or "default"), "teachers": a.teachers, "shards": a.shards}
     setting |= {"trainers": a.trainers, "checkpoint_mib": checkpoint_mib, "files": len(files)}
     print(json.dumps(setting))
-    keys = ["rank", "role", "rss_at_join_mib", "peak_rss_mib", "peak_anon_mib", "peak_file_mib", "read_mib", "load_s"]
+    keys = [
+        "rank",
+        "role",
+        "rss_at_join_mib",
+        "peak_at_ready_mib",
+        "peak_rss_mib",
+        "peak_anon_mib",
+        "peak_file_mib",
+        "read_mib",
+        "load_s",
+    ]
     keys += ["joined_s", "shard_ready_s", "first_step_s"]
     print("| " + " | ".join(keys) + " |")
     for row in rows:

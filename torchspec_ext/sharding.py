@@ -16,6 +16,7 @@ torch.distributed.checkpoint's Hugging Face reader, so no rank ever holds the wh
 from __future__ import annotations
 
 import contextlib
+import math
 import resource
 import time
 import warnings
@@ -113,15 +114,32 @@ def _return_freed_blocks() -> None:
         pass
 
 
+READ_CHUNK_BYTES = 64 << 20  # the most a rank reads at once: the bound on what reading adds to its shards
+
+
+def _row_chunks(offsets, lengths, row_bytes: int) -> Iterator[tuple[tuple, tuple]]:
+    """(index into the stored tensor, index into the shard) of row blocks of at most
+    READ_CHUNK_BYTES covering the slice at ``offsets`` of ``lengths``; one pair for a 0-d tensor."""
+    if not lengths:
+        yield (), ()
+        return
+    rest = tuple(slice(o, o + n) for o, n in zip(offsets[1:], lengths[1:]))
+    step = max(1, READ_CHUNK_BYTES // max(1, row_bytes))
+    for row in range(0, lengths[0], step):
+        rows = min(step, lengths[0] - row)
+        yield (slice(offsets[0] + row, offsets[0] + row + rows), *rest), (slice(row, row + rows),)
+
+
 def _slice_reader(path: str):
     from torch.distributed.checkpoint import HuggingFaceStorageReader
 
     class SliceReader(HuggingFaceStorageReader):
-        """torch.distributed.checkpoint's reader of Hugging Face safetensors, but opening the file
-        for each slice it reads: safetensors maps a file into memory, and the pages a rank touched
-        stay in its resident set until the file is closed, so one open file for all of a rank's
-        slices of a large file would count that share again on top of the shards. Counts the
-        bytes read."""
+        """torch.distributed.checkpoint's reader of Hugging Face safetensors, reading each slice in
+        blocks of rows of at most READ_CHUNK_BYTES and opening the file for each block: safetensors
+        maps the file into memory, and the pages a rank touched stay in its resident set until the
+        file is closed, so a file kept open would add the rank's whole share of it again, and a
+        slice read in one piece its size twice (the read tensor, the mapped pages) before the copy
+        into the shard. Counts the bytes read."""
 
         read_bytes = 0
 
@@ -129,18 +147,20 @@ def _slice_reader(path: str):
             from safetensors import safe_open
 
             for item in plan.items:
-                file = self.storage_data[item.storage_index].relative_path
-                index = tuple(slice(o, o + n) for o, n in zip(item.storage_offsets, item.lengths))
-                with safe_open(file, framework="pt") as f:
-                    data = f.get_slice(item.storage_index.fqn)[index]
+                info = self.storage_data[item.storage_index]
+                name, lengths = item.storage_index.fqn, list(item.lengths)
                 into = planner.resolve_tensor(item).detach()
-                if into.shape != data.shape:
+                if list(into.shape) != lengths:
                     raise ValueError(
-                        f"{file}: {item.storage_index.fqn}: read {list(data.shape)} for a shard of {list(into.shape)}"
+                        f"{info.relative_path}: {name}: a slice of {lengths} for a shard of {list(into.shape)}"
                     )
-                into.copy_(data)
+                row_bytes = math.prod(lengths[1:]) * info.dtype.itemsize
+                for source, target in _row_chunks(list(item.storage_offsets), lengths, row_bytes):
+                    with safe_open(info.relative_path, framework="pt") as f:
+                        data = f.get_slice(name)[source]
+                    into[target].copy_(data)
+                    self.read_bytes += data.numel() * data.element_size()
                 planner.commit_tensor(item, into)
-                self.read_bytes += data.numel() * data.element_size()
             done = torch.futures.Future()
             done.set_result(None)
             return done
