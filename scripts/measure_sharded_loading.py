@@ -156,6 +156,8 @@ def run_job(code: Path, target: Path | None, teachers: int, shards: int, trainer
                 "peak_file_mib": peaks[rank]["RssFile"] / 2**20,
                 "rss_at_join_mib": (joined_rss[rank] or 0) / 2**20,
                 "peak_at_ready_mib": (ready_peak[rank] or 0) / 2**20,
+                "rss_before_load_mib": summary.get("rss_before_load_mib"),
+                "load_peak_mib": summary.get("load_peak_rss_mib"),
                 "read_mib": summary.get("read_mib"),
                 "load_s": summary.get("load_s"),
                 "weights_held_mib": summary.get("weights_held_mib"),

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import resource
 import time
 import warnings
@@ -64,12 +65,13 @@ def load_sharded_target(target, files: list[Path], group, device: torch.device) 
     fills this rank's shards from the safetensors ``files`` (checked by
     ``torchspec_ext.target.weight_files``): every rank reads just its rows of each tensor. A tied
     LM head is read once, as the embedding, and its shard copied. A collective of the group.
-    Returns what was read: ``read_bytes``, ``load_s`` and the process's peak RSS after it."""
+    Returns what was read: ``read_bytes``, ``load_s``, and the process's resident set before
+    (``rss_before_bytes``, None where /proc is not) and its peak after (``peak_rss_bytes``)."""
     import torch.distributed.checkpoint as dcp
 
     from torchspec_ext.target import checkpoint_names, source_names
 
-    begin = time.monotonic()
+    begin, rss_before = time.monotonic(), _rss_bytes()
     if device.type == "cpu":
         _return_freed_blocks()
     names = checkpoint_names(files)
@@ -94,8 +96,16 @@ def load_sharded_target(target, files: list[Path], group, device: torch.device) 
     return {
         "read_bytes": reader.read_bytes,
         "load_s": time.monotonic() - begin,
+        "rss_before_bytes": rss_before,
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
     }
+
+
+def _rss_bytes() -> int | None:
+    try:
+        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def _return_freed_blocks() -> None:

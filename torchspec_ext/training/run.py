@@ -242,10 +242,12 @@ def shard_teacher(roles: RankRoles, target, device: str, config: TrainConfig) ->
     except (OSError, ValueError) as exc:
         raise TrainError(f"cannot load the target: {exc}") from exc
     held, whole = sharding.weight_bytes(target)
+    mib = lambda b: "?" if b is None else f"{b / 2**20:.0f}"
     print(
         f"[train] rank {roles.rank}: holds {held / 2**20:.2f} MiB of the target's {whole / 2**20:.2f} MiB of "
         f"weights, sharded over ranks {', '.join(map(str, roles.shard_ranks))}; read {read['read_bytes'] / 2**20:.2f} "
-        f"MiB of its files in {read['load_s']:.1f} s (peak RSS {read['peak_rss_bytes'] / 2**20:.0f} MiB)",
+        f"MiB of its files in {read['load_s']:.1f} s (RSS {mib(read['rss_before_bytes'])} MiB before, peak "
+        f"{mib(read['peak_rss_bytes'])} MiB after)",
         file=sys.stderr,
     )
     return {
@@ -253,6 +255,7 @@ def shard_teacher(roles: RankRoles, target, device: str, config: TrainConfig) ->
         "weights_mib": whole / 2**20,
         "read_mib": read["read_bytes"] / 2**20,
         "load_s": read["load_s"],
+        "rss_before_load_mib": read["rss_before_bytes"] and read["rss_before_bytes"] / 2**20,
         "load_peak_rss_mib": read["peak_rss_bytes"] / 2**20,
     }
 
