@@ -356,7 +356,12 @@ def test_a_folder_of_one_family_is_refused_by_the_others(target, tmp_path):
 
     make_draft(target, "dflash").save(tmp_path / "dflash")
     make_draft(target, "dspark").save(tmp_path / "dspark")
+    eagle3 = drafts.family("eagle3")
+    sample = [(torch.randint(0, VOCAB, (40,)), torch.ones(40, dtype=torch.bool))]
+    eagle3.new_draft(target, sample, eagle3.Options(draft_vocab=64).resolved(False)).save(tmp_path / "eagle3")
     for folder, other, titles in (
+        ("eagle3", "dflash", ("EAGLE-3", "DFlash")),
+        ("eagle3", "dspark", ("EAGLE-3", "DSpark")),
         ("dflash", "eagle3", ("DFlash", "EAGLE-3")),
         ("dflash", "dspark", ("DFlash", "DSpark")),
         ("dspark", "dflash", ("DSpark", "DFlash")),
