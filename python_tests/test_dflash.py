@@ -1,6 +1,6 @@
 """The DFlash and DSpark draft families (torchspec_ext.drafts.dflash): the block attention against a
 dense float64 reference, training blocks equal to the drafter's, the drafter's slots and Markov bias,
-anchors, each objective and its gradients against an eager float64 reference, the options, saving and
+greedy speculative decoding equal to plain decoding in every mode (with a draft that is accepted), anchors, each objective and its gradients against an eager float64 reference, the options, saving and
 loading (the training metadata kept; a folder of one family refused by another's loader, naming both),
 and train -> export -> eval on a tiny target (greedy outputs equal to plain decoding)."""
 
@@ -158,6 +158,41 @@ def test_drafter_slots_and_markov_bias(target):
         torch.testing.assert_close(got, want)
         with pytest.raises(ValueError, match="proposes"):
             drafter.next_logprobs(context, [[1] * draft.config.proposals])
+
+
+@pytest.mark.parametrize("family", ["dflash", "dspark"])
+def test_greedy_decoding_is_plain_decoding_in_every_mode(target, family):
+    """A draft trained a little on the target's own greedy continuations (so that it is accepted, and
+    the paths that commit draft tokens run), in every mode its family evaluates: speculative greedy
+    decoding is the target's greedy decoding token for token."""
+    from torchspec_ext.speculate import speculative_generate
+
+    fam = drafts.family(family)
+    prompt = [5, 17, 42, 99, 123, 7]
+    prompts = torch.randint(0, VOCAB - 1, (8, len(prompt)))
+    prompts[0] = torch.tensor(prompt)
+    with torch.no_grad():
+        rows = target.generate(prompts, max_new_tokens=34, do_sample=False)
+    mask = torch.zeros_like(rows, dtype=torch.bool)
+    mask[:, len(prompt) :] = True
+    draft = make_draft(target, family, noise=0.0, block_loss="teacher", num_anchors=16)
+    values = dict(block_size=6, draft_layers=2, num_anchors=16, mask_token_id=MASK, block_loss="teacher")
+    options = fam.Options(**values, **({"markov_rank": 8} if family == "dspark" else {})).resolved(False)
+    batch = Teacher(target, draft.feature_layers, draft.target_to_draft(), 8)(rows, mask, 0)
+    optimizer = torch.optim.Adam([p for p in draft.parameters() if p.requires_grad], lr=3e-3)
+    loss = loss_function("topk_kl", ops)
+    for _ in range(80):
+        optimizer.zero_grad()
+        draft(batch, loss, options).total.backward()
+        optimizer.step()
+    draft.eval()
+    want = rows[0, len(prompt) : len(prompt) + 24].tolist()
+    modes = fam.fit_modes(draft, fam.decode_modes(4, 3, 9, 0.0))
+    assert len(modes) == (3 if family == "dspark" else 2)
+    for name, spec in modes.items():
+        result = speculative_generate(target, fam.proposer(draft, spec), prompt, 24)
+        assert result.tokens == want, name
+        assert sum(result.accepted_per_step) > 0, name  # draft tokens were committed
 
 
 # ---- anchors -----------------------------------------------------------------------------------------
