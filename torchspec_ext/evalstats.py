@@ -35,6 +35,7 @@ class Decode:
     accepted_per_step: Sequence[int] | None = None  # speculative modes: accepted draft tokens of each verify step
     drafted_per_step: Sequence[int] | None = None  # draft tokens proposed at each step (None: every step proposed)
     same_as_plain: bool | None = None  # output equal to plain decoding's (None: not compared)
+    agreeing_tokens: int | None = None  # tokens equal to plain decoding's before the first difference
 
 
 def drafting_steps(accepted_per_step: Sequence[int], drafted_per_step: Sequence[int] | None = None) -> list[int]:
@@ -99,6 +100,7 @@ def aggregate(
             tokens_per_s=tokens / seconds if seconds > 0 else None,
             same_as_plain=sum(d.same_as_plain is True for d in members),
             compared_with_plain=sum(d.same_as_plain is not None for d in members),
+            agreeing_tokens=sum(d.agreeing_tokens or 0 for d in members),
         )
         stepped = [d for d in members if d.accepted_per_step is not None]
         if stepped:
@@ -121,4 +123,6 @@ def aggregate(
         base = index.get(key[:mode_at] + (baseline,) + key[mode_at + 1 :])
         rate, base_rate = row["tokens_per_s"], base["tokens_per_s"] if base else None
         row["speedup"] = rate / base_rate if rate is not None and base_rate else None
+        base_tokens = base["tokens"] if base else None
+        row["agreeing_fraction"] = row["agreeing_tokens"] / base_tokens if base_tokens else None
     return rows

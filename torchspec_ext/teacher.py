@@ -183,31 +183,36 @@ class Teacher:
             rows.append((row, pad, min(t - pad, len(p) + reply_len)))
         batches, first = [], 0
         for group, batch_index in zip(groups, batch_indices):
-            chosen = rows[first : first + len(group)]
+            decoded = (sequences, features, logprobs, indices, width)
+            batches.append(self._reply_batch(rows[first : first + len(group)], decoded, batch_index, pad_id))
             first += len(group)
-            length = max(n for _, _, n in chosen)
-            size = (len(group), length)
-            rows_of = lambda fill, *shape, dtype=torch.long, size=size: torch.full(
-                (*size, *shape), fill, dtype=dtype, device=self.device
-            )
-            batch = TeacherBatch(
-                input_ids=rows_of(pad_id),
-                loss_mask=rows_of(False, dtype=torch.bool),
-                features=features.new_zeros(len(group), length, features.shape[-1]),
-                teacher_indices=rows_of(-1, self.topk),
-                teacher_logprobs=rows_of(0.0, self.topk, dtype=torch.float32),
-                teacher_argmax=rows_of(-1),
-                batch_index=batch_index,
-            )
-            for i, (row, pad, n) in enumerate(chosen):
-                last_prompt = width - 1 - pad
-                batch.input_ids[i, :n] = sequences[row, pad : pad + n]
-                batch.loss_mask[i, last_prompt + 1 : n] = True
-                batch.features[i, :n] = features[row, pad : pad + n]
-                # The teacher's rows exist from the last prompt token on (the earlier ones predict
-                # prompt tokens, which no loss reads); the others keep -1 and 0.
-                batch.teacher_indices[i, last_prompt:n] = self.target_to_draft[indices[row, : n - last_prompt]]
-                batch.teacher_logprobs[i, last_prompt:n] = logprobs[row, : n - last_prompt]
-                batch.teacher_argmax[i, last_prompt:n] = indices[row, : n - last_prompt, 0]
-            batches.append(batch)
         return batches
+
+    def _reply_batch(self, chosen, decoded, batch_index: int, pad_id: int) -> TeacherBatch:
+        """The batch of the decoded rows ``chosen`` ((row, its left padding, its length) each), as
+        wide as the longest, right-padded."""
+        sequences, features, logprobs, indices, width = decoded
+        length = max(n for _, _, n in chosen)
+        rows_of = lambda fill, *shape, dtype=torch.long: torch.full(
+            (len(chosen), length, *shape), fill, dtype=dtype, device=self.device
+        )
+        batch = TeacherBatch(
+            input_ids=rows_of(pad_id),
+            loss_mask=rows_of(False, dtype=torch.bool),
+            features=features.new_zeros(len(chosen), length, features.shape[-1]),
+            teacher_indices=rows_of(-1, self.topk),
+            teacher_logprobs=rows_of(0.0, self.topk, dtype=torch.float32),
+            teacher_argmax=rows_of(-1),
+            batch_index=batch_index,
+        )
+        for i, (row, pad, n) in enumerate(chosen):
+            last_prompt = width - 1 - pad
+            batch.input_ids[i, :n] = sequences[row, pad : pad + n]
+            batch.loss_mask[i, last_prompt + 1 : n] = True
+            batch.features[i, :n] = features[row, pad : pad + n]
+            # The teacher's rows exist from the last prompt token on (the earlier ones predict
+            # prompt tokens, which no loss reads); the others keep -1 and 0.
+            batch.teacher_indices[i, last_prompt:n] = self.target_to_draft[indices[row, : n - last_prompt]]
+            batch.teacher_logprobs[i, last_prompt:n] = logprobs[row, : n - last_prompt]
+            batch.teacher_argmax[i, last_prompt:n] = indices[row, : n - last_prompt, 0]
+        return batch

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from torchspec_ext.drafts.base import DraftFamily, DraftLoadError, read_config
 from torchspec_ext.drafts.eagle3 import Eagle3Family
+from torchspec_ext.drafts.itself import TargetItselfFamily
 from torchspec_ext.drafts.lookup import PromptLookupFamily
 
 FAMILIES: dict[str, DraftFamily] = {
@@ -17,6 +18,7 @@ FAMILIES: dict[str, DraftFamily] = {
     for family in (
         Eagle3Family(),
         PromptLookupFamily(),
+        TargetItselfFamily(),
     )
 }
 TRAINABLE = [name for name, family in FAMILIES.items() if family.trainable]

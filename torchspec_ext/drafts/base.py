@@ -67,6 +67,10 @@ class DraftFamily:
         config.json, before any weight is read."""
         raise NotImplementedError
 
+    def untrained_draft(self, target):
+        """What a family without training proposes from (None: nothing but the context)."""
+        return None
+
     def load(self, directory: Path, target=None) -> nn.Module:
         """A draft saved by training or export (embeddings from ``target`` where it has them)."""
         raise NotImplementedError
@@ -129,3 +133,31 @@ def load_weights(module: nn.Module, directory: Path, state: dict[str, Tensor], f
         raise DraftLoadError(f"{directory}: not a compatible {what} draft ({exc})".replace("\n", " ")) from None
     if unexpected or set(missing) - set(frozen):
         raise DraftLoadError(f"{directory}: not a compatible {what} draft (missing {missing}, unexpected {unexpected})")
+
+
+# A chat rendered with the template a draft was trained with: serving must render it the same way.
+PROBE_CHAT = [
+    {"role": "system", "content": "You are a helpful assistant."},
+    {"role": "user", "content": "Hi there."},
+    {"role": "assistant", "content": "Hello! How can I help?"},
+    {"role": "user", "content": "Tell me a joke."},
+]
+
+
+def chat_probe(tokenizer) -> str:
+    """:data:`PROBE_CHAT` in ``tokenizer``'s chat template, ready for the assistant's reply: where two
+    templates (or a thinking-mode switch) differ, their probes differ."""
+    return tokenizer.apply_chat_template(PROBE_CHAT, add_generation_prompt=True, tokenize=False)
+
+
+def training_metadata(tokenizer, target: str | None, target_dtype: str, loss: str, responses: str) -> dict:
+    """What a draft records of its training (config.json's "training", kept by export): the chat
+    template its data was rendered with (and the probe chat rendered with it), the target and dtype."""
+    return {
+        "chat_template": tokenizer.chat_template,
+        "chat_probe": chat_probe(tokenizer),
+        "target": target or "default",
+        "target_dtype": target_dtype,
+        "loss": loss,
+        "responses": responses,
+    }

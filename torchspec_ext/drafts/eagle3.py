@@ -227,6 +227,7 @@ class Eagle3Draft(nn.Module):
     def __init__(self, c: DraftConfig):
         super().__init__()
         self.config = c
+        self.metadata: dict = {}  # how it was trained (drafts.base.training_metadata), saved in config.json
         self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size)
         self.embed_tokens.weight.requires_grad_(False)  # the target's, frozen
         self.fc = nn.Linear(len(c.feature_layers) * c.hidden_size, c.hidden_size, bias=False)
@@ -356,7 +357,8 @@ class Eagle3Draft(nn.Module):
         """config.json and model.safetensors; floating-point tensors cast to ``dtype`` if given
         (``d2t`` stays int64 and ``t2d`` bool)."""
         dtype_name = str(dtype or self.fc.weight.dtype).removeprefix("torch.")
-        save_weights(Path(directory), self.trained_state(), self.config.to_hf(dtype_name, private), dtype)
+        config = self.config.to_hf(dtype_name, private) | ({"training": self.metadata} if self.metadata else {})
+        save_weights(Path(directory), self.trained_state(), config, dtype)
 
     @staticmethod
     def load(directory: str | Path, target=None) -> Eagle3Draft:
@@ -393,6 +395,7 @@ class Eagle3Draft(nn.Module):
             draft.embed_tokens.weight.data.zero_()
         load_weights(draft, directory, state, ["embed_tokens.weight"], "EAGLE-3")
         draft.set_vocab(draft.draft_to_target())  # t2d rebuilt from d2t, so the two always agree
+        draft.metadata = raw.get("training") or {}
         return draft
 
 

@@ -91,6 +91,11 @@ class TrainConfig:
     grad_clip: float = option(1.0, "gradient-norm clip (0: none)", check=at_least(0))
     held_out: float = option(HELD_OUT_FRACTION, "fraction of conversations kept for evaluation", check=fraction)
     eval_interval: int = option(100, "steps between held-out evaluations (0: only at the end)", check=at_least(0))
+    eval_set: str = option(
+        "held-out",
+        "the held-out check's prompts: held-out (the data's held-out conversations), mt-bench, humaneval, or a "
+        "JSON / JSONL file of prompts (first turns; see python -m torchspec_ext.eval)",
+    )
     eval_prompts: int = option(4, check=at_least(1))
     eval_new_tokens: int = option(48, check=at_least(1))
     eval_depth: int = option(4, "chain depth / tree depth of the evaluation decoder", check=at_least(1))

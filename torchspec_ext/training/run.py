@@ -16,7 +16,7 @@ import torch
 
 from torchspec_ext import sharding
 from torchspec_ext.data import load_conversations, short_prompts, split_held_out, tokenize_conversation
-from torchspec_ext.drafts.base import DraftFamily, DraftLoadError
+from torchspec_ext.drafts.base import DraftFamily, DraftLoadError, training_metadata
 from torchspec_ext.options import DTYPES
 from torchspec_ext.target import stop_token_ids
 from torchspec_ext.teacher import Teacher
@@ -86,6 +86,7 @@ def build_run(config: TrainConfig) -> Run:
             else new_draft(family, target, batches, config)
         )
     draft = draft if holds_shard else draft.to(device)
+    draft.metadata = training_metadata(tokenizer, config.target, target_dtype, config.loss, config.responses)
     roles.same_everywhere(
         "draft vocabulary (every rank must read the same data, target, options and checkpoint)",
         tensor_digest([draft.draft_to_target()])[0],
@@ -95,7 +96,7 @@ def build_run(config: TrainConfig) -> Run:
     teacher = Teacher(target, draft.feature_layers, draft.target_to_draft(), config.topk, ops_module)
     eos = stop_token_ids(target, tokenizer)
     online = TeacherStream(batches, teacher, config.responses, eos)
-    prompts = short_prompts(held_out, tokenizer, config.eval_prompts, max_prompt_tokens=256)
+    prompts = held_out_prompts(config.eval_set, held_out, tokenizer, config.eval_prompts, config.seed)
     if config.teacher_shards > 1:
         heldout = NoHeldOutCheck(prompts)
         if roles.is_lead_trainer:
@@ -165,6 +166,20 @@ def load_target_and_data(config: TrainConfig, device: str, roles: RankRoles | No
         )
     train_set, held_out = split_held_out(conversations, config.held_out, seed=config.seed)
     return target, tokenizer, train_set, held_out
+
+
+def held_out_prompts(eval_set: str, held_out, tokenizer, count: int, seed: int) -> list[list[int]]:
+    """The held-out check's prompts (first turns, up to 256 tokens): the data's held-out
+    conversations, or ``count`` of a prompt set (torchspec_ext.evalsets)."""
+    if eval_set == "held-out":
+        return short_prompts(held_out, tokenizer, count, max_prompt_tokens=256)
+    from torchspec_ext.evalsets import PromptSetError, load_prompt_set, turn_prompt
+
+    try:
+        chosen = load_prompt_set(eval_set, tokenizer, limit=count, max_prompt_tokens=256, seed=seed)
+    except PromptSetError as exc:
+        raise TrainError(f"--eval-set: {exc}") from None
+    return [turn_prompt(tokenizer, item) for item in chosen.items]
 
 
 def target_dtype_name(config: TrainConfig) -> str:
