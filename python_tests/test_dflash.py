@@ -1,8 +1,9 @@
 """The DFlash and DSpark draft families (torchspec_ext.drafts.dflash): the block attention against a
 dense float64 reference, training blocks equal to the drafter's, the drafter's slots and Markov bias,
-greedy speculative decoding equal to plain decoding in every mode (with a draft that is accepted), anchors, each objective and its gradients against an eager float64 reference, the options, saving and
-loading (the training metadata kept; a folder of one family refused by another's loader, naming both),
-and train -> export -> eval on a tiny target (greedy outputs equal to plain decoding)."""
+greedy speculative decoding equal to plain decoding in every mode (with a draft that is accepted),
+anchors, each objective and its gradients against an eager float64 reference, the options, saving
+and loading (the training metadata kept; a folder of one family refused by another's loader, naming
+both), and train -> export -> eval on a tiny target (greedy outputs equal to plain decoding)."""
 
 from __future__ import annotations
 
