@@ -1,11 +1,16 @@
-// Every op schema of the torchspec library, and the pybind11 module for the non-op helpers.
-#include <torch/extension.h>
+// Every op schema of the torchspec library, and the pybind11 module for the non-op helpers (left
+// out where the op layer is compiled for the CUDA emulator's test, TORCHSPEC_OPS_ON_EMULATOR).
 #include <torch/library.h>
 
+#ifndef TORCHSPEC_OPS_ON_EMULATOR
+#include <torch/extension.h>
+
+#include "ops/device_errors.h"
 #include "pipeline/bindings.h"
 
 #ifdef TORCHSPEC_WITH_NCCL
 #include <nccl.h>
+#endif
 #endif
 
 TORCH_LIBRARY(torchspec, m) {
@@ -36,6 +41,7 @@ TORCH_LIBRARY(torchspec, m) {
       "-> (Tensor, Tensor, Tensor)");
 }
 
+#ifndef TORCHSPEC_OPS_ON_EMULATOR
 namespace {
 
 // What this build of the extension contains, for diagnostics and for skipping tests.
@@ -61,5 +67,11 @@ pybind11::dict build_info() {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "torchspec_ext compiled core: ops are registered under torch.ops.torchspec";
   m.def("build_info", &build_info, "What this build contains: {'cuda': bool, 'nccl_version': int or None}");
+  m.def(
+      "raise_device_errors", [](int device) { torchspec::raise_device_error(device, "raise_device_errors"); },
+      pybind11::arg("device"),
+      "Raises the input error a CUDA kernel of a torchspec op found on this device, if any (ops/device_errors.h); "
+      "call it after torch.cuda.synchronize()");
   torchspec::pipeline::bind(m);
 }
+#endif

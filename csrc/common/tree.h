@@ -2,12 +2,16 @@
 // Framework-free: no torch, no CUDA headers.
 //
 // A draft tree of T nodes per batch row is given by parents [B, T] (int64): parents[b, 0] = -1
-// (node 0, the root, is the last committed token) and 0 <= parents[b, j] < j otherwise. The
-// launchers validate the trees; the kernels assume valid ones.
+// (node 0, the root, is the last committed token) and 0 <= parents[b, j] < j otherwise. The CPU
+// launchers validate the trees on the host; the CUDA kernels validate them on the device (no host
+// copy), record the first error in `error` (common/device_error.h) and leave the outputs of a batch
+// row with a malformed tree NaN (attention) or -1 (verification): a walk to the root is then always
+// bounded, each step going to an earlier node.
 #pragma once
 
 #include <cstdint>
 
+#include "device_error.h"
 #include "topk_lse.h"
 
 namespace torchspec {
@@ -32,6 +36,7 @@ struct TreeAttentionParams {
   int64_t seq = 0;  // S
   int64_t head_dim = 0;  // D
   float scale = 1.0f;
+  DeviceErrorRecord* error = nullptr;  // CUDA: where a malformed tree or prefix length is reported
 };
 
 // The CUDA tree_attention kernel's blocking, shared with the benchmarks' byte counts: one thread
@@ -79,6 +84,7 @@ struct TreeVerifyParams {
   int64_t* num_accepted = nullptr;
   int64_t* path = nullptr;
   int64_t* next_token = nullptr;
+  DeviceErrorRecord* error = nullptr;  // CUDA: where a malformed tree, token id or uniform is reported
 };
 
 // The verification walk's step, on the host and the device: the first child of node `cur` (in

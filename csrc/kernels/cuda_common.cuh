@@ -10,6 +10,7 @@
 
 #include <cstdint>
 
+#include "../common/device_error.h"
 #include "../common/topk_lse.h"
 
 // Shared-memory declarations and launches, spelled so that the CPU emulator (csrc/testing) can
@@ -46,6 +47,23 @@ struct Elem<__half> {
   static __device__ __forceinline__ __half from_float(float v) { return __float2half_rn(v); }
 };
 
+// Records the first input error a kernel finds (common/device_error.h); `rec` may be null (then
+// the kernel only makes its outputs NaN or -1, as it does anyway).
+__device__ __forceinline__ void record_device_error(DeviceErrorRecord* rec, DeviceErrorOp op, DeviceErrorKind kind,
+                                                    int64_t row, int64_t index, int64_t value, int64_t low,
+                                                    int64_t limit) {
+  if (rec == nullptr || atomicCAS(&rec->claim, 0, 1) != 0) return;
+  rec->op = static_cast<int32_t>(op);
+  rec->row = row;
+  rec->index = index;
+  rec->value = value;
+  rec->low = low;
+  rec->limit = limit;
+  __threadfence_system();  // the fields before the kind that publishes them
+  *reinterpret_cast<volatile int32_t*>(&rec->kind) = static_cast<int32_t>(kind);
+  __threadfence_system();
+}
+
 // f(T{}) with T the element type of `dtype` (float, bfloat16 bits, __half): the launchers'
 // dispatch, e.g. dispatch_dtype(p.dtype, [&](auto t) { return launch<decltype(t)>(p, stream); }).
 template <class F>
@@ -63,17 +81,15 @@ cudaError_t dispatch_dtype(ScalarKind dtype, F&& f) {
 
 // Lets `kernel` be launched with `dynamic` bytes of dynamic shared memory. Past 48 KiB per block,
 // its static shared memory included, a launch needs the opt-in attribute (and fails with "invalid
-// argument" without it). A failure is returned and also cleared from cudaGetLastError: left there,
-// the caller's next, unrelated launch check would report it.
+// argument" without it). The attribute is set once per (kernel, device), to the most the device
+// allows, never to one call's own size: two host threads launching different sizes on one device
+// would race, one lowering it below what the other's launch needs. A launch that cannot fit fails
+// here with cudaErrorInvalidValue. A failure is returned and also cleared from cudaGetLastError:
+// left there, the caller's next, unrelated launch check would report it. (common.cu)
+cudaError_t allow_dynamic_smem_of(const void* kernel, size_t dynamic);
 template <class Kernel>
 cudaError_t allow_dynamic_smem(Kernel* kernel, size_t dynamic) {
-  cudaFuncAttributes attr;
-  cudaError_t err = dynamic > 0x7FFFFFFF ? cudaErrorInvalidValue : cudaFuncGetAttributes(&attr, kernel);
-  if (err == cudaSuccess && attr.sharedSizeBytes + dynamic > 48 * 1024) {
-    err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(dynamic));
-  }
-  if (err != cudaSuccess) cudaGetLastError();
-  return err;
+  return allow_dynamic_smem_of(reinterpret_cast<const void*>(kernel), dynamic);
 }
 
 // The shared memory per block (static + `dynamic`, bytes) a launch of `kernel` needs, and the most

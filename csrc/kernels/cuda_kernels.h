@@ -5,6 +5,7 @@
 
 #include <cstddef>
 
+#include "../common/device_error.h"
 #include "../common/draft_loss.h"
 #include "../common/topk_lse.h"
 #include "../common/tree.h"
@@ -29,6 +30,11 @@ cudaError_t tree_attention(const TreeAttentionParams& p, cudaStream_t stream);
 // that a tree or head size past the device's limit gets a clear error instead of a failed launch.
 cudaError_t tree_attention_smem(const TreeAttentionParams& p, size_t* needed, size_t* allowed);
 cudaError_t verify_tree_smem(const TreeVerifyParams& p, size_t* needed, size_t* allowed);
+
+// Checks that every id of ids [n] (row-major, `cols` per row) is in [low, limit); the first bad one
+// found is written to rec (common/device_error.h), reported by the op layer at its next call.
+cudaError_t check_index_range(const int64_t* ids, int64_t n, int64_t cols, int64_t low, int64_t limit, DeviceErrorOp op,
+                              DeviceErrorRecord* rec, cudaStream_t stream);
 
 // Tree verification, greedy when p.uniforms is null, else sampling (see TreeVerifyParams); one
 // thread block per batch row walks its tree.

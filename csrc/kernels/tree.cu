@@ -32,6 +32,37 @@ namespace torchspec {
 namespace cuda {
 namespace {
 
+// Whether batch row `b`'s inputs are valid, checked by every thread of the block (blockDim.x of
+// them), the same answer in each: its tree (parents [T]: -1 at the root, an earlier node
+// elsewhere), and where given its prefix length (in [0, max_prefix]), its tokens [T] (in [0, V))
+// and its uniforms [T] (in [0, 1)). The first error is recorded (common/device_error.h). The
+// launchers copy nothing to the host to check these; a walk to the root of a valid tree ends.
+__device__ bool row_is_valid(const int64_t* parents, int64_t T, int64_t b, DeviceErrorOp op, DeviceErrorRecord* rec,
+                             int64_t prefix = 0, int64_t max_prefix = -1, const int64_t* tokens = nullptr,
+                             int64_t V = 0, const double* u = nullptr) {
+  int bad = 0;
+  if (threadIdx.x == 0 && max_prefix >= 0 && (prefix < 0 || prefix > max_prefix)) {
+    bad = 1;
+    record_device_error(rec, op, DeviceErrorKind::kPrefixLength, b, 0, prefix, 0, max_prefix);
+  }
+  for (int64_t j = threadIdx.x; j < T; j += blockDim.x) {
+    const int64_t a = parents[j];
+    if (j == 0 ? a != -1 : (a < 0 || a >= j)) {
+      bad = 1;
+      record_device_error(rec, op, j == 0 ? DeviceErrorKind::kTreeRoot : DeviceErrorKind::kTreeParent, b, j, a, 0, j);
+    }
+    if (tokens != nullptr && (tokens[j] < 0 || tokens[j] >= V)) {
+      bad = 1;
+      record_device_error(rec, op, DeviceErrorKind::kTokenId, b, j, tokens[j], 0, V);
+    }
+    if (u != nullptr && !(u[j] >= 0.0 && u[j] < 1.0)) {
+      bad = 1;
+      record_device_error(rec, op, DeviceErrorKind::kUniform, b, j, __double_as_longlong(u[j]), 0, 1);
+    }
+  }
+  return __syncthreads_or(bad) == 0;
+}
+
 // ---- tree attention -------------------------------------------------------------------------
 
 constexpr int kAttnWarps = 8;
@@ -63,6 +94,14 @@ __global__ void __launch_bounds__(kAttnThreads) tree_attention_kernel(TreeAttent
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int64_t prefix = p.prefix_lens[b];
   const int64_t* parents = p.parents + b * T_;
+  T* out = static_cast<T*>(p.out);
+  if (!row_is_valid(parents, T_, b, DeviceErrorOp::kTreeAttention, p.error, prefix, S - T_)) {
+    for (int64_t i = tid; i < rows * D; i += kAttnThreads) {
+      const int64_t r = i / D;
+      out[((b * p.q_heads + g * G + r % G) * T_ + j0 + r / G) * D + i % D] = Elem<T>::from_float(NAN);
+    }
+    return;
+  }
 
   TORCHSPEC_EXTERN_SHARED(float, smem);
   float* qs = smem;  // [rows][D], scaled by scale * log2(e)
@@ -101,7 +140,12 @@ __global__ void __launch_bounds__(kAttnThreads) tree_attention_kernel(TreeAttent
     }
     if (tree_first >= 0 && tid < nodes) {
       unsigned bits = 0;
-      for (; ancestor >= tree_first; ancestor = parents[ancestor]) bits |= 1u << (ancestor - tree_first);
+      // Each step goes to an earlier node (checked above; stopped here anyway): at most T steps.
+      while (ancestor >= tree_first) {
+        bits |= 1u << (ancestor - tree_first);
+        const int64_t up = parents[ancestor];
+        ancestor = up < ancestor ? up : -1;
+      }
       masks[tid] = bits;
     }
     __syncthreads();
@@ -152,7 +196,6 @@ __global__ void __launch_bounds__(kAttnThreads) tree_attention_kernel(TreeAttent
     fold_tile(prefix + t0, static_cast<int>(min(int64_t{kKeyTile}, last + 1 - t0)), t0);
   }
 
-  T* out = static_cast<T*>(p.out);
 #pragma unroll
   for (int i = 0; i < kRowsPerWarp; ++i) {
     const int r = warp + kAttnWarps * i;
@@ -304,6 +347,13 @@ __global__ void __launch_bounds__(kVerifyThreads) verify_tree_kernel(TreeVerifyP
   int64_t* path = p.path + b * Tn;
   TORCHSPEC_EXTERN_SHARED(int64_t, rejected);  // sampling: tokens rejected at the current node, <= T
   TORCHSPEC_SHARED(VerifyState, st);
+  const bool sampling = p.uniforms != nullptr;
+  const double* u = sampling ? p.uniforms + b * Tn : nullptr;
+  if (!row_is_valid(parents, Tn, b, DeviceErrorOp::kVerifyTree, p.error, 0, -1, tokens, V, u)) {
+    for (int64_t i = tid; i < Tn; i += kVerifyThreads) path[i] = -1;
+    if (tid == 0) p.num_accepted[b] = p.next_token[b] = -1;
+    return;
+  }
   if (tid == 0) {
     st.cur = 0;
     st.accepted = 0;
@@ -311,8 +361,6 @@ __global__ void __launch_bounds__(kVerifyThreads) verify_tree_kernel(TreeVerifyP
     path[0] = 0;
   }
   __syncthreads();
-  const bool sampling = p.uniforms != nullptr;
-  const double* u = sampling ? p.uniforms + b * Tn : nullptr;
   while (true) {
     const int64_t cur = st.cur;
     const bool done = st.next >= 0;

@@ -19,6 +19,7 @@
 
 #include "../cpu/cpu_kernels.h"
 #include "checks.h"
+#include "device_errors.h"
 #include "dispatch.h"
 #include "lm_head.h"
 
@@ -54,8 +55,11 @@ void check_inputs(const at::Tensor& hidden, const at::Tensor& weight, const at::
                         ", got ", valid->sizes());
   }
   check_temperature(temperature, op);
-  if (check_index_range && indices.numel() > 0) {
-    // One small reduction (a device sync on CUDA): an id outside the vocabulary is a data bug.
+  if (check_index_range && indices.numel() > 0 && indices.is_cuda()) {
+    // On the device, no host sync: raised by the next torchspec call on that device (device_errors.h).
+    check_ids_on_device(indices, -1, V, DeviceErrorOp::kDraftLoss, op);
+  } else if (check_index_range && indices.numel() > 0) {
+    // An id outside the vocabulary is a data bug.
     const auto [lo, hi] = at::aminmax(indices);
     const int64_t min_id = lo.item<int64_t>(), max_id = hi.item<int64_t>();
     TORCHSPEC_CHECK_ARG(min_id >= -1, op, "teacher_indices must be -1 (absent) or in [0, Vd), got ", min_id);
