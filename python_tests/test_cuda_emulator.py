@@ -1,17 +1,19 @@
-"""Every CUDA kernel of csrc/kernels executed on the CPU, GPU or not.
+"""Every CUDA kernel of csrc/kernels executed on the CPU, GPU or not, and the op layer's CUDA path.
 
 The kernel files are compiled as C++ against the CUDA emulator (csrc/testing/cuda_emulator.h: one
 fiber per CUDA thread, checked barriers and warp collectives, poisoned and bounded shared memory)
 and run by csrc/testing/emulator_test.cpp against their CPU twins on the cases of the CUDA tests,
 under four thread orders (docs/cuda_emulator.md). This needs only g++ (C++20): without it, and only
-then, these tests are skipped.
+then, these tests are skipped. csrc/testing/op_layer_test.cpp runs the ops' CUDA registrations
+(csrc/ops, through torch's dispatcher, with CUDA tensors in the emulator's memory) against the CPU
+ops; it also needs torch's C++ headers and CPU library, which the test environment always has.
 """
 
 import subprocess
 
 import pytest
 
-from cuda_emulator_build import CXX, build, compiler
+from cuda_emulator_build import CXX, build, build_op_layer, compiler
 
 pytestmark = pytest.mark.skipif(compiler() is None, reason=f"no C++ compiler ({CXX}) to build the CUDA emulator test")
 
@@ -25,7 +27,7 @@ def run(driver, *args, timeout=900):
     return subprocess.run([str(driver), *args], capture_output=True, text=True, timeout=timeout)
 
 
-@pytest.mark.parametrize("family", ["topk", "draft_loss", "tree_attention", "verify", "launch"])
+@pytest.mark.parametrize("family", ["topk", "draft_loss", "tree_attention", "verify", "launch", "checks"])
 def test_cuda_kernels_match_cpu_twins_on_the_emulator(driver, family):
     done = run(driver, family)
     assert done.returncode == 0, f"exit {done.returncode}\n{done.stdout}\n{done.stderr}"
@@ -46,6 +48,7 @@ def test_cuda_kernels_match_cpu_twins_on_the_emulator(driver, family):
         ("shared_slack", "a write past the end of dynamic shared memory"),
         ("misaligned_load", "misaligned __ldcs of 16 bytes"),
         ("global_overflow", "outside a cudaMalloc'd buffer"),
+        ("endless_loop", "the launch ran past 1 s of CPU"),
     ],
 )
 def test_emulator_reports_the_bug(driver, name, message):
@@ -57,3 +60,13 @@ def test_emulator_poisons_shared_memory(driver):
     # A shared variable read before any write gives the poison (all bits set), not a zero.
     done = run(driver, "selftest", "uninitialised_shared", timeout=60)
     assert done.returncode == 0 and "read ffffffff" in done.stdout, done.stdout + done.stderr
+
+
+def test_op_layer_on_the_emulator():
+    """The ops with CUDA tensors: each kernel launched on the current stream of its tensors' device
+    under a device guard, no device-to-host transfer (host sync), the CPU op's results; inputs that
+    the kernels check on the device raised by the next call with the CPU op's message."""
+    done = run(build_op_layer(), timeout=300)
+    assert done.returncode == 0, f"exit {done.returncode}\n{done.stdout}\n{done.stderr}"
+    assert "0 failed" in done.stdout, done.stdout
+    print(done.stdout)
