@@ -5,6 +5,7 @@
 #ifndef TORCHSPEC_OPS_ON_EMULATOR
 #include <torch/extension.h>
 
+#include "common/tree.h"
 #include "ops/device_errors.h"
 #include "pipeline/bindings.h"
 
@@ -72,6 +73,23 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       pybind11::arg("device"),
       "Raises the input error a CUDA kernel of a torchspec op found on this device, if any (ops/device_errors.h); "
       "call it after torch.cuda.synchronize()");
+  m.def(
+      "tree_attention_cuda_cost",
+      [](int64_t B, int64_t Hq, int64_t Hkv, int64_t T, int64_t prefix, int64_t D, int64_t esize, int64_t sms) {
+        const torchspec::TreeAttentionCost c = torchspec::tree_attention_mma_cost(B, Hq, Hkv, T, prefix, D, esize, sms);
+        pybind11::dict d;
+        d["bytes"] = c.bytes;
+        d["unique_bytes"] = c.unique_bytes;
+        d["floor_bytes"] = c.floor_bytes;
+        d["executed_flops"] = c.executed_flops;
+        d["dense_flops"] = c.dense_flops;
+        d["splits"] = c.splits;
+        return d;
+      },
+      pybind11::arg("batch"), pybind11::arg("q_heads"), pybind11::arg("kv_heads"), pybind11::arg("nodes"),
+      pybind11::arg("prefix"), pybind11::arg("dim"), pybind11::arg("esize"), pybind11::arg("sm_count"),
+      "What the CUDA tensor-core tree_attention kernel moves and computes (common/tree.h): bytes, unique_bytes, "
+      "floor_bytes, executed_flops, dense_flops, splits");
   torchspec::pipeline::bind(m);
 }
 #endif

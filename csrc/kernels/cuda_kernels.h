@@ -22,7 +22,12 @@ cudaError_t draft_loss_forward(const DraftLossForwardTile& p, cudaStream_t strea
 // draft_topk_kl backward: a logits tile becomes d loss / d logits in place; one block per row.
 cudaError_t draft_loss_backward(const DraftLossBackwardTile& p, cudaStream_t stream);
 
-// Tree attention (see TreeAttentionParams); one thread block per (batch row, kv head, tile of nodes).
+// How tree_attention runs on the current device (common/tree.h): tensor cores for bfloat16 / float16
+// on sm_80 and later, else CUDA cores; the number of key ranges and the workspace they need.
+cudaError_t tree_attention_plan(const TreeAttentionParams& p, TreeAttentionPlan* plan);
+
+// Tree attention (see TreeAttentionParams). With tensor cores and more than one key range
+// (tree_attention_plan), p.workspace must hold plan.workspace_bytes and p.splits be plan.splits.
 cudaError_t tree_attention(const TreeAttentionParams& p, cudaStream_t stream);
 
 // Shared memory per block (static + dynamic, bytes) that a tree_attention or verify_tree launch

@@ -112,15 +112,29 @@ at::Tensor tree_attention(const at::Tensor& q, const at::Tensor& k, const at::Te
       q, B * Hkv, 1, op, nullptr, [&](int64_t begin, int64_t end) { cpu::tree_attention_units(p, begin, end); },
       TORCHSPEC_IF_CUDA([&](cudaStream_t stream) {
         TORCHSPEC_CHECK_ARG(D <= 256, op, "the CUDA kernel supports head dimensions D <= 256, got ", D);
-        TORCHSPEC_CHECK_ARG(Hq / Hkv <= 16, op, "the CUDA kernel supports up to 16 query heads per kv head, got ",
-                            Hq / Hkv);
+        TORCHSPEC_CHECK_ARG(S < (int64_t{1} << 31), op, "the sequence length S must be below 2^31 on CUDA, got ", S);
         TORCHSPEC_CHECK_ARG(B * Hkv * T < (int64_t{1} << 31), op, "B * Hkv * T must be below 2^31 on CUDA");
+        TreeAttentionPlan plan;
+        const cudaError_t plan_err = cuda::tree_attention_plan(p, &plan);
+        TORCH_CHECK(plan_err == cudaSuccess, "torchspec.tree_attention: ", cudaGetErrorString(plan_err));
+        TORCHSPEC_CHECK_ARG(plan.tensor_cores || Hq / Hkv <= 16, op,
+                            "the CUDA-core kernel (float32, or a GPU before sm_80) supports up to 16 query heads per "
+                            "kv head, got ",
+                            Hq / Hkv);
         size_t needed = 0, allowed = 0;
         const cudaError_t smem_err = cuda::tree_attention_smem(p, &needed, &allowed);
         TORCH_CHECK(smem_err == cudaSuccess, "torchspec.tree_attention: ", cudaGetErrorString(smem_err));
-        TORCHSPEC_CHECK_ARG(needed <= allowed, op, "D = ", D, " with ", Hq / Hkv, " query heads per kv head needs ",
-                            needed, " bytes of shared memory per block on CUDA, more than this GPU allows (", allowed,
-                            ")");
+        TORCHSPEC_CHECK_ARG(needed <= allowed, op, "D = ", D, " with ", Hq / Hkv,
+                            " query heads per kv head and T = ", T, " needs ", needed,
+                            " bytes of shared memory per block on CUDA, more than this GPU allows (", allowed, ")");
+        // Several key ranges per block of rows: their float32 partials, merged by a second kernel. The
+        // caching allocator orders its reuse on this stream after both kernels.
+        at::Tensor workspace;
+        if (plan.splits > 1) {
+          workspace = at::empty({static_cast<int64_t>(plan.workspace_bytes / 4)}, q.options().dtype(at::kFloat));
+          p.workspace = workspace.data_ptr<float>();
+        }
+        p.splits = plan.splits;
         p.error = device_error_record(q.get_device());
         return cuda::tree_attention(p, stream);
       }));

@@ -96,6 +96,8 @@ enum cudaDeviceAttr {
   cudaDevAttrMaxThreadsPerBlock = 1,
   cudaDevAttrMaxSharedMemoryPerBlock = 8,
   cudaDevAttrMultiProcessorCount = 16,
+  cudaDevAttrComputeCapabilityMajor = 75,
+  cudaDevAttrComputeCapabilityMinor = 76,
   cudaDevAttrMaxSharedMemoryPerBlockOptin = 97,
 };
 struct cudaFuncAttributes {
@@ -327,7 +329,7 @@ struct Site {
   }
 };
 
-enum class Kind { kShfl, kShflXor, kShflUp, kBallot, kSyncwarp };
+enum class Kind { kShfl, kShflXor, kShflUp, kBallot, kSyncwarp, kMmaBf16, kMmaF16 };
 inline const char* kind_name(Kind k) {
   switch (k) {
     case Kind::kShfl:
@@ -340,9 +342,24 @@ inline const char* kind_name(Kind k) {
       return "__ballot_sync";
     case Kind::kSyncwarp:
       return "__syncwarp";
+    case Kind::kMmaBf16:
+      return "mma.sync.m16n8k16 (bf16)";
+    case Kind::kMmaF16:
+      return "mma.sync.m16n8k16 (f16)";
   }
   return "?";
 }
+
+// A copy that cp.async has issued and not yet made (see cp_async).
+struct AsyncCopy {
+  char* dst;
+  const char* src;
+  int bytes;  // copied; the rest of the 16 are zeros
+  void run() const {
+    std::memcpy(dst, src, bytes);
+    std::memset(dst + bytes, 0, 16 - bytes);
+  }
+};
 
 enum class State { kReady, kBarrier, kWarp, kExited };
 
@@ -352,6 +369,9 @@ struct Thread {
   int linear = 0, lane = 0, warp = 0;
   State state = State::kReady;
   uint64_t result = 0;  // of the collective it waited for
+  float mma_out[4] = {};  // of the mma it waited for
+  std::vector<AsyncCopy> open_copies;  // cp.async since the last commit
+  std::vector<std::vector<AsyncCopy>> copy_groups;  // committed, oldest first
 };
 
 // The collective a warp's lanes are gathering at (one at a time per warp).
@@ -365,6 +385,7 @@ struct WarpOp {
   int width = 32;
   uint64_t value[32] = {};
   int arg[32] = {};
+  uint32_t mma_in[32][10] = {};  // each lane's A (4), B (2) and C (4, float bits) registers
 };
 
 struct KernelInfo {
@@ -444,7 +465,14 @@ class Emulator {
   template <class T>
   T& static_shared(const void* decl);
   char* dynamic_base() const { return dyn_base_; }
-  uint64_t collective(Kind kind, unsigned mask, uint64_t value, int arg, int width, const Site& site);
+  uint64_t collective(Kind kind, unsigned mask, uint64_t value, int arg, int width, const Site& site,
+                      const uint32_t* mma_in = nullptr);
+  // mma.sync.aligned.m16n8k16.row.col.f32.{bf16,f16}: a full-warp collective (d = a * b + c).
+  void mma(Kind kind, const uint32_t* a, const uint32_t* b, const float* c, float* d, const Site& site);
+  // cp.async.cg.shared.global of 16 bytes (src_bytes of them read, the rest zeros), its groups.
+  void cp_async(void* dst, const void* src, int src_bytes);
+  void cp_async_commit();
+  void cp_async_wait(int pending);
   // __syncthreads (kind 0), or __syncthreads_or / _and / _count (1, 2, 3) of each thread's predicate.
   int barrier(const Site& site, int kind = 0, int predicate = 0);
   [[noreturn]] void thread_main();
@@ -872,7 +900,8 @@ inline std::string Emulator::describe_waits() const {
   return s;
 }
 
-inline uint64_t Emulator::collective(Kind kind, unsigned mask, uint64_t value, int arg, int width, const Site& site) {
+inline uint64_t Emulator::collective(Kind kind, unsigned mask, uint64_t value, int arg, int width, const Site& site,
+                                     const uint32_t* mma_in) {
   if (cur_ == nullptr) fault(std::string(kind_name(kind)) + " outside a kernel");
   ++stats().rendezvous;
   Thread& t = *cur_;
@@ -905,6 +934,7 @@ inline uint64_t Emulator::collective(Kind kind, unsigned mask, uint64_t value, i
   }
   op.value[t.lane] = value;
   op.arg[t.lane] = arg;
+  if (mma_in != nullptr) std::memcpy(op.mma_in[t.lane], mma_in, sizeof(op.mma_in[0]));
   op.arrived |= bit;
   if (op.arrived != op.mask) {
     to_scheduler(State::kWarp);
@@ -915,8 +945,55 @@ inline uint64_t Emulator::collective(Kind kind, unsigned mask, uint64_t value, i
   return t.result;
 }
 
+// The arithmetic of the emulated mma.sync (the "CPU twin" of a tensor core): A 16x16 and B 16x8 as
+// the fragments lay them out (PTX ISA, "Matrix Fragments for mma.m16n8k16 with floating point
+// type"; groupID = lane / 4, t = lane % 4), each product exact in float32 (8- or 11-bit
+// significands), summed into C in float32 in the order k = 0..15. A GPU's tensor cores sum in an
+// order and with a rounding of their own, which this does not claim to reproduce.
+inline void mma_m16n8k16(Kind kind, const uint32_t (*in)[10], float (*out)[4]) {
+  const auto element = [kind](uint32_t reg, int half) {
+    const uint16_t bits = static_cast<uint16_t>(half ? reg >> 16 : reg & 0xFFFFu);
+    if (kind == Kind::kMmaBf16) return __uint_as_float(static_cast<uint32_t>(bits) << 16);
+    _Float16 h;
+    std::memcpy(&h, &bits, 2);
+    return static_cast<float>(h);
+  };
+  float a[16][16], b[16][8], c[16][8];
+  for (int lane = 0; lane < 32; ++lane) {
+    const int g = lane >> 2, t = lane & 3;
+    for (int i = 0; i < 8; ++i) {  // a_i: row g (+8 for i in {2,3,6,7}), col 2t + (i & 1) (+8 for i >= 4)
+      const int row = g + ((i & 2) ? 8 : 0), col = 2 * t + (i & 1) + (i >= 4 ? 8 : 0);
+      a[row][col] = element(in[lane][i / 2], i & 1);
+    }
+    for (int i = 0; i < 4; ++i) {  // b_i: row 2t + (i & 1) (+8 for i >= 2), col g
+      b[2 * t + (i & 1) + (i >= 2 ? 8 : 0)][g] = element(in[lane][4 + i / 2], i & 1);
+    }
+    for (int i = 0; i < 4; ++i) c[g + (i >= 2 ? 8 : 0)][2 * t + (i & 1)] = __uint_as_float(in[lane][6 + i]);
+  }
+  for (int lane = 0; lane < 32; ++lane) {
+    const int g = lane >> 2, t = lane & 3;
+    for (int i = 0; i < 4; ++i) {
+      const int row = g + (i >= 2 ? 8 : 0), col = 2 * t + (i & 1);
+      float acc = c[row][col];
+      for (int k = 0; k < 16; ++k) acc += a[row][k] * b[k][col];
+      out[lane][i] = acc;
+    }
+  }
+}
+
 inline void Emulator::complete(WarpOp& op) {
   const int base = 32 * cur_->warp;
+  if (op.kind == Kind::kMmaBf16 || op.kind == Kind::kMmaF16) {
+    float out[32][4];
+    mma_m16n8k16(op.kind, op.mma_in, out);
+    for (int l = 31; l >= 0; --l) {
+      Thread& t = threads_[base + l];
+      std::memcpy(t.mma_out, out[l], sizeof(t.mma_out));
+      if (t.state == State::kWarp) make_ready(t);
+    }
+    op.active = false;
+    return;
+  }
   unsigned ballot = 0;
   if (op.kind == Kind::kBallot) {
     for (int l = 0; l < 32; ++l) {
@@ -940,6 +1017,8 @@ inline void Emulator::complete(WarpOp& op) {
         break;
       case Kind::kBallot:
       case Kind::kSyncwarp:
+      case Kind::kMmaBf16:
+      case Kind::kMmaF16:
         break;
     }
     if (src < 0 || src > 31 || !(op.mask >> src & 1u)) {
@@ -951,6 +1030,49 @@ inline void Emulator::complete(WarpOp& op) {
     if (t.state == State::kWarp) make_ready(t);
   }
   op.active = false;
+}
+
+inline void Emulator::mma(Kind kind, const uint32_t* a, const uint32_t* b, const float* c, float* d, const Site& site) {
+  if (cur_ == nullptr) fault(std::string(kind_name(kind)) + " outside a kernel");
+  if (warps_[cur_->warp].lanes != 0xFFFFFFFFu) fault(std::string(kind_name(kind)) + " in a partial warp");
+  uint32_t in[10];
+  std::memcpy(in, a, 16);
+  std::memcpy(in + 4, b, 8);
+  std::memcpy(in + 6, c, 16);
+  collective(kind, 0xFFFFFFFFu, 0, 0, 32, site, in);  // .aligned: every lane, the same instruction
+  std::memcpy(d, cur_->mma_out, 16);
+}
+
+// The copy is made at the issuing thread's cp.async.wait_group under the forward and random orders
+// (a reader that does not wait, or does not wait for the other threads' copies behind a barrier,
+// sees the old bytes) and at once under reverse and eager (a copy issued into a buffer that other
+// threads still read overwrites it early), as a GPU may do either.
+inline void Emulator::cp_async(void* dst, const void* src, int src_bytes) {
+  if (cur_ == nullptr) fault("cp.async outside a kernel");
+  if ((reinterpret_cast<uintptr_t>(dst) | reinterpret_cast<uintptr_t>(src)) & 15) {
+    fault("cp.async of 16 bytes with a misaligned address (shared " + std::to_string(reinterpret_cast<uintptr_t>(dst)) +
+          ", global " + std::to_string(reinterpret_cast<uintptr_t>(src)) + ")");
+  }
+  if (src_bytes < 0 || src_bytes > 16) fault("cp.async: src-size " + std::to_string(src_bytes) + " not in [0, 16]");
+  const AsyncCopy c{static_cast<char*>(dst), static_cast<const char*>(src), src_bytes};
+  if (options().order == Order::kReverse || options().order == Order::kEager) {
+    c.run();
+  } else {
+    cur_->open_copies.push_back(c);
+  }
+}
+inline void Emulator::cp_async_commit() {
+  if (cur_ == nullptr) fault("cp.async.commit_group outside a kernel");
+  cur_->copy_groups.push_back(std::move(cur_->open_copies));
+  cur_->open_copies.clear();
+}
+inline void Emulator::cp_async_wait(int pending) {
+  if (cur_ == nullptr) fault("cp.async.wait_group outside a kernel");
+  auto& groups = cur_->copy_groups;
+  while (static_cast<int>(groups.size()) > pending) {
+    for (const AsyncCopy& c : groups.front()) c.run();
+    groups.erase(groups.begin());
+  }
 }
 
 inline int Emulator::barrier(const Site& site, int kind, int predicate) {
@@ -1074,6 +1196,23 @@ T __shfl_up_sync(unsigned mask, T var, unsigned delta, int width = 32,
   using namespace cuemu::detail;
   return from_bits<T>(emu().collective(Kind::kShflUp, mask, to_bits(var), static_cast<int>(delta), width, Site(loc)));
 }
+// The tensor-core and asynchronous-copy instructions the kernels wrap (kernels/cuda_common.cuh).
+inline void cuemu_mma_bf16_m16n8k16(float* d, const uint32_t* a, const uint32_t* b, const float* c,
+                                    std::source_location loc = std::source_location::current()) {
+  using namespace cuemu::detail;
+  emu().mma(Kind::kMmaBf16, a, b, c, d, Site(loc));
+}
+inline void cuemu_mma_f16_m16n8k16(float* d, const uint32_t* a, const uint32_t* b, const float* c,
+                                   std::source_location loc = std::source_location::current()) {
+  using namespace cuemu::detail;
+  emu().mma(Kind::kMmaF16, a, b, c, d, Site(loc));
+}
+inline void cuemu_cp_async_16(void* dst, const void* src, int src_bytes) {
+  cuemu::detail::emu().cp_async(dst, src, src_bytes);
+}
+inline void cuemu_cp_async_commit() { cuemu::detail::emu().cp_async_commit(); }
+inline void cuemu_cp_async_wait(int pending) { cuemu::detail::emu().cp_async_wait(pending); }
+
 inline void __syncwarp(unsigned mask = 0xFFFFFFFFu, std::source_location loc = std::source_location::current()) {
   using namespace cuemu::detail;
   emu().collective(Kind::kSyncwarp, mask, 0, 0, 32, Site(loc));
@@ -1159,6 +1298,12 @@ inline cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int d
       return cudaSuccess;
     case cudaDevAttrMaxSharedMemoryPerBlock:
       *value = static_cast<int>(cuemu::detail::kDefaultSmem);
+      return cudaSuccess;
+    case cudaDevAttrComputeCapabilityMajor:  // an H100 / H200: sm_90
+      *value = 9;
+      return cudaSuccess;
+    case cudaDevAttrComputeCapabilityMinor:
+      *value = 0;
       return cudaSuccess;
     case cudaDevAttrMultiProcessorCount:
       *value = 132;

@@ -333,6 +333,34 @@ void test_tree_attention(cudaStream_t stream1) {
         "tree_attention on cuda:1: error " + std::to_string(err) + " > twice the CPU op's " + std::to_string(cpu_err));
 }
 
+// tree_attention in bfloat16 on cuda:1 (tensor cores on the emulated sm_90): one block of rows over a
+// 600-key prefix is split into key ranges, so the op allocates the merge's workspace and launches
+// two kernels on the current stream; the error against float64 within twice the CPU op's plus the
+// rounding of P to bfloat16 (2^-8 of the largest |v|).
+void test_tree_attention_tensor_cores(cudaStream_t stream1) {
+  at::Generator gen = at::detail::createCPUGenerator(9);
+  const int64_t B = 1, Hq = 2, Hkv = 1, T = 8, D = 64, S = 620;
+  const at::Tensor q = at::randn({B, Hq, T, D}, gen).to(at::kBFloat16);
+  const at::Tensor k = at::randn({B, Hkv, S, D}, gen).to(at::kBFloat16),
+                   v = at::randn({B, Hkv, S, D}, gen).to(at::kBFloat16);
+  const at::Tensor lens = at::tensor({600}, at::kLong);
+  const at::Tensor parents = at::tensor({-1, 0, 0, 1, 1, 2, 5, 6}, at::kLong).view({B, T});
+  const at::Tensor ref = attention_reference(q, k, v, lens, parents);
+  const at::Tensor cpu = tree_attention(q, k, v, lens, parents);
+  const uint64_t launches = cuemu::stats().launches;
+  const at::Tensor out = without_host_transfers("tree_attention (bf16)", [&] {
+    return tree_attention(q.to(cuda(1)), k.to(cuda(1)), v.to(cuda(1)), lens.to(cuda(1)), parents.to(cuda(1)));
+  });
+  expect_launch(stream1, 1, "tree_attention (bf16)");
+  check(cuemu::stats().launches - launches == 2,
+        "tree_attention (bf16): " + std::to_string(cuemu::stats().launches - launches) +
+            " launches, want the key ranges' kernel and the merge");
+  const double cpu_err = (cpu.to(at::kDouble) - ref).abs().max().item<double>();
+  const double err = (out.to(kCpu).to(at::kDouble) - ref).abs().max().item<double>();
+  const double bound = 2 * cpu_err + std::ldexp(v.to(at::kDouble).abs().max().item<double>(), -8);
+  check(err <= bound, "tree_attention (bf16) on cuda:1: error " + std::to_string(err) + " > " + std::to_string(bound));
+}
+
 // verify_tree_greedy and verify_tree_sampling on cuda:1: the CPU op's integers exactly.
 void test_verify(cudaStream_t stream1) {
   at::Generator gen = at::detail::createCPUGenerator(11);
@@ -521,6 +549,7 @@ int main() {
   cudaSetDevice(0);
   const std::vector<std::pair<const char*, std::function<void()>>> tests = {
       {"tree_attention", [&] { test_tree_attention(stream1); }},
+      {"tree_attention (tensor cores)", [&] { test_tree_attention_tensor_cores(stream1); }},
       {"verify", [&] { test_verify(stream1); }},
       {"topk", [&] { test_topk(stream1); }},
       {"device checks", [&] { test_device_checks(); }},
