@@ -5,7 +5,9 @@
   directly; no torch and no CUDA toolkit are involved, only a C++20 compiler;
 - build_op_layer(): the op layer's test (csrc/testing/op_layer_test.cpp): csrc/ops and the op
   schemas compiled against torch's headers with the emulator standing in for CUDA, linked with
-  torch's CPU library only (libtorch_cpu, libc10).
+  torch's CPU library only (libtorch_cpu, libc10);
+- build_pipeline(): the NCCL transport's test (csrc/testing/pipeline_test.cpp): pipeline/nccl_comm.cpp
+  over a fake NCCL (csrc/testing/fake_nccl) and the emulator's streams and events.
 
 Objects are cached in build/cuda_emulator/ under a hash of their source, every header they may
 include and the flags, so a rerun, or a mutation of one kernel file (scripts/cuda_emulator_mutations.py),
@@ -61,7 +63,7 @@ def torch_paths() -> tuple[list[Path], Path] | None:
 
 def _headers(root: Path) -> list[Path]:
     found = []
-    for folder in ("common", "cpu", "kernels", "ops", "testing"):
+    for folder in ("common", "cpu", "kernels", "ops", "pipeline", "testing"):
         found += sorted(p for p in (root / "csrc" / folder).rglob("*") if p.suffix in (".h", ".cuh"))
     return found
 
@@ -93,6 +95,16 @@ def build_op_layer(root: Path = ROOT, build_dir: Path | None = None, jobs: int =
     units.append((root / "csrc" / "testing" / "op_layer_test.cpp", OPS_FLAGS + torch_flags))
     libs = ["-fopenmp", f"-L{lib}", "-ltorch_cpu", "-lc10", f"-Wl,-rpath,{lib}"]
     return _build(root, build_dir, jobs, units, libs, "cuda_emulator_op_test")
+
+
+def build_pipeline(root: Path = ROOT, build_dir: Path | None = None, jobs: int = 2) -> Path:
+    """The NCCL transport's test binary (only a C++20 compiler)."""
+    flags = ["-DTORCHSPEC_WITH_NCCL", "-I{root}/csrc/testing/fake_nccl"] + KERNEL_FLAGS
+    units = [
+        (root / "csrc" / "pipeline" / "nccl_comm.cpp", flags),
+        (root / "csrc" / "testing" / "pipeline_test.cpp", flags + ["-Wno-missing-field-initializers"]),
+    ]
+    return _build(root, build_dir, jobs, units, ["-pthread"], "cuda_emulator_pipeline_test")
 
 
 def _build(root: Path, build_dir: Path | None, jobs: int, units: list, libs: list[str], name: str) -> Path:

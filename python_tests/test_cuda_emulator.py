@@ -7,13 +7,14 @@ under four thread orders (docs/cuda_emulator.md). This needs only g++ (C++20): w
 then, these tests are skipped. csrc/testing/op_layer_test.cpp runs the ops' CUDA registrations
 (csrc/ops, through torch's dispatcher, with CUDA tensors in the emulator's memory) against the CPU
 ops; it also needs torch's C++ headers and CPU library, which the test environment always has.
+csrc/testing/pipeline_test.cpp runs the pipeline's NCCL transport over a fake NCCL.
 """
 
 import subprocess
 
 import pytest
 
-from cuda_emulator_build import CXX, build, build_op_layer, compiler
+from cuda_emulator_build import CXX, build, build_op_layer, build_pipeline, compiler
 
 pytestmark = pytest.mark.skipif(compiler() is None, reason=f"no C++ compiler ({CXX}) to build the CUDA emulator test")
 
@@ -70,3 +71,13 @@ def test_op_layer_on_the_emulator():
     assert done.returncode == 0, f"exit {done.returncode}\n{done.stdout}\n{done.stderr}"
     assert "0 failed" in done.stdout, done.stdout
     print(done.stdout)
+
+
+def test_nccl_channel_on_a_fake_nccl():
+    """pipeline/nccl_comm.cpp over a fake NCCL and the emulator's streams: tickets and their pooled
+    events, waits bounded by their timeout, aborts (once; a failed one raised), an operation queued
+    without its event aborting the channel, a teardown that waits for nothing (a synchronize that
+    would wait forever is an emulator fault) and an event after the channel's last work."""
+    done = run(build_pipeline(), timeout=120)
+    assert done.returncode == 0, f"exit {done.returncode}\n{done.stdout}\n{done.stderr}"
+    assert "0 failed" in done.stdout, done.stdout

@@ -28,7 +28,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "python_tests"))
-from cuda_emulator_build import build, build_op_layer  # noqa: E402
+from cuda_emulator_build import build, build_op_layer, build_pipeline  # noqa: E402
 
 ORDERS = ["forward", "reverse", "random", "eager"]
 
@@ -277,6 +277,35 @@ MUTATIONS = [
         "launch",
     ),
     (
+        "pipeline: the destructor waits for the streams",
+        "pipeline/nccl_comm.cpp",
+        "  abort_locked();\n  for (auto& [ticket, op] : ops_) cudaEventDestroy(op.event);",
+        "  abort_locked();\n  if (send_stream_ != nullptr) cudaStreamSynchronize(send_stream_);\n"
+        "  for (auto& [ticket, op] : ops_) cudaEventDestroy(op.event);",
+        "pipeline",
+    ),
+    (
+        "pipeline: a failed ticket keeps its pooled event",
+        "pipeline/nccl_comm.cpp",
+        "    free_events_.push_back(op.event);  // not recorded on a channel stream: reusable\n",
+        "",
+        "pipeline",
+    ),
+    (
+        "pipeline: a failed record after the operation was queued does not abort",
+        "pipeline/nccl_comm.cpp",
+        'fail(std::string("cudaEventRecord(channel stream): ") + cudaGetErrorString(err), false);',
+        'throw std::runtime_error(std::string("cudaEventRecord(channel stream): ") + cudaGetErrorString(err));',
+        "pipeline",
+    ),
+    (
+        "pipeline: the communicator kept after ncclCommAbort",
+        "pipeline/nccl_comm.cpp",
+        "  const ncclResult_t r = ncclCommAbort(comm_);\n  comm_ = nullptr;\n",
+        "  const ncclResult_t r = ncclCommAbort(comm_);\n",
+        "pipeline",
+    ),
+    (
         "op layer: tree_attention launched on the legacy default stream",
         "ops/tree_ops.cpp",
         "return cuda::tree_attention(p, stream);",
@@ -310,6 +339,7 @@ QUICK = {
     "checks: the root's parent is not checked": ("forward", "no root"),
     "launch: the shared-memory attribute set to each call's own size": ("forward", ""),
     "op layer: tree_attention launched on the legacy default stream": ("forward", ""),
+    "pipeline: the destructor waits for the streams": ("forward", ""),
 }
 
 
@@ -324,7 +354,7 @@ def first_failure(text: str) -> str:
 def run_family(driver: Path, family: str, order: str, cases: str, timeout: float) -> tuple[str, str, float]:
     """(kind, first failure, seconds) of one run."""
     began = time.monotonic()
-    args = [str(driver)] if family == "op_layer" else [str(driver), family]
+    args = [str(driver)] if family in ("op_layer", "pipeline") else [str(driver), family]
     env = {**os.environ, "CUEMU_ORDERS": order, "CUEMU_CASES": cases}
     try:
         done = subprocess.run(args, capture_output=True, text=True, timeout=timeout, env=env)
@@ -357,7 +387,7 @@ def main() -> int:
                 raise SystemExit(f"mutation '{what}': the text to replace is not in {name} exactly once")
             path.write_text(original.replace(old, new))
             try:
-                make = build_op_layer if family == "op_layer" else build
+                make = {"op_layer": build_op_layer, "pipeline": build_pipeline}.get(family, build)
                 driver = make(root=copy, build_dir=build_dir)
                 runs = [QUICK[what]] if args.quick else [(order, "") for order in orders]
                 results = []
@@ -366,8 +396,8 @@ def main() -> int:
                     print(
                         f"{what} [{order}]: {results[-1][1]} {results[-1][2]} ({results[-1][3]:.0f} s)", file=sys.stderr
                     )
-                    if family == "op_layer":
-                        break  # one run: the op layer's test has no thread orders of its own to vary
+                    if family in ("op_layer", "pipeline"):
+                        break  # one run: these tests run no kernels whose thread order could vary
             finally:
                 path.write_text(original)
             rows.append((what, family, results))
@@ -376,7 +406,7 @@ def main() -> int:
     print("|---|---|" + "---|" * len(shown) + "---|")
     for what, family, results in rows:
         cells = [kind for _, kind, _, _ in results] if not args.quick else [f"{results[0][0]}: {results[0][1]}"]
-        if family == "op_layer" and not args.quick:
+        if family in ("op_layer", "pipeline") and not args.quick:
             cells += ["-"] * (len(shown) - len(cells))
         report = next((msg for _, kind, msg, _ in results if msg), "")
         print(f"| {what} | {family} | " + " | ".join(cells) + f" | {report.replace('|', '/')} |")
