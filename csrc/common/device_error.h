@@ -20,13 +20,15 @@ enum class DeviceErrorKind : int32_t {
   kIndexRange,  // ids[row, index] = value, not in [low, limit): the caller names the tensor
 };
 
-// What a kernel found. `claim` picks the first writer (atomicCAS 0 -> 1); the writer fills the
-// fields, then publishes `kind` last, so a host that sees kind != kNone sees the fields too.
+// What a kernel found, in mapped pinned host memory. One error is recorded per `generation`: the
+// first kernel thread to raise the device-memory `claim` word to it (atomicMax: no atomic touches
+// host memory) fills the fields, then publishes `kind` last, so a host that sees kind != kNone
+// sees the fields too. The host reads the record, clears `kind`, then moves `generation` on.
 struct DeviceErrorRecord {
-  int32_t claim;
+  unsigned long long* claim;  // device memory: the last generation whose error was recorded
+  int64_t generation;  // written by the host, starting at 1
   int32_t kind;  // a DeviceErrorKind
   int32_t op;  // which op's kernel: DeviceErrorOp
-  int32_t pad;
   int64_t row, index, value, low, limit;
 };
 

@@ -54,7 +54,10 @@ struct Elem<__half> {
 __device__ __forceinline__ void record_device_error(DeviceErrorRecord* rec, DeviceErrorOp op, DeviceErrorKind kind,
                                                     int64_t row, int64_t index, int64_t value, int64_t low,
                                                     int64_t limit) {
-  if (rec == nullptr || atomicCAS(&rec->claim, 0, 1) != 0) return;
+  if (rec == nullptr) return;
+  const unsigned long long generation =
+      static_cast<unsigned long long>(*reinterpret_cast<const volatile int64_t*>(&rec->generation));
+  if (atomicMax(rec->claim, generation) >= generation) return;  // this generation's error is recorded
   rec->op = static_cast<int32_t>(op);
   rec->row = row;
   rec->index = index;

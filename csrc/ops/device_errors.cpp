@@ -40,12 +40,19 @@ DeviceErrorRecord* record_locked(Records& r, int device, bool make) {
   if (r.host[device] == nullptr && make) {
     void* host = nullptr;
     void* dev = nullptr;
+    void* claim = nullptr;
     const CudaDeviceGuard guard(c10::Device(c10::DeviceType::CUDA, static_cast<c10::DeviceIndex>(device)));
     cudaError_t err = cudaHostAlloc(&host, sizeof(DeviceErrorRecord), cudaHostAllocMapped | cudaHostAllocPortable);
     if (err == cudaSuccess) err = cudaHostGetDevicePointer(&dev, host, 0);
+    if (err == cudaSuccess) err = cudaMalloc(&claim, sizeof(unsigned long long));
+    // Stream-ordered before the first kernel that may record (no synchronisation, capturable).
+    if (err == cudaSuccess) err = cudaMemsetAsync(claim, 0, sizeof(unsigned long long), current_cuda_stream());
     TORCH_CHECK(err == cudaSuccess, "torchspec: cannot allocate the device error record of cuda:", device, ": ",
                 cudaGetErrorString(err));
     std::memset(host, 0, sizeof(DeviceErrorRecord));
+    DeviceErrorRecord* rec = static_cast<DeviceErrorRecord*>(host);
+    rec->claim = static_cast<unsigned long long*>(claim);
+    rec->generation = 1;
     r.host[device] = static_cast<DeviceErrorRecord*>(host);
     r.device[device] = static_cast<DeviceErrorRecord*>(dev);
   }
@@ -129,10 +136,10 @@ void raise_device_error(int device, const char* op) {
     if (rec == nullptr || *reinterpret_cast<volatile int32_t*>(&rec->kind) == 0) return;
     std::atomic_thread_fence(std::memory_order_acquire);  // the fields were written before the kind
     std::memcpy(&found, rec, sizeof(found));
-    // Cleared: kind first (nothing to report), then claim (a kernel may record the next error).
+    // Cleared: kind first (nothing to report), then the next generation (a kernel may record again).
     *reinterpret_cast<volatile int32_t*>(&rec->kind) = 0;
     std::atomic_thread_fence(std::memory_order_release);
-    *reinterpret_cast<volatile int32_t*>(&rec->claim) = 0;
+    *reinterpret_cast<volatile int64_t*>(&rec->generation) = found.generation + 1;
   }
   TORCH_CHECK(false, "torchspec.", op, ": a CUDA kernel of an earlier (or this) ", op_name(found.op),
               " call on cuda:", device, " found invalid input: ", describe(found),

@@ -1354,6 +1354,12 @@ inline cudaError_t cudaMalloc(void** ptr, size_t bytes) {
   *ptr = p;
   return cudaSuccess;
 }
+// Device memory is host memory: a memset runs at once (stream order is the order of the calls).
+inline cudaError_t cudaMemsetAsync(void* ptr, int value, size_t bytes, cudaStream_t = nullptr) {
+  std::memset(ptr, value, bytes);
+  return cudaSuccess;
+}
+inline cudaError_t cudaMemset(void* ptr, int value, size_t bytes) { return cudaMemsetAsync(ptr, value, bytes); }
 inline cudaError_t cudaFree(void* ptr) {
   using namespace cuemu::detail;
   if (ptr == nullptr) return cudaSuccess;

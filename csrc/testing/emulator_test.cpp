@@ -833,8 +833,9 @@ void test_tree_attention(const AttnCase& c) {
   // weight by at most half an ulp relative (2^-8 for bfloat16, 2^-11 for float16): the output moves
   // by at most that times sum_i p_i |v_i,d| / l, which each element's bound adds.
   const double tol = 2 * cpu_err + scale_max * std::ldexp(1.0, -22);
-  const double p_rounding = !plan.tensor_cores ? 0.0 : c.dtype == ScalarKind::kBFloat16 ? std::ldexp(1.0, -8)
-                                                                                          : std::ldexp(1.0, -11);
+  const double p_rounding = !plan.tensor_cores                 ? 0.0
+                            : c.dtype == ScalarKind::kBFloat16 ? std::ldexp(1.0, -8)
+                                                               : std::ldexp(1.0, -11);
   for_each_order(
       name,
       [&] {
@@ -1278,27 +1279,43 @@ void launch_family() {
 
 // ---- issue 31: inputs the CUDA kernels check on the device ------------------------------------------
 
-// A device error record as the op layer makes it: mapped pinned host memory, zeroed.
+void reset_error_record(torchspec::DeviceErrorRecord* r);
+
+// A device error record as the op layer makes it: mapped pinned host memory, zeroed, generation 1,
+// its claim word in device memory.
 torchspec::DeviceErrorRecord* new_error_record() {
   void* host = nullptr;
   void* dev = nullptr;
+  void* claim = nullptr;
   if (cudaHostAlloc(&host, sizeof(torchspec::DeviceErrorRecord), cudaHostAllocMapped) != cudaSuccess ||
-      cudaHostGetDevicePointer(&dev, host, 0) != cudaSuccess) {
+      cudaHostGetDevicePointer(&dev, host, 0) != cudaSuccess || cudaMalloc(&claim, 8) != cudaSuccess) {
     std::fprintf(stderr, "cudaHostAlloc failed\n");
     std::exit(1);
   }
   std::memset(host, 0, sizeof(torchspec::DeviceErrorRecord));
-  return static_cast<torchspec::DeviceErrorRecord*>(dev);
+  auto* r = static_cast<torchspec::DeviceErrorRecord*>(dev);
+  r->claim = static_cast<unsigned long long*>(claim);
+  reset_error_record(r);
+  return r;
+}
+
+void reset_error_record(torchspec::DeviceErrorRecord* r) {
+  unsigned long long* claim = r->claim;
+  std::memset(r, 0, sizeof(*r));
+  r->claim = claim;
+  *claim = 0;
+  r->generation = 1;
 }
 
 void expect_record(Check& check, const torchspec::DeviceErrorRecord* r, torchspec::DeviceErrorKind kind,
                    torchspec::DeviceErrorOp op, int64_t row, int64_t index, int64_t value) {
-  check.expect(r->claim == 1 && r->kind == static_cast<int32_t>(kind) && r->op == static_cast<int32_t>(op) &&
+  check.expect(*r->claim == 1 && r->kind == static_cast<int32_t>(kind) && r->op == static_cast<int32_t>(op) &&
                    r->row == row && r->index == index && r->value == value,
-               "device error record: claim %d kind %d op %d row %lld index %lld value %lld; want kind %d op %d row "
-               "%lld index %lld value %lld",
-               r->claim, r->kind, r->op, (long long)r->row, (long long)r->index, (long long)r->value,
-               static_cast<int>(kind), static_cast<int>(op), (long long)row, (long long)index, (long long)value);
+               "device error record: claim %llu kind %d op %d row %lld index %lld value %lld; want kind %d op %d "
+               "row %lld index %lld value %lld",
+               (unsigned long long)*r->claim, r->kind, r->op, (long long)r->row, (long long)r->index,
+               (long long)r->value, static_cast<int>(kind), static_cast<int>(op), (long long)row, (long long)index,
+               (long long)value);
 }
 
 // tree_attention with one bad batch row (a parent after its node, a node its own parent, a prefix
@@ -1340,7 +1357,7 @@ void check_attention_inputs(const char* what, int64_t bad_row, torchspec::Device
   for_each_order(
       format("checks: tree_attention, %s", what),
       [&] {
-        std::memset(p.error, 0, sizeof(*p.error));
+        reset_error_record(p.error);
         std::memset(out.p, 0xCD, B * Hq * T * D * 4);
       },
       [&] { return torchspec::cuda::tree_attention(p, nullptr); },
@@ -1397,7 +1414,7 @@ void check_verify_inputs(const char* what, bool sampling, int64_t bad_row, torch
   for_each_order(
       format("checks: verify_tree %s, %s", sampling ? "sampling" : "greedy", what),
       [&] {
-        std::memset(p.error, 0, sizeof(*p.error));
+        reset_error_record(p.error);
         for (int64_t i = 0; i < B * T; ++i) path[i] = -77;
         num[0] = num[1] = next[0] = next[1] = -77;
       },
@@ -1448,7 +1465,7 @@ void checks_family() {
   ids[611 * k + 3] = 30;
   torchspec::DeviceErrorRecord* rec = new_error_record();
   for_each_order(
-      "checks: index range [-1, 30), one id of 3500 past it", [&] { std::memset(rec, 0, sizeof(*rec)); },
+      "checks: index range [-1, 30), one id of 3500 past it", [&] { reset_error_record(rec); },
       [&] {
         return torchspec::cuda::check_index_range(ids.p, rows * k, k, -1, 30, torchspec::DeviceErrorOp::kDraftLoss, rec,
                                                   nullptr);
