@@ -89,16 +89,21 @@ class Graveyard {
     std::vector<at::Tensor> freed;
     {
       std::lock_guard<std::mutex> lock(mutex_);
+      bool not_ready = false;
       for (auto it = entries_.begin(); it != entries_.end();) {
-        if (it->done != nullptr && cudaEventQuery(it->done) == cudaSuccess) {
+        const cudaError_t state = it->done != nullptr ? cudaEventQuery(it->done) : cudaErrorNotReady;
+        if (state == cudaSuccess) {
           cudaEventDestroy(it->done);
           for (at::Tensor& t : it->buffers) freed.push_back(std::move(t));
           it = entries_.erase(it);
         } else {
+          not_ready |= state == cudaErrorNotReady && it->done != nullptr;
           ++it;
         }
       }
-      cudaGetLastError();  // a failed query is not the next launch's error
+      // "Not ready" is left in cudaGetLastError, where the next launch check would take it for its
+      // own error (as torch clears it); any other error stays for the caller to see.
+      if (not_ready && cudaPeekAtLastError() == cudaErrorNotReady) cudaGetLastError();
     }
   }
   size_t size() {

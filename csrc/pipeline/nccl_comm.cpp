@@ -313,6 +313,8 @@ bool NcclComm::poll(int64_t ticket, bool release) {
       return true;
     }
     if (err != cudaErrorNotReady) fail(std::string("cudaEventQuery: ") + cudaGetErrorString(err), false);
+    // Not an error: cleared, or the next kernel launch check on this thread would report it.
+    if (cudaPeekAtLastError() == cudaErrorNotReady) cudaGetLastError();
   }
   ncclResult_t state = ncclSuccess;
   ncclCommGetAsyncError(comm_, &state);

@@ -1454,7 +1454,8 @@ inline cudaError_t cudaStreamQuery(cudaStream_t stream) {
   using namespace cuemu::detail;
   if (stream != nullptr && stream->destroyed) return emu().set_error(cudaErrorInvalidResourceHandle);
   const CUstream_st* s = resolve(stream);
-  return s->complete_upto(s->items.size()) ? cudaSuccess : cudaErrorNotReady;
+  // "Not ready" is also left in cudaGetLastError, as the runtime may (torch clears it after a query).
+  return s->complete_upto(s->items.size()) ? cudaSuccess : emu().set_error(cudaErrorNotReady);
 }
 // Nothing else runs while the host waits here: work that is not complete would never be.
 inline cudaError_t cudaStreamSynchronize(cudaStream_t stream) {
@@ -1491,7 +1492,8 @@ inline cudaError_t cudaEventRecord(cudaEvent_t event, cudaStream_t stream = null
 inline cudaError_t cudaEventQuery(cudaEvent_t event) {
   using namespace cuemu::detail;
   if (event == nullptr || event->destroyed) return emu().set_error(cudaErrorInvalidResourceHandle);
-  return event->stream == nullptr || event->stream->complete_upto(event->upto) ? cudaSuccess : cudaErrorNotReady;
+  return event->stream == nullptr || event->stream->complete_upto(event->upto) ? cudaSuccess
+                                                                               : emu().set_error(cudaErrorNotReady);
 }
 inline cudaError_t cudaEventSynchronize(cudaEvent_t event) {
   const cudaError_t e = cudaEventQuery(event);

@@ -94,6 +94,7 @@ void test_round_trips() {
       fake_nccl::complete_all();
       c.wait(r, 1.0);
     }
+    check(cudaGetLastError() == cudaSuccess, "a poll left \"device not ready\" in cudaGetLastError");
     check(Counts::now().events - before.events == 1, "the completed operations' events are not reused (" +
                                                          std::to_string(Counts::now().events - before.events) +
                                                          " events made for 10 operations)");
