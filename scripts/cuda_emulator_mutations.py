@@ -253,6 +253,13 @@ MUTATIONS = [
         "tree_attention",
     ),
     (
+        "attention (tensor cores): the kv offset cut to 32 bits",
+        "kernels/tree.cu",
+        "const T* kg = static_cast<const T*>(p.k) + unit * p.seq * D;",
+        "const T* kg = static_cast<const T*>(p.k) + static_cast<int>(unit * p.seq * D);",
+        "tree_attention",
+    ),
+    (
         "checks: the root's parent is not checked",
         "kernels/tree.cu",
         "if (j == 0 ? a != -1 : (a < 0 || a >= j)) {",

@@ -445,10 +445,12 @@ class Emulator {
     device_ = d;
     return cudaSuccess;
   }
-  int add_device(int smem_optin) {
+  int add_device(int smem_optin, int cc_major) {
     optin_.push_back(smem_optin);
+    cc_major_.push_back(cc_major);
     return device_count() - 1;
   }
+  int cc_major_of(int device) const { return cc_major_[device]; }
 
   void get_attributes(const void* key, cudaFuncAttributes* a) {
     KernelInfo& k = kernel(key);
@@ -518,6 +520,7 @@ class Emulator {
   cudaError_t last_error_ = cudaSuccess;
   std::map<const void*, KernelInfo> kernels_;
   std::vector<int> optin_{232448};  // per device: cudaDevAttrMaxSharedMemoryPerBlockOptin (H100 / H200: 227 KiB)
+  std::vector<int> cc_major_{9};  // per device: the compute capability's major (sm_90)
   int device_ = 0;
 
   // The launch being run.
@@ -1153,9 +1156,9 @@ struct Launch {
 };
 
 // A new emulated device whose blocks may opt in to `bytes` of shared memory (an H100 or H200:
-// 232448, device 0's; an A100: 166912; sm_86 / sm_89: 101376), no kernel attribute set on it yet;
-// its index. cudaSetDevice makes it current.
-inline int add_device(int bytes) { return detail::emu().add_device(bytes); }
+// 232448, device 0's; an A100: 166912; sm_86 / sm_89: 101376; sm_75: 65536), of compute capability
+// `cc_major`.x, no kernel attribute set on it yet; its index. cudaSetDevice makes it current.
+inline int add_device(int bytes, int cc_major = 9) { return detail::emu().add_device(bytes, cc_major); }
 
 // Blocks of a huge grid to run: the first `head` and the last `tail` (linear indices).
 inline std::function<bool(uint64_t, uint64_t)> first_and_last_blocks(uint64_t head, uint64_t tail) {
@@ -1299,8 +1302,8 @@ inline cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int d
     case cudaDevAttrMaxSharedMemoryPerBlock:
       *value = static_cast<int>(cuemu::detail::kDefaultSmem);
       return cudaSuccess;
-    case cudaDevAttrComputeCapabilityMajor:  // an H100 / H200: sm_90
-      *value = 9;
+    case cudaDevAttrComputeCapabilityMajor:  // device 0: an H100 / H200, sm_90
+      *value = e.cc_major_of(device);
       return cudaSuccess;
     case cudaDevAttrComputeCapabilityMinor:
       *value = 0;

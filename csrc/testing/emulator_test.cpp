@@ -929,6 +929,12 @@ void tree_attention_family() {
   // clang-format off
   test_tree_attention({bf16, 64, 32, 8, 64, 128, std::vector<int64_t>(64, 100), 32896 - 164, AttnSpecial::kNone,
                        {511}, "(past 2^31 elements: the last unit of a 32k context)", true});
+  // The same past 2^31 on an sm_75 (64 KiB of shared memory), where bf16 runs on the CUDA-core kernel:
+  // G = 1, D = 64, S 65728 (4.3 GB reserved).
+  cudaSetDevice(cuemu::add_device(65536, 7));
+  test_tree_attention({bf16, 64, 8, 8, 64, 64, std::vector<int64_t>(64, 100), 65728 - 164, AttnSpecial::kNone,
+                       {511}, "(past 2^31 elements on an sm_75: the CUDA-core kernel)", true});
+  cudaSetDevice(0);
   // clang-format on
 }
 
