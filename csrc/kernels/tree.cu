@@ -1,22 +1,21 @@
 // CUDA tree attention and tree verification (framework-free).
 //
-// Tree attention: one block of 8 warps per (batch row, kv head, tile of nodes). The block's rows
-// are the G = Hq / Hkv query heads of the kv head for each node of the tile, G * nodes <= 64
-// (common/tree.h); warp w owns rows w, w + 8, ... Every key tile (32 keys, staged in shared memory
-// as float, K padded to D + 1 columns so that lane l reading key l is free of bank conflicts) is
-// read once by the block and used by all its rows, as the CPU kernel does: the prefix's keys and
-// values are read once per tile of nodes, not once per node. Lane l scores key l against the
-// row's query (broadcast from shared memory), the warp folds the tile into the row's online
-// softmax (base 2, float32) and writes the probabilities to shared memory, then P @ V for all the
-// warp's rows with lane l owning dimensions l, l + 32, ... and each value loaded once for them.
-// The keys are the prefix [0, prefix_len), unmasked, then the tree's nodes up to the tile's last
-// one, masked per node: bit kk of a node's mask says whether key kk of the tile is one of its
-// ancestors or itself. The tree tiles run from the last down, so that each node's walk to the
-// root (its parents, kept in a register of the thread of that node) runs once across them.
-//
-// What would make it faster: tensor-core MMA for Q K^T and P V (this kernel multiplies on the
-// CUDA cores, so at the benchmark's shape it is bound by its FLOPs, not its bytes), TMA loads
-// and a pipelined tile loop on sm_90, and a split of the prefix across blocks for small batches.
+// Tree attention has two kernels (tree_attention_plan picks one):
+// - Tensor cores, bfloat16 / float16 on sm_80 and later (tree_attention_mma_kernel, below): the
+//   G * T query rows of a (batch row, kv head) packed into blocks of 64, each over a range of its
+//   keys, merged by a second kernel when there are several ranges. Its comment says how.
+// - CUDA cores, float32 and any dtype before sm_80 (tree_attention_kernel): one block of 8 warps
+//   per (batch row, kv head, tile of nodes). The block's rows are the G = Hq / Hkv query heads of
+//   the kv head for each node of the tile, G * nodes <= 64 (common/tree.h); warp w owns rows w,
+//   w + 8, ... Every key tile (32 keys, staged in shared memory as float, K padded to D + 1 columns
+//   so that lane l reading key l is free of bank conflicts) is read once by the block and used by
+//   all its rows: the prefix's keys and values are read once per tile of nodes. Lane l scores key l
+//   against the row's query (broadcast from shared memory), the warp folds the tile into the row's
+//   online softmax (base 2, float32) and writes the probabilities to shared memory, then P @ V for
+//   all the warp's rows with lane l owning dimensions l, l + 32, ... The keys are the prefix, then
+//   the tree's nodes up to the tile's last one, masked per node: bit kk of a node's mask says
+//   whether key kk of the tile is one of its ancestors or itself. The tree tiles run from the last
+//   down, so that each node's walk to the root runs once across them.
 //
 // Verification: one block per batch row walks the tree sequentially; at each visited node the
 // block reduces that node's logits row (argmax, or max and sum of exp), and thread 0 decides.
