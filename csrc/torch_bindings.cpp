@@ -19,18 +19,22 @@ TORCH_LIBRARY(torchspec, m) {
   m.def("topk_logprobs(Tensor logits, int k, float temperature=1.0) -> (Tensor, Tensor, Tensor)");
   // Same result as topk_logprobs(hidden @ weight.T, k, temperature), over tiles of the logits.
   m.def("linear_topk_logprobs(Tensor hidden, Tensor weight, int k, float temperature=1.0) -> (Tensor, Tensor, Tensor)");
-  // Fused LM head + loss against a top-k teacher: (mean cross-entropy, draft argmax [N], draft lse [N]).
+  // Fused LM head + loss ('kl', 'lk_alpha', 'lk_lambda') against a top-k teacher:
+  // (loss, draft argmax [N], draft lse [N], draft log-probabilities at the teacher ids [N, k]).
   m.def(
       "draft_topk_kl(Tensor hidden, Tensor weight, Tensor teacher_indices, Tensor teacher_logprobs, "
-      "Tensor? valid=None, float temperature=1.0) -> (Tensor, Tensor, Tensor)");
+      "Tensor? valid=None, float temperature=1.0, str loss=\"kl\", float kl_scale=1.0, float kl_decay=1.0) "
+      "-> (Tensor, Tensor, Tensor, Tensor)");
   // Gradients of draft_topk_kl's loss with respect to hidden and weight (recomputes the logits).
   m.def(
       "draft_topk_kl_backward(Tensor grad_loss, Tensor hidden, Tensor weight, Tensor teacher_indices, "
-      "Tensor teacher_logprobs, Tensor? valid, Tensor lse, float temperature) -> (Tensor, Tensor)");
+      "Tensor teacher_logprobs, Tensor? valid, Tensor lse, Tensor draft_logprobs, float temperature, "
+      "str loss=\"kl\", float kl_scale=1.0, float kl_decay=1.0) -> (Tensor, Tensor)");
   // draft_topk_kl and the gradients of its loss with respect to hidden and weight, in one pass.
   m.def(
       "draft_topk_kl_with_grad(Tensor hidden, Tensor weight, Tensor teacher_indices, Tensor teacher_logprobs, "
-      "Tensor? valid=None, float temperature=1.0) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+      "Tensor? valid=None, float temperature=1.0, str loss=\"kl\", float kl_scale=1.0, float kl_decay=1.0) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   // Attention of T draft-tree nodes over a shared prefix and their ancestors (mask from parents).
   m.def(
       "tree_attention(Tensor q, Tensor k, Tensor v, Tensor prefix_lens, Tensor parents, float? scale=None) -> Tensor");

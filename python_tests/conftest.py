@@ -1,3 +1,5 @@
+import json
+
 import pytest
 import torch
 
@@ -39,3 +41,83 @@ def save_tiny_chat_target(directory, hidden_size: int, layers: int, **config):
     LlamaForCausalLM(config).save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory
+
+
+def scale_layer_outputs(directory, factor: float) -> None:
+    """Scales what each decoder layer writes into the residual stream (``o_proj``, ``down_proj``) of
+    the model saved in ``directory``. With tied embeddings and ``factor`` 0.5 the target mostly
+    repeats what it was given: a draft learns it in a few steps, so acceptance lengths are above 1."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(directory)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.mul_(factor)
+            layer.mlp.down_proj.weight.mul_(factor)
+    model.save_pretrained(directory)
+
+
+REPLIES = [
+    "The capital of France is Paris.",
+    "Two plus two is four, and four plus four is eight.",
+    "A speculative decoder drafts tokens that the target verifies in one pass.",
+    "Water boils at one hundred degrees Celsius at sea level.",
+]
+
+
+def write_chat(path, count=16):
+    """``count`` one-question chats (ShareGPT form) in ``path``."""
+    records = [
+        {
+            "conversations": [
+                {"from": "human", "value": f"Question {i}: tell me something."},
+                {"from": "gpt", "value": REPLIES[i % len(REPLIES)]},
+            ]
+        }
+        for i in range(count)
+    ]
+    path.write_text(json.dumps(records))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_target(tmp_path_factory):
+    """A 6-layer Llama with the default target's tokenizer (and chat template)."""
+    return save_tiny_chat_target(tmp_path_factory.mktemp("tiny_target"), hidden_size=48, layers=6)
+
+
+@pytest.fixture(scope="session")
+def predictable_target(tmp_path_factory):
+    """The tiny target with tied embeddings and its layers at half strength (see scale_layer_outputs)."""
+    directory = save_tiny_chat_target(
+        tmp_path_factory.mktemp("predictable_target"), hidden_size=48, layers=6, tie_word_embeddings=True
+    )
+    scale_layer_outputs(directory, 0.5)
+    return directory
+
+
+@pytest.fixture
+def chat_file(tmp_path):
+    """16 short chats in tmp_path/chat.json."""
+    return write_chat(tmp_path / "chat.json")
+
+
+# A few-second training run of the tiny target on 16 chats.
+SMALL = (
+    "--batch-size 2 --max-length 64 --draft-vocab 4096 --topk 32 --ttt-steps 2 --eval-prompts 1 --eval-new-tokens 8 "
+    "--eval-interval 0 --held-out 0.2 --warmup-steps 1 --target-dtype float32"
+).split()
+
+
+def tiny_argv(target, tmp_path, *extra, log_interval=1):
+    """``python -m torchspec_ext.train``'s arguments for a :data:`SMALL` run of ``target`` on 16 chats,
+    output in tmp_path/out."""
+    data = write_chat(tmp_path / "chat.json")
+    paths = ["--target", str(target), "--data", str(data), "--output-dir", str(tmp_path / "out")]
+    return [*paths, *SMALL, "--log-interval", str(log_interval), *extra]
+
+
+def run_train(target, tmp_path, *extra) -> int:
+    from torchspec_ext import train
+
+    return train.main(tiny_argv(target, tmp_path, *extra))

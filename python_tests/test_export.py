@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from torchspec_ext.draft import DraftConfig, Eagle3Draft, Eagle3Drafter
+from torchspec_ext.drafts.eagle3 import DraftConfig, Eagle3Draft, Eagle3Drafter
 from torchspec_ext.export import main as export_main
 from torchspec_ext.speculate import TreeSpec, speculative_generate
 
@@ -216,6 +216,23 @@ def test_sglang_style_config_loads(target, tmp_path):
     assert DraftConfig.from_hf(config).feature_layers == draft.config.feature_layers
 
 
+def test_a_config_without_feature_layers_loads_with_a_warning_naming_the_assumption(target, tmp_path, capsys):
+    """A folder that records no feature layers (an engine's own export, say) is not silently read
+    with EAGLE-3's default layers: the warning names the layers assumed."""
+    draft = make_draft(target)
+    assert export_main([_saved(draft, tmp_path), "--out", str(tmp_path / "out")]) == 0
+    config_path = tmp_path / "out" / "config.json"
+    config = json.loads(config_path.read_text())
+    del config["eagle_aux_hidden_state_layer_ids"], config["eagle_config"]
+    config_path.write_text(json.dumps(config))
+    capsys.readouterr()
+    loaded = Eagle3Draft.load(tmp_path / "out", target)
+    err = capsys.readouterr().err
+    assert "names no feature layers" in err and str(loaded.config.feature_layers) in err
+    with pytest.raises(ValueError, match="no feature layers and no target"):
+        Eagle3Draft.load(tmp_path / "out")
+
+
 def _saved(draft, tmp_path):
     draft.save(tmp_path / "draft")
     return str(tmp_path / "draft")
@@ -240,7 +257,7 @@ def test_export_errors(target, tmp_path, capsys):
     bad.mkdir()
     (bad / "config.json").write_text("{not json")
     (bad / "model.safetensors").write_bytes(b"nothing")
-    assert "not a readable EAGLE-3 draft" in _error(capsys, [str(bad), "--out", out])
+    assert "not a readable draft" in _error(capsys, [str(bad), "--out", out])
     src = _saved(make_draft(target), tmp_path)
     assert "is the source itself" in _error(capsys, [src, "--out", src])
     (tmp_path / "busy").mkdir()
@@ -264,9 +281,9 @@ def test_eagle3_drafter_decoding_is_lossless(target, tmp_path):
     with torch.no_grad():
         want = target.generate(torch.tensor([prompt]), max_new_tokens=24, do_sample=False)[0, len(prompt) :].tolist()
     for directory, spec in (("draft", TreeSpec(depth=3, topk=2, max_nodes=6)), ("export", TreeSpec.chain(3))):
-        drafter = load_draft(str(tmp_path / directory), target)
-        assert isinstance(drafter, Eagle3Drafter)
-        result = speculative_generate(target, drafter, prompt, 24, spec)
+        family, draft = load_draft(str(tmp_path / directory), target)
+        assert isinstance(draft, Eagle3Draft) and family.name == "eagle3"
+        result = speculative_generate(target, family.proposer(draft, spec), prompt, 24)
         assert result.tokens == want
         assert result.target_forwards <= len(want)
 
@@ -274,7 +291,7 @@ def test_eagle3_drafter_decoding_is_lossless(target, tmp_path):
 def test_eval_rejects_a_directory_that_is_not_a_draft(target, tmp_path):
     from torchspec_ext.eval import load_draft
 
-    with pytest.raises(SystemExit, match=f"cannot load draft '{tmp_path}': not an EAGLE-3 draft directory"):
+    with pytest.raises(SystemExit, match=f"cannot load draft '{tmp_path}': not a draft directory"):
         load_draft(str(tmp_path), target)
     other = Eagle3Draft(
         DraftConfig(

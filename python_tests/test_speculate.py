@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from torchspec_ext.speculate import TargetAsDraft, TreeSpec, propose_tree, speculative_generate
+from torchspec_ext.speculate import TargetAsDraft, TreeProposer, TreeSpec, propose_tree, speculative_generate
 from torchspec_ext.target import load_target
 
 
@@ -43,7 +43,7 @@ def test_target_as_draft_matches_greedy_and_accepts_everything(target, spec):
     model, tokenizer = target
     ids = prompt_ids(tokenizer, "Name three colours of the rainbow.")
     want = greedy(model, ids, 16)
-    result = speculative_generate(model, TargetAsDraft(model), ids, 16, spec)
+    result = speculative_generate(model, TreeProposer(TargetAsDraft(model), spec), ids, 16)
     assert result.tokens == want[: len(result.tokens)]
     assert len(result.tokens) == len(want)  # 16 tokens, or fewer only if greedy stopped at EOS too
     # Every step but the last accepts the whole depth (the last may stop at max_new_tokens).
@@ -55,9 +55,8 @@ def test_useless_draft_still_matches_greedy(target):
     model, tokenizer = target
     ids = prompt_ids(tokenizer, "What is the capital of France?")
     want = greedy(model, ids, 12)
-    result = speculative_generate(
-        model, UniformDraft(model.config.vocab_size), ids, 12, TreeSpec(depth=2, topk=3, max_nodes=6)
-    )
+    proposer = TreeProposer(UniformDraft(model.config.vocab_size), TreeSpec(depth=2, topk=3, max_nodes=6))
+    result = speculative_generate(model, proposer, ids, 12)
     assert result.tokens == want
     assert result.target_forwards >= len(result.tokens) - 2  # nearly nothing accepted: ~1 token per forward
 
@@ -70,7 +69,7 @@ def test_sampling_runs_and_is_reproducible(target):
         gen = torch.Generator().manual_seed(7)
         runs.append(
             speculative_generate(
-                model, TargetAsDraft(model), ids, 10, TreeSpec.chain(3), temperature=0.8, generator=gen
+                model, TreeProposer(TargetAsDraft(model), TreeSpec.chain(3)), ids, 10, temperature=0.8, generator=gen
             )
         )
     assert runs[0].tokens == runs[1].tokens and len(runs[0].tokens) == 10
@@ -109,6 +108,8 @@ def test_eval_cli_reports_acceptance(capsys):
         main(
             [
                 "--prompts",
+                "sharegpt",
+                "--limit",
                 "2",
                 "--max-new-tokens",
                 "8",
@@ -128,7 +129,7 @@ def test_eval_cli_reports_acceptance(capsys):
     report = json.loads(capsys.readouterr().out)
     rows = {r["mode"]: r for r in report["rows"]}
     assert set(rows) == {"plain", "prompt lookup", "chain", "tree", "chain, p >= 0.5", "tree, p >= 0.5"}
-    assert report["dtype"] == "float32"
+    assert report["header"]["dtype"] == "float32"
     assert rows["plain"]["acceptance_length"] == 1.0 and rows["plain"]["target_forwards"] == rows["plain"]["tokens"]
     # The target as its own draft: each forward emits the whole depth plus the target's token.
     assert rows["chain"]["acceptance_length"] > 2 and rows["tree"]["acceptance_length"] > 2
@@ -141,5 +142,5 @@ def test_eval_cli_rejects_a_directory_that_is_not_a_draft():
     from torchspec_ext.eval import main
 
     # Named, and before the target loads; loading real drafts is tested in test_export.py.
-    with pytest.raises(SystemExit, match="cannot load draft '/nonexistent': not an EAGLE-3 draft directory"):
-        main(["--draft", "/nonexistent", "--prompts", "1"])
+    with pytest.raises(SystemExit, match="cannot load draft ./nonexistent.: not a draft directory"):
+        main(["--draft", "/nonexistent", "--limit", "1"])

@@ -2,6 +2,7 @@
 resume, bad input."""
 
 import json
+import math
 import signal
 import subprocess
 import sys
@@ -11,53 +12,11 @@ import pytest
 import torch
 
 from torchspec_ext import train
-from torchspec_ext.draft import Eagle3Draft
+from torchspec_ext.drafts.eagle3 import Eagle3Draft
+from torchspec_ext.training.errors import Interrupted
+from torchspec_ext.training.trainer import DraftTrainer
 
-from conftest import save_tiny_chat_target
-
-REPLIES = [
-    "The capital of France is Paris.",
-    "Two plus two is four, and four plus four is eight.",
-    "A speculative decoder drafts tokens that the target verifies in one pass.",
-    "Water boils at one hundred degrees Celsius at sea level.",
-]
-
-
-def write_chat(path, count=16):
-    records = [
-        {
-            "conversations": [
-                {"from": "human", "value": f"Question {i}: tell me something."},
-                {"from": "gpt", "value": REPLIES[i % len(REPLIES)]},
-            ]
-        }
-        for i in range(count)
-    ]
-    path.write_text(json.dumps(records))
-    return path
-
-
-@pytest.fixture(scope="module")
-def tiny_target(tmp_path_factory):
-    """A 6-layer Llama with the default target's tokenizer (and chat template)."""
-    return save_tiny_chat_target(tmp_path_factory.mktemp("tiny_target"), hidden_size=48, layers=6)
-
-
-SMALL = (
-    "--batch-size 2 --max-length 64 --draft-vocab 4096 --topk 32 --ttt-steps 2 --eval-prompts 1 --eval-new-tokens 8 "
-    "--eval-interval 0 --held-out 0.2 --warmup-steps 1"
-).split()
-
-
-def tiny_argv(tiny_target, tmp_path, *extra, log_interval=1):
-    """A few-second training run on the tiny target and 16 chats, output in tmp_path/out."""
-    data = write_chat(tmp_path / "chat.json")
-    paths = ["--target", str(tiny_target), "--data", str(data), "--output-dir", str(tmp_path / "out")]
-    return [*paths, *SMALL, "--log-interval", str(log_interval), *extra]
-
-
-def run(tiny_target, tmp_path, *extra):
-    return train.main(tiny_argv(tiny_target, tmp_path, *extra))
+from conftest import run_train, tiny_argv, write_chat
 
 
 def losses(out_dir):
@@ -77,28 +36,28 @@ def test_trains_checkpoints_and_resumes_on_the_same_curve(tiny_target, tmp_path,
     straight, split = tmp_path / "straight", tmp_path / "split"
     straight.mkdir()
     split.mkdir()
-    assert run(tiny_target, straight, "--max-steps", "6", "--save-interval", "3") == 0
+    assert run_train(tiny_target, straight, "--max-steps", "6", "--save-interval", "3") == 0
     draft_dir = straight / "out" / "draft"
     assert (draft_dir / "config.json").is_file() and (draft_dir / "model.safetensors").is_file()
     assert (straight / "out" / "checkpoints" / "latest").read_text().strip() == "step-00000006"
     # Ctrl-C during step 5: the checkpoint of step 4 (the last finished one) is written, and
     # --resume continues the curve from there.
-    real, calls = train.DraftTrainer.step, []
+    real, calls = DraftTrainer.step, []
 
     def interrupted(self, batch, deferred):
         calls.append(1)
         if len(calls) == 5:
-            raise train.Interrupted(signal.SIGINT)
+            raise Interrupted(signal.SIGINT)
         return real(self, batch, deferred)
 
-    monkeypatch.setattr(train.DraftTrainer, "step", interrupted)
+    monkeypatch.setattr(DraftTrainer, "step", interrupted)
     with pytest.raises(SystemExit) as stop:
-        run(tiny_target, split, "--max-steps", "6", "--save-interval", "3")
+        run_train(tiny_target, split, "--max-steps", "6", "--save-interval", "3")
     err = capsys.readouterr().err
     assert stop.value.code == 130 and "SIGINT at step 4: saved" in err and "step-00000004" in err
     assert (split / "out" / "checkpoints" / "latest").read_text().strip() == "step-00000004"
-    monkeypatch.setattr(train.DraftTrainer, "step", real)
-    assert run(tiny_target, split, "--max-steps", "6", "--save-interval", "3", "--resume") == 0
+    monkeypatch.setattr(DraftTrainer, "step", real)
+    assert run_train(tiny_target, split, "--max-steps", "6", "--save-interval", "3", "--resume") == 0
     want, got = losses(straight / "out"), losses(split / "out")
     assert logged_steps(split / "out") == [1, 2, 3, 4, 5, 6]  # nothing lost, nothing run twice
     for step in (4, 5, 6):
@@ -117,7 +76,7 @@ def test_trains_checkpoints_and_resumes_on_the_same_curve(tiny_target, tmp_path,
 
 
 def test_loss_goes_down(tiny_target, tmp_path):
-    assert run(tiny_target, tmp_path, "--max-steps", "30", "--save-interval", "100", "--lr", "3e-3") == 0
+    assert run_train(tiny_target, tmp_path, "--max-steps", "30", "--save-interval", "100", "--lr", "3e-3") == 0
     curve = losses(tmp_path / "out")
     assert sum(curve[s] for s in range(26, 31)) < 0.8 * sum(curve[s] for s in range(1, 6))
     final = json.loads((tmp_path / "out" / "metrics.jsonl").read_text().splitlines()[-1])
@@ -127,7 +86,9 @@ def test_loss_goes_down(tiny_target, tmp_path):
 
 def test_reference_ops_and_hard_ce_train(tiny_target, tmp_path):
     assert (
-        run(tiny_target, tmp_path, "--max-steps", "2", "--reference-ops", "--loss", "hard_ce", "--responses", "target")
+        run_train(
+            tiny_target, tmp_path, "--max-steps", "2", "--reference-ops", "--loss", "hard_ce", "--responses", "target"
+        )
         == 0
     )
 
@@ -136,25 +97,25 @@ def test_same_loss_with_reference_ops(tiny_target, tmp_path):
     ours, ref = tmp_path / "ours", tmp_path / "ref"
     ours.mkdir()
     ref.mkdir()
-    assert run(tiny_target, ours, "--max-steps", "3") == 0
-    assert run(tiny_target, ref, "--max-steps", "3", "--reference-ops") == 0
+    assert run_train(tiny_target, ours, "--max-steps", "3") == 0
+    assert run_train(tiny_target, ref, "--max-steps", "3", "--reference-ops") == 0
     a, b = losses(ours / "out"), losses(ref / "out")
     for step in a:
         assert a[step] == pytest.approx(b[step], rel=2e-4), step
 
 
 def test_nan_loss_stops_with_step_and_batch_named(tiny_target, tmp_path, monkeypatch, capsys):
-    real = train.DraftTrainer.step
+    real = DraftTrainer.step
     calls = []
 
     def poisoned(self, batch, deferred):
         calls.append(1)
         if len(calls) == 2:
-            batch["features"] = batch["features"] * float("nan")
+            batch.features = batch.features * float("nan")
         return real(self, batch, deferred)
 
-    monkeypatch.setattr(train.DraftTrainer, "step", poisoned)
-    assert run(tiny_target, tmp_path, "--max-steps", "4", "--save-interval", "1", "--epochs", "1") == 2
+    monkeypatch.setattr(DraftTrainer, "step", poisoned)
+    assert run_train(tiny_target, tmp_path, "--max-steps", "4", "--save-interval", "1", "--epochs", "1") == 2
     err = capsys.readouterr().err
     assert "not finite at step 2" in err and "batch 1" in err
     # The checkpoint of step 1 is intact and resumable.
@@ -223,9 +184,9 @@ def test_config_file_and_flags(tmp_path):
 def test_defaults_depend_on_the_device():
     # CPU: the target's forward is most of a step, so its batches are replayed (3 passes).
     cpu = train.parse_args(["--device", "cpu"])
-    assert (cpu.max_steps, cpu.epochs, cpu.batch_size, cpu.ttt_steps) == (180, 3, 2, 3)
+    assert (cpu.max_steps, cpu.epochs, cpu.batch_size, cpu.family_options.ttt_steps) == (180, 3, 2, 3)
     gpu = train.parse_args(["--device", "cuda"])
-    assert (gpu.max_steps, gpu.epochs, gpu.batch_size, gpu.ttt_steps) == (2000, 1, 16, 7)
+    assert (gpu.max_steps, gpu.epochs, gpu.batch_size, gpu.family_options.ttt_steps) == (2000, 1, 16, 7)
     given = train.parse_args(["--device", "cpu", "--epochs", "1", "--batch-size", "4"])
     assert (given.epochs, given.batch_size) == (1, 4)
 
@@ -242,7 +203,7 @@ def test_generated_replies_match_a_teacher_pass_over_them(tiny_target):
     prompts = [[5, 6, 7, 8, 9, 10], [11, 12, 13]]
     eos = [int(target(torch.tensor([[11, 12, 13]])).logits[0, -1].argmax())]  # row 1 stops at once
     batch = teacher.generate([prompts], 5, [3], pad_id=0, eos_ids=eos)[0]
-    full = teacher(batch["input_ids"][:1], batch["loss_mask"][:1], 3)
+    batch, full = batch.tensors(), teacher(batch.input_ids[:1], batch.loss_mask[:1], 3).tensors()
     assert batch["input_ids"].shape[1] == 6 + 5 - 1  # the last generated token is never fed back
     torch.testing.assert_close(batch["features"][:1], full["features"], rtol=1e-4, atol=1e-4)
     # The teacher's rows from the last prompt token on (those that predict a reply token).
@@ -256,7 +217,9 @@ def test_generated_replies_match_a_teacher_pass_over_them(tiny_target):
     assert batch["loss_mask"][1].tolist() == [False] * 3 + [True] + [False] * 6
     assert batch["teacher_argmax"][1, 2] == eos[0]
     # Decoded together, returned as one batch per group, each as wide as its longest row.
-    first, second = teacher.generate([prompts[:1], prompts[1:]], 5, [3, 4], pad_id=0, eos_ids=eos)
+    first, second = (
+        b.tensors() for b in teacher.generate([prompts[:1], prompts[1:]], 5, [3, 4], pad_id=0, eos_ids=eos)
+    )
     assert int(first["batch_index"]) == 3 and int(second["batch_index"]) == 4
     for key in ("input_ids", "loss_mask", "features", "teacher_indices", "teacher_argmax"):
         torch.testing.assert_close(first[key], batch[key][:1])
@@ -269,7 +232,7 @@ def test_training_unroll_equals_the_drafter_at_inference():
     share one attention pattern."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from torchspec_ext.draft import DraftConfig, Eagle3Drafter
+    from torchspec_ext.drafts.eagle3 import DraftConfig, Eagle3Drafter
 
     config = LlamaConfig(
         vocab_size=300,
@@ -378,7 +341,75 @@ def test_a_bfloat16_target_teaches_what_the_float32_one_does(tiny_target, tmp_pa
     f32, bf16 = tmp_path / "f32", tmp_path / "bf16"
     f32.mkdir()
     bf16.mkdir()
-    assert run(tiny_target, f32, "--max-steps", "3") == 0
-    assert run(tiny_target, bf16, "--max-steps", "3", "--target-dtype", "bfloat16") == 0
+    assert run_train(tiny_target, f32, "--max-steps", "3") == 0
+    assert run_train(tiny_target, bf16, "--max-steps", "3", "--target-dtype", "bfloat16") == 0
     want, got = losses(f32 / "out"), losses(bf16 / "out")
     assert got == pytest.approx(want, rel=0.01) and got != want
+
+
+@pytest.mark.parametrize("loss", ["lk-alpha", "lk-lambda"])
+def test_lk_losses_train_as_their_reference(tiny_target, tmp_path, loss):
+    ours, ref = tmp_path / "ours", tmp_path / "ref"
+    ours.mkdir()
+    ref.mkdir()
+    assert run_train(tiny_target, ours, "--max-steps", "3", "--loss", loss) == 0
+    assert run_train(tiny_target, ref, "--max-steps", "3", "--loss", loss, "--reference-ops") == 0
+    a, b = losses(ours / "out"), losses(ref / "out")
+    assert len(a) == 3 and all(math.isfinite(v) for v in a.values())
+    for step in a:
+        assert a[step] == pytest.approx(b[step], rel=2e-4), step
+
+
+def test_a_checkpoint_holding_code_is_refused_on_resume(tiny_target, tmp_path, capsys):
+    """trainer.pt is read with weights_only=True: a pickle that would run code is refused, by name."""
+    import pickle
+
+    assert run_train(tiny_target, tmp_path, "--max-steps", "2", "--save-interval", "2") == 0
+    checkpoint = tmp_path / "out" / "checkpoints" / "step-00000002"
+    state = torch.load(checkpoint / "trainer.pt", weights_only=True)  # what train writes loads this way
+
+    class Payload:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    state["options"] = Payload()
+    with open(checkpoint / "trainer.pt", "wb") as f:
+        pickle.dump(state, f)
+    assert run_train(tiny_target, tmp_path, "--max-steps", "4", "--resume") == 2
+    err = capsys.readouterr()
+    assert "holds more than tensors and plain values" in err.err and "pwned" not in err.out + err.err
+
+
+def test_the_draft_folders_are_readable_by_others(tiny_target, tmp_path):
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        assert run_train(tiny_target, tmp_path, "--max-steps", "2", "--save-interval", "2") == 0
+    finally:
+        os.umask(old)
+    for folder in (tmp_path / "out" / "draft", tmp_path / "out" / "checkpoints" / "step-00000002"):
+        assert stat.S_IMODE(folder.stat().st_mode) == 0o755, folder
+        for path in folder.iterdir():
+            assert stat.S_IMODE(path.stat().st_mode) == 0o644, path
+
+
+def test_a_signal_during_the_final_evaluation_says_what_is_saved(tiny_target, tmp_path):
+    """SIGTERM while the final draft is evaluated: the run names the draft and the checkpoint it saved
+    and exits with the signal's status."""
+    prelude = (
+        "import os, signal\n"
+        "from torchspec_ext.training import evaluation\n"
+        "real = evaluation.HeldOutCheck.__call__\n"
+        "def slow(self, draft):\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    return real(self, draft)\n"
+        "evaluation.HeldOutCheck.__call__ = slow\n"
+    )
+    child = start_run(tiny_target, tmp_path, "--max-steps", "3", prelude=prelude)
+    err = child.stderr.read()
+    assert child.wait(timeout=300) == 128 + signal.SIGTERM
+    assert "SIGTERM during the final evaluation" in err and "is saved in" in err and "Traceback" not in err
+    assert (tmp_path / "out" / "draft" / "model.safetensors").is_file()
+    assert (tmp_path / "out" / "checkpoints" / "latest").read_text().strip() == "step-00000003"

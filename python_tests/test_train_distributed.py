@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from torchspec_ext import train as train_mod
+from torchspec_ext.training.roles import tensor_digest
 
 from conftest import save_tiny_chat_target
 
@@ -60,7 +61,7 @@ def tiny(tmp_path_factory):
 SMALL = (
     "--batch-size 2 --max-length 64 --ttt-steps 2 --topk 8 --draft-vocab 256 --vocab-sample 50 --held-out 0.2 "
     "--eval-interval 0 --eval-prompts 1 --eval-new-tokens 4 --eval-depth 2 --log-interval 1 --warmup-steps 1 "
-    "--device cpu"
+    "--device cpu --target-dtype float32"
 ).split()
 
 
@@ -171,11 +172,11 @@ def test_disaggregated_layout(tiny, tmp_path, teachers, trainers):
     assert len(losses(out)) == 3 and "eval_acceptance_length" in got[teachers]
 
     # The written draft is the one every trainer held.
-    from torchspec_ext.draft import Eagle3Draft
+    from torchspec_ext.drafts.eagle3 import Eagle3Draft
     from torchspec_ext.target import load_target
 
     saved = Eagle3Draft.load(out / "draft", load_target(tiny[0])[0])
-    assert train_mod.tensor_digest(saved.trained_state().values())[1] == got[teachers]["draft_sha256"]
+    assert tensor_digest(saved.trained_state().values())[1] == got[teachers]["draft_sha256"]
 
     if teachers == 2:  # resumed, the teachers start at the checkpoint's data position: the same last step
         resumed, logs2 = tmp_path / "resumed", tmp_path / "logs2"

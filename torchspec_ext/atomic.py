@@ -46,3 +46,18 @@ def write_text(path: Path, text: str) -> None:
     """``path.write_text(text)``, all or nothing."""
     with staged(path) as tmp:
         tmp.write_text(text)
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)  # the only way to read it is to set it
+    os.umask(mask)
+    return mask
+
+
+def make_readable(directory: Path) -> None:
+    """Gives ``directory`` and the files in it the modes ``mkdir`` and ``open`` give under the umask
+    (safetensors writes its files 0600, a staged folder is made 0700 by nobody's choice)."""
+    mask = _umask()
+    directory.chmod(0o777 & ~mask)
+    for path in directory.iterdir():
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)

@@ -107,9 +107,10 @@ def _jsonl_records(text: str, report: LoadReport) -> Iterator[tuple[int, object]
             report.skip(f"line {number + 1}", f"not JSON ({exc.msg})")
 
 
-def parse_conversation(record: object) -> Conversation:
+def parse_conversation(record: object, require_reply: bool = True) -> Conversation:
     """A record in ShareGPT form ({"conversations": [{"from", "value"}]}) or OpenAI form
-    ({"messages": [{"role", "content"}]}) as a list of {"role", "content"}; ValueError if malformed."""
+    ({"messages": [{"role", "content"}]}) as a list of {"role", "content"}; ValueError if malformed
+    (or, with ``require_reply``, without an assistant reply to learn from)."""
     if not isinstance(record, dict):
         raise ValueError("a record must be an object")
     turns = record.get("conversations", record.get("messages"))
@@ -126,7 +127,7 @@ def parse_conversation(record: object) -> Conversation:
         if not isinstance(content, str):
             raise ValueError(f"turn of {speaker!r} has no text")
         messages.append({"role": _ROLES[speaker], "content": content})
-    if not any(m["role"] == "assistant" and m["content"].strip() for m in messages):
+    if require_reply and not any(m["role"] == "assistant" and m["content"].strip() for m in messages):
         raise ValueError("no assistant reply")
     return messages
 

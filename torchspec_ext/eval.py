@@ -1,82 +1,146 @@
-"""``python -m torchspec_ext.eval``: a draft's real acceptance length and speed-up.
+"""``python -m torchspec_ext.eval``: a draft's real acceptance length and speed-up, on the sets papers
+and peers report (MT-Bench, HumanEval) and on held-out ShareGPT.
 
-On held-out prompts, the target decodes plainly (transformers' ``generate``: what a user would
-run without us), with transformers' prompt-lookup decoding (a speculative peer that needs no
-training), and speculatively with the draft, as a chain and as a dynamic tree, in the same run
-and dtype; the table gives the acceptance length (tokens emitted per target forward), tokens/s,
-the speed-up over plain decoding, and at temperature 0 whether each mode's output is the plain
-decoding's, token for token.
+On each set's prompts (each turn of a multi-turn item asked after the target's own plain answer to
+the turns before), the target decodes plainly (transformers' ``generate``: what a user would run
+without us), with transformers' prompt-lookup decoding (a speculative peer that needs no
+training), and speculatively with the draft in each of its family's modes, in the same run and
+dtype. The report gives, per set (and per MT-Bench category) and mode: the acceptance length as
+SGLang counts it (tokens emitted per target forward: ours) and as vLLM counts it (1 + accepted draft
+tokens per drafting step), tokens/s, the speed-up over plain decoding, the acceptance rate at each
+draft position, and at temperature 0 how many outputs equal plain decoding's and how many tokens
+agree before the first difference. docs/evaluation.md says how each is counted.
 """
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from torchspec_ext.data import HELD_OUT_FRACTION, load_conversations, short_prompts, split_held_out
-from torchspec_ext.draft import CONFIG_NAME, WEIGHTS_NAME, DraftConfig, Eagle3Draft, Eagle3Drafter
-from torchspec_ext.speculate import TargetAsDraft, TreeSpec, speculative_generate
+from torchspec_ext import drafts
+from torchspec_ext.drafts.base import CONFIG_NAME, WEIGHTS_NAME, DraftFamily, DraftLoadError, chat_probe, read_config
+from torchspec_ext.evalsets import PromptSetError, load_prompt_sets, turn_prompt
+from torchspec_ext.evalstats import Decode
+from torchspec_ext.options import DTYPES, at_least, option, parse
+from torchspec_ext.speculate import Proposer, TreeSpec, speculative_generate
 from torchspec_ext.target import load_target, stop_token_ids
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+EVAL_DTYPES = ("float32", "bfloat16")
 
 
-def held_out_prompts(tokenizer, data_path, count: int, max_prompt_tokens: int, seed: int = 0) -> list[list[int]]:
-    """The first user turn of held-out conversations (held out as training holds them out by
-    default), in the target's chat template."""
-    conversations, _ = load_conversations(data_path)
-    _, held_out = split_held_out(conversations, HELD_OUT_FRACTION, seed=seed)
-    return short_prompts(held_out, tokenizer, count, max_prompt_tokens)
+def _min_prob_check(v) -> str | None:
+    return None if 0 <= v < 1 else "must be in [0, 1)"
+
+
+def _sets_check(names) -> str | None:
+    numbers = [n for n in names if n.isdigit() and not Path(n).is_file()]
+    return f"takes prompt sets, not a count ({numbers[0]}): give the count with --limit" if numbers else None
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    draft: str = option(
+        "target",
+        "a draft directory (train's output-dir/draft, a checkpoint, or export's output; any family), or a "
+        "proposer that needs no training: 'lookup' (prompt lookup) or 'target' (the target as its own draft)",
+    )
+    target: str | None = option(None, "a Hugging Face causal-LM directory (default: SmolLM2-135M-Instruct)")
+    prompts: list[str] = option(
+        ["sharegpt"],
+        "prompt sets: mt-bench (80 two-turn questions), humaneval (164 problems), sharegpt (held-out "
+        "conversations, split as training splits them), or a JSON / JSONL FILE of prompts or chats",
+        metavar="SET",
+        check=_sets_check,
+    )
+    limit: int | None = option(16, "prompts per set (chosen with --seed, balanced over categories)", check=at_least(1))
+    data: str | None = option(
+        None, "chat JSON/JSONL whose held-out conversations are the sharegpt set (default: ShareGPT)"
+    )
+    max_new_tokens: int = option(64, "per turn", check=at_least(1))
+    max_prompt_tokens: int = option(256, "prompts longer than this (first turns) are passed over", check=at_least(1))
+    depth: int = option(4, "chain length and tree depth", check=at_least(1))
+    topk: int = option(4, "children per tree node (1: no tree rows)", check=at_least(1))
+    max_nodes: int = option(16, "draft nodes per tree", check=at_least(1))
+    min_prob: float = option(
+        0.15,
+        "the pruned chain and tree propose no node below this cumulative draft probability (0: no pruned rows)",
+        check=_min_prob_check,
+    )
+    lookup_tokens: int = option(
+        10, "prompt_lookup_num_tokens of transformers' prompt-lookup row (its suggestion: 10)", check=at_least(1)
+    )
+    dtype: str = option(
+        "auto",
+        "of the target and the draft, for every mode; auto: whichever makes plain decoding fastest here "
+        "(measured at the start)",
+        choices=("auto", *EVAL_DTYPES),
+    )
+    temperature: float = option(0.0, check=at_least(0))
+    seed: int = option(0)
+    json: bool = option(False, "print the report as one JSON object instead of tables")
+    plot: str | None = option(
+        None, "write the acceptance rate at each draft position, per mode, to this PNG", metavar="PNG"
+    )
 
 
 def check_draft_spec(spec: str) -> None:
-    """Fails fast (before the target loads) on a --draft that is neither 'target' nor a draft directory."""
-    if spec == "target":
+    """Fails fast (before the target loads) on a --draft that is no draft directory nor a proposer's name."""
+    if spec in drafts.FAMILIES and not drafts.FAMILIES[spec].trainable:
         return
     path = Path(spec)
     if not ((path / CONFIG_NAME).is_file() and (path / WEIGHTS_NAME).is_file()):
+        untrained = ", ".join(repr(n) for n, f in drafts.FAMILIES.items() if not f.trainable)
         raise SystemExit(
-            f"torchspec_ext.eval: cannot load draft {spec!r}: not an EAGLE-3 draft directory (expected "
-            f"{CONFIG_NAME} and {WEIGHTS_NAME}: python -m torchspec_ext.train's output-dir/draft, a "
-            "checkpoint, or python -m torchspec_ext.export's output), nor 'target'"
+            f"torchspec_ext.eval: cannot load draft {spec!r}: not a draft directory (expected {CONFIG_NAME} and "
+            f"{WEIGHTS_NAME}: python -m torchspec_ext.train's output-dir/draft, a checkpoint, or python -m "
+            f"torchspec_ext.export's output), nor one of {untrained}"
         )
 
 
-def load_draft(spec: str, target):
-    """'target' (the target as its own draft) or a trained / exported EAGLE-3 draft directory, in
-    the target's device and dtype."""
-    if spec == "target":
-        return TargetAsDraft(target)
+def load_draft(spec: str, target) -> tuple[DraftFamily, object]:
+    """(family, draft) of ``spec``: a proposer that needs no training (its name) or a trained /
+    exported draft directory of any family, in the target's device and dtype."""
+    if spec in drafts.FAMILIES and not drafts.FAMILIES[spec].trainable:
+        return drafts.FAMILIES[spec], drafts.FAMILIES[spec].untrained_draft(target)
     check_draft_spec(spec)
-    t, error = target.config, f"torchspec_ext.eval: cannot load draft {spec!r}"
     try:
-        c = DraftConfig.from_hf(json.loads((Path(spec) / CONFIG_NAME).read_text()))
-    except (ValueError, KeyError, TypeError) as exc:
-        raise SystemExit(f"{error}: unreadable {CONFIG_NAME} ({type(exc).__name__}: {exc})") from None
-    if (
-        c.vocab_size != t.vocab_size
-        or c.hidden_size != t.hidden_size
-        or any(not 0 <= i <= t.num_hidden_layers for i in c.feature_layers)
-    ):
-        raise SystemExit(
-            f"{error}: it was made for another target (vocab {c.vocab_size}, hidden {c.hidden_size}, "
-            f"feature layers {c.feature_layers}; the target has vocab {t.vocab_size}, hidden "
-            f"{t.hidden_size}, {t.num_hidden_layers} layers)"
-        )
-    try:
-        draft = Eagle3Draft.load(spec, target)
-    except (ValueError, OSError) as exc:
-        raise SystemExit(f"{error}: {exc}") from None
+        family, draft = drafts.load_draft(Path(spec), target)
+    except (DraftLoadError, OSError) as exc:
+        raise SystemExit(f"torchspec_ext.eval: cannot load draft {spec!r}: {exc}") from None
     weight = next(target.parameters())
-    return Eagle3Drafter(draft.to(weight.device, weight.dtype))
+    return family, draft.to(weight.device, weight.dtype)
+
+
+def recorded_training(spec: str) -> dict:
+    """What a draft directory recorded of its training (config.json's "training"; {} if nothing)."""
+    if spec in drafts.FAMILIES:
+        return {}
+    try:
+        return read_config(Path(spec)).get("training") or {}
+    except DraftLoadError as exc:
+        raise SystemExit(f"torchspec_ext.eval: cannot load draft {spec!r}: {exc}") from None
+
+
+def use_training_template(tokenizer, recorded: dict) -> str | None:
+    """Renders prompts as the draft's training did: when the draft recorded a chat template whose
+    probe chat renders differently in the target's tokenizer (another template, a thinking-mode
+    switch), the recorded one replaces it. Returns a warning to show, or None."""
+    if not recorded.get("chat_template") or recorded.get("chat_probe") == chat_probe(tokenizer):
+        return None
+    ours = chat_probe(tokenizer)
+    tokenizer.chat_template = recorded["chat_template"]
+    return (
+        "the target's chat template renders chats differently from the one this draft was trained with "
+        f"(its probe chat ends {ours[-60:]!r} here, {recorded['chat_probe'][-60:]!r} in training): prompts are "
+        "rendered with the training template, as a server must render them for the draft to accept"
+    )
 
 
 @dataclass
@@ -84,6 +148,8 @@ class Decoded:
     tokens: list[int]
     seconds: float
     forwards: int  # target forwards that emitted tokens
+    accepted_per_step: list[int] | None = None  # speculative modes
+    proposed_per_step: list[int] | None = field(default=None)
 
 
 class ForwardCounter:
@@ -116,64 +182,70 @@ def generate_decode(model, prompt, max_new_tokens, temperature, eos, counter=Non
 Decoder = Callable[[list[int], int, int], Decoded]  # (prompt, new tokens, the prompt's number) -> output
 
 
-def speculative_decoder(target, draft, spec: TreeSpec, temperature: float, eos, seed: int) -> Decoder:
-    """Speculative decoding with ``draft`` in ``spec``'s shape (prompt ``i`` sampled with seed ``seed + i``)."""
+def speculative_decoder(target, proposer: Proposer, temperature: float, eos, seed: int) -> Decoder:
+    """Speculative decoding with ``proposer`` (prompt ``i`` sampled with seed ``seed + i``)."""
 
     def decode(prompt, new_tokens, i):
         gen = torch.Generator().manual_seed(seed + i)
-        r = speculative_generate(target, draft, prompt, new_tokens, spec, temperature, eos, generator=gen)
-        return Decoded(r.tokens, r.seconds, r.target_forwards)
+        r = speculative_generate(target, proposer, prompt, new_tokens, temperature, eos, generator=gen)
+        return Decoded(r.tokens, r.seconds, r.target_forwards, r.accepted_per_step, r.proposed_per_step)
 
     return decode
 
 
-def decode_prompts(decoders: dict[str, Decoder], prompts, new_tokens: int, log=None) -> dict[str, dict]:
-    """The evaluation loop: every decoder on every prompt. Totals per decoder: tokens, seconds,
-    target forwards, and how many outputs equal the one of the decoder named "plain" (if any)."""
-    totals = {name: {"tokens": 0, "seconds": 0.0, "forwards": 0, "same": 0} for name in decoders}
-    for i, prompt in enumerate(prompts):
-        plain = None
-        for name, decode in decoders.items():
-            out = decode(prompt, new_tokens, i)
-            if name == "plain":
-                plain = out.tokens
-            t = totals[name]
-            t["tokens"] += len(out.tokens)
-            t["seconds"] += out.seconds
-            t["forwards"] += out.forwards
-            t["same"] += out.tokens == plain
-        if log is not None:
-            log(i)
-    return totals
+def agreeing_prefix(a: list[int], b: list[int]) -> int:
+    """Tokens two outputs share before they first differ."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
 
 
-def acceptance_length(totals: dict) -> float:
-    """Tokens emitted per target forward."""
-    return totals["tokens"] / max(totals["forwards"], 1)
+def decode_sets(decoders: dict[str, Decoder], sets, tokenizer, new_tokens: int, log=None) -> list[Decode]:
+    """The evaluation loop: every decoder on every turn of every item of every set. A later turn is
+    asked after plain decoding's answers to the turns before (the target's own answers), the same
+    prompt for every mode; each mode's output is compared with plain decoding's ("plain" must be the
+    first decoder)."""
+    records, number = [], 0
+    for prompt_set in sets:
+        for item in prompt_set.items:
+            answers = []
+            for turn in range(len(item.turns)):
+                prompt = turn_prompt(tokenizer, item, answers)
+                plain = None
+                for mode, decode in decoders.items():
+                    out = decode(prompt, new_tokens, number)
+                    plain = out if plain is None else plain
+                    records.append(
+                        Decode(
+                            prompt_set.name, item.category, item.id, turn, mode, len(out.tokens), out.seconds,
+                            out.forwards, out.accepted_per_step, out.proposed_per_step,
+                            out.tokens == plain.tokens, agreeing_prefix(out.tokens, plain.tokens),
+                        )
+                    )  # fmt: skip
+                answers.append(plain.tokens)
+                number += 1
+            if log is not None:
+                log(prompt_set.name, item.id)
+    return records
 
 
-def draft_acceptance_lengths(
-    target, draft: Eagle3Draft, prompts, new_tokens: int, modes: dict[str, TreeSpec], eos
+def acceptance_lengths(
+    target, family: DraftFamily, draft, prompts, new_tokens: int, modes: dict[str, TreeSpec], eos
 ) -> dict[str, float]:
-    """Greedy acceptance length of a draft in training, per mode (the draft is left in the
-    train/eval mode it was in)."""
+    """Greedy acceptance length of a draft in training on ``prompts`` (token ids), per mode (the draft
+    is left in the train/eval mode it was in)."""
     was_training = draft.training
-    drafter = Eagle3Drafter(draft)
-    decoders = {name: speculative_decoder(target, drafter, spec, 0.0, eos, 0) for name, spec in modes.items()}
-    totals = decode_prompts(decoders, prompts, new_tokens)
+    draft.eval()
+    totals = {}
+    for name, spec in modes.items():
+        decode = speculative_decoder(target, family.proposer(draft, spec), 0.0, eos, 0)
+        outs = [decode(prompt, new_tokens, i) for i, prompt in enumerate(prompts)]
+        totals[name] = sum(len(o.tokens) for o in outs) / max(1, sum(o.forwards for o in outs))
     draft.train(was_training)
-    return {name: acceptance_length(t) for name, t in totals.items()}
-
-
-def decode_modes(args) -> dict[str, TreeSpec]:
-    """The speculative modes of one evaluation: a chain of --depth and a tree of --depth/--topk/--max-nodes,
-    each whole (the draft's acceptance length) and pruned below --min-prob (what pays on a machine where
-    every verified token costs)."""
-    modes = {"chain": TreeSpec.chain(args.depth), "tree": TreeSpec(args.depth, args.topk, args.max_nodes)}
-    if args.min_prob > 0:
-        modes[f"chain, p >= {args.min_prob:g}"] = TreeSpec.chain(args.depth, args.min_prob)
-        modes[f"tree, p >= {args.min_prob:g}"] = TreeSpec(args.depth, args.topk, args.max_nodes, args.min_prob)
-    return modes
+    return totals
 
 
 def plain_seconds_per_token(model, prompt, tokens: int = 16, repeats: int = 2) -> float:
@@ -186,7 +258,7 @@ def plain_seconds_per_token(model, prompt, tokens: int = 16, repeats: int = 2) -
 def choose_dtype(target, name: str, prompt) -> tuple:
     """(target in the dtype, its name): ``name``, or for 'auto' the one of float32 and bfloat16 in
     which plain decoding is fastest on this machine (measured on ``prompt``)."""
-    names = list(DTYPES) if name == "auto" else [name]
+    names = list(EVAL_DTYPES) if name == "auto" else [name]
     models = [copy.deepcopy(target) for _ in names[1:]] + [target]  # the last one converted in place
     candidates = {n: model.to(DTYPES[n]) for n, model in zip(names, models)}
     timed = {}
@@ -208,21 +280,34 @@ def choose_dtype(target, name: str, prompt) -> tuple:
     return candidates[best], best
 
 
-def evaluate(args, modes: dict[str, TreeSpec] | None = None) -> dict:
-    """Plain decoding, prompt lookup and each of ``modes`` (default: :func:`decode_modes`) on the same
-    held-out prompts."""
+def evaluate(args: EvalConfig, modes: dict[str, TreeSpec] | None = None) -> dict:
+    """Plain decoding, prompt lookup and each of ``modes`` (default: the draft family's) on the same
+    prompts of each set; the report (:func:`torchspec_ext.evalreport.build_report`)."""
+    from torchspec_ext.evalreport import build_report
+
     torch.manual_seed(args.seed)
     check_draft_spec(args.draft)
     try:
         target, tokenizer = load_target(args.target)
     except (ValueError, OSError) as exc:
         raise SystemExit(f"torchspec_ext.eval: cannot load the target: {exc}") from None
-    prompts = held_out_prompts(tokenizer, args.data, args.prompts, args.max_prompt_tokens, args.seed)
-    target, dtype = choose_dtype(target, args.dtype, prompts[0])
+    warning = use_training_template(tokenizer, recorded_training(args.draft))
+    if warning:
+        print(f"[eval] warning: {warning}", file=sys.stderr)
+    try:
+        sets = load_prompt_sets(
+            args.prompts, tokenizer, limit=args.limit, max_prompt_tokens=args.max_prompt_tokens, seed=args.seed,
+            data_path=args.data,
+        )  # fmt: skip
+    except PromptSetError as exc:
+        raise SystemExit(f"torchspec_ext.eval: {exc}") from None
+    first = turn_prompt(tokenizer, sets[0].items[0])
+    target, dtype = choose_dtype(target, args.dtype, first)
+    family, draft = load_draft(args.draft, target)
     counter = ForwardCounter(target)
-    draft = load_draft(args.draft, target)
     eos = stop_token_ids(target, tokenizer)
-    modes = decode_modes(args) if modes is None else modes
+    if modes is None:
+        modes = family.decode_modes(args.depth, args.topk, args.max_nodes, args.min_prob)
     decoders: dict[str, Decoder] = {
         "plain": lambda p, n, i: generate_decode(target, p, n, args.temperature, eos, counter),
         "prompt lookup": lambda p, n, i: generate_decode(
@@ -230,117 +315,43 @@ def evaluate(args, modes: dict[str, TreeSpec] | None = None) -> dict:
         ),
     }
     for name, spec in modes.items():
-        decoders[name] = speculative_decoder(target, draft, spec, args.temperature, eos, args.seed)
+        decoders[name] = speculative_decoder(target, family.proposer(draft, spec), args.temperature, eos, args.seed)
     for decode in decoders.values():  # warm-up: first calls pay one-time costs
-        decode(prompts[0], 8, 0)
-    log = lambda i: print(f"[eval] prompt {i + 1}/{len(prompts)} done", file=sys.stderr, flush=True)
-    totals = decode_prompts(decoders, prompts, args.max_new_tokens, log)
-    plain_rate = totals["plain"]["tokens"] / max(totals["plain"]["seconds"], 1e-9)
-    rows = []
-    for name, t in totals.items():
-        rate = t["tokens"] / max(t["seconds"], 1e-9)
-        rows.append(
-            {
-                "mode": name,
-                "max_nodes": modes[name].max_nodes if name in modes else None,
-                "tokens": t["tokens"],
-                "target_forwards": t["forwards"],
-                "acceptance_length": acceptance_length(t),
-                "tokens_per_s": rate,
-                "speedup": rate / plain_rate,
-                "same_as_plain": t["same"],
-            }
-        )
-    return {
+        decode(first, 8, 0)
+    count = sum(len(s.items) for s in sets)
+    done = iter(range(1, count + 1))
+    log = lambda name, item: print(f"[eval] {next(done)}/{count} ({name} {item}) done", file=sys.stderr, flush=True)
+    records = decode_sets(decoders, sets, tokenizer, args.max_new_tokens, log)
+    header = {
         "draft": args.draft,
+        "family": family.title,
         "target": args.target or "SmolLM2-135M-Instruct (default)",
         "dtype": dtype,
         "threads": torch.get_num_threads(),
-        "prompts": len(prompts),
+        "sets": {
+            s.name: {"source": s.source, "items": len(s.items), "of": s.total, "too_long": s.too_long} for s in sets
+        },
         "max_new_tokens": args.max_new_tokens,
         "temperature": args.temperature,
-        "tree": {"depth": args.depth, "topk": args.topk, "max_nodes": args.max_nodes},
-        "min_prob": args.min_prob,
+        "seed": args.seed,
+        "modes": {name: vars(spec) for name, spec in modes.items()},
         "lookup_tokens": args.lookup_tokens,
-        "rows": rows,
+        "template_warning": warning,
     }
+    return build_report(header, records, max((s.depth for s in modes.values()), default=0))
 
 
-def markdown(report: dict) -> str:
-    same = "outputs equal to plain (prompts)" if report["temperature"] == 0 else "same as plain (prompts; sampling)"
-    lines = [
-        f"draft: {report['draft']}; target: {report['target']} in {report['dtype']}, {report['threads']} threads; "
-        f"{report['prompts']} held-out prompts, up to {report['max_new_tokens']} new tokens, temperature "
-        f"{report['temperature']}; tree {report['tree']}; pruned below draft probability {report['min_prob']:g}; "
-        f"prompt lookup {report['lookup_tokens']} tokens",
-        "",
-        f"| mode | tokens | target forwards | acceptance length | tokens/s | speed-up | {same} |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for r in report["rows"]:
-        lines.append(
-            f"| {r['mode']} | {r['tokens']} | {r['target_forwards']} | {r['acceptance_length']:.2f} | "
-            f"{r['tokens_per_s']:.1f} | {r['speedup']:.2f}x | {r['same_as_plain']}/{report['prompts']} |"
-        )
-    return "\n".join(lines)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m torchspec_ext.eval", description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--draft", default="target", help="'target' (the target as its own draft) or an EAGLE-3 draft directory"
-    )
-    parser.add_argument(
-        "--target", default=None, help="a Hugging Face causal-LM directory (default: SmolLM2-135M-Instruct)"
-    )
-    parser.add_argument("--data", default=None, help="chat JSON/JSONL for the held-out prompts (default: ShareGPT)")
-    parser.add_argument("--prompts", type=int, default=16)
-    parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--max-prompt-tokens", type=int, default=256)
-    parser.add_argument("--depth", type=int, default=4)
-    parser.add_argument("--topk", type=int, default=4)
-    parser.add_argument("--max-nodes", type=int, default=16)
-    parser.add_argument(
-        "--min-prob",
-        type=float,
-        default=0.15,
-        help="the pruned chain and tree propose no node below this cumulative draft probability (0: no pruned rows)",
-    )
-    parser.add_argument(
-        "--lookup-tokens",
-        type=int,
-        default=10,
-        help="prompt_lookup_num_tokens of the prompt-lookup row (transformers' suggestion: 10)",
-    )
-    parser.add_argument(
-        "--dtype",
-        choices=["auto", *DTYPES],
-        default="auto",
-        help="of the target and the draft, for every mode; auto: whichever makes plain decoding "
-        "fastest here (measured at the start)",
-    )
-    parser.add_argument("--temperature", type=float, default=0.0)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    return parser
-
-
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    for name in ("prompts", "max_new_tokens", "depth", "topk", "max_nodes", "lookup_tokens"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be >= 1")
-    if args.temperature < 0:
-        parser.error("--temperature must be >= 0")
-    if not 0 <= args.min_prob < 1:
-        parser.error("--min-prob must be in [0, 1)")
-    return args
+def parse_args(argv=None) -> EvalConfig:
+    return parse(EvalConfig, argv, "python -m torchspec_ext.eval", __doc__.split("\n\n")[0])
 
 
 def main(argv=None) -> int:
+    from torchspec_ext.evalreport import markdown, write_plot
+
     args = parse_args(argv)
     report = evaluate(args)
+    if args.plot:
+        write_plot(report, Path(args.plot))
     print(json.dumps(report, indent=2) if args.json else markdown(report))
     return 0
 

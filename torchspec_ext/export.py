@@ -1,12 +1,12 @@
-"""``python -m torchspec_ext.export SRC --out DIR``: a trained draft as an EAGLE-3 checkpoint.
+"""``python -m torchspec_ext.export SRC --out DIR``: a trained draft in the layout serving engines load.
 
 SRC is a training output directory (its newest checkpoint, ``checkpoints/latest``, else its
-final ``draft/``), one checkpoint directory (``checkpoints/step-N``) or a draft directory.
-DIR receives ``config.json`` (architecture ``LlamaForCausalLMEagle3``) and
-``model.safetensors`` (``fc``, ``midlayer.*``, ``norm``, ``lm_head``, ``d2t`` int64, ``t2d``
-bool), which SGLang and vLLM load as is next to the target model; the draft has no tokenizer
-or embedding of its own (both are the target's). DIR is written whole or not at all, readable
-as any model folder (0755 / 0644 under the usual umask 022).
+final ``draft/``), one checkpoint directory (``checkpoints/step-N``) or a draft directory, of any
+draft family. DIR receives ``config.json`` and ``model.safetensors`` as the family's engines read
+them (EAGLE-3: architecture ``LlamaForCausalLMEagle3``, tensors ``fc``, ``midlayer.*``, ``norm``,
+``lm_head``, ``d2t`` int64, ``t2d`` bool, which SGLang and vLLM load as is next to the target
+model); the draft has no tokenizer or embedding of its own (both are the target's). DIR is written
+whole or not at all, readable as any model folder (0755 / 0644 under the usual umask 022).
 
 The weights are bfloat16 by default, the dtype targets are served in: SGLang's ``--dtype auto``
 reads the draft's own dtype and serves a float32 draft in float16, which then meets a bfloat16
@@ -16,24 +16,35 @@ the trained weights exactly; ``--dtype float16`` is for a float16 target.
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
-from torchspec_ext import atomic
-from torchspec_ext.draft import CONFIG_NAME, WEIGHTS_NAME, Eagle3Draft
+from torchspec_ext import atomic, drafts
+from torchspec_ext.drafts.base import CONFIG_NAME, WEIGHTS_NAME, DraftLoadError
+from torchspec_ext.options import DTYPES, option, parse
 from torchspec_ext.training.checkpoints import CHECKPOINTS, FINAL_DRAFT, LATEST
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEFAULT_DTYPE = "bfloat16"
 
 
 class ExportError(Exception):
     pass
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    src: str = option(None, "a training output directory, a checkpoint directory or a draft directory", positional=True)
+    out: str | None = option(None, "the directory to write (replaced if it is an earlier export)")
+    dtype: str = option(
+        DEFAULT_DTYPE,
+        "of the floating-point weights (bfloat16, as engines serve drafts; float32 keeps the trained weights exactly)",
+        choices=sorted(DTYPES),
+    )
+
+    def check(self) -> list[str]:
+        return [] if self.out else ["--out DIR is required"]
 
 
 def _is_draft_dir(path: Path) -> bool:
@@ -72,43 +83,25 @@ def resolve_source(src: Path) -> Path:
     )
 
 
-def load_source(draft_dir: Path) -> Eagle3Draft:
+def load_source(draft_dir: Path):
+    """(family, draft) of ``draft_dir``, checked for the serving engines (an ExportError names the problem)."""
     try:
-        draft = Eagle3Draft.load(draft_dir)
-    except Exception as exc:  # unreadable json or safetensors, missing fields, wrong shapes
-        raise ExportError(f"{draft_dir} is not a readable EAGLE-3 draft: {exc}") from None
-    c = draft.config
-    if len(c.feature_layers) != 3:
-        raise ExportError(
-            f"{draft_dir}: the draft fuses {len(c.feature_layers)} target layers; "
-            "SGLang and vLLM's EAGLE-3 fuse exactly 3"
-        )
-    ids = draft.draft_to_target()
-    if ids.min() < 0 or ids.max() >= c.vocab_size or len(ids.unique()) != len(ids):
-        raise ExportError(f"{draft_dir}: d2t does not map the draft vocabulary onto distinct target ids")
-    return draft
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)  # the only way to read it is to set it
-    os.umask(mask)
-    return mask
-
-
-def _make_readable(directory: Path) -> None:
-    """Gives ``directory`` and its files the modes ``mkdir`` and ``open`` give them under the
-    umask (safetensors writes its file 0600)."""
-    mask = _umask()
-    directory.chmod(0o777 & ~mask)
-    for path in directory.iterdir():
-        path.chmod(0o666 & ~mask)
+        family, draft = drafts.load_draft(draft_dir)
+    except (DraftLoadError, OSError) as exc:
+        raise ExportError(str(exc)) from None
+    except Exception as exc:  # unreadable safetensors
+        raise ExportError(f"{draft_dir} is not a readable draft: {exc}") from None
+    errors, _ = family.export_problems(draft)
+    if errors:
+        raise ExportError(f"{draft_dir}: {'; '.join(errors)}")
+    return family, draft
 
 
 def export(src: Path, out: Path, dtype: str = DEFAULT_DTYPE) -> tuple[str, str | None]:
-    """Writes the EAGLE-3 checkpoint of ``src`` to ``out``; returns a one-line summary and a
+    """Writes the engines' layout of ``src``'s draft to ``out``; returns a one-line summary and a
     warning (or None)."""
     draft_dir = resolve_source(src)
-    draft = load_source(draft_dir)
+    family, draft = load_source(draft_dir)
     if out.resolve() in (src.resolve(), draft_dir.resolve()):
         raise ExportError(f"--out {out} is the source itself; export to another directory")
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not _is_earlier_export(out))):
@@ -116,45 +109,23 @@ def export(src: Path, out: Path, dtype: str = DEFAULT_DTYPE) -> tuple[str, str |
             f"--out {out} exists and is not an empty directory or an earlier export; refusing to replace it"
         )
     out.parent.mkdir(parents=True, exist_ok=True)
-    draft.set_vocab(draft.draft_to_target())  # t2d rebuilt from d2t, so the two always agree
     with atomic.staged(out) as staging:
         draft.save(staging, DTYPES[dtype], private=False)
-        _make_readable(staging)
+        atomic.make_readable(staging)
     c = draft.config
     size_mb = (out / WEIGHTS_NAME).stat().st_size / 2**20
+    architecture = json.loads((out / CONFIG_NAME).read_text())["architectures"][0]
     summary = (
-        f"exported {draft_dir} -> {out}: LlamaForCausalLMEagle3, hidden {c.hidden_size}, draft vocab "
-        f"{c.draft_vocab_size}/{c.vocab_size}, aux layers {list(c.feature_layers)} (vLLM; SGLang "
-        f"{[i - 1 for i in c.feature_layers]}), {dtype}, {size_mb:.1f} MiB"
+        f"exported {draft_dir} -> {out}: {family.title} ({architecture}), hidden {c.hidden_size}, vocab "
+        f"{getattr(c, 'draft_vocab_size', c.vocab_size)}/{c.vocab_size}, target layers {list(c.feature_layers)} "
+        f"(vLLM's count; SGLang's {[i - 1 for i in c.feature_layers]}), {dtype}, {size_mb:.1f} MiB"
     )
-    return summary, layer_warning(draft)
-
-
-def layer_warning(draft: Eagle3Draft) -> str | None:
-    """Feature layers that SGLang / vLLM do not capture as the training did, if any."""
-    c = draft.config
-    odd = [i for i in c.feature_layers if i < 1 or (c.target_num_layers and i >= c.target_num_layers)]
-    if not odd:
-        return None
-    return (
-        f"warning: feature layers {odd} are the target's embeddings or its final (normed) hidden state; "
-        "SGLang and vLLM capture the inputs of decoder layers 1..L-1 only, so they will not feed this draft "
-        "what it was trained on"
-    )
+    _, warnings = family.export_problems(draft)
+    return summary, "; ".join(f"warning: {w}" for w in warnings) or None
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m torchspec_ext.export", description=__doc__.split("\n\n")[0])
-    parser.add_argument("src", help="a training output directory, a checkpoint directory or a draft directory")
-    parser.add_argument("--out", required=True, help="the directory to write (replaced if it is an earlier export)")
-    parser.add_argument(
-        "--dtype",
-        choices=sorted(DTYPES),
-        default=DEFAULT_DTYPE,
-        help="of the floating-point weights (default: %(default)s, as engines serve drafts; "
-        "float32 keeps the trained weights exactly)",
-    )
-    args = parser.parse_args(argv)
+    args = parse(ExportConfig, argv, "python -m torchspec_ext.export", __doc__.split("\n\n")[0])
     try:
         summary, warning = export(Path(args.src), Path(args.out), args.dtype)
     except ExportError as exc:

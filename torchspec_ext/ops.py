@@ -12,6 +12,7 @@ __all__ = [
     "topk_logprobs",
     "linear_topk_logprobs",
     "draft_topk_kl",
+    "DRAFT_LOSSES",
     "tree_attention",
     "verify_tree_greedy",
     "verify_tree_sampling",
@@ -144,6 +145,10 @@ torch.library.register_autograd(
 )
 
 
+#: The loss kinds of :func:`draft_topk_kl`.
+DRAFT_LOSSES = ("kl", "lk_alpha", "lk_lambda")
+
+
 def draft_topk_kl(
     hidden: Tensor,
     weight: Tensor,
@@ -151,6 +156,9 @@ def draft_topk_kl(
     teacher_logprobs: Tensor,
     valid: Tensor | None = None,
     temperature: float = 1.0,
+    loss: str = "kl",
+    kl_scale: float = 1.0,
+    kl_decay: float = 1.0,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """The draft's loss against a top-k teacher, fused with the draft's LM head.
 
@@ -159,98 +167,160 @@ def draft_topk_kl(
         weight: ``[Vd, H]`` of the same dtype and device (the draft's LM head).
         teacher_indices: ``[N, k]`` int64 ids in the draft vocabulary, ``-1`` where the teacher's
             token is not in it.
-        teacher_logprobs: ``[N, k]`` float32, the teacher's log-probabilities of those tokens.
+        teacher_logprobs: ``[N, k]`` float32, the teacher's log-probabilities of those tokens (over
+            its whole vocabulary: the LK losses read ``exp`` of them as probabilities, so each row's
+            must sum to at most 1).
         valid: ``[N]`` bool or ``None`` (all rows valid).
         temperature: ``> 0``; the draft's logits are divided by it.
+        loss: ``"kl"``, ``"lk_alpha"`` or ``"lk_lambda"`` (see below).
+        kl_scale, kl_decay: lk_lambda's KL weight ``w = kl_scale * exp(-kl_decay * mean acceptance)``;
+            ``0 <= kl_scale <= 1``, ``kl_decay >= 0`` (SpecForge's defaults, 1 and 1).
+
+    With ``log q = log_softmax(hidden @ weight.T / temperature)`` (float32) and the mean taken over
+    valid rows with at least one present entry (0 when no row counts):
+
+    - ``"kl"``: the mean of ``-sum_j p[n, j] * log q[n, teacher_indices[n, j]]``, ``p`` the softmax of
+      ``teacher_logprobs`` over the present entries (the KL divergence up to the teacher's entropy).
+    - ``"lk_alpha"``: the mean of ``-log a[n]`` (0 for a row whose ``a`` is 0), the expected acceptance
+      ``a = sum_v min(p_teacher(v), q(v))`` estimated from the top-k: the raw teacher probabilities
+      ``exp(teacher_logprobs)`` of the present ids against ``q`` there, plus
+      ``min(teacher tail, draft tail)`` for the mass outside the top-k (docs/ops.md says why).
+    - ``"lk_lambda"``: ``w * kl + (1 - w) * (1 - mean a)``, ``w`` from the batch's mean acceptance
+      and a constant of the gradient (detached, as SpecForge does).
 
     Returns:
-        ``(loss, argmax, lse)``: ``loss`` a float32 scalar, the mean over valid rows with at least
-        one present entry of ``-sum_j p[n, j] * log q[n, teacher_indices[n, j]]``, where ``p`` is
-        the softmax of ``teacher_logprobs`` over the present entries and
-        ``log q = log_softmax(hidden @ weight.T / temperature)`` in float32 (0 when no row
-        counts); ``argmax [N]`` int64, each row's draft argmax (lowest id on ties); ``lse [N]``
-        float32, the log-sum-exp of each row's ``hidden @ weight.T / temperature``.
+        ``(loss, argmax, lse)``: ``loss`` a float32 scalar; ``argmax [N]`` int64, each row's draft
+        argmax (lowest id on ties); ``lse [N]`` float32, the log-sum-exp of each row's
+        ``hidden @ weight.T / temperature``.
 
     Differentiable with respect to ``hidden`` and ``weight`` (through ``loss``; ``argmax`` and
     ``lse`` are not differentiable). The ``[N, Vd]`` logits never exist: they are made tile by
     tile. In eager mode with a gradient wanted, the gradients are computed in the same pass as
     the loss (``draft_topk_kl_with_grad``) and scaled in the backward: three GEMMs per tile, as
-    eager autograd needs, where a separate backward would make the logits again. Under
-    ``torch.compile`` the op and its registered backward run instead.
+    eager autograd needs, where a separate backward would make the logits again (lk_lambda makes
+    them again: its weight needs every row's acceptance first). Under ``torch.compile`` the op and
+    its registered backward run instead.
     """
-    args = (hidden, weight, teacher_indices, teacher_logprobs, valid, temperature)
+    args = (hidden, weight, teacher_indices, teacher_logprobs, valid, temperature, loss, kl_scale, kl_decay)
     if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad) and not torch.compiler.is_compiling():
         return _DraftTopkKLOnePass.apply(*args)
-    return torch.ops.torchspec.draft_topk_kl.default(*args)
+    return torch.ops.torchspec.draft_topk_kl.default(*args)[:3]
 
 
 class _DraftTopkKLOnePass(torch.autograd.Function):
     """draft_topk_kl whose gradients were computed with the loss: the backward only scales them."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, teacher_indices, teacher_logprobs, valid, temperature):
-        loss, argmax, lse, grad_hidden, grad_weight = torch.ops.torchspec.draft_topk_kl_with_grad.default(
-            hidden, weight, teacher_indices, teacher_logprobs, valid, temperature
+    def forward(ctx, hidden, weight, teacher_indices, teacher_logprobs, valid, temperature, loss, kl_scale, kl_decay):
+        out = torch.ops.torchspec.draft_topk_kl_with_grad.default(
+            hidden, weight, teacher_indices, teacher_logprobs, valid, temperature, loss, kl_scale, kl_decay
         )
+        loss_value, argmax, lse, _, grad_hidden, grad_weight = out
         ctx.mark_non_differentiable(argmax, lse)
         ctx.save_for_backward(grad_hidden, grad_weight)
-        return loss, argmax, lse
+        return loss_value, argmax, lse
 
     @staticmethod
     def backward(ctx, grad_loss, grad_argmax, grad_lse):
         grad_hidden, grad_weight = ctx.saved_tensors
         if grad_loss is None:
-            return None, None, None, None, None, None
-        return grad_hidden * grad_loss, grad_weight * grad_loss, None, None, None, None
+            return (None,) * 9
+        return grad_hidden * grad_loss, grad_weight * grad_loss, *(None,) * 7
+
+
+def _check_loss_args(op: str, loss: str, kl_scale: float, kl_decay: float) -> None:
+    # Mirrors the compiled check, so that torch.compile fails while tracing rather than at run time.
+    if loss not in DRAFT_LOSSES:
+        raise RuntimeError(f"torchspec.{op}: loss must be 'kl', 'lk_alpha' or 'lk_lambda', got '{loss}'")
+    if not 0.0 <= kl_scale <= 1.0:
+        raise RuntimeError(f"torchspec.{op}: kl_scale must be in [0, 1], got {kl_scale}")
+    if not 0.0 <= kl_decay < float("inf"):
+        raise RuntimeError(f"torchspec.{op}: kl_decay must be a finite number >= 0, got {kl_decay}")
 
 
 @torch.library.register_fake("torchspec::draft_topk_kl")
-def _draft_topk_kl_fake(hidden, weight, teacher_indices, teacher_logprobs, valid=None, temperature=1.0):
+def _draft_topk_kl_fake(
+    hidden,
+    weight,
+    teacher_indices,
+    teacher_logprobs,
+    valid=None,
+    temperature=1.0,
+    loss="kl",
+    kl_scale=1.0,
+    kl_decay=1.0,
+):
     torch._check(hidden.dim() == 2, lambda: "torchspec.draft_topk_kl: hidden must be 2-D [N, H]")
     torch._check(weight.dim() == 2, lambda: "torchspec.draft_topk_kl: weight must be 2-D [Vd, H]")
+    _check_loss_args("draft_topk_kl", loss, kl_scale, kl_decay)
     n = hidden.shape[0]
     return (
         hidden.new_empty((), dtype=torch.float32),
         hidden.new_empty((n,), dtype=torch.int64),
         hidden.new_empty((n,), dtype=torch.float32),
+        hidden.new_empty(teacher_indices.shape, dtype=torch.float32),
     )
 
 
 @torch.library.register_fake("torchspec::draft_topk_kl_with_grad")
-def _draft_topk_kl_with_grad_fake(hidden, weight, teacher_indices, teacher_logprobs, valid=None, temperature=1.0):
-    loss, argmax, lse = _draft_topk_kl_fake(hidden, weight, teacher_indices, teacher_logprobs, valid, temperature)
+def _draft_topk_kl_with_grad_fake(
+    hidden,
+    weight,
+    teacher_indices,
+    teacher_logprobs,
+    valid=None,
+    temperature=1.0,
+    loss="kl",
+    kl_scale=1.0,
+    kl_decay=1.0,
+):
+    outputs = _draft_topk_kl_fake(
+        hidden, weight, teacher_indices, teacher_logprobs, valid, temperature, loss, kl_scale, kl_decay
+    )
     return (
-        loss,
-        argmax,
-        lse,
+        *outputs,
         torch.empty_like(hidden, memory_format=torch.contiguous_format),
         torch.empty_like(weight, memory_format=torch.contiguous_format),
     )
 
 
 @torch.library.register_fake("torchspec::draft_topk_kl_backward")
-def _draft_topk_kl_backward_fake(grad_loss, hidden, weight, teacher_indices, teacher_logprobs, valid, lse, temperature):
+def _draft_topk_kl_backward_fake(
+    grad_loss,
+    hidden,
+    weight,
+    teacher_indices,
+    teacher_logprobs,
+    valid,
+    lse,
+    draft_logprobs,
+    temperature,
+    loss="kl",
+    kl_scale=1.0,
+    kl_decay=1.0,
+):
+    _check_loss_args("draft_topk_kl_backward", loss, kl_scale, kl_decay)
     return torch.empty_like(hidden, memory_format=torch.contiguous_format), torch.empty_like(
         weight, memory_format=torch.contiguous_format
     )
 
 
 def _draft_topk_kl_setup_context(ctx, inputs, output):
-    hidden, weight, teacher_indices, teacher_logprobs, valid, temperature = inputs
-    _, argmax, lse = output
-    ctx.mark_non_differentiable(argmax, lse)
-    ctx.save_for_backward(hidden, weight, teacher_indices, teacher_logprobs, valid, lse)
-    ctx.temperature = temperature
+    hidden, weight, teacher_indices, teacher_logprobs, valid, temperature, loss, kl_scale, kl_decay = inputs
+    _, argmax, lse, draft_logprobs = output
+    ctx.mark_non_differentiable(argmax, lse, draft_logprobs)
+    ctx.save_for_backward(hidden, weight, teacher_indices, teacher_logprobs, valid, lse, draft_logprobs)
+    ctx.args = (temperature, loss, kl_scale, kl_decay)
 
 
-def _draft_topk_kl_backward(ctx, grad_loss, grad_argmax, grad_lse):
-    hidden, weight, teacher_indices, teacher_logprobs, valid, lse = ctx.saved_tensors
-    if grad_loss is None:  # only argmax / lse were used: they carry no gradient
-        return None, None, None, None, None, None
+def _draft_topk_kl_backward(ctx, grad_loss, grad_argmax, grad_lse, grad_draft_logprobs):
+    hidden, weight, teacher_indices, teacher_logprobs, valid, lse, draft_logprobs = ctx.saved_tensors
+    if grad_loss is None:  # only argmax / lse / draft_logprobs were used: they carry no gradient
+        return (None,) * 9
     grad_hidden, grad_weight = torch.ops.torchspec.draft_topk_kl_backward.default(
-        grad_loss, hidden, weight, teacher_indices, teacher_logprobs, valid, lse, ctx.temperature
+        grad_loss, hidden, weight, teacher_indices, teacher_logprobs, valid, lse, draft_logprobs, *ctx.args
     )
-    return grad_hidden, grad_weight, None, None, None, None
+    return grad_hidden, grad_weight, *(None,) * 7
 
 
 torch.library.register_autograd(

@@ -60,8 +60,19 @@ def draft_topk_kl(
     teacher_logprobs: Tensor,
     valid: Tensor | None = None,
     temperature: float = 1.0,
+    loss: str = "kl",
+    kl_scale: float = 1.0,
+    kl_decay: float = 1.0,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """``(loss, argmax, lse)`` from the materialised ``[N, Vd]`` logits; ``loss`` differentiable by autograd."""
+    """``(loss, argmax, lse)`` from the materialised ``[N, Vd]`` logits; ``loss`` differentiable by autograd.
+
+    The LK losses from dense ``[N, Vd]`` teacher probabilities (``exp(teacher_logprobs)`` scattered to
+    their ids, repeats added) and the draft's tail mass summed over the ids outside the top-k.
+    """
+    if loss not in ("kl", "lk_alpha", "lk_lambda"):
+        raise ValueError(f"loss must be 'kl', 'lk_alpha' or 'lk_lambda', got {loss!r}")
+    if not (0.0 <= kl_scale <= 1.0 and 0.0 <= kl_decay < float("inf")):
+        raise ValueError(f"need 0 <= kl_scale <= 1 and a finite kl_decay >= 0, got {kl_scale} and {kl_decay}")
     logits = _at_least_float32(hidden @ weight.T) / temperature
     logq = torch.log_softmax(logits, dim=-1)
     present = teacher_indices >= 0
@@ -71,9 +82,33 @@ def draft_topk_kl(
     p = torch.softmax(teacher_logprobs.to(logq.dtype).masked_fill(~present, float("-inf")), dim=-1)
     p = torch.where(present & counted[:, None], p, 0.0)  # rows with no present entry: NaN -> 0
     per_row = -(p * logq.gather(1, teacher_indices.clamp_min(0))).sum(-1)
-    loss = torch.where(counted, per_row, 0.0).sum() / counted.sum().clamp_min(1)
+    count = counted.sum().clamp_min(1)
+    kl = torch.where(counted, per_row, 0.0).sum() / count
     logits = logits.detach()
-    return loss, logits.argmax(-1), torch.logsumexp(logits, dim=-1)
+    if loss == "kl":
+        return kl, logits.argmax(-1), torch.logsumexp(logits, dim=-1)
+    accept = _expected_acceptance(logq.exp(), teacher_indices, teacher_logprobs.to(logq.dtype))
+    if loss == "lk_alpha":
+        # -log a, and 0 (no gradient) where a == 0, as SpecForge masks log 0 out.
+        per_row = torch.where(accept > 0, -torch.log(torch.where(accept > 0, accept, 1.0)), 0.0)
+        value = torch.where(counted, per_row, 0.0).sum() / count
+    else:
+        mean_accept = torch.where(counted, accept, 0.0).sum() / count
+        w = kl_scale * torch.exp(-kl_decay * mean_accept.detach())  # a constant of the gradient
+        value = w * kl + (1 - w) * (1 - mean_accept)
+    return value, logits.argmax(-1), torch.logsumexp(logits, dim=-1)
+
+
+def _expected_acceptance(q: Tensor, teacher_indices: Tensor, teacher_logprobs: Tensor) -> Tensor:
+    """``[N]``: sum over the draft vocabulary of ``min(p, q)`` for the teacher's top-k ids, plus
+    ``min(teacher tail, draft tail)``; a tie counts as the teacher's value (no gradient)."""
+    present = teacher_indices >= 0
+    ids = teacher_indices.clamp_min(0)
+    p = torch.zeros_like(q).scatter_add(1, ids, torch.where(present, teacher_logprobs.exp(), 0.0))
+    in_topk = torch.zeros_like(q).scatter_add(1, ids, present.to(q.dtype)) > 0
+    q_tail = torch.where(in_topk, 0.0, q).sum(-1)
+    p_tail = (1 - teacher_logprobs.exp().sum(-1)).clamp_min(0)
+    return torch.where(q < p, q, p).sum(-1) + torch.where(q_tail < p_tail, q_tail, p_tail)
 
 
 def _tree_mask(prefix_lens: Tensor, parents: Tensor, seq: int) -> Tensor:

@@ -1,14 +1,16 @@
-"""Speculative decoding of a Hugging Face causal LM with a draft: chains and dynamic trees.
+"""Speculative decoding of a Hugging Face causal LM with a proposer: chains, trees and blocks.
 
-Each step the draft proposes a tree of candidate tokens rooted at the last committed token;
-the target scores the whole tree in one forward pass, with ``tree_attention`` standing in for
-the model's attention (registered with transformers as the ``torchspec_tree`` implementation);
-verification keeps the longest path the target agrees with (``verify_tree_greedy``, or
-``verify_tree_sampling`` at a temperature > 0) and the KV cache is compacted to that path.
+Each step a :class:`Proposer` proposes a tree of candidate tokens rooted at the last committed
+token (a chain and a block are trees too); the target scores the whole tree in one forward pass,
+with ``tree_attention`` standing in for the model's attention (registered with transformers as the
+``torchspec_tree`` implementation); verification keeps the longest path the target agrees with
+(``verify_tree_greedy``, or ``verify_tree_sampling`` at a temperature > 0) and the KV cache is
+compacted to that path.
 
-A draft is anything with ``next_logprobs(context, paths)`` (see :class:`Draft`), so the same
-decoder measures an EAGLE-3 draft, or the target itself (every step then accepts the whole
-depth at temperature 0, which the tests use).
+Every draft family makes its proposer (``torchspec_ext.drafts``); :class:`TreeProposer` grows
+EAGLE-2-style trees from any :class:`StepDraft` (``next_logprobs(context, paths)``), such as an
+EAGLE-3 draft or the target itself (:class:`TargetAsDraft`: every step then accepts the whole depth
+at temperature 0, which the tests use).
 """
 
 from __future__ import annotations
@@ -17,8 +19,8 @@ import heapq
 import inspect
 import math
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 import torch
@@ -31,14 +33,29 @@ from torchspec_ext.target import stop_token_ids
 TREE_ATTENTION = "torchspec_tree"
 
 
-class Draft(Protocol):
-    """A draft for :func:`speculative_generate`. One that reads the target's hidden states (EAGLE)
-    also has ``feature_layers`` (Hugging Face ``hidden_states`` indices), ``reset(features)`` and
-    ``observe(features)``: it is then given ``[n, len(feature_layers) * H]`` features of every
-    committed token but the last, which is the root of the next tree."""
+class Proposer(Protocol):
+    """What :func:`speculative_generate` decodes with. ``feature_layers``: the target's hidden states
+    it reads (Hugging Face ``hidden_states`` indices; empty for none). ``reset`` starts a sequence
+    with the features ``[n, len(feature_layers) * H]`` of every prompt token but the last (None
+    when it reads none); ``observe`` gives those of the tokens committed since (the last committed
+    token, the next root, is never included); ``propose`` returns ``(tokens [T], parents [T])`` of a
+    tree whose node 0 is ``context[-1]`` and whose parents come before their children."""
 
-    def next_logprobs(self, context: Sequence[int], paths: Sequence[Sequence[int]]) -> Tensor:
-        """Log-probabilities ``[len(paths), V]`` of the token after ``context + path``, per path."""
+    feature_layers: Sequence[int]
+
+    def reset(self, features: Tensor | None) -> None: ...
+
+    def observe(self, features: Tensor | None) -> None: ...
+
+    def propose(self, context: Sequence[int]) -> tuple[Tensor, Tensor]: ...
+
+
+class StepDraft(Protocol):
+    """A draft that scores one tree level at a time (EAGLE): log-probabilities ``[len(paths), V]`` of
+    the token after ``context + path``, per path. One that reads the target's hidden states also has
+    ``feature_layers``, ``reset`` and ``observe`` as :class:`Proposer` has."""
+
+    def next_logprobs(self, context: Sequence[int], paths: Sequence[Sequence[int]]) -> Tensor: ...
 
 
 @dataclass
@@ -60,7 +77,38 @@ class TreeSpec:
         return TreeSpec(depth=depth, topk=1, max_nodes=depth, min_prob=min_prob)
 
 
-def propose_tree(draft: Draft, context: Sequence[int], spec: TreeSpec) -> tuple[Tensor, Tensor]:
+def decode_modes(depth: int, topk: int, max_nodes: int, min_prob: float = 0.0) -> dict[str, TreeSpec]:
+    """The proposal shapes an evaluation measures: a chain of ``depth``, a tree (when ``topk`` > 1),
+    and with ``min_prob`` > 0 each again pruned below that cumulative draft probability (what pays
+    where every verified token costs)."""
+    modes = {"chain": TreeSpec.chain(depth)}
+    if topk > 1:
+        modes["tree"] = TreeSpec(depth, topk, max_nodes)
+    if min_prob > 0:
+        modes |= {f"{name}, p >= {min_prob:g}": replace(spec, min_prob=min_prob) for name, spec in modes.items()}
+    return modes
+
+
+class TreeProposer:
+    """EAGLE-2-style trees of ``spec``'s shape grown from a :class:`StepDraft`, one level a call."""
+
+    def __init__(self, draft: StepDraft, spec: TreeSpec):
+        self.draft, self.spec = draft, spec
+        self.feature_layers = list(getattr(draft, "feature_layers", ()))
+
+    def reset(self, features: Tensor | None) -> None:
+        if self.feature_layers:
+            self.draft.reset(features)
+
+    def observe(self, features: Tensor | None) -> None:
+        if self.feature_layers:
+            self.draft.observe(features)
+
+    def propose(self, context: Sequence[int]) -> tuple[Tensor, Tensor]:
+        return propose_tree(self.draft, context, self.spec)
+
+
+def propose_tree(draft: StepDraft, context: Sequence[int], spec: TreeSpec) -> tuple[Tensor, Tensor]:
     """(tokens [T], parents [T]) of a draft tree; node 0 is ``context[-1]`` (the root)."""
     tokens, parents, scores, paths = [context[-1]], [-1], [0.0], [[]]
     floor = math.log(spec.min_prob) if spec.min_prob > 0 else -math.inf
@@ -144,11 +192,26 @@ def _commit_path(cache, prefix_len: int, path_nodes: Tensor) -> None:
         layer.keys, layer.values = layer.keys[:, :, :keep], layer.values[:, :, :keep]
 
 
+def _score_tree(target, tokens: Tensor, parents: Tensor, prefix_len: int, hidden_states: bool, cache: dict):
+    """The target's forward over a tree after ``prefix_len`` cached tokens (tree attention)."""
+    positions = prefix_len + _tree_depths(parents).to(tokens.device)
+    return target(
+        tokens[None],
+        position_ids=positions[None],
+        use_cache=True,
+        output_hidden_states=hidden_states,
+        tree_parents=parents[None],
+        tree_prefix_lens=torch.tensor([prefix_len], device=tokens.device),
+        **cache,
+    )
+
+
 @dataclass
 class SpeculativeResult:
     tokens: list[int]  # the generated tokens (the prompt excluded)
     target_forwards: int = 0  # tree-scoring passes (the prompt's prefill not counted)
     accepted_per_step: list[int] = field(default_factory=list)
+    proposed_per_step: list[int] = field(default_factory=list)  # draft nodes of each step's tree
     seconds: float = 0.0
 
     @property
@@ -160,13 +223,13 @@ class SpeculativeResult:
 @torch.no_grad()
 def speculative_generate(
     target,
-    draft: Draft,
+    proposer: Proposer,
     prompt: Sequence[int],
     max_new_tokens: int,
-    spec: TreeSpec,
     temperature: float = 0.0,
     eos_token_id: int | Sequence[int] | None = None,
     generator: torch.Generator | None = None,
+    on_step: Callable[[list[int], Tensor | None, Tensor], bool | None] | None = None,
 ) -> SpeculativeResult:
     """Generate up to ``max_new_tokens`` after ``prompt`` (token ids) by speculative decoding.
 
@@ -174,6 +237,13 @@ def speculative_generate(
     rounding differences of tree_attention against the model's own attention); above 0 it is
     distributed as the target's sampling at that temperature. Generation stops after an
     end-of-sequence token: ``eos_token_id``, else the target's generation config's.
+
+    ``on_step(tokens, features, logits)``, if given, sees what the target computed: once after the
+    prefill (``tokens``: the prompt after its first token; empty tensors for a one-token prompt), then
+    after each verification (``tokens``: those emitted, cut at a stop). ``features [n, F]`` (the
+    proposer's feature layers, None when it reads none) and ``logits [n, V]`` are the target's at the
+    ``n = len(tokens)`` committed positions whose next token is ``tokens[i]``. A true return ends the
+    generation after these tokens.
     """
     from transformers import DynamicCache
 
@@ -190,56 +260,49 @@ def speculative_generate(
     cache = DynamicCache()
     committed = list(prompt)
     start = time.perf_counter()
-    layers = getattr(draft, "feature_layers", None)
-
-    def features(out):  # [T, len(layers) * H] of the one sequence of a forward's output
-        return torch.cat([out.hidden_states[i][0] for i in layers], -1)
-
+    layers = list(proposer.feature_layers)
+    features = lambda out: torch.cat([out.hidden_states[i][0] for i in layers], -1)  # [T, len(layers) * H]
     if len(committed) > 1:  # the root (last prompt token) is scored with the first tree
-        out = target(
-            torch.tensor([committed[:-1]], device=device),
-            use_cache=True,
-            output_hidden_states=bool(layers),
-            **{cache_kw: cache},
-        )
-        if layers:
-            draft.reset(features(out))
-    elif layers:
-        draft.reset(torch.empty(0, len(layers) * target.config.hidden_size, device=device))
+        out = target(torch.tensor([committed[:-1]], device=device), use_cache=True,
+                     output_hidden_states=bool(layers), **{cache_kw: cache})  # fmt: skip
+        prefill = features(out) if layers else None
+        proposer.reset(prefill)
+        seen = (committed[1:], prefill, out.logits[0])
+    else:
+        empty = torch.empty(0, len(layers) * target.config.hidden_size, device=device)
+        proposer.reset(empty if layers else None)
+        seen = ([], empty if layers else None, torch.empty(0, target.config.vocab_size, device=device))
     result = SpeculativeResult(tokens=[])
-    while len(result.tokens) < max_new_tokens:
-        tokens, parents = propose_tree(draft, committed, spec)
+    done = on_step is not None and bool(on_step(*seen))
+    del seen  # the prefill's logits ([prompt, V]) are not kept through the generation
+    while not done and len(result.tokens) < max_new_tokens:
+        tokens, parents = proposer.propose(committed)
         prefix_len = len(committed) - 1
         tokens, parents = tokens.to(device), parents.to(device)
-        positions = (prefix_len + _tree_depths(parents)).to(device)
-        out = target(
-            tokens[None],
-            position_ids=positions[None],
-            use_cache=True,
-            output_hidden_states=bool(layers),
-            tree_parents=parents[None],
-            tree_prefix_lens=torch.tensor([prefix_len], device=device),
-            **{cache_kw: cache},
-        )
-        logits = out.logits
+        out = _score_tree(target, tokens, parents, prefix_len, bool(layers), {cache_kw: cache})
         if temperature == 0:
-            num, path, nxt = verify_tree_greedy(tokens[None], parents[None], logits)
+            num, path, nxt = verify_tree_greedy(tokens[None], parents[None], out.logits)
         else:
-            num, path, nxt = verify_tree_sampling(tokens[None], parents[None], logits, temperature, generator)
+            num, path, nxt = verify_tree_sampling(tokens[None], parents[None], out.logits, temperature, generator)
         accepted = int(num[0])
         path_nodes = path[0, : accepted + 1]
         _commit_path(cache, prefix_len, path_nodes)
-        if layers:  # the root and the accepted nodes are committed now; the bonus token is the next root
-            draft.observe(features(out)[path_nodes])
+        # The root and the accepted nodes are committed now; the bonus token is the next root.
+        kept = features(out)[path_nodes] if layers else None
+        proposer.observe(kept)
         emitted = tokens[path_nodes[1:]].tolist() + [int(nxt[0])]
         result.target_forwards += 1
         result.accepted_per_step.append(accepted)
-        for token in emitted:
+        result.proposed_per_step.append(len(tokens) - 1)
+        for i, token in enumerate(emitted):
             result.tokens.append(token)
             committed.append(token)
             if token in stop_ids or len(result.tokens) == max_new_tokens:
-                result.seconds = time.perf_counter() - start
-                return result
+                emitted, done = emitted[: i + 1], True
+                break
+        if on_step is not None:
+            n = len(emitted)
+            done = bool(on_step(emitted, kept[:n] if layers else None, out.logits[0, path_nodes[:n]])) or done
     result.seconds = time.perf_counter() - start
     return result
 

@@ -1,69 +1,113 @@
-"""The teacher side of training: the target model turns token batches into draft-training batches.
-
-A batch (``dict[str, Tensor]``, what ``TensorChannel`` carries and ``--cache-teacher`` stores):
-
-- ``input_ids [B, T]`` int64 and ``loss_mask [B, T]`` bool (assistant tokens);
-- ``features [B, T, 3H]``: the target's hidden states of the draft's feature layers;
-- ``teacher_indices [B, T, k]`` int64: the teacher's top-k next tokens at each position, as ids
-  of the draft vocabulary (-1 where a token is not in it), and ``teacher_logprobs [B, T, k]``
-  float32 their log-probabilities (from ``linear_topk_logprobs`` on the LM head, so the
-  ``[B*T, V]`` logits never exist);
-- ``teacher_argmax [B, T]`` int64: the teacher's top-1 token id in the target vocabulary;
-- ``batch_index [1]`` int64: the batch's position in the data stream (named by the NaN guard).
-"""
+"""The teacher side of training: the target model turns token batches into draft-training batches
+(:class:`TeacherBatch`), which the pipeline carries and ``--cache-teacher`` stores."""
 
 from __future__ import annotations
 
-from collections import Counter
+from dataclasses import dataclass, fields
 
 import torch
 from torch import Tensor
 
-from torchspec_ext import ops, reference, sharding
+from torchspec_ext import sharding
 from torchspec_ext.data import pad_rows
 
-BATCH_KEYS = (
-    "input_ids",
-    "loss_mask",
-    "features",
-    "teacher_indices",
-    "teacher_logprobs",
-    "teacher_argmax",
-    "batch_index",
-)
+
+class BatchError(ValueError):
+    """A teacher batch whose tensors do not fit together (the message names the tensor)."""
 
 
-def build_draft_vocab(token_lists, loss_masks, size: int, vocab_size: int) -> Tensor:
-    """The ``size`` target ids most frequent among the loss-masked tokens (ties: lower id), padded
-    with the lowest unseen ids; sorted ascending."""
-    counts = Counter()
-    for ids, mask in zip(token_lists, loss_masks):
-        counts.update(ids[mask].tolist())
-    chosen = [t for t, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:size]]
-    if len(chosen) < size:
-        seen = set(chosen)
-        chosen += [t for t in range(vocab_size) if t not in seen][: size - len(chosen)]
-    return torch.tensor(sorted(chosen), dtype=torch.long)
+@dataclass
+class TeacherBatch:
+    """One batch of ``B`` rows of ``T`` positions, as the teacher made it.
+
+    - ``input_ids [B, T]`` int64 and ``loss_mask [B, T]`` bool (the reply tokens to learn);
+    - ``features [B, T, F]`` floating: the target's hidden states of the draft's feature layers;
+    - ``teacher_indices [B, T, k]`` int64: the teacher's top-k next tokens at each position, as ids
+      of the draft vocabulary (-1 where a token is not in it), and ``teacher_logprobs [B, T, k]``
+      float32 their log-probabilities (from ``linear_topk_logprobs`` on the LM head, so the
+      ``[B*T, V]`` logits never exist);
+    - ``teacher_argmax [B, T]`` int64: the teacher's top-1 token id in the target vocabulary;
+    - ``batch_index``: the batch's position in the data stream (named by the NaN guard).
+    """
+
+    input_ids: Tensor
+    loss_mask: Tensor
+    features: Tensor
+    teacher_indices: Tensor
+    teacher_logprobs: Tensor
+    teacher_argmax: Tensor
+    batch_index: int
+
+    def tensors(self) -> dict[str, Tensor]:
+        """The batch as named tensors (what a channel sends and a cache shard holds)."""
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "batch_index"}
+        return out | {"batch_index": torch.tensor([self.batch_index], dtype=torch.long)}
+
+    @staticmethod
+    def from_tensors(tensors: dict[str, Tensor], where: str) -> TeacherBatch:
+        """The batch of :meth:`tensors`' dict, checked (a BatchError naming ``where`` and the tensor)."""
+        names = [f.name for f in fields(TeacherBatch)]
+        missing, unexpected = sorted(set(names) - set(tensors)), sorted(set(tensors) - set(names))
+        if missing or unexpected:
+            raise BatchError(f"{where}: not a teacher batch (missing {missing}, unexpected {unexpected})")
+        index = tensors["batch_index"]
+        if index.numel() != 1 or index.dtype != torch.long:
+            raise BatchError(f"{where}: batch_index must be one int64, got {index.dtype} of shape {list(index.shape)}")
+        batch = TeacherBatch(**{n: tensors[n] for n in names if n != "batch_index"}, batch_index=int(index))
+        return batch.checked(where)
+
+    def checked(self, where: str) -> TeacherBatch:
+        """``self``, after checking that the tensors' dtypes and shapes fit together."""
+        ids = self.input_ids
+        if ids.dim() != 2 or ids.dtype != torch.long:
+            raise BatchError(f"{where}: input_ids must be [B, T] int64, got {ids.dtype} {list(ids.shape)}")
+        b, t = ids.shape
+        k = self.teacher_indices.shape[-1] if self.teacher_indices.dim() == 3 else -1
+        expected = {
+            "loss_mask": (torch.bool, [b, t]),
+            "teacher_indices": (torch.long, [b, t, k]),
+            "teacher_logprobs": (torch.float32, [b, t, k]),
+            "teacher_argmax": (torch.long, [b, t]),
+        }
+        for name, (dtype, shape) in expected.items():
+            x = getattr(self, name)
+            if x.dtype != dtype or list(x.shape) != shape or k < 1:
+                raise BatchError(
+                    f"{where}: {name} must be {str(dtype).removeprefix('torch.')} {shape} (B, T from input_ids, "
+                    f"k from teacher_indices), got {str(x.dtype).removeprefix('torch.')} {list(x.shape)}"
+                )
+        f = self.features
+        if f.dim() != 3 or list(f.shape[:2]) != [b, t] or not f.is_floating_point():
+            raise BatchError(f"{where}: features must be floating [{b}, {t}, F], got {f.dtype} {list(f.shape)}")
+        return self
+
+    def to(self, device) -> TeacherBatch:
+        moved = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "batch_index"}
+        return TeacherBatch(**{k: v.to(device) for k, v in moved.items()}, batch_index=self.batch_index)
 
 
 class Teacher:
     """Runs the target on ``[B, T]`` token batches and makes draft-training batches."""
 
-    def __init__(self, target, feature_layers, target_to_draft: Tensor, topk: int, reference_ops: bool = False):
+    def __init__(self, target, feature_layers, target_to_draft: Tensor, topk: int, kernels=None):
+        """``kernels``: where ``linear_topk_logprobs`` and ``topk_logprobs`` come from (the module
+        ``torchspec_ext.ops``, the default, or ``torchspec_ext.reference``)."""
+        from torchspec_ext import ops
+
         self.target = target.eval()
         self.layers = list(feature_layers)
         self.device = next(target.parameters()).device
         self.target_to_draft = target_to_draft.to(self.device)
         self.topk = topk
-        self.linear_topk = reference.linear_topk_logprobs if reference_ops else ops.linear_topk_logprobs
-        self.topk_logprobs = reference.topk_logprobs if reference_ops else ops.topk_logprobs
+        kernels = kernels or ops
+        self.linear_topk, self.topk_logprobs = kernels.linear_topk_logprobs, kernels.topk_logprobs
         self.sharded = sharding.is_sharded(target)  # over a group of teacher ranks (torchspec_ext.sharding)
         num_layers = target.config.num_hidden_layers
         if any(not 0 <= i <= num_layers for i in self.layers):
             raise ValueError(f"feature layers {self.layers} out of range for a target of {num_layers} layers")
 
     @torch.no_grad()
-    def __call__(self, input_ids: Tensor, loss_mask: Tensor, batch_index: int) -> dict[str, Tensor]:
+    def __call__(self, input_ids: Tensor, loss_mask: Tensor, batch_index: int) -> TeacherBatch:
         input_ids = input_ids.to(self.device)
         if self.sharded:
             hidden, final = sharding.hidden_states(self.target.model, input_ids)
@@ -74,20 +118,20 @@ class Teacher:
         b, t, h = final.shape
         with sharding.gathered_weight(self.target.get_output_embeddings()) as head:
             logprobs, indices, _ = self.linear_topk(final.reshape(b * t, h), head, self.topk)
-        return {
-            "input_ids": input_ids,
-            "loss_mask": loss_mask.to(self.device),
-            "features": features,
-            "teacher_indices": self.target_to_draft[indices].view(b, t, -1),
-            "teacher_logprobs": logprobs.float().view(b, t, -1),
-            "teacher_argmax": indices[:, 0].view(b, t),
-            "batch_index": torch.tensor([batch_index], dtype=torch.long),
-        }
+        return TeacherBatch(
+            input_ids=input_ids,
+            loss_mask=loss_mask.to(self.device),
+            features=features,
+            teacher_indices=self.target_to_draft[indices].view(b, t, -1),
+            teacher_logprobs=logprobs.float().view(b, t, -1),
+            teacher_argmax=indices[:, 0].view(b, t),
+            batch_index=batch_index,
+        )
 
     @torch.no_grad()
     def generate(
         self, groups: list[list[list[int]]], max_new_tokens: int, batch_indices: list[int], pad_id: int, eos_ids
-    ) -> list[dict[str, Tensor]]:
+    ) -> list[TeacherBatch]:
         """Batches of the target's own greedy replies: one batch per group of prompts, all the
         groups decoded together (one decoding of many rows costs far less per token than one of
         a few). The decoding forwards yield the features at every position and the top-k at
@@ -139,29 +183,36 @@ class Teacher:
             rows.append((row, pad, min(t - pad, len(p) + reply_len)))
         batches, first = [], 0
         for group, batch_index in zip(groups, batch_indices):
-            chosen = rows[first : first + len(group)]
+            decoded = (sequences, features, logprobs, indices, width)
+            batches.append(self._reply_batch(rows[first : first + len(group)], decoded, batch_index, pad_id))
             first += len(group)
-            length = max(n for _, _, n in chosen)
-            batch = {
-                "input_ids": torch.full((len(group), length), pad_id, dtype=torch.long, device=self.device),
-                "loss_mask": torch.zeros(len(group), length, dtype=torch.bool, device=self.device),
-                "features": features.new_zeros(len(group), length, features.shape[-1]),
-                "teacher_indices": torch.full(
-                    (len(group), length, self.topk), -1, dtype=torch.long, device=self.device
-                ),
-                "teacher_logprobs": torch.zeros(len(group), length, self.topk, device=self.device),
-                "teacher_argmax": torch.full((len(group), length), -1, dtype=torch.long, device=self.device),
-                "batch_index": torch.tensor([batch_index], dtype=torch.long),
-            }
-            for i, (row, pad, n) in enumerate(chosen):
-                last_prompt = width - 1 - pad
-                batch["input_ids"][i, :n] = sequences[row, pad : pad + n]
-                batch["loss_mask"][i, last_prompt + 1 : n] = True
-                batch["features"][i, :n] = features[row, pad : pad + n]
-                # The teacher's rows exist from the last prompt token on (the earlier ones predict
-                # prompt tokens, which no loss reads); the others keep -1 and 0.
-                batch["teacher_indices"][i, last_prompt:n] = self.target_to_draft[indices[row, : n - last_prompt]]
-                batch["teacher_logprobs"][i, last_prompt:n] = logprobs[row, : n - last_prompt]
-                batch["teacher_argmax"][i, last_prompt:n] = indices[row, : n - last_prompt, 0]
-            batches.append(batch)
         return batches
+
+    def _reply_batch(self, chosen, decoded, batch_index: int, pad_id: int) -> TeacherBatch:
+        """The batch of the decoded rows ``chosen`` ((row, its left padding, its length) each), as
+        wide as the longest, right-padded."""
+        sequences, features, logprobs, indices, width = decoded
+        length = max(n for _, _, n in chosen)
+        rows_of = lambda fill, *shape, dtype=torch.long: torch.full(
+            (len(chosen), length, *shape), fill, dtype=dtype, device=self.device
+        )
+        batch = TeacherBatch(
+            input_ids=rows_of(pad_id),
+            loss_mask=rows_of(False, dtype=torch.bool),
+            features=features.new_zeros(len(chosen), length, features.shape[-1]),
+            teacher_indices=rows_of(-1, self.topk),
+            teacher_logprobs=rows_of(0.0, self.topk, dtype=torch.float32),
+            teacher_argmax=rows_of(-1),
+            batch_index=batch_index,
+        )
+        for i, (row, pad, n) in enumerate(chosen):
+            last_prompt = width - 1 - pad
+            batch.input_ids[i, :n] = sequences[row, pad : pad + n]
+            batch.loss_mask[i, last_prompt + 1 : n] = True
+            batch.features[i, :n] = features[row, pad : pad + n]
+            # The teacher's rows exist from the last prompt token on (the earlier ones predict
+            # prompt tokens, which no loss reads); the others keep -1 and 0.
+            batch.teacher_indices[i, last_prompt:n] = self.target_to_draft[indices[row, : n - last_prompt]]
+            batch.teacher_logprobs[i, last_prompt:n] = logprobs[row, : n - last_prompt]
+            batch.teacher_argmax[i, last_prompt:n] = indices[row, : n - last_prompt, 0]
+        return batch

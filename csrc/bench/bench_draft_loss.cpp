@@ -1,7 +1,9 @@
 // Microbenchmarks of the draft_topk_kl tile kernels, called directly (no torch), on one float32
 // logits tile of the size the op uses (CPU: 2048 x 2048, CUDA: 4096 x 2048) with k = 64 teacher
-// entries per row. Only our kernels are timed: the op's GEMMs (hidden @ weight_chunk.T and the
-// two gradient GEMMs) are torch's and are covered by `python -m torchspec_ext.bench draft_loss`.
+// entries per row; and of the LK rows kernel (lk_alpha / lk_lambda statistics and coefficients of
+// as many rows, k = 64), which the LK losses add to the tiles: per row it reads 3k floats and writes
+// k, next to a tile row's 2048 (forward) or 4096 (backward). Only our kernels are timed: the op's GEMMs (hidden @
+// weight_chunk.T and the two gradient GEMMs) are torch's and are covered by `python -m torchspec_ext.bench draft_loss`.
 // CPU: the row-range kernels on std::threads (--threads=N, else $TORCHSPEC_BENCH_THREADS, else
 // hardware_concurrency). CUDA (when built with it and a GPU is present): timed with CUDA events.
 // Bytes processed = the tile's bytes read (forward) or read and written (backward).
@@ -10,6 +12,7 @@
 // not depend on the values), so every iteration does the same work as the first.
 #include <benchmark/benchmark.h>
 
+#include <cmath>
 #include <cstdint>
 #include <cstdio>
 #include <limits>
@@ -29,6 +32,8 @@ namespace {
 
 using torchspec::DraftLossBackwardTile;
 using torchspec::DraftLossForwardTile;
+using torchspec::DraftLossKind;
+using torchspec::DraftLossLKRows;
 
 constexpr int kTeacherK = 64;
 
@@ -110,6 +115,53 @@ DraftLossBackwardTile backward_params(const HostTile& t, const TilePointers& p) 
   return b;
 }
 
+// Host data of the LK rows kernel: the draft's log-probabilities at k teacher ids (their mass about
+// a half), the teacher's probabilities there (a few absent), tails, KL weights; outputs.
+struct HostLKRows {
+  int64_t rows = 0;
+  std::vector<float> log_q, prob, tail, kl_weights, grad_scale, lambda_weight, accept, neg_log_accept, row_scale, coef;
+
+  explicit HostLKRows(int64_t r) : rows(r) {
+    std::mt19937 gen(777);
+    std::uniform_real_distribution<float> unit(0.0f, 1.0f);
+    const size_t n = static_cast<size_t>(r) * kTeacherK;
+    log_q.resize(n);
+    prob.resize(n);
+    for (size_t i = 0; i < n; ++i) {
+      log_q[i] = std::log(unit(gen) / kTeacherK + 1e-9f);
+      prob[i] = unit(gen) < 0.1f ? -1.0f : unit(gen) / kTeacherK;
+    }
+    tail.assign(r, 0.3f);
+    kl_weights.assign(n, 1.0f / kTeacherK);
+    grad_scale.assign(r, 1e-4f);
+    lambda_weight.assign(1, 0.6f);
+    accept.resize(r);
+    neg_log_accept.resize(r);
+    row_scale.resize(r);
+    coef.resize(n);
+  }
+  int64_t bytes() const { return rows * kTeacherK * 4 * static_cast<int64_t>(sizeof(float)); }
+};
+
+DraftLossLKRows lk_params(HostLKRows& h, DraftLossKind kind, float* const* ptrs) {
+  // ptrs: log_q, prob, tail, kl_weights, grad_scale, lambda_weight, accept, neg_log_accept, row_scale, coef
+  DraftLossLKRows p;
+  p.rows = h.rows;
+  p.k = kTeacherK;
+  p.kind = kind;
+  p.draft_logprobs = ptrs[0];
+  p.accept_prob = ptrs[1];
+  p.tail = ptrs[2];
+  p.kl_weights = ptrs[3];
+  p.grad_scale = ptrs[4];
+  p.lambda_weight = ptrs[5];
+  p.accept = ptrs[6];
+  p.neg_log_accept = ptrs[7];
+  p.row_scale = ptrs[8];
+  p.coef = ptrs[9];
+  return p;
+}
+
 std::string bench_name(const char* device, const char* pass, int64_t rows, int64_t cols) {
   return std::string(device) + "_draft_loss_" + pass + "/rows=" + std::to_string(rows) +
          "/cols=" + std::to_string(cols) + "/k=" + std::to_string(kTeacherK);
@@ -137,6 +189,19 @@ void bm_cpu_backward(benchmark::State& state, int64_t rows, int64_t cols, int th
                          [&](int64_t lo, int64_t hi) { torchspec::cpu::draft_loss_backward_rows(b, lo, hi); });
   }
   state.SetBytesProcessed(state.iterations() * 2 * t.bytes());
+  state.counters["threads"] = threads;
+}
+
+void bm_cpu_lk_rows(benchmark::State& state, int64_t rows, DraftLossKind kind, int threads) {
+  HostLKRows h(rows);
+  float* const ptrs[] = {h.log_q.data(),      h.prob.data(),          h.tail.data(),   h.kl_weights.data(),
+                         h.grad_scale.data(), h.lambda_weight.data(), h.accept.data(), h.neg_log_accept.data(),
+                         h.row_scale.data(),  h.coef.data()};
+  const DraftLossLKRows p = lk_params(h, kind, ptrs);
+  for (auto _ : state) {
+    bench::parallel_rows(rows, threads, [&](int64_t b, int64_t e) { torchspec::cpu::draft_loss_lk_rows(p, b, e); });
+  }
+  state.SetBytesProcessed(state.iterations() * h.bytes());
   state.counters["threads"] = threads;
 }
 
@@ -180,7 +245,38 @@ void bm_cuda(benchmark::State& state, int64_t rows, int64_t cols, bool backward)
   if (stop != nullptr) bench::check_at_exit(cudaEventDestroy(stop), "cudaEventDestroy", "bench_draft_loss");
   if (stream != nullptr) bench::check_at_exit(cudaStreamDestroy(stream), "cudaStreamDestroy", "bench_draft_loss");
 }
+
+void bm_cuda_lk_rows(benchmark::State& state, int64_t rows, DraftLossKind kind) {
+  std::vector<void*> owned;
+  cudaStream_t stream = nullptr;
+  cudaEvent_t start = nullptr, stop = nullptr;
+  try {
+    HostLKRows h(rows);
+    float* const ptrs[] = {device_copy(h.log_q, owned),      device_copy(h.prob, owned),
+                           device_copy(h.tail, owned),       device_copy(h.kl_weights, owned),
+                           device_copy(h.grad_scale, owned), device_copy(h.lambda_weight, owned),
+                           device_copy(h.accept, owned),     device_copy(h.neg_log_accept, owned),
+                           device_copy(h.row_scale, owned),  device_copy(h.coef, owned)};
+    const DraftLossLKRows p = lk_params(h, kind, ptrs);
+    CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+    CUDA_CHECK(cudaEventCreate(&start));
+    CUDA_CHECK(cudaEventCreate(&stop));
+    bench::time_launches(state, stream, start, stop, [&] { return torchspec::cuda::draft_loss_lk_rows(p, stream); });
+    state.SetBytesProcessed(state.iterations() * h.bytes());
+  } catch (const std::exception& e) {
+    state.SkipWithError(e.what());
+  }
+  for (void* d : owned) bench::check_at_exit(cudaFree(d), "cudaFree", "bench_draft_loss");
+  if (start != nullptr) bench::check_at_exit(cudaEventDestroy(start), "cudaEventDestroy", "bench_draft_loss");
+  if (stop != nullptr) bench::check_at_exit(cudaEventDestroy(stop), "cudaEventDestroy", "bench_draft_loss");
+  if (stream != nullptr) bench::check_at_exit(cudaStreamDestroy(stream), "cudaStreamDestroy", "bench_draft_loss");
+}
 #endif
+
+std::string lk_name(const char* device, DraftLossKind kind, int64_t rows) {
+  return std::string(device) + "_draft_loss_" + (kind == DraftLossKind::kLKAlpha ? "lk_alpha" : "lk_lambda") +
+         "_rows/rows=" + std::to_string(rows) + "/k=" + std::to_string(kTeacherK);
+}
 
 }  // namespace
 
@@ -199,6 +295,11 @@ int main(int argc, char** argv) {
                                kCpuCols, threads)
       ->UseRealTime()
       ->Unit(benchmark::kMillisecond);
+  for (const DraftLossKind kind : {DraftLossKind::kLKAlpha, DraftLossKind::kLKLambda}) {
+    benchmark::RegisterBenchmark(lk_name("cpu", kind, kCpuRows).c_str(), bm_cpu_lk_rows, kCpuRows, kind, threads)
+        ->UseRealTime()
+        ->Unit(benchmark::kMillisecond);
+  }
 #if defined(TORCHSPEC_WITH_CUDA)
   std::string why;
   std::string gpu;
@@ -215,6 +316,11 @@ int main(int argc, char** argv) {
     for (const bool backward : {false, true}) {
       benchmark::RegisterBenchmark(bench_name("cuda", backward ? "backward" : "forward", kCudaRows, kCudaCols).c_str(),
                                    bm_cuda, kCudaRows, kCudaCols, backward)
+          ->UseManualTime()
+          ->Unit(benchmark::kMicrosecond);
+    }
+    for (const DraftLossKind kind : {DraftLossKind::kLKAlpha, DraftLossKind::kLKLambda}) {
+      benchmark::RegisterBenchmark(lk_name("cuda", kind, kCudaRows).c_str(), bm_cuda_lk_rows, kCudaRows, kind)
           ->UseManualTime()
           ->Unit(benchmark::kMicrosecond);
     }

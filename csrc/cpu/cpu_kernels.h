@@ -20,6 +20,9 @@ void draft_loss_forward_rows(const DraftLossForwardTile& p, int64_t row_begin, i
 // draft_topk_kl backward: rows [row_begin, row_end) of a logits tile become d loss / d logits.
 void draft_loss_backward_rows(const DraftLossBackwardTile& p, int64_t row_begin, int64_t row_end);
 
+// draft_topk_kl, LK losses: rows [row_begin, row_end) of p's statistics and coefficients.
+void draft_loss_lk_rows(const DraftLossLKRows& p, int64_t row_begin, int64_t row_end);
+
 // Tree attention for the (batch row, kv head) pairs u in [unit_begin, unit_end), u = b * Hkv + g:
 // every query head of the group and every node (see TreeAttentionParams).
 void tree_attention_units(const TreeAttentionParams& p, int64_t unit_begin, int64_t unit_end);

@@ -22,6 +22,9 @@ cudaError_t draft_loss_forward(const DraftLossForwardTile& p, cudaStream_t strea
 // draft_topk_kl backward: a logits tile becomes d loss / d logits in place; one block per row.
 cudaError_t draft_loss_backward(const DraftLossBackwardTile& p, cudaStream_t stream);
 
+// draft_topk_kl, LK losses: each row's statistics and coefficients; one warp per row.
+cudaError_t draft_loss_lk_rows(const DraftLossLKRows& p, cudaStream_t stream);
+
 // How tree_attention runs on the current device (common/tree.h): tensor cores for bfloat16 / float16
 // on sm_80 and later, else CUDA cores; the number of key ranges and the workspace they need.
 cudaError_t tree_attention_plan(const TreeAttentionParams& p, TreeAttentionPlan* plan);

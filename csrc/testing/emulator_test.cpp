@@ -441,6 +441,7 @@ void test_draft_loss(const DraftCase& c) {
   }
   std::vector<int64_t> ids(R * K);
   std::vector<float> w(R * K), coef(R * K), scale(R);
+  std::vector<bool> scale_cancels(R, false);  // a row_scale of 0 with non-zero coefficients (LK)
   for (int64_t r = 0; r < R; ++r) {
     double total = 0;
     for (int j = 0; j < K; ++j) {
@@ -454,8 +455,13 @@ void test_draft_loss(const DraftCase& c) {
     for (int j = 0; j < K; ++j) w[r * K + j] = total > 0 ? static_cast<float>(w[r * K + j] / total) : 0.0f;
     scale[r] = (c.special && r % 3 == 0) ? 0.0f : 0.37f / static_cast<float>(R);  // a masked row every third
     for (int j = 0; j < K; ++j) coef[r * K + j] = w[r * K + j] * scale[r];
+    if (c.special && r % 6 == 3) {  // lk_lambda's row_scale s (w + (1 - w) S) can be 0 with coef != 0
+      scale[r] = 0.0f;
+      scale_cancels[r] = true;
+      for (int j = 0; j < K; ++j) coef[r * K + j] = (w[r * K + j] - 0.5f / K) * 0.37f / static_cast<float>(R);
+    }
   }
-  Dev<float> dz(R * ld), dw(R * K), dcoef(R * K), dscale(R), dlse(R);
+  Dev<float> dz(R * ld), dw(R * K), dcoef(R * K), dscale(R), dlse(R), dgathered(R * K);
   Dev<int64_t> dids(R * K);
   std::memcpy(dw.p, w.data(), w.size() * 4);
   std::memcpy(dcoef.p, coef.data(), coef.size() * 4);
@@ -475,7 +481,7 @@ void test_draft_loss(const DraftCase& c) {
     }
   };
   auto fwd = [&](const float* logits, const int64_t* idx, const float* wt, float* m, float* s, float* av, int64_t* ai,
-                 float* dot, float* lse, int64_t c0, int64_t c1) {
+                 float* dot, float* lse, float* gathered, int64_t c0, int64_t c1) {
     torchspec::DraftLossForwardTile p;
     p.rows = R;
     p.cols = c1 - c0;
@@ -492,6 +498,7 @@ void test_draft_loss(const DraftCase& c) {
     p.argmax_index = ai;
     p.target_dot = dot;
     p.out_lse = c1 == c.vocab ? lse : nullptr;
+    p.target_logits = gathered;
     return p;
   };
   auto chunks = [&] {
@@ -502,11 +509,28 @@ void test_draft_loss(const DraftCase& c) {
   State cpu;
   cpu.m.resize(R), cpu.s.resize(R), cpu.av.resize(R), cpu.dot.resize(R), cpu.lse.resize(R), cpu.ai.resize(R);
   init(cpu.m.data(), cpu.s.data(), cpu.av.data(), cpu.ai.data(), cpu.dot.data());
+  std::vector<float> cpu_gathered(R * K, -kInf);  // absent entries keep the launcher's -inf
   for (auto [c0, c1] : chunks) {
-    torchspec::cpu::draft_loss_forward_rows(fwd(z.data(), ids.data(), w.data(), cpu.m.data(), cpu.s.data(),
-                                                cpu.av.data(), cpu.ai.data(), cpu.dot.data(), cpu.lse.data(), c0, c1),
-                                            0, R);
+    torchspec::cpu::draft_loss_forward_rows(
+        fwd(z.data(), ids.data(), w.data(), cpu.m.data(), cpu.s.data(), cpu.av.data(), cpu.ai.data(), cpu.dot.data(),
+            cpu.lse.data(), cpu_gathered.data(), c0, c1),
+        0, R);
   }
+  // Each kernel's gathered entries are log q = z[id] / T - (its own lse): both roundings as written,
+  // or one (the CPU clones may fuse them into an fma).
+  auto expect_gathered = [&](Check& check, const char* who, const float* got, const float* lse_of) {
+    for (int64_t r = 0; r < R; ++r) {
+      for (int j = 0; j < K; ++j) {
+        const int64_t id = ids[r * K + j];
+        const float want = id < 0 ? -kInf : z[r * ld + id] * inv_t - lse_of[r];
+        const float fused = id < 0 ? -kInf : std::fma(z[r * ld + id], inv_t, -lse_of[r]);
+        check.expect(same_float(got[r * K + j], want) || same_float(got[r * K + j], fused) ||
+                         (std::isnan(want) && std::isnan(got[r * K + j])),
+                     "%s row %lld entry %d (id %lld): log q %.9g, want %.9g", who, (long long)r, j, (long long)id,
+                     got[r * K + j], want);
+      }
+    }
+  };
   Dev<float> m(R), s(R), av(R), dot(R), lse(R);
   Dev<int64_t> ai(R);
   std::vector<double> want_lse(R), m_scaled(R), dot_abs(R);
@@ -526,11 +550,12 @@ void test_draft_loss(const DraftCase& c) {
         std::memcpy(dz.p, z.data(), z.size() * 4);
         init(m.p, s.p, av.p, ai.p, dot.p);
         std::memset(lse.p, 0xCD, R * 4);
+        for (int64_t i = 0; i < R * K; ++i) dgathered[i] = -kInf;
       },
       [&] {
         for (auto [c0, c1] : chunks) {
           const cudaError_t err = torchspec::cuda::draft_loss_forward(
-              fwd(dz.p, dids.p, dw.p, m.p, s.p, av.p, ai.p, dot.p, lse.p, c0, c1), nullptr);
+              fwd(dz.p, dids.p, dw.p, m.p, s.p, av.p, ai.p, dot.p, lse.p, dgathered.p, c0, c1), nullptr);
           if (err != cudaSuccess) return err;
         }
         return cudaSuccess;
@@ -562,6 +587,8 @@ void test_draft_loss(const DraftCase& c) {
           expect_lse(check, "CUDA", r, lse[r], want_lse[r], c.vocab, m_scaled[r]);
           expect_lse(check, "CPU", r, cpu.lse[r], want_lse[r], c.vocab, m_scaled[r]);
         }
+        expect_gathered(check, "CUDA", dgathered.p, lse.p);
+        expect_gathered(check, "CPU", cpu_gathered.data(), cpu.lse.data());
       });
 
   // Backward over the same tiles, from the CPU's lse (the same input for both).
@@ -630,7 +657,7 @@ void test_draft_loss(const DraftCase& c) {
             if (i >= c.vocab) {  // the padding past the row is never written
               check.expect(same_float(got, z[r * ld + i]), "row %lld col %lld (padding) changed", (long long)r,
                            (long long)i);
-            } else if (scale[r] == 0.0f) {
+            } else if (scale[r] == 0.0f && !scale_cancels[r]) {
               check.expect(same_float(got, 0.0f), "row %lld col %lld: masked row gives %g, want +0", (long long)r,
                            (long long)i, got);
             } else if (!std::isfinite(want) || !std::isfinite(bound[r * ld + i])) {
@@ -645,6 +672,217 @@ void test_draft_loss(const DraftCase& c) {
       });
 }
 
+// ---- draft_topk_kl, LK rows ---------------------------------------------------------------------
+
+struct LKCase {
+  int64_t rows;
+  int k;
+  torchspec::DraftLossKind kind;
+  bool special = false;  // absent and repeated ids, zero acceptance, no tail, -inf and NaN log q, masked rows
+  std::string label;
+};
+
+// The row's LK values in float64 as defined in common/draft_loss.h, written from the definition
+// (linear space, in entry order), independently of both kernels.
+struct LKWant {
+  double accept, neg_log_accept, row_scale, row_mag;
+  std::vector<double> coef, coef_mag;
+};
+
+LKWant lk_reference(const float* log_q, const float* prob, float tail, const float* kl_w, double scale, double w, int k,
+                    torchspec::DraftLossKind kind) {
+  const bool alpha = kind == torchspec::DraftLossKind::kLKAlpha;
+  LKWant o{0, 0, 0, 0, std::vector<double>(k, 0.0), std::vector<double>(k, 0.0)};
+  double sum_q = 0, a = 0;
+  for (int j = 0; j < k; ++j) {
+    if (prob[j] < 0) continue;
+    const double q = std::exp(static_cast<double>(log_q[j]));
+    sum_q += q;
+    a += std::min<double>(q, prob[j]);
+  }
+  const double q_tail = std::max(0.0, 1.0 - sum_q);
+  const double tail_side = q_tail < tail ? 1.0 : 0.0;
+  a += std::min<double>(q_tail, tail);
+  o.accept = a;
+  o.neg_log_accept = a == 0 ? 0.0 : -std::log(a);
+  if (scale == 0 || (alpha && a == 0)) return o;
+  double sum_cq = 0, sum_abs = 0;
+  for (int j = 0; j < k; ++j) {
+    double cq = 0;
+    if (prob[j] >= 0) {
+      const double q = std::exp(static_cast<double>(log_q[j]));
+      cq = ((q < prob[j] ? 1.0 : 0.0) - tail_side) * q / (alpha ? a : 1.0);
+    }
+    sum_cq += cq;
+    sum_abs += std::fabs(cq);
+    o.coef[j] = alpha ? scale * cq : scale * (w * kl_w[j] + (1 - w) * cq);
+    o.coef_mag[j] = std::fabs(scale) * (alpha ? std::fabs(cq) : w * std::fabs(kl_w[j]) + (1 - w) * std::fabs(cq));
+  }
+  o.row_scale = alpha ? scale * sum_cq : scale * (w + (1 - w) * sum_cq);
+  o.row_mag = std::fabs(scale) * (alpha ? sum_abs : w + (1 - w) * sum_abs);
+  return o;
+}
+
+void test_draft_lk_rows(const LKCase& c) {
+  const int64_t R = c.rows;
+  const int K = c.k;
+  std::mt19937 gen(static_cast<uint32_t>(R * 131 + K * 7 + static_cast<int>(c.kind)));
+  std::normal_distribution<float> normal(0.0f, 2.0f);
+  std::uniform_real_distribution<float> unit(0.0f, 1.0f);
+  std::vector<float> log_q(R * K), prob(R * K), kl_w(R * K), tail(R), scale(R);
+  const float w = 0.6f;
+  for (int64_t r = 0; r < R; ++r) {
+    // A draft and a correlated teacher over the k ids plus 8 more tokens (the tails).
+    std::vector<double> d(K + 8), t(K + 8);
+    double dz = 0, tz = 0;
+    for (int j = 0; j < K + 8; ++j) {
+      d[j] = normal(gen);
+      t[j] = 0.7 * d[j] + normal(gen);
+      dz += std::exp(d[j]);
+      tz += std::exp(t[j]);
+    }
+    double kept = 0, kl_total = 0;
+    for (int j = 0; j < K; ++j) {
+      const int64_t i = r * K + j;
+      log_q[i] = static_cast<float>(d[j] - std::log(dz));
+      prob[i] = static_cast<float>(std::exp(t[j]) / tz);
+      kept += prob[i];
+      if (c.special && j > 0 && gen() % 5 == 0) {  // a repeat of entry 0: same log q, its mass merged there
+        log_q[i] = log_q[r * K];
+        prob[r * K] += prob[i];
+        prob[i] = -1.0f;
+      } else if (c.special && gen() % 6 == 0) {  // absent: -inf log q, teacher mass outside the draft vocabulary
+        log_q[i] = -kInf;
+        prob[i] = -1.0f;
+      }
+      kl_w[i] = prob[i] < 0 ? 0.0f : unit(gen);
+      kl_total += kl_w[i];
+    }
+    for (int j = 0; j < K; ++j) kl_w[r * K + j] = kl_total > 0 ? static_cast<float>(kl_w[r * K + j] / kl_total) : 0.0f;
+    tail[r] = static_cast<float>(std::max(0.0, 1.0 - kept));
+    scale[r] = (0.5f + unit(gen)) / static_cast<float>(R);
+    if (!c.special) continue;
+    switch (r % 8) {
+      case 1:  // every entry absent
+        for (int j = 0; j < K; ++j) prob[r * K + j] = -1.0f, log_q[r * K + j] = -kInf;
+        break;
+      case 2:  // zero acceptance: the present ids have teacher probability 0 and there is no tail
+        for (int j = 0; j < K; ++j) prob[r * K + j] = std::min(prob[r * K + j], 0.0f);
+        tail[r] = 0.0f;
+        break;
+      case 3:  // no teacher tail, and a present id with log q = -inf
+        tail[r] = 0.0f;
+        log_q[r * K] = -kInf;
+        break;
+      case 4:  // a masked row with NaN log q (padding)
+        scale[r] = 0.0f;
+        log_q[r * K + K / 2] = kNaN;
+        break;
+      case 5:  // the draft's whole mass on the ids: q_t = 0
+        for (int j = 0; j < K; ++j) {
+          if (prob[r * K + j] >= 0) log_q[r * K + j] = static_cast<float>(d[j] - std::log(dz - std::exp(d[K])));
+        }
+        break;
+      case 6:  // a masked row
+        scale[r] = 0.0f;
+        break;
+    }
+  }
+  auto params = [&](const float* lq, const float* pr, const float* tl, const float* kw, const float* sc,
+                    const float* lw, float* acc, float* nla, float* rs, float* cf) {
+    torchspec::DraftLossLKRows p;
+    p.rows = R;
+    p.k = K;
+    p.kind = c.kind;
+    p.draft_logprobs = lq;
+    p.accept_prob = pr;
+    p.tail = tl;
+    p.kl_weights = kw;
+    p.grad_scale = sc;
+    p.lambda_weight = lw;
+    p.accept = acc;
+    p.neg_log_accept = nla;
+    p.row_scale = rs;
+    p.coef = cf;
+    return p;
+  };
+  std::vector<float> acc(R), nla(R), rs(R), cf(R * K);
+  torchspec::cpu::draft_loss_lk_rows(params(log_q.data(), prob.data(), tail.data(), kl_w.data(), scale.data(), &w,
+                                            acc.data(), nla.data(), rs.data(), cf.data()),
+                                     0, R);
+  Dev<float> dlq(R * K), dpr(R * K), dtl(R), dkw(R * K), dsc(R), dw(1), dacc(R), dnla(R), drs(R), dcf(R * K);
+  std::memcpy(dlq.p, log_q.data(), R * K * 4);
+  std::memcpy(dpr.p, prob.data(), R * K * 4);
+  std::memcpy(dtl.p, tail.data(), R * 4);
+  std::memcpy(dkw.p, kl_w.data(), R * K * 4);
+  std::memcpy(dsc.p, scale.data(), R * 4);
+  dw[0] = w;
+  std::vector<LKWant> want(R);
+  for (int64_t r = 0; r < R; ++r) {
+    want[r] = lk_reference(&log_q[r * K], &prob[r * K], tail[r], &kl_w[r * K], scale[r], w, K, c.kind);
+  }
+  // Both kernels work in double and round once to float32; the reference differs from them by the
+  // order of its double sums: half an ulp of the result plus 1e-12 of the terms' magnitude.
+  auto close = [](float got, double ref, double mag) {
+    if (std::isnan(ref)) return std::isnan(got);
+    return std::fabs(got - ref) <= kU * std::fabs(ref) + 1e-12 * mag + 1e-300;
+  };
+  auto verify = [&](Check& check, const char* who, const float* a, const float* n, const float* s, const float* f) {
+    for (int64_t r = 0; r < R; ++r) {
+      const LKWant& o = want[r];
+      check.expect(close(a[r], o.accept, o.accept), "%s row %lld: accept %.9g, want %.9g", who, (long long)r, a[r],
+                   o.accept);
+      check.expect(close(n[r], o.neg_log_accept, std::fabs(o.neg_log_accept) + 1),
+                   "%s row %lld: -log accept %.9g, want %.9g", who, (long long)r, n[r], o.neg_log_accept);
+      check.expect(close(s[r], o.row_scale, o.row_mag), "%s row %lld: row_scale %.9g, want %.9g", who, (long long)r,
+                   s[r], o.row_scale);
+      if (scale[r] == 0.0f)
+        check.expect(same_float(s[r], 0.0f), "%s row %lld: masked row_scale %g", who, (long long)r, s[r]);
+      for (int j = 0; j < K; ++j) {
+        const float got = f[r * K + j];
+        check.expect(close(got, o.coef[j], o.coef_mag[j]) && (scale[r] != 0.0f || same_float(got, 0.0f)),
+                     "%s row %lld entry %d: coef %.9g, want %.9g", who, (long long)r, j, got, o.coef[j]);
+      }
+    }
+  };
+  const char* kind = c.kind == torchspec::DraftLossKind::kLKAlpha ? "lk_alpha" : "lk_lambda";
+  for_each_order(
+      format("draft_loss lk rows=%lld k=%d %s %s", (long long)R, K, kind, c.label.c_str()),
+      [&] {
+        std::memset(dacc.p, 0xCD, R * 4);
+        std::memset(dnla.p, 0xCD, R * 4);
+        std::memset(drs.p, 0xCD, R * 4);
+        std::memset(dcf.p, 0xCD, R * K * 4);
+      },
+      [&] {
+        return torchspec::cuda::draft_loss_lk_rows(
+            params(dlq.p, dpr.p, dtl.p, dkw.p, dsc.p, dw.p, dacc.p, dnla.p, drs.p, dcf.p), nullptr);
+      },
+      [&](Check& check) {
+        verify(check, "CUDA", dacc.p, dnla.p, drs.p, dcf.p);
+        verify(check, "CPU", acc.data(), nla.data(), rs.data(), cf.data());
+      });
+  // The statistics alone (coef null): the same accept, nothing else written.
+  for_each_order(
+      format("draft_loss lk statistics rows=%lld k=%d %s %s", (long long)R, K, kind, c.label.c_str()),
+      [&] {
+        std::memset(dacc.p, 0xCD, R * 4);
+        std::memset(dnla.p, 0xCD, R * 4);
+      },
+      [&] {
+        return torchspec::cuda::draft_loss_lk_rows(
+            params(dlq.p, dpr.p, dtl.p, nullptr, nullptr, nullptr, dacc.p, dnla.p, nullptr, nullptr), nullptr);
+      },
+      [&](Check& check) {
+        for (int64_t r = 0; r < R; ++r) {
+          check.expect(same_float(dacc[r], acc[r]) || close(dacc[r], want[r].accept, want[r].accept),
+                       "row %lld: accept %.9g, CPU %.9g", (long long)r, dacc[r], acc[r]);
+          check.expect(close(dnla[r], want[r].neg_log_accept, std::fabs(want[r].neg_log_accept) + 1),
+                       "row %lld: -log accept %.9g", (long long)r, dnla[r]);
+        }
+      });
+}
+
 void draft_loss_family() {
   test_draft_loss({1, 8192, 8192, 64});
   test_draft_loss({7, 32000, 8192, 64, 1.0f, 0, false, "(4 chunks)"});
@@ -654,6 +892,13 @@ void draft_loss_family() {
   test_draft_loss(
       {25, 7000, 3000, 40, 1.6f, 3, true, "(NaN and infinite logits, repeated and absent ids, masked rows)"});
   test_draft_loss({12, 1000, 1000, 300, 1.0f, 0, true, "(k = 300 > 256, repeated ids)"});
+  for (const auto kind : {torchspec::DraftLossKind::kLKAlpha, torchspec::DraftLossKind::kLKLambda}) {
+    test_draft_lk_rows({1, 1, kind});
+    test_draft_lk_rows({7, 5, kind});
+    test_draft_lk_rows({83, 64, kind, true, "(absent and repeated ids, zero acceptance, no tail, masked rows)"});
+    test_draft_lk_rows({1000, 33, kind, true, "(125 blocks)"});
+    test_draft_lk_rows({13, 300, kind, true, "(k = 300: ten entries a lane)"});
+  }
 }
 
 // ---- tree attention -----------------------------------------------------------------------------

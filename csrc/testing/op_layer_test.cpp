@@ -231,13 +231,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_logprobs(const at::Tensor& l
                        .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&, int64_t, double)>();
   return op.call(logits, k, 1.0);
 }
-std::tuple<at::Tensor, at::Tensor, at::Tensor> draft_topk_kl(const at::Tensor& h, const at::Tensor& w,
-                                                             const at::Tensor& ids, const at::Tensor& lp) {
+using DraftLoss = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+DraftLoss draft_topk_kl(const at::Tensor& h, const at::Tensor& w, const at::Tensor& ids, const at::Tensor& lp,
+                        const std::string& loss = "kl") {
   static auto op = op_handle("torchspec::draft_topk_kl")
-                       .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
-                           const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                           const std::optional<at::Tensor>&, double)>();
-  return op.call(h, w, ids, lp, std::nullopt, 1.0);
+                       .typed<DraftLoss(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                        const std::optional<at::Tensor>&, double, c10::string_view, double, double)>();
+  return op.call(h, w, ids, lp, std::nullopt, 1.0, loss, 1.0, 1.0);
 }
 
 // The message of the RuntimeError fn() raises, or "" when it raises none.

@@ -30,6 +30,10 @@ BENCHMARKS = {
         "torchspec_ext.bench.acceptance",
         "a trained draft's acceptance length, chain and trees of several sizes",
     ),
+    "lossless": (
+        "torchspec_ext.bench.lossless",
+        "where verification's logits part from plain decoding's, per dtype (model attention vs tree_attention)",
+    ),
 }
 # `all`'s report goes beside the plots that the README shows, so that a run brings them up to date.
 DEFAULT_OUT = Path("docs") / "bench"

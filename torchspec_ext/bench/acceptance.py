@@ -55,6 +55,8 @@ def run(args: Any) -> Report:
             "--draft",
             draft,
             "--prompts",
+            "sharegpt",
+            "--limit",
             str(prompts),
             "--max-new-tokens",
             str(new_tokens),
@@ -68,10 +70,10 @@ def run(args: Any) -> Report:
     modes |= {f"tree {n}": TreeSpec(args.depth, args.tree_topk, n) for n in args.tree_nodes}
     result = evaluation.evaluate(eval_args, modes)
     header = {
-        "draft": result["draft"],
-        "target": result["target"],
+        "draft": result["header"]["draft"],
+        "target": result["header"]["target"],
         "device": "cpu (the eval module's)",
-        "prompts": f"{result['prompts']} held-out, up to {result['max_new_tokens']} new tokens, greedy",
+        "prompts": f"{prompts} held-out, up to {new_tokens} new tokens, greedy",
         "trees": f"depth {args.depth}, {args.tree_topk} children per node, at most max_nodes draft nodes",
     }
     columns = [

@@ -18,12 +18,9 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
-
-if TYPE_CHECKING:
-    from torchspec_ext.bench.report import Report
 
 MiB = 1 << 20
 DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
@@ -218,13 +215,20 @@ def memory_method(device: torch.device) -> str:
     return "rise of peak RSS (VmHWM reset, after malloc_trim) minus outputs"
 
 
+class Rows(Protocol):
+    """What a part's results are to the measuring code: a name and rows (a Report is one)."""
+
+    name: str
+    rows: list[dict]
+
+
 def run_cases(
-    report: Report,
+    report: Rows,
     cases: Sequence[Any],
     run_one: Callable[[Any], dict],
     label: Callable[[Any], str],
     device: torch.device,
-) -> Report:
+) -> Rows:
     """Appends run_one(case) to report.rows for each case (progress on stderr), freeing memory between cases."""
     for case in cases:
         print(f"[bench {report.name}] {label(case)}", file=sys.stderr, flush=True)

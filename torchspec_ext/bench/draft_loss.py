@@ -9,10 +9,16 @@ at the matrix rate measured by timing ``hidden @ weight.T`` alone. The peers' fu
 cross-entropy (torch's chunked ``F.linear_cross_entropy``; liger-kernel and Cut Cross-Entropy on
 CUDA, where they import) runs on the k = 1 version of the case (labels = the teacher's first id),
 beside ours on that version.
+
+The LK losses (``loss="lk_alpha"`` / ``"lk_lambda"``) are timed against ``"kl"`` in turns, in the
+eager one-pass form and as the forward op + backward op that ``torch.compile`` runs: the same GEMMs,
+plus the per-row acceptance terms over the k teacher entries (lk_lambda's eager form makes the
+logits once more: its weight needs every row's acceptance before any gradient).
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -147,6 +153,47 @@ def eager_step(indices: torch.Tensor, logprobs: torch.Tensor, temperature: float
     return with_grads(loss_of)
 
 
+LK_LOSSES = ("lk_alpha", "lk_lambda")
+
+
+def two_op_step(indices: torch.Tensor, logprobs: torch.Tensor, temperature: float, loss: str) -> Callable:
+    """The forward op then the backward op (what ``torch.compile`` runs), for one loss kind."""
+
+    def step(hidden, weight):
+        with torch.no_grad():
+            value, _, lse, logq = torch.ops.torchspec.draft_topk_kl.default(
+                hidden, weight, indices, logprobs, None, temperature, loss
+            )
+            one = torch.ones((), device=hidden.device)
+            grads = torch.ops.torchspec.draft_topk_kl_backward.default(
+                one, hidden, weight, indices, logprobs, None, lse, logq, temperature, loss
+            )
+        return value, *grads
+
+    return step
+
+
+def lk_results(case: Case, args: list, indices, logprobs, device: torch.device, timing: Timing) -> dict[str, Any]:
+    """LK against KL, each form timed in turns; the LK losses' error against the eager reference."""
+    t = case.temperature
+    row: dict[str, Any] = {}
+    eager_forms = [
+        loss_step(indices, logprobs, t, functools.partial(draft_topk_kl, loss=name)) for name in ("kl", *LK_LOSSES)
+    ]
+    two_op_forms = [two_op_step(indices, logprobs, t, name) for name in ("kl", *LK_LOSSES)]
+    for prefix, forms in (("", eager_forms), ("two_op_", two_op_forms)):
+        kl_ms, *lk_ms = time_ms_interleaved(forms, args, device, timing)
+        row[f"{prefix}kl_ms"] = kl_ms
+        for name, ms in zip(LK_LOSSES, lk_ms):
+            row[f"{prefix}{name}_ms"] = ms
+            row[f"{prefix}{name}_ratio"] = ms / kl_ms
+    hidden, weight = args[0]
+    for name, form in zip(LK_LOSSES, eager_forms[1:]):
+        reference_step = loss_step(indices, logprobs, t, functools.partial(reference.draft_topk_kl, loss=name))
+        row[f"{name}_error"] = max_rel_error(form(hidden, weight), reference_step(hidden, weight))
+    return row
+
+
 def k1_peers(labels: torch.Tensor) -> dict[str, Callable]:
     """Other libraries' fused linear cross-entropy, forward + backward, on the k = 1 version of a
     case (``labels``: the teacher's first id), each where it imports: torch's own chunked
@@ -216,6 +263,7 @@ def run_case(case: Case, device: torch.device, timing: Timing) -> dict[str, Any]
             eager_extra_mib=eager_extra / MiB,
             extra_ratio=ours_extra / max(eager_extra, 1),
         )
+    row.update(lk_results(case, args, indices, logprobs, device, timing))
     with torch.no_grad():
         gemm_ms = time_ms(lambda h, w: h @ w.T, args, device, timing)
     rate = 2 * case.n * case.h * case.v / (gemm_ms * 1e-3)
@@ -229,6 +277,7 @@ def run_case(case: Case, device: torch.device, timing: Timing) -> dict[str, Any]
             row.update(peer_result(name, lambda: {f"{name}_ms": time_ms(step, args, device, timing)}))  # noqa: B023
     # Against eager in the same dtype; bfloat16 eager rounds its logits, ours does not.
     tolerance = 1e-3 if case.dtype == torch.float32 else 0.1
+    error = max(error, *(row[f"{name}_error"] for name in LK_LOSSES))
     row["result"] = verdict(case.goals(), row, None if error <= tolerance else f"WRONG (max rel err {error:.2g})")
     return row
 
@@ -252,6 +301,14 @@ COLUMNS = [
     Column("cce_ms", "CCE k=1 ms", fmt_num()),
     Column("ours_k1_ms", "ours k=1 ms", fmt_num()),
     Column("max_rel_error", "max rel err vs eager", fmt_num(2)),
+    Column("kl_ms", "kl ms (LK set)", fmt_num()),
+    Column("lk_alpha_ratio", "lk_alpha/kl", fmt_fixed(2, "x")),
+    Column("lk_lambda_ratio", "lk_lambda/kl", fmt_fixed(2, "x")),
+    Column("two_op_kl_ms", "2-op kl ms", fmt_num()),
+    Column("two_op_lk_alpha_ratio", "2-op lk_alpha/kl", fmt_fixed(2, "x")),
+    Column("two_op_lk_lambda_ratio", "2-op lk_lambda/kl", fmt_fixed(2, "x")),
+    Column("lk_alpha_error", "lk_alpha rel err", fmt_num(2)),
+    Column("lk_lambda_error", "lk_lambda rel err", fmt_num(2)),
     *TARGET_COLUMNS,
 ]
 
@@ -270,6 +327,8 @@ def run(args: Any) -> Report:
         "peers": "k = 1: torch's chunked F.linear_cross_entropy where torch has it; liger-kernel and Cut "
         "Cross-Entropy on CUDA where they import",
         "sizes": "quick (targets not checked)" if args.quick else "default",
+        "lk": "lk_alpha, lk_lambda against kl, timed in turns: eager one-pass, and the forward op + backward op "
+        "(torch.compile's form, 2-op)",
     }
     return run_cases(
         Report("draft_loss", header, COLUMNS),

@@ -8,7 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from torchspec_ext.bench.report import Report
+from torchspec_ext.bench.common import Rows
 
 DPI = 80  # small files: the README commits them
 
@@ -65,7 +65,7 @@ def _series(ax, rows: list[dict], size: Callable[[dict], float], key: str, label
         ax.plot([x for x, _ in points], [y for _, y in points], style, label=label, markersize=5)
 
 
-def time_plot(plt, report: Report, path: Path) -> str:
+def time_plot(plt, report: Rows, path: Path) -> str:
     xlabel, size = SIZES[report.name]
     groups: dict[tuple[str, str], list[dict]] = {}
     for row in report.rows:
@@ -80,7 +80,7 @@ def time_plot(plt, report: Report, path: Path) -> str:
     return _save(plt, fig, path)
 
 
-def memory_plot(plt, report: Report, path: Path) -> str:
+def memory_plot(plt, report: Rows, path: Path) -> str:
     xlabel, size = SIZES[report.name]
     fig, axes = _grid(plt, 1, "draft_loss: extra memory against tokens (fwd + bwd)")
     _series(axes[0], report.rows, size, "ours_extra_mib", "ours", "o-")
@@ -91,7 +91,7 @@ def memory_plot(plt, report: Report, path: Path) -> str:
     return _save(plt, fig, path)
 
 
-def acceptance_plot(plt, report: Report, path: Path) -> str:
+def acceptance_plot(plt, report: Rows, path: Path) -> str:
     fig, axes = _grid(plt, 1, "acceptance length against tree size")
     ax = axes[0]
     trees = sorted((r["max_nodes"], r["acceptance_length"]) for r in report.rows if r["mode"].startswith("tree"))
@@ -107,7 +107,7 @@ def acceptance_plot(plt, report: Report, path: Path) -> str:
     return _save(plt, fig, path)
 
 
-def write_plots(reports: dict[str, Report], out: Path) -> list[str]:
+def write_plots(reports: dict[str, Rows], out: Path) -> list[str]:
     """Writes the plots of the parts that ran into ``out``; the file names. Raises ImportError without matplotlib."""
     plt = _pyplot()
     files = []

@@ -10,7 +10,6 @@ every position of the batches; the target is ours / reference >= 1.3x on CPU.
 from __future__ import annotations
 
 import argparse
-import copy
 import dataclasses
 import time
 
@@ -29,40 +28,32 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--max-length", type=int, default=None, help="tokens per conversation (default 512; quick: 128)"
     )
+    parser.add_argument("--target-dtype", default="float32", choices=["float32", "bfloat16"])
 
 
 def run(args) -> Report:
-    from torchspec_ext import train
+    from torchspec_ext.train import parse_args
+    from torchspec_ext.training.run import build_run
 
     device = resolve_device(args.device)
     steps = 2 if args.quick else args.steps
     max_length = args.max_length or (128 if args.quick else 512)
     argv = ["--device", device.type, "--batch-size", str(args.batch_size), "--max-length", str(max_length)]
+    argv += ["--target-dtype", args.target_dtype, "--max-steps", str(steps + 1)]
     if args.target:
         argv += ["--target", args.target]
     if args.data:
         argv += ["--data", args.data]
-    base = train.parse_args(argv)
-    target, tokenizer, train_set, _ = train.load_target_and_data(base, base.device)
-    batches = train.Batches(train_set, tokenizer, base.batch_size, base.max_length, base.seed)
-    draft0 = train.make_draft(target, tokenizer, train_set, base.draft_vocab, base.vocab_sample, base.max_length)
-    draft0 = draft0.to(base.device)
-    token_batches = [batches.next() for _ in range(steps + 1)]
+    base = parse_args(argv)
     # Quick runs are too short to judge: no target there.
     goals = (
         []
         if args.quick
         else [Goal(f"tokens/s ≥ {TARGET_SPEEDUP}x reference-ops", lambda row: row["speedup"] < TARGET_SPEEDUP)]
     )
-    header = environment_header(
-        device, f"{steps} steps after 1 warm-up, time.perf_counter, same batches in both modes"
-    ) | {
-        "case": f"default loop step: batch {base.batch_size} x up to {base.max_length} tokens, "
-        f"top-{base.topk}, draft vocab {draft0.config.draft_vocab_size}, TTT {base.ttt_steps}",
-    }
     report = Report(
         "train",
-        header,
+        {},
         [
             Column("mode", "mode"),
             Column("teacher_ms", "teacher ms/step", fmt_num()),
@@ -74,24 +65,20 @@ def run(args) -> Report:
     )
     results = {}
     for mode in ("reference-ops", "ours"):
-        config = dataclasses.replace(base, reference_ops=mode == "reference-ops")
-        draft = copy.deepcopy(draft0)
-        teacher = train.Teacher(
-            target, draft.config.feature_layers, draft.target_to_draft(), base.topk, config.reference_ops
-        )
-        trainer = train.make_trainer(draft, config)
+        # The same run assembled twice (same seed: the same draft and batches), with either kernels.
+        run = build_run(dataclasses.replace(base, reference_ops=mode == "reference-ops", epochs=1))
         teacher_s = draft_s = 0.0
         tokens = 0
-        for i, (index, ids, mask) in enumerate(token_batches):
+        for i in range(steps + 1):
             start = time.perf_counter()
-            batch = teacher(ids, mask, index)
+            batch = run.online.batch(i)
             middle = time.perf_counter()
-            trainer.step(batch)
+            run.trainer.step(batch)
             end = time.perf_counter()
             if i > 0:  # the first step warms up
                 teacher_s += middle - start
                 draft_s += end - middle
-                tokens += ids.numel()
+                tokens += batch.input_ids.numel()
         results[mode] = tokens / (teacher_s + draft_s)
         row = {
             "mode": mode,
@@ -103,4 +90,10 @@ def run(args) -> Report:
             row["speedup"] = results["ours"] / results["reference-ops"]
             row["target"], row["result"] = target_cell(goals), verdict(goals, row)
         report.rows.append(row)
+    report.header = environment_header(
+        device, f"{steps} steps after 1 warm-up, time.perf_counter, same batches in both modes"
+    ) | {
+        "case": f"default loop step: batch {base.batch_size} x up to {base.max_length} tokens, "
+        f"top-{base.topk}, {run.family.title} draft, {dataclasses.asdict(base.family_options)}",
+    }
     return report

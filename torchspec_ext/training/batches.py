@@ -20,9 +20,8 @@ def epoch_order(count: int, key: int | str) -> list[int]:
 
 
 class Batches:
-    """Token batches of ``batch_size`` conversations in a seeded order per epoch; the position
-    (epoch, batch) is part of a checkpoint, so a resumed run sees the batches an uninterrupted
-    one would have."""
+    """Token batches of ``batch_size`` conversations in a seeded order per epoch: batch ``i`` is the
+    ``i % per_epoch``-th of epoch ``i // per_epoch``'s order, the same in every run with the seed."""
 
     def __init__(self, conversations, tokenizer, batch_size: int, max_length: int, seed: int):
         self.conversations = conversations
@@ -31,7 +30,6 @@ class Batches:
         self.max_length = max_length
         self.seed = seed
         self.per_epoch = len(conversations) // self.batch_size
-        self.position = 0  # batches handed out so far
 
     def __len__(self) -> int:
         return self.per_epoch
@@ -44,26 +42,23 @@ class Batches:
     def _order(self, epoch: int) -> list[int]:
         return epoch_order(len(self.conversations), self.seed * 1000003 + epoch)
 
-    def _take(self) -> tuple[int, list]:
-        """(batch index, its conversations); advances the position."""
-        epoch, i = divmod(self.position, self.per_epoch)
-        chosen = self._order(epoch)[i * self.batch_size : (i + 1) * self.batch_size]
-        self.position += 1
-        return self.position - 1, [self.conversations[c] for c in chosen]
+    def conversations_of(self, i: int) -> list:
+        """The conversations of batch ``i``."""
+        epoch, j = divmod(i, self.per_epoch)
+        chosen = self._order(epoch)[j * self.batch_size : (j + 1) * self.batch_size]
+        return [self.conversations[c] for c in chosen]
 
-    def next_prompts(self, max_prompt: int) -> tuple[int, list[list[int]]]:
-        """(batch index, prompts): each conversation's first user turn in the chat template,
-        ready for the assistant's reply (its last ``max_prompt`` tokens when longer)."""
-        index, conversations = self._take()
-        return index, [first_turn_prompt(self.tokenizer, c)[-max_prompt:] for c in conversations]
+    def prompts(self, i: int, max_prompt: int) -> tuple[int, list[list[int]]]:
+        """(``i``, prompts): batch ``i``'s conversations' first user turns in the chat template,
+        ready for the assistant's reply (their last ``max_prompt`` tokens when longer)."""
+        return i, [first_turn_prompt(self.tokenizer, c)[-max_prompt:] for c in self.conversations_of(i)]
 
-    def next(self) -> tuple[int, Tensor, Tensor]:
-        """(batch index, input_ids [B, T], loss_mask [B, T]), right-padded with the pad (else EOS) id."""
-        index, conversations = self._take()
-        pairs = [tokenize_conversation(self.tokenizer, c, self.max_length) for c in conversations]
+    def tokens(self, i: int) -> tuple[int, Tensor, Tensor]:
+        """(``i``, input_ids [B, T], loss_mask [B, T]) of batch ``i``, right-padded with the pad (else EOS) id."""
+        pairs = [tokenize_conversation(self.tokenizer, c, self.max_length) for c in self.conversations_of(i)]
         ids = pad_rows([ids for ids, _ in pairs], self.pad_id)
         mask = pad_rows([mask for _, mask in pairs], False, dtype=torch.bool)
-        return index, ids, mask
+        return i, ids, mask
 
 
 def prepare_tokenizer(tokenizer, chat_template: str | None) -> None:

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from torchspec_ext import atomic
+from torchspec_ext.teacher import BatchError, TeacherBatch
 from torchspec_ext.training.errors import TrainError
 from torchspec_ext.training.streams import Passes, TeacherStream
 
@@ -59,12 +60,11 @@ def write_cache(directory: Path, stream: TeacherStream, count: int, identity: di
 
     directory.mkdir(parents=True, exist_ok=True)
     (directory / MANIFEST).unlink(missing_ok=True)
-    stream.position = 0
     files = []
     for i in range(count):
         name = f"batch-{i:06d}.safetensors"
         with atomic.staged(directory / name) as tmp:
-            save_file({k: v.detach().contiguous().cpu() for k, v in stream.next().items()}, str(tmp))
+            save_file({k: v.detach().contiguous().cpu() for k, v in stream.batch(i).tensors().items()}, str(tmp))
         files.append(name)
     print(f"[train] teacher cache: wrote {count} batches", file=sys.stderr)
     manifest = {"format": FORMAT, "count": count, "files": files, **identity}
@@ -72,12 +72,23 @@ def write_cache(directory: Path, stream: TeacherStream, count: int, identity: di
     return manifest
 
 
-def cached_passes(directory: Path, manifest: dict, seed: int, device) -> Passes:
-    """The passes over a cache: batch ``i`` is its ``i``-th shard."""
+def read_shard(path: Path, device) -> TeacherBatch:
+    """One cached batch, checked; a TrainError naming the file when it is damaged."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    try:
+        return TeacherBatch.from_tensors(load_file(str(path), device=str(device)), str(path))
+    except (SafetensorError, BatchError, OSError) as exc:
+        raise TrainError(
+            f"--cache-teacher: {path} is damaged ({exc}); delete the cache directory to rebuild it"
+        ) from None
+
+
+def cached_passes(directory: Path, manifest: dict, seed: int, device) -> Passes:
+    """The passes over a cache: teacher batch ``j`` is its ``j``-th shard."""
     files = manifest["files"]
-    return Passes(len(files), seed, lambda i: load_file(str(directory / files[i]), device=str(device)))
+    return Passes(len(files), seed, lambda j: read_shard(directory / files[j], device))
 
 
 def open_cache(

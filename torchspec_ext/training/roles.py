@@ -117,8 +117,7 @@ def serve_batches(roles: RankRoles, stream, router, steps_left: int, start_posit
     count = math.ceil(max(0, steps_left) * m / n)
     with router:
         for k in range(count):
-            stream.position = start_position + k * n + j
-            router.send(stream.next())
+            router.send(stream.batch(start_position + k * n + j).tensors())
     print(f"[train] rank {roles.rank}: sent {count} batches", file=sys.stderr)
     return {"rank": roles.rank, "role": "teacher", "batches_sent": count}
 

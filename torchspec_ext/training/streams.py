@@ -1,6 +1,6 @@
-"""Where a trainer's batches come from. Every stream has ``next()`` (a teacher batch, see
-teacher.py), ``position`` (batches of the data stream consumed, saved in checkpoints as
-``data_position``) and ``close()``."""
+"""Where a trainer's batches come from. A stream hands out batch ``i`` of the run (``batch(i)``):
+which batch that is depends only on ``i`` and the seed, so a resumed run asks for the batches an
+uninterrupted one would have, and no stream keeps a position to save."""
 
 from __future__ import annotations
 
@@ -9,9 +9,7 @@ import sys
 from collections.abc import Callable
 from typing import Protocol
 
-from torch import Tensor
-
-from torchspec_ext.teacher import Teacher
+from torchspec_ext.teacher import Teacher, TeacherBatch
 from torchspec_ext.training.batches import Batches, epoch_order
 from torchspec_ext.training.errors import TrainError
 
@@ -19,77 +17,67 @@ REPLY_ROWS = 64  # --responses target: conversations decoded together (fewer cos
 
 
 class BatchStream(Protocol):
-    position: int
-
-    def next(self) -> dict[str, Tensor]: ...
+    def batch(self, i: int) -> TeacherBatch: ...
 
     def close(self) -> None: ...
 
 
 class TeacherStream:
-    """Online: the next token batch of ``batches`` through the target. With ``responses ==
-    "target"``, the target's own greedy replies to the batches' first user turns instead of the
-    data's replies: prompts of up to a quarter of ``--max-length`` tokens, replies of up to half;
-    the batches of a round (``REPLY_ROWS`` conversations) are decoded together and handed out
-    one by one, in any order."""
+    """Online: token batch ``i`` of ``batches`` through the target. With ``responses == "target"``,
+    the target's own greedy replies to the batches' first user turns instead of the data's
+    replies: prompts of up to a quarter of ``--max-length`` tokens, replies of up to half; the
+    batches of a round (``REPLY_ROWS`` conversations) are decoded together and kept until asked for."""
 
     def __init__(self, batches: Batches, teacher: Teacher, responses: str = "data", eos_ids=()):
         self.batches, self.teacher, self.responses, self.eos_ids = batches, teacher, responses, eos_ids
         self.round_batches = max(1, REPLY_ROWS // batches.batch_size) if responses == "target" else 1
-        self.decoded: dict[int, dict[str, Tensor]] = {}  # position -> a batch made but not handed out yet
+        self._made: dict[int, TeacherBatch] = {}  # batches made (a round, or prepared) and not handed out yet
 
-    @property
-    def position(self) -> int:
-        return self.batches.position
+    def batch(self, i: int) -> TeacherBatch:
+        self._make(i)
+        return self._made.pop(i)
 
-    @position.setter
-    def position(self, value: int) -> None:
-        self.batches.position = value
+    def prepare(self, count: int) -> list[TeacherBatch]:
+        """Makes batches ``0..count-1`` now (they are handed out later without running the target
+        again) and returns them."""
+        for i in range(count):
+            self._make(i)
+        return [self._made[i] for i in range(count)]
 
-    def next(self) -> dict[str, Tensor]:
-        position = self.batches.position
-        self.prefetch(position)
-        self.batches.position = position + 1
-        return self.decoded.pop(position)
-
-    def prefetch(self, position: int) -> None:
-        """Makes the batches of the round holding ``position`` (unless made already)."""
-        if position in self.decoded:
+    def _make(self, i: int) -> None:
+        if i in self._made:
             return
-        start = position - position % self.round_batches
         if self.responses == "data":
-            self.batches.position = position
-            index, ids, mask = self.batches.next()
-            self.decoded[position] = self.teacher(ids, mask, index)
+            index, ids, mask = self.batches.tokens(i)
+            self._made[i] = self.teacher(ids, mask, index)
             return
-        groups, indices = [], []
-        for p in range(start, start + self.round_batches):
-            self.batches.position = p
-            index, prompts = self.batches.next_prompts(self.batches.max_length // 4)
-            groups.append(prompts)
-            indices.append(index)
+        start = i - i % self.round_batches
+        positions = range(start, start + self.round_batches)
+        groups = [self.batches.prompts(p, self.batches.max_length // 4) for p in positions]
         replies = self.teacher.generate(
-            groups, self.batches.max_length // 2, indices, self.batches.pad_id, self.eos_ids
+            [prompts for _, prompts in groups],
+            self.batches.max_length // 2,
+            [index for index, _ in groups],
+            self.batches.pad_id,
+            self.eos_ids,
         )
-        self.decoded.update(zip(range(start, start + self.round_batches), replies))
+        self._made.update(zip(positions, replies))
 
     def close(self) -> None:
         pass
 
 
 class Passes:
-    """``--epochs`` passes over ``count`` teacher batches, each pass in a seeded order (the same on
-    every rank and on resume); ``fetch(i)`` gives batch ``i``. ``position`` counts the batches
-    handed out over all passes."""
+    """Passes over ``count`` teacher batches, each pass in a seeded order (the same on every rank
+    and on resume); ``fetch(j)`` gives teacher batch ``j``, and batch ``i`` of the run is batch
+    ``i % count`` of pass ``i // count``'s order. There are as many passes as the run asks for."""
 
-    def __init__(self, count: int, seed: int, fetch: Callable[[int], dict[str, Tensor]]):
+    def __init__(self, count: int, seed: int, fetch: Callable[[int], TeacherBatch]):
         self.count, self.seed, self.fetch = count, seed, fetch
-        self.position = 0
 
-    def next(self) -> dict[str, Tensor]:
-        epoch, i = divmod(self.position, self.count)
-        self.position += 1
-        return self.fetch(epoch_order(self.count, f"teacher-cache/{self.seed}/{epoch}")[i])
+    def batch(self, i: int) -> TeacherBatch:
+        epoch, j = divmod(i, self.count)
+        return self.fetch(epoch_order(self.count, f"teacher-cache/{self.seed}/{epoch}")[j])
 
     def close(self) -> None:
         pass
@@ -103,35 +91,37 @@ def pass_length(batches_needed: int, epochs: int, available: int) -> int:
 def replayed_passes(online: TeacherStream, count: int, seed: int) -> Passes:
     """The passes over the first ``count`` batches of the online stream, each batch run through
     the target the first time it is needed and kept in CPU memory for the later passes."""
-    kept: dict[int, dict[str, Tensor]] = {}
+    kept: dict[int, TeacherBatch] = {}
 
-    def fetch(i: int) -> dict[str, Tensor]:
-        if i not in kept:
-            online.position = i
-            kept[i] = {k: v.cpu() for k, v in online.next().items()}
-        return {k: v.to(online.teacher.device) for k, v in kept[i].items()}
+    def fetch(j: int) -> TeacherBatch:
+        if j not in kept:
+            kept[j] = online.batch(j).to("cpu")
+        return kept[j].to(online.teacher.device)
 
     return Passes(count, seed, fetch)
 
 
 class RoutedStream:
-    """A trainer rank's batches from the teacher ranks (pipeline Router). Trainer ``r`` of ``m``
-    trains step ``s`` on global batch ``s * m + r``, so after any step every trainer has
-    consumed the same ``position``."""
+    """A trainer rank's batches from the teacher ranks (pipeline Router), in the order of the run:
+    trainer ``r`` of ``m`` trains step ``s`` on global batch ``s * m + r``, which the router delivers
+    in turn (so ``batch`` must be asked for consecutive steps)."""
 
-    def __init__(self, router, trainers: int):
+    def __init__(self, router, trainers: int, first_step: int):
         self.router, self.trainers = router, trainers
-        self.position = 0
+        self.next_step = first_step
 
-    def next(self) -> dict[str, Tensor]:
+    def batch(self, i: int) -> TeacherBatch:
         from torchspec_ext.pipeline import ChannelClosed
 
+        step = i // self.trainers
+        if step != self.next_step:  # the router is a queue: it cannot skip or go back
+            raise RuntimeError(f"RoutedStream: asked for step {step}'s batch, the next one is step {self.next_step}'s")
         try:
-            batch = self.router.recv()
+            tensors = self.router.recv()
         except ChannelClosed as exc:
             raise TrainError(f"a teacher rank ended its stream before this trainer's last step ({exc})") from exc
-        self.position += self.trainers
-        return batch
+        self.next_step += 1
+        return TeacherBatch.from_tensors(tensors, f"the batch of step {step + 1} from the teacher ranks")
 
     def close(self) -> None:
         """Reads (and drops) the batches the teachers made beyond the last step, then the end of

@@ -10,22 +10,51 @@ context, then its own ancestors).
 
 Weight names and config fields are those of EAGLE-3 checkpoints as SGLang and vLLM load them
 (``fc``, ``midlayer.*``, ``norm``, ``lm_head``, ``d2t``, ``t2d``; architecture
-``LlamaForCausalLMEagle3``); ``embed_tokens`` is the target's and stays frozen.
+``LlamaForCausalLMEagle3``); ``embed_tokens`` is the target's and stays frozen. The draft's
+vocabulary is the ``--draft-vocab`` target tokens most frequent in the training replies.
 """
 
 from __future__ import annotations
 
-import json
 import math
+import sys
+from collections import Counter
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
+from torchspec_ext.drafts.base import (
+    WEIGHTS_NAME,
+    DraftFamily,
+    DraftLoadError,
+    LossFunction,
+    Objective,
+    load_weights,
+    read_config,
+    save_weights,
+)
+from torchspec_ext.drafts.layers import MLP, RMSNorm, rope_theta, rotate
+from torchspec_ext.options import at_least, option
+from torchspec_ext.speculate import TreeProposer, TreeSpec
+
+ARCHITECTURE = "LlamaForCausalLMEagle3"
+
+
+@dataclass(frozen=True)
+class Eagle3Options:
+    """EAGLE-3's training options."""
+
+    ttt_steps: int | None = option(
+        None, "training-time-test unroll steps (default: 3 on CPU, 7 on GPU)", check=at_least(1)
+    )
+    draft_vocab: int = option(8192, "draft vocabulary: the most frequent target tokens", check=at_least(1))
+    vocab_sample: int = option(500, "training conversations counted to choose the draft vocabulary", check=at_least(1))
+
+    def resolved(self, on_gpu: bool) -> Eagle3Options:
+        return self if self.ttt_steps else Eagle3Options(7 if on_gpu else 3, self.draft_vocab, self.vocab_sample)
 
 
 def default_feature_layers(num_layers: int) -> list[int]:
@@ -53,8 +82,6 @@ class DraftConfig:
     def from_target(config, draft_vocab_size: int) -> DraftConfig:
         """The draft shaped like one layer of the target (a Hugging Face Llama-like config)."""
         heads = config.num_attention_heads
-        rope = getattr(config, "rope_parameters", None) or {}
-        theta = rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))
         return DraftConfig(
             hidden_size=config.hidden_size,
             intermediate_size=config.intermediate_size,
@@ -64,7 +91,7 @@ class DraftConfig:
             vocab_size=config.vocab_size,
             draft_vocab_size=min(draft_vocab_size, config.vocab_size),
             rms_norm_eps=config.rms_norm_eps,
-            rope_theta=float(theta),
+            rope_theta=rope_theta(config),
             max_position_embeddings=config.max_position_embeddings,
             feature_layers=default_feature_layers(config.num_hidden_layers),
             target_num_layers=config.num_hidden_layers,
@@ -80,7 +107,7 @@ class DraftConfig:
         one, so it gets ``feature_layers - 1``. ``private`` adds this package's own copy of the
         config (``torchspec_ext``), which both loaders ignore."""
         config = {
-            "architectures": ["LlamaForCausalLMEagle3"],
+            "architectures": [ARCHITECTURE],
             "model_type": "llama",
             "hidden_act": "silu",
             "hidden_size": self.hidden_size,
@@ -135,28 +162,6 @@ class DraftConfig:
         )
 
 
-class RMSNorm(nn.Module):
-    def __init__(self, size: int, eps: float):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(size))
-        self.eps = eps
-
-    def forward(self, x: Tensor) -> Tensor:
-        variance = x.float().pow(2).mean(-1, keepdim=True)
-        return self.weight * (x.float() * torch.rsqrt(variance + self.eps)).to(x.dtype)
-
-
-def rotate(x: Tensor, positions: Tensor, theta: float) -> Tensor:
-    """Llama (NeoX-style) rotary embedding of ``x [..., T, D]`` at ``positions [..., T]``."""
-    dim = x.shape[-1]
-    inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, device=x.device, dtype=torch.float32) / dim))
-    angles = positions.to(torch.float32)[..., None] * inv_freq
-    cos, sin = torch.cat([angles, angles], -1).cos().to(x.dtype), torch.cat([angles, angles], -1).sin().to(x.dtype)
-    half = dim // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], -1)
-    return x * cos + rotated * sin
-
-
 class Attention(nn.Module):
     def __init__(self, c: DraftConfig):
         super().__init__()
@@ -199,17 +204,6 @@ class Attention(nn.Module):
         return self.o_proj(out.transpose(1, 2).reshape(b, t, h * d))
 
 
-class MLP(nn.Module):
-    def __init__(self, c: DraftConfig):
-        super().__init__()
-        self.gate_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(c.intermediate_size, c.hidden_size, bias=False)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-
-
 class MidLayer(nn.Module):
     """EAGLE-3's decoder layer: attention over [normed embedding, normed hidden], then an MLP."""
 
@@ -219,7 +213,7 @@ class MidLayer(nn.Module):
         self.hidden_norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
         self.self_attn = Attention(c)
         self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
-        self.mlp = MLP(c)
+        self.mlp = MLP(c.hidden_size, c.intermediate_size)
 
     def attention_input(self, hidden: Tensor, embeds: Tensor) -> Tensor:
         return torch.cat([self.input_layernorm(embeds), self.hidden_norm(hidden)], -1)
@@ -233,6 +227,7 @@ class Eagle3Draft(nn.Module):
     def __init__(self, c: DraftConfig):
         super().__init__()
         self.config = c
+        self.metadata: dict = {}  # how it was trained (drafts.base.training_metadata), saved in config.json
         self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size)
         self.embed_tokens.weight.requires_grad_(False)  # the target's, frozen
         self.fc = nn.Linear(len(c.feature_layers) * c.hidden_size, c.hidden_size, bias=False)
@@ -290,8 +285,41 @@ class Eagle3Draft(nn.Module):
         """``[B, T, n_layers * H]`` target features -> ``[B, T, H]``."""
         return self.fc(features)
 
-    def forward(self, features: Tensor, input_ids: Tensor, steps: int) -> list[Tensor]:
-        return self.unroll(features, input_ids, steps)
+    @property
+    def feature_layers(self) -> list[int]:
+        return list(self.config.feature_layers)
+
+    def forward(self, batch, loss: LossFunction, options: Eagle3Options) -> Objective:
+        """The training objective on a teacher batch: the draft unrolled ``options.ttt_steps`` steps on
+        its own hidden states, each step's ``loss`` against the teacher's top-k, and the mean."""
+        steps = options.ttt_steps
+        ids, mask, features = batch.input_ids, batch.loss_mask, batch.features
+        b, t = ids.shape
+        k = batch.teacher_indices.shape[-1]
+        # Step s at index t predicts token t + 2 + s (teacher row t + 1 + s): pad the time axis by
+        # `steps` so every step reads a [B, T] window; padded rows never count.
+        pad = lambda x, value: torch.cat([x, x.new_full((b, steps + 1) + tuple(x.shape[2:]), value)], 1)
+        ids_ext, mask_ext = pad(ids, 0), pad(mask, False)
+        t_idx, t_lp, t_arg = (
+            pad(batch.teacher_indices, -1),
+            pad(batch.teacher_logprobs, 0.0),
+            pad(batch.teacher_argmax, -1),
+        )
+        hiddens = self.unroll(features.to(self.fc.weight.dtype), ids_ext, steps)
+        draft_ids = self.draft_to_target()
+        losses, accuracies, tokens = [], [], 0
+        for s, hidden in enumerate(hiddens):
+            rows = mask_ext[:, 2 + s : 2 + s + t].reshape(-1).nonzero().squeeze(1)
+            idx = t_idx[:, 1 + s : 1 + s + t].reshape(-1, k).index_select(0, rows)
+            lp = t_lp[:, 1 + s : 1 + s + t].reshape(-1, k).index_select(0, rows)
+            h = hidden.reshape(b * t, -1).index_select(0, rows)
+            value, argmax, _ = loss(h, self.lm_head.weight, idx, lp)
+            want = t_arg[:, 1 + s : 1 + s + t].reshape(-1).index_select(0, rows)
+            accuracies.append((draft_ids[argmax] == want).float().mean().item() if len(rows) else 0.0)
+            losses.append(value)
+            if s == 0:
+                tokens = len(rows)
+        return Objective(torch.stack(losses).mean(), losses, accuracies, tokens)
 
     def unroll(self, features: Tensor, input_ids: Tensor, steps: int) -> list[Tensor]:
         """Training-time test: the draft's normed output hidden states ``[B, T, H]`` for steps
@@ -328,19 +356,9 @@ class Eagle3Draft(nn.Module):
     def save(self, directory: str | Path, dtype: torch.dtype | None = None, private: bool = True) -> None:
         """config.json and model.safetensors; floating-point tensors cast to ``dtype`` if given
         (``d2t`` stays int64 and ``t2d`` bool)."""
-        from safetensors.torch import save_file
-
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        state = {}
-        for k, v in self.trained_state().items():
-            v = v.detach()
-            if dtype is not None and v.is_floating_point():
-                v = v.to(dtype)
-            state[k] = v.contiguous().cpu()
         dtype_name = str(dtype or self.fc.weight.dtype).removeprefix("torch.")
-        (directory / CONFIG_NAME).write_text(json.dumps(self.config.to_hf(dtype_name, private), indent=2))
-        save_file(state, str(directory / WEIGHTS_NAME))
+        config = self.config.to_hf(dtype_name, private) | ({"training": self.metadata} if self.metadata else {})
+        save_weights(Path(directory), self.trained_state(), config, dtype)
 
     @staticmethod
     def load(directory: str | Path, target=None) -> Eagle3Draft:
@@ -350,28 +368,34 @@ class Eagle3Draft(nn.Module):
         weights, not to draft."""
         from safetensors.torch import load_file
 
+        from torchspec_ext.drafts import check_family
+
         directory = Path(directory)
-        if not (directory / CONFIG_NAME).is_file() or not (directory / WEIGHTS_NAME).is_file():
-            raise FileNotFoundError(f"{directory} holds no EAGLE-3 draft ({CONFIG_NAME} and {WEIGHTS_NAME} expected)")
-        config = DraftConfig.from_hf(json.loads((directory / CONFIG_NAME).read_text()))
+        raw = read_config(directory)
+        check_family(raw, Eagle3Family, directory)
+        try:
+            config = DraftConfig.from_hf(raw)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise DraftLoadError(f"{directory}: unreadable EAGLE-3 config ({type(exc).__name__}: {exc})") from None
         if not config.feature_layers:
             if target is None:
-                raise ValueError(f"{directory}: config names no feature layers and no target was given")
+                raise DraftLoadError(f"{directory}: config names no feature layers and no target was given")
             config.feature_layers = default_feature_layers(target.config.num_hidden_layers)
+            print(
+                f"warning: {directory}: its config names no feature layers (eagle_aux_hidden_state_layer_ids); "
+                f"assuming EAGLE-3's default for a {target.config.num_hidden_layers}-layer target, "
+                f"{config.feature_layers}: a draft trained on other layers will accept little",
+                file=sys.stderr,
+            )
         draft = Eagle3Draft(config)
         state = load_file(str(directory / WEIGHTS_NAME))
         if target is not None:
             state["embed_tokens.weight"] = target.get_input_embeddings().weight.detach().float().cpu()
         elif "embed_tokens.weight" not in state:
             draft.embed_tokens.weight.data.zero_()
-        try:
-            missing, unexpected = draft.load_state_dict(state, strict=False)
-        except RuntimeError as exc:  # a tensor of the wrong shape
-            raise ValueError(f"{directory}: not a compatible EAGLE-3 draft ({exc})".replace("\n", " ")) from None
-        if unexpected or set(missing) - {"embed_tokens.weight"}:
-            raise ValueError(
-                f"{directory}: not a compatible EAGLE-3 draft (missing {missing}, unexpected {unexpected})"
-            )
+        load_weights(draft, directory, state, ["embed_tokens.weight"], "EAGLE-3")
+        draft.set_vocab(draft.draft_to_target())  # t2d rebuilt from d2t, so the two always agree
+        draft.metadata = raw.get("training") or {}
         return draft
 
 
@@ -477,3 +501,67 @@ class Eagle3Drafter:
         out = torch.full((len(paths), self.draft.config.vocab_size), float("-inf"), device=self.device)
         out[:, self._draft_ids] = logprobs
         return out
+
+
+def build_draft_vocab(token_lists, loss_masks, size: int, vocab_size: int) -> Tensor:
+    """The ``size`` target ids most frequent among the loss-masked tokens (ties: lower id), padded
+    with the lowest unseen ids; sorted ascending."""
+    counts = Counter()
+    for ids, mask in zip(token_lists, loss_masks):
+        counts.update(ids[mask].tolist())
+    chosen = [t for t, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:size]]
+    if len(chosen) < size:
+        seen = set(chosen)
+        chosen += [t for t in range(vocab_size) if t not in seen][: size - len(chosen)]
+    return torch.tensor(sorted(chosen), dtype=torch.long)
+
+
+class Eagle3Family(DraftFamily):
+    name = "eagle3"
+    title = "EAGLE-3"
+    architectures = (ARCHITECTURE,)
+    Options = Eagle3Options
+
+    def new_draft(self, target, token_sample: Sequence[tuple[Tensor, Tensor]], options: Eagle3Options) -> Eagle3Draft:
+        """A draft whose vocabulary is the ``options.draft_vocab`` target tokens most frequent in
+        ``token_sample``'s replies, initialised from the target."""
+        if options.draft_vocab > target.config.vocab_size:
+            raise ValueError(
+                f"--draft-vocab {options.draft_vocab} is larger than the target's vocabulary: give 1 to "
+                f"{target.config.vocab_size}"
+            )
+        vocab_size = target.config.vocab_size
+        vocab = build_draft_vocab(
+            [i for i, _ in token_sample], [m for _, m in token_sample], options.draft_vocab, vocab_size
+        )
+        draft = Eagle3Draft(DraftConfig.from_target(target.config, options.draft_vocab))
+        draft.set_vocab(vocab)
+        draft.init_from_target(target)
+        return draft
+
+    def config_from(self, config: dict) -> DraftConfig:
+        return DraftConfig.from_hf(config)
+
+    def load(self, directory: Path, target=None) -> Eagle3Draft:
+        return Eagle3Draft.load(directory, target)
+
+    def proposer(self, draft: Eagle3Draft, spec: TreeSpec) -> TreeProposer:
+        return TreeProposer(Eagle3Drafter(draft), spec)
+
+    def export_problems(self, draft: Eagle3Draft) -> tuple[list[str], list[str]]:
+        c, errors, warnings = draft.config, [], []
+        if len(c.feature_layers) != 3:
+            errors.append(
+                f"the draft fuses {len(c.feature_layers)} target layers; SGLang and vLLM's EAGLE-3 fuse exactly 3"
+            )
+        ids = draft.draft_to_target()
+        if ids.min() < 0 or ids.max() >= c.vocab_size or len(ids.unique()) != len(ids):
+            errors.append("d2t does not map the draft vocabulary onto distinct target ids")
+        odd = [i for i in c.feature_layers if i < 1 or (c.target_num_layers and i >= c.target_num_layers)]
+        if odd:
+            warnings.append(
+                f"feature layers {odd} are the target's embeddings or its final (normed) hidden state; SGLang and "
+                "vLLM capture the inputs of decoder layers 1..L-1 only, so they will not feed this draft what it "
+                "was trained on"
+            )
+        return errors, warnings
