@@ -274,6 +274,13 @@ MUTATIONS = [
         "checks",
     ),
     (
+        "checks: the LK bound lets a value just above it pass",
+        "kernels/common.cu",
+        "    if (v > limit) {",
+        "    if (v > limit * 1.001f) {",
+        "checks",
+    ),
+    (
         "launch: the shared-memory attribute set to each call's own size",
         "kernels/common.cu",
         "    if (raised().count({kernel, device}) == 0) {\n"

@@ -18,6 +18,7 @@ enum class DeviceErrorKind : int32_t {
   kTokenId,  // tokens[row, index] = value, not in [0, limit)
   kUniform,  // uniforms[row, index] = the float64 whose bits are value, not in [0, 1)
   kIndexRange,  // ids[row, index] = value, not in [low, limit): the caller names the tensor
+  kAtMost,  // values[row] = the float64 whose bits are value, above the float64 whose bits are limit
 };
 
 // What a kernel found, in mapped pinned host memory. One error is recorded per `generation`: the

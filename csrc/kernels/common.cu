@@ -1,5 +1,6 @@
 // Launch support shared by the CUDA kernel files (framework-free): the shared-memory opt-in of the
-// launchers (allow_dynamic_smem, cuda_common.cuh) and the input check of an index tensor.
+// launchers (allow_dynamic_smem, cuda_common.cuh) and the input checks of an index tensor and of a
+// bound on values.
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -42,6 +43,20 @@ __global__ void __launch_bounds__(kCheckThreads)
   }
 }
 
+// Every value of values [n] at most `limit` (NaN passes), else the first bad one found (in no
+// particular order) is recorded, the float64 bits of the value and of the limit in the record.
+__global__ void __launch_bounds__(kCheckThreads)
+    at_most_kernel(const float* values, int64_t n, float limit, DeviceErrorOp op, DeviceErrorRecord* rec) {
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * kCheckThreads;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * kCheckThreads + threadIdx.x; i < n; i += stride) {
+    const float v = values[i];
+    if (v > limit) {
+      record_device_error(rec, op, DeviceErrorKind::kAtMost, i, 0, __double_as_longlong(v), 0,
+                          __double_as_longlong(limit));
+    }
+  }
+}
+
 }  // namespace
 
 cudaError_t allow_dynamic_smem_of(const void* kernel, size_t dynamic) {
@@ -71,6 +86,14 @@ cudaError_t check_index_range(const int64_t* ids, int64_t n, int64_t cols, int64
   const int64_t blocks = std::min<int64_t>((n + kCheckThreads - 1) / kCheckThreads, 1024);
   TORCHSPEC_LAUNCH(index_range_kernel, static_cast<unsigned>(blocks), kCheckThreads, 0, stream)(
       ids, n, cols < 1 ? 1 : cols, low, limit, op, rec);
+  return cudaGetLastError();
+}
+
+cudaError_t check_at_most(const float* values, int64_t n, float limit, DeviceErrorOp op, DeviceErrorRecord* rec,
+                          cudaStream_t stream) {
+  if (n == 0) return cudaSuccess;
+  const int64_t blocks = std::min<int64_t>((n + kCheckThreads - 1) / kCheckThreads, 1024);
+  TORCHSPEC_LAUNCH(at_most_kernel, static_cast<unsigned>(blocks), kCheckThreads, 0, stream)(values, n, limit, op, rec);
   return cudaGetLastError();
 }
 

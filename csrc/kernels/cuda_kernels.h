@@ -44,6 +44,11 @@ cudaError_t verify_tree_smem(const TreeVerifyParams& p, size_t* needed, size_t* 
 cudaError_t check_index_range(const int64_t* ids, int64_t n, int64_t cols, int64_t low, int64_t limit, DeviceErrorOp op,
                               DeviceErrorRecord* rec, cudaStream_t stream);
 
+// Checks that every value of values [n] (float32, one per row) is at most `limit` (NaN passes); the
+// first bad one found is written to rec as its row, its value's and the limit's float64 bits.
+cudaError_t check_at_most(const float* values, int64_t n, float limit, DeviceErrorOp op, DeviceErrorRecord* rec,
+                          cudaStream_t stream);
+
 // Tree verification, greedy when p.uniforms is null, else sampling (see TreeVerifyParams); one
 // thread block per batch row walks its tree.
 cudaError_t verify_tree(const TreeVerifyParams& p, cudaStream_t stream);

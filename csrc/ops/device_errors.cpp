@@ -111,6 +111,19 @@ std::string describe(const DeviceErrorRecord& e) {
           << ")";
       }
       break;
+    case DeviceErrorKind::kAtMost: {
+      double v, limit;
+      std::memcpy(&v, &e.value, sizeof(v));
+      std::memcpy(&limit, &e.limit, sizeof(limit));
+      if (static_cast<DeviceErrorOp>(e.op) == DeviceErrorOp::kDraftLoss) {
+        s << "teacher_logprobs must be log-probabilities for the LK losses: exp(teacher_logprobs) must sum to at "
+             "most 1 in every counted row (log-sum-exp <= "
+          << limit << "), got row " << e.row << " whose log-sum-exp is " << v;
+      } else {
+        s << "value [" << e.row << "] = " << v << " is above " << limit;
+      }
+      break;
+    }
     case DeviceErrorKind::kNone:
       s << "(no error)";
       break;
@@ -160,11 +173,25 @@ void check_ids_on_device(const at::Tensor& ids, int64_t low, int64_t limit, Devi
   TORCH_CHECK(err == cudaSuccess, "torchspec.", op, ": CUDA kernel failed: ", cudaGetErrorString(err));
 }
 
+void check_at_most_on_device(const at::Tensor& values, float limit, DeviceErrorOp which, const char* op) {
+  TORCH_INTERNAL_ASSERT(values.is_cuda() && values.scalar_type() == at::kFloat);
+  const at::Tensor c = values.contiguous();
+  const CudaDeviceGuard guard(c.device());
+  const int device = c.get_device();
+  raise_device_error(device, op);
+  const cudaError_t err = cuda::check_at_most(c.data_ptr<float>(), c.numel(), limit, which, device_error_record(device),
+                                              current_cuda_stream());
+  TORCH_CHECK(err == cudaSuccess, "torchspec.", op, ": CUDA kernel failed: ", cudaGetErrorString(err));
+}
+
 #else  // a CPU-only build: no CUDA tensor gets this far (check_device_supported)
 
 DeviceErrorRecord* device_error_record(int) { return nullptr; }
 void raise_device_error(int, const char*) {}
 void check_ids_on_device(const at::Tensor&, int64_t, int64_t, DeviceErrorOp, const char* op) {
+  TORCH_CHECK(false, "torchspec.", op, ": built without CUDA");
+}
+void check_at_most_on_device(const at::Tensor&, float, DeviceErrorOp, const char* op) {
   TORCH_CHECK(false, "torchspec.", op, ": built without CUDA");
 }
 

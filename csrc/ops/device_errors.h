@@ -24,4 +24,8 @@ void raise_device_error(int device, const char* op);
 // recorded for `which` and raised by the next call; no host synchronisation. CUDA tensors only.
 void check_ids_on_device(const at::Tensor& ids, int64_t low, int64_t limit, DeviceErrorOp which, const char* op);
 
+// Checks on the device that every value of `values` (float32, one per row) is at most `limit` (NaN
+// passes): a bad one is recorded for `which` and raised by the next call. CUDA tensors only.
+void check_at_most_on_device(const at::Tensor& values, float limit, DeviceErrorOp which, const char* op);
+
 }  // namespace torchspec

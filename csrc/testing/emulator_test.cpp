@@ -1724,6 +1724,30 @@ void checks_family() {
       [&](Check& check) {
         expect_record(check, rec, K::kIndexRange, torchspec::DeviceErrorOp::kDraftLoss, 611, 3, 30);
       });
+
+  // The LK losses' bound on each counted row's log-sum-exp: -inf (uncounted rows), NaN and values
+  // at the bound pass, one row of 1500 just above it does not.
+  const int64_t n = 1500;
+  const float bound = 1e-2f;
+  Dev<float> lse(n);
+  for (int64_t i = 0; i < n; ++i) {
+    lse[i] = i % 7 == 0    ? -std::numeric_limits<float>::infinity()
+             : i % 11 == 0 ? std::numeric_limits<float>::quiet_NaN()
+             : i % 13 == 0 ? bound
+                           : -0.001f * static_cast<float>(i % 97);
+  }
+  lse[1207] = std::nextafter(bound, 1.0f);
+  for_each_order(
+      "checks: at most 0.01, one value of 1500 just above", [&] { reset_error_record(rec); },
+      [&] {
+        return torchspec::cuda::check_at_most(lse.p, n, bound, torchspec::DeviceErrorOp::kDraftLoss, rec, nullptr);
+      },
+      [&](Check& check) {
+        expect_record(check, rec, K::kAtMost, torchspec::DeviceErrorOp::kDraftLoss, 1207, 0,
+                      __double_as_longlong(std::nextafter(bound, 1.0f)));
+        check.expect(rec->limit == __double_as_longlong(bound), "device error record: the limit's bits %lld",
+                     (long long)rec->limit);
+      });
 }
 
 // ---- self-tests: kernels with known bugs, each of which the emulator must report ------------------

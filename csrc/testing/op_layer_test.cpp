@@ -534,6 +534,27 @@ void test_device_checks() {
               R"(an earlier \(or this\) draft_topk_kl call on cuda:1 found invalid input: teacher_indices\[4, 2\] = 30: teacher_indices must be -1 \(absent\) or in \[0, Vd = 30\))")),
       "draft_topk_kl with a bad teacher id on cuda:1: " + msg);
   check(error_of([&] { good(1); }).empty(), "the call after the reported draft loss error failed too");
+
+  // The LK losses' check of teacher_logprobs (each counted row's log-sum-exp <= 0.01), on the device.
+  ids[4][2] = 0;
+  const auto cpu_lk = draft_topk_kl(h, w, ids, lp, "lk_alpha");
+  const auto got_lk = without_host_transfers(
+      "draft_topk_kl lk_alpha", [&] { return draft_topk_kl(dev(h), dev(w), dev(ids), dev(lp), "lk_alpha"); });
+  check(std::abs(std::get<0>(got_lk).to(kCpu).item<double>() - std::get<0>(cpu_lk).item<double>()) < 1e-5,
+        "draft_topk_kl lk_alpha on cuda:1: not the CPU op's loss");
+  at::Tensor lk_logits = lp.clone();
+  lk_logits[2].zero_();  // log-sum-exp log 4: logits passed as log-probabilities
+  expect_error([&] { draft_topk_kl(h, w, ids, lk_logits, "lk_alpha"); }, R"(got a row whose log-sum-exp is 1.386)",
+               "the CPU LK loss");
+  msg = error_of([&] {
+    without_host_transfers("draft_topk_kl lk_alpha (logits)",
+                           [&] { return draft_topk_kl(dev(h), dev(w), dev(ids), dev(lk_logits), "lk_alpha"); });
+  });
+  if (msg.empty()) msg = error_of([&] { good(1); });
+  check(std::regex_search(msg, std::regex(R"(draft_topk_kl call on cuda:1 found invalid input: teacher_logprobs must )"
+                                          R"(be log-probabilities .* got row 2 whose log-sum-exp is 1.386)")),
+        "draft_topk_kl lk_alpha with logits on cuda:1: " + msg);
+  check(error_of([&] { good(1); }).empty(), "the call after the reported LK error failed too");
 }
 
 }  // namespace
