@@ -12,12 +12,14 @@ from torchspec_ext.drafts.base import DraftFamily, DraftLoadError, read_config
 from torchspec_ext.drafts.eagle3 import Eagle3Family
 from torchspec_ext.drafts.itself import TargetItselfFamily
 from torchspec_ext.drafts.lookup import PromptLookupFamily
+from torchspec_ext.drafts.suffix import SuffixFamily
 
 FAMILIES: dict[str, DraftFamily] = {
     family.name: family
     for family in (
         Eagle3Family(),
         PromptLookupFamily(),
+        SuffixFamily(),
         TargetItselfFamily(),
     )
 }
