@@ -1,9 +1,10 @@
 """Several proposers in one verification: suffix decoding against a plain-Python reference, its bounded
 cache, the scored proposals, Combined's merge, budget and online calibration, and decoding with the
-combination on the tiny targets (equal to greedy decoding)."""
+combination on the tiny targets (equal to greedy decoding), in eval and in train's held-out check."""
 
 from __future__ import annotations
 
+import json
 import random
 from collections import Counter
 
@@ -330,3 +331,41 @@ def test_modes_and_proposers_for_eval():
 
     tree = scored(Unscored(), [1, 2])
     assert (tree.tokens, tree.prior, tree.keys) == ([2, 5, 6, 7], [1.0, 0.5, 0.25, 0.5], [None, 1, 2, 1])
+
+
+def test_eval_rows_for_each_proposer_and_the_combination(predictable_target, tmp_path, capsys):
+    from torchspec_ext.eval import main as eval_main
+
+    prompts = tmp_path / "prompts.json"
+    prompts.write_text(json.dumps(["Repeat after me: one two three, one two three.", "Tell me something."]))
+    shape = "--max-new-tokens 16 --depth 3 --topk 2 --max-nodes 6 --min-prob 0 --dtype float32 --json".split()
+    argv = ["--target", str(predictable_target), "--draft", "target", "--prompts", str(prompts), *shape]
+    assert eval_main(argv) == 0
+    report = json.loads(capsys.readouterr().out)
+    rows = {r["mode"]: r for r in report["rows"]}
+    assert list(rows) == ["plain", "prompt lookup", "chain", "tree", "lookup", "suffix", "combined"]
+    for r in rows.values():  # greedy, float32: every output is plain decoding's
+        assert r["same_as_plain"] == r["compared_with_plain"] == 2
+    assert rows["combined"]["acceptance_length"] > 2  # it holds the target's own tree
+    costs = report["header"]["combination"]["combined"]
+    assert set(costs["members"]) == {"target", "lookup", "suffix"}
+    assert costs["steps"] == rows["combined"]["target_forwards"] and costs["forward_ms_per_step"] > 0
+    assert costs["merge_ms_per_step"] > 0 and costs["verified_nodes_per_step"] <= 6
+    assert report["header"]["modes"]["combined"]["tree"]["depth"] == 3
+
+
+def test_the_held_out_check_measures_the_combination(tiny):
+    from torchspec_ext import drafts
+    from torchspec_ext.training.evaluation import HeldOutCheck
+
+    model, tokenizer = tiny
+    family = drafts.family("eagle3")
+    options = family.options({"draft_vocab": 512})
+    ids = tokenizer("One two three, one two three, one two", add_special_tokens=False).input_ids
+    draft = family.new_draft(model, [(torch.tensor(ids), torch.ones(len(ids), dtype=torch.bool))], options)
+    check = HeldOutCheck(model, family, [ids], 12, depth=3, topk=2, nodes=6, eos=[])
+    found = check(draft)
+    assert set(found) == {"acceptance_length", "tree_acceptance_length", "combined_acceptance_length",
+                          "best_mode", "best_estimated_speedup"}  # fmt: skip
+    assert found["best_mode"] in check.modes and found["combined_acceptance_length"] >= 1
+    assert "combined (the tree, prompt lookup and suffix decoding, 6 nodes at most)" in check.describe(found)

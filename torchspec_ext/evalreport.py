@@ -9,9 +9,11 @@ from pathlib import Path
 from torchspec_ext.evalstats import Decode, aggregate
 
 
-def build_report(header: dict, records: list[Decode], depth: int) -> dict:
-    """``rows``: per mode over every set; ``sets``: per set and mode; ``categories``: per set, category
-    and mode where a set has several; ``turns``: per set, turn and mode where items have several."""
+def build_report(header: dict, records: list[Decode], depth: int | dict[str, int]) -> dict:
+    """``depth``: how many draft positions the acceptance rates cover, for every mode or per mode (a
+    mode's own depth: its rates stop there). ``rows``: per mode over every set; ``sets``: per set and
+    mode; ``categories``: per set, category and mode where a set has several; ``turns``: per set, turn
+    and mode where items have several."""
     modes = header.get("modes", {})
     rows = aggregate(records, by=("mode",), positions=depth)
     for row in rows:
@@ -94,7 +96,8 @@ def markdown(report: dict) -> str:
             "|---|" + "---|" * depth,
         ]
         for r in positioned:
-            lines.append(f"| {r['mode']} | " + " | ".join(_num(v) for v in r["per_position_acceptance"]) + " |")
+            rates = [_num(v) for v in r["per_position_acceptance"]]
+            lines.append(f"| {r['mode']} | " + " | ".join(rates + [""] * (depth - len(rates))) + " |")
     return "\n".join(lines)
 
 
