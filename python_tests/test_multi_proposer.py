@@ -265,6 +265,14 @@ def test_members_receive_the_columns_of_their_feature_layers():
         ("reset", None),
         ("observe", None),
     ]
+    # A draft reading a layer twice (a target with few layers): the first member's list as it is.
+    a, b = Fixed([1], [0], [0.5], layers=[2, 3, 3]), Fixed([2], [0], [0.5], layers=[3, 4])
+    combined = Combined([a, b], names=["a", "b"])
+    assert combined.feature_layers == [2, 3, 3, 4]
+    layer = {i: torch.full((2, 4), float(i)) for i in (2, 3, 4)}  # the target's hidden states, width 4
+    combined.reset(torch.cat([layer[i] for i in combined.feature_layers], -1))
+    assert torch.equal(a.seen[0][1], torch.cat([layer[2], layer[3], layer[3]], -1))
+    assert torch.equal(b.seen[0][1], torch.cat([layer[3], layer[4]], -1))
 
 
 @pytest.fixture(scope="module")

@@ -196,7 +196,11 @@ class Combined:
             raise ValueError(f"Combined: {len(self.proposers)} proposers need as many distinct names, got {names}")
         self.names, self.max_nodes, self.node_cost, self.min_confidence = names, max_nodes, node_cost, min_confidence
         self.calibration = calibration if calibration is not None else Calibration()
-        self.feature_layers = list(dict.fromkeys(i for p in self.proposers for i in p.feature_layers))
+        # The members' layers side by side, each layer once across members (a member's own list kept as
+        # it is, repeats included: the first member's features are then exactly what it reads alone).
+        self.feature_layers = []
+        for p in self.proposers:
+            self.feature_layers += [i for i in p.feature_layers if i not in self.feature_layers]
         self.stats = CombinedStats(self.names)
         self._pending: list[_Pending] = []
 
