@@ -343,6 +343,7 @@ def test_modes_and_proposers_for_eval():
 
 def test_eval_rows_for_each_proposer_and_the_combination(predictable_target, tmp_path, capsys):
     from torchspec_ext.eval import main as eval_main
+    from torchspec_ext.evalreport import markdown
 
     prompts = tmp_path / "prompts.json"
     prompts.write_text(json.dumps(["Repeat after me: one two three, one two three.", "Tell me something."]))
@@ -360,6 +361,9 @@ def test_eval_rows_for_each_proposer_and_the_combination(predictable_target, tmp
     assert costs["steps"] == rows["combined"]["target_forwards"] and costs["forward_ms_per_step"] > 0
     assert costs["merge_ms_per_step"] > 0 and costs["verified_nodes_per_step"] <= 6
     assert report["header"]["modes"]["combined"]["tree"]["depth"] == 3
+    text = markdown(report)  # the table a user reads: the step's costs beside the forward's, per member
+    assert "combined: building the tree" in text and f"forward {costs['forward_ms_per_step']:.2f} ms" in text
+    assert all(f"| {member} | " in text for member in ("target", "lookup", "suffix"))
 
 
 def test_the_held_out_check_measures_the_combination(tiny):
