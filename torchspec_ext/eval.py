@@ -29,7 +29,15 @@ import torch
 
 from torchspec_ext import drafts
 from torchspec_ext.drafts.base import CONFIG_NAME, WEIGHTS_NAME, DraftFamily, DraftLoadError, chat_probe, read_config
-from torchspec_ext.drafts.combined import NODE_COST, Combined, ModeSpec, build_proposer, evaluation_modes, output_caches
+from torchspec_ext.drafts.combined import (
+    NODE_COST,
+    Combined,
+    ModeSpec,
+    build_proposer,
+    evaluation_modes,
+    fit_modes,
+    output_caches,
+)
 from torchspec_ext.evalsets import PromptSetError, load_prompt_sets, turn_prompt
 from torchspec_ext.evalstats import Decode
 from torchspec_ext.options import DTYPES, at_least, option, parse
@@ -383,6 +391,7 @@ def evaluate(args: EvalConfig, modes: dict[str, ModeSpec] | None = None) -> dict
         modes = evaluation_modes(
             family, args.depth, args.topk, args.max_nodes, args.min_prob, args.lookup_tokens, args.node_cost
         )
+    modes = fit_modes(family, draft, modes)
     decoders: dict[str, Decoder] = {
         "plain": lambda p, n, i: generate_decode(target, p, n, args.temperature, eos, counter),
         "prompt lookup": lambda p, n, i: generate_decode(
@@ -412,7 +421,9 @@ def evaluate(args: EvalConfig, modes: dict[str, ModeSpec] | None = None) -> dict
         "max_new_tokens": args.max_new_tokens,
         "temperature": args.temperature,
         "seed": args.seed,
-        "modes": {name: {**asdict(spec), "max_nodes": spec.max_nodes} for name, spec in modes.items()},
+        "modes": {
+            name: {**asdict(spec), "depth": spec.depth, "max_nodes": spec.max_nodes} for name, spec in modes.items()
+        },
         "lookup_tokens": args.lookup_tokens,
         "template_warning": warning,
         "combination": {

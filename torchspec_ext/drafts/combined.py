@@ -23,7 +23,7 @@ from __future__ import annotations
 import heapq
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import Tensor
@@ -403,6 +403,19 @@ def build_proposer(family, draft, spec: ModeSpec) -> Proposer:
         members += [build_proposer(family, draft, spec.lookup), build_proposer(family, draft, spec.suffix)]
         return Combined(members, spec.max_nodes, spec.node_cost, names=[*names, "lookup", "suffix"])
     return family.proposer(draft, spec)
+
+
+def fit_modes(family, draft, modes: dict[str, ModeSpec]) -> dict[str, ModeSpec]:
+    """``modes`` with the draft's own trees (its modes' and each combination's) in the shape ``draft``
+    gives them (``DraftFamily.fit_modes``: a block draft caps them); the others as they are."""
+    trees = {name: spec for name, spec in modes.items() if isinstance(spec, TreeSpec)}
+    fitted = family.fit_modes(draft, trees) if trees else {}
+    out = {}
+    for name, spec in modes.items():
+        if isinstance(spec, CombinationSpec) and spec.tree is not None:
+            spec = replace(spec, tree=family.fit_modes(draft, {name: spec.tree})[name])
+        out[name] = fitted.get(name, spec)
+    return out
 
 
 def output_caches(proposer) -> list[SuffixCache]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import copy
 
 from torchspec_ext.drafts.base import DraftFamily
-from torchspec_ext.drafts.combined import NODE_COST, CombinationSpec, combination_spec
+from torchspec_ext.drafts.combined import NODE_COST, CombinationSpec, combination_spec, fit_modes
 from torchspec_ext.speculate import TreeSpec
 
 COMBINED = "combined"
@@ -40,6 +40,7 @@ class HeldOutCheck:
         device = next(self.target.parameters()).device
         if next(draft.parameters()).device != device:
             draft = copy.deepcopy(draft).to(device)
+        self.modes = fit_modes(self.family, draft, self.modes)  # the draft's shape is the run's: the same each call
         found = measure_modes(
             self.target, self.family, draft, self.prompts, self.new_tokens, self.modes, self.eos, self.node_cost
         )
