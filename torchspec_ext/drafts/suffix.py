@@ -60,6 +60,7 @@ class SuffixCache:
         self.max_tokens = max_tokens
         self._lock = threading.Lock()
         self._lengths: deque[int] = deque()  # of the outputs held, oldest first
+        self._total = 0  # their sum
         self._flat = np.empty(0, np.int32)  # each output followed by SEP
         self._index: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
 
@@ -70,21 +71,25 @@ class SuffixCache:
             return
         with self._lock:
             self._lengths.append(len(tokens))
+            self._total += len(tokens)
             drop = 0
-            while sum(self._lengths) > self.max_tokens:
-                drop += self._lengths.popleft() + 1
+            while self._total > self.max_tokens:
+                evicted = self._lengths.popleft()
+                self._total -= evicted
+                drop += evicted + 1
             self._flat = np.concatenate([self._flat[drop:], tokens, np.array([SEP], np.int32)])
             self._index = None
 
     def clear(self) -> None:
         with self._lock:
             self._lengths.clear()
+            self._total = 0
             self._flat, self._index = np.empty(0, np.int32), None
 
     @property
     def tokens(self) -> int:
         """Tokens cached."""
-        return sum(self._lengths)
+        return self._total
 
     @property
     def outputs(self) -> int:
