@@ -6,7 +6,9 @@ a family is one module beside this one and one line in :data:`FAMILIES`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from torchspec_ext.drafts.base import DraftFamily, DraftLoadError, read_config
 from torchspec_ext.drafts.dflash import DFlashFamily, DSparkFamily
@@ -53,6 +55,17 @@ def check_family(config: dict, expected: type[DraftFamily], directory: Path) -> 
             f"{directory} holds a {found.title} draft, not an {expected.title} one: load it as {found.title} "
             f"(its config.json's architectures: {config.get('architectures')})"
         )
+
+
+def read_family_config(directory: Path, family: type[DraftFamily], parse: Callable[[dict], Any]) -> tuple[dict, Any]:
+    """(config.json, ``parse`` of it) of a folder that must hold a draft of ``family``; a DraftLoadError
+    names what is wrong (no draft, another family's, an unreadable config)."""
+    raw = read_config(directory)
+    check_family(raw, family, directory)
+    try:
+        return raw, parse(raw)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise DraftLoadError(f"{directory}: unreadable {family.title} config ({type(exc).__name__}: {exc})") from None
 
 
 def load_draft(directory: Path, target=None):

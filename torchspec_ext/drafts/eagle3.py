@@ -33,10 +33,9 @@ from torchspec_ext.drafts.base import (
     LossFunction,
     Objective,
     load_weights,
-    read_config,
     save_weights,
 )
-from torchspec_ext.drafts.layers import MLP, RMSNorm, rope_theta, rotate
+from torchspec_ext.drafts.layers import MLP, RMSNorm, attention_shape, rotate
 from torchspec_ext.options import at_least, option
 from torchspec_ext.speculate import TreeProposer, TreeSpec
 
@@ -81,18 +80,9 @@ class DraftConfig:
     @staticmethod
     def from_target(config, draft_vocab_size: int) -> DraftConfig:
         """The draft shaped like one layer of the target (a Hugging Face Llama-like config)."""
-        heads = config.num_attention_heads
         return DraftConfig(
-            hidden_size=config.hidden_size,
-            intermediate_size=config.intermediate_size,
-            num_attention_heads=heads,
-            num_key_value_heads=getattr(config, "num_key_value_heads", heads) or heads,
-            head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads,
-            vocab_size=config.vocab_size,
+            **attention_shape(config),
             draft_vocab_size=min(draft_vocab_size, config.vocab_size),
-            rms_norm_eps=config.rms_norm_eps,
-            rope_theta=rope_theta(config),
-            max_position_embeddings=config.max_position_embeddings,
             feature_layers=default_feature_layers(config.num_hidden_layers),
             target_num_layers=config.num_hidden_layers,
         )
@@ -368,15 +358,10 @@ class Eagle3Draft(nn.Module):
         weights, not to draft."""
         from safetensors.torch import load_file
 
-        from torchspec_ext.drafts import check_family
+        from torchspec_ext.drafts import read_family_config
 
         directory = Path(directory)
-        raw = read_config(directory)
-        check_family(raw, Eagle3Family, directory)
-        try:
-            config = DraftConfig.from_hf(raw)
-        except (KeyError, TypeError, ValueError) as exc:
-            raise DraftLoadError(f"{directory}: unreadable EAGLE-3 config ({type(exc).__name__}: {exc})") from None
+        raw, config = read_family_config(directory, Eagle3Family, DraftConfig.from_hf)
         if not config.feature_layers:
             if target is None:
                 raise DraftLoadError(f"{directory}: config names no feature layers and no target was given")

@@ -41,6 +41,22 @@ class MLP(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
+def attention_shape(config) -> dict:
+    """The sizes of a layer shaped like one of a Hugging Face Llama-like target's (``config``)."""
+    heads = config.num_attention_heads
+    return dict(
+        hidden_size=config.hidden_size,
+        intermediate_size=config.intermediate_size,
+        num_attention_heads=heads,
+        num_key_value_heads=getattr(config, "num_key_value_heads", heads) or heads,
+        head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads,
+        vocab_size=config.vocab_size,
+        rms_norm_eps=config.rms_norm_eps,
+        rope_theta=rope_theta(config),
+        max_position_embeddings=config.max_position_embeddings,
+    )
+
+
 def rope_theta(config) -> float:
     """A Hugging Face config's rotary base (``rope_parameters`` in newer transformers)."""
     rope = getattr(config, "rope_parameters", None) or {}

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 from torchspec_ext.drafts.dflash.options import DFlashOptions
-from torchspec_ext.drafts.layers import rope_theta
+from torchspec_ext.drafts.layers import attention_shape
 
 DFLASH_ARCHITECTURE = "DFlashDraftModel"
 DSPARK_ARCHITECTURE = "DSparkDraftModel"
@@ -62,22 +62,13 @@ class DFlashConfig:
 
     @staticmethod
     def from_target(config, options: DFlashOptions, mask_token_id: int, dspark: bool) -> DFlashConfig:
-        heads = config.num_attention_heads
         return DFlashConfig(
-            hidden_size=config.hidden_size,
-            intermediate_size=config.intermediate_size,
-            num_attention_heads=heads,
-            num_key_value_heads=getattr(config, "num_key_value_heads", heads) or heads,
-            head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads,
-            vocab_size=config.vocab_size,
+            **attention_shape(config),
             num_hidden_layers=options.draft_layers,
             block_size=options.block_size,
             mask_token_id=mask_token_id,
             feature_layers=default_target_layers(config.num_hidden_layers, options.draft_layers),
             target_num_layers=config.num_hidden_layers,
-            rms_norm_eps=config.rms_norm_eps,
-            rope_theta=rope_theta(config),
-            max_position_embeddings=config.max_position_embeddings,
             sliding_window=options.sliding_window,
             sample_from_anchor=dspark,
             markov_rank=getattr(options, "markov_rank", 0) if dspark else 0,

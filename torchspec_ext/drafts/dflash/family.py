@@ -10,7 +10,7 @@ from pathlib import Path
 
 from torch import Tensor
 
-from torchspec_ext.drafts.base import WEIGHTS_NAME, DraftFamily, DraftLoadError, load_weights, read_config
+from torchspec_ext.drafts.base import WEIGHTS_NAME, DraftFamily, load_weights
 from torchspec_ext.drafts.dflash.config import DFLASH_ARCHITECTURE, DSPARK_ARCHITECTURE, DFlashConfig
 from torchspec_ext.drafts.dflash.drafter import ConfidenceChain, ConfidenceSpec, DFlashDrafter
 from torchspec_ext.drafts.dflash.model import DFlashDraft
@@ -53,15 +53,10 @@ def load_block_draft(directory: Path, target, family: type[DraftFamily]) -> DFla
     trained weights, not to draft)."""
     from safetensors.torch import load_file
 
-    from torchspec_ext.drafts import check_family
+    from torchspec_ext.drafts import read_family_config
 
     directory = Path(directory)
-    raw = read_config(directory)
-    check_family(raw, family, directory)
-    try:
-        config = DFlashConfig.from_hf(raw)
-    except (KeyError, TypeError, ValueError) as exc:
-        raise DraftLoadError(f"{directory}: unreadable {family.title} config ({type(exc).__name__}: {exc})") from None
+    raw, config = read_family_config(directory, family, DFlashConfig.from_hf)
     draft = DFlashDraft(config)
     state = load_file(str(directory / WEIGHTS_NAME))
     frozen = ["embed_tokens.weight", "lm_head.weight"]
