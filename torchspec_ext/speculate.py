@@ -262,6 +262,36 @@ class SpeculativeResult:
         return len(self.tokens) / max(1, self.target_forwards)
 
 
+def _one_proposer(proposer: Proposer | Sequence[Proposer]) -> Proposer:
+    """A list of proposers as one (their ``Combined``; a single one as itself)."""
+    if hasattr(proposer, "propose"):
+        return proposer
+    proposers = list(proposer)
+    if len(proposers) == 1:
+        return proposers[0]
+    from torchspec_ext.drafts.combined import Combined
+
+    return Combined(proposers)
+
+
+def _features(out, layers: list[int]) -> Tensor | None:
+    """[T, len(layers) * H]: the hidden states ``layers`` of a forward's one sequence."""
+    return torch.cat([out.hidden_states[i][0] for i in layers], -1) if layers else None
+
+
+def _prefill(
+    target, prompt: list[int], layers: list[int], cache: dict, device
+) -> tuple[list[int], Tensor | None, Tensor]:
+    """The target's forward over the prompt before its last token (the root, the last token, is scored
+    with the first tree): (the tokens it predicted, their features, their logits), what on_step sees."""
+    if len(prompt) > 1:
+        out = target(torch.tensor([prompt[:-1]], device=device), use_cache=True,
+                     output_hidden_states=bool(layers), **cache)  # fmt: skip
+        return prompt[1:], _features(out, layers), out.logits[0]
+    empty = torch.empty(0, len(layers) * target.config.hidden_size, device=device) if layers else None
+    return [], empty, torch.empty(0, target.config.vocab_size, device=device)
+
+
 @torch.no_grad()
 def speculative_generate(
     target,
@@ -292,15 +322,7 @@ def speculative_generate(
     """
     from transformers import DynamicCache
 
-    if not hasattr(proposer, "propose"):
-        proposers = list(proposer)
-        if len(proposers) == 1:
-            proposer = proposers[0]
-        else:
-            from torchspec_ext.drafts.combined import Combined
-
-            proposer = Combined(proposers)
-
+    proposer = _one_proposer(proposer)
     if len(prompt) < 1:
         raise ValueError("speculative_generate: the prompt must hold at least one token")
     if temperature < 0:
@@ -315,17 +337,8 @@ def speculative_generate(
     committed = list(prompt)
     start = time.perf_counter()
     layers = list(proposer.feature_layers)
-    features = lambda out: torch.cat([out.hidden_states[i][0] for i in layers], -1)  # [T, len(layers) * H]
-    if len(committed) > 1:  # the root (last prompt token) is scored with the first tree
-        out = target(torch.tensor([committed[:-1]], device=device), use_cache=True,
-                     output_hidden_states=bool(layers), **{cache_kw: cache})  # fmt: skip
-        prefill = features(out) if layers else None
-        proposer.reset(prefill)
-        seen = (committed[1:], prefill, out.logits[0])
-    else:
-        empty = torch.empty(0, len(layers) * target.config.hidden_size, device=device)
-        proposer.reset(empty if layers else None)
-        seen = ([], empty if layers else None, torch.empty(0, target.config.vocab_size, device=device))
+    seen = _prefill(target, committed, layers, {cache_kw: cache}, device)
+    proposer.reset(seen[1])
     result = SpeculativeResult(tokens=[])
     done = on_step is not None and bool(on_step(*seen))
     del seen  # the prefill's logits ([prompt, V]) are not kept through the generation
@@ -342,7 +355,7 @@ def speculative_generate(
         path_nodes = path[0, : accepted + 1]
         _commit_path(cache, prefix_len, path_nodes)
         # The root and the accepted nodes are committed now; the bonus token is the next root.
-        kept = features(out)[path_nodes] if layers else None
+        kept = _features(out, layers)[path_nodes] if layers else None
         proposer.observe(kept)
         emitted = tokens[path_nodes[1:]].tolist() + [int(nxt[0])]
         result.target_forwards += 1
