@@ -298,3 +298,26 @@ def test_a_dead_shard_fails_the_job(tiny, tmp_path):
     assert "the group of ranks 0, 1 holding the target failed" in errors[0] or "from rank 1" in errors[2], tails(
         logs, 3
     )
+
+
+def test_a_truncated_shard_file_fails_every_rank_naming_it(tiny, tmp_path):
+    """Every rank checks the checkpoint's files before reading any (the teachers read slices of
+    each, the trainers the embedding): all stop, each naming the truncated file."""
+    from transformers import AutoModelForCausalLM
+
+    target = tmp_path / "target"
+    AutoModelForCausalLM.from_pretrained(tiny[0]).save_pretrained(target, max_shard_size="2MB")
+    for f in tiny[0].iterdir():
+        if f.suffix != ".safetensors" and not (target / f.name).exists():
+            (target / f.name).write_bytes(f.read_bytes())  # the tokenizer
+    files = sorted(target.glob("*.safetensors"))
+    assert len(files) > 1
+    victim = files[-1]
+    victim.write_bytes(victim.read_bytes()[:-4096])
+    out, logs = tmp_path / "out", tmp_path / "logs"
+    args = options((target, tiny[1]), out, 2, "--teacher-ranks", "2", "--teacher-shards", "2", "--dist-timeout", "30")
+    codes = wait_all(launch(args, 3, logs), logs, timeout=120)
+    assert codes == [2, 2, 2], tails(logs, 3)
+    for rank in range(3):
+        error = (logs / f"{rank}.err").read_text()
+        assert f"cannot load the target: {victim} cannot be read" in error and "truncated" in error, tails(logs, 3)

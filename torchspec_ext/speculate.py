@@ -19,7 +19,7 @@ import heapq
 import inspect
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Protocol
 
@@ -229,6 +229,7 @@ def speculative_generate(
     temperature: float = 0.0,
     eos_token_id: int | Sequence[int] | None = None,
     generator: torch.Generator | None = None,
+    on_step: Callable[[list[int], Tensor | None, Tensor], bool | None] | None = None,
 ) -> SpeculativeResult:
     """Generate up to ``max_new_tokens`` after ``prompt`` (token ids) by speculative decoding.
 
@@ -236,6 +237,13 @@ def speculative_generate(
     rounding differences of tree_attention against the model's own attention); above 0 it is
     distributed as the target's sampling at that temperature. Generation stops after an
     end-of-sequence token: ``eos_token_id``, else the target's generation config's.
+
+    ``on_step(tokens, features, logits)``, if given, sees what the target computed: once after the
+    prefill (``tokens``: the prompt after its first token; empty tensors for a one-token prompt), then
+    after each verification (``tokens``: those emitted, cut at a stop). ``features [n, F]`` (the
+    proposer's feature layers, None when it reads none) and ``logits [n, V]`` are the target's at the
+    ``n = len(tokens)`` committed positions whose next token is ``tokens[i]``. A true return ends the
+    generation after these tokens.
     """
     from transformers import DynamicCache
 
@@ -257,11 +265,17 @@ def speculative_generate(
     if len(committed) > 1:  # the root (last prompt token) is scored with the first tree
         out = target(torch.tensor([committed[:-1]], device=device), use_cache=True,
                      output_hidden_states=bool(layers), **{cache_kw: cache})  # fmt: skip
-        proposer.reset(features(out) if layers else None)
+        prefill = features(out) if layers else None
+        proposer.reset(prefill)
+        seen = (committed[1:], prefill, out.logits[0])
     else:
-        proposer.reset(torch.empty(0, len(layers) * target.config.hidden_size, device=device) if layers else None)
+        empty = torch.empty(0, len(layers) * target.config.hidden_size, device=device)
+        proposer.reset(empty if layers else None)
+        seen = ([], empty if layers else None, torch.empty(0, target.config.vocab_size, device=device))
     result = SpeculativeResult(tokens=[])
-    while len(result.tokens) < max_new_tokens:
+    done = on_step is not None and bool(on_step(*seen))
+    del seen  # the prefill's logits ([prompt, V]) are not kept through the generation
+    while not done and len(result.tokens) < max_new_tokens:
         tokens, parents = proposer.propose(committed)
         prefix_len = len(committed) - 1
         tokens, parents = tokens.to(device), parents.to(device)
@@ -274,17 +288,21 @@ def speculative_generate(
         path_nodes = path[0, : accepted + 1]
         _commit_path(cache, prefix_len, path_nodes)
         # The root and the accepted nodes are committed now; the bonus token is the next root.
-        proposer.observe(features(out)[path_nodes] if layers else None)
+        kept = features(out)[path_nodes] if layers else None
+        proposer.observe(kept)
         emitted = tokens[path_nodes[1:]].tolist() + [int(nxt[0])]
         result.target_forwards += 1
         result.accepted_per_step.append(accepted)
         result.proposed_per_step.append(len(tokens) - 1)
-        for token in emitted:
+        for i, token in enumerate(emitted):
             result.tokens.append(token)
             committed.append(token)
             if token in stop_ids or len(result.tokens) == max_new_tokens:
-                result.seconds = time.perf_counter() - start
-                return result
+                emitted, done = emitted[: i + 1], True
+                break
+        if on_step is not None:
+            n = len(emitted)
+            done = bool(on_step(emitted, kept[:n] if layers else None, out.logits[0, path_nodes[:n]])) or done
     result.seconds = time.perf_counter() - start
     return result
 

@@ -4,6 +4,7 @@ check. ``train`` runs it; ``bench train`` and the tests build runs the same way.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import random
 import sys
@@ -51,10 +52,10 @@ class Run:
     plan: Plan
     keeper: BudgetKeeper | None  # --time-budget
     trainer: DraftTrainer | None
-    heldout: HeldOutCheck | None
+    heldout: HeldOutCheck | NoHeldOutCheck | None
     start_step: int
     resumed_from: Path | None
-    sharded: dict  # a teacher rank holding a shard of the target: what it holds
+    sharded: dict  # a teacher rank holding a shard of the target: what it holds and read
 
 
 def build_run(config: TrainConfig) -> Run:
@@ -67,35 +68,44 @@ def build_run(config: TrainConfig) -> Run:
     torch.manual_seed(config.seed)
     random.seed(config.seed)
     roles, device = join_job(config.teacher_ranks, config.device, config.dist_timeout, config.teacher_shards)
-    # In a job whose teachers shard the target (too large for one device) every rank reads it into CPU
-    # memory: the teachers' sharding moves their shards to their devices, the trainers evaluate there.
-    target, tokenizer, train_set, held_out = load_target_and_data(
-        config, "cpu" if config.teacher_shards > 1 else device
-    )
+    # In a job whose teachers shard the target (too large for one device) no rank reads it whole: every
+    # rank builds it without weights, the trainers read its embedding and LM head for the draft, and
+    # each teacher reads its shard after the draft is made (shard_teacher).
+    target, tokenizer, train_set, held_out = load_target_and_data(config, device, roles)
     batches = Batches(train_set, tokenizer, config.batch_size, config.max_length, config.seed)
-    target, target_dtype = choose_target_dtype(target, config.target_dtype, batches, roles.distributed)
+    target, target_dtype = choose_target_dtype(target, target_dtype_name(config), batches, roles.distributed)
     checkpoint = find_checkpoint(Path(config.output_dir), config.resume) if config.resume else None
     resumed = read_state(checkpoint) if checkpoint is not None else None  # read once: it holds the optimiser
     family = config.family
-    draft = (
-        load_checkpoint_draft(family, checkpoint, target) if checkpoint else new_draft(family, target, batches, config)
-    )
-    draft = draft.to(device)
+    # A shard teacher uses only the draft's vocabulary maps and feature layers: its weights stay on meta.
+    holds_shard = roles.shard_group is not None
+    with sharding.weightless() if holds_shard else contextlib.nullcontext():
+        draft = (
+            load_checkpoint_draft(family, checkpoint, None if holds_shard else target)
+            if checkpoint
+            else new_draft(family, target, batches, config)
+        )
+    draft = draft if holds_shard else draft.to(device)
     draft.metadata = training_metadata(tokenizer, config.target, target_dtype, config.loss, config.responses)
     roles.same_everywhere(
         "draft vocabulary (every rank must read the same data, target, options and checkpoint)",
         tensor_digest([draft.draft_to_target()])[0],
     )
-    sharded = shard_teacher(roles, target, device)
+    sharded = shard_teacher(roles, target, device, config)
     ops_module = kernels(config.reference_ops)
     teacher = Teacher(target, draft.feature_layers, draft.target_to_draft(), config.topk, ops_module)
     eos = stop_token_ids(target, tokenizer)
     online = TeacherStream(batches, teacher, config.responses, eos)
     prompts = held_out_prompts(config.eval_set, held_out, tokenizer, config.eval_prompts, config.seed)
-    heldout = HeldOutCheck(
-        target, family, prompts, config.eval_new_tokens, config.eval_depth, config.eval_tree_topk,
-        config.eval_tree_nodes, eos,
-    )  # fmt: skip
+    if config.teacher_shards > 1:
+        heldout = NoHeldOutCheck(prompts)
+        if roles.is_lead_trainer:
+            print(f"[train] {NoHeldOutCheck.WHY}", file=sys.stderr)
+    else:
+        heldout = HeldOutCheck(
+            target, family, prompts, config.eval_new_tokens, config.eval_depth, config.eval_tree_topk,
+            config.eval_tree_nodes, eos,
+        )  # fmt: skip
     loss = loss_function(config.loss, ops_module)
     make_trainer = lambda model, group=None: DraftTrainer(
         model, config.family_options, loss=loss, lr=config.lr, warmup_steps=config.warmup_steps,
@@ -119,14 +129,20 @@ def build_run(config: TrainConfig) -> Run:
     return run
 
 
-def load_target_and_data(config: TrainConfig, device: str):
-    """(target on ``device`` in float32 or the dtype asked for, tokenizer, train conversations,
-    held-out conversations), with clear errors."""
-    from torchspec_ext.target import load_target
+def load_target_and_data(config: TrainConfig, device: str, roles: RankRoles | None = None):
+    """(target, tokenizer, train conversations, held-out conversations), with clear errors. The target
+    is on ``device`` in float32 or the dtype asked for; in a job with --teacher-shards it is built
+    without weights (on the meta device) and only a trainer reads its embedding and LM head, in the
+    dtype :func:`target_dtype_name` gives (the teachers read their shards in :func:`shard_teacher`)."""
+    from torchspec_ext.target import load_target, load_unread_target
 
-    dtype = DTYPES["float32" if config.target_dtype == "auto" else config.target_dtype]
     try:
-        target, tokenizer = load_target(config.target, dtype, device)
+        if config.teacher_shards > 1:
+            trainer = roles is not None and not roles.is_teacher
+            target, tokenizer = load_unread_target(config.target, DTYPES[target_dtype_name(config)], trainer)
+        else:
+            dtype = DTYPES["float32" if config.target_dtype == "auto" else config.target_dtype]
+            target, tokenizer = load_target(config.target, dtype, device)
     except (FileNotFoundError, ModuleNotFoundError, ImportError, OSError, ValueError) as exc:
         raise TrainError(f"cannot load the target: {exc}") from exc
     prepare_tokenizer(tokenizer, config.chat_template)
@@ -164,6 +180,14 @@ def held_out_prompts(eval_set: str, held_out, tokenizer, count: int, seed: int) 
     except PromptSetError as exc:
         raise TrainError(f"--eval-set: {exc}") from None
     return [turn_prompt(tokenizer, item) for item in chosen.items]
+
+
+def target_dtype_name(config: TrainConfig) -> str:
+    """--target-dtype, or for a sharded target (read in its dtype, so chosen before reading) 'auto'
+    resolved as :func:`choose_target_dtype` resolves it under torchrun."""
+    if config.teacher_shards > 1 and config.target_dtype == "auto":
+        return "bfloat16" if config.on_gpu else "float32"
+    return config.target_dtype
 
 
 def choose_target_dtype(target, name: str, batches: Batches, distributed: bool) -> tuple[object, str]:
@@ -216,19 +240,61 @@ def load_checkpoint_draft(family: DraftFamily, checkpoint: Path, target):
         raise TrainError(f"--resume: {exc}") from None
 
 
-def shard_teacher(roles: RankRoles, target, device: str) -> dict:
-    """A teacher rank of a sharded group keeps its shard of ``target`` (after the draft copied what
-    it needs from the whole target); returns what it holds, for the summary."""
-    if roles.shard_group is None:
+def shard_teacher(roles: RankRoles, target, device: str, config: TrainConfig) -> dict:
+    """In a job with --teacher-shards: a teacher rank reads its shard of ``target`` (built without
+    weights) from the checkpoint's files, its group reading together; a trainer lets go of the
+    embedding and LM head it read for the draft. Returns what a teacher holds and read, for the summary."""
+    if config.teacher_shards == 1:
         return {}
-    sharding.shard_target(target, roles.shard_group, torch.device(device))
+    if roles.shard_group is None:
+        target.to("meta")
+        return {}
+    from torchspec_ext.target import default_target_dir, weight_files
+
+    try:
+        files = weight_files(Path(config.target) if config.target else default_target_dir())
+        read = sharding.load_sharded_target(target, files, roles.shard_group, torch.device(device))
+    except (OSError, ValueError) as exc:
+        raise TrainError(f"cannot load the target: {exc}") from exc
     held, whole = sharding.weight_bytes(target)
+    mib = lambda b: "?" if b is None else f"{b / 2**20:.0f}"
     print(
         f"[train] rank {roles.rank}: holds {held / 2**20:.2f} MiB of the target's {whole / 2**20:.2f} MiB of "
-        f"weights, sharded over ranks {', '.join(map(str, roles.shard_ranks))}",
+        f"weights, sharded over ranks {', '.join(map(str, roles.shard_ranks))}; read {read['read_bytes'] / 2**20:.2f} "
+        f"MiB of its files in {read['load_s']:.1f} s (RSS {mib(read['rss_before_bytes'])} MiB before, peak "
+        f"{mib(read['peak_rss_bytes'])} MiB after)",
         file=sys.stderr,
     )
-    return {"weights_held_mib": held / 2**20, "weights_mib": whole / 2**20}
+    return {
+        "weights_held_mib": held / 2**20,
+        "weights_mib": whole / 2**20,
+        "read_mib": read["read_bytes"] / 2**20,
+        "load_s": read["load_s"],
+        "rss_before_load_mib": read["rss_before_bytes"] and read["rss_before_bytes"] / 2**20,
+        "load_peak_rss_mib": read["peak_rss_bytes"] / 2**20,
+    }
+
+
+class NoHeldOutCheck:
+    """The held-out check of a job whose teachers shard the target: the trainers hold no copy of it
+    (a target sharded because it fits no device would not fit a trainer either), so it measures
+    nothing and says so; the draft is evaluated with ``eval`` where the target fits or is served."""
+
+    WHY = (
+        "--teacher-shards: the trainers hold no copy of the target, so this run measures no held-out acceptance "
+        "length (the metrics carry none); evaluate the draft it writes with `python -m torchspec_ext.eval` where "
+        "the target fits, or in SGLang / vLLM, which serve it sharded"
+    )
+    modes: dict = {}
+
+    def __init__(self, prompts):
+        self.prompts = prompts
+
+    def __call__(self, draft) -> dict[str, float]:
+        return {}
+
+    def describe(self, found: dict[str, float]) -> str:
+        return "not measured (--teacher-shards: the trainers hold no target)"
 
 
 def make_plan(config: TrainConfig, roles, resumed, started, online, draft, heldout, make_trainer):

@@ -1,0 +1,5 @@
+import sys
+
+from torchspec_ext.serve.server import main
+
+sys.exit(main())
