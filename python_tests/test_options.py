@@ -71,7 +71,7 @@ def test_an_option_of_another_family_is_refused(capsys, monkeypatch):
 
     @dataclasses.dataclass(frozen=True)
     class OtherOptions:
-        block_size: int = option(16, "another family's option")
+        other_width: int = option(16, "another family's option")
 
         def resolved(self, on_gpu):
             return self
@@ -81,5 +81,8 @@ def test_an_option_of_another_family_is_refused(capsys, monkeypatch):
     monkeypatch.setattr(drafts, "TRAINABLE", [*drafts.TRAINABLE, "other"])
     monkeypatch.setattr(config_module.drafts, "TRAINABLE", drafts.TRAINABLE)
     with pytest.raises(SystemExit):
+        train.parse_args(["--device", "cpu", "--other-width", "8"])
+    assert "--other-width is one of the Other options; this run trains EAGLE-3" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # a registered family's option, likewise
         train.parse_args(["--device", "cpu", "--block-size", "8"])
-    assert "--block-size is one of the Other options; this run trains EAGLE-3" in capsys.readouterr().err
+    assert "--block-size is one of the DFlash options; this run trains EAGLE-3" in capsys.readouterr().err

@@ -195,17 +195,8 @@ def main() -> None:
     setting = {"code": str(a.code), "target": str(target or "default"), "teachers": a.teachers, "shards": a.shards}
     setting |= {"trainers": a.trainers, "checkpoint_mib": checkpoint_mib, "files": len(files)}
     print(json.dumps(setting))
-    keys = [
-        "rank",
-        "role",
-        "rss_at_join_mib",
-        "peak_at_ready_mib",
-        "peak_rss_mib",
-        "peak_anon_mib",
-        "peak_file_mib",
-        "read_mib",
-        "load_s",
-    ]
+    keys = ["rank", "role", "rss_at_join_mib", "rss_before_load_mib", "load_peak_mib", "peak_at_ready_mib"]
+    keys += ["peak_rss_mib", "peak_anon_mib", "peak_file_mib", "read_mib", "load_s"]
     keys += ["joined_s", "shard_ready_s", "first_step_s"]
     print("| " + " | ".join(keys) + " |")
     for row in rows:

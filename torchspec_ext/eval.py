@@ -308,6 +308,7 @@ def evaluate(args: EvalConfig, modes: dict[str, TreeSpec] | None = None) -> dict
     eos = stop_token_ids(target, tokenizer)
     if modes is None:
         modes = family.decode_modes(args.depth, args.topk, args.max_nodes, args.min_prob)
+    modes = family.fit_modes(draft, modes)
     decoders: dict[str, Decoder] = {
         "plain": lambda p, n, i: generate_decode(target, p, n, args.temperature, eos, counter),
         "prompt lookup": lambda p, n, i: generate_decode(

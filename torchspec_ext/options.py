@@ -87,9 +87,14 @@ def _fields(cls) -> list[tuple[dataclasses.Field, type, bool]]:
     return [(f, *_base_type(hints[f.name])) for f in dataclasses.fields(cls) if f.metadata.get("cli", True)]
 
 
-def add_options(parser: argparse.ArgumentParser | argparse._ArgumentGroup, cls) -> None:
-    """One argument per option field of the dataclass ``cls``."""
+def add_options(parser: argparse.ArgumentParser | argparse._ArgumentGroup, cls, added: set | None = None) -> None:
+    """One argument per option field of the dataclass ``cls``; ``added``: the fields already given an
+    argument (by a class ``cls`` derives from), which it skips, and to which it adds its own."""
+    added = set() if added is None else added
     for f, kind, is_list in _fields(cls):
+        if f.name in added:
+            continue
+        added.add(f.name)
         meta = f.metadata
         names = [f.name] if meta.get("positional") else [flag(f.name)] + ([meta["short"]] if meta.get("short") else [])
         kwargs: dict[str, Any] = {"help": meta.get("help") or None}
@@ -132,8 +137,9 @@ def build_parser(classes: Sequence[tuple[str | None, type]], prog: str, descript
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--config", help="JSON or TOML file of options")
+    added = set()
     for title, cls in classes:
-        add_options(parser if title is None else parser.add_argument_group(title), cls)
+        add_options(parser if title is None else parser.add_argument_group(title), cls, added)
         parser.set_defaults(**defaults(cls))
     return parser
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from torchspec_ext.drafts.base import DraftFamily, DraftLoadError, read_config
+from torchspec_ext.drafts.dflash import DFlashFamily, DSparkFamily
 from torchspec_ext.drafts.eagle3 import Eagle3Family
 from torchspec_ext.drafts.itself import TargetItselfFamily
 from torchspec_ext.drafts.lookup import PromptLookupFamily
@@ -17,6 +18,8 @@ FAMILIES: dict[str, DraftFamily] = {
     family.name: family
     for family in (
         Eagle3Family(),
+        DFlashFamily(),
+        DSparkFamily(),
         PromptLookupFamily(),
         TargetItselfFamily(),
     )

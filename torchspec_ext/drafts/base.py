@@ -83,6 +83,11 @@ class DraftFamily:
         """The proposal shapes an evaluation of this family measures."""
         return decode_modes(depth, topk, max_nodes, min_prob)
 
+    def fit_modes(self, draft: nn.Module | None, modes: dict[str, TreeSpec]) -> dict[str, TreeSpec]:
+        """``modes`` in the shape ``draft``'s proposer gives them (a family whose draft bounds a
+        proposal, as a block does, caps them; reports count draft positions by these)."""
+        return modes
+
     def export_problems(self, draft: nn.Module) -> tuple[list[str], list[str]]:
         """(errors, warnings) of exporting ``draft`` for the serving engines."""
         return [], []

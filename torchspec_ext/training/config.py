@@ -232,5 +232,8 @@ def parse_args(argv=None, doc: str = "") -> TrainConfig:
     single_process = int(os.environ.get("WORLD_SIZE", "1")) == 1
     for problem in config.check(single_process):
         p.error(problem)
-    config = dataclasses.replace(config, family_options=family.options(vars(args)))
+    options = family.options(vars(args))
+    for problem in options.problems(family.title) if hasattr(options, "problems") else []:
+        p.error(problem)
+    config = dataclasses.replace(config, family_options=options)
     return config.resolved(single_process)

@@ -23,6 +23,7 @@ class HeldOutCheck:
         device = next(self.target.parameters()).device
         if next(draft.parameters()).device != device:
             draft = copy.deepcopy(draft).to(device)
+        self.modes = self.family.fit_modes(draft, self.modes)  # the draft's shape is the run's: the same each call
         found = acceptance_lengths(self.target, self.family, draft, self.prompts, self.new_tokens, self.modes, self.eos)
         first = next(iter(self.modes))
         return {"acceptance_length" if name == first else f"{name}_acceptance_length": v for name, v in found.items()}

@@ -11,21 +11,33 @@ from torchspec_ext.drafts.base import LossFunction
 LOSSES = ("topk_kl", "hard_ce", "lk-alpha", "lk-lambda")
 
 
-def loss_function(name: str, kernels) -> LossFunction:
+class RunLoss:
+    """The run's :data:`~torchspec_ext.drafts.base.LossFunction`, with the fused op it calls (``op``)
+    for objectives that need the op's other modes (DSpark's L1 term: ``lk_lambda`` at a fixed KL weight)."""
+
+    def __init__(self, fn: LossFunction, op):
+        self.fn, self.op = fn, op
+
+    def __call__(self, hidden, weight, ids, logprobs):
+        return self.fn(hidden, weight, ids, logprobs)
+
+
+def loss_function(name: str, kernels) -> RunLoss:
     """``topk_kl``: the draft's cross-entropy to the teacher's top-k distribution; ``hard_ce``: to the
     teacher's argmax alone (a one-hot target); ``lk-alpha`` and ``lk-lambda``: the LK losses of the
     expected acceptance over the teacher's top-k and its tail (arXiv 2602.23881; docs/ops.md), with
     SpecForge's ``kl_scale`` and ``kl_decay``."""
     fused = kernels.draft_topk_kl
     if name == "topk_kl":
-        return fused
+        return RunLoss(fused, fused)
     if name == "hard_ce":
-        return lambda hidden, weight, ids, logprobs: fused(
-            hidden, weight, ids[:, :1], torch.zeros_like(logprobs[:, :1])
+        return RunLoss(
+            lambda hidden, weight, ids, logprobs: fused(hidden, weight, ids[:, :1], torch.zeros_like(logprobs[:, :1])),
+            fused,
         )
     if name in ("lk-alpha", "lk-lambda"):
         kind = name.replace("-", "_")
-        return lambda hidden, weight, ids, logprobs: fused(hidden, weight, ids, logprobs, loss=kind)
+        return RunLoss(lambda hidden, weight, ids, logprobs: fused(hidden, weight, ids, logprobs, loss=kind), fused)
     raise ValueError(f"no loss {name!r}: give one of {', '.join(LOSSES)}")
 
 

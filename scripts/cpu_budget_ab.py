@@ -1,0 +1,203 @@
+"""Draft families and options compared at equal CPU seconds, for a shared machine, where a wall-clock
+budget (train's --time-budget) measures the neighbours' load more than the variant.
+
+``make-pool`` runs the target once over the default run's first teacher batches and keeps them, each
+with the CPU seconds the teacher took. ``run`` trains one variant on that pool: it is charged those
+seconds for each teacher batch it uses plus the CPU seconds (``time.process_time``) of its own steps,
+replays each batch ``--epochs`` times as train does on a CPU (the first pass in order, then shuffled),
+on train's warm-up + cosine schedule sized from its first steps' cost, until ``--cpu-seconds`` are
+spent. It prints the greedy acceptance length on held-out prompts (no load changes it) and, with
+``--save``, writes the draft with its training metadata for ``python -m torchspec_ext.eval --draft``.
+
+    python scripts/cpu_budget_ab.py make-pool --pool /tmp/pool.pt --batches 60
+    python scripts/cpu_budget_ab.py run --pool /tmp/pool.pt --cpu-seconds 840 --save /tmp/ab/dflash \\
+        -- --draft-family dflash --lr 1e-3
+    python -m torchspec_ext.eval --draft /tmp/ab/dflash --prompts mt-bench humaneval sharegpt
+
+The arguments after ``--`` are train's: the family and its options, --lr, --loss, --warmup-steps,
+--epochs, --seed (make-pool's: --target, --data, --batch-size, --max-length, --topk; a run's batches
+keep the shapes the pool was made with).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from torchspec_ext import drafts, ops
+from torchspec_ext.data import short_prompts
+from torchspec_ext.drafts.base import training_metadata
+from torchspec_ext.eval import acceptance_lengths
+from torchspec_ext.target import stop_token_ids
+from torchspec_ext.teacher import Teacher, TeacherBatch
+from torchspec_ext.training.batches import Batches
+from torchspec_ext.training.config import parse_args
+from torchspec_ext.training.losses import loss_function
+from torchspec_ext.training.run import load_target_and_data, new_draft
+from torchspec_ext.training.trainer import DraftTrainer
+
+# Every feature layer the default 30-layer target's drafts read: EAGLE-3's [2, 15, 27], DFlash's and
+# DSpark's of 1, 2, 3 and 5 draft layers ([16], [2, 28], [2, 15, 28], [2, 9, 15, 21, 28]).
+POOL_LAYERS = [2, 9, 15, 16, 21, 27, 28]
+
+
+def setup(train_argv: list[str]):
+    """(train's config, target, tokenizer, train conversations, held-out conversations)."""
+    config = parse_args(["--device", "cpu", "--max-steps", "1", "--target-dtype", "float32", *train_argv])
+    target, tokenizer, train, held_out = load_target_and_data(config, "cpu")
+    return config, target, tokenizer, train, held_out
+
+
+def make_pool(count: int, path: Path, train_argv: list[str]) -> None:
+    config, target, tokenizer, train, _ = setup(train_argv)
+    batches = Batches(train, tokenizer, config.batch_size, config.max_length, config.seed)
+    teacher = Teacher(target, POOL_LAYERS, torch.arange(target.config.vocab_size), config.topk)
+    made, cpu = [], []
+    for i in range(count):
+        _, ids, mask = batches.tokens(i)
+        begin = time.process_time()
+        made.append(teacher(ids, mask, i).tensors())
+        cpu.append(time.process_time() - begin)
+        print(f"[pool] batch {i + 1}/{count}: {cpu[-1]:.1f} CPU s", file=sys.stderr, flush=True)
+    shapes = {"batch_size": config.batch_size, "max_length": config.max_length, "topk": config.topk}
+    torch.save({"layers": POOL_LAYERS, "batches": made, "teacher_cpu_s": cpu, "shapes": shapes}, path)
+
+
+def pool_batch(pool: dict, j: int, columns: list[int], target_to_draft: torch.Tensor, hidden: int) -> TeacherBatch:
+    """Pool batch ``j`` as a draft reads it: its feature layers (``columns`` of the pool's) and its vocabulary."""
+    t = dict(pool["batches"][j])
+    f = t["features"]
+    t["features"] = f.view(*f.shape[:2], -1, hidden)[:, :, columns].flatten(2)
+    ti = t["teacher_indices"]
+    t["teacher_indices"] = torch.where(ti >= 0, target_to_draft[ti.clamp(min=0)], -1)
+    return TeacherBatch.from_tensors(t, f"pool batch {j}")
+
+
+def replay_order(first: int, count: int, epochs: int, seed: int) -> list[int]:
+    """Batches ``0 .. count - 1`` in order, then ``epochs - 1`` shuffled passes over them."""
+    gen = torch.Generator().manual_seed(seed)
+    order = list(range(min(first, count), count))
+    return order + [j for _ in range(epochs - 1) for j in torch.randperm(count, generator=gen).tolist()]
+
+
+def train_within(trainer, batch_of, teacher_cpu: list[float], cpu_seconds: float, epochs: int, seed: int) -> dict:
+    """Steps of ``trainer`` on ``batch_of(j)`` until ``cpu_seconds`` are charged; the schedule's length
+    is planned after two steps, from their cost and the pool's mean teacher cost per replayed use."""
+    spent, made, step_cpu, losses = 0.0, 0, [], []
+    order = [0, 1]
+    while True:
+        steps = len(step_cpu)
+        if steps == 2:
+            per_step = sum(step_cpu) / 2 + sum(teacher_cpu) / len(teacher_cpu) / epochs
+            total = 2 + max(1, int((cpu_seconds - spent) / per_step))
+            count = min(len(teacher_cpu), math.ceil(total / epochs))
+            order = [0, 1] + replay_order(2, count, epochs, seed)
+            trainer.total_steps = min(total, len(order))
+            if len(order) < total:
+                print(f"[ab] the pool's {count} batches allow {len(order)} of the {total} steps the budget would",
+                      file=sys.stderr)  # fmt: skip
+        if steps >= len(order) or (steps >= 2 and (steps >= trainer.total_steps or spent >= cpu_seconds)):
+            break
+        j = order[steps]
+        if j >= made:  # a teacher batch's first use: the target's forward is charged
+            spent += sum(teacher_cpu[made : j + 1])
+            made = j + 1
+        begin = time.process_time()
+        result = trainer.step(batch_of(j))
+        step_cpu.append(time.process_time() - begin)
+        spent += step_cpu[-1]
+        losses.append(result.loss)
+        if len(step_cpu) % 10 == 0:
+            print(
+                f"[ab] step {len(step_cpu)}/{trainer.total_steps}: {spent:.0f} CPU s, loss {result.loss:.3f}, "
+                f"accuracy {result.step_accuracies[0]:.2f}",
+                file=sys.stderr,
+                flush=True,
+            )
+    return {
+        "spent_cpu_s": round(spent, 1),
+        "steps": len(step_cpu),
+        "teacher_batches": made,
+        "step_cpu_s": round(sum(step_cpu) / len(step_cpu), 2),
+        "last_losses": [round(x, 3) for x in losses[-5:]],
+    }
+
+
+def run(args, train_argv: list[str]) -> dict:
+    pool = torch.load(args.pool)
+    config, target, tokenizer, train, held_out = setup(train_argv)
+    torch.manual_seed(config.seed)
+    family = drafts.family(config.draft_family)
+    draft = new_draft(family, target, Batches(train, tokenizer, 1, config.max_length, config.seed), config)
+    missing = [i for i in draft.feature_layers if i not in pool["layers"]]
+    if missing:
+        raise SystemExit(f"the draft reads target layers {missing}; the pool holds {pool['layers']}")
+    columns = [pool["layers"].index(i) for i in draft.feature_layers]
+    t2d, hidden = draft.target_to_draft(), target.config.hidden_size
+    trainer = DraftTrainer(
+        draft, config.family_options, loss=loss_function(config.loss, ops), lr=config.lr,
+        warmup_steps=config.warmup_steps, total_steps=10**6, weight_decay=config.weight_decay,
+        grad_clip=config.grad_clip,
+    )  # fmt: skip
+    batch_of = lambda j: pool_batch(pool, j, columns, t2d, hidden)
+    found = train_within(trainer, batch_of, pool["teacher_cpu_s"], args.cpu_seconds, config.epochs, config.seed)
+    if args.save:
+        draft.metadata = training_metadata(tokenizer, config.target, "float32", config.loss, config.responses)
+        draft.save(args.save)
+    prompts = short_prompts(held_out, tokenizer, args.eval_prompts, max_prompt_tokens=256)
+    modes = family.fit_modes(draft, family.decode_modes(4, 4, 16, 0.0))
+    begin = time.process_time()
+    accepted = acceptance_lengths(
+        target, family, draft, prompts, args.eval_new_tokens, modes, stop_token_ids(target, tokenizer)
+    )
+    return {
+        "family": config.draft_family,
+        "options": dataclasses.asdict(config.family_options),
+        "train_args": train_argv,
+        "lr": config.lr,
+        "loss": config.loss,
+        "cpu_seconds": args.cpu_seconds,
+        "pool_shapes": pool.get("shapes"),
+        **found,
+        "acceptance_length": {k: round(v, 3) for k, v in accepted.items()},
+        "eval_cpu_s": round(time.process_time() - begin, 1),
+        "saved": str(args.save) if args.save else None,
+    }
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    train_argv = argv[argv.index("--") + 1 :] if "--" in argv else []
+    own = argv[: argv.index("--")] if "--" in argv else argv
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    pool = sub.add_parser("make-pool", help="run the target over the first teacher batches, once")
+    pool.add_argument("--pool", type=Path, required=True)
+    pool.add_argument("--batches", type=int, default=60)
+    r = sub.add_parser("run", help="train one variant on the pool within --cpu-seconds")
+    r.add_argument("--pool", type=Path, required=True)
+    r.add_argument("--cpu-seconds", type=float, default=840, help="the CPU seconds charged (840: 14 minutes)")
+    r.add_argument("--save", type=Path, help="write the draft here (for eval --draft)")
+    r.add_argument("--eval-prompts", type=int, default=8)
+    r.add_argument("--eval-new-tokens", type=int, default=64)
+    r.add_argument("--out", type=Path, help="also write the report (JSON) here")
+    args = p.parse_args(own)
+    if args.command == "make-pool":
+        make_pool(args.batches, args.pool, train_argv)
+        return 0
+    report = run(args, train_argv)
+    print(json.dumps(report))
+    if args.out:
+        args.out.write_text(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
