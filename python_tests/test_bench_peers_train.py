@@ -19,6 +19,7 @@ from torchspec_ext.bench import (
     specforge_recipes,
 )
 from torchspec_ext.bench.common import Skipped
+from torchspec_ext.drafts.eagle3 import Eagle3Draft
 from torchspec_ext.training.budget import Plan
 from torchspec_ext.training.streams import Passes
 
@@ -110,6 +111,24 @@ def test_recipes_end_to_end_on_a_tiny_target_with_a_fake_peer(tiny_target, tmp_p
     saved = json.loads((out / "recipes.json").read_text())
     assert saved["benchmark"] == "peers-train" and len(saved["rows"]) == 3
     assert "load average (1 min) at start, end" in report.header and "| ours |" in report.markdown()
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("specforge") is None, reason="SpecForge is not installed (pip install --no-deps specforge)"
+)
+def test_specforge_recipe_fits_one_batch_and_its_draft_runs_in_our_eval(tiny_target, tmp_path):
+    """SpecForge's own step on a batch captured from our target: its loss falls at every one of repeated
+    steps at lr 1e-3, and the exported draft loads and decodes through our eval."""
+    args = parse(tiny_options(tiny_target, tmp_path) + ["--out", str(tmp_path / "out")])
+    context = peers_context.make_context(args, peers_context.Settings.of(args), 0)
+    recipe = peers_recipes.SpecForge(context)
+    batch = recipe.make_batch(0)
+    trainer = recipe.trainer(8, 1e-3)
+    losses = [trainer.step(batch) for _ in range(8)]
+    assert all(b < a for a, b in zip(losses, losses[1:])), losses  # a draft that trains: it falls every step
+    folder = trainer.export(tmp_path / "draft")
+    assert Eagle3Draft.load(folder).config.feature_layers == [i + 1 for i in recipe.recipe.capture_layers]
+    assert peers_eval.validation_acceptance(context, folder, 4) >= 1
 
 
 def test_losses_end_to_end_on_a_tiny_target_with_a_fake_peer(tiny_target, tmp_path, monkeypatch):
