@@ -1,11 +1,17 @@
-// Every op schema of the torchspec library, and the pybind11 module for the non-op helpers.
-#include <torch/extension.h>
+// Every op schema of the torchspec library, and the pybind11 module for the non-op helpers (left
+// out where the op layer is compiled for the CUDA emulator's test, TORCHSPEC_OPS_ON_EMULATOR).
 #include <torch/library.h>
 
+#ifndef TORCHSPEC_OPS_ON_EMULATOR
+#include <torch/extension.h>
+
+#include "common/tree.h"
+#include "ops/device_errors.h"
 #include "pipeline/bindings.h"
 
 #ifdef TORCHSPEC_WITH_NCCL
 #include <nccl.h>
+#endif
 #endif
 
 TORCH_LIBRARY(torchspec, m) {
@@ -40,6 +46,7 @@ TORCH_LIBRARY(torchspec, m) {
       "-> (Tensor, Tensor, Tensor)");
 }
 
+#ifndef TORCHSPEC_OPS_ON_EMULATOR
 namespace {
 
 // What this build of the extension contains, for diagnostics and for skipping tests.
@@ -65,5 +72,28 @@ pybind11::dict build_info() {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "torchspec_ext compiled core: ops are registered under torch.ops.torchspec";
   m.def("build_info", &build_info, "What this build contains: {'cuda': bool, 'nccl_version': int or None}");
+  m.def(
+      "raise_device_errors", [](int device) { torchspec::raise_device_error(device, "raise_device_errors"); },
+      pybind11::arg("device"),
+      "Raises the input error a CUDA kernel of a torchspec op found on this device, if any (ops/device_errors.h); "
+      "call it after torch.cuda.synchronize()");
+  m.def(
+      "tree_attention_cuda_cost",
+      [](int64_t B, int64_t Hq, int64_t Hkv, int64_t T, int64_t prefix, int64_t D, int64_t esize, int64_t sms) {
+        const torchspec::TreeAttentionCost c = torchspec::tree_attention_mma_cost(B, Hq, Hkv, T, prefix, D, esize, sms);
+        pybind11::dict d;
+        d["bytes"] = c.bytes;
+        d["unique_bytes"] = c.unique_bytes;
+        d["floor_bytes"] = c.floor_bytes;
+        d["executed_flops"] = c.executed_flops;
+        d["dense_flops"] = c.dense_flops;
+        d["splits"] = c.splits;
+        return d;
+      },
+      pybind11::arg("batch"), pybind11::arg("q_heads"), pybind11::arg("kv_heads"), pybind11::arg("nodes"),
+      pybind11::arg("prefix"), pybind11::arg("dim"), pybind11::arg("esize"), pybind11::arg("sm_count"),
+      "What the CUDA tensor-core tree_attention kernel moves and computes (common/tree.h): bytes, unique_bytes, "
+      "floor_bytes, executed_flops, dense_flops, splits");
   torchspec::pipeline::bind(m);
 }
+#endif

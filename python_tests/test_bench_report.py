@@ -130,4 +130,10 @@ def test_cuda_attention_bytes_follow_the_kernel_blocking():
     per_unit = sum(2 * 4 * 16 * 128 + 2 * (4096 + j0 + 16) * 128 for j0 in (0, 16, 32, 48))
     assert tree.cuda_attention_bytes(*shape) == 64 * 8 * per_unit * 2
     assert tree.attention_floor_bytes(*shape) == (2 * 64 * 32 * 64 + 2 * 64 * 8 * 4160) * 128 * 2
-    assert "the CUDA kernel moves 4.40 GB, the floor 1.16 GB (3.80x)" in tree.gpu_shape_bytes_note()
+    # The tensor-core kernel at the issue-31 shape: 12 (row, kv head) units of 3 blocks of 64 rows, 8 key
+    # ranges (288 blocks for 132 multiprocessors), the dense attention's FLOPs, the floor.
+    cost = tree.tensor_core_cost(4, 9, 3, 64, 4096, 64, 2)
+    assert cost["splits"] == 8 and cost["dense_flops"] == 4 * 12 * 192 * 4160 * 64
+    assert cost["floor_bytes"] == (2 * 4 * 9 * 64 + 2 * 12 * 4160) * 64 * 2 < cost["unique_bytes"] < cost["bytes"]
+    note = tree.gpu_shape_notes()["CUDA tree_attention B=4 T=64 prefix=4096 Hq=9 Hkv=3 D=64 bf16"]
+    assert "the floor of 12.75 MiB" in note and "H100 SXM: floor 4.0 us" in note

@@ -429,7 +429,9 @@ def test_train_save_export_and_eval_a_dflash_draft(predictable_target, tmp_path,
                           str(prompts), "--max-new-tokens", "8", "--dtype", "float32", "--json"]) == 0  # fmt: skip
         report = json.loads(capsys.readouterr().out)
         assert report["header"]["family"] == "DFlash" and report["header"]["template_warning"] is None
-        assert {spec["depth"] for spec in report["header"]["modes"].values()} == {3}  # a block of 4 proposes 3
+        modes = report["header"]["modes"]
+        assert {modes[m]["depth"] for m in ("block", "tree")} == {3}  # a block of 4 proposes 3
+        assert modes["combined"]["tree"]["depth"] == 3  # the combination's tree too
         rows = {r["mode"]: r for r in report["rows"]}
         assert {"plain", "block", "tree"} <= set(rows)
         for r in rows.values():

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torchspec_ext import reference
 from torchspec_ext.ops import draft_topk_kl
 
-from conftest import DEVICES
+from conftest import DEVICES, HAS_GPU
 
 
 def teacher(n, k, vocab, device, absent=0.2, generator=None):
@@ -569,6 +569,36 @@ def test_lk_errors():
         )
     with pytest.raises(ValueError, match="loss must be"):
         reference.draft_topk_kl(h, w, idx, lp, loss="lk")
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_GPU, reason="no CUDA GPU")
+def test_cuda_teacher_inputs_are_checked_on_the_device():
+    """On CUDA a teacher id outside the vocabulary, and logits passed to an LK loss, are found by a
+    small kernel (no host sync): raised by raise_device_errors after a synchronisation, with the CPU
+    op's words, once; a row that does not count is not checked."""
+    import torchspec_ext
+
+    h, w = torch.randn(4, 16, device="cuda"), torch.randn(100, 16, device="cuda")
+    idx, lp = torch.randint(0, 100, (4, 3), device="cuda"), torch.log_softmax(torch.randn(4, 3, device="cuda"), -1)
+    torchspec_ext._C.raise_device_errors(0)
+    bad_idx = idx.clone()
+    bad_idx[2, 1] = 100
+    # The op launches kernels after its check: it may see the record itself, else raise_device_errors.
+    with pytest.raises(RuntimeError, match=r"teacher_indices\[2, 1\] = 100: teacher_indices must be -1"):
+        draft_topk_kl(h, w, bad_idx, lp)
+        torch.cuda.synchronize()
+        torchspec_ext._C.raise_device_errors(0)
+    torchspec_ext._C.raise_device_errors(0)  # reported once
+    bad_lp = lp.clone()
+    bad_lp[3] = 0.0  # log-sum-exp log 3
+    draft_topk_kl(h, w, idx, bad_lp, torch.tensor([True, True, True, False], device="cuda"), loss="lk_alpha")
+    torch.cuda.synchronize()
+    torchspec_ext._C.raise_device_errors(0)  # row 3 does not count
+    with pytest.raises(RuntimeError, match=r"got row 3 whose log-sum-exp is 1.09"):
+        draft_topk_kl(h, w, idx, bad_lp, loss="lk_lambda")
+        torch.cuda.synchronize()
+        torchspec_ext._C.raise_device_errors(0)
 
 
 def test_lk_bad_loss_under_compile_fails_while_tracing():

@@ -38,7 +38,7 @@ def test_the_report_per_set_turn_and_mode(predictable_target, prompt_file, tmp_p
         "--depth", 3, "--topk", 2, "--max-nodes", 6, "--min-prob", 0, "--plot", plot,
     )  # fmt: skip
     rows = {r["mode"]: r for r in report["rows"]}
-    assert list(rows) == ["plain", "prompt lookup", "chain", "tree"]
+    assert list(rows) == ["plain", "prompt lookup", "chain", "tree", "lookup", "suffix", "combined"]
     assert report["header"]["sets"][str(prompt_file)]["items"] == 3
     plain = rows["plain"]
     assert plain["decodes"] == 4 and plain["acceptance_length"] == 1.0  # 3 items, one of them two turns

@@ -54,6 +54,15 @@ def test_pruned_steps_count_as_forwards_but_not_as_vllm_drafts():
     assert row["per_position_acceptance"] == [1.0, 1 / 2, 0.0]
 
 
+def test_each_mode_has_the_positions_of_its_own_depth():
+    decodes = [spec("s", "c", "0", "chain", 4, 1.0, [1, 1]), spec("s", "c", "0", "lookup", 7, 1.0, [5, 0])]
+    rows = {r["mode"]: r for r in aggregate(decodes, by=("mode",), positions={"chain": 2, "lookup": 6})}
+    assert rows["chain"]["per_position_acceptance"] == [1.0, 0.0]
+    assert rows["lookup"]["per_position_acceptance"] == [1 / 2] * 5 + [0.0]
+    rows = {r["mode"]: r for r in aggregate(decodes, by=("mode",), positions={"chain": 3})}
+    assert len(rows["lookup"]["per_position_acceptance"]) == 5  # not given: the most a step accepted
+
+
 def test_rows_per_set_category_and_mode_with_speedup_over_plain():
     decodes = [
         plain("mt-bench", "math", "111", 10, 2.0),

@@ -531,6 +531,52 @@ def _job_nccl_self(rank, world):
     return True
 
 
+def _job_nccl_teardown(rank, world):
+    """The receiver drops its channel while the next preamble's receive is posted, then frees the
+    batches it received (views of buffers that outlive the communicator): no crash at the free, and
+    the buffers of the operations never waited for are released once the aborted streams drained."""
+    import gc
+
+    import torch.distributed as dist
+
+    from torchspec_ext import _C
+
+    store = dist.distributed_c10d._get_default_store()
+    dev = torch.device("cuda", rank)
+    torch.cuda.set_device(dev)
+    ch = TensorChannel(1 - rank, backend="nccl", depth=2, timeout=60, device=dev)
+    if rank == 0:
+        for s in range(3):
+            ch.send({k: v.to(dev) for k, v in random_batch(s).items()})
+        store.wait(["dropped"])
+        ch._transport.abort()
+        del ch
+        gc.collect()
+        return True
+    kept = [ch.recv() for _ in range(3)]
+    assert ch._transport.comm.held_buffers == 1  # the next preamble's receive, posted ahead
+    del ch
+    gc.collect()
+    store.set("dropped", "1")
+    for s, batch in enumerate(kept):
+        assert_same_batch(batch, random_batch(s), f"batch {s}")
+    del kept, batch
+    gc.collect()
+    torch.cuda.synchronize()
+    deadline = time.monotonic() + 60
+    while _C.nccl_graveyard_size() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return _C.nccl_graveyard_size() == 0
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(
+    not (HAS_GPU and HAS_NCCL and torch.cuda.device_count() >= 2), reason="needs two CUDA GPUs and an NCCL build"
+)
+def test_nccl_buffers_outlive_their_channel(tmp_path):
+    assert run_job(_job_nccl_teardown, 2, tmp_path, timeout=180) == {0: True, 1: True}
+
+
 @pytest.mark.parametrize("scenario", pipeline_soak.SCENARIOS)
 def test_channel_endings(scenario):
     """Two processes that exit as a user's script does, or die mid-stream (pipeline_soak.py): exit

@@ -282,6 +282,46 @@ def test_learning_from_served_requests_raises_their_acceptance_and_resumes(model
     )
 
 
+def test_the_combination_shares_its_suffix_cache_across_requests_and_draft_updates(model):
+    """With --combine, the second request of the same prompt finds the first's output in the cache shared by
+    the requests: fewer target forwards, the same greedy tokens; a draft update keeps the cache and the
+    calibration and replaces only the draft's member."""
+    from torchspec_ext.drafts.combined import CombinationSpec, Combined, LookupSpec, SuffixSpec
+
+    target, tokenizer = model
+    family, draft = new_draft(target, tokenizer)
+    spec = CombinationSpec(TREE, LookupSpec(6), SuffixSpec(max_spec=6), max_nodes=6)
+    engine = LocalEngine(target, tokenizer, family, draft, spec, "tiny", stop_token_ids(target, tokenizer))
+    assert isinstance(engine.proposer, Combined) and engine.proposer.names == ["eagle3", "lookup", "suffix"]
+    assert engine.feature_layers == list(draft.feature_layers)  # what the learner reads: the draft's layers
+    prompt = prompt_ids(tokenizer, "Name three colours.")
+    want = target.generate(torch.tensor([prompt]), max_new_tokens=24, do_sample=False)[0, len(prompt) :].tolist()
+    first = engine.generate(GenerationRequest(prompt, 24), lambda t: False)
+    (cache,) = engine.outputs
+    assert first.tokens == want and cache.outputs == 1 and cache.tokens == len(want)
+    members, calibration = engine.proposer.proposers[1:], engine.proposer.calibration
+    engine.update_draft({k: v.clone() for k, v in draft.trained_state().items()}, 1)
+    assert engine.proposer.proposers[1:] == members and engine.proposer.calibration is calibration
+    assert engine.outputs[0] is cache
+    again = engine.generate(GenerationRequest(prompt, 24), lambda t: False)
+    assert again.tokens == want and again.draft_version == 1 and cache.outputs == 2
+    assert again.target_forwards < first.target_forwards, (first.target_forwards, again.target_forwards)
+
+
+def test_serve_combine_builds_the_combination_from_the_command_line(predictable_target):
+    from torchspec_ext.drafts.combined import Combined
+    from torchspec_ext.options import parse
+    from torchspec_ext.serve.server import ServeConfig, load_engine
+
+    argv = ["--target", str(predictable_target), "--draft", "lookup", "--dtype", "float32", "--max-nodes", "5"]
+    config = parse(ServeConfig, [*argv, "--combine", "--suffix-cache-tokens", "1000"])
+    engine = load_engine(config)
+    # Prompt lookup is the draft here: the combination is it and suffix decoding, once each.
+    assert isinstance(engine.proposer, Combined) and engine.proposer.names == ["lookup", "suffix"]
+    assert engine.proposer.max_nodes == 5 and engine.outputs[0].max_tokens == 1000
+    assert not isinstance(load_engine(parse(ServeConfig, argv)).proposer, Combined)
+
+
 def test_the_measured_stream_is_distinct_seeded_and_asks_second_turns_after_first_ones():
     from transformers import AutoTokenizer
 

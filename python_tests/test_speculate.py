@@ -128,7 +128,9 @@ def test_eval_cli_reports_acceptance(capsys):
     )
     report = json.loads(capsys.readouterr().out)
     rows = {r["mode"]: r for r in report["rows"]}
-    assert set(rows) == {"plain", "prompt lookup", "chain", "tree", "chain, p >= 0.5", "tree, p >= 0.5"}
+    assert set(rows) == {
+        "plain", "prompt lookup", "chain", "tree", "chain, p >= 0.5", "tree, p >= 0.5", "lookup", "suffix", "combined"
+    }  # fmt: skip
     assert report["header"]["dtype"] == "float32"
     assert rows["plain"]["acceptance_length"] == 1.0 and rows["plain"]["target_forwards"] == rows["plain"]["tokens"]
     # The target as its own draft: each forward emits the whole depth plus the target's token.

@@ -496,6 +496,57 @@ def test_verify_cuda_rejects_trees_past_shared_memory():
     assert num.item() == 0 and nxt.item() == 0
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_GPU, reason="no CUDA GPU")
+def test_cuda_inputs_are_checked_on_the_device():
+    """On CUDA the trees, prefix lengths, tokens and uniforms are checked by the kernels (no host copy):
+    the call raises nothing, the bad row's outputs are NaN / -1, and after a synchronisation the error
+    is raised, with the CPU op's words, by raise_device_errors or the next call on the device."""
+    import torchspec_ext
+
+    q, k, v, lens, parents = _attn_args("cuda")
+    parents[1, 2] = 2
+    out = tree_attention(q, k, v, lens, parents)
+    torch.cuda.synchronize()
+    assert out[1].isnan().all() and not out[0].isnan().any()
+    with pytest.raises(RuntimeError, match=r"parents\[1, 2\] = 2: a node's parent must be an earlier node"):
+        torchspec_ext._C.raise_device_errors(0)
+    torchspec_ext._C.raise_device_errors(0)  # reported once
+    tokens, vparents, logits = (t.cuda() for t in _verify_args())
+    tokens[0, 3] = 10
+    num, path, nxt = verify_tree_greedy(tokens, vparents, logits)
+    torch.cuda.synchronize()
+    assert num[0].item() == -1 and nxt[0].item() == -1 and (path[0] == -1).all() and num[1].item() >= 0
+    with pytest.raises(RuntimeError, match=r"tokens\[0, 3\] = 10 is not a token id in \[0, V = 10\)"):
+        tree_attention(q, k, v, lens, parents.clamp(max=1))  # the next call raises it
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_GPU, reason="no CUDA GPU")
+def test_cuda_graph_captures_the_tree_ops():
+    """No host synchronisation in the tree ops on CUDA: a CUDA graph captures them, and replays
+    give the eager results for new inputs copied into the captured ones."""
+    q, k, v, lens, parents = _attn_args("cuda")
+    tokens, vparents, logits = (t.cuda() for t in _verify_args())
+    run = lambda: (tree_attention(q, k, v, lens, parents), *verify_tree_greedy(tokens, vparents, logits))
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        run()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = run()
+    for seed in range(3):
+        torch.manual_seed(seed)
+        q.copy_(torch.randn_like(q))
+        logits.copy_(torch.randn_like(logits))
+        graph.replay()
+        torch.cuda.synchronize()
+        for got, want in zip(captured, run()):
+            assert torch.equal(got, want)
+
+
 def _attn_args(device="cpu"):
     q, k, v, lens = make_attention_inputs(2, 4, 2, 5, 16, [3, 6], 12, device)
     return q, k, v, lens, torch.tensor([[-1, 0, 0, 1, 1], [-1, 0, 1, 2, 3]], device=device)

@@ -4,12 +4,15 @@ and peers report (MT-Bench, HumanEval) and on held-out ShareGPT.
 On each set's prompts (each turn of a multi-turn item asked after the target's own plain answer to
 the turns before), the target decodes plainly (transformers' ``generate``: what a user would run
 without us), with transformers' prompt-lookup decoding (a speculative peer that needs no
-training), and speculatively with the draft in each of its family's modes, in the same run and
-dtype. The report gives, per set (and per MT-Bench category) and mode: the acceptance length as
-SGLang counts it (tokens emitted per target forward: ours) and as vLLM counts it (1 + accepted draft
-tokens per drafting step), tokens/s, the speed-up over plain decoding, the acceptance rate at each
-draft position, and at temperature 0 how many outputs equal plain decoding's and how many tokens
-agree before the first difference. docs/evaluation.md says how each is counted.
+training), speculatively with the draft in each of its family's modes, with our prompt lookup and
+suffix decoding alone, and with the draft, prompt lookup and suffix decoding verified together (one
+tree a step: ``drafts.combined``), in the same run and dtype. The report gives, per set (and per
+MT-Bench category) and mode: the acceptance length as SGLang counts it (tokens emitted per target
+forward: ours) and as vLLM counts it (1 + accepted draft tokens per drafting step), tokens/s, the
+speed-up over plain decoding, the acceptance rate at each draft position, and at temperature 0 how
+many outputs equal plain decoding's and how many tokens agree before the first difference; for the
+combination, what building its tree costs a step against the target's forward, and how well each
+member's confidence is calibrated. docs/evaluation.md says how each is counted.
 """
 
 from __future__ import annotations
@@ -19,17 +22,26 @@ import json
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
 from torchspec_ext import drafts
 from torchspec_ext.drafts.base import CONFIG_NAME, WEIGHTS_NAME, DraftFamily, DraftLoadError, chat_probe, read_config
+from torchspec_ext.drafts.combined import (
+    NODE_COST,
+    Combined,
+    ModeSpec,
+    build_proposer,
+    evaluation_modes,
+    fit_modes,
+    output_caches,
+)
 from torchspec_ext.evalsets import PromptSetError, load_prompt_sets, turn_prompt
 from torchspec_ext.evalstats import Decode
 from torchspec_ext.options import DTYPES, at_least, option, parse
-from torchspec_ext.speculate import Proposer, TreeSpec, speculative_generate
+from torchspec_ext.speculate import Proposer, speculative_generate
 from torchspec_ext.target import load_target, stop_token_ids
 
 EVAL_DTYPES = ("float32", "bfloat16")
@@ -74,7 +86,16 @@ class EvalConfig:
         check=_min_prob_check,
     )
     lookup_tokens: int = option(
-        10, "prompt_lookup_num_tokens of transformers' prompt-lookup row (its suggestion: 10)", check=at_least(1)
+        10,
+        "prompt_lookup_num_tokens of transformers' prompt-lookup row (its suggestion: 10), and the longest chain "
+        "of our lookup row and of the combination's lookup",
+        check=at_least(1),
+    )
+    node_cost: float = option(
+        NODE_COST,
+        "the combination verifies a node only while it raises the expected tokens per cost, a node costing this "
+        "much of a one-token target forward",
+        check=at_least(0),
     )
     dtype: str = option(
         "auto",
@@ -153,14 +174,19 @@ class Decoded:
 
 
 class ForwardCounter:
-    """Counts the calls of a module's forward (the target's passes, whoever makes them)."""
+    """Counts the calls of a module's forward (the target's passes, whoever makes them) and their seconds."""
 
     def __init__(self, module):
-        self.calls = 0
+        self.calls, self.seconds, self._began = 0, 0.0, 0.0
         module.register_forward_pre_hook(self._count)
+        module.register_forward_hook(self._time)
 
     def _count(self, module, args):
         self.calls += 1
+        self._began = time.perf_counter()
+
+    def _time(self, module, args, output):
+        self.seconds += time.perf_counter() - self._began
 
 
 @torch.no_grad()
@@ -182,15 +208,47 @@ def generate_decode(model, prompt, max_new_tokens, temperature, eos, counter=Non
 Decoder = Callable[[list[int], int, int], Decoded]  # (prompt, new tokens, the prompt's number) -> output
 
 
-def speculative_decoder(target, proposer: Proposer, temperature: float, eos, seed: int) -> Decoder:
-    """Speculative decoding with ``proposer`` (prompt ``i`` sampled with seed ``seed + i``)."""
+class SpeculativeDecoder:
+    """Speculative decoding with ``proposer`` (prompt ``i`` sampled with seed ``seed + i``). Each output
+    is added to the suffix caches the proposer reads (one cache per mode and run, as one per server);
+    with a ``counter``, the target's forward seconds and passes in these decodes are summed."""
 
-    def decode(prompt, new_tokens, i):
-        gen = torch.Generator().manual_seed(seed + i)
-        r = speculative_generate(target, proposer, prompt, new_tokens, temperature, eos, generator=gen)
+    def __init__(self, target, proposer: Proposer, temperature: float, eos, seed: int, counter=None):
+        self.target, self.proposer, self.temperature, self.eos, self.seed = target, proposer, temperature, eos, seed
+        self.counter, self.forward_seconds, self.forwards = counter, 0.0, 0
+
+    def __call__(self, prompt, new_tokens, i) -> Decoded:
+        gen = torch.Generator().manual_seed(self.seed + i)
+        before = (self.counter.seconds, self.counter.calls) if self.counter else (0.0, 0)
+        r = speculative_generate(
+            self.target, self.proposer, prompt, new_tokens, self.temperature, self.eos, generator=gen
+        )
+        if self.counter:
+            self.forward_seconds += self.counter.seconds - before[0]
+            self.forwards += self.counter.calls - before[1]
+        for cache in output_caches(self.proposer):
+            cache.add(r.tokens)
         return Decoded(r.tokens, r.seconds, r.target_forwards, r.accepted_per_step, r.proposed_per_step)
 
-    return decode
+    def restart(self) -> None:
+        """Forget what the warm-up left: cached outputs, calibration, statistics."""
+        for cache in output_caches(self.proposer):
+            cache.clear()
+        if isinstance(self.proposer, Combined):
+            self.proposer.clear_statistics()
+        self.forward_seconds, self.forwards = 0.0, 0
+
+    def combination_report(self) -> dict | None:
+        """The combination's costs and calibration (None for another proposer)."""
+        if not isinstance(self.proposer, Combined):
+            return None
+        report = self.proposer.stats.report()
+        report["forward_ms_per_step"] = 1000 * self.forward_seconds / max(1, self.forwards) if self.counter else None
+        return report
+
+
+def speculative_decoder(target, proposer: Proposer, temperature: float, eos, seed: int, counter=None) -> Decoder:
+    return SpeculativeDecoder(target, proposer, temperature, eos, seed, counter)
 
 
 def agreeing_prefix(a: list[int], b: list[int]) -> int:
@@ -232,20 +290,42 @@ def decode_sets(decoders: dict[str, Decoder], sets, tokenizer, new_tokens: int, 
     return records
 
 
-def acceptance_lengths(
-    target, family: DraftFamily, draft, prompts, new_tokens: int, modes: dict[str, TreeSpec], eos
-) -> dict[str, float]:
-    """Greedy acceptance length of a draft in training on ``prompts`` (token ids), per mode (the draft
-    is left in the train/eval mode it was in)."""
+@dataclass
+class ModeAcceptance:
+    """A mode's greedy decodes of some prompts: tokens per target forward, verified nodes per forward,
+    and the speed-up over plain decoding those imply when a forward costs ``1 + node_cost * nodes``
+    (the combination's cost model; the proposers' own time not counted)."""
+
+    acceptance_length: float
+    nodes_per_step: float
+    estimated_speedup: float
+
+
+def measure_modes(
+    target, family: DraftFamily, draft, prompts, new_tokens: int, modes: dict[str, ModeSpec], eos,
+    node_cost: float = NODE_COST,
+) -> dict[str, ModeAcceptance]:  # fmt: skip
+    """Greedy decodes of ``prompts`` (token ids) in each mode (the draft is left in the train/eval mode
+    it was in; a mode's suffix cache holds its earlier outputs)."""
     was_training = draft.training
     draft.eval()
-    totals = {}
+    found = {}
     for name, spec in modes.items():
-        decode = speculative_decoder(target, family.proposer(draft, spec), 0.0, eos, 0)
+        decode = speculative_decoder(target, build_proposer(family, draft, spec), 0.0, eos, 0)
         outs = [decode(prompt, new_tokens, i) for i, prompt in enumerate(prompts)]
-        totals[name] = sum(len(o.tokens) for o in outs) / max(1, sum(o.forwards for o in outs))
+        tokens, forwards = sum(len(o.tokens) for o in outs), max(1, sum(o.forwards for o in outs))
+        nodes = sum(sum(o.proposed_per_step or []) for o in outs)
+        found[name] = ModeAcceptance(tokens / forwards, nodes / forwards, tokens / (forwards + node_cost * nodes))
     draft.train(was_training)
-    return totals
+    return found
+
+
+def acceptance_lengths(
+    target, family: DraftFamily, draft, prompts, new_tokens: int, modes: dict[str, ModeSpec], eos
+) -> dict[str, float]:
+    """Greedy acceptance length of a draft in training on ``prompts`` (token ids), per mode."""
+    found = measure_modes(target, family, draft, prompts, new_tokens, modes, eos)
+    return {name: m.acceptance_length for name, m in found.items()}
 
 
 def plain_seconds_per_token(model, prompt, tokens: int = 16, repeats: int = 2) -> float:
@@ -280,8 +360,9 @@ def choose_dtype(target, name: str, prompt) -> tuple:
     return candidates[best], best
 
 
-def evaluate(args: EvalConfig, modes: dict[str, TreeSpec] | None = None) -> dict:
-    """Plain decoding, prompt lookup and each of ``modes`` (default: the draft family's) on the same
+def evaluate(args: EvalConfig, modes: dict[str, ModeSpec] | None = None) -> dict:
+    """Plain decoding, prompt lookup and each of ``modes`` (default: the draft family's, then our
+    lookup, suffix decoding and the combination: ``drafts.combined.evaluation_modes``) on the same
     prompts of each set; the report (:func:`torchspec_ext.evalreport.build_report`)."""
     from torchspec_ext.evalreport import build_report
 
@@ -307,8 +388,10 @@ def evaluate(args: EvalConfig, modes: dict[str, TreeSpec] | None = None) -> dict
     counter = ForwardCounter(target)
     eos = stop_token_ids(target, tokenizer)
     if modes is None:
-        modes = family.decode_modes(args.depth, args.topk, args.max_nodes, args.min_prob)
-    modes = family.fit_modes(draft, modes)
+        modes = evaluation_modes(
+            family, args.depth, args.topk, args.max_nodes, args.min_prob, args.lookup_tokens, args.node_cost
+        )
+    modes = fit_modes(family, draft, modes)
     decoders: dict[str, Decoder] = {
         "plain": lambda p, n, i: generate_decode(target, p, n, args.temperature, eos, counter),
         "prompt lookup": lambda p, n, i: generate_decode(
@@ -316,9 +399,12 @@ def evaluate(args: EvalConfig, modes: dict[str, TreeSpec] | None = None) -> dict
         ),
     }
     for name, spec in modes.items():
-        decoders[name] = speculative_decoder(target, family.proposer(draft, spec), args.temperature, eos, args.seed)
+        proposer = build_proposer(family, draft, spec)
+        decoders[name] = speculative_decoder(target, proposer, args.temperature, eos, args.seed, counter)
     for decode in decoders.values():  # warm-up: first calls pay one-time costs
         decode(first, 8, 0)
+        if isinstance(decode, SpeculativeDecoder):
+            decode.restart()
     count = sum(len(s.items) for s in sets)
     done = iter(range(1, count + 1))
     log = lambda name, item: print(f"[eval] {next(done)}/{count} ({name} {item}) done", file=sys.stderr, flush=True)
@@ -335,11 +421,18 @@ def evaluate(args: EvalConfig, modes: dict[str, TreeSpec] | None = None) -> dict
         "max_new_tokens": args.max_new_tokens,
         "temperature": args.temperature,
         "seed": args.seed,
-        "modes": {name: vars(spec) for name, spec in modes.items()},
+        "modes": {
+            name: {**asdict(spec), "depth": spec.depth, "max_nodes": spec.max_nodes} for name, spec in modes.items()
+        },
         "lookup_tokens": args.lookup_tokens,
         "template_warning": warning,
+        "combination": {
+            name: d.combination_report()
+            for name, d in decoders.items()
+            if isinstance(d, SpeculativeDecoder) and d.combination_report() is not None
+        },
     }
-    return build_report(header, records, max((s.depth for s in modes.values()), default=0))
+    return build_report(header, records, {name: spec.depth for name, spec in modes.items()})
 
 
 def parse_args(argv=None) -> EvalConfig:

@@ -9,9 +9,11 @@ from pathlib import Path
 from torchspec_ext.evalstats import Decode, aggregate
 
 
-def build_report(header: dict, records: list[Decode], depth: int) -> dict:
-    """``rows``: per mode over every set; ``sets``: per set and mode; ``categories``: per set, category
-    and mode where a set has several; ``turns``: per set, turn and mode where items have several."""
+def build_report(header: dict, records: list[Decode], depth: int | dict[str, int]) -> dict:
+    """``depth``: how many draft positions the acceptance rates cover, for every mode or per mode (a
+    mode's own depth: its rates stop there). ``rows``: per mode over every set; ``sets``: per set and
+    mode; ``categories``: per set, category and mode where a set has several; ``turns``: per set, turn
+    and mode where items have several."""
     modes = header.get("modes", {})
     rows = aggregate(records, by=("mode",), positions=depth)
     for row in rows:
@@ -62,6 +64,26 @@ def _pivot(rows: list[dict], key: str) -> list[str]:
     return lines
 
 
+def _combination_lines(mode: str, c: dict) -> list[str]:
+    """What a combination's step cost beside the target's forward, and how well each member's calibrated
+    confidence predicted what the target followed (``drafts.combined.CombinedStats.report``)."""
+    building = c["merge_ms_per_step"] + sum(m["propose_ms_per_step"] for m in c["members"].values())
+    lines = [
+        f"{mode}: building the tree {building:.2f} ms a step (merging {c['merge_ms_per_step']:.2f}), the target's "
+        f"forward {_num(c.get('forward_ms_per_step'))} ms; {c['verified_nodes_per_step']:.1f} nodes verified a step, "
+        f"calibration error of the verified nodes {_num(c['verified_calibration_error'], 3)}",
+        "",
+        "| member | proposing, ms a step | nodes proposed | verified | accepted | calibration error (raw score's) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, m in c["members"].items():
+        lines.append(
+            f"| {name} | {m['propose_ms_per_step']:.2f} | {m['proposed_per_step']:.1f} | {m['verified_per_step']:.1f} "
+            f"| {m['accepted_per_step']:.2f} | {_num(m['calibration_error'], 3)} ({_num(m['raw_score_error'], 3)}) |"
+        )
+    return lines
+
+
 def markdown(report: dict) -> str:
     h = report["header"]
     sets = ", ".join(f"{n} {s['items']} of {s['of']} ({s['too_long']} too long)" for n, s in h["sets"].items())
@@ -82,6 +104,8 @@ def markdown(report: dict) -> str:
         by_turn = [r for r in report["turns"] if r["set"] == name]
         if by_turn:
             lines += ["", f"{name}, acceptance length per turn:", "", *_pivot(by_turn, "turn")]
+    for mode, c in (h.get("combination") or {}).items():
+        lines += ["", *_combination_lines(mode, c)]
     positioned = [r for r in report["rows"] if r.get("per_position_acceptance")]
     if positioned:
         depth = max(len(r["per_position_acceptance"]) for r in positioned)
@@ -94,7 +118,8 @@ def markdown(report: dict) -> str:
             "|---|" + "---|" * depth,
         ]
         for r in positioned:
-            lines.append(f"| {r['mode']} | " + " | ".join(_num(v) for v in r["per_position_acceptance"]) + " |")
+            rates = [_num(v) for v in r["per_position_acceptance"]]
+            lines.append(f"| {r['mode']} | " + " | ".join(rates + [""] * (depth - len(rates))) + " |")
     return "\n".join(lines)
 
 

@@ -16,7 +16,7 @@ steps whose first i + 1 draft tokens were all accepted.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 
@@ -74,7 +74,8 @@ def aggregate(
 ) -> list[dict]:
     """One row per group of ``decodes`` sharing the fields ``by`` (which must include "mode"), in
     order of first appearance: sums, both acceptance lengths, per-position acceptance rates (to
-    ``positions``, default: the most draft tokens any step of the group proposed or accepted),
+    ``positions``: an int, or a mapping from mode to its depth; default, or a mode the mapping lacks:
+    the most draft tokens any step of the group proposed or accepted),
     tokens/s, and the speed-up over the ``baseline`` mode's row of the same group."""
     by = tuple(by)
     if "mode" not in by:
@@ -107,7 +108,8 @@ def aggregate(
             steps = [a for d in stepped for a in drafting_steps(d.accepted_per_step, d.drafted_per_step)]
             drafted = [n for d in stepped for n in (d.drafted_per_step or ())]
             known_drafted = all(d.drafted_per_step is not None for d in stepped)
-            depth = positions if positions is not None else max([*steps, *drafted, 0])
+            limit = positions.get(row["mode"]) if isinstance(positions, Mapping) else positions
+            depth = limit if limit is not None else max([*steps, *drafted, 0])
             row.update(
                 drafting_steps=len(steps),
                 accepted_draft_tokens=sum(steps),

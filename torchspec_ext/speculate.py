@@ -11,6 +11,11 @@ Every draft family makes its proposer (``torchspec_ext.drafts``); :class:`TreePr
 EAGLE-2-style trees from any :class:`StepDraft` (``next_logprobs(context, paths)``), such as an
 EAGLE-3 draft or the target itself (:class:`TargetAsDraft`: every step then accepts the whole depth
 at temperature 0, which the tests use).
+
+Several proposers verify together: ``speculative_generate`` given a list of them decodes with
+:class:`torchspec_ext.drafts.combined.Combined`, which merges their trees into one (shared prefixes
+merged) and keeps the nodes of highest calibrated confidence within a node budget. A proposer says how
+sure it is of each node through ``propose_scored`` (a :class:`ScoredTree`).
 """
 
 from __future__ import annotations
@@ -48,6 +53,27 @@ class Proposer(Protocol):
     def observe(self, features: Tensor | None) -> None: ...
 
     def propose(self, context: Sequence[int]) -> tuple[Tensor, Tensor]: ...
+
+
+@dataclass
+class ScoredTree:
+    """A proposal with the proposer's confidence in each node: ``tokens`` and ``parents`` as
+    :meth:`Proposer.propose` returns them (node 0 the root, parents first), ``prior[j]`` the
+    proposer's own estimate in [0, 1] that the target follows the path to node ``j`` (a draft's
+    cumulative probability; a lookup's estimate from its match), never above its parent's, and
+    ``keys[j]`` what its calibration is tracked by (hashable; None for the root). The root's prior is 1."""
+
+    tokens: list[int]
+    parents: list[int]
+    prior: list[float]
+    keys: list
+
+    @staticmethod
+    def chain(root: int, tokens: Sequence[int], prior: Sequence[float], keys: Sequence) -> ScoredTree:
+        return ScoredTree([root, *tokens], list(range(-1, len(tokens))), [1.0, *prior], [None, *keys])
+
+    def tensors(self) -> tuple[Tensor, Tensor]:
+        return torch.tensor(self.tokens, dtype=torch.long), torch.tensor(self.parents, dtype=torch.long)
 
 
 class StepDraft(Protocol):
@@ -107,9 +133,25 @@ class TreeProposer:
     def propose(self, context: Sequence[int]) -> tuple[Tensor, Tensor]:
         return propose_tree(self.draft, context, self.spec)
 
+    def propose_scored(self, context: Sequence[int]) -> ScoredTree:
+        """The tree with each node's cumulative draft probability, calibrated by its log2 bin and depth."""
+        tokens, parents, scores = _grow_tree(self.draft, context, self.spec)
+        depths = [0] * len(tokens)
+        for j in range(1, len(tokens)):
+            depths[j] = depths[parents[j]] + 1
+        prior = [min(1.0, math.exp(s)) for s in scores]
+        keys = [None] + [(min(12, int(-2 * s / math.log(2))), min(d, 4)) for s, d in zip(scores[1:], depths[1:])]
+        return ScoredTree(tokens, parents, prior, keys)
+
 
 def propose_tree(draft: StepDraft, context: Sequence[int], spec: TreeSpec) -> tuple[Tensor, Tensor]:
     """(tokens [T], parents [T]) of a draft tree; node 0 is ``context[-1]`` (the root)."""
+    tokens, parents, _ = _grow_tree(draft, context, spec)
+    return torch.tensor(tokens, dtype=torch.long), torch.tensor(parents, dtype=torch.long)
+
+
+def _grow_tree(draft: StepDraft, context: Sequence[int], spec: TreeSpec) -> tuple[list[int], list[int], list[float]]:
+    """(tokens, parents, cumulative draft log-probabilities) of an EAGLE-2 tree; node 0 the root (0.0)."""
     tokens, parents, scores, paths = [context[-1]], [-1], [0.0], [[]]
     floor = math.log(spec.min_prob) if spec.min_prob > 0 else -math.inf
     frontier = [0]
@@ -134,7 +176,7 @@ def propose_tree(draft: StepDraft, context: Sequence[int], spec: TreeSpec) -> tu
             paths.append(paths[node] + [token])
             new_nodes.append(len(tokens) - 1)
         frontier = new_nodes
-    return torch.tensor(tokens, dtype=torch.long), torch.tensor(parents, dtype=torch.long)
+    return tokens, parents, scores
 
 
 def _tree_depths(parents: Tensor) -> Tensor:
@@ -223,7 +265,7 @@ class SpeculativeResult:
 @torch.no_grad()
 def speculative_generate(
     target,
-    proposer: Proposer,
+    proposer: Proposer | Sequence[Proposer],
     prompt: Sequence[int],
     max_new_tokens: int,
     temperature: float = 0.0,
@@ -238,6 +280,9 @@ def speculative_generate(
     distributed as the target's sampling at that temperature. Generation stops after an
     end-of-sequence token: ``eos_token_id``, else the target's generation config's.
 
+    ``proposer`` may be a list of proposers: each step then verifies the union of their trees in one
+    forward (``Combined(proposer)``, its default node budget; build a ``Combined`` to choose it).
+
     ``on_step(tokens, features, logits)``, if given, sees what the target computed: once after the
     prefill (``tokens``: the prompt after its first token; empty tensors for a one-token prompt), then
     after each verification (``tokens``: those emitted, cut at a stop). ``features [n, F]`` (the
@@ -246,6 +291,15 @@ def speculative_generate(
     generation after these tokens.
     """
     from transformers import DynamicCache
+
+    if not hasattr(proposer, "propose"):
+        proposers = list(proposer)
+        if len(proposers) == 1:
+            proposer = proposers[0]
+        else:
+            from torchspec_ext.drafts.combined import Combined
+
+            proposer = Combined(proposers)
 
     if len(prompt) < 1:
         raise ValueError("speculative_generate: the prompt must hold at least one token")

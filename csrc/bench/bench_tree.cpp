@@ -4,13 +4,15 @@
 //
 // tree_attention: random normal q, k, v (bfloat16 or float32), a random tree (parents[j] uniform
 // in [0, j)), the prefix before the tree. Bytes processed = q + k + v + out, the floor; the CUDA
-// kernel moves more (each block of a tile of nodes reads the prefix): the program prints both for
-// the GPU shapes, GPU or not, and the CUDA runs report the ratio as floor_ratio.
+// kernel moves more (each block of rows reads its keys; split key ranges write and merge float32
+// partials): the program prints both, and its FLOPs, for the GPU shapes, GPU or not, with the time
+// each takes at an H100 SXM's and an H200's rates; the CUDA runs report the ratio as floor_ratio.
 // verify_greedy: a chain of T nodes whose every token is the argmax of its parent's logits (the
 // worst case: every logits row is read). Bytes processed = all the logits.
 // greedy_walk: the same chain with the argmaxes given (TreeVerifyParams::argmax): the walk alone.
 #include <benchmark/benchmark.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -90,10 +92,13 @@ struct AttnShape {
     return (2 * batch * q_heads * nodes * dim + 2 * batch * kv_heads * seq() * dim) *
            static_cast<int64_t>(element_size(dtype));
   }
-  // What the CUDA kernel reads and writes (common/tree.h).
-  int64_t cuda_bytes() const {
-    return torchspec::tree_attention_cuda_bytes(batch, q_heads, kv_heads, nodes, prefix, dim,
-                                                static_cast<int64_t>(element_size(dtype)));
+  // What the CUDA kernel reads and writes (common/tree.h): tensor cores for bfloat16 (sm_80+).
+  int64_t cuda_bytes(int64_t sm_count = 132) const {
+    const int64_t es = static_cast<int64_t>(element_size(dtype));
+    if (dtype == ScalarKind::kFloat32) {
+      return torchspec::tree_attention_cuda_bytes(batch, q_heads, kv_heads, nodes, prefix, dim, es);
+    }
+    return torchspec::tree_attention_mma_cost(batch, q_heads, kv_heads, nodes, prefix, dim, es, sm_count).bytes;
   }
   std::string name(const char* device) const {
     return std::string(device) + "_tree_attention/" + dtype_name(dtype) + "/B=" + std::to_string(batch) +
@@ -303,6 +308,12 @@ void bm_cuda_attention(benchmark::State& state, CudaAttnCase* c, int threads) {
       c->p.out = c->upload(host.out);
       c->p.prefix_lens = c->upload(host.prefix_lens);
       c->p.parents = c->upload(host.parents);
+      torchspec::TreeAttentionPlan plan;
+      CUDA_CHECK(torchspec::cuda::tree_attention_plan(c->p, &plan));
+      c->p.splits = plan.splits;
+      if (plan.workspace_bytes > 0) {
+        c->p.workspace = c->upload(std::vector<float>(plan.workspace_bytes / 4));
+      }
     }
     c->run(state, [&] { return torchspec::cuda::tree_attention(c->p, c->stream); });
     state.SetBytesProcessed(state.iterations() * c->shape.bytes());
@@ -373,20 +384,38 @@ void register_cuda(std::vector<std::unique_ptr<CudaAttnCase>>& attn,
 }
 #endif
 
-// The CUDA tree_attention kernel's traffic at the GPU benchmark's shapes against the floor, and
-// what the kernel before it (one block per node, each reading the whole prefix) moved.
-void print_attention_bytes() {
-  for (int64_t b : {1, 8, 64}) {
-    const AttnShape s{ScalarKind::kBFloat16, b, 64, 4096, 32, 8, 128};
-    const int64_t G = s.q_heads / s.kv_heads, es = static_cast<int64_t>(element_size(s.dtype));
-    const int64_t per_node = s.batch * s.kv_heads * s.nodes * (2 * G * s.dim + 2 * (s.prefix + 1) * s.dim) * es;
+// The CUDA tensor-core tree_attention kernel at the GPU shapes (the issue-31 shape and the GPU
+// benchmark's), bfloat16 on 132 multiprocessors: bytes and FLOPs against the floor, and the time
+// each takes at an H100 SXM's (3.35 TB/s) and an H200's (4.8 TB/s) rates, 989 TFLOP/s dense bf16.
+// Arithmetic (common/tree.h), not a measurement.
+void print_attention_costs() {
+  struct Gpu {
+    const char* name;
+    double bandwidth, flops;
+  };
+  const Gpu gpus[] = {{"H100 SXM", 3.35e12, 989e12}, {"H200", 4.8e12, 989e12}};
+  const AttnShape shapes[] = {{ScalarKind::kBFloat16, 4, 64, 4096, 9, 3, 64},
+                              {ScalarKind::kBFloat16, 1, 64, 4096, 32, 8, 128},
+                              {ScalarKind::kBFloat16, 8, 64, 4096, 32, 8, 128},
+                              {ScalarKind::kBFloat16, 64, 64, 4096, 32, 8, 128}};
+  for (const AttnShape& s : shapes) {
+    const torchspec::TreeAttentionCost c =
+        torchspec::tree_attention_mma_cost(s.batch, s.q_heads, s.kv_heads, s.nodes, s.prefix, s.dim, 2, 132);
     std::fprintf(stderr,
-                 "%s: CUDA tree_attention at B=%lld T=%lld prefix=%lld Hq=%lld Hkv=%lld D=%lld bf16 moves %.3f GB, "
-                 "the floor %.3f GB (%.2fx); one block per node moved at least %.2f GB (%.0fx)\n",
+                 "%s: CUDA tree_attention B=%lld T=%lld prefix=%lld Hq=%lld Hkv=%lld D=%lld bf16: %lld key range(s); "
+                 "its blocks load and store %.2f MiB, %.2f MiB once each (%.2fx the floor of %.2f MiB); %.2f GFLOP on "
+                 "tensor cores (dense attention %.2f)",
                  kProgram, (long long)s.batch, (long long)s.nodes, (long long)s.prefix, (long long)s.q_heads,
-                 (long long)s.kv_heads, (long long)s.dim, s.cuda_bytes() / 1e9, s.bytes() / 1e9,
-                 static_cast<double>(s.cuda_bytes()) / s.bytes(), per_node / 1e9,
-                 static_cast<double>(per_node) / s.bytes());
+                 (long long)s.kv_heads, (long long)s.dim, (long long)c.splits, c.bytes / 1048576.0,
+                 c.unique_bytes / 1048576.0, static_cast<double>(c.unique_bytes) / c.floor_bytes,
+                 c.floor_bytes / 1048576.0, c.executed_flops / 1e9, c.dense_flops / 1e9);
+    for (const Gpu& g : gpus) {
+      const double floor_us = std::max(c.floor_bytes / g.bandwidth, c.dense_flops / g.flops) * 1e6;
+      const double ours_us = std::max(c.unique_bytes / g.bandwidth, c.executed_flops / g.flops) * 1e6;
+      std::fprintf(stderr, "; %s: floor %.1f us, the kernel's unique bytes and FLOPs %.1f us", g.name, floor_us,
+                   ours_us);
+    }
+    std::fprintf(stderr, "\n");
   }
 }
 
@@ -397,7 +426,7 @@ int main(int argc, char** argv) {
   benchmark::Initialize(&argc, argv);
   if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
   benchmark::AddCustomContext("cpu_threads", std::to_string(threads));
-  print_attention_bytes();
+  print_attention_costs();
 
   std::vector<std::unique_ptr<CpuAttnCase>> attn_cases;
   for (const AttnShape& s : {AttnShape{ScalarKind::kFloat32, 1, 64, 4096, 32, 8, 128},

@@ -5,6 +5,7 @@
 
 #include <cstddef>
 
+#include "../common/device_error.h"
 #include "../common/draft_loss.h"
 #include "../common/topk_lse.h"
 #include "../common/tree.h"
@@ -24,7 +25,12 @@ cudaError_t draft_loss_backward(const DraftLossBackwardTile& p, cudaStream_t str
 // draft_topk_kl, LK losses: each row's statistics and coefficients; one warp per row.
 cudaError_t draft_loss_lk_rows(const DraftLossLKRows& p, cudaStream_t stream);
 
-// Tree attention (see TreeAttentionParams); one thread block per (batch row, kv head, tile of nodes).
+// How tree_attention runs on the current device (common/tree.h): tensor cores for bfloat16 / float16
+// on sm_80 and later, else CUDA cores; the number of key ranges and the workspace they need.
+cudaError_t tree_attention_plan(const TreeAttentionParams& p, TreeAttentionPlan* plan);
+
+// Tree attention (see TreeAttentionParams). With tensor cores and more than one key range
+// (tree_attention_plan), p.workspace must hold plan.workspace_bytes and p.splits be plan.splits.
 cudaError_t tree_attention(const TreeAttentionParams& p, cudaStream_t stream);
 
 // Shared memory per block (static + dynamic, bytes) that a tree_attention or verify_tree launch
@@ -32,6 +38,16 @@ cudaError_t tree_attention(const TreeAttentionParams& p, cudaStream_t stream);
 // that a tree or head size past the device's limit gets a clear error instead of a failed launch.
 cudaError_t tree_attention_smem(const TreeAttentionParams& p, size_t* needed, size_t* allowed);
 cudaError_t verify_tree_smem(const TreeVerifyParams& p, size_t* needed, size_t* allowed);
+
+// Checks that every id of ids [n] (row-major, `cols` per row) is in [low, limit); the first bad one
+// found is written to rec (common/device_error.h), reported by the op layer at its next call.
+cudaError_t check_index_range(const int64_t* ids, int64_t n, int64_t cols, int64_t low, int64_t limit, DeviceErrorOp op,
+                              DeviceErrorRecord* rec, cudaStream_t stream);
+
+// Checks that every value of values [n] (float32, one per row) is at most `limit` (NaN passes); the
+// first bad one found is written to rec as its row, its value's and the limit's float64 bits.
+cudaError_t check_at_most(const float* values, int64_t n, float limit, DeviceErrorOp op, DeviceErrorRecord* rec,
+                          cudaStream_t stream);
 
 // Tree verification, greedy when p.uniforms is null, else sampling (see TreeVerifyParams); one
 // thread block per batch row walks its tree.

@@ -10,10 +10,9 @@
 #include "checks.h"
 
 #ifdef TORCHSPEC_WITH_CUDA
-#include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAGuard.h>
-
 #include "../kernels/cuda_kernels.h"
+#include "cuda_context.h"
+#include "device_errors.h"
 #endif
 
 // The CUDA launch argument of run_on_device: the expression itself in a CUDA build, nullptr in a
@@ -35,7 +34,8 @@ inline int64_t row_grain(int64_t row_elements, int64_t task_elements = 16384) {
 // Runs a kernel over work items [0, n) on the device of `like`; nothing for n == 0.
 //   CPU:  at::parallel_for(0, n, grain, cpu_range), cpu_range(begin, end) doing [begin, end);
 //   CUDA: n must be below 2^31 when `items` names them (one thread block each; nullptr: the caller
-//         checks its own grid), then, under a device guard, cuda_launch(stream) on the current
+//         checks its own grid), then, under a device guard, an input error that an earlier kernel
+//         found on the device is raised (device_errors.h), and cuda_launch(stream) on the current
 //         stream returns the launch's cudaError_t: a failure is "torchspec.<op>: CUDA kernel
 //         failed: ...". cuda_launch may check arguments and query the device first.
 // Pass cuda_launch as TORCHSPEC_IF_CUDA(...).
@@ -51,9 +51,9 @@ void run_on_device(const at::Tensor& like, int64_t n, int64_t grain, const char*
   if (items != nullptr) {
     TORCHSPEC_CHECK_ARG(n < (int64_t{1} << 31), op, "at most 2^31 - 1 ", items, " on CUDA, got ", n);
   }
-  const c10::cuda::CUDAGuard guard(like.device());
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  const cudaError_t err = cuda_launch(stream);
+  const CudaDeviceGuard guard(like.device());
+  raise_device_error(like.get_device(), op);
+  const cudaError_t err = cuda_launch(current_cuda_stream());
   TORCH_CHECK(err == cudaSuccess, "torchspec.", op, ": CUDA kernel failed: ", cudaGetErrorString(err));
 #else
   (void)op;

@@ -25,6 +25,7 @@
 
 #include "../cpu/cpu_kernels.h"
 #include "checks.h"
+#include "device_errors.h"
 #include "dispatch.h"
 #include "lm_head.h"
 
@@ -87,8 +88,11 @@ void check_inputs(const at::Tensor& hidden, const at::Tensor& weight, const at::
                         ", got ", valid->sizes());
   }
   check_temperature(temperature, op);
-  if (check_index_range && indices.numel() > 0) {
-    // One small reduction (a device sync on CUDA): an id outside the vocabulary is a data bug.
+  if (check_index_range && indices.numel() > 0 && indices.is_cuda()) {
+    // On the device, no host sync: raised by the next torchspec call on that device (device_errors.h).
+    check_ids_on_device(indices, -1, V, DeviceErrorOp::kDraftLoss, op);
+  } else if (check_index_range && indices.numel() > 0) {
+    // An id outside the vocabulary is a data bug.
     const auto [lo, hi] = at::aminmax(indices);
     const int64_t min_id = lo.item<int64_t>(), max_id = hi.item<int64_t>();
     TORCHSPEC_CHECK_ARG(min_id >= -1, op, "teacher_indices must be -1 (absent) or in [0, Vd), got ", min_id);
@@ -146,16 +150,24 @@ LKTargets make_lk_targets(const Targets& t, const at::Tensor& logprobs) {
 }
 
 // LK losses read teacher_logprobs as probabilities: each counted row's must sum to at most 1, up to
-// 1% (rounding, even of log-probabilities that went through bfloat16). One small reduction (a device
-// sync on CUDA); catches logits passed as log-probabilities.
+// 1% (rounding, even of log-probabilities that went through bfloat16). Catches logits passed as
+// log-probabilities. On CUDA checked by a small kernel, no host sync (device_errors.h); on CPU one
+// small reduction.
 void check_lk_logprobs(const at::Tensor& logprobs, const Targets& t, const LossSpec& spec, const char* op) {
   if (spec.kind == DraftLossKind::kKL || logprobs.numel() == 0) return;
+  constexpr float kMaxLse = 1e-2f;
   const at::Tensor row_lse = at::logsumexp(logprobs, 1);
+  if (logprobs.is_cuda()) {
+    const at::Tensor counted_lse =
+        at::where(t.counted, row_lse, at::full({}, -std::numeric_limits<float>::infinity(), row_lse.options()));
+    check_at_most_on_device(counted_lse.to(at::kFloat), kMaxLse, DeviceErrorOp::kDraftLoss, op);
+    return;
+  }
   const float worst =
       at::where(t.counted, row_lse, at::full({}, -std::numeric_limits<float>::infinity(), row_lse.options()))
           .max()
           .item<float>();
-  TORCHSPEC_CHECK_ARG(!(worst > 1e-2f), op, "teacher_logprobs must be log-probabilities for loss='", spec.name,
+  TORCHSPEC_CHECK_ARG(!(worst > kMaxLse), op, "teacher_logprobs must be log-probabilities for loss='", spec.name,
                       "': exp(teacher_logprobs) must sum to at most 1 in every counted row (log-sum-exp <= 0.01), "
                       "got a row whose log-sum-exp is ",
                       worst);

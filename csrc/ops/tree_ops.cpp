@@ -1,6 +1,8 @@
 // torch-facing launchers of tree_attention, verify_tree_greedy and verify_tree_sampling (CPU and
-// CUDA). The trees (parents), prefix lengths and tokens are validated on the host: for CUDA
-// tensors these small index tensors are copied to the host once per call (one synchronisation).
+// CUDA). The trees (parents), prefix lengths, tokens and uniforms are validated on the host for CPU
+// tensors, and by the kernels for CUDA tensors (no host copy, no synchronisation: CUDA graphs can
+// capture these ops): an error is then raised by the next torchspec call on that device
+// (device_errors.h). Shapes, dtypes and devices are checked on the host in both cases.
 #include <torch/library.h>
 
 #include <algorithm>
@@ -25,7 +27,7 @@ at::Tensor as_index(const at::Tensor& t, const char* op, const char* name) {
   return t.to(at::kLong).contiguous();
 }
 
-// parents [B, T] (int64, on the host): parents[b, 0] = -1 and 0 <= parents[b, j] < j for j > 0.
+// parents [B, T] (int64, on the CPU): parents[b, 0] = -1 and 0 <= parents[b, j] < j for j > 0.
 void check_trees(const at::Tensor& parents_host, const char* op) {
   const int64_t B = parents_host.size(0), T = parents_host.size(1);
   const int64_t* par = parents_host.data_ptr<int64_t>();
@@ -48,8 +50,6 @@ at::Tensor checked_parents(const at::Tensor& parents, int64_t B, int64_t T, cons
                       T, " (T mismatch)");
   return as_index(parents, op, "parents");
 }
-
-at::Tensor host_copy(const at::Tensor& t) { return t.is_cpu() ? t : t.to(at::kCPU); }
 
 at::Tensor tree_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& prefix_lens,
                           const at::Tensor& parents, std::optional<double> scale) {
@@ -83,12 +83,13 @@ at::Tensor tree_attention(const at::Tensor& q, const at::Tensor& k, const at::Te
 
   at::Tensor out = at::empty(q.sizes(), q.options());
   if (B == 0 || Hq == 0) return out;
-  const at::Tensor par_host = host_copy(par), lens_host = host_copy(lens);
-  check_trees(par_host, op);
-  const int64_t* lp = lens_host.data_ptr<int64_t>();
-  for (int64_t b = 0; b < B; ++b) {
-    TORCHSPEC_CHECK_ARG(lp[b] >= 0 && lp[b] + T <= S, op, "prefix_lens[", b, "] = ", lp[b],
-                        ": need 0 <= prefix_lens[b] and prefix_lens[b] + T <= S (T = ", T, ", S = ", S, ")");
+  if (q.is_cpu()) {  // CUDA: the kernel checks them
+    check_trees(par, op);
+    const int64_t* lp = lens.data_ptr<int64_t>();
+    for (int64_t b = 0; b < B; ++b) {
+      TORCHSPEC_CHECK_ARG(lp[b] >= 0 && lp[b] + T <= S, op, "prefix_lens[", b, "] = ", lp[b],
+                          ": need 0 <= prefix_lens[b] and prefix_lens[b] + T <= S (T = ", T, ", S = ", S, ")");
+    }
   }
 
   const at::Tensor qc = q.contiguous(), kc = k.contiguous(), vc = v.contiguous();
@@ -111,15 +112,30 @@ at::Tensor tree_attention(const at::Tensor& q, const at::Tensor& k, const at::Te
       q, B * Hkv, 1, op, nullptr, [&](int64_t begin, int64_t end) { cpu::tree_attention_units(p, begin, end); },
       TORCHSPEC_IF_CUDA([&](cudaStream_t stream) {
         TORCHSPEC_CHECK_ARG(D <= 256, op, "the CUDA kernel supports head dimensions D <= 256, got ", D);
-        TORCHSPEC_CHECK_ARG(Hq / Hkv <= 16, op, "the CUDA kernel supports up to 16 query heads per kv head, got ",
-                            Hq / Hkv);
+        TORCHSPEC_CHECK_ARG(S < (int64_t{1} << 31), op, "the sequence length S must be below 2^31 on CUDA, got ", S);
         TORCHSPEC_CHECK_ARG(B * Hkv * T < (int64_t{1} << 31), op, "B * Hkv * T must be below 2^31 on CUDA");
+        TreeAttentionPlan plan;
+        const cudaError_t plan_err = cuda::tree_attention_plan(p, &plan);
+        TORCH_CHECK(plan_err == cudaSuccess, "torchspec.tree_attention: ", cudaGetErrorString(plan_err));
+        TORCHSPEC_CHECK_ARG(plan.tensor_cores || Hq / Hkv <= 16, op,
+                            "the CUDA-core kernel (float32, or a GPU before sm_80) supports up to 16 query heads per "
+                            "kv head, got ",
+                            Hq / Hkv);
         size_t needed = 0, allowed = 0;
         const cudaError_t smem_err = cuda::tree_attention_smem(p, &needed, &allowed);
         TORCH_CHECK(smem_err == cudaSuccess, "torchspec.tree_attention: ", cudaGetErrorString(smem_err));
-        TORCHSPEC_CHECK_ARG(needed <= allowed, op, "D = ", D, " with ", Hq / Hkv, " query heads per kv head needs ",
-                            needed, " bytes of shared memory per block on CUDA, more than this GPU allows (", allowed,
-                            ")");
+        TORCHSPEC_CHECK_ARG(needed <= allowed, op, "D = ", D, " with ", Hq / Hkv,
+                            " query heads per kv head and T = ", T, " needs ", needed,
+                            " bytes of shared memory per block on CUDA, more than this GPU allows (", allowed, ")");
+        // Several key ranges per block of rows: their float32 partials, merged by a second kernel. The
+        // caching allocator orders its reuse on this stream after both kernels.
+        at::Tensor workspace;
+        if (plan.splits > 1) {
+          workspace = at::empty({static_cast<int64_t>(plan.workspace_bytes / 4)}, q.options().dtype(at::kFloat));
+          p.workspace = workspace.data_ptr<float>();
+        }
+        p.splits = plan.splits;
+        p.error = device_error_record(q.get_device());
         return cuda::tree_attention(p, stream);
       }));
   return out;
@@ -147,10 +163,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> prepare_verify(const at::Tensor& 
   TORCHSPEC_CHECK_ARG(V < (int64_t{1} << 31), op, "the vocabulary size must be below 2^31, got ", V);
   at::Tensor tok = as_index(tokens, op, "tokens");
   at::Tensor par = checked_parents(parents, B, T, "tokens", op);
-  if (B > 0) {
-    check_trees(host_copy(par), op);
-    const at::Tensor tok_host = host_copy(tok);
-    const int64_t* tp = tok_host.data_ptr<int64_t>();
+  if (B > 0 && tok.is_cpu()) {  // CUDA: the kernel checks them
+    check_trees(par, op);
+    const int64_t* tp = tok.data_ptr<int64_t>();
     for (int64_t i = 0; i < B * T; ++i) {
       TORCHSPEC_CHECK_ARG(tp[i] >= 0 && tp[i] < V, op, "tokens[", i / T, ", ", i % T, "] = ", tp[i],
                           " is not a token id in [0, V = ", V, ")");
@@ -186,6 +201,7 @@ Outputs run_verify(TreeVerifyParams& p, const at::Tensor& tok, const at::Tensor&
         TORCHSPEC_CHECK_ARG(needed <= allowed, op, "T = ", p.nodes, " tree nodes need ", needed,
                             " bytes of shared memory per block on CUDA, more than this GPU allows (", allowed,
                             "): at most ", p.nodes - static_cast<int64_t>((needed - allowed + 7) / 8), " nodes");
+        p.error = device_error_record(logits.get_device());
         return cuda::verify_tree(p, stream);
       }));
   return {num_accepted, path, next_token};
@@ -210,9 +226,8 @@ Outputs verify_tree_sampling(const at::Tensor& tokens, const at::Tensor& parents
   TORCHSPEC_CHECK_ARG(uniforms.dim() == 2 && uniforms.size(0) == p.batch && uniforms.size(1) == p.nodes, op,
                       "uniforms must be [B, T] = [", p.batch, ", ", p.nodes, "], got ", uniforms.sizes());
   const at::Tensor u = uniforms.contiguous();
-  if (p.batch > 0) {
-    const at::Tensor u_host = host_copy(u);
-    const double* up = u_host.data_ptr<double>();
+  if (p.batch > 0 && u.is_cpu()) {  // CUDA: the kernel checks them
+    const double* up = u.data_ptr<double>();
     for (int64_t i = 0; i < p.batch * p.nodes; ++i) {
       TORCHSPEC_CHECK_ARG(up[i] >= 0.0 && up[i] < 1.0, op, "uniforms[", i / p.nodes, ", ", i % p.nodes, "] = ", up[i],
                           " is not in [0, 1)");

@@ -5,8 +5,11 @@
 #include "wire.h"
 
 #ifdef TORCHSPEC_WITH_NCCL
-#include <c10/cuda/CUDACachingAllocator.h>
 #include <c10/cuda/CUDAStream.h>
+
+#include <map>
+#include <mutex>
+#include <vector>
 
 #include "nccl_comm.h"
 #endif
@@ -62,19 +65,109 @@ cudaStream_t current_stream(const NcclComm& comm) {
   return c10::cuda::getCurrentCUDAStream(static_cast<c10::DeviceIndex>(comm.device())).stream();
 }
 
-// The transfer runs on the communicator's own stream, which the caching allocator does not know:
-// without this, a buffer freed before its transfer completed (a preamble receive posted ahead on
-// a channel dropped without close() while the peer still sends) goes back to the allocator and
-// may be handed to another tensor while NCCL still writes into it, or reads it.
-void record_use(const at::Tensor& t, cudaStream_t stream, int device) {
-  c10::cuda::CUDACachingAllocator::recordStream(
-      t.storage().data_ptr(), c10::cuda::getStreamFromExternal(stream, static_cast<c10::DeviceIndex>(device)));
+// Buffers of operations that may still be under way when their communicator is destroyed (a
+// preamble receive posted ahead, the sends of a channel dropped mid-flight), each set kept until
+// the event after its channel's last work completed. Holding the tensors is what keeps the caching
+// allocator from handing their memory to another tensor while NCCL may still use it; recording
+// them on the channel's streams instead (recordStream) makes the allocator record an event on those
+// streams when the tensor is freed, after the communicator has destroyed them, and a received
+// batch, a view of its buffer, routinely outlives its channel. Never destroyed (a static vector of
+// tensors would be freed after the CUDA allocator at exit); swept by every NcclComm call.
+class Graveyard {
+ public:
+  void bury(cudaEvent_t done, std::vector<at::Tensor> buffers) {
+    if (buffers.empty()) {
+      if (done != nullptr) cudaEventDestroy(done);
+      return;
+    }
+    std::lock_guard<std::mutex> lock(mutex_);
+    entries_.push_back({done, std::move(buffers)});
+  }
+  // Frees the buffers whose event completed. An entry without an event (none could be recorded)
+  // or whose event failed (a broken device) keeps its buffers for good: a leak, never a reuse.
+  void sweep() {
+    std::vector<at::Tensor> freed;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      bool not_ready = false;
+      for (auto it = entries_.begin(); it != entries_.end();) {
+        const cudaError_t state = it->done != nullptr ? cudaEventQuery(it->done) : cudaErrorNotReady;
+        if (state == cudaSuccess) {
+          cudaEventDestroy(it->done);
+          for (at::Tensor& t : it->buffers) freed.push_back(std::move(t));
+          it = entries_.erase(it);
+        } else {
+          not_ready |= state == cudaErrorNotReady && it->done != nullptr;
+          ++it;
+        }
+      }
+      // "Not ready" is left in cudaGetLastError, where the next launch check would take it for its
+      // own error (as torch clears it); any other error stays for the caller to see.
+      if (not_ready && cudaPeekAtLastError() == cudaErrorNotReady) cudaGetLastError();
+    }
+  }
+  size_t size() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return entries_.size();
+  }
+
+ private:
+  struct Entry {
+    cudaEvent_t done;
+    std::vector<at::Tensor> buffers;
+  };
+  std::mutex mutex_;
+  std::vector<Entry> entries_;
+};
+
+Graveyard& graveyard() {
+  static Graveyard* g = new Graveyard;
+  return *g;
 }
 
 // The bound type: local to this file, as pybind11's own types are hidden (binding NcclComm itself,
-// a default-visibility type, warns "declared with greater visibility than its base").
+// a default-visibility type, warns "declared with greater visibility than its base"). Keeps each
+// operation's buffer until the operation was waited for; recv() waits on the host before it hands
+// a batch over, so only operations never waited for outlive the communicator.
 struct PyNcclComm : NcclComm {
   using NcclComm::NcclComm;
+  ~PyNcclComm() {
+    // The destructor runs from a garbage collection with the GIL; ncclCommAbort can be slow.
+    py::gil_scoped_release release;
+    graveyard().bury(shutdown(), take_all());
+    graveyard().sweep();
+  }
+  template <class Op>
+  int64_t start(const at::Tensor& buffer, const Op& op) {
+    graveyard().sweep();
+    const int64_t ticket = op();
+    std::lock_guard<std::mutex> lock(held_mutex_);
+    held_.emplace(ticket, buffer);
+    return ticket;
+  }
+  void finished(int64_t ticket) {
+    at::Tensor done;  // freed outside the lock
+    std::lock_guard<std::mutex> lock(held_mutex_);
+    auto it = held_.find(ticket);
+    if (it == held_.end()) return;
+    done = std::move(it->second);
+    held_.erase(it);
+  }
+  std::vector<at::Tensor> take_all() {
+    std::lock_guard<std::mutex> lock(held_mutex_);
+    std::vector<at::Tensor> all;
+    for (auto& [ticket, t] : held_) all.push_back(std::move(t));
+    held_.clear();
+    return all;
+  }
+  size_t held() {
+    std::lock_guard<std::mutex> lock(held_mutex_);
+    return held_.size();
+  }
+
+ private:
+  std::mutex held_mutex_;
+  std::map<int64_t, at::Tensor> held_;
 };
 #endif
 
@@ -101,23 +194,36 @@ void bind(py::module_& m) {
       .def(
           "send",
           [](PyNcclComm& c, const at::Tensor& buf, int peer) {
-            const int64_t ticket = c.send(device_bytes(c, buf, "send"), buf.nbytes(), peer, current_stream(c));
-            record_use(buf, c.send_stream(), c.device());
-            return ticket;
+            return c.start(buf,
+                           [&] { return c.send(device_bytes(c, buf, "send"), buf.nbytes(), peer, current_stream(c)); });
           },
-          py::arg("buffer"), py::arg("peer"), "Queue a send of the buffer after the current stream's work; a ticket")
+          py::arg("buffer"), py::arg("peer"), py::call_guard<py::gil_scoped_release>(),
+          "Queue a send of the buffer after the current stream's work; a ticket")
       .def(
           "recv",
           [](PyNcclComm& c, const at::Tensor& buf, int peer) {
-            const int64_t ticket = c.recv(device_bytes(c, buf, "recv"), buf.nbytes(), peer, current_stream(c));
-            record_use(buf, c.recv_stream(), c.device());
-            return ticket;
+            return c.start(buf,
+                           [&] { return c.recv(device_bytes(c, buf, "recv"), buf.nbytes(), peer, current_stream(c)); });
           },
-          py::arg("buffer"), py::arg("peer"), "Queue a receive into the buffer; a ticket")
-      .def("done", &NcclComm::done, py::arg("ticket"))
-      .def("wait", &NcclComm::wait, py::arg("ticket"), py::arg("timeout"), py::call_guard<py::gil_scoped_release>())
-      .def("abort", &NcclComm::abort)
-      .def_property_readonly("aborted", &NcclComm::aborted);
+          py::arg("buffer"), py::arg("peer"), py::call_guard<py::gil_scoped_release>(),
+          "Queue a receive into the buffer; a ticket")
+      .def("done", &NcclComm::done, py::arg("ticket"), py::call_guard<py::gil_scoped_release>())
+      .def(
+          "wait",
+          [](PyNcclComm& c, int64_t ticket, double timeout) {
+            c.wait(ticket, timeout);
+            c.finished(ticket);  // a failed wait keeps the buffer: the operation may still run
+          },
+          py::arg("ticket"), py::arg("timeout"), py::call_guard<py::gil_scoped_release>())
+      .def("abort", &NcclComm::abort, py::call_guard<py::gil_scoped_release>())
+      .def_property_readonly("aborted", &NcclComm::aborted)
+      // Diagnostics for the tests: buffers held for operations not waited for yet, and the sets of
+      // buffers kept past their communicator's end (process-wide).
+      .def_property_readonly("held_buffers", &PyNcclComm::held);
+  m.def("nccl_graveyard_size", [] {
+    graveyard().sweep();
+    return graveyard().size();
+  });
 #endif
 }
 

@@ -112,19 +112,40 @@ NcclComm::~NcclComm() {
   }
 }
 
+// Waits for nothing: a stream that still waits on a hung producer, or an NCCL kernel that has not
+// seen the abort yet, would hang the caller (a garbage collection, the interpreter's exit). CUDA
+// releases a destroyed stream or event once its work completed.
 void NcclComm::release_resources() {
-  if (comm_ != nullptr && !aborted_) ncclCommAbort(comm_);
-  // After the abort no NCCL kernel is left waiting on the peer, so the streams drain.
-  if (send_stream_ != nullptr) cudaStreamSynchronize(send_stream_);
-  if (recv_stream_ != nullptr) cudaStreamSynchronize(recv_stream_);
+  abort_locked();
   for (auto& [ticket, op] : ops_) cudaEventDestroy(op.event);
   for (cudaEvent_t e : free_events_) cudaEventDestroy(e);
   if (send_stream_ != nullptr) cudaStreamDestroy(send_stream_);
   if (recv_stream_ != nullptr) cudaStreamDestroy(recv_stream_);
   ops_.clear();
   free_events_.clear();
+  self_sends_.clear();
   send_stream_ = recv_stream_ = nullptr;
   aborted_ = true;
+}
+
+cudaEvent_t NcclComm::shutdown() {
+  std::lock_guard<std::mutex> lock(mutex_);
+  abort_locked();
+  if (send_stream_ == nullptr || recv_stream_ == nullptr) return nullptr;
+  try {
+    const DeviceGuard guard(device_);
+    // One event after both streams: the receive stream waits for the send stream's last work.
+    cudaEvent_t sent = nullptr, done = nullptr;
+    if (cudaEventCreateWithFlags(&sent, cudaEventDisableTiming) != cudaSuccess) return nullptr;
+    const bool ok = cudaEventRecord(sent, send_stream_) == cudaSuccess &&
+                    cudaStreamWaitEvent(recv_stream_, sent, 0) == cudaSuccess &&
+                    cudaEventCreateWithFlags(&done, cudaEventDisableTiming) == cudaSuccess;
+    cudaEventDestroy(sent);
+    if (ok && cudaEventRecord(done, recv_stream_) == cudaSuccess) return done;
+    if (done != nullptr) cudaEventDestroy(done);
+  } catch (const std::exception&) {
+  }
+  return nullptr;
 }
 
 void NcclComm::check_open() const {
@@ -133,22 +154,28 @@ void NcclComm::check_open() const {
 
 void NcclComm::fail(const std::string& message, bool timeout) {
   if (!aborted_) abort_reason_ = message;
-  abort_locked();
+  abort_locked();  // its own failure is kept in abort_reason_: the error to raise is this one
   if (timeout) throw NcclTimeout("pipeline NCCL channel: " + message);
   throw std::runtime_error("pipeline NCCL channel: " + message);
 }
 
 void NcclComm::abort() {
   std::lock_guard<std::mutex> lock(mutex_);
-  abort_locked();
+  const ncclResult_t r = abort_locked();
+  if (r != ncclSuccess) {
+    throw std::runtime_error(std::string("pipeline NCCL channel: ncclCommAbort failed: ") + ncclGetErrorString(r));
+  }
 }
 
-void NcclComm::abort_locked() {
-  if (comm_ != nullptr && !aborted_) {
-    aborted_ = true;
-    if (abort_reason_.empty()) abort_reason_ = "closed";
-    ncclCommAbort(comm_);
-  }
+ncclResult_t NcclComm::abort_locked() {
+  aborted_ = true;
+  if (abort_reason_.empty()) abort_reason_ = "closed";
+  if (comm_ == nullptr) return ncclSuccess;
+  // The handle is freed by the abort even when it reports an error: never used again.
+  const ncclResult_t r = ncclCommAbort(comm_);
+  comm_ = nullptr;
+  if (r != ncclSuccess) abort_reason_ += std::string("; ncclCommAbort failed: ") + ncclGetErrorString(r);
+  return r;
 }
 
 void NcclComm::settle(ncclResult_t result, const char* what) {
@@ -177,18 +204,32 @@ int64_t NcclComm::new_ticket(cudaStream_t stream, cudaStream_t after) {
     op.event = free_events_.back();
     free_events_.pop_back();
   }
-  // The transfer starts after what the producer queued so far (e.g. the packing copies).
-  cudaEvent_t ready = op.event;
-  cuda_check(cudaEventRecord(ready, after), "cudaEventRecord(producer stream)");
-  cuda_check(cudaStreamWaitEvent(stream, ready, 0), "cudaStreamWaitEvent");
+  try {
+    // The transfer starts after what the producer queued so far (e.g. the packing copies).
+    cuda_check(cudaEventRecord(op.event, after), "cudaEventRecord(producer stream)");
+    cuda_check(cudaStreamWaitEvent(stream, op.event, 0), "cudaStreamWaitEvent");
+  } catch (...) {
+    free_events_.push_back(op.event);  // not recorded on a channel stream: reusable
+    throw;
+  }
   const int64_t ticket = next_ticket_++;
   ops_.emplace(ticket, op);
   return ticket;
 }
 
+void NcclComm::discard_ticket(int64_t ticket) {
+  auto it = ops_.find(ticket);
+  if (it == ops_.end()) return;
+  free_events_.push_back(it->second.event);
+  ops_.erase(it);
+}
+
+// The operation is enqueued on `stream`: an event that cannot mark its end leaves it untracked
+// (wait() would see it neither complete nor fail), so the communicator is aborted.
 void NcclComm::issue(cudaStream_t stream, int64_t ticket) {
   Op& op = ops_.at(ticket);
-  cuda_check(cudaEventRecord(op.event, stream), "cudaEventRecord(channel stream)");
+  const cudaError_t err = cudaEventRecord(op.event, stream);
+  if (err != cudaSuccess) fail(std::string("cudaEventRecord(channel stream): ") + cudaGetErrorString(err), false);
   op.issued = true;
 }
 
@@ -222,10 +263,14 @@ int64_t NcclComm::recv(void* data, int64_t bytes, int peer, cudaStream_t after) 
       throw std::runtime_error("pipeline NCCL channel to itself: recv of " + std::to_string(bytes) +
                                " bytes does not match the queued send of " + std::to_string(s.bytes));
     }
-    self_sends_.pop_front();
     const int64_t ticket = new_ticket(recv_stream_, after);
     // The send side must also wait for the recv buffer's producer: both ride on one group.
-    cuda_check(cudaStreamWaitEvent(send_stream_, ops_.at(ticket).event, 0), "cudaStreamWaitEvent");
+    const cudaError_t waited = cudaStreamWaitEvent(send_stream_, ops_.at(ticket).event, 0);
+    if (waited != cudaSuccess) {
+      discard_ticket(ticket);  // the send stays queued for a later recv
+      cuda_check(waited, "cudaStreamWaitEvent");
+    }
+    self_sends_.pop_front();
     // Inside the group the calls only queue (their errors are checked once it ended): the group
     // is closed before any error handling could abort the communicator, and on every path.
     ncclResult_t sent = ncclSuccess, received = ncclSuccess, ended = ncclSuccess;
@@ -268,6 +313,8 @@ bool NcclComm::poll(int64_t ticket, bool release) {
       return true;
     }
     if (err != cudaErrorNotReady) fail(std::string("cudaEventQuery: ") + cudaGetErrorString(err), false);
+    // Not an error: cleared, or the next kernel launch check on this thread would report it.
+    if (cudaPeekAtLastError() == cudaErrorNotReady) cudaGetLastError();
   }
   ncclResult_t state = ncclSuccess;
   ncclCommGetAsyncError(comm_, &state);

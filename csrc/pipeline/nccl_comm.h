@@ -3,8 +3,10 @@
 // communicator's asynchronous error so that a dead or stuck peer gives an error within the timeout
 // (the communicator is then aborted), never a hang. Framework-free: raw device pointers and CUDA
 // streams, no torch; the extension binds it in pipeline/bindings.cpp, bench_pipeline uses it as is.
-// Every call leaves the caller's current CUDA device as it found it, and may come from any thread:
-// wait() runs without the Python GIL, so abort(), done() or the destructor can meet it.
+// Every call leaves the caller's current CUDA device as it found it, and may come from any thread
+// (the binding releases the Python GIL around each), so abort(), done() or the destructor can meet
+// a wait(). Nothing here waits without a bound: settle() and wait() stop at their timeout, and the
+// destructor waits for nothing (CUDA frees a destroyed stream or event once its work is done).
 #pragma once
 
 #include <cuda_runtime_api.h>
@@ -36,7 +38,10 @@ class NcclComm {
   // config, so the initialisation too fails after `timeout_s` instead of hanging. A one-rank
   // communicator (nranks == 1) sends to itself: each send is issued together with the next recv.
   NcclComm(const std::string& unique_id, int rank, int nranks, int device, double timeout_s);
-  ~NcclComm();  // aborts the communicator: frees it without waiting on a peer that may be gone
+  // Aborts the communicator (frees it without waiting on a peer that may be gone) and destroys the
+  // streams and events without waiting for their work: memory that a transfer may still touch must
+  // be kept until the event of shutdown() completed.
+  ~NcclComm();
   NcclComm(const NcclComm&) = delete;
   NcclComm& operator=(const NcclComm&) = delete;
 
@@ -51,12 +56,15 @@ class NcclComm {
   // Blocks until the ticket's operation completed, then releases the ticket; after timeout_s throws
   // NcclTimeout, on an NCCL error std::runtime_error, aborting the communicator in both cases.
   void wait(int64_t ticket, double timeout_s);
+  // Aborts the communicator (idempotent); throws if ncclCommAbort itself failed.
   void abort();
+  // Aborts, then returns an event (the caller's to destroy) that completes once all the work queued
+  // on the channel's streams did: until then a buffer of an operation that was never waited for
+  // (a receive posted ahead, a send of a channel dropped mid-flight) may still be read or written.
+  // Null when no event could be recorded: such buffers must then never be freed.
+  cudaEvent_t shutdown();
   bool aborted() const { return aborted_.load(); }
   int device() const { return device_; }
-  // The streams the transfers run on (the binding records its buffers' use on them).
-  cudaStream_t send_stream() const { return send_stream_; }
-  cudaStream_t recv_stream() const { return recv_stream_; }
 
  private:
   struct Op {
@@ -73,10 +81,11 @@ class NcclComm {
   bool poll(int64_t ticket, bool release);
   void release_resources();
   int64_t new_ticket(cudaStream_t stream, cudaStream_t after);
+  void discard_ticket(int64_t ticket);  // a ticket whose operation was never enqueued
   void issue(cudaStream_t stream, int64_t ticket);
   void settle(ncclResult_t result, const char* what);  // waits out ncclInProgress, throws on errors
   [[noreturn]] void fail(const std::string& message, bool timeout);
-  void abort_locked();
+  ncclResult_t abort_locked();  // ncclCommAbort's result (ncclSuccess when there was nothing to abort)
   void check_open() const;
 
   // Guards the communicator, the streams, the operations, their events and the self-sends: a

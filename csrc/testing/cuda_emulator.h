@@ -9,8 +9,11 @@
 // (same call site, same mask), no exited thread awaited. Shared memory is poisoned at every block
 // start, a guard page follows the dynamic part, and a launch asking for more than 48 KiB (static +
 // dynamic) fails unless cudaFuncAttributeMaxDynamicSharedMemorySize allows it, as on a GPU (whose
-// opt-in limit is options().smem_optin). cudaFuncSetAttribute, cudaFuncGetAttributes, cudaGetLastError
-// and cudaDeviceGetAttribute behave as the runtime's, so the launchers' logic runs as written.
+// opt-in limit is the device's, add_device). cudaFuncSetAttribute, cudaFuncGetAttributes,
+// cudaGetLastError and cudaDeviceGetAttribute behave as the runtime's, so the launchers' logic runs as
+// written. Several devices (cudaSetDevice; the kernels' attributes are per device), streams and events
+// (kernels run at their launch; work that only completes later, such as the fake NCCL's transfers, is
+// an item queued with enqueue_pending), mapped pinned host memory.
 //
 // A kernel that deadlocks, diverges at a barrier or a collective, reads a lane outside the mask,
 // makes a misaligned vector load, overflows shared memory or a fiber stack, or touches a guard
@@ -25,6 +28,7 @@
 #include <math.h>  // ::exp2f, ::isfinite, INFINITY ... as device code calls them
 #include <signal.h>
 #include <sys/mman.h>
+#include <sys/time.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -70,9 +74,20 @@ enum cudaError_t {
   cudaErrorMemoryAllocation = 2,
   cudaErrorInvalidConfiguration = 9,
   cudaErrorInvalidDeviceFunction = 98,
+  cudaErrorInvalidDevice = 101,
+  cudaErrorInvalidResourceHandle = 400,
   cudaErrorNotReady = 600,
+  cudaErrorLaunchFailure = 719,
 };
 using cudaStream_t = struct CUstream_st*;
+using cudaEvent_t = struct CUevent_st*;
+#define cudaStreamDefault 0x00
+#define cudaStreamNonBlocking 0x01
+#define cudaEventDefault 0x00
+#define cudaEventDisableTiming 0x02
+#define cudaHostAllocDefault 0x00
+#define cudaHostAllocPortable 0x01
+#define cudaHostAllocMapped 0x02
 enum cudaFuncAttribute {
   cudaFuncAttributeMaxDynamicSharedMemorySize = 8,
   cudaFuncAttributePreferredSharedMemoryCarveout = 9,
@@ -81,6 +96,8 @@ enum cudaDeviceAttr {
   cudaDevAttrMaxThreadsPerBlock = 1,
   cudaDevAttrMaxSharedMemoryPerBlock = 8,
   cudaDevAttrMultiProcessorCount = 16,
+  cudaDevAttrComputeCapabilityMajor = 75,
+  cudaDevAttrComputeCapabilityMinor = 76,
   cudaDevAttrMaxSharedMemoryPerBlockOptin = 97,
 };
 struct cudaFuncAttributes {
@@ -193,10 +210,18 @@ struct Options {
   Order order = Order::kForward;
   uint64_t seed = 1;
   unsigned char poison = 0xFF;  // shared memory's bytes at block start (0xFF: NaN floats, -1 ints)
-  int smem_optin = 232448;  // cudaDevAttrMaxSharedMemoryPerBlockOptin: an H100 / H200's 227 KiB
   // Which blocks run (linear index, x fastest); all when empty. For huge grids: some first and last.
   std::function<bool(uint64_t block, uint64_t blocks)> run_block;
   std::string context;  // printed with every fault: what the test was doing
+  // Called at the start of every launch, before its configuration is checked: a test can make
+  // another host thread's launch happen "in between" (the launchers' shared-memory race).
+  std::function<void()> before_launch;
+  // Called by the stream and event functions with their name: an error other than cudaSuccess is
+  // returned instead of doing the call (fault injection for the pipeline's tests).
+  std::function<cudaError_t(const char* api)> fail_call;
+  // A launch that takes more CPU seconds than this is reported as a fault (an endless loop: a walk
+  // up a tree with a cycle, say) instead of hanging the test.
+  double launch_cpu_limit_s = 120.0;
 };
 
 inline Options& options() {
@@ -207,6 +232,11 @@ inline Options& options() {
 // Counts, for the tests' summary.
 struct Stats {
   uint64_t launches = 0, blocks = 0, threads = 0, rendezvous = 0;
+  // The last launch's stream and current device (the op layer must launch on the current stream
+  // of the tensors' device).
+  cudaStream_t last_stream = nullptr;
+  int last_device = -1;
+  uint64_t streams_created = 0, streams_destroyed = 0, events_created = 0, events_destroyed = 0;
 };
 inline Stats& stats() {
   static Stats s;
@@ -299,7 +329,7 @@ struct Site {
   }
 };
 
-enum class Kind { kShfl, kShflXor, kShflUp, kBallot, kSyncwarp };
+enum class Kind { kShfl, kShflXor, kShflUp, kBallot, kSyncwarp, kMmaBf16, kMmaF16 };
 inline const char* kind_name(Kind k) {
   switch (k) {
     case Kind::kShfl:
@@ -312,9 +342,24 @@ inline const char* kind_name(Kind k) {
       return "__ballot_sync";
     case Kind::kSyncwarp:
       return "__syncwarp";
+    case Kind::kMmaBf16:
+      return "mma.sync.m16n8k16 (bf16)";
+    case Kind::kMmaF16:
+      return "mma.sync.m16n8k16 (f16)";
   }
   return "?";
 }
+
+// A copy that cp.async has issued and not yet made (see cp_async).
+struct AsyncCopy {
+  char* dst;
+  const char* src;
+  int bytes;  // copied; the rest of the 16 are zeros
+  void run() const {
+    std::memcpy(dst, src, bytes);
+    std::memset(dst + bytes, 0, 16 - bytes);
+  }
+};
 
 enum class State { kReady, kBarrier, kWarp, kExited };
 
@@ -324,6 +369,9 @@ struct Thread {
   int linear = 0, lane = 0, warp = 0;
   State state = State::kReady;
   uint64_t result = 0;  // of the collective it waited for
+  float mma_out[4] = {};  // of the mma it waited for
+  std::vector<AsyncCopy> open_copies;  // cp.async since the last commit
+  std::vector<std::vector<AsyncCopy>> copy_groups;  // committed, oldest first
 };
 
 // The collective a warp's lanes are gathering at (one at a time per warp).
@@ -337,6 +385,7 @@ struct WarpOp {
   int width = 32;
   uint64_t value[32] = {};
   int arg[32] = {};
+  uint32_t mma_in[32][10] = {};  // each lane's A (4), B (2) and C (4, float bits) registers
 };
 
 struct KernelInfo {
@@ -344,7 +393,7 @@ struct KernelInfo {
   bool static_known = false;  // a block ran to its end: every static declaration was seen
   size_t static_bytes = 0;
   std::map<const void*, size_t> static_offsets;  // declaration -> offset in the block's arena
-  int max_dynamic = -1;  // cudaFuncAttributeMaxDynamicSharedMemorySize, -1 while not set
+  std::map<int, int> max_dynamic;  // per device: cudaFuncAttributeMaxDynamicSharedMemorySize, once set
   bool attribute_before_known = false;  // set while static_bytes was not known yet
 };
 
@@ -369,29 +418,39 @@ class Emulator {
 
   KernelInfo& kernel(const void* key) { return kernels_[key]; }
 
-  // Largest dynamic shared memory a launch of k may ask for.
+  // Largest dynamic shared memory a launch of k may ask for on the current device.
   size_t dynamic_limit(const KernelInfo& k) const {
-    if (k.max_dynamic >= 0) return static_cast<size_t>(k.max_dynamic);
+    auto it = k.max_dynamic.find(device_);
+    if (it != k.max_dynamic.end()) return static_cast<size_t>(it->second);
     return k.static_bytes >= kDefaultSmem ? 0 : kDefaultSmem - k.static_bytes;
   }
 
   cudaError_t set_max_dynamic(const void* key, int value) {
     KernelInfo& k = kernel(key);
-    if (value < 0 || static_cast<size_t>(value) + k.static_bytes > static_cast<size_t>(options().smem_optin)) {
-      return set_error(cudaErrorInvalidValue);
-    }
-    k.max_dynamic = value;
+    if (value < 0 || static_cast<size_t>(value) + k.static_bytes > optin()) return set_error(cudaErrorInvalidValue);
+    k.max_dynamic[device_] = value;
     if (!k.static_known) k.attribute_before_known = true;
     return cudaSuccess;
   }
 
-  // Another device: the kernels' attributes are per device, so none is set there yet.
-  void reset_attributes() {
-    for (auto& [key, k] : kernels_) {
-      k.max_dynamic = -1;
-      k.attribute_before_known = false;
-    }
+  bool stream_usable(cudaStream_t s) const;
+
+  // ---- devices ----
+  int device() const { return device_; }
+  int device_count() const { return static_cast<int>(optin_.size()); }
+  size_t optin() const { return static_cast<size_t>(optin_[device_]); }
+  int optin_of(int device) const { return optin_[device]; }
+  cudaError_t set_device(int d) {
+    if (d < 0 || d >= device_count()) return set_error(cudaErrorInvalidDevice);
+    device_ = d;
+    return cudaSuccess;
   }
+  int add_device(int smem_optin, int cc_major) {
+    optin_.push_back(smem_optin);
+    cc_major_.push_back(cc_major);
+    return device_count() - 1;
+  }
+  int cc_major_of(int device) const { return cc_major_[device]; }
 
   void get_attributes(const void* key, cudaFuncAttributes* a) {
     KernelInfo& k = kernel(key);
@@ -401,14 +460,23 @@ class Emulator {
     a->maxDynamicSharedSizeBytes = static_cast<int>(dynamic_limit(k));
   }
 
-  void launch(const void* key, const char* name, dim3 grid, dim3 block, size_t smem, std::function<void()> body);
+  void launch(const void* key, const char* name, dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
+              std::function<void()> body);
 
   // ---- inside a kernel ----
   template <class T>
   T& static_shared(const void* decl);
   char* dynamic_base() const { return dyn_base_; }
-  uint64_t collective(Kind kind, unsigned mask, uint64_t value, int arg, int width, const Site& site);
-  void barrier(const Site& site);
+  uint64_t collective(Kind kind, unsigned mask, uint64_t value, int arg, int width, const Site& site,
+                      const uint32_t* mma_in = nullptr);
+  // mma.sync.aligned.m16n8k16.row.col.f32.{bf16,f16}: a full-warp collective (d = a * b + c).
+  void mma(Kind kind, const uint32_t* a, const uint32_t* b, const float* c, float* d, const Site& site);
+  // cp.async.cg.shared.global of 16 bytes (src_bytes of them read, the rest zeros), its groups.
+  void cp_async(void* dst, const void* src, int src_bytes);
+  void cp_async_commit();
+  void cp_async_wait(int pending);
+  // __syncthreads (kind 0), or __syncthreads_or / _and / _count (1, 2, 3) of each thread's predicate.
+  int barrier(const Site& site, int kind = 0, int predicate = 0);
   [[noreturn]] void thread_main();
 
   // ---- faults ----
@@ -451,6 +519,9 @@ class Emulator {
 
   cudaError_t last_error_ = cudaSuccess;
   std::map<const void*, KernelInfo> kernels_;
+  std::vector<int> optin_{232448};  // per device: cudaDevAttrMaxSharedMemoryPerBlockOptin (H100 / H200: 227 KiB)
+  std::vector<int> cc_major_{9};  // per device: the compute capability's major (sm_90)
+  int device_ = 0;
 
   // The launch being run.
   KernelInfo* kinfo_ = nullptr;
@@ -465,7 +536,7 @@ class Emulator {
   std::vector<WarpOp> warps_;
   bool barrier_active_ = false;
   Site barrier_site_;
-  int barrier_arrived_ = 0, live_ = 0, exited_ = 0;
+  int barrier_arrived_ = 0, barrier_count_ = 0, live_ = 0, exited_ = 0;
   Thread* cur_ = nullptr;
   std::vector<int> ready_;  // kEager: the ready threads, the next on top
   Context sched_;
@@ -555,6 +626,23 @@ inline void Emulator::install_signal_handlers() {
   sigaction(SIGSEGV, &sa, nullptr);
   sigaction(SIGBUS, &sa, nullptr);
   sigaction(SIGFPE, &sa, nullptr);
+  struct sigaction slow{};
+  slow.sa_flags = SA_ONSTACK;
+  slow.sa_handler = [](int) {
+    std::fprintf(stderr, "cuemu: FAULT: the launch ran past %.0f s of CPU (an endless loop?)\n  at %s\n",
+                 options().launch_cpu_limit_s, emu().in_kernel() ? emu().where().c_str() : "host code");
+    std::fflush(stderr);
+    _exit(3);
+  };
+  sigaction(SIGPROF, &slow, nullptr);
+}
+
+// Arms (seconds > 0) or disarms the CPU-time limit of a launch.
+inline void set_cpu_alarm(double seconds) {
+  itimerval t{};
+  t.it_value.tv_sec = static_cast<time_t>(seconds);
+  t.it_value.tv_usec = static_cast<suseconds_t>((seconds - static_cast<double>(t.it_value.tv_sec)) * 1e6);
+  setitimer(ITIMER_PROF, &t, nullptr);
 }
 
 inline void Emulator::prepare_dynamic(size_t smem) {
@@ -583,10 +671,19 @@ inline void Emulator::prepare_stacks(int n) {
   for (int i = 0; i < n; ++i) mprotect(stacks_ + per * i, page_size(), PROT_NONE);
 }
 
-inline void Emulator::launch(const void* key, const char* name, dim3 grid, dim3 block, size_t smem,
+inline void Emulator::launch(const void* key, const char* name, dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
                              std::function<void()> body) {
+  if (options().before_launch) {
+    const std::function<void()> hook = std::move(options().before_launch);  // once, and not in its own launches
+    options().before_launch = nullptr;
+    hook();
+  }
   KernelInfo& k = kernel(key);
   if (k.name.empty()) k.name = name;
+  if (!stream_usable(stream)) {  // destroyed, or created on another device than the current one
+    set_error(cudaErrorInvalidResourceHandle);
+    return;
+  }
   const uint64_t nthreads = uint64_t{block.x} * block.y * block.z;
   if (nthreads == 0 || nthreads > kMaxThreads || block.x > 1024 || block.y > 1024 || block.z > 64 || grid.x == 0 ||
       grid.y == 0 || grid.z == 0 || grid.x > 0x7FFFFFFFu || grid.y > 65535 || grid.z > 65535) {
@@ -594,11 +691,13 @@ inline void Emulator::launch(const void* key, const char* name, dim3 grid, dim3 
     return;
   }
   // A kernel whose static size is not known yet is checked as its declarations run (static_shared).
-  if (smem > dynamic_limit(k) || k.static_bytes + smem > static_cast<size_t>(options().smem_optin)) {
+  if (smem > dynamic_limit(k) || k.static_bytes + smem > optin()) {
     set_error(cudaErrorInvalidValue);
     return;
   }
   ++stats().launches;
+  stats().last_stream = stream;
+  stats().last_device = device_;
   kinfo_ = &k;
   kname_ = k.name.c_str();
   body_ = std::move(body);
@@ -610,10 +709,12 @@ inline void Emulator::launch(const void* key, const char* name, dim3 grid, dim3 
   prepare_dynamic(smem);
   prepare_stacks(static_cast<int>(nthreads));
   const uint64_t blocks = uint64_t{grid.x} * grid.y * grid.z;
+  set_cpu_alarm(options().launch_cpu_limit_s);
   for (uint64_t b = 0; b < blocks && !launch_failed_; ++b) {
     if (options().run_block && !options().run_block(b, blocks)) continue;
     run_block(b);
   }
+  set_cpu_alarm(0);
   if (launch_failed_) set_error(cudaErrorInvalidValue);
   kinfo_ = nullptr;
   body_ = nullptr;
@@ -747,8 +848,10 @@ T& Emulator::static_shared(const void* decl) {
     k.static_bytes = offset + sizeof(T);
     if (k.static_bytes > kStaticArena) fault("more than 48 KiB of static shared memory: the kernel would not compile");
     it = k.static_offsets.emplace(decl, offset).first;
-    const size_t optin = static_cast<size_t>(options().smem_optin);
-    if (k.attribute_before_known && k.max_dynamic >= 0 && static_cast<size_t>(k.max_dynamic) + k.static_bytes > optin) {
+    const size_t optin = this->optin();
+    auto set = k.max_dynamic.find(device_);
+    if (k.attribute_before_known && set != k.max_dynamic.end() &&
+        static_cast<size_t>(set->second) + k.static_bytes > optin) {
       fault(
           "cudaFuncSetAttribute(MaxDynamicSharedMemorySize) was accepted before the kernel's static shared memory "
           "was known, and it is too large for it: launch the kernel once with a small case first");
@@ -800,7 +903,8 @@ inline std::string Emulator::describe_waits() const {
   return s;
 }
 
-inline uint64_t Emulator::collective(Kind kind, unsigned mask, uint64_t value, int arg, int width, const Site& site) {
+inline uint64_t Emulator::collective(Kind kind, unsigned mask, uint64_t value, int arg, int width, const Site& site,
+                                     const uint32_t* mma_in) {
   if (cur_ == nullptr) fault(std::string(kind_name(kind)) + " outside a kernel");
   ++stats().rendezvous;
   Thread& t = *cur_;
@@ -833,6 +937,7 @@ inline uint64_t Emulator::collective(Kind kind, unsigned mask, uint64_t value, i
   }
   op.value[t.lane] = value;
   op.arg[t.lane] = arg;
+  if (mma_in != nullptr) std::memcpy(op.mma_in[t.lane], mma_in, sizeof(op.mma_in[0]));
   op.arrived |= bit;
   if (op.arrived != op.mask) {
     to_scheduler(State::kWarp);
@@ -843,8 +948,55 @@ inline uint64_t Emulator::collective(Kind kind, unsigned mask, uint64_t value, i
   return t.result;
 }
 
+// The arithmetic of the emulated mma.sync (the "CPU twin" of a tensor core): A 16x16 and B 16x8 as
+// the fragments lay them out (PTX ISA, "Matrix Fragments for mma.m16n8k16 with floating point
+// type"; groupID = lane / 4, t = lane % 4), each product exact in float32 (8- or 11-bit
+// significands), summed into C in float32 in the order k = 0..15. A GPU's tensor cores sum in an
+// order and with a rounding of their own, which this does not claim to reproduce.
+inline void mma_m16n8k16(Kind kind, const uint32_t (*in)[10], float (*out)[4]) {
+  const auto element = [kind](uint32_t reg, int half) {
+    const uint16_t bits = static_cast<uint16_t>(half ? reg >> 16 : reg & 0xFFFFu);
+    if (kind == Kind::kMmaBf16) return __uint_as_float(static_cast<uint32_t>(bits) << 16);
+    _Float16 h;
+    std::memcpy(&h, &bits, 2);
+    return static_cast<float>(h);
+  };
+  float a[16][16], b[16][8], c[16][8];
+  for (int lane = 0; lane < 32; ++lane) {
+    const int g = lane >> 2, t = lane & 3;
+    for (int i = 0; i < 8; ++i) {  // a_i: row g (+8 for i in {2,3,6,7}), col 2t + (i & 1) (+8 for i >= 4)
+      const int row = g + ((i & 2) ? 8 : 0), col = 2 * t + (i & 1) + (i >= 4 ? 8 : 0);
+      a[row][col] = element(in[lane][i / 2], i & 1);
+    }
+    for (int i = 0; i < 4; ++i) {  // b_i: row 2t + (i & 1) (+8 for i >= 2), col g
+      b[2 * t + (i & 1) + (i >= 2 ? 8 : 0)][g] = element(in[lane][4 + i / 2], i & 1);
+    }
+    for (int i = 0; i < 4; ++i) c[g + (i >= 2 ? 8 : 0)][2 * t + (i & 1)] = __uint_as_float(in[lane][6 + i]);
+  }
+  for (int lane = 0; lane < 32; ++lane) {
+    const int g = lane >> 2, t = lane & 3;
+    for (int i = 0; i < 4; ++i) {
+      const int row = g + (i >= 2 ? 8 : 0), col = 2 * t + (i & 1);
+      float acc = c[row][col];
+      for (int k = 0; k < 16; ++k) acc += a[row][k] * b[k][col];
+      out[lane][i] = acc;
+    }
+  }
+}
+
 inline void Emulator::complete(WarpOp& op) {
   const int base = 32 * cur_->warp;
+  if (op.kind == Kind::kMmaBf16 || op.kind == Kind::kMmaF16) {
+    float out[32][4];
+    mma_m16n8k16(op.kind, op.mma_in, out);
+    for (int l = 31; l >= 0; --l) {
+      Thread& t = threads_[base + l];
+      std::memcpy(t.mma_out, out[l], sizeof(t.mma_out));
+      if (t.state == State::kWarp) make_ready(t);
+    }
+    op.active = false;
+    return;
+  }
   unsigned ballot = 0;
   if (op.kind == Kind::kBallot) {
     for (int l = 0; l < 32; ++l) {
@@ -868,6 +1020,8 @@ inline void Emulator::complete(WarpOp& op) {
         break;
       case Kind::kBallot:
       case Kind::kSyncwarp:
+      case Kind::kMmaBf16:
+      case Kind::kMmaF16:
         break;
     }
     if (src < 0 || src > 31 || !(op.mask >> src & 1u)) {
@@ -881,7 +1035,50 @@ inline void Emulator::complete(WarpOp& op) {
   op.active = false;
 }
 
-inline void Emulator::barrier(const Site& site) {
+inline void Emulator::mma(Kind kind, const uint32_t* a, const uint32_t* b, const float* c, float* d, const Site& site) {
+  if (cur_ == nullptr) fault(std::string(kind_name(kind)) + " outside a kernel");
+  if (warps_[cur_->warp].lanes != 0xFFFFFFFFu) fault(std::string(kind_name(kind)) + " in a partial warp");
+  uint32_t in[10];
+  std::memcpy(in, a, 16);
+  std::memcpy(in + 4, b, 8);
+  std::memcpy(in + 6, c, 16);
+  collective(kind, 0xFFFFFFFFu, 0, 0, 32, site, in);  // .aligned: every lane, the same instruction
+  std::memcpy(d, cur_->mma_out, 16);
+}
+
+// The copy is made at the issuing thread's cp.async.wait_group under the forward and random orders
+// (a reader that does not wait, or does not wait for the other threads' copies behind a barrier,
+// sees the old bytes) and at once under reverse and eager (a copy issued into a buffer that other
+// threads still read overwrites it early), as a GPU may do either.
+inline void Emulator::cp_async(void* dst, const void* src, int src_bytes) {
+  if (cur_ == nullptr) fault("cp.async outside a kernel");
+  if ((reinterpret_cast<uintptr_t>(dst) | reinterpret_cast<uintptr_t>(src)) & 15) {
+    fault("cp.async of 16 bytes with a misaligned address (shared " + std::to_string(reinterpret_cast<uintptr_t>(dst)) +
+          ", global " + std::to_string(reinterpret_cast<uintptr_t>(src)) + ")");
+  }
+  if (src_bytes < 0 || src_bytes > 16) fault("cp.async: src-size " + std::to_string(src_bytes) + " not in [0, 16]");
+  const AsyncCopy c{static_cast<char*>(dst), static_cast<const char*>(src), src_bytes};
+  if (options().order == Order::kReverse || options().order == Order::kEager) {
+    c.run();
+  } else {
+    cur_->open_copies.push_back(c);
+  }
+}
+inline void Emulator::cp_async_commit() {
+  if (cur_ == nullptr) fault("cp.async.commit_group outside a kernel");
+  cur_->copy_groups.push_back(std::move(cur_->open_copies));
+  cur_->open_copies.clear();
+}
+inline void Emulator::cp_async_wait(int pending) {
+  if (cur_ == nullptr) fault("cp.async.wait_group outside a kernel");
+  auto& groups = cur_->copy_groups;
+  while (static_cast<int>(groups.size()) > pending) {
+    for (const AsyncCopy& c : groups.front()) c.run();
+    groups.erase(groups.begin());
+  }
+}
+
+inline int Emulator::barrier(const Site& site, int kind, int predicate) {
   if (cur_ == nullptr) fault("__syncthreads outside a kernel");
   ++stats().rendezvous;
   if (exited_ > 0) {
@@ -892,19 +1089,25 @@ inline void Emulator::barrier(const Site& site) {
     barrier_active_ = true;
     barrier_site_ = site;
     barrier_arrived_ = 0;
+    barrier_count_ = 0;
   } else if (!(barrier_site_ == site)) {
     fault("divergent __syncthreads: this thread is at " + site.str() + " while " + std::to_string(barrier_arrived_) +
           " threads wait at " + barrier_site_.str());
   }
+  barrier_count_ += predicate != 0;
   if (++barrier_arrived_ < static_cast<int>(threads_.size())) {
     to_scheduler(State::kBarrier);
-    return;
+    return static_cast<int>(cur_->result);
   }
   barrier_active_ = false;
+  const int n = static_cast<int>(threads_.size());
+  const int result = kind == 1 ? barrier_count_ > 0 : kind == 2 ? barrier_count_ == n : barrier_count_;
   for (auto t = threads_.rbegin(); t != threads_.rend(); ++t) {
+    t->result = static_cast<uint64_t>(result);  // each thread's own copy: the next barrier may start first
     if (t->state == State::kBarrier) make_ready(*t);
   }
   if (options().order != Order::kEager) to_scheduler(State::kReady);
+  return result;
 }
 
 template <class T>
@@ -941,22 +1144,21 @@ struct Launch {
   const char* name;
   dim3 grid, block;
   size_t smem;
-  Launch(void (*k)(P...), const char* n, dim3 g, dim3 b, size_t s, cudaStream_t)
-      : kernel(k), name(n), grid(g), block(b), smem(s) {}
+  cudaStream_t stream;
+  Launch(void (*k)(P...), const char* n, dim3 g, dim3 b, size_t s, cudaStream_t st)
+      : kernel(k), name(n), grid(g), block(b), smem(s), stream(st) {}
   template <class... A>
   void operator()(A&&... args) const {
     const std::tuple<P...> params(std::forward<A>(args)...);
-    detail::emu().launch(reinterpret_cast<const void*>(kernel), name, grid, block, smem,
+    detail::emu().launch(reinterpret_cast<const void*>(kernel), name, grid, block, smem, stream,
                          [&] { std::apply(kernel, params); });
   }
 };
 
-// Makes the emulated device one whose blocks may opt in to `bytes` of shared memory (an H100 or
-// H200: 232448; an A100: 166912; sm_86 / sm_89: 101376), with no kernel attribute set on it yet.
-inline void use_device_with_smem_optin(int bytes) {
-  options().smem_optin = bytes;
-  detail::emu().reset_attributes();
-}
+// A new emulated device whose blocks may opt in to `bytes` of shared memory (an H100 or H200:
+// 232448, device 0's; an A100: 166912; sm_86 / sm_89: 101376; sm_75: 65536), of compute capability
+// `cc_major`.x, no kernel attribute set on it yet; its index. cudaSetDevice makes it current.
+inline int add_device(int bytes, int cc_major = 9) { return detail::emu().add_device(bytes, cc_major); }
 
 // Blocks of a huge grid to run: the first `head` and the last `tail` (linear indices).
 inline std::function<bool(uint64_t, uint64_t)> first_and_last_blocks(uint64_t head, uint64_t tail) {
@@ -968,6 +1170,15 @@ inline std::function<bool(uint64_t, uint64_t)> first_and_last_blocks(uint64_t he
 // ---- device functions ----
 inline void __syncthreads(std::source_location loc = std::source_location::current()) {
   cuemu::detail::emu().barrier(cuemu::detail::Site(loc));
+}
+inline int __syncthreads_or(int predicate, std::source_location loc = std::source_location::current()) {
+  return cuemu::detail::emu().barrier(cuemu::detail::Site(loc), 1, predicate);
+}
+inline int __syncthreads_and(int predicate, std::source_location loc = std::source_location::current()) {
+  return cuemu::detail::emu().barrier(cuemu::detail::Site(loc), 2, predicate);
+}
+inline int __syncthreads_count(int predicate, std::source_location loc = std::source_location::current()) {
+  return cuemu::detail::emu().barrier(cuemu::detail::Site(loc), 3, predicate);
 }
 
 template <class T>
@@ -988,6 +1199,23 @@ T __shfl_up_sync(unsigned mask, T var, unsigned delta, int width = 32,
   using namespace cuemu::detail;
   return from_bits<T>(emu().collective(Kind::kShflUp, mask, to_bits(var), static_cast<int>(delta), width, Site(loc)));
 }
+// The tensor-core and asynchronous-copy instructions the kernels wrap (kernels/cuda_common.cuh).
+inline void cuemu_mma_bf16_m16n8k16(float* d, const uint32_t* a, const uint32_t* b, const float* c,
+                                    std::source_location loc = std::source_location::current()) {
+  using namespace cuemu::detail;
+  emu().mma(Kind::kMmaBf16, a, b, c, d, Site(loc));
+}
+inline void cuemu_mma_f16_m16n8k16(float* d, const uint32_t* a, const uint32_t* b, const float* c,
+                                   std::source_location loc = std::source_location::current()) {
+  using namespace cuemu::detail;
+  emu().mma(Kind::kMmaF16, a, b, c, d, Site(loc));
+}
+inline void cuemu_cp_async_16(void* dst, const void* src, int src_bytes) {
+  cuemu::detail::emu().cp_async(dst, src, src_bytes);
+}
+inline void cuemu_cp_async_commit() { cuemu::detail::emu().cp_async_commit(); }
+inline void cuemu_cp_async_wait(int pending) { cuemu::detail::emu().cp_async_wait(pending); }
+
 inline void __syncwarp(unsigned mask = 0xFFFFFFFFu, std::source_location loc = std::source_location::current()) {
   using namespace cuemu::detail;
   emu().collective(Kind::kSyncwarp, mask, 0, 0, 32, Site(loc));
@@ -1004,6 +1232,30 @@ T atomicAdd(T* address, T value) {
   const T old = *address;
   *address = old + value;
   return old;
+}
+template <class T>
+T atomicCAS(T* address, T compare, T value) {
+  const T old = *address;
+  if (old == compare) *address = value;
+  return old;
+}
+template <class T>
+T atomicMax(T* address, T value) {
+  const T old = *address;
+  if (old < value) *address = value;
+  return old;
+}
+inline void __threadfence() {}
+inline void __threadfence_system() {}
+inline long long __double_as_longlong(double v) {
+  long long b;
+  std::memcpy(&b, &v, 8);
+  return b;
+}
+inline double __longlong_as_double(long long b) {
+  double v;
+  std::memcpy(&v, &b, 8);
+  return v;
 }
 
 // A streaming load: checked for the alignment its type needs on a GPU.
@@ -1032,12 +1284,17 @@ cudaError_t cudaFuncGetAttributes(cudaFuncAttributes* attr, F* kernel) {
 inline cudaError_t cudaGetLastError() { return cuemu::detail::emu().get_last_error(); }
 inline cudaError_t cudaPeekAtLastError() { return cuemu::detail::emu().peek_last_error(); }
 inline cudaError_t cudaGetDevice(int* device) {
-  *device = 0;
+  *device = cuemu::detail::emu().device();
+  return cudaSuccess;
+}
+inline cudaError_t cudaSetDevice(int device) { return cuemu::detail::emu().set_device(device); }
+inline cudaError_t cudaGetDeviceCount(int* count) {
+  *count = cuemu::detail::emu().device_count();
   return cudaSuccess;
 }
 inline cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int device) {
   auto& e = cuemu::detail::emu();
-  if (device != 0) return e.set_error(cudaErrorInvalidValue);
+  if (device < 0 || device >= e.device_count()) return e.set_error(cudaErrorInvalidDevice);
   switch (attr) {
     case cudaDevAttrMaxThreadsPerBlock:
       *value = 1024;
@@ -1045,11 +1302,17 @@ inline cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int d
     case cudaDevAttrMaxSharedMemoryPerBlock:
       *value = static_cast<int>(cuemu::detail::kDefaultSmem);
       return cudaSuccess;
+    case cudaDevAttrComputeCapabilityMajor:  // device 0: an H100 / H200, sm_90
+      *value = e.cc_major_of(device);
+      return cudaSuccess;
+    case cudaDevAttrComputeCapabilityMinor:
+      *value = 0;
+      return cudaSuccess;
     case cudaDevAttrMultiProcessorCount:
       *value = 132;
       return cudaSuccess;
     case cudaDevAttrMaxSharedMemoryPerBlockOptin:
-      *value = cuemu::options().smem_optin;
+      *value = e.optin_of(device);
       return cudaSuccess;
   }
   return e.set_error(cudaErrorInvalidValue);
@@ -1068,6 +1331,12 @@ inline const char* cudaGetErrorString(cudaError_t e) {
       return "invalid device function";
     case cudaErrorNotReady:
       return "device not ready";
+    case cudaErrorInvalidDevice:
+      return "invalid device ordinal";
+    case cudaErrorInvalidResourceHandle:
+      return "invalid resource handle";
+    case cudaErrorLaunchFailure:
+      return "unspecified launch failure";
   }
   return "unknown error";
 }
@@ -1088,11 +1357,179 @@ inline cudaError_t cudaMalloc(void** ptr, size_t bytes) {
   *ptr = p;
   return cudaSuccess;
 }
+// Device memory is host memory: a memset runs at once (stream order is the order of the calls).
+inline cudaError_t cudaMemsetAsync(void* ptr, int value, size_t bytes, cudaStream_t = nullptr) {
+  std::memset(ptr, value, bytes);
+  return cudaSuccess;
+}
+inline cudaError_t cudaMemset(void* ptr, int value, size_t bytes) { return cudaMemsetAsync(ptr, value, bytes); }
 inline cudaError_t cudaFree(void* ptr) {
   using namespace cuemu::detail;
   if (ptr == nullptr) return cudaSuccess;
   Emulator::Guarded g;
   if (!emu().remove_guarded(static_cast<char*>(ptr), &g)) return emu().set_error(cudaErrorInvalidValue);
   munmap(g.map, g.map_size);
+  return cudaSuccess;
+}
+
+// ---- streams and events ----
+// Kernels run when they are launched; a stream's other work is items: a wait for an event
+// (cudaStreamWaitEvent) or work that completes when a test says (enqueue_pending: the fake NCCL's
+// transfers). An event is complete when every item on its stream before its record is; a stream
+// or event is never freed (a destroyed one answers "invalid resource handle").
+struct CUstream_st {
+  int device = 0;
+  bool destroyed = false;
+  struct Item {
+    bool done = false;
+    const CUstream_st* waits_on = nullptr;  // a cudaStreamWaitEvent: done when its prefix is
+    size_t waits_upto = 0;
+  };
+  std::vector<Item> items;
+  bool complete_upto(size_t upto) const {
+    for (size_t i = 0; i < upto && i < items.size(); ++i) {
+      const Item& it = items[i];
+      if (!it.done && !(it.waits_on != nullptr && it.waits_on->complete_upto(it.waits_upto))) return false;
+    }
+    return true;
+  }
+};
+struct CUevent_st {
+  const CUstream_st* stream = nullptr;  // of its last record; null: never recorded (complete)
+  size_t upto = 0;
+  bool destroyed = false;
+};
+
+namespace cuemu {
+namespace detail {
+
+// The legacy default stream (null) of each device.
+inline CUstream_st* default_stream(int device) {
+  static std::map<int, CUstream_st> streams;
+  CUstream_st& s = streams[device];
+  s.device = device;
+  return &s;
+}
+inline CUstream_st* resolve(cudaStream_t s) { return s != nullptr ? s : default_stream(emu().device()); }
+inline cudaError_t injected(const char* api) {
+  if (!options().fail_call) return cudaSuccess;
+  const cudaError_t e = options().fail_call(api);
+  return e == cudaSuccess ? e : emu().set_error(e);
+}
+
+}  // namespace detail
+
+// Work on `stream` that completes only when complete_pending(id) is called; its id.
+struct PendingId {
+  CUstream_st* stream;
+  size_t index;
+};
+inline PendingId enqueue_pending(cudaStream_t stream) {
+  CUstream_st* s = detail::resolve(stream);
+  s->items.push_back({});
+  return {s, s->items.size() - 1};
+}
+inline void complete_pending(PendingId id) { id.stream->items[id.index].done = true; }
+
+}  // namespace cuemu
+
+inline bool cuemu::detail::Emulator::stream_usable(cudaStream_t s) const {
+  return s == nullptr || (!s->destroyed && s->device == device_);
+}
+
+inline cudaError_t cudaStreamCreateWithFlags(cudaStream_t* stream, unsigned /*flags*/) {
+  if (const cudaError_t e = cuemu::detail::injected("cudaStreamCreateWithFlags")) return e;
+  *stream = new CUstream_st;
+  (*stream)->device = cuemu::detail::emu().device();
+  ++cuemu::stats().streams_created;
+  return cudaSuccess;
+}
+inline cudaError_t cudaStreamCreate(cudaStream_t* stream) { return cudaStreamCreateWithFlags(stream, 0); }
+inline cudaError_t cudaStreamDestroy(cudaStream_t stream) {
+  using namespace cuemu::detail;
+  if (stream == nullptr || stream->destroyed) return emu().set_error(cudaErrorInvalidResourceHandle);
+  if (const cudaError_t e = injected("cudaStreamDestroy")) return e;
+  stream->destroyed = true;  // its items still complete (CUDA finishes a destroyed stream's work)
+  ++cuemu::stats().streams_destroyed;
+  return cudaSuccess;
+}
+inline cudaError_t cudaStreamQuery(cudaStream_t stream) {
+  using namespace cuemu::detail;
+  if (stream != nullptr && stream->destroyed) return emu().set_error(cudaErrorInvalidResourceHandle);
+  const CUstream_st* s = resolve(stream);
+  // "Not ready" is also left in cudaGetLastError, as the runtime may (torch clears it after a query).
+  return s->complete_upto(s->items.size()) ? cudaSuccess : emu().set_error(cudaErrorNotReady);
+}
+// Nothing else runs while the host waits here: work that is not complete would never be.
+inline cudaError_t cudaStreamSynchronize(cudaStream_t stream) {
+  const cudaError_t e = cudaStreamQuery(stream);
+  if (e == cudaErrorNotReady)
+    cuemu::detail::fault("cudaStreamSynchronize would wait forever: the stream's work never completes");
+  return e;
+}
+inline cudaError_t cudaEventCreateWithFlags(cudaEvent_t* event, unsigned /*flags*/) {
+  if (const cudaError_t e = cuemu::detail::injected("cudaEventCreateWithFlags")) return e;
+  *event = new CUevent_st;
+  ++cuemu::stats().events_created;
+  return cudaSuccess;
+}
+inline cudaError_t cudaEventCreate(cudaEvent_t* event) { return cudaEventCreateWithFlags(event, 0); }
+inline cudaError_t cudaEventDestroy(cudaEvent_t event) {
+  using namespace cuemu::detail;
+  if (event == nullptr || event->destroyed) return emu().set_error(cudaErrorInvalidResourceHandle);
+  event->destroyed = true;
+  ++cuemu::stats().events_destroyed;
+  return cudaSuccess;
+}
+inline cudaError_t cudaEventRecord(cudaEvent_t event, cudaStream_t stream = nullptr) {
+  using namespace cuemu::detail;
+  if (event == nullptr || event->destroyed || !emu().stream_usable(stream)) {
+    return emu().set_error(cudaErrorInvalidResourceHandle);
+  }
+  if (const cudaError_t e = injected("cudaEventRecord")) return e;
+  const CUstream_st* s = resolve(stream);
+  event->stream = s;
+  event->upto = s->items.size();
+  return cudaSuccess;
+}
+inline cudaError_t cudaEventQuery(cudaEvent_t event) {
+  using namespace cuemu::detail;
+  if (event == nullptr || event->destroyed) return emu().set_error(cudaErrorInvalidResourceHandle);
+  return event->stream == nullptr || event->stream->complete_upto(event->upto) ? cudaSuccess
+                                                                               : emu().set_error(cudaErrorNotReady);
+}
+inline cudaError_t cudaEventSynchronize(cudaEvent_t event) {
+  const cudaError_t e = cudaEventQuery(event);
+  if (e == cudaErrorNotReady)
+    cuemu::detail::fault("cudaEventSynchronize would wait forever: the event never completes");
+  return e;
+}
+inline cudaError_t cudaStreamWaitEvent(cudaStream_t stream, cudaEvent_t event, unsigned /*flags*/ = 0) {
+  using namespace cuemu::detail;
+  if (event == nullptr || event->destroyed || !emu().stream_usable(stream)) {
+    return emu().set_error(cudaErrorInvalidResourceHandle);
+  }
+  if (const cudaError_t e = injected("cudaStreamWaitEvent")) return e;
+  CUstream_st::Item item;
+  item.waits_on = event->stream;
+  item.waits_upto = event->upto;
+  item.done = event->stream == nullptr;
+  resolve(stream)->items.push_back(item);
+  return cudaSuccess;
+}
+
+// ---- mapped pinned host memory: host memory, the same address on the device ----
+inline cudaError_t cudaHostAlloc(void** ptr, size_t bytes, unsigned /*flags*/) {
+  *ptr = std::aligned_alloc(64, cuemu::detail::round_up(std::max<size_t>(bytes, 1), 64));
+  if (*ptr == nullptr) return cuemu::detail::emu().set_error(cudaErrorMemoryAllocation);
+  std::memset(*ptr, 0xCD, bytes);  // not zeroed, as the runtime's
+  return cudaSuccess;
+}
+inline cudaError_t cudaHostGetDevicePointer(void** device_ptr, void* host_ptr, unsigned /*flags*/) {
+  *device_ptr = host_ptr;
+  return cudaSuccess;
+}
+inline cudaError_t cudaFreeHost(void* ptr) {
+  std::free(ptr);
   return cudaSuccess;
 }

@@ -6,7 +6,7 @@
 // (log-sum-exps, sums, attention outputs) the kernel is held to a bound derived below from float32
 // rounding, against a float64 reference, and the CPU twin to the same bound.
 //
-// Usage: cuda_emulator_test [FAMILY...]   families: topk draft_loss tree_attention verify launch
+// Usage: cuda_emulator_test [FAMILY...]   families: topk draft_loss tree_attention verify launch checks
 //                                          (default: all); $CUEMU_ORDERS: only these thread orders
 //        cuda_emulator_test selftest NAME  a kernel with a known bug: the emulator must report it
 // Exit status: 0 pass, 1 a mismatch, 2 bad usage, 3 a fault found by the emulator.
@@ -16,6 +16,8 @@
 #include <ctime>
 #include <cmath>
 #include <cstdarg>
+#include <cstring>
+#include <functional>
 #include <limits>
 #include <random>
 #include <set>
@@ -123,10 +125,25 @@ bool order_enabled(Order o) {
   return list.find(std::string(",") + cuemu::order_name(o) + ",") != std::string::npos;
 }
 
+// Whether the case named `name` runs: all, or those whose name holds one of the ';'-separated
+// parts of $CUEMU_CASES (the mutation script's quick runs take one small case each).
+bool case_selected(const std::string& name) {
+  const char* only = std::getenv("CUEMU_CASES");
+  if (only == nullptr || *only == '\0') return true;
+  const std::string list = only;
+  for (size_t begin = 0; begin <= list.size();) {
+    const size_t end = std::min(list.find(';', begin), list.size());
+    if (end > begin && name.find(list.substr(begin, end - begin)) != std::string::npos) return true;
+    begin = end + 1;
+  }
+  return false;
+}
+
 // Runs `launch` once per thread order (each with its own poison and a fresh output sentinel) and
 // `verify` after each; `name` says what the case is, for the faults and mismatches.
 template <class Prepare, class Launch, class Verify>
 void for_each_order(const std::string& name, Prepare prepare, Launch launch, Verify verify) {
+  if (!case_selected(name)) return;
   ++g_cases;
   for (size_t i = 0; i < std::size(kOrders); ++i) {
     if (!order_enabled(kOrders[i])) continue;
@@ -259,6 +276,11 @@ float topk_value(const TopkCase& c, int64_t r, int64_t i, std::mt19937& gen) {
 }
 
 void test_topk(const TopkCase& c) {
+  const std::string name =
+      format("topk %s rows=%lld V=%lld k=%d T=%g stride+%lld misalign=%lld split=%lld %s", dtype_name(c.dtype),
+             (long long)c.rows, (long long)c.vocab, c.k, c.temperature, (long long)c.stride_extra,
+             (long long)c.misalign, (long long)c.split, c.label.c_str());
+  if (!case_selected(name)) return;
   const size_t es = esize(c.dtype);
   const int64_t stride = c.vocab + c.stride_extra;
   Dev<char> logits((c.misalign + (c.rows - 1) * stride + c.vocab) * es);
@@ -305,10 +327,6 @@ void test_topk(const TopkCase& c) {
       torchspec::cpu::topk_lse_rows(params(cpu_v.data(), cpu_i.data(), cpu_l.data(), split, c.vocab, true), r, r + 1);
     }
   }
-  const std::string name =
-      format("topk %s rows=%lld V=%lld k=%d T=%g stride+%lld misalign=%lld split=%lld %s", dtype_name(c.dtype),
-             (long long)c.rows, (long long)c.vocab, k, c.temperature, (long long)c.stride_extra, (long long)c.misalign,
-             (long long)c.split, c.label.c_str());
   std::vector<float> row(c.vocab);
   std::vector<double> want_lse(c.rows), m_scaled(c.rows);
   for (int64_t r : rows) {
@@ -383,6 +401,15 @@ void topk_family() {
   // clang-format off
   test_topk({ScalarKind::kBFloat16, 8192, 152064, 1024, Fill::kNormal, 1.0f, 0, 0, 0, {0, 8190, 8191},
              "(8192 x 152064, first and last rows)"});
+  // clang-format on
+
+  // ---- issue 31: offsets past 2^31 elements ----
+  // 16384 rows of 152064 bf16: the last row starts 2.49e9 elements (4.98 GB) in, past any 32-bit
+  // offset. The buffer is reserved, not committed (cudaMalloc here maps with MAP_NORESERVE): only the
+  // two rows that run are written, 0.6 MB; k = 64 keeps the [rows, k] outputs at 12 MB.
+  // clang-format off
+  test_topk({ScalarKind::kBFloat16, 16384, 152064, 64, Fill::kNormal, 1.0f, 0, 0, 0, {0, 16383},
+             "(past 2^31 elements: 16384 x 152064, first and last rows)"});
   // clang-format on
 }
 
@@ -886,6 +913,8 @@ struct AttnCase {
   AttnSpecial special = AttnSpecial::kNone;
   std::set<int64_t> only_units;  // a huge case: these (b * Hkv + g) units only
   std::string label;
+  bool shared_kv = false;  // v is k's memory (a huge case: half the reservation)
+  int64_t splits = 0;  // tensor cores: key ranges per block of rows (0: the launcher's choice)
 };
 
 void test_tree_attention(const AttnCase& c) {
@@ -893,8 +922,15 @@ void test_tree_attention(const AttnCase& c) {
   int64_t S = 0;
   for (int64_t p : c.prefix) S = std::max(S, p + T);
   S += c.extra;
+  const std::string name =
+      format("tree_attention %s B=%lld Hq=%lld Hkv=%lld T=%lld D=%lld S=%lld%s %s", dtype_name(c.dtype), (long long)B,
+             (long long)Hq, (long long)Hkv, (long long)T, (long long)D, (long long)S,
+             c.splits > 0 ? format(" splits=%lld", (long long)c.splits).c_str() : "", c.label.c_str());
+  if (!case_selected(name)) return;
   const size_t es = esize(c.dtype);
-  Dev<char> q(B * Hq * T * D * es), k(B * Hkv * S * D * es), v(B * Hkv * S * D * es), out(B * Hq * T * D * es);
+  Dev<char> q(B * Hq * T * D * es), k(B * Hkv * S * D * es), v(c.shared_kv ? 1 : B * Hkv * S * D * es),
+      out(B * Hq * T * D * es);
+  char* const vp = c.shared_kv ? k.p : v.p;
   Dev<int64_t> lens(B), parents(B * T);
   std::vector<int64_t> units;
   for (int64_t u = 0; u < B * Hkv; ++u) {
@@ -942,7 +978,7 @@ void test_tree_attention(const AttnCase& c) {
         }
       }
       store(k.p, c.dtype, at, kx);
-      store(v.p, c.dtype, at, vx);
+      store(vp, c.dtype, at, vx);
     }
   }
   torchspec::TreeAttentionParams p;
@@ -956,10 +992,20 @@ void test_tree_attention(const AttnCase& c) {
   p.scale = 1.0f / std::sqrt(static_cast<float>(D));
   p.q = q.p;
   p.k = k.p;
-  p.v = v.p;
+  p.v = vp;
   p.prefix_lens = lens.p;
   p.parents = parents.p;
   p.out = out.p;
+  p.splits = c.splits;
+  // The launch plan (tensor cores for bf16 / f16 on the emulated sm_90) and the merge's workspace.
+  torchspec::TreeAttentionPlan plan;
+  if (torchspec::cuda::tree_attention_plan(p, &plan) != cudaSuccess) {
+    std::fprintf(stderr, "FAILED: %s: tree_attention_plan\n", name.c_str());
+    std::exit(1);
+  }
+  Dev<float> workspace(plan.workspace_bytes / 4);
+  p.splits = plan.splits;
+  p.workspace = workspace.p;
   std::vector<char> cpu_out(B * Hq * T * D * es);
   torchspec::TreeAttentionParams pc = p;
   pc.out = cpu_out.data();
@@ -967,6 +1013,7 @@ void test_tree_attention(const AttnCase& c) {
   // float64 reference on the same (rounded) inputs.
   std::vector<double> ref(B * Hq * T * D, 0.0);
   std::vector<double> vmax(B * Hq * T, 0.0);
+  std::vector<double> weighted_abs_v(B * Hq * T * D, 0.0);  // sum over keys of softmax weight * |v|
   for (int64_t u : units) {
     const int64_t b = u / Hkv, g = u % Hkv, prefix = c.prefix[b];
     for (int64_t h = g * G; h < (g + 1) * G; ++h) {
@@ -997,12 +1044,19 @@ void test_tree_attention(const AttnCase& c) {
           const double e = std::exp(sc[i] - mx);
           l += e;
           for (int64_t d = 0; d < D; ++d) {
-            const double vv = load(v.p, c.dtype, ((b * Hkv + g) * S + keys[i]) * D + d);
+            const double vv = load(vp, c.dtype, ((b * Hkv + g) * S + keys[i]) * D + d);
             o[d] += e * vv;
             vmax[(b * Hq + h) * T + j] = std::max(vmax[(b * Hq + h) * T + j], std::fabs(vv));
           }
         }
         for (int64_t d = 0; d < D; ++d) o[d] /= l;
+        double* wv = weighted_abs_v.data() + ((b * Hq + h) * T + j) * D;
+        for (size_t i = 0; i < keys.size(); ++i) {
+          const double w = std::exp(sc[i] - mx) / l;
+          for (int64_t d = 0; d < D; ++d) {
+            wv[d] += w * std::fabs(static_cast<double>(load(vp, c.dtype, ((b * Hkv + g) * S + keys[i]) * D + d)));
+          }
+        }
       }
     }
   }
@@ -1018,12 +1072,15 @@ void test_tree_attention(const AttnCase& c) {
       }
     }
   }
-  const std::string name =
-      format("tree_attention %s B=%lld Hq=%lld Hkv=%lld T=%lld D=%lld S=%lld %s", dtype_name(c.dtype), (long long)B,
-             (long long)Hq, (long long)Hkv, (long long)T, (long long)D, (long long)S, c.label.c_str());
   // The kernel's error is held to twice the CPU twin's (both float32 accumulations of the same
   // terms in other orders, the DESIGN's attention recipe), and above that floor to 2^-22 of |v|.
+  // On tensor cores P is rounded to the inputs' type before P V (as FlashAttention does), each
+  // weight by at most half an ulp relative (2^-8 for bfloat16, 2^-11 for float16): the output moves
+  // by at most that times sum_i p_i |v_i,d| / l, which each element's bound adds.
   const double tol = 2 * cpu_err + scale_max * std::ldexp(1.0, -22);
+  const double p_rounding = !plan.tensor_cores                 ? 0.0
+                            : c.dtype == ScalarKind::kBFloat16 ? std::ldexp(1.0, -8)
+                                                               : std::ldexp(1.0, -11);
   for_each_order(
       name,
       [&] {
@@ -1045,11 +1102,12 @@ void test_tree_attention(const AttnCase& c) {
                 continue;
               }
               err = std::max(err, std::fabs(got - want));
+              const double bound = tol + p_rounding * weighted_abs_v[r * D + d];
               check.expect(
-                  std::fabs(got - want) <= tol,
+                  std::fabs(got - want) <= bound,
                   "row %lld (b %lld, head %lld, node %lld) dim %lld: %.9g, float64 %.9g, CPU %.9g (bound %.3g)",
                   (long long)r, (long long)(r / (Hq * T)), (long long)(r / T % Hq), (long long)(r % T), (long long)d,
-                  got, want, cpu, tol);
+                  got, want, cpu, bound);
             }
           }
         }
@@ -1085,6 +1143,43 @@ void tree_attention_family() {
   // clang-format off
   test_tree_attention({bf16, 64, 32, 8, 64, 128, std::vector<int64_t>(64, 4096), 0, AttnSpecial::kNone, {0, 511},
                        "(the GPU shape, first and last units)"});
+  // clang-format on
+
+  // ---- issue 31 ----
+  // bfloat16 and float16 run on the tensor-core kernel (the emulated device is an sm_90): key
+  // ranges merged by a second kernel (forced, on small cases: some ranges are empty for the short
+  // rows), D not a multiple of 8 (no cp.async), T > 64 (two ancestor words per node), NaN rules.
+  // clang-format off
+  test_tree_attention({bf16, 3, 8, 2, 21, 64, {150, 77, 0}, 2, AttnSpecial::kNone, {}, "(key ranges)", false, 3});
+  test_tree_attention({f16, 2, 6, 3, 31, 128, {300, 37}, 11, AttnSpecial::kNone, {}, "(key ranges)", false, 4});
+  test_tree_attention({bf16, 2, 4, 2, 7, 33, {5, 19}, 3, AttnSpecial::kNone, {}, "(D = 33: no cp.async)", false, 2});
+  test_tree_attention({bf16, 1, 10, 2, 6, 250, {17}, 0, AttnSpecial::kNone, {}, "(D = 250, G = 5)"});
+  test_tree_attention({bf16, 2, 8, 2, 100, 64, {70, 33}, 2, AttnSpecial::kNone, {}, "(T = 100)", false, 2});
+  test_tree_attention({bf16, 2, 4, 2, 9, 64, {60, 123}, 0, AttnSpecial::kNone, {}, "(a tile ending just past the prefix)"});
+  test_tree_attention({f16, 2, 4, 2, 9, 24, {37, 1}, 0, AttnSpecial::kChain, {}, "(a chain)", false, 2});
+  test_tree_attention({bf16, 2, 4, 2, 5, 16, {7, 3}, 0, AttnSpecial::kAllNegInf, {}, "(every score -inf in even rows)", false, 2});
+  test_tree_attention({f16, 2, 4, 2, 6, 16, {9, 0}, 1, AttnSpecial::kInfScore, {}, "(a +inf score)", false, 2});
+  // The issue's shape: B 4, T 64, prefix 4096, Hq 9 / Hkv 3, D 64 bf16: 12 (row, kv head) units of
+  // 3 blocks of rows, each split over the prefix (8 ranges: 288 blocks for 132 multiprocessors),
+  // merged; the first and last units.
+  test_tree_attention({bf16, 4, 9, 3, 64, 64, std::vector<int64_t>(4, 4096), 0, AttnSpecial::kNone, {0, 11},
+                       "(the issue's shape, first and last units)"});
+  // clang-format on
+  // Hq 9 / Hkv 3, D 64 (the draft model's heads): G = 3, a tile of 21 nodes leaves a last one of one node.
+  test_tree_attention({bf16, 2, 9, 3, 64, 64, {300, 77}, 0, AttnSpecial::kNone, {}, "(Hq 9 / Hkv 3, D 64)"});
+  test_tree_attention({f32, 2, 9, 3, 22, 64, {41, 0}, 1, AttnSpecial::kNone, {}, "(Hq 9 / Hkv 3, T 22)"});
+  // Past 2^31 elements: B 64, Hkv 8, S 32896 (a 32k context), D 128: k and v of unit 511 start
+  // 2.15e9 elements in. Only that unit runs, over a prefix of 100; k and v share one reservation
+  // (4.3 GB of address space, not committed), of which its 8 MB are written.
+  // clang-format off
+  test_tree_attention({bf16, 64, 32, 8, 64, 128, std::vector<int64_t>(64, 100), 32896 - 164, AttnSpecial::kNone,
+                       {511}, "(past 2^31 elements: the last unit of a 32k context)", true});
+  // The same past 2^31 on an sm_75 (64 KiB of shared memory), where bf16 runs on the CUDA-core kernel:
+  // G = 1, D = 64, S 65728 (4.3 GB reserved).
+  cudaSetDevice(cuemu::add_device(65536, 7));
+  test_tree_attention({bf16, 64, 8, 8, 64, 64, std::vector<int64_t>(64, 100), 65728 - 164, AttnSpecial::kNone,
+                       {511}, "(past 2^31 elements on an sm_75: the CUDA-core kernel)", true});
+  cudaSetDevice(0);
   // clang-format on
 }
 
@@ -1163,6 +1258,12 @@ void choose_uniforms(const VerifyCase& c, int64_t b, const void* logits, const s
 
 void test_verify(const VerifyCase& c) {
   const int64_t B = c.B, T = c.T, V = c.V;
+  const char* mode = c.mode == VerifyMode::kGreedy         ? "greedy"
+                     : c.mode == VerifyMode::kGreedyArgmax ? "greedy(argmax given)"
+                                                           : "sampling";
+  const std::string name = format("verify %s %s B=%lld T=%lld V=%lld T=%g %s", mode, dtype_name(c.dtype), (long long)B,
+                                  (long long)T, (long long)V, c.temperature, c.label.c_str());
+  if (!case_selected(name)) return;
   const size_t es = esize(c.dtype);
   Dev<char> logits(B * T * V * es);
   Dev<int64_t> tokens(B * T), parents(B * T), argmax(B * T), num(B), path(B * T), next(B);
@@ -1232,12 +1333,8 @@ void test_verify(const VerifyCase& c) {
   p.num_accepted = num.p;
   p.path = path.p;
   p.next_token = next.p;
-  const char* mode = c.mode == VerifyMode::kGreedy         ? "greedy"
-                     : c.mode == VerifyMode::kGreedyArgmax ? "greedy(argmax given)"
-                                                           : "sampling";
   for_each_order(
-      format("verify %s %s B=%lld T=%lld V=%lld T=%g %s", mode, dtype_name(c.dtype), (long long)B, (long long)T,
-             (long long)V, c.temperature, c.label.c_str()),
+      name,
       [&] {
         if (!c.only_rows.empty()) run_only_units(c.only_rows, B);
         for (int64_t b : rows) {
@@ -1286,6 +1383,14 @@ void verify_family() {
                "(the GPU shape, first and last rows)"});
   test_verify({ScalarKind::kBFloat16, 64, 64, 152064, VerifyMode::kSampling, 1.0f, TreeShape::kChain, false, {63},
                "(the GPU shape, last row)"});
+  // clang-format on
+
+  // ---- issue 31: offsets past 2^31 elements ----
+  // B 224, T 64, V 152064 bf16: the last row's logits start 2.18e9 elements in (4.4 GB reserved,
+  // not committed); its accepted chain reads all 64 of its rows (19 MB written).
+  // clang-format off
+  test_verify({ScalarKind::kBFloat16, 224, 64, 152064, VerifyMode::kGreedy, 1.0f, TreeShape::kChain, false, {223},
+               "(past 2^31 elements, last row)"});
   // clang-format on
 }
 
@@ -1373,6 +1478,18 @@ void launch_family() {
   }
   expect_launch("verify_tree at the largest T verify_tree_smem allows", verify_chain(max_nodes), cudaSuccess);
   expect_launch("verify_tree one node past it", verify_chain(max_nodes + 1), cudaErrorInvalidValue);
+
+  // ---- issue 31: two host threads on one device launching two shared-memory sizes ----
+  // Another thread's launcher runs between this launcher's attribute set-up and its launch
+  // (before_launch), on a device where neither ran before. Set to each call's own size, the
+  // attribute was lowered by the smaller launch below this one's need: "invalid argument".
+  cudaSetDevice(cuemu::add_device(232448));
+  cuemu::options().before_launch = [] {
+    expect_launch("another thread's verify_tree, T = 5700", verify_chain(5700), cudaSuccess);
+  };
+  expect_launch("verify_tree, T = 6000, with another thread's smaller launch in between", verify_chain(6000),
+                cudaSuccess);
+  cudaSetDevice(0);
   std::printf("launch: verify_tree takes up to %lld nodes (%lld bytes of static shared memory)\n", (long long)max_nodes,
               (long long)static_bytes);
 
@@ -1387,7 +1504,7 @@ void launch_family() {
   ap.nodes = 9;
   ap.head_dim = 256;
   expect_launch("tree_attention_smem", torchspec::cuda::tree_attention_smem(ap, &needed, &allowed), cudaSuccess);
-  cuemu::use_device_with_smem_optin(static_cast<int>(needed) - 1);
+  cudaSetDevice(cuemu::add_device(static_cast<int>(needed) - 1));
   {
     Dev<float> q(2 * 16 * 9 * 256), kv(2 * 32 * 256), out(2 * 16 * 9 * 256);
     Dev<int64_t> lens(2), parents(2 * 9);
@@ -1406,9 +1523,231 @@ void launch_family() {
     expect_launch("tree_attention D = 256 with one byte of shared memory too few",
                   torchspec::cuda::tree_attention(p, nullptr), cudaErrorInvalidValue);
   }
-  cuemu::use_device_with_smem_optin(static_cast<int>(needed));
+  cudaSetDevice(cuemu::add_device(static_cast<int>(needed)));
   test_tree_attention(big_heads);
-  cuemu::use_device_with_smem_optin(232448);
+  cudaSetDevice(0);
+}
+
+// ---- issue 31: inputs the CUDA kernels check on the device ------------------------------------------
+
+void reset_error_record(torchspec::DeviceErrorRecord* r);
+
+// A device error record as the op layer makes it: mapped pinned host memory, zeroed, generation 1,
+// its claim word in device memory.
+torchspec::DeviceErrorRecord* new_error_record() {
+  void* host = nullptr;
+  void* dev = nullptr;
+  void* claim = nullptr;
+  if (cudaHostAlloc(&host, sizeof(torchspec::DeviceErrorRecord), cudaHostAllocMapped) != cudaSuccess ||
+      cudaHostGetDevicePointer(&dev, host, 0) != cudaSuccess || cudaMalloc(&claim, 8) != cudaSuccess) {
+    std::fprintf(stderr, "cudaHostAlloc failed\n");
+    std::exit(1);
+  }
+  std::memset(host, 0, sizeof(torchspec::DeviceErrorRecord));
+  auto* r = static_cast<torchspec::DeviceErrorRecord*>(dev);
+  r->claim = static_cast<unsigned long long*>(claim);
+  reset_error_record(r);
+  return r;
+}
+
+void reset_error_record(torchspec::DeviceErrorRecord* r) {
+  unsigned long long* claim = r->claim;
+  std::memset(r, 0, sizeof(*r));
+  r->claim = claim;
+  *claim = 0;
+  r->generation = 1;
+}
+
+void expect_record(Check& check, const torchspec::DeviceErrorRecord* r, torchspec::DeviceErrorKind kind,
+                   torchspec::DeviceErrorOp op, int64_t row, int64_t index, int64_t value) {
+  check.expect(*r->claim == 1 && r->kind == static_cast<int32_t>(kind) && r->op == static_cast<int32_t>(op) &&
+                   r->row == row && r->index == index && r->value == value,
+               "device error record: claim %llu kind %d op %d row %lld index %lld value %lld; want kind %d op %d "
+               "row %lld index %lld value %lld",
+               (unsigned long long)*r->claim, r->kind, r->op, (long long)r->row, (long long)r->index,
+               (long long)r->value, static_cast<int>(kind), static_cast<int>(op), (long long)row, (long long)index,
+               (long long)value);
+}
+
+// tree_attention with one bad batch row (a parent after its node, a node its own parent, a prefix
+// past S - T, no root): that row's outputs NaN, the others the CPU twin's (float32 rounding apart).
+void check_attention_inputs(const char* what, int64_t bad_row, torchspec::DeviceErrorKind kind, int64_t index,
+                            int64_t value, const std::function<void(int64_t*, int64_t*)>& spoil) {
+  const int64_t B = 3, Hq = 4, Hkv = 2, T = 7, D = 16, S = 18;
+  const int64_t good_parents[] = {-1, 0, 0, 1, 1, 3, 2};
+  Dev<float> q(B * Hq * T * D), k(B * Hkv * S * D), v(B * Hkv * S * D), out(B * Hq * T * D);
+  Dev<int64_t> lens(B), parents(B * T);
+  std::mt19937 gen(17);
+  std::normal_distribution<float> normal;
+  for (int64_t i = 0; i < B * Hq * T * D; ++i) q[i] = normal(gen);
+  for (int64_t i = 0; i < B * Hkv * S * D; ++i) k[i] = normal(gen), v[i] = normal(gen);
+  for (int64_t b = 0; b < B; ++b) {
+    lens[b] = 3 + 4 * b;
+    for (int64_t j = 0; j < T; ++j) parents[b * T + j] = good_parents[j];
+  }
+  torchspec::TreeAttentionParams p;
+  p.q = q.p;
+  p.k = k.p;
+  p.v = v.p;
+  p.out = out.p;
+  p.prefix_lens = lens.p;
+  p.parents = parents.p;
+  p.batch = B;
+  p.q_heads = Hq;
+  p.kv_heads = Hkv;
+  p.nodes = T;
+  p.seq = S;
+  p.head_dim = D;
+  p.scale = 0.25f;
+  std::vector<float> cpu(B * Hq * T * D);
+  torchspec::TreeAttentionParams pc = p;
+  pc.out = cpu.data();
+  torchspec::cpu::tree_attention_units(pc, 0, B * Hkv);  // the valid inputs
+  spoil(parents.p, lens.p);
+  p.error = new_error_record();
+  for_each_order(
+      format("checks: tree_attention, %s", what),
+      [&] {
+        reset_error_record(p.error);
+        std::memset(out.p, 0xCD, B * Hq * T * D * 4);
+      },
+      [&] { return torchspec::cuda::tree_attention(p, nullptr); },
+      [&](Check& check) {
+        for (int64_t i = 0; i < B * Hq * T * D; ++i) {
+          const int64_t b = i / (Hq * T * D);
+          if (b == bad_row) {
+            check.expect(std::isnan(out[i]), "batch row %lld (bad): element %lld is %g, not NaN", (long long)b,
+                         (long long)i, out[i]);
+          } else {
+            check.expect(std::fabs(out[i] - cpu[i]) <= 1e-5f, "batch row %lld: element %lld is %.9g, CPU %.9g",
+                         (long long)b, (long long)i, out[i], cpu[i]);
+          }
+        }
+        expect_record(check, p.error, kind, torchspec::DeviceErrorOp::kTreeAttention, bad_row, index, value);
+      });
+}
+
+// verify_tree (greedy or sampling) with one bad batch row: its outputs -1, the other row the CPU twin's.
+void check_verify_inputs(const char* what, bool sampling, int64_t bad_row, torchspec::DeviceErrorKind kind,
+                         int64_t index, int64_t value, const std::function<void(int64_t*, int64_t*, double*)>& spoil) {
+  const int64_t B = 2, T = 5, V = 9;
+  const int64_t good_parents[] = {-1, 0, 0, 1, 2};
+  Dev<float> logits(B * T * V);
+  Dev<int64_t> tokens(B * T), parents(B * T), num(B), path(B * T), next(B);
+  Dev<double> u(B * T);
+  std::mt19937 gen(23);
+  std::normal_distribution<float> normal;
+  for (int64_t i = 0; i < B * T * V; ++i) logits[i] = normal(gen);
+  for (int64_t i = 0; i < B * T; ++i) {
+    parents[i] = good_parents[i % T];
+    tokens[i] = static_cast<int64_t>(gen() % V);
+    u[i] = 0.25 + 0.5 * static_cast<double>(gen() % 1000) / 1000.0;
+  }
+  torchspec::TreeVerifyParams p;
+  p.tokens = tokens.p;
+  p.parents = parents.p;
+  p.logits = logits.p;
+  p.uniforms = sampling ? u.p : nullptr;
+  p.batch = B;
+  p.nodes = T;
+  p.vocab = V;
+  std::vector<int64_t> cn(B), cp(B * T), cx(B);
+  torchspec::TreeVerifyParams pc = p;
+  pc.num_accepted = cn.data();
+  pc.path = cp.data();
+  pc.next_token = cx.data();
+  torchspec::cpu::verify_tree_rows(pc, 0, B);  // the valid inputs
+  spoil(tokens.p, parents.p, u.p);
+  p.num_accepted = num.p;
+  p.path = path.p;
+  p.next_token = next.p;
+  p.error = new_error_record();
+  for_each_order(
+      format("checks: verify_tree %s, %s", sampling ? "sampling" : "greedy", what),
+      [&] {
+        reset_error_record(p.error);
+        for (int64_t i = 0; i < B * T; ++i) path[i] = -77;
+        num[0] = num[1] = next[0] = next[1] = -77;
+      },
+      [&] { return torchspec::cuda::verify_tree(p, nullptr); },
+      [&](Check& check) {
+        for (int64_t b = 0; b < B; ++b) {
+          const bool bad = b == bad_row;
+          check.expect(num[b] == (bad ? -1 : cn[b]) && next[b] == (bad ? -1 : cx[b]),
+                       "row %lld: accepted %lld, next %lld; want %lld, %lld", (long long)b, (long long)num[b],
+                       (long long)next[b], (long long)(bad ? -1 : cn[b]), (long long)(bad ? -1 : cx[b]));
+          for (int64_t j = 0; j < T; ++j) {
+            const int64_t want = bad ? -1 : cp[b * T + j];
+            check.expect(path[b * T + j] == want, "row %lld: path[%lld] = %lld, want %lld", (long long)b, (long long)j,
+                         (long long)path[b * T + j], (long long)want);
+          }
+        }
+        expect_record(check, p.error, kind, torchspec::DeviceErrorOp::kVerifyTree, bad_row, index, value);
+      });
+}
+
+void checks_family() {
+  using K = torchspec::DeviceErrorKind;
+  check_attention_inputs("a parent after its node", 1, K::kTreeParent, 4, 6,
+                         [](int64_t* par, int64_t*) { par[7 + 4] = 6; });
+  check_attention_inputs("a node its own parent (a cycle)", 2, K::kTreeParent, 3, 3,
+                         [](int64_t* par, int64_t*) { par[14 + 3] = 3; });
+  check_attention_inputs("no root", 0, K::kTreeRoot, 0, 2, [](int64_t* par, int64_t*) { par[0] = 2; });
+  check_attention_inputs("a prefix past S - T", 2, K::kPrefixLength, 0, 12,
+                         [](int64_t*, int64_t* lens) { lens[2] = 12; });
+  check_attention_inputs("a negative prefix", 1, K::kPrefixLength, 0, -1,
+                         [](int64_t*, int64_t* lens) { lens[1] = -1; });
+  for (bool sampling : {false, true}) {
+    check_verify_inputs("a token past the vocabulary", sampling, 1, K::kTokenId, 2, 9,
+                        [](int64_t* tok, int64_t*, double*) { tok[5 + 2] = 9; });
+    check_verify_inputs("a second root", sampling, 0, K::kTreeParent, 3, -1,
+                        [](int64_t*, int64_t* par, double*) { par[3] = -1; });
+  }
+  double nan = std::numeric_limits<double>::quiet_NaN();
+  int64_t nan_bits;
+  std::memcpy(&nan_bits, &nan, 8);
+  check_verify_inputs("a NaN uniform", true, 0, K::kUniform, 3, nan_bits,
+                      [nan](int64_t*, int64_t*, double* u) { u[3] = nan; });
+
+  // The index check of the draft loss's teacher ids: one id past the limit.
+  const int64_t rows = 700, k = 5;
+  Dev<int64_t> ids(rows * k);
+  for (int64_t i = 0; i < rows * k; ++i) ids[i] = static_cast<int64_t>(i % 31) - 1;
+  ids[611 * k + 3] = 30;
+  torchspec::DeviceErrorRecord* rec = new_error_record();
+  for_each_order(
+      "checks: index range [-1, 30), one id of 3500 past it", [&] { reset_error_record(rec); },
+      [&] {
+        return torchspec::cuda::check_index_range(ids.p, rows * k, k, -1, 30, torchspec::DeviceErrorOp::kDraftLoss, rec,
+                                                  nullptr);
+      },
+      [&](Check& check) {
+        expect_record(check, rec, K::kIndexRange, torchspec::DeviceErrorOp::kDraftLoss, 611, 3, 30);
+      });
+
+  // The LK losses' bound on each counted row's log-sum-exp: -inf (uncounted rows), NaN and values
+  // at the bound pass, one row of 1500 just above it does not.
+  const int64_t n = 1500;
+  const float bound = 1e-2f;
+  Dev<float> lse(n);
+  for (int64_t i = 0; i < n; ++i) {
+    lse[i] = i % 7 == 0    ? -std::numeric_limits<float>::infinity()
+             : i % 11 == 0 ? std::numeric_limits<float>::quiet_NaN()
+             : i % 13 == 0 ? bound
+                           : -0.001f * static_cast<float>(i % 97);
+  }
+  lse[1207] = std::nextafter(bound, 1.0f);
+  for_each_order(
+      "checks: at most 0.01, one value of 1500 just above", [&] { reset_error_record(rec); },
+      [&] {
+        return torchspec::cuda::check_at_most(lse.p, n, bound, torchspec::DeviceErrorOp::kDraftLoss, rec, nullptr);
+      },
+      [&](Check& check) {
+        expect_record(check, rec, K::kAtMost, torchspec::DeviceErrorOp::kDraftLoss, 1207, 0,
+                      __double_as_longlong(std::nextafter(bound, 1.0f)));
+        check.expect(rec->limit == __double_as_longlong(bound), "device error record: the limit's bits %lld",
+                     (long long)rec->limit);
+      });
 }
 
 // ---- self-tests: kernels with known bugs, each of which the emulator must report ------------------
@@ -1458,6 +1797,11 @@ __global__ void st_misaligned_load(const float* in, float* out) {
   out[threadIdx.x] = static_cast<float>(x.x);
 }
 __global__ void st_global_overflow(const float* in, float* out) { out[threadIdx.x] = in[threadIdx.x + 1]; }
+__global__ void st_endless_loop(const int64_t* parents, float* out) {
+  int64_t a = 2;  // 2 -> 1 -> 2 ...: a cycle, never the root (volatile: the loop has an effect)
+  while (a >= 0) a = *static_cast<const volatile int64_t*>(parents + a);
+  out[threadIdx.x] = static_cast<float>(a);
+}
 __global__ void st_uninitialised_shared(float* out) {
   TORCHSPEC_SHARED(float, total);
   __syncthreads();
@@ -1478,7 +1822,14 @@ int selftest(const std::string& name) {
   else if (name == "shared_slack") TORCHSPEC_LAUNCH(st_shared_slack, grid, 32, 1000, nullptr)(out.p);
   else if (name == "misaligned_load") TORCHSPEC_LAUNCH(st_misaligned_load, grid, 32, 0, nullptr)(in.p, out.p);
   else if (name == "global_overflow") TORCHSPEC_LAUNCH(st_global_overflow, grid, 256, 0, nullptr)(in.p, out.p);
-  else if (name == "uninitialised_shared") {
+  else if (name == "endless_loop") {
+    Dev<int64_t> cycle(3);
+    cycle[0] = -1;
+    cycle[1] = 2;
+    cycle[2] = 1;
+    cuemu::options().launch_cpu_limit_s = 1.0;
+    TORCHSPEC_LAUNCH(st_endless_loop, grid, 32, 0, nullptr)(cycle.p, out.p);
+  } else if (name == "uninitialised_shared") {
     TORCHSPEC_LAUNCH(st_uninitialised_shared, grid, 32, 0, nullptr)(out.p);
     // Not a fault: the value read is the poison, which a comparison catches.
     std::printf("read %08x\n", __float_as_uint(out[0]));
@@ -1510,6 +1861,7 @@ int main(int argc, char** argv) {
       {"tree_attention", tree_attention_family},
       {"verify", verify_family},
       {"launch", launch_family},
+      {"checks", checks_family},
   };
   // clang-format on
   if (families.empty()) {
@@ -1518,7 +1870,7 @@ int main(int argc, char** argv) {
   for (const std::string& f : families) {
     auto it = std::find_if(all.begin(), all.end(), [&](const auto& e) { return e.first == f; });
     if (it == all.end()) {
-      std::fprintf(stderr, "unknown family %s (topk draft_loss tree_attention verify launch)\n", f.c_str());
+      std::fprintf(stderr, "unknown family %s (topk draft_loss tree_attention verify launch checks)\n", f.c_str());
       return 2;
     }
     const auto t0 = std::chrono::steady_clock::now();

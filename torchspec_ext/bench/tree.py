@@ -4,9 +4,12 @@ the same run.
 tree_attention: the baseline is ``F.scaled_dot_product_attention(q, k, v, attn_mask, enable_gqa=True)``
 with the ``[B, 1, T, S]`` boolean tree mask built beforehand (not timed), S = prefix + T. Both
 outputs are compared with a float64 reference on the first input set. The bytes the CUDA kernel
-moves (``cuda_attention_bytes``: each block, a tile of nodes, reads the prefix once) are printed
-against the floor (q, k, v read once, out written once) for every case, and for the GPU shape in
-the header, GPU or not.
+moves are printed against the floor (q, k, v read once, out written once) for every case: for
+bfloat16 / float16 the tensor-core kernel's (``_C.tree_attention_cuda_cost``, csrc/common/tree.h:
+blocks of 64 packed query rows, the keys split into ranges merged by a second kernel), for float32
+the CUDA-core kernel's (``cuda_attention_bytes``). The header gives, for the GPU shapes, GPU or
+not, the tensor-core kernel's bytes and FLOPs against the floor, and the times both take at an
+H100 SXM's and an H200's rates (``GPU_RATES``) on their 132 multiprocessors.
 
 Verification: the tree is a chain whose every node is accepted (every draft token is the
 target's argmax at its parent), the worst case, in which all T logits rows of every batch row are
@@ -27,7 +30,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from torchspec_ext import reference
+from torchspec_ext import _C, reference
 from torchspec_ext.bench.common import (
     DTYPE_NAMES,
     Goal,
@@ -58,14 +61,20 @@ from torchspec_ext.ops import tree_attention, verify_tree_greedy, verify_tree_sa
 
 ATTN, GREEDY, SAMPLING, WALK = "tree_attention", "verify_tree_greedy", "verify_tree_sampling", "greedy walk"
 
-# The CUDA tree_attention kernel's query rows per block (kTreeAttentionRowsPerBlock, csrc/common/tree.h):
+# The CUDA-core tree_attention kernel's query rows per block (kTreeAttentionRowsPerBlock, csrc/common/tree.h):
 # a block serves the G query heads of one kv head for a tile of 64 / G nodes.
 CUDA_ROWS_PER_BLOCK = 64
 
+# (name, HBM bytes/s, dense bf16 tensor-core FLOP/s, multiprocessors) of the GPUs this project targets.
+GPU_RATES = [("H100 SXM", 3.35e12, 989e12, 132), ("H200", 4.8e12, 989e12, 132)]
+
+# The GPU shapes: the issue-31 shape (B 4, Hq 9 / Hkv 3, D 64) and the GPU benchmark's (Hq 32 / Hkv 8, D 128).
+GPU_SHAPES = [(4, 9, 3, 64, 4096, 64), (1, 32, 8, 64, 4096, 128), (8, 32, 8, 64, 4096, 128), (64, 32, 8, 64, 4096, 128)]
+
 
 def cuda_attention_bytes(batch: int, q_heads: int, kv_heads: int, nodes: int, prefix: int, dim: int, esize: int) -> int:
-    """Bytes the CUDA tree_attention kernel reads and writes (tree_attention_cuda_bytes in
-    csrc/common/tree.h): per block, its rows' queries and outputs, the prefix's keys and values,
+    """Bytes the CUDA-core tree_attention kernel (float32) reads and writes (tree_attention_cuda_bytes
+    in csrc/common/tree.h): per block, its rows' queries and outputs, the prefix's keys and values,
     and the tree's up to its last node."""
     group = q_heads // kv_heads
     tile = 1 if group >= CUDA_ROWS_PER_BLOCK else CUDA_ROWS_PER_BLOCK // group
@@ -83,17 +92,32 @@ def attention_floor_bytes(
     return (2 * batch * q_heads * nodes + 2 * batch * kv_heads * (prefix + nodes)) * dim * esize
 
 
-def gpu_shape_bytes_note() -> str:
-    """The byte arithmetic of the CUDA kernel at the GPU benchmark's largest shape."""
-    shape = (64, 32, 8, 64, 4096, 128, 2)
-    ours, floor = cuda_attention_bytes(*shape), attention_floor_bytes(*shape)
-    batch, q_heads, kv_heads, nodes, prefix, dim, esize = shape
-    per_node = batch * kv_heads * nodes * (2 * (q_heads // kv_heads) * dim + 2 * (prefix + 1) * dim) * esize
-    return (
-        f"B={batch} T={nodes} prefix={prefix} Hq={q_heads} Hkv={kv_heads} D={dim} bf16: the CUDA kernel moves "
-        f"{ours / 1e9:.2f} GB, the floor {floor / 1e9:.2f} GB ({ours / floor:.2f}x); one block per node, "
-        f"as before, moved at least {per_node / 1e9:.1f} GB ({per_node / floor:.0f}x)"
-    )
+def tensor_core_cost(batch, q_heads, kv_heads, nodes, prefix, dim, esize, sm_count=132) -> dict:
+    """What the tensor-core kernel moves and computes (csrc/common/tree.h's tree_attention_mma_cost)."""
+    return _C.tree_attention_cuda_cost(batch, q_heads, kv_heads, nodes, prefix, dim, esize, sm_count)
+
+
+def gpu_shape_notes() -> dict[str, str]:
+    """For each GPU shape (bfloat16): the tensor-core kernel's bytes and FLOPs against the floor, and
+    the time each takes at the GPUs' rates. Arithmetic (csrc/common/tree.h), not a measurement."""
+    notes = {}
+    for shape in GPU_SHAPES:
+        batch, q_heads, kv_heads, nodes, prefix, dim = shape
+        c = tensor_core_cost(*shape, 2)
+        mib = lambda n: f"{n / 2**20:.2f} MiB"  # noqa: E731
+        parts = [
+            f"{c['splits']} key range(s) per block of rows; its blocks load and store {mib(c['bytes'])}, "
+            f"{mib(c['unique_bytes'])} once each ({c['unique_bytes'] / c['floor_bytes']:.2f}x the floor of "
+            f"{mib(c['floor_bytes'])}: what memory serves when L2 holds a range for its other blocks of rows); "
+            f"{c['executed_flops'] / 1e9:.2f} GFLOP on tensor cores (dense attention {c['dense_flops'] / 1e9:.2f})"
+        ]
+        for name, bandwidth, flops, _ in GPU_RATES:
+            floor_us = max(c["floor_bytes"] / bandwidth, c["dense_flops"] / flops) * 1e6
+            ours_us = max(c["unique_bytes"] / bandwidth, c["executed_flops"] / flops) * 1e6
+            parts.append(f"{name}: floor {floor_us:.1f} us, the kernel's unique bytes and FLOPs {ours_us:.1f} us")
+        key = f"CUDA tree_attention B={batch} T={nodes} prefix={prefix} Hq={q_heads} Hkv={kv_heads} D={dim} bf16"
+        notes[key] = "; ".join(parts)
+    return notes
 
 
 FLASHINFER_NOTE = (
@@ -169,6 +193,7 @@ def default_cases(device: torch.device, quick: bool) -> list[Case]:
             ]
         return [
             *(Case(ATTN, b, 64, bf16, prefix=4096, min_speedup=2.0, compile=b == 8) for b in (1, 8, 64)),
+            Case(ATTN, 4, 64, bf16, prefix=4096, q_heads=9, kv_heads=3, dim=64, min_speedup=2.0),
             Case(GREEDY, 64, 64, bf16, vocab=152064, max_floor_ratio=1.2),
             Case(SAMPLING, 64, 64, bf16, vocab=152064),
             Case(WALK, 64, 64, bf16, vocab=1, max_us=20.0),
@@ -263,8 +288,15 @@ def run_attention(case: Case, device: torch.device, timing: Timing) -> dict[str,
         row.update(time_compiled(reference.tree_attention, compiled, sets, device, timing, ours_ms))
     esize = torch.empty((), dtype=case.dtype).element_size()
     shape = (case.batch, case.q_heads, case.kv_heads, case.nodes, case.prefix, case.dim, esize)
-    row["cuda_gb"] = cuda_attention_bytes(*shape) / 1e9
-    row["cuda_over_floor"] = cuda_attention_bytes(*shape) / attention_floor_bytes(*shape)
+    if case.dtype == torch.float32:  # the CUDA-core kernel
+        cuda_bytes, cuda_flops = cuda_attention_bytes(*shape), None
+    else:
+        cost = tensor_core_cost(*shape)
+        cuda_bytes, cuda_flops = cost["bytes"], cost["executed_flops"]
+    row["cuda_gb"] = cuda_bytes / 1e9
+    row["cuda_over_floor"] = cuda_bytes / attention_floor_bytes(*shape)
+    if cuda_flops is not None:
+        row["cuda_gflop"] = cuda_flops / 1e9
     # Correct when no worse than twice the baseline's own error (float32: a few 1e-6).
     wrong = None if ours_err <= max(2 * baseline_err, 1e-5) else f"WRONG (max err {ours_err:.2g})"
     return row | {"result": verdict(case.goals(), row, wrong)}
@@ -348,6 +380,7 @@ COLUMNS = [
     Column("ours_over_floor", "ours/one read", fmt_fixed(2)),
     Column("cuda_gb", "CUDA kernel GB", fmt_num()),
     Column("cuda_over_floor", "CUDA GB/floor", fmt_fixed(2)),
+    Column("cuda_gflop", "CUDA GFLOP (tensor cores)", fmt_num()),
     Column("accepted", "mean accepted", fmt_fixed(1)),
     Column("ours_err", "ours max err", fmt_num(2)),
     Column("baseline_err", "baseline max err", fmt_num(2)),
@@ -360,13 +393,16 @@ def run(args: Any) -> Report:
     timing = timing_for(args, device)
     bandwidth, how = read_bandwidth(device)
     flashinfer, flashinfer_status = import_flashinfer(device)
-    header = environment_header(device, timing.describe(device), (bandwidth, how)) | {
-        "trees": "attention: random trees, mask built before timing; verification: fully accepted chains",
-        "compile": COMPILE_NOTE + "; attention only (the verification references are Python walks)",
-        "peer": f"{flashinfer_status}. {FLASHINFER_NOTE}",
-        "CUDA attention bytes": gpu_shape_bytes_note(),
-        "sizes": "quick (targets not checked)" if args.quick else "default",
-    }
+    header = (
+        environment_header(device, timing.describe(device), (bandwidth, how))
+        | {
+            "trees": "attention: random trees, mask built before timing; verification: fully accepted chains",
+            "compile": COMPILE_NOTE + "; attention only (the verification references are Python walks)",
+            "peer": f"{flashinfer_status}. {FLASHINFER_NOTE}",
+            "sizes": "quick (targets not checked)" if args.quick else "default",
+        }
+        | gpu_shape_notes()
+    )
 
     def run_one(case: Case) -> dict[str, Any]:
         if case.op == ATTN:

@@ -13,6 +13,7 @@ from torchspec_ext.drafts.dflash import DFlashFamily, DSparkFamily
 from torchspec_ext.drafts.eagle3 import Eagle3Family
 from torchspec_ext.drafts.itself import TargetItselfFamily
 from torchspec_ext.drafts.lookup import PromptLookupFamily
+from torchspec_ext.drafts.suffix import SuffixFamily
 
 FAMILIES: dict[str, DraftFamily] = {
     family.name: family
@@ -21,6 +22,7 @@ FAMILIES: dict[str, DraftFamily] = {
         DFlashFamily(),
         DSparkFamily(),
         PromptLookupFamily(),
+        SuffixFamily(),
         TargetItselfFamily(),
     )
 }

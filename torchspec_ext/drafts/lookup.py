@@ -10,14 +10,21 @@ import torch
 from torch import Tensor
 
 from torchspec_ext.drafts.base import DraftFamily
-from torchspec_ext.speculate import TreeSpec
+from torchspec_ext.speculate import ScoredTree, TreeSpec
 
 MAX_NGRAM = 3
+# The chance each looked-up token is the target's, per n-gram length matched, before any is observed.
+LOOKUP_PRIOR = (0.4, 0.55, 0.7)
 
 
 def lookup_continuation(context: Sequence[int], max_tokens: int, max_ngram: int = MAX_NGRAM) -> list[int]:
     """Up to ``max_tokens`` tokens that followed the latest earlier match of the longest suffix of
     ``context`` (at most ``max_ngram`` tokens) that occurs earlier; [] when none does."""
+    return lookup_match(context, max_tokens, max_ngram)[0]
+
+
+def lookup_match(context: Sequence[int], max_tokens: int, max_ngram: int = MAX_NGRAM) -> tuple[list[int], int]:
+    """(:func:`lookup_continuation`'s tokens, the length of the suffix matched; 0 when none)."""
     n_ctx = len(context)
     for n in range(min(max_ngram, n_ctx - 1), 0, -1):
         suffix = list(context[n_ctx - n :])
@@ -25,8 +32,8 @@ def lookup_continuation(context: Sequence[int], max_tokens: int, max_ngram: int 
             if list(context[start : start + n]) == suffix:
                 follow = list(context[start + n : start + n + max_tokens])
                 if follow:
-                    return follow
-    return []
+                    return follow, n
+    return [], 0
 
 
 class PromptLookup:
@@ -46,6 +53,13 @@ class PromptLookup:
     def propose(self, context: Sequence[int]) -> tuple[Tensor, Tensor]:
         chain = [context[-1], *lookup_continuation(context, self.max_tokens, self.max_ngram)]
         return torch.tensor(chain, dtype=torch.long), torch.arange(-1, len(chain) - 1, dtype=torch.long)
+
+    def propose_scored(self, context: Sequence[int]) -> ScoredTree:
+        """The chain, each token's confidence tracked by (n-gram length matched, depth): a lookup knows
+        nothing of how often its continuation was seen; its prior is a guess the calibration replaces."""
+        follow, n = lookup_match(context, self.max_tokens, self.max_ngram)
+        prior = [LOOKUP_PRIOR[min(n, len(LOOKUP_PRIOR)) - 1] ** d for d in range(1, len(follow) + 1)]
+        return ScoredTree.chain(context[-1], follow, prior, [(n, min(d, 8)) for d in range(1, len(follow) + 1)])
 
 
 class PromptLookupFamily(DraftFamily):

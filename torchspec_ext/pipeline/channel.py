@@ -424,9 +424,8 @@ class TensorChannel:
     def _post_preamble_recv(self, what: str, deadline: float):
         # Posted one batch ahead, so that the sender's preamble never waits for the receiver to
         # ask for it: per batch only the body costs a round trip, as a raw send does. Over NCCL the
-        # receive runs on the communicator's stream, on which the binding records the buffer's use:
-        # dropped with the channel before the peer's preamble came, its memory is not reused until
-        # the receive completed or the communicator was aborted.
+        # binding holds the buffer until the receive was waited for: dropped with the channel before
+        # the peer's preamble came, its memory is not reused until the communicator's streams drained.
         pre = torch.empty(PREAMBLE_BYTES, dtype=torch.uint8, device=self.device)
         return self._call(lambda: self._transport.recv(pre), what, deadline), pre
 
@@ -469,8 +468,8 @@ class TensorChannel:
             self._end_receive_thread()
             if self.backend == "nccl" and self._error is None:
                 self._transport.abort()  # all sends completed: nothing is lost by freeing the communicator
-            # A preamble receive still posted ends with the abort (or the communicator); its buffer
-            # goes back to the allocator, which waits for the communicator's stream first.
+            # A preamble receive still posted ends with the abort (or the communicator); the binding
+            # keeps its buffer until the communicator's streams drained.
             self._next_pre = None
 
     def _end_receive_thread(self) -> None:

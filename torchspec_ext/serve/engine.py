@@ -18,6 +18,7 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
+from torchspec_ext.drafts.combined import CombinationSpec, build_proposer, output_caches
 from torchspec_ext.speculate import TreeSpec, speculative_generate
 
 
@@ -86,15 +87,22 @@ class Engine(Protocol):
 
 class LocalEngine:
     """Speculative decoding in this process (:func:`~torchspec_ext.speculate.speculative_generate`)
-    with a draft of any family, in the proposal shape ``spec``."""
+    with a draft of any family, in the proposal shape ``spec``: a TreeSpec (the draft alone) or a
+    CombinationSpec (the draft's tree, prompt lookup and suffix decoding verified together,
+    ``drafts.combined``; the suffix cache holds every request's output and the calibration learns
+    from every request, shared by all of them, and both outlive draft updates)."""
 
-    def __init__(self, target, tokenizer, family, draft, spec: TreeSpec, model_name: str, stop_token_ids: list[int]):
+    def __init__(
+        self, target, tokenizer, family, draft, spec: TreeSpec | CombinationSpec, model_name: str,
+        stop_token_ids: list[int],
+    ):  # fmt: skip
         self.target, self.tokenizer, self.family, self.draft, self.spec = target, tokenizer, family, draft, spec
         self.model_name = model_name
         self.stop_token_ids = list(stop_token_ids)
         self.context_length = int(getattr(target.config, "max_position_embeddings", None) or 2048)
         self.vocab_size = int(target.config.vocab_size)
-        self.proposer = family.proposer(draft, spec)
+        self.proposer = build_proposer(family, draft, spec)
+        self.outputs = output_caches(self.proposer)  # what each finished request's tokens are added to
         self.feature_layers = list(self.proposer.feature_layers)
         self.version = 0
         self._lock = threading.Lock()  # generate and update_draft are one thread's, but keep them exclusive
@@ -114,7 +122,10 @@ class LocalEngine:
             missing, unexpected = self.draft.load_state_dict(moved, strict=False)
             if unexpected or any(k in state for k in missing):
                 raise RuntimeError(f"draft update does not fit the served draft (unexpected {unexpected})")
-            self.proposer = self.family.proposer(self.draft, self.spec)
+            if isinstance(self.spec, CombinationSpec):  # the draft is the first member (a trainable family)
+                self.proposer.proposers[0] = self.family.proposer(self.draft, self.spec.tree)
+            else:
+                self.proposer = self.family.proposer(self.draft, self.spec)
             self.version = version
 
     def generate(
@@ -146,5 +157,7 @@ class LocalEngine:
                 generator=generator,
                 on_step=on_step,
             )
+            for cache in self.outputs:
+                cache.add(result.tokens)
         stats.tokens, stats.target_forwards, stats.seconds = result.tokens, result.target_forwards, result.seconds
         return stats

@@ -52,6 +52,16 @@ class ServeConfig:
     min_prob: float = option(
         0.15, "propose no node below this cumulative draft probability (0: whole trees)", check=_min_prob_check
     )
+    combine: bool = option(
+        False,
+        "verify the draft's tree, prompt lookup and suffix decoding together (eval's 'combined' row), the suffix "
+        "cache holding earlier requests' outputs; worth it where eval or train's held-out check finds it the best",
+    )
+    suffix_cache_tokens: int = option(
+        1 << 18,
+        "--combine: the suffix cache's size in tokens (12 bytes each; oldest outputs evicted)",
+        check=at_least(1),
+    )
     max_model_len: int | None = option(None, "context length: prompt + completion (default: the target's)")
     max_tokens: int | None = option(
         None, "cap on a completion whose request gives no max_tokens (default: what the context leaves)"
@@ -94,6 +104,7 @@ def load_engine(config: ServeConfig):
     --output-dir when --learn resumes)."""
     from torchspec_ext import drafts
     from torchspec_ext.drafts.base import CONFIG_NAME, WEIGHTS_NAME, DraftLoadError
+    from torchspec_ext.drafts.combined import CombinationSpec, SuffixSpec
     from torchspec_ext.eval import choose_dtype
     from torchspec_ext.eval import load_draft as load_named_draft
     from torchspec_ext.serve.engine import LocalEngine
@@ -132,13 +143,20 @@ def load_engine(config: ServeConfig):
         weight = next(target.parameters())
         draft = draft.to(weight.device, weight.dtype)
     spec = TreeSpec(config.depth, config.topk, config.max_nodes, config.min_prob)
+    mode = spec
+    if config.combine:
+        tree = None if family.name in ("lookup", "suffix") else spec
+        suffix = SuffixSpec(max_spec=config.max_nodes, cache_tokens=config.suffix_cache_tokens)
+        mode = CombinationSpec(tree, suffix=suffix, max_nodes=config.max_nodes)
     name = config.served_model_name or Path(config.target or default_target_dir()).name
-    engine = LocalEngine(target, tokenizer, family, draft, spec, name, stop_token_ids(target, tokenizer))
+    engine = LocalEngine(target, tokenizer, family, draft, mode, name, stop_token_ids(target, tokenizer))
     if config.max_model_len:
         engine.context_length = min(engine.context_length, config.max_model_len)
     print(
         f"[serve] {name} ({dtype}), draft {source} ({family.title}), proposals: depth {spec.depth}, top-{spec.topk}, "
-        f"{spec.max_nodes} nodes, p >= {spec.min_prob:g}; context {engine.context_length}",
+        f"{spec.max_nodes} nodes, p >= {spec.min_prob:g}"
+        + (f", with prompt lookup and suffix decoding in {config.max_nodes} nodes" if config.combine else "")
+        + f"; context {engine.context_length}",
         file=sys.stderr,
     )
     return engine

@@ -1,41 +1,62 @@
 """The run's held-out check: the draft's greedy acceptance length on held-out prompts, decoded by the
-same evaluation loop as ``python -m torchspec_ext.eval``, in the modes the draft family offers."""
+same evaluation loop as ``python -m torchspec_ext.eval``, in the modes the draft family offers and
+combined with prompt lookup and suffix decoding (``drafts.combined``); it names the best of them by
+the speed-up their acceptance and tree sizes imply."""
 
 from __future__ import annotations
 
 import copy
 
 from torchspec_ext.drafts.base import DraftFamily
+from torchspec_ext.drafts.combined import NODE_COST, CombinationSpec, combination_spec, fit_modes
+from torchspec_ext.speculate import TreeSpec
+
+COMBINED = "combined"
 
 
 class HeldOutCheck:
     """``check(draft)`` -> ``{"acceptance_length": chain's, "tree_acceptance_length": tree's (when
-    the evaluation has trees)}`` on ``prompts``, greedy, ``new_tokens`` each; on the target's device
-    (a copy of the draft there when the draft is elsewhere, as in a job with a sharded teacher)."""
+    the evaluation has trees), "combined_acceptance_length": the draft's tree, prompt lookup and suffix
+    decoding verified together, "best_mode" and "best_estimated_speedup"}`` on ``prompts``, greedy,
+    ``new_tokens`` each; on the target's device (a copy of the draft there when the draft is elsewhere,
+    as in a job with a sharded teacher). The best mode is the one whose acceptance per verification
+    cost (a forward ``1 + node_cost * nodes``) is highest: the combination where it is the best."""
 
-    def __init__(self, target, family: DraftFamily, prompts, new_tokens: int, depth: int, topk: int, nodes: int, eos):
+    def __init__(
+        self, target, family: DraftFamily, prompts, new_tokens: int, depth: int, topk: int, nodes: int, eos,
+        node_cost: float = NODE_COST,
+    ):  # fmt: skip
         self.target, self.family, self.prompts, self.new_tokens, self.eos = target, family, prompts, new_tokens, eos
-        self.modes = family.decode_modes(depth, topk, nodes, 0.0)
+        self.node_cost = node_cost
+        self.modes = dict(family.decode_modes(depth, topk, nodes, 0.0))
+        self.modes[COMBINED] = combination_spec(TreeSpec(depth, topk, nodes), nodes, node_cost=node_cost)
 
-    def __call__(self, draft) -> dict[str, float]:
-        from torchspec_ext.eval import acceptance_lengths
+    def _key(self, name: str) -> str:
+        return "acceptance_length" if name == next(iter(self.modes)) else f"{name}_acceptance_length"
+
+    def __call__(self, draft) -> dict:
+        from torchspec_ext.eval import measure_modes
 
         device = next(self.target.parameters()).device
         if next(draft.parameters()).device != device:
             draft = copy.deepcopy(draft).to(device)
-        self.modes = self.family.fit_modes(draft, self.modes)  # the draft's shape is the run's: the same each call
-        found = acceptance_lengths(self.target, self.family, draft, self.prompts, self.new_tokens, self.modes, self.eos)
-        first = next(iter(self.modes))
-        return {"acceptance_length" if name == first else f"{name}_acceptance_length": v for name, v in found.items()}
+        self.modes = fit_modes(self.family, draft, self.modes)  # the draft's shape is the run's: the same each call
+        found = measure_modes(
+            self.target, self.family, draft, self.prompts, self.new_tokens, self.modes, self.eos, self.node_cost
+        )
+        best = max(found, key=lambda name: found[name].estimated_speedup)
+        values = {self._key(name): m.acceptance_length for name, m in found.items()}
+        return values | {"best_mode": best, "best_estimated_speedup": found[best].estimated_speedup}
 
-    def describe(self, found: dict[str, float]) -> str:
+    def describe(self, found: dict) -> str:
         parts = []
         for name, spec in self.modes.items():
-            value = found["acceptance_length" if name == next(iter(self.modes)) else f"{name}_acceptance_length"]
-            shape = (
-                f"{name} of {spec.depth}"
-                if spec.topk == 1
-                else (f"{name} (depth {spec.depth}, top-{spec.topk}, {spec.max_nodes} nodes)")
-            )
-            parts.append(f"{shape} {value:.2f}")
-        return ", ".join(parts)
+            if isinstance(spec, CombinationSpec):
+                shape = f"{name} (the tree, prompt lookup and suffix decoding, {spec.max_nodes} nodes at most)"
+            elif spec.topk == 1:
+                shape = f"{name} of {spec.depth}"
+            else:
+                shape = f"{name} (depth {spec.depth}, top-{spec.topk}, {spec.max_nodes} nodes)"
+            parts.append(f"{shape} {found[self._key(name)]:.2f}")
+        best = f"; best: {found['best_mode']} (estimated {found['best_estimated_speedup']:.2f}x"
+        return ", ".join(parts) + best + f" at a node cost of {self.node_cost:g} forward)"
