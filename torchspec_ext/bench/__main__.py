@@ -34,6 +34,10 @@ BENCHMARKS = {
         "torchspec_ext.bench.lossless",
         "where verification's logits part from plain decoding's, per dtype (model attention vs tree_attention)",
     ),
+    "peers-train": (
+        "torchspec_ext.bench.peers_train",
+        "SpecForge's EAGLE-3 training recipe vs ours at equal CPU minutes, then eval (needs SpecForge: else skipped)",
+    ),
 }
 # `all`'s report goes beside the plots that the README shows, so that a run brings them up to date.
 DEFAULT_OUT = Path("docs") / "bench"
