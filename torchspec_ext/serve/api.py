@@ -266,7 +266,14 @@ def sse(data) -> str:
 
 def create_app(state: ServerState, lifespan=None) -> FastAPI:
     app = FastAPI(title="torchspec_ext.serve", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
-    engine = state.engine
+    add_error_handlers(app)
+    add_authentication(app, state)
+    add_routes(app, state)
+    return app
+
+
+def add_error_handlers(app: FastAPI) -> None:
+    """Every error answered in the OpenAI error shape."""
 
     @app.exception_handler(APIError)
     async def _api_error(request, exc: APIError):
@@ -291,6 +298,10 @@ def create_app(state: ServerState, lifespan=None) -> FastAPI:
     async def _unexpected(request, exc: Exception):
         return error_response(500, f"internal error: {type(exc).__name__}: {exc}", "server_error")
 
+
+def add_authentication(app: FastAPI, state: ServerState) -> None:
+    """With an API key, every route but /health requires it (as a bearer token)."""
+
     @app.middleware("http")
     async def _auth(request: Request, call_next):
         if state.api_key and request.url.path != "/health":
@@ -301,6 +312,10 @@ def create_app(state: ServerState, lifespan=None) -> FastAPI:
                     401, "Incorrect or missing API key (send Authorization: Bearer KEY)", code="invalid_api_key"
                 )
         return await call_next(request)
+
+
+def add_routes(app: FastAPI, state: ServerState) -> None:
+    engine = state.engine
 
     def check_model(name: str) -> None:
         if name != engine.model_name:
@@ -338,7 +353,7 @@ def create_app(state: ServerState, lifespan=None) -> FastAPI:
         prompt = chat_prompt(engine.tokenizer, body.messages)
         asked = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         gen = Generation(state, prompt, body, budget(state, prompt, asked))
-        return await respond(gen, body, request, "chat")
+        return await respond(gen, body, request, "chat", engine.model_name)
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
@@ -347,41 +362,41 @@ def create_app(state: ServerState, lifespan=None) -> FastAPI:
         prompt = completion_prompt(engine.tokenizer, body.prompt, engine.vocab_size)
         check_prompt(engine, prompt)
         gen = Generation(state, prompt, body, budget(state, prompt, body.max_tokens))
-        return await respond(gen, body, request, "text")
+        return await respond(gen, body, request, "text", engine.model_name)
 
-    async def respond(gen: Generation, body: Sampling, request: Request, kind: str):
-        ident = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
-        created = int(time.time())
-        if body.stream:
-            include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            stream = stream_events(gen, kind, ident, created, engine.model_name, include_usage, body.return_token_ids)
-            return StreamingResponse(stream, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        watcher = asyncio.create_task(watch_disconnect(request, gen))
-        try:
-            pieces = [p async for p in gen.pieces()]
-        finally:
-            watcher.cancel()
-        text = "".join(p.text for p in pieces)
-        if kind == "chat":
-            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None}
-        else:
-            choice = {"index": 0, "text": text, "logprobs": None}
-        choice["finish_reason"] = gen.finish_reason
-        out = {
-            "id": ident,
-            "object": "chat.completion" if kind == "chat" else "text_completion",
-            "created": created,
-            "model": engine.model_name,
-            "choices": [choice],
-            "usage": gen.usage(),
-            "speculative": speculative_info(gen.stats),
-        }
-        if body.return_token_ids:
-            choice["token_ids"] = gen.stream.tokens[: gen.completion_tokens]
-            out["prompt_token_ids"] = gen.prompt
-        return out
 
-    return app
+async def respond(gen: Generation, body: Sampling, request: Request, kind: str, model_name: str):
+    """A completion's answer: a stream of server-sent events, or one JSON object when it is done."""
+    ident = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
+    created = int(time.time())
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        stream = stream_events(gen, kind, ident, created, model_name, include_usage, body.return_token_ids)
+        return StreamingResponse(stream, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    watcher = asyncio.create_task(watch_disconnect(request, gen))
+    try:
+        pieces = [p async for p in gen.pieces()]
+    finally:
+        watcher.cancel()
+    text = "".join(p.text for p in pieces)
+    if kind == "chat":
+        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None}
+    else:
+        choice = {"index": 0, "text": text, "logprobs": None}
+    choice["finish_reason"] = gen.finish_reason
+    out = {
+        "id": ident,
+        "object": "chat.completion" if kind == "chat" else "text_completion",
+        "created": created,
+        "model": model_name,
+        "choices": [choice],
+        "usage": gen.usage(),
+        "speculative": speculative_info(gen.stats),
+    }
+    if body.return_token_ids:
+        choice["token_ids"] = gen.stream.tokens[: gen.completion_tokens]
+        out["prompt_token_ids"] = gen.prompt
+    return out
 
 
 async def watch_disconnect(request: Request, gen: Generation) -> None:
