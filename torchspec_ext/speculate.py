@@ -110,9 +110,14 @@ def decode_modes(depth: int, topk: int, max_nodes: int, min_prob: float = 0.0) -
     modes = {"chain": TreeSpec.chain(depth)}
     if topk > 1:
         modes["tree"] = TreeSpec(depth, topk, max_nodes)
-    if min_prob > 0:
-        modes |= {f"{name}, p >= {min_prob:g}": replace(spec, min_prob=min_prob) for name, spec in modes.items()}
-    return modes
+    return with_pruned(modes, min_prob)
+
+
+def with_pruned(modes: dict[str, TreeSpec], min_prob: float) -> dict[str, TreeSpec]:
+    """``modes`` and, with ``min_prob`` > 0, each again pruned below that cumulative draft probability."""
+    if min_prob <= 0:
+        return modes
+    return modes | {f"{name}, p >= {min_prob:g}": replace(spec, min_prob=min_prob) for name, spec in modes.items()}
 
 
 class TreeProposer:

@@ -15,7 +15,7 @@ from torchspec_ext.drafts.dflash.config import DFLASH_ARCHITECTURE, DSPARK_ARCHI
 from torchspec_ext.drafts.dflash.drafter import ConfidenceChain, ConfidenceSpec, DFlashDrafter
 from torchspec_ext.drafts.dflash.model import DFlashDraft
 from torchspec_ext.drafts.dflash.options import DFlashOptions, DSparkOptions
-from torchspec_ext.speculate import TreeProposer, TreeSpec
+from torchspec_ext.speculate import TreeProposer, TreeSpec, with_pruned
 
 # A proposal as long as the draft's block allows (a chain's depth; the proposer caps it at the block).
 WHOLE_BLOCK = 64
@@ -122,9 +122,7 @@ class _BlockFamily(DraftFamily):
         modes = {"block": TreeSpec.chain(WHOLE_BLOCK)}
         if topk > 1:
             modes["tree"] = TreeSpec(WHOLE_BLOCK, topk, max_nodes)
-        if min_prob > 0:
-            modes |= {f"{name}, p >= {min_prob:g}": replace(spec, min_prob=min_prob) for name, spec in modes.items()}
-        return modes
+        return with_pruned(modes, min_prob)
 
     def export_problems(self, draft: DFlashDraft) -> tuple[list[str], list[str]]:
         c, errors, warnings = draft.config, [], []
