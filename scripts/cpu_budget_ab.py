@@ -6,8 +6,9 @@ with the CPU seconds the teacher took. ``run`` trains one variant on that pool: 
 seconds for each teacher batch it uses plus the CPU seconds (``time.process_time``) of its own steps,
 replays each batch ``--epochs`` times as train does on a CPU (the first pass in order, then shuffled),
 on train's warm-up + cosine schedule sized from its first steps' cost, until ``--cpu-seconds`` are
-spent. It prints the greedy acceptance length on held-out prompts (no load changes it) and, with
-``--save``, writes the draft with its training metadata for ``python -m torchspec_ext.eval --draft``.
+spent. It prints the greedy acceptance length (no load changes it) on held-out prompts, or with
+``--eval-sets`` on the first turns of eval's sets (mt-bench, humaneval, sharegpt), and, with ``--save``,
+writes the draft with its training metadata for ``python -m torchspec_ext.eval --draft``.
 
     python scripts/cpu_budget_ab.py make-pool --pool /tmp/pool.pt --batches 60
     python scripts/cpu_budget_ab.py run --pool /tmp/pool.pt --cpu-seconds 840 --save /tmp/ab/dflash \\
@@ -35,6 +36,7 @@ from torchspec_ext import drafts, ops
 from torchspec_ext.data import short_prompts
 from torchspec_ext.drafts.base import training_metadata
 from torchspec_ext.eval import acceptance_lengths
+from torchspec_ext.evalsets import load_prompt_set, turn_prompt
 from torchspec_ext.target import stop_token_ids
 from torchspec_ext.teacher import Teacher, TeacherBatch
 from torchspec_ext.training.batches import Batches
@@ -130,6 +132,19 @@ def train_within(trainer, batch_of, teacher_cpu: list[float], cpu_seconds: float
     }
 
 
+def eval_prompts(sets: list[str], count: int, tokenizer, held_out, seed: int) -> dict[str, list[list[int]]]:
+    """The first turns of ``count`` prompts of each set (``held-out``: the held-out conversations as
+    train's check takes them; else eval's sets, chosen as eval chooses them), as token ids."""
+    prompts = {}
+    for name in sets:
+        if name == "held-out":
+            prompts[name] = short_prompts(held_out, tokenizer, count, max_prompt_tokens=256)
+        else:
+            found = load_prompt_set(name, tokenizer, limit=count, max_prompt_tokens=256, seed=seed)
+            prompts[name] = [turn_prompt(tokenizer, item) for item in found.items]
+    return prompts
+
+
 def run(args, train_argv: list[str]) -> dict:
     pool = torch.load(args.pool)
     config, target, tokenizer, train, held_out = setup(train_argv)
@@ -151,12 +166,13 @@ def run(args, train_argv: list[str]) -> dict:
     if args.save:
         draft.metadata = training_metadata(tokenizer, config.target, "float32", config.loss, config.responses)
         draft.save(args.save)
-    prompts = short_prompts(held_out, tokenizer, args.eval_prompts, max_prompt_tokens=256)
     modes = family.fit_modes(draft, family.decode_modes(4, 4, 16, 0.0))
+    eos = stop_token_ids(target, tokenizer)
     begin = time.process_time()
-    accepted = acceptance_lengths(
-        target, family, draft, prompts, args.eval_new_tokens, modes, stop_token_ids(target, tokenizer)
-    )
+    accepted = {}
+    for name, prompts in eval_prompts(args.eval_sets, args.eval_prompts, tokenizer, held_out, config.seed).items():
+        found = acceptance_lengths(target, family, draft, prompts, args.eval_new_tokens, modes, eos)
+        accepted[name] = {mode: round(v, 3) for mode, v in found.items()}
     return {
         "family": config.draft_family,
         "options": dataclasses.asdict(config.family_options),
@@ -166,7 +182,8 @@ def run(args, train_argv: list[str]) -> dict:
         "cpu_seconds": args.cpu_seconds,
         "pool_shapes": pool.get("shapes"),
         **found,
-        "acceptance_length": {k: round(v, 3) for k, v in accepted.items()},
+        "acceptance_length": accepted,
+        "eval_sets": {"sets": args.eval_sets, "prompts": args.eval_prompts, "new_tokens": args.eval_new_tokens},
         "eval_cpu_s": round(time.process_time() - begin, 1),
         "saved": str(args.save) if args.save else None,
     }
@@ -185,7 +202,9 @@ def main(argv=None) -> int:
     r.add_argument("--pool", type=Path, required=True)
     r.add_argument("--cpu-seconds", type=float, default=840, help="the CPU seconds charged (840: 14 minutes)")
     r.add_argument("--save", type=Path, help="write the draft here (for eval --draft)")
-    r.add_argument("--eval-prompts", type=int, default=8)
+    r.add_argument("--eval-prompts", type=int, default=8, help="per set")
+    sets_help = "held-out (train's check), or eval's sets: mt-bench, humaneval, sharegpt (first turns)"
+    r.add_argument("--eval-sets", nargs="+", default=["held-out"], help=sets_help)
     r.add_argument("--eval-new-tokens", type=int, default=64)
     r.add_argument("--out", type=Path, help="also write the report (JSON) here")
     args = p.parse_args(own)
