@@ -89,25 +89,29 @@ def replay_order(first: int, count: int, epochs: int, seed: int) -> list[int]:
     return order + [j for _ in range(epochs - 1) for j in torch.randperm(count, generator=gen).tolist()]
 
 
-def train_within(trainer, batch_of, teacher_cpu: list[float], cpu_seconds: float, epochs: int, seed: int) -> dict:
+def train_within(
+    trainer, batch_of, teacher_cpu: list[float], cpu_seconds: float, epochs: int, seed: int, steps: int | None = None
+) -> dict:
     """Steps of ``trainer`` on ``batch_of(j)`` until ``cpu_seconds`` are charged; the schedule's length
-    is planned after two steps, from their cost and the pool's mean teacher cost per replayed use."""
+    is planned after two steps, from their cost and the pool's mean teacher cost per replayed use.
+    With ``steps``, exactly that many (the same batches in the same order for every variant of a seed)."""
     spent, made, step_cpu, losses = 0.0, 0, [], []
     order = [0, 1]
     while True:
-        steps = len(step_cpu)
-        if steps == 2:
+        done = len(step_cpu)
+        if done == 2:
             per_step = sum(step_cpu) / 2 + sum(teacher_cpu) / len(teacher_cpu) / epochs
-            total = 2 + max(1, int((cpu_seconds - spent) / per_step))
+            total = steps or 2 + max(1, int((cpu_seconds - spent) / per_step))
             count = min(len(teacher_cpu), math.ceil(total / epochs))
             order = [0, 1] + replay_order(2, count, epochs, seed)
             trainer.total_steps = min(total, len(order))
             if len(order) < total:
                 print(f"[ab] the pool's {count} batches allow {len(order)} of the {total} steps the budget would",
                       file=sys.stderr)  # fmt: skip
-        if steps >= len(order) or (steps >= 2 and (steps >= trainer.total_steps or spent >= cpu_seconds)):
+        out_of_budget = steps is None and spent >= cpu_seconds
+        if done >= len(order) or (done >= 2 and (done >= trainer.total_steps or out_of_budget)):
             break
-        j = order[steps]
+        j = order[done]
         if j >= made:  # a teacher batch's first use: the target's forward is charged
             spent += sum(teacher_cpu[made : j + 1])
             made = j + 1
@@ -162,7 +166,9 @@ def run(args, train_argv: list[str]) -> dict:
         grad_clip=config.grad_clip,
     )  # fmt: skip
     batch_of = lambda j: pool_batch(pool, j, columns, t2d, hidden)
-    found = train_within(trainer, batch_of, pool["teacher_cpu_s"], args.cpu_seconds, config.epochs, config.seed)
+    trained = train_within(
+        trainer, batch_of, pool["teacher_cpu_s"], args.cpu_seconds, config.epochs, config.seed, args.steps
+    )
     if args.save:
         draft.metadata = training_metadata(tokenizer, config.target, "float32", config.loss, config.responses)
         draft.save(args.save)
@@ -171,17 +177,17 @@ def run(args, train_argv: list[str]) -> dict:
     begin = time.process_time()
     accepted = {}
     for name, prompts in eval_prompts(args.eval_sets, args.eval_prompts, tokenizer, held_out, config.seed).items():
-        found = acceptance_lengths(target, family, draft, prompts, args.eval_new_tokens, modes, eos)
-        accepted[name] = {mode: round(v, 3) for mode, v in found.items()}
+        lengths = acceptance_lengths(target, family, draft, prompts, args.eval_new_tokens, modes, eos)
+        accepted[name] = {mode: round(v, 3) for mode, v in lengths.items()}
     return {
         "family": config.draft_family,
         "options": dataclasses.asdict(config.family_options),
         "train_args": train_argv,
         "lr": config.lr,
         "loss": config.loss,
-        "cpu_seconds": args.cpu_seconds,
+        "cpu_seconds": None if args.steps else args.cpu_seconds,
         "pool_shapes": pool.get("shapes"),
-        **found,
+        **trained,
         "acceptance_length": accepted,
         "eval_sets": {"sets": args.eval_sets, "prompts": args.eval_prompts, "new_tokens": args.eval_new_tokens},
         "eval_cpu_s": round(time.process_time() - begin, 1),
@@ -201,6 +207,7 @@ def main(argv=None) -> int:
     r = sub.add_parser("run", help="train one variant on the pool within --cpu-seconds")
     r.add_argument("--pool", type=Path, required=True)
     r.add_argument("--cpu-seconds", type=float, default=840, help="the CPU seconds charged (840: 14 minutes)")
+    r.add_argument("--steps", type=int, help="train exactly this many steps instead (equal steps, not CPU)")
     r.add_argument("--save", type=Path, help="write the draft here (for eval --draft)")
     r.add_argument("--eval-prompts", type=int, default=8, help="per set")
     sets_help = "held-out (train's check), or eval's sets: mt-bench, humaneval, sharegpt (first turns)"
