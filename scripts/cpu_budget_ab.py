@@ -14,6 +14,11 @@ writes the draft with its training metadata for ``python -m torchspec_ext.eval -
     python scripts/cpu_budget_ab.py run --pool /tmp/pool.pt --cpu-seconds 840 --save /tmp/ab/dflash \\
         -- --draft-family dflash --lr 1e-3
     python -m torchspec_ext.eval --draft /tmp/ab/dflash --prompts mt-bench humaneval sharegpt
+    python scripts/cpu_budget_ab.py cost /tmp/ab/eagle3 /tmp/ab/dflash
+
+``cost`` charges a saved draft's proposer its CPU seconds while it decodes (every call of it: the
+draft's whole work) and reports them per decoding step and per proposed token, per mode, beside the
+whole step's.
 
 The arguments after ``--`` are train's: the family and its options, --lr, --loss, --warmup-steps,
 --epochs, --seed (make-pool's: --target, --data, --batch-size, --max-length, --topk; a run's batches
@@ -195,6 +200,62 @@ def run(args, train_argv: list[str]) -> dict:
     }
 
 
+class TimedProposer:
+    """A proposer whose calls (``reset``, ``observe``, ``propose``: all the draft's work) are charged
+    their CPU seconds, and whose proposals' nodes are counted."""
+
+    def __init__(self, proposer):
+        self.inner, self.feature_layers = proposer, proposer.feature_layers
+        self.cpu_s, self.proposals, self.nodes = 0.0, 0, 0
+
+    def _charged(self, call, *args):
+        begin = time.process_time()
+        result = call(*args)
+        self.cpu_s += time.process_time() - begin
+        return result
+
+    def reset(self, features):
+        self._charged(self.inner.reset, features)
+
+    def observe(self, features):
+        self._charged(self.inner.observe, features)
+
+    def propose(self, context):
+        tokens, parents = self._charged(self.inner.propose, context)
+        self.proposals += 1
+        self.nodes += len(tokens) - 1  # node 0 is the committed root
+        return tokens, parents
+
+
+def draft_cost(args) -> list[dict]:
+    """Per saved draft and decode mode: the draft's CPU per decoding step and per proposed token,
+    beside the whole step's (the target's verification included), greedy on held-out prompts."""
+    from torchspec_ext.eval import load_draft
+    from torchspec_ext.speculate import speculative_generate
+
+    config, target, tokenizer, _, held_out = setup([])
+    prompts = eval_prompts(["sharegpt"], args.prompts, tokenizer, held_out, config.seed)["sharegpt"]
+    eos, rows = stop_token_ids(target, tokenizer), []
+    for folder in args.drafts:
+        family, draft = load_draft(str(folder), target)
+        for mode, spec in family.fit_modes(draft, family.decode_modes(4, 4, 16, 0.0)).items():
+            timed, steps, tokens, begin = TimedProposer(family.proposer(draft, spec)), 0, 0, time.process_time()
+            for prompt in prompts:
+                result = speculative_generate(target, timed, prompt, args.new_tokens, eos_token_id=eos)
+                steps, tokens = steps + result.target_forwards, tokens + len(result.tokens)
+            step_ms = 1000 * (time.process_time() - begin) / steps
+            rows.append({
+                "draft": str(folder), "family": family.name, "mode": mode, "steps": steps,
+                "acceptance_length": round(tokens / steps, 3),
+                "nodes_per_proposal": round(timed.nodes / timed.proposals, 1),
+                "draft_ms_per_step": round(1000 * timed.cpu_s / steps, 1),
+                "draft_ms_per_proposed_token": round(1000 * timed.cpu_s / timed.nodes, 2),
+                "step_ms": round(step_ms, 1),
+            })  # fmt: skip
+            print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     train_argv = argv[argv.index("--") + 1 :] if "--" in argv else []
@@ -214,7 +275,14 @@ def main(argv=None) -> int:
     r.add_argument("--eval-sets", nargs="+", default=["held-out"], help=sets_help)
     r.add_argument("--eval-new-tokens", type=int, default=64)
     r.add_argument("--out", type=Path, help="also write the report (JSON) here")
+    cost = sub.add_parser("cost", help="the draft's CPU per step and per proposed token, per mode, of saved drafts")
+    cost.add_argument("drafts", nargs="+", type=Path)
+    cost.add_argument("--prompts", type=int, default=4)
+    cost.add_argument("--new-tokens", type=int, default=48)
     args = p.parse_args(own)
+    if args.command == "cost":
+        draft_cost(args)
+        return 0
     if args.command == "make-pool":
         make_pool(args.batches, args.pool, train_argv)
         return 0
