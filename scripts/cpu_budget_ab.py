@@ -229,13 +229,20 @@ class TimedProposer:
 
 def draft_cost(args) -> list[dict]:
     """Per saved draft and decode mode: the draft's CPU per decoding step and per proposed token,
-    beside the whole step's (the target's verification included), greedy on held-out prompts."""
-    from torchspec_ext.eval import load_draft
+    beside the whole step's (the target's verification included), greedy on held-out prompts; and the
+    speed-up over plain decoding (transformers' generate) that these CPU seconds give."""
+    from torchspec_ext.eval import generate_decode, load_draft
     from torchspec_ext.speculate import speculative_generate
 
     config, target, tokenizer, _, held_out = setup([])
     prompts = eval_prompts(["sharegpt"], args.prompts, tokenizer, held_out, config.seed)["sharegpt"]
     eos, rows = stop_token_ids(target, tokenizer), []
+    generate_decode(target, prompts[0], 4, 0.0, eos)  # warm-up
+    begin, plain_tokens = time.process_time(), 0
+    for prompt in prompts:
+        plain_tokens += len(generate_decode(target, prompt, args.new_tokens, 0.0, eos).tokens)
+    plain_ms = 1000 * (time.process_time() - begin) / plain_tokens
+    print(json.dumps({"plain_ms_per_token": round(plain_ms, 1)}), flush=True)
     for folder in args.drafts:
         family, draft = load_draft(str(folder), target)
         for mode, spec in family.fit_modes(draft, family.decode_modes(4, 4, 16, 0.0)).items():
@@ -251,6 +258,7 @@ def draft_cost(args) -> list[dict]:
                 "draft_ms_per_step": round(1000 * timed.cpu_s / steps, 1),
                 "draft_ms_per_proposed_token": round(1000 * timed.cpu_s / timed.nodes, 2),
                 "step_ms": round(step_ms, 1),
+                "speedup_over_plain": round(tokens / steps * plain_ms / step_ms, 2),
             })  # fmt: skip
             print(json.dumps(rows[-1]), flush=True)
     return rows
