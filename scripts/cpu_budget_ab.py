@@ -37,7 +37,7 @@ from pathlib import Path
 
 import torch
 
-from torchspec_ext import drafts, ops
+from torchspec_ext import atomic, drafts, ops
 from torchspec_ext.data import short_prompts
 from torchspec_ext.drafts.base import training_metadata
 from torchspec_ext.eval import acceptance_lengths
@@ -177,6 +177,7 @@ def run(args, train_argv: list[str]) -> dict:
     if args.save:
         draft.metadata = training_metadata(tokenizer, config.target, "float32", config.loss, config.responses)
         draft.save(args.save)
+        atomic.make_readable(args.save)  # as train's draft folder: readable by the engines' users
     modes = family.fit_modes(draft, family.decode_modes(4, 4, 16, 0.0))
     eos = stop_token_ids(target, tokenizer)
     begin = time.process_time()
