@@ -6,8 +6,8 @@ with the CPU seconds the teacher took. ``run`` trains one variant on that pool: 
 seconds for each teacher batch it uses plus the CPU seconds (``time.process_time``) of its own steps,
 replays each batch ``--epochs`` times as train does on a CPU (the first pass in order, then shuffled),
 on train's warm-up + cosine schedule sized from its first steps' cost, until ``--cpu-seconds`` are
-spent. It prints the greedy acceptance length (no load changes it) on held-out prompts, or with
-``--eval-sets`` on the first turns of eval's sets (mt-bench, humaneval, sharegpt), and, with ``--save``,
+spent. It prints the greedy acceptance length (no load changes it) on the first turns of eval's sets
+(``--eval-sets``: mt-bench, humaneval, sharegpt, the held-out split; sharegpt by default), and, with ``--save``,
 writes the draft with its training metadata for ``python -m torchspec_ext.eval --draft``.
 
     python scripts/cpu_budget_ab.py make-pool --pool /tmp/pool.pt --batches 60
@@ -38,7 +38,6 @@ from pathlib import Path
 import torch
 
 from torchspec_ext import atomic, drafts, ops
-from torchspec_ext.data import short_prompts
 from torchspec_ext.drafts.base import training_metadata
 from torchspec_ext.eval import acceptance_lengths
 from torchspec_ext.evalsets import load_prompt_set, turn_prompt
@@ -141,22 +140,16 @@ def train_within(
     }
 
 
-def eval_prompts(sets: list[str], count: int, tokenizer, held_out, seed: int) -> dict[str, list[list[int]]]:
-    """The first turns of ``count`` prompts of each set (``held-out``: the held-out conversations as
-    train's check takes them; else eval's sets, chosen as eval chooses them), as token ids."""
-    prompts = {}
-    for name in sets:
-        if name == "held-out":
-            prompts[name] = short_prompts(held_out, tokenizer, count, max_prompt_tokens=256)
-        else:
-            found = load_prompt_set(name, tokenizer, limit=count, max_prompt_tokens=256, seed=seed)
-            prompts[name] = [turn_prompt(tokenizer, item) for item in found.items]
-    return prompts
+def eval_prompts(sets: list[str], count: int, tokenizer, seed: int) -> dict[str, list[list[int]]]:
+    """The first turns of ``count`` prompts of each of eval's sets, chosen as eval chooses them, as
+    token ids (``sharegpt``: the held-out conversations, the prompts of train's own check)."""
+    chosen = {name: load_prompt_set(name, tokenizer, limit=count, max_prompt_tokens=256, seed=seed) for name in sets}
+    return {name: [turn_prompt(tokenizer, item) for item in found.items] for name, found in chosen.items()}
 
 
 def run(args, train_argv: list[str]) -> dict:
     pool = torch.load(args.pool)
-    config, target, tokenizer, train, held_out = setup(train_argv)
+    config, target, tokenizer, train, _ = setup(train_argv)
     torch.manual_seed(config.seed)
     family = drafts.family(config.draft_family)
     draft = new_draft(family, target, Batches(train, tokenizer, 1, config.max_length, config.seed), config)
@@ -182,7 +175,7 @@ def run(args, train_argv: list[str]) -> dict:
     eos = stop_token_ids(target, tokenizer)
     begin = time.process_time()
     accepted = {}
-    for name, prompts in eval_prompts(args.eval_sets, args.eval_prompts, tokenizer, held_out, config.seed).items():
+    for name, prompts in eval_prompts(args.eval_sets, args.eval_prompts, tokenizer, config.seed).items():
         lengths = acceptance_lengths(target, family, draft, prompts, args.eval_new_tokens, modes, eos)
         accepted[name] = {mode: round(v, 3) for mode, v in lengths.items()}
     return {
@@ -235,8 +228,8 @@ def draft_cost(args) -> list[dict]:
     from torchspec_ext.eval import generate_decode, load_draft
     from torchspec_ext.speculate import speculative_generate
 
-    config, target, tokenizer, _, held_out = setup([])
-    prompts = eval_prompts(["sharegpt"], args.prompts, tokenizer, held_out, config.seed)["sharegpt"]
+    config, target, tokenizer, _, _ = setup([])
+    prompts = eval_prompts(["sharegpt"], args.prompts, tokenizer, config.seed)["sharegpt"]
     eos, rows = stop_token_ids(target, tokenizer), []
     generate_decode(target, prompts[0], 4, 0.0, eos)  # warm-up
     begin, plain_tokens = time.process_time(), 0
@@ -280,8 +273,7 @@ def main(argv=None) -> int:
     r.add_argument("--steps", type=int, help="train exactly this many steps instead (equal steps, not CPU)")
     r.add_argument("--save", type=Path, help="write the draft here (for eval --draft)")
     r.add_argument("--eval-prompts", type=int, default=8, help="per set")
-    sets_help = "held-out (train's check), or eval's sets: mt-bench, humaneval, sharegpt (first turns)"
-    r.add_argument("--eval-sets", nargs="+", default=["held-out"], help=sets_help)
+    r.add_argument("--eval-sets", nargs="+", default=["sharegpt"], help="eval's sets (first turns)")
     r.add_argument("--eval-new-tokens", type=int, default=64)
     r.add_argument("--out", type=Path, help="also write the report (JSON) here")
     cost = sub.add_parser("cost", help="the draft's CPU per step and per proposed token, per mode, of saved drafts")
