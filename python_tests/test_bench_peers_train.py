@@ -8,6 +8,7 @@ import json
 
 import pytest
 
+from torchspec_ext import drafts
 from torchspec_ext.bench import __main__ as bench_cli
 from torchspec_ext.bench import (
     peers_context,
@@ -129,6 +130,34 @@ def test_specforge_recipe_fits_one_batch_and_its_draft_runs_in_our_eval(tiny_tar
     folder = trainer.export(tmp_path / "draft")
     assert Eagle3Draft.load(folder).config.feature_layers == [i + 1 for i in recipe.recipe.capture_layers]
     assert peers_eval.validation_acceptance(context, folder, 4) >= 1
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("specforge") is None, reason="SpecForge is not installed (pip install --no-deps specforge)"
+)
+def test_specforge_dflash_recipe_fits_one_batch_and_its_draft_runs_in_our_eval(tiny_target, tmp_path):
+    """SpecForge's DFlash step on a batch captured from our target (its 512 anchors cover every position of
+    these short conversations, so each step sees the same blocks): its loss falls at every one of repeated
+    steps, and the exported draft, with our draft's mask token, loads as ours and decodes through our eval."""
+    argv = tiny_options(tiny_target, tmp_path) + ["--family", "dflash", "--out", str(tmp_path / "out")]
+    args = parse(argv)
+    context = peers_context.make_context(args, peers_context.Settings.of(args), 0)
+    recipe = peers_recipes.SpecForge(context)
+    assert recipe.recipe.describe()["strategy"] == "dflash"
+    batch = recipe.make_batch(0)
+    trainer = recipe.trainer(32, 1e-3)  # the learning rate stays well above zero for 8 steps
+    losses = [trainer.step(batch) for _ in range(8)]
+    assert all(b < a for a, b in zip(losses, losses[1:])), losses
+    folder = trainer.export(tmp_path / "draft")
+    family, draft = drafts.load_draft(folder, context.target)
+    assert family.name == "dflash" and draft.config.mask_token_id == context.run.draft.config.mask_token_id
+    assert draft.config.feature_layers == [i + 1 for i in recipe.recipe.capture_layers]
+    assert peers_eval.validation_acceptance(context, folder, 4) >= 1
+
+
+def test_losses_refuse_a_family_other_than_eagle3(tmp_path):
+    with pytest.raises(SystemExit, match="--compare losses compares EAGLE-3 losses"):
+        peers_train.run(parse(["--compare", "losses", "--family", "dflash", "--out", str(tmp_path)]))
 
 
 def test_losses_end_to_end_on_a_tiny_target_with_a_fake_peer(tiny_target, tmp_path, monkeypatch):

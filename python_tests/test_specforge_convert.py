@@ -151,3 +151,48 @@ def test_a_real_specforge_draft_converts_with_the_logits_of_its_own_training_for
     for step, (theirs, own) in enumerate(zip(recorded, mine)):
         assert theirs.abs().max() > 1  # not a degenerate case
         torch.testing.assert_close(own, theirs, rtol=1e-4, atol=1e-4, msg=f"TTT step {step}")
+
+
+@pytest.mark.skipif(not HAS_SPECFORGE, reason="SpecForge is not installed (pip install --no-deps specforge==0.2.0)")
+def test_a_real_specforge_dflash_draft_converts_with_the_outputs_of_its_own_forward(tmp_path):
+    """SpecForge's DFlashDraftModel, every weight random, saved as SpecForge saves it: once converted,
+    our draft's block over the same context features gives its hidden states."""
+    from specforge.modeling.draft.dflash import DFlashDraftModel
+    from transformers import Qwen3Config
+
+    from torchspec_ext import drafts
+    from torchspec_ext.bench.specforge_convert import convert_specforge_dflash
+
+    torch.manual_seed(0)
+    config = Qwen3Config(
+        architectures=["DFlashDraftModel"], hidden_size=32, intermediate_size=48, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, vocab_size=64, num_hidden_layers=2, num_target_layers=6, block_size=4,
+        layer_types=["full_attention"] * 2, rms_norm_eps=1e-5, max_position_embeddings=128,
+        rope_parameters={"rope_theta": 5000.0, "rope_type": "default"},
+        dflash_config={"target_layer_ids": [1, 3], "mask_token_id": 5},
+    )  # fmt: skip
+    config._attn_implementation = "sdpa"
+    model = DFlashDraftModel(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn_like(p) * 0.3 + (1.0 if p.dim() == 1 else 0.0))
+    embedding = torch.nn.Embedding(64, 32)
+    t, block = 7, torch.tensor([[9, 5, 5, 5]])
+    features = torch.randn(1, t, 64)
+    with torch.no_grad():
+        theirs = model(
+            position_ids=torch.arange(t + 4)[None], noise_embedding=embedding(block), target_hidden=features
+        )  # fmt: skip
+    model.save_pretrained(tmp_path / "specforge")
+    out = convert_specforge_dflash(tmp_path / "specforge", tmp_path / "ours", {"note": "converted"})
+    family, ours = drafts.load_draft(out)
+    assert family.name == "dflash" and ours.metadata == {"note": "converted"}
+    assert ours.config.feature_layers == [2, 4] and ours.config.mask_token_id == 5 and ours.config.block_size == 4
+    ours.embed_tokens.weight.data.copy_(embedding.weight)
+    anchors = torch.tensor([[t]])
+    with torch.no_grad():
+        mine = ours.run_blocks(
+            ours.context(features), block[None], t + torch.arange(4)[None, None], ours.attention_masks(anchors, t)
+        )
+    assert theirs.abs().max() > 0.5  # not a degenerate case
+    torch.testing.assert_close(mine[0], theirs, rtol=1e-4, atol=1e-4)

@@ -69,6 +69,14 @@ class Context:
         """Teacher batches a run may use (those after it are the validation prompts' conversations)."""
         return len(self.batches) - reserved_batches(len(self.batches))
 
+    @property
+    def specforge_dtype(self) -> str:
+        """The dtype SpecForge's recipes train in: ``--specforge-dtype``, else its bfloat16 where the CPU
+        multiplies it natively and float32 elsewhere (:func:`~torchspec_ext.bench.specforge_recipes.default_dtype`)."""
+        from torchspec_ext.bench.specforge_recipes import default_dtype
+
+        return self.args.specforge_dtype or default_dtype()
+
     def tokens(self, j: int) -> int:
         return self.batches.tokens(j)[1].numel()
 
@@ -80,6 +88,7 @@ def make_context(args, settings: Settings, seed: int) -> Context:
 
     argv = ["--device", "cpu", "--batch-size", str(args.batch_size), "--max-length", str(settings.max_length)]
     argv += ["--target-dtype", args.target_dtype, "--epochs", "1", "--max-steps", "1", "--seed", str(seed)]
+    argv += ["--draft-family", args.family]
     argv += ["--target", args.target] * bool(args.target) + ["--data", args.data] * bool(args.data)
     argv += ["--lr", str(args.lr)] * (args.lr is not None)
     run = build_run(parse_args(argv))

@@ -11,35 +11,39 @@ from torchspec_ext.bench.peers_context import MODES, SETS, Context
 from torchspec_ext.bench.report import Column, fmt_fixed
 
 
+def harness_modes(family, depth: int, topk: int, max_nodes: int) -> dict:
+    """The report's two modes in ``family``'s shapes: "chain" (EAGLE-3's chain of ``depth``, a block
+    draft's whole block: its published verification) and "tree"."""
+    shaped = family.decode_modes(depth, topk, max_nodes, 0.0)
+    return dict(zip(MODES, (next(iter(shaped.values())), shaped["tree"])))
+
+
 def validation_acceptance(context: Context, directory: Path, new_tokens: int) -> float:
     """Greedy chain acceptance length of the draft in ``directory`` on the validation prompts."""
     from torchspec_ext import drafts
     from torchspec_ext.eval import acceptance_lengths
-    from torchspec_ext.speculate import TreeSpec
     from torchspec_ext.target import stop_token_ids
 
     family, draft = drafts.load_draft(directory, context.target)
     eos = stop_token_ids(context.target, context.batches.tokenizer)
-    depth = context.run.config.eval_depth
-    chain = {"chain": TreeSpec.chain(depth)}
+    config = context.run.config
+    chain = {"chain": harness_modes(family, config.eval_depth, config.eval_tree_topk, config.eval_tree_nodes)["chain"]}
     return acceptance_lengths(context.target, family, draft, context.validation, new_tokens, chain, eos)["chain"]
 
 
 def evaluate(context: Context, directory: Path, name: str) -> dict:
     """``eval`` of the draft in ``directory`` on the standard sets (chain and tree), written beside it
     as ``eval.json``; returns {(set, mode): row}."""
+    from torchspec_ext import drafts
     from torchspec_ext import eval as evaluation
-    from torchspec_ext.speculate import TreeSpec
 
     args, s = context.args, context.settings
     argv = ["--draft", str(directory), "--prompts", *SETS, "--limit", str(s.limit)]
     argv += ["--max-new-tokens", str(s.max_new_tokens), "--seed", str(context.seed), "--dtype", args.target_dtype]
     argv += ["--target", args.target] * bool(args.target) + ["--data", args.data] * bool(args.data)
     eval_args = evaluation.parse_args(argv)
-    modes = {
-        "chain": TreeSpec.chain(eval_args.depth),
-        "tree": TreeSpec(eval_args.depth, eval_args.topk, eval_args.max_nodes),
-    }
+    family = drafts.family_of_config(json.loads((directory / "config.json").read_text()), directory)
+    modes = harness_modes(family, eval_args.depth, eval_args.topk, eval_args.max_nodes)
     print(f"[bench peers-train] eval: {name} ({directory})", file=sys.stderr)
     report = evaluation.evaluate(eval_args, modes)
     (directory / "eval.json").write_text(json.dumps(report, indent=2, default=str))

@@ -1,8 +1,7 @@
 """The recipes ``bench peers-train`` trains: ours (``python -m torchspec_ext.train``'s) and SpecForge's
-EAGLE-3 (:mod:`torchspec_ext.bench.specforge_recipes`), behind one interface. A recipe has
-``make_batch(j)`` (teacher batch ``j``, running the target) and ``trainer(steps, lr)`` (a fresh draft
-whose trainer has ``step(batch)`` and ``export(folder)``, the folder in our layout): SpecForge's
-DFlash, once our DFlash family lands, is one more class and one more entry in :data:`RECIPES`."""
+(:mod:`torchspec_ext.bench.specforge_recipes`) of the run's draft family (EAGLE-3 or DFlash), behind one
+interface. A recipe has ``make_batch(j)`` (teacher batch ``j``, running the target) and ``trainer(steps,
+lr)`` (a fresh draft whose trainer has ``step(batch)`` and ``export(folder)``, the folder in our layout)."""
 
 from __future__ import annotations
 
@@ -73,20 +72,28 @@ class OursTrainer:
 
 
 class SpecForge:
-    """SpecForge's EAGLE-3 recipe (:class:`~torchspec_ext.bench.specforge_recipes.SpecForgeEagle3`)
-    on the context's target and batches; exports convert its draft to our folder layout."""
+    """SpecForge's recipe of the run's family (:mod:`~torchspec_ext.bench.specforge_recipes`:
+    ``SpecForgeEagle3``, ``SpecForgeDFlash``) on the context's target and batches; exports convert its
+    draft to our folder layout."""
 
     name = "specforge"
 
     def __init__(self, context: Context):
-        from torchspec_ext.bench.specforge_recipes import SpecForgeEagle3
+        from torchspec_ext.bench.specforge_recipes import SpecForgeDFlash, SpecForgeEagle3
 
         run = context.run
-        sample = run.config.family_options.vocab_sample
-        self.recipe = SpecForgeEagle3(
-            run.target, run.online.batches.tokenizer, run.online.batches, run.online.batches.conversations[:sample],
-            context.workdir, context.seed,
-        )  # fmt: skip
+        batches = run.online.batches
+        if run.config.draft_family == "dflash":
+            self.recipe = SpecForgeDFlash(
+                run.target, batches.tokenizer, batches, run.draft.config.mask_token_id, context.workdir, context.seed,
+                context.specforge_dtype,
+            )  # fmt: skip
+        else:
+            sample = run.config.family_options.vocab_sample
+            self.recipe = SpecForgeEagle3(
+                run.target, batches.tokenizer, batches, batches.conversations[:sample], context.workdir, context.seed,
+                context.specforge_dtype,
+            )  # fmt: skip
         self.context, self.default_lr = context, self.recipe.default_lr
         self.metadata = dict(run.draft.metadata, loss=SPECFORGE_KL, target_dtype=context.args.target_dtype)
 

@@ -1,15 +1,15 @@
-"""``bench peers-train``: SpecForge's EAGLE-3 training recipe against ours, on the same target, data
-split, batch order and CPU minutes, each draft then measured by ``eval`` with the same decoder.
+"""``bench peers-train``: SpecForge's training recipe against ours for one draft family (``--family``:
+EAGLE-3, the default, or DFlash), on the same target, data split, batch order and CPU minutes, each
+draft then measured by ``eval`` with the same decoder.
 
 Both recipes train on one process's target (the embedded SmolLM2-135M-Instruct unless ``--target``),
 on the token batches of one :class:`~torchspec_ext.training.batches.Batches` (our split of the data,
 our batch order, ``--batch-size`` x ``--max-length``), each teacher batch trained on ``--epochs``
 times in the same seeded order (our ``--epochs`` replay; SpecForge's offline records). Our recipe
-is ``python -m torchspec_ext.train``'s draft, teacher and trainer; SpecForge's is in
+is ``python -m torchspec_ext.train --draft-family F``'s draft, teacher and trainer; SpecForge's is in
 :mod:`torchspec_ext.bench.specforge_recipes`. A recipe is anything with ``make_batch(j)`` (teacher
 batch ``j``, running the target) and ``trainer(steps, lr)`` (a fresh draft whose trainer has
-``step(batch)`` and ``export(folder)``, the folder in our layout): adding SpecForge's DFlash once
-our DFlash family lands is one recipe class and one entry in :data:`RECIPES`.
+``step(batch)`` and ``export(folder)``, the folder in our layout), listed in :data:`RECIPES`.
 
 ``--compare recipes`` (the default):
 
@@ -47,6 +47,7 @@ from torchspec_ext.bench.peers_recipes import RECIPES, Recipe
 from torchspec_ext.bench.peers_timing import measure_throughput, plan_for, train
 from torchspec_ext.bench.report import TARGET_COLUMNS, Column, Report, environment_header, fmt_fixed, fmt_num
 
+FAMILIES = ("eagle3", "dflash")  # those SpecForge's recipes here train
 TARGET_SPEEDUP = 1.5  # ours / SpecForge's tokens per second on new batches
 DEFAULT_OUT = Path("torchspec_out") / "peers"
 
@@ -71,6 +72,9 @@ def _ints(text: str) -> list[int]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compare", choices=("recipes", "losses"), default="recipes")
+    parser.add_argument(
+        "--family", choices=FAMILIES, default="eagle3", help="the draft family both recipes train (--compare recipes)"
+    )
     parser.add_argument("--target", default=None, help="a Hugging Face causal-LM directory (default: SmolLM2-135M)")
     parser.add_argument("--data", default=None, help="chat JSON/JSONL (default: ShareGPT)")
     parser.add_argument("--target-dtype", default="float32", choices=("float32", "bfloat16"))
@@ -85,6 +89,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=_floats,
         default=None,
         help="SpecForge's learning-rate sweep (default: its own default, then 3e-4,1e-3,3e-3; quick: default,1e-3)",
+    )
+    parser.add_argument(
+        "--specforge-dtype",
+        choices=("bfloat16", "float32"),
+        default=None,
+        help="SpecForge's training dtype (default: its bfloat16 where the CPU multiplies it natively, else float32)",
     )
     parser.add_argument("--throughput-batches", type=int, default=None, help="timed new batches (default 3; quick 1)")
     parser.add_argument("--lr", type=float, default=None, help="our learning rate (default: train's)")
@@ -108,6 +118,8 @@ def run(args) -> Report:
     from torchspec_ext.bench.specforge_recipes import specforge_problem
     from torchspec_ext.train import subnormals_flushed
 
+    if args.compare == "losses" and args.family != "eagle3":
+        raise SystemExit("bench peers-train --compare losses compares EAGLE-3 losses: leave --family eagle3")
     problem = specforge_problem()
     if problem:
         raise Skipped(problem)
@@ -182,7 +194,8 @@ def compare_recipes(args, settings: Settings) -> Report:
     report.header = environment_header(
         torch.device("cpu"), "each step timed with time.monotonic, the target's forward included"
     ) | {
-        "case": f"same batches ({args.batch_size} x up to {settings.max_length} tokens, seed {args.seed}), each "
+        "case": f"{args.family} drafts; same batches ({args.batch_size} x up to {settings.max_length} tokens, "
+        f"seed {args.seed}), each "
         f"trained on {args.epochs} times; {settings.minutes:g} min per training run; eval on {', '.join(SETS)}, "
         f"{settings.limit} prompts per set, {settings.max_new_tokens} new tokens per turn",
         "ours": ours.describe(),
