@@ -136,14 +136,17 @@ def test_specforge_recipe_fits_one_batch_and_its_draft_runs_in_our_eval(tiny_tar
     importlib.util.find_spec("specforge") is None, reason="SpecForge is not installed (pip install --no-deps specforge)"
 )
 def test_specforge_dflash_recipe_fits_one_batch_and_its_draft_runs_in_our_eval(tiny_target, tmp_path):
-    """SpecForge's DFlash step on a batch captured from our target (its 512 anchors cover every position of
-    these short conversations, so each step sees the same blocks): its loss falls at every one of repeated
-    steps, and the exported draft, with our draft's mask token, loads as ours and decodes through our eval."""
+    """SpecForge's DFlash step on a batch captured from our target, with our draft's anchor count and mask
+    token: with anchors at every position of these short conversations (so each step sees the same blocks)
+    its loss falls at every one of repeated steps, and the exported draft loads as ours and decodes through
+    our eval."""
     argv = tiny_options(tiny_target, tmp_path) + ["--family", "dflash", "--out", str(tmp_path / "out")]
     args = parse(argv)
     context = peers_context.make_context(args, peers_context.Settings.of(args), 0)
     recipe = peers_recipes.SpecForge(context)
-    assert recipe.recipe.describe()["strategy"] == "dflash"
+    described = recipe.recipe.describe()
+    assert described["strategy"] == "dflash" and described["num_anchors"] == 16  # ours on a CPU
+    recipe.recipe.num_anchors = 512  # more than any conversation here has positions
     batch = recipe.make_batch(0)
     trainer = recipe.trainer(32, 1e-3)  # the learning rate stays well above zero for 8 steps
     losses = [trainer.step(batch) for _ in range(8)]

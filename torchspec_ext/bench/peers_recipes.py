@@ -85,8 +85,8 @@ class SpecForge:
         batches = run.online.batches
         if run.config.draft_family == "dflash":
             self.recipe = SpecForgeDFlash(
-                run.target, batches.tokenizer, batches, run.draft.config.mask_token_id, context.workdir, context.seed,
-                context.specforge_dtype,
+                run.target, batches.tokenizer, batches, run.draft.config.mask_token_id,
+                run.config.family_options.num_anchors, context.workdir, context.seed, context.specforge_dtype,
             )  # fmt: skip
         else:
             sample = run.config.family_options.vocab_sample

@@ -298,15 +298,19 @@ class SpecForgeEagle3(SpecForgeRecipe):
 
 
 class SpecForgeDFlash(SpecForgeRecipe):
-    """SpecForge's DFlash recipe at its defaults (a draft of one layer, blocks of 16, 512 anchors a
-    conversation, its hard-label loss without position decay), but for the mask token: ``mask_token_id``,
-    the one our DFlash draft uses. SpecForge would otherwise fall back to the tokenizer's pad or eos
-    token, which the data holds; the harness writes no tokenizer beside the target it hands SpecForge."""
+    """SpecForge's DFlash recipe at its defaults (a draft of one layer, blocks of 16, its hard-label loss
+    without position decay) but for two settings it gets from ours, as both get the same batches:
+    ``num_anchors``, the blocks trained per conversation (SpecForge's 512 is a GPU's choice: on a CPU
+    one step of them takes minutes; ours takes 16 there), and ``mask_token_id``, our draft's mask
+    token (SpecForge would fall back to the tokenizer's pad or eos token, which the data holds; the
+    harness writes no tokenizer beside the target it hands SpecForge)."""
 
     name, strategy = "specforge-dflash", "dflash"
 
-    def __init__(self, target, tokenizer, batches, mask_token_id: int, workdir: Path, seed: int, dtype: str):
-        self.mask_token_id = mask_token_id
+    def __init__(
+        self, target, tokenizer, batches, mask_token_id: int, num_anchors: int, workdir: Path, seed: int, dtype: str
+    ):
+        self.mask_token_id, self.num_anchors = mask_token_id, num_anchors
         super().__init__(target, tokenizer, batches, workdir, seed, dtype)
 
     def create_registration(self):
@@ -315,7 +319,7 @@ class SpecForgeDFlash(SpecForgeRecipe):
         return create_registration()
 
     def settings(self) -> dict:
-        return {"model": {"mask_token_id": self.mask_token_id}}
+        return {"model": {"mask_token_id": self.mask_token_id}, "training": {"num_anchors": self.num_anchors}}
 
     def describe(self) -> dict:
         t = self.config(1, self.default_lr).training
