@@ -5,8 +5,10 @@ The conversion of SpecForge's drafts is tested in test_specforge_convert.py."""
 import argparse
 import importlib.util
 import json
+import math
 
 import pytest
+import torch
 
 from torchspec_ext import drafts
 from torchspec_ext.bench import __main__ as bench_cli
@@ -156,6 +158,35 @@ def test_specforge_dflash_recipe_fits_one_batch_and_its_draft_runs_in_our_eval(t
     assert family.name == "dflash" and draft.config.mask_token_id == context.run.draft.config.mask_token_id
     assert draft.config.feature_layers == [i + 1 for i in recipe.recipe.capture_layers]
     assert peers_eval.validation_acceptance(context, folder, 4) >= 1
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("specforge") is None, reason="SpecForge is not installed (pip install --no-deps specforge)"
+)
+def test_specforge_dflash_drops_what_its_preprocessing_drops(tiny_target, tmp_path, monkeypatch):
+    """A conversation without two consecutive supervised tokens is left out of SpecForge's DFlash batch, as
+    its preprocessing leaves it out; a batch of nothing else is no step, and the last loss stands."""
+    args = parse(tiny_options(tiny_target, tmp_path) + ["--family", "dflash", "--out", str(tmp_path / "out")])
+    context = peers_context.make_context(args, peers_context.Settings.of(args), 0)
+    recipe = peers_recipes.SpecForge(context)
+    real = specforge_recipes.tokenize_conversation
+    starved = {0}
+
+    def tokenize(tokenizer, conversation, max_length):
+        ids, mask = real(tokenizer, conversation, max_length)
+        if conversation == context.batches.conversations_of(0)[0] or 1 in starved:
+            mask = torch.zeros_like(mask)
+            mask[-1] = True  # one supervised token, no pair
+        return ids, mask
+
+    monkeypatch.setattr(specforge_recipes, "tokenize_conversation", tokenize)
+    batch = recipe.make_batch(0)
+    assert batch is not None and batch.sample_ids == ["0/1"]
+    trainer = recipe.trainer(4, 1e-3)
+    assert math.isnan(trainer.step(None))
+    loss = trainer.step(batch)
+    starved.add(1)
+    assert recipe.make_batch(0) is None and trainer.step(None) == loss
 
 
 def test_losses_refuse_a_family_other_than_eagle3(tmp_path):

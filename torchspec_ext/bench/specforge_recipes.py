@@ -206,9 +206,15 @@ class SpecForgeRecipe:
         out = self.target.model(ids.to(device), output_hidden_states=True)
         # SGLang's layer i is the output of decoder layer i: transformers' hidden_states[i + 1].
         aux = torch.cat([out.hidden_states[i + 1] for i in self.capture_layers], -1)
-        records = [self.normalize(self.record(ids_, mask, out, aux, row)) for row, (ids_, mask) in enumerate(pairs)]
+        # SpecForge's preprocessing drops what its algorithm cannot train on (DFlash: a conversation
+        # without two consecutive supervised tokens); a batch of nothing else is no step (None).
+        usable = self.registration.providers.model.loss_mask_filter or (lambda mask: True)
+        kept = [(row, ids_, mask) for row, (ids_, mask) in enumerate(pairs) if usable(mask.long())]
+        if not kept:
+            return None
+        records = [self.normalize(self.record(ids_, mask, out, aux, row)) for row, ids_, mask in kept]
         return TrainBatch(
-            sample_ids=[f"{j}/{r}" for r in range(len(records))],
+            sample_ids=[f"{j}/{row}" for row, _, _ in kept],
             strategy=self.strategy,
             tensors=self.collate(records),
             metadata=self.batch_metadata(),
@@ -343,12 +349,18 @@ class SpecForgeTrainer:
 
     def __init__(self, core, draft_model, convert, lr: float):
         self.core, self.draft_model, self.convert, self.lr = core, draft_model, convert, lr
+        self.last_loss = math.nan
 
     def step(self, batch) -> float:
+        """One training step on ``batch``; a batch SpecForge's preprocessing left empty (None) is none,
+        and the last loss stands (NaN before the first)."""
+        if batch is None:
+            return self.last_loss
         with cpu_adapted():
             result = self.core.train_step(batch)
         if not math.isfinite(result.loss):
             raise FloatingPointError("SpecForge's loss is not finite")
+        self.last_loss = result.loss
         return result.loss
 
     def export(self, directory: Path, metadata: dict | None = None, target_num_layers: int = 0) -> Path:
