@@ -306,8 +306,8 @@ class SpecForgeEagle3(SpecForgeRecipe):
 class SpecForgeDFlash(SpecForgeRecipe):
     """SpecForge's DFlash recipe at its defaults (a draft of one layer, blocks of 16, its hard-label loss
     without position decay) but for two settings it gets from ours, as both get the same batches:
-    ``num_anchors``, the blocks trained per conversation (SpecForge's 512 is a GPU's choice: on a CPU
-    one step of them takes minutes; ours takes 16 there), and ``mask_token_id``, our draft's mask
+    ``num_anchors``, the blocks trained per conversation (SpecForge's 512 is a GPU's choice, 32 times
+    the blocks ours trains on a CPU), and ``mask_token_id``, our draft's mask
     token (SpecForge would fall back to the tokenizer's pad or eos token, which the data holds; the
     harness writes no tokenizer beside the target it hands SpecForge)."""
 
