@@ -120,46 +120,33 @@ def convert_specforge_draft(
     return destination
 
 
-DFLASH_ARCHITECTURE = "DFlashDraftModel"
-
-
 def convert_specforge_dflash(
     source: Path, destination: Path, metadata: dict | None = None, target_num_layers: int = 0
 ) -> Path:
     """A SpecForge DFlash draft folder (``save_pretrained``'s config.json and model.safetensors) written
     as this package's DFlash draft folder, which ``eval`` loads.
 
-    SpecForge's ``DFlashDraftModel`` is z-lab's network, which ours is too: the same tensor names,
-    and a config our loader reads (``dflash_config``'s capture layers and mask token, ``block_size``,
-    ``layer_types``). The target's embedding and LM head are not in the folder: ours take them from
-    the target. Raises ConversionError for a draft of SpecForge's DFlash variants that ours does not run
-    (a projector, a shifted label, a pure-draft prefix) or whose tensors do not match."""
-    from safetensors.torch import load_file
-
-    from torchspec_ext.drafts.dflash.config import DFlashConfig
-    from torchspec_ext.drafts.dflash.model import DFlashDraft
+    SpecForge's ``DFlashDraftModel`` is z-lab's network, which ours is too: our DFlash loader reads its
+    folder as it is (the same tensor names; ``dflash_config``'s capture layers and mask token,
+    ``block_size``, ``layer_types``), without the target's embedding and LM head, which ours take from
+    the target. Raises ConversionError for a draft of SpecForge's DFlash variants that ours does not
+    run (a projector, a shifted label, a pure-draft prefix), or one our loader refuses."""
+    from torchspec_ext import drafts
 
     config = json.loads((source / "config.json").read_text())
     method = config.get("dflash_config") or {}
-    problems = []
-    if DFLASH_ARCHITECTURE not in (config.get("architectures") or []):
-        problems.append(f"architectures is {config.get('architectures')}, not [{DFLASH_ARCHITECTURE!r}]")
-    for key in ("projector_type", "shift_label", "pure_draft_prefix_len"):
-        if method.get(key):
-            problems.append(f"dflash_config.{key} = {method[key]!r}, which ours does not have")
-    if config.get("attention_bias"):
-        problems.append("attention_bias: ours has no biases")
+    problems = [
+        f"dflash_config.{key} = {method[key]!r}, which ours does not have"
+        for key in ("projector_type", "shift_label", "pure_draft_prefix_len")
+        if method.get(key)
+    ]
     if problems:
         raise ConversionError(f"{source}: this SpecForge draft cannot be run as ours: " + "; ".join(problems))
-    draft_config = DFlashConfig.from_hf(config)
-    draft_config.target_num_layers = draft_config.target_num_layers or target_num_layers
-    draft = DFlashDraft(draft_config)
-    state = load_file(str(source / "model.safetensors"))
-    missing, unexpected = draft.load_state_dict(state, strict=False)
-    if unexpected or set(missing) - {"embed_tokens.weight", "lm_head.weight"}:
-        raise ConversionError(
-            f"{source}: tensors do not match a DFlash draft (missing {missing}, unexpected {unexpected})"
-        )
+    try:
+        draft = drafts.family("dflash").load(source)
+    except drafts.DraftLoadError as exc:
+        raise ConversionError(str(exc)) from None
+    draft.config.target_num_layers = draft.config.target_num_layers or target_num_layers
     draft.metadata = dict(metadata or {})
     draft.save(destination)
     return destination

@@ -135,12 +135,13 @@ class SpecForgeRecipe:
         self.registration = self.create_registration()
         self.default_lr = TrainingConfig().learning_rate
         config = self.config(total_steps=1, lr=self.default_lr)
+        self.training = config.training  # its training settings at its defaults, for what reads them
         model_provider = self.registration.providers.model
         self.draft_config = resolve_draft_config(config, provider=model_provider.draft_config)
         self.capture_layers = list(model_provider.resolve_capture_layers(config, self.draft_config, target.config))
         self.dtype = getattr(torch, config.model.torch_dtype)
         offline = self.registration.providers.offline_for("text")
-        self.normalize = offline.build_normalizer(batches.max_length, **self.normalizer_options(config))
+        self.normalize = offline.build_normalizer(batches.max_length, **self.normalizer_options())
         self.collate = offline.build_collator()
 
     def create_registration(self):
@@ -150,7 +151,7 @@ class SpecForgeRecipe:
         """Config sections ({"model": {...}, "training": {...}}) this algorithm's recipe adds."""
         return {}
 
-    def normalizer_options(self, config) -> dict:
+    def normalizer_options(self) -> dict:
         return {}
 
     def config(self, total_steps: int, lr: float):
@@ -175,7 +176,7 @@ class SpecForgeRecipe:
 
     def describe(self) -> dict:
         """SpecForge's settings that this recipe runs with (its defaults but for the harness's)."""
-        t = self.config(1, self.default_lr).training
+        t = self.training
         return {
             "specforge": specforge_version(),
             "strategy": self.strategy,
@@ -273,11 +274,11 @@ class SpecForgeEagle3(SpecForgeRecipe):
 
         return create_registration()
 
-    def normalizer_options(self, config) -> dict:
-        return {"ttt_length": config.training.ttt_length}
+    def normalizer_options(self) -> dict:
+        return {"ttt_length": self.training.ttt_length}
 
     def describe(self) -> dict:
-        t = self.config(1, self.default_lr).training
+        t = self.training
         return super().describe() | {"ttt_length": t.ttt_length, "draft_vocab": int(self.draft_config.draft_vocab_size)}
 
     def record(self, row_ids, mask, out, aux, row: int) -> dict:
@@ -291,7 +292,7 @@ class SpecForgeEagle3(SpecForgeRecipe):
         }
 
     def batch_metadata(self) -> dict:
-        return {"target_repr": "hidden_state", "ttt_length": self.config(1, self.default_lr).training.ttt_length}
+        return {"target_repr": "hidden_state", "ttt_length": self.training.ttt_length}
 
     def prepare(self, bundle) -> None:
         bundle.draft_model.d2t.copy_(self.d2t)
@@ -328,10 +329,10 @@ class SpecForgeDFlash(SpecForgeRecipe):
         return {"model": {"mask_token_id": self.mask_token_id}, "training": {"num_anchors": self.num_anchors}}
 
     def describe(self) -> dict:
-        t = self.config(1, self.default_lr).training
+        t = self.training
         c = self.draft_config
         return super().describe() | {
-            "draft_layers": int(c.num_hidden_layers), "block_size": int(c.block_size), "num_anchors": t.num_anchors,
+            "draft_layers": int(c.num_hidden_layers), "block_size": int(c.block_size), "num_anchors": self.num_anchors,
             "loss_type": t.loss_type, "loss_decay_gamma": t.loss_decay_gamma, "mask_token_id": self.mask_token_id,
         }  # fmt: skip
 
