@@ -189,6 +189,17 @@ def test_specforge_dflash_drops_what_its_preprocessing_drops(tiny_target, tmp_pa
     assert recipe.make_batch(0) is None and trainer.step(None) == loss
 
 
+def test_our_dflash_draft_takes_the_layers_asked_for(tiny_target, tmp_path):
+    """--draft-layers sizes our DFlash draft (SpecForge's recipe keeps its own); its default ce loss
+    reads no teacher top-k, so our teacher runs no LM head. EAGLE-3 refuses the option."""
+    argv = tiny_options(tiny_target, tmp_path) + ["--family", "dflash", "--draft-layers", "1", "--out", str(tmp_path)]
+    args = parse(argv)
+    context = peers_context.make_context(args, peers_context.Settings.of(args), 0)
+    assert context.run.draft.config.num_hidden_layers == 1 and context.run.online.teacher.topk == 0
+    with pytest.raises(SystemExit, match="--draft-layers sets our DFlash draft's layers"):
+        peers_train.run(parse(["--draft-layers", "1", "--out", str(tmp_path)]))
+
+
 def test_losses_refuse_a_family_other_than_eagle3(tmp_path):
     with pytest.raises(SystemExit, match="--compare losses compares EAGLE-3 losses"):
         peers_train.run(parse(["--compare", "losses", "--family", "dflash", "--out", str(tmp_path)]))

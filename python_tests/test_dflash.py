@@ -311,6 +311,54 @@ def test_objective_and_gradients_against_the_reference(target, family, block_los
     assert len(got.losses) == len(got.accuracies) == draft.config.proposals
 
 
+@pytest.mark.parametrize("block_loss", ["ce", "dpace"])
+def test_losses_on_the_data_tokens_need_no_teacher_top_k(target, block_loss, tmp_path):
+    """ce and dpace read only the data's tokens: their teacher skips the LM head (top-k of 0), and the
+    objective and gradients on its batch are those on a batch with the top-k; the batch survives the
+    teacher cache's round trip."""
+    from safetensors.torch import load_file, save_file
+
+    from torchspec_ext.teacher import TeacherBatch
+
+    draft = make_draft(target, block_loss=block_loss, num_anchors=5)
+    options = drafts.family("dflash").Options(block_size=6, num_anchors=5, block_loss=block_loss).resolved(False)
+    torch.manual_seed(0)
+    full = teacher_batch(target, draft)
+    bare = Teacher(target, draft.feature_layers, draft.target_to_draft(), 0)(full.input_ids, full.loss_mask, 0)
+    assert bare.teacher_indices.shape == (*full.input_ids.shape, 0) and (bare.teacher_argmax == -1).all()
+    save_file(bare.tensors(), str(tmp_path / "batch.safetensors"))
+    bare = TeacherBatch.from_tensors(load_file(str(tmp_path / "batch.safetensors")), "cache")
+    torch.testing.assert_close(bare.features, full.features)
+    results = []
+    for batch in (full, bare):
+        draft.zero_grad()
+        torch.manual_seed(3)  # the same anchors
+        got = draft(batch, loss_function("topk_kl", ops), options)
+        got.total.backward()
+        results.append((got, {n: p.grad.clone() for n, p in draft.named_parameters() if p.grad is not None}))
+    (with_topk, grads), (without, bare_grads) = results
+    torch.testing.assert_close(without.total, with_topk.total)
+    torch.testing.assert_close(torch.stack(without.losses), torch.stack(with_topk.losses))
+    assert grads.keys() == bare_grads.keys() and all(torch.equal(grads[n], bare_grads[n]) for n in grads)
+    assert 0 <= min(without.accuracies) and max(without.accuracies) <= 1  # against the data's tokens
+
+
+@pytest.mark.parametrize(
+    "argv, topk",
+    [
+        (["--draft-family", "dflash"], 0),
+        (["--draft-family", "dflash", "--block-loss", "dpace"], 0),
+        (["--draft-family", "dflash", "--block-loss", "teacher"], 32),
+        (["--draft-family", "dspark"], 32),
+        (["--draft-family", "eagle3"], 32),
+    ],
+)
+def test_the_teacher_runs_its_lm_head_only_for_losses_that_read_it(argv, topk):
+    from torchspec_ext.train import parse_args
+
+    assert parse_args([*argv, "--topk", "32", "--device", "cpu"]).teacher_topk == topk
+
+
 def _teacher_decayed(draft, batch, options, blocks):
     c = draft.config
     hidden = draft.run_blocks(

@@ -25,8 +25,10 @@ class TeacherBatch:
     - ``teacher_indices [B, T, k]`` int64: the teacher's top-k next tokens at each position, as ids
       of the draft vocabulary (-1 where a token is not in it), and ``teacher_logprobs [B, T, k]``
       float32 their log-probabilities (from ``linear_topk_logprobs`` on the LM head, so the
-      ``[B*T, V]`` logits never exist);
-    - ``teacher_argmax [B, T]`` int64: the teacher's top-1 token id in the target vocabulary;
+      ``[B*T, V]`` logits never exist). ``k`` is 0 where the draft's loss reads only the data's
+      tokens (a teacher of ``topk`` 0 does not run the LM head);
+    - ``teacher_argmax [B, T]`` int64: the teacher's top-1 token id in the target vocabulary, -1
+      where it did not run the LM head;
     - ``batch_index``: the batch's position in the data stream (named by the NaN guard).
     """
 
@@ -71,7 +73,7 @@ class TeacherBatch:
         }
         for name, (dtype, shape) in expected.items():
             x = getattr(self, name)
-            if x.dtype != dtype or list(x.shape) != shape or k < 1:
+            if x.dtype != dtype or list(x.shape) != shape or k < 0:
                 raise BatchError(
                     f"{where}: {name} must be {str(dtype).removeprefix('torch.')} {shape} (B, T from input_ids, "
                     f"k from teacher_indices), got {str(x.dtype).removeprefix('torch.')} {list(x.shape)}"
@@ -90,7 +92,9 @@ class Teacher:
     """Runs the target on ``[B, T]`` token batches and makes draft-training batches."""
 
     def __init__(self, target, feature_layers, target_to_draft: Tensor, topk: int, kernels=None):
-        """``kernels``: where ``linear_topk_logprobs`` and ``topk_logprobs`` come from (the module
+        """``topk``: the log-probabilities kept per position; 0 for a draft whose loss reads only the
+        data's tokens, which skips the LM head (a fifth of a small target's forward) and the top-k.
+        ``kernels``: where ``linear_topk_logprobs`` and ``topk_logprobs`` come from (the module
         ``torchspec_ext.ops``, the default, or ``torchspec_ext.reference``)."""
         from torchspec_ext import ops
 
@@ -116,15 +120,20 @@ class Teacher:
             hidden, final = out.hidden_states, out.last_hidden_state
         features = torch.cat([hidden[i] for i in self.layers], -1)
         b, t, h = final.shape
-        with sharding.gathered_weight(self.target.get_output_embeddings()) as head:
-            logprobs, indices, _ = self.linear_topk(final.reshape(b * t, h), head, self.topk)
+        if self.topk == 0:
+            none = torch.empty(b, t, 0, dtype=torch.long, device=self.device)
+            logprobs, indices, argmax = none.float(), none, torch.full((b, t), -1, device=self.device)
+        else:
+            with sharding.gathered_weight(self.target.get_output_embeddings()) as head:
+                logprobs, indices, _ = self.linear_topk(final.reshape(b * t, h), head, self.topk)
+            logprobs, indices, argmax = logprobs.float().view(b, t, -1), indices.view(b, t, -1), indices[:, 0]
         return TeacherBatch(
             input_ids=input_ids,
             loss_mask=loss_mask.to(self.device),
             features=features,
-            teacher_indices=self.target_to_draft[indices].view(b, t, -1),
-            teacher_logprobs=logprobs.float().view(b, t, -1),
-            teacher_argmax=indices[:, 0].view(b, t),
+            teacher_indices=self.target_to_draft[indices],
+            teacher_logprobs=logprobs,
+            teacher_argmax=argmax.view(b, t),
             batch_index=batch_index,
         )
 
@@ -149,8 +158,8 @@ class Teacher:
         # would take gigabytes).
         topk = []
 
-        def keep_topk(input_ids, scores):
-            topk.append(self.topk_logprobs(scores, self.topk)[:2])
+        def keep_topk(input_ids, scores):  # the argmax too when topk is 0: the logits are there anyway
+            topk.append(self.topk_logprobs(scores, max(1, self.topk))[:2])
             return scores
 
         out = self.target.generate(
@@ -212,7 +221,8 @@ class Teacher:
             batch.features[i, :n] = features[row, pad : pad + n]
             # The teacher's rows exist from the last prompt token on (the earlier ones predict
             # prompt tokens, which no loss reads); the others keep -1 and 0.
-            batch.teacher_indices[i, last_prompt:n] = self.target_to_draft[indices[row, : n - last_prompt]]
-            batch.teacher_logprobs[i, last_prompt:n] = logprobs[row, : n - last_prompt]
+            kept = slice(0, self.topk)
+            batch.teacher_indices[i, last_prompt:n] = self.target_to_draft[indices[row, : n - last_prompt, kept]]
+            batch.teacher_logprobs[i, last_prompt:n] = logprobs[row, : n - last_prompt, kept]
             batch.teacher_argmax[i, last_prompt:n] = indices[row, : n - last_prompt, 0]
         return batch

@@ -89,6 +89,7 @@ def make_context(args, settings: Settings, seed: int) -> Context:
     argv = ["--device", "cpu", "--batch-size", str(args.batch_size), "--max-length", str(settings.max_length)]
     argv += ["--target-dtype", args.target_dtype, "--epochs", "1", "--max-steps", "1", "--seed", str(seed)]
     argv += ["--draft-family", args.family]
+    argv += ["--draft-layers", str(args.draft_layers)] * (args.draft_layers is not None)
     argv += ["--target", args.target] * bool(args.target) + ["--data", args.data] * bool(args.data)
     argv += ["--lr", str(args.lr)] * (args.lr is not None)
     run = build_run(parse_args(argv))

@@ -56,7 +56,8 @@ class Ours:
 
     def describe(self) -> dict:
         config = self.context.run.config
-        return {"lr": config.lr, "warmup_steps": config.warmup_steps, "topk": config.topk} | vars(config.family_options)
+        described = {"lr": config.lr, "warmup_steps": config.warmup_steps, "topk": config.teacher_topk}
+        return described | vars(config.family_options)
 
 
 class OursTrainer:

@@ -75,6 +75,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--family", choices=FAMILIES, default="eagle3", help="the draft family both recipes train (--compare recipes)"
     )
+    parser.add_argument(
+        "--draft-layers",
+        type=int,
+        default=None,
+        help="--family dflash: our draft's decoder layers (default: train's, 5; SpecForge's recipe keeps its 1)",
+    )
     parser.add_argument("--target", default=None, help="a Hugging Face causal-LM directory (default: SmolLM2-135M)")
     parser.add_argument("--data", default=None, help="chat JSON/JSONL (default: ShareGPT)")
     parser.add_argument("--target-dtype", default="float32", choices=("float32", "bfloat16"))
@@ -118,6 +124,8 @@ def run(args) -> Report:
     from torchspec_ext.bench.specforge_recipes import specforge_problem
     from torchspec_ext.train import subnormals_flushed
 
+    if args.draft_layers is not None and args.family != "dflash":
+        raise SystemExit("bench peers-train --draft-layers sets our DFlash draft's layers: add --family dflash")
     if args.compare == "losses" and args.family != "eagle3":
         raise SystemExit("bench peers-train --compare losses compares EAGLE-3 losses: leave --family eagle3")
     problem = specforge_problem()

@@ -142,6 +142,11 @@ class TrainConfig:
         return self.device.startswith("cuda")
 
     @property
+    def teacher_topk(self) -> int:
+        """The top-k the teacher keeps: 0 (no LM head) where the family's loss reads only the data's tokens."""
+        return self.topk if getattr(self.family_options, "reads_teacher_topk", True) else 0
+
+    @property
     def family(self) -> drafts.DraftFamily:
         return drafts.family(self.draft_family)
 

@@ -93,7 +93,7 @@ def build_run(config: TrainConfig) -> Run:
     )
     sharded = shard_teacher(roles, target, device, config)
     ops_module = kernels(config.reference_ops)
-    teacher = Teacher(target, draft.feature_layers, draft.target_to_draft(), config.topk, ops_module)
+    teacher = Teacher(target, draft.feature_layers, draft.target_to_draft(), config.teacher_topk, ops_module)
     eos = stop_token_ids(target, tokenizer)
     online = TeacherStream(batches, teacher, config.responses, eos)
     prompts = held_out_prompts(config.eval_set, held_out, tokenizer, config.eval_prompts, config.seed)
@@ -345,7 +345,7 @@ def open_stream(config: TrainConfig, roles, draft, online: TeacherStream, plan: 
 
         target_dir = Path(config.target) if config.target else default_target_dir()
         identity = cache.cache_identity(
-            target_dir, target_dtype, config.topk, draft.feature_layers, draft.draft_to_target()
+            target_dir, target_dtype, config.teacher_topk, draft.feature_layers, draft.draft_to_target()
         )
         cached = cache.open_cache(
             Path(config.cache_teacher), identity, online, plan.teacher_batches, config.seed, device,

@@ -74,8 +74,9 @@ def block_objective(draft, batch, loss: LossFunction, options) -> Objective:
     All the slots' rows go through one call of the loss (one pass over the LM head); each row's
     weight reaches the gradient through its scale (:class:`ScaleRowGrad`). ``Objective.losses``
     are per slot the cross-entropy on the data's tokens, ``accuracies`` the agreement with the
-    teacher's argmax; ``total``'s value is the weighted loss (with ``teacher``, the run's loss,
-    whose rows this cannot weigh after the fact, its plain mean over the rows)."""
+    teacher's argmax (with the data's token where the batch has no teacher top-k); ``total``'s value
+    is the weighted loss (with ``teacher``, the run's loss, whose rows this cannot weigh after the
+    fact, its plain mean over the rows)."""
     c = draft.config
     ids, mask = batch.input_ids, batch.loss_mask
     blocks = sample_blocks(mask, options.num_anchors)
@@ -109,7 +110,8 @@ def block_objective(draft, batch, loss: LossFunction, options) -> Objective:
         slots = c.proposals
         per_slot = torch.zeros(slots, device=h.device).index_add_(0, slot, ce)
         seen = torch.bincount(slot, minlength=slots)
-        hits = torch.zeros(slots, device=h.device).index_add_(0, slot, (argmax == t_arg).float())
+        reference = torch.where(t_arg >= 0, t_arg, token)  # the data's token where the teacher ran no LM head
+        hits = torch.zeros(slots, device=h.device).index_add_(0, slot, (argmax == reference).float())
     losses = list((per_slot / seen.clamp(min=1)).unbind())
     accuracies = (hits / seen.clamp(min=1)).tolist()
     return Objective(total, losses, accuracies, int(seen[0]))

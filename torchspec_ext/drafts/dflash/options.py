@@ -68,6 +68,11 @@ class DFlashOptions:
             block_loss=self.block_loss or self.DEFAULT_LOSS,
         )
 
+    @property
+    def reads_teacher_topk(self) -> bool:
+        """Whether the loss reads the teacher's top-k (ce and dpace read only the data's tokens)."""
+        return (self.block_loss or self.DEFAULT_LOSS) not in ("ce", "dpace")
+
     def problems(self, title: str) -> list[str]:
         """What is wrong between the options (each a usage error)."""
         if self.block_loss is not None and self.block_loss not in self.LOSSES:
