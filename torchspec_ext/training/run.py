@@ -124,7 +124,11 @@ def build_run(config: TrainConfig) -> Run:
     if resumed is not None:
         run.trainer.load_state_dict(resumed["trainer"])
         restore_rng(resumed["rng"])
-        print(f"[train] resumed from {checkpoint} at step {run.start_step}", file=sys.stderr)
+        print(
+            f"[train] resumed from {checkpoint} at step {run.start_step}, on its plan of {plan.steps} steps "
+            "(a resumed run keeps its checkpoint's step count and schedule, whatever --max-steps says)",
+            file=sys.stderr,
+        )
     run.heldout = heldout if roles.is_lead_trainer else None
     return run
 
