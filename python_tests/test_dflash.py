@@ -403,7 +403,7 @@ def test_topk_estimates_match_the_fused_op():
 def test_options_are_checked():
     from torchspec_ext.training.config import parse_args
 
-    assert parse_args(["--draft-family", "dflash", "--device", "cpu"]).family_options.block_loss == "ce"
+    assert parse_args(["--draft-family", "dflash", "--device", "cpu"]).family_options.block_loss == "dpace"
     assert parse_args(["--draft-family", "dspark", "--device", "cpu"]).family_options.block_loss == "dspark"
     options = parse_args(["--draft-family", "dflash", "--device", "cpu", "--num-anchors", "7"]).family_options
     assert options.num_anchors == 7 and options.block_size == 16 and options.draft_layers == 5

@@ -32,8 +32,8 @@ class DFlashOptions:
     )  # fmt: skip
     block_loss: str | None = option(
         None,
-        "DFlash: ce (default), cross-entropy on the data's tokens with the published position decay (DFlash's loss); "
-        "dpace, the same with D-PACE's weights (arXiv 2605.18810); teacher, the run's --loss against the teacher's "
+        "DFlash: dpace (default), cross-entropy on the data's tokens weighted by D-PACE (arXiv 2605.18810); ce, the "
+        "same with the published position decay (DFlash's loss); teacher, the run's --loss against the teacher's "
         "top-k at each slot, with the position decay. DSpark: dspark (default), 0.1 cross-entropy + 0.9 L1 distance "
         "to the teacher's distribution (its top-k and tail) + the confidence head's BCE (DSpark's loss); teacher, "
         "the run's --loss against the teacher's top-k + the BCE",
@@ -58,7 +58,7 @@ class DFlashOptions:
         choices=INITS,
     )  # fmt: skip
 
-    DEFAULT_LOSS = "ce"
+    DEFAULT_LOSS = "dpace"  # ahead of ce on every set at equal steps, two seeds (docs/dflash.md)
     LOSSES = BLOCK_LOSSES
 
     def resolved(self, on_gpu: bool):
