@@ -7,8 +7,9 @@ the HTTP API (the official ``openai`` client, streamed, greedy) to ``python -m t
 with the draft frozen and with ``--learn``. Afterwards the target decodes every prompt plainly
 (transformers' ``generate``, same dtype) to check that each greedy answer is identical.
 
-Writes OUT/serve_stream.json (every request), OUT/serve_stream.md (the table) and a PNG of the
-rolling acceptance length against requests served (``--plot``).
+Writes OUT/serve_stream-MODE.json as each server finishes, then OUT/serve_stream.json (every
+request), OUT/serve_stream.md (the table) and a PNG of the rolling acceptance length against
+requests served (``--plot``).
 """
 
 from __future__ import annotations
@@ -280,8 +281,9 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="serve-measure-") as work:
         for mode in config.modes.split(","):
             runs.append(run_mode(mode, config, stream, tokenizer, Path(work)))
-            for name in (f"server-{mode}.log",):
-                (out / name).write_text((Path(work) / name).read_text())
+            (out / f"server-{mode}.log").write_text((Path(work) / f"server-{mode}.log").read_text())
+            # kept as soon as the server is done: a failure later does not lose this mode's requests
+            (out / f"serve_stream-{mode}.json").write_text(json.dumps(runs[-1], indent=1))
     if not config.skip_plain:
         prompts = [r["prompt_token_ids"] for run in runs for r in run["records"]]
         plain = plain_answers(config, prompts)

@@ -7,7 +7,8 @@ from dataclasses import dataclass, replace
 
 from torchspec_ext.options import at_least, option, positive
 
-BLOCK_LOSSES = ("ce", "dpace", "teacher")
+DATA_TOKEN_LOSSES = ("ce", "dpace")  # read only the data's tokens, never the teacher's top-k
+BLOCK_LOSSES = (*DATA_TOKEN_LOSSES, "teacher")
 DSPARK_LOSSES = ("dspark", "teacher")
 INITS = ("target", "random")
 
@@ -70,8 +71,8 @@ class DFlashOptions:
 
     @property
     def reads_teacher_topk(self) -> bool:
-        """Whether the loss reads the teacher's top-k (ce and dpace read only the data's tokens)."""
-        return (self.block_loss or self.DEFAULT_LOSS) not in ("ce", "dpace")
+        """Whether the loss reads the teacher's top-k."""
+        return (self.block_loss or self.DEFAULT_LOSS) not in DATA_TOKEN_LOSSES
 
     def problems(self, title: str) -> list[str]:
         """What is wrong between the options (each a usage error)."""
