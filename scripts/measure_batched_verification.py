@@ -29,18 +29,11 @@ def tree_parents(nodes: int) -> list[int]:
     return [-1] + [(j - 1) // 4 for j in range(1, nodes)]
 
 
-def depths(parents: list[int]) -> list[int]:
-    out = [0] * len(parents)
-    for j, p in enumerate(parents):
-        out[j] = out[p] + 1 if p >= 0 else 0
-    return out
-
-
 def forward_ms(target, cache_kw: str, rows: int, prefix: int, parents: list[int], repeats: int) -> float:
     """Median ms of one verification forward over ``rows`` trees after ``prefix`` cached tokens each."""
     from transformers import DynamicCache
 
-    from torchspec_ext.speculate import _commit_path
+    from torchspec_ext.speculate import _commit_path, _tree_depths
 
     vocab = target.config.vocab_size
     generator = torch.Generator().manual_seed(rows * 1000 + len(parents))
@@ -48,8 +41,8 @@ def forward_ms(target, cache_kw: str, rows: int, prefix: int, parents: list[int]
     prompt = torch.randint(0, vocab, (rows, prefix), generator=generator)
     target(prompt, use_cache=True, **{cache_kw: cache})
     tokens = torch.randint(0, vocab, (rows, len(parents)), generator=generator)
-    positions = (prefix + torch.tensor(depths(parents)))[None].expand(rows, -1)
     tree = torch.tensor(parents)[None].expand(rows, -1)
+    positions = (prefix + _tree_depths(tree[0]))[None].expand(rows, -1)
     lens = torch.full((rows,), prefix)
     times = []
     for _ in range(repeats + 1):  # the first call warms up
