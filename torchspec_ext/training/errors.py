@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import threading
 
@@ -20,11 +21,15 @@ class Interrupted(Exception):
 
 
 class StopSignals:
-    """While entered, SIGINT and SIGTERM raise :class:`Interrupted` in the main thread, except
-    inside ``deferred()`` blocks (an optimiser update, a checkpoint write), which finish first."""
+    """While entered, SIGINT and SIGTERM are recorded, and :meth:`check` raises :class:`Interrupted`
+    for them in the main thread; inside ``interruptible()`` blocks (pure computation, such as the
+    held-out check) they raise at once. A second signal ends the process at once.
+
+    A signal never raises at an arbitrary line: one raised while a thread's lock is held (a queue's,
+    a writer's) would leave it held, and the checkpoint write after it would wait forever."""
 
     def __init__(self):
-        self._deferring, self._pending, self._previous = False, None, {}
+        self._pending, self._interruptible, self._previous = None, False, {}
 
     def __enter__(self) -> StopSignals:
         if threading.current_thread() is threading.main_thread():
@@ -37,18 +42,26 @@ class StopSignals:
             signal.signal(signum, handler)
 
     def _handle(self, signum, frame) -> None:
-        if self._deferring:
-            self._pending = signum
-        else:
+        name = signal.Signals(signum).name
+        if self._pending is not None:
+            # os.write, not print: the main thread may be inside a write to stderr
+            os.write(2, f"\n[train] second signal ({name}): stopped at once, the last checkpoint stands\n".encode())
+            os._exit(128 + signum)
+        self._pending = signum
+        if self._interruptible:
             raise Interrupted(signum)
+        os.write(2, f"\n[train] {name}: stopping after the current step (again to stop at once)\n".encode())
+
+    def check(self) -> None:
+        """Raises :class:`Interrupted` if a signal came since entering."""
+        if self._pending is not None:
+            raise Interrupted(self._pending)
 
     @contextlib.contextmanager
-    def deferred(self):
-        self._deferring = True
+    def interruptible(self):
+        self.check()
+        self._interruptible = True
         try:
             yield
         finally:
-            self._deferring = False
-            if self._pending is not None:
-                signum, self._pending = self._pending, None
-                raise Interrupted(signum)
+            self._interruptible = False

@@ -25,6 +25,7 @@ class TrainingLoop:
         self.progress = Progress(run.plan.steps, self.step, self.config.log_interval)
         self.logged_step = self.step  # the last step with a line in metrics.jsonl
         self.result = None
+        self.saved = None  # (step, path) of the checkpoint this process wrote last
         self.signals = StopSignals()
 
     @property
@@ -45,6 +46,7 @@ class TrainingLoop:
                     summary["tokens_per_s"] = self.progress.tokens_per_s()
                     if self.out_of_time(evaluation_s):
                         break
+                    self.signals.check()  # a signal stops the run here, between steps, never inside one
             except Interrupted as stop:
                 self.stop(stop)
             self.progress.end()
@@ -63,7 +65,7 @@ class TrainingLoop:
         trainer_index = run.roles.trainers.index(run.roles.rank)
         batch = run.stream.batch(self.step * m + trainer_index)
         try:
-            self.result = run.trainer.step(batch, self.signals.deferred)
+            self.result = run.trainer.step(batch)
         except FloatingPointError:
             epoch = batch.batch_index // len(run.online.batches)
             raise TrainError(
@@ -81,7 +83,8 @@ class TrainingLoop:
         if not (self.lead and interval and self.step % interval == 0 and self.step < self.plan.steps):
             return None
         begin = time.monotonic()
-        self.found = self.run.heldout(self.run.draft)
+        with self.signals.interruptible():
+            self.found = self.run.heldout(self.run.draft)
         self.progress.end()
         print(
             f"[train] step {self.step}: held-out acceptance length {self.run.heldout.describe(self.found)}",
@@ -107,8 +110,7 @@ class TrainingLoop:
 
     def checkpoint(self) -> None:
         if self.lead and (self.step % self.config.save_interval == 0 or self.step == self.plan.steps):
-            with self.signals.deferred():
-                self.save()
+            self.save()
 
     def save(self):
         run = self.run
@@ -119,7 +121,9 @@ class TrainingLoop:
             "data_position": self.step * len(run.roles.trainers),  # where the teacher ranks resume
             "options": dataclasses.asdict(self.config),
         }
-        return save_checkpoint(run.output_dir, self.step, run.draft, state, self.config.keep_checkpoints)
+        path = save_checkpoint(run.output_dir, self.step, run.draft, state, self.config.keep_checkpoints)
+        self.saved = (self.step, path)
+        return path
 
     def out_of_time(self, evaluation_s: float | None) -> bool:
         """Under --time-budget: revises the plan with the costs measured so far; True when the time
@@ -139,8 +143,7 @@ class TrainingLoop:
             file=sys.stderr,
         )
         if self.lead and self.step % self.config.save_interval:  # the last step's checkpoint, as a planned end has
-            with self.signals.deferred():
-                self.save()
+            self.save()
         return True
 
     def stop(self, stop: Interrupted):
@@ -152,8 +155,7 @@ class TrainingLoop:
                 self.metrics.log(
                     self.step, {"loss": self.result.loss, "elapsed_s": time.monotonic() - self.run.started}
                 )
-            with self.signals.deferred():
-                saved = self.save()
+            saved = self.saved[1] if self.saved and self.saved[0] == self.step else self.save()
             print(f"\n[train] {stop.name} at step {self.step}: saved {saved}; {hint}", file=sys.stderr)
         else:
             print(f"\n[train] {stop.name} at step {self.step}: nothing to save; {hint}", file=sys.stderr)
@@ -166,13 +168,13 @@ class TrainingLoop:
         if not self.lead:
             return {}
         run, final = self.run, self.run.output_dir / FINAL_DRAFT
-        with self.signals.deferred():
-            run.draft.save(final)
-            from torchspec_ext import atomic
+        run.draft.save(final)
+        from torchspec_ext import atomic
 
-            atomic.make_readable(final)
+        atomic.make_readable(final)
         try:
-            found = run.heldout(run.draft)
+            with self.signals.interruptible():
+                found = run.heldout(run.draft)
         except Interrupted as stop:
             print(
                 f"\n[train] {stop.name} during the final evaluation: the draft of step {self.step} is saved in {final} "

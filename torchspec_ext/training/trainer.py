@@ -3,7 +3,6 @@ objective itself is the draft family's (the draft module's ``forward``)."""
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -74,9 +73,8 @@ class DraftTrainer:
         factor = warmup_cosine(warmup_steps, lambda: self.total_steps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, factor)
 
-    def step(self, batch: TeacherBatch, deferred=contextlib.nullcontext) -> StepResult:
-        """One optimiser step; the update itself runs in ``deferred()`` (a signal then waits for it,
-        so an interrupted run never saves a half-updated draft)."""
+    def step(self, batch: TeacherBatch) -> StepResult:
+        """One optimiser step."""
         objective = self.model(batch, self.loss, self.options)
         if not torch.isfinite(objective.total):
             raise FloatingPointError("loss is not finite")
@@ -84,9 +82,8 @@ class DraftTrainer:
         objective.total.backward()
         if self.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.draft.parameters(), self.grad_clip)
-        with deferred():
-            self.optimizer.step()
-            self.scheduler.step()
+        self.optimizer.step()
+        self.scheduler.step()
         losses = [x.item() for x in objective.losses]
         return StepResult(objective.total.item(), losses, objective.accuracies, objective.tokens)
 
