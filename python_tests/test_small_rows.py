@@ -84,3 +84,23 @@ def test_a_model_keeps_its_weights_copies_and_trains_the_usual_way(forced):
     reference.load_state_dict(before)
     reference(x).sum().backward()
     torch.testing.assert_close(model[0].weight.grad, reference[0].weight.grad)
+
+
+def test_a_loaded_draft_decodes_on_the_small_rows_path(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from torchspec_ext import drafts
+    from torchspec_ext.drafts.eagle3 import DraftConfig, Eagle3Draft
+
+    config = LlamaConfig(
+        vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256,
+    )  # fmt: skip
+    target = LlamaForCausalLM(config).eval()
+    draft = Eagle3Draft(DraftConfig.from_target(config, 100))
+    draft.set_vocab(torch.randperm(300)[:100])
+    draft.init_from_target(target)
+    draft.save(tmp_path)
+    _, loaded = drafts.load_draft(tmp_path, target)
+    linears = [m for m in loaded.modules() if isinstance(m, torch.nn.Linear)]
+    assert linears and all(type(m) is SmallRowsLinear for m in linears)
