@@ -23,9 +23,10 @@ import torch
 
 
 def tree_parents(nodes: int) -> list[int]:
-    """A root then a 4-ary tree breadth first (node j's parent is (j - 1) // 4); 5 nodes: a chain."""
-    if nodes == 5:
-        return [-1, 0, 1, 2, 3]
+    """A chain for up to 5 nodes (what prompt lookup and a pruned tree verify), else a root then a 4-ary
+    tree breadth first (node j's parent is (j - 1) // 4)."""
+    if nodes <= 5:
+        return [-1] + list(range(nodes - 1))
     return [-1] + [(j - 1) // 4 for j in range(1, nodes)]
 
 
@@ -68,7 +69,6 @@ def main() -> int:
     from torchspec_ext.target import load_target
 
     target, _ = load_target(args.target, getattr(torch, args.dtype))
-    target.eval()
     enable_tree_attention(target)
     cache_kw = _cache_keyword(target)
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs"

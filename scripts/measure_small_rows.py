@@ -3,8 +3,8 @@
 them and as ``torchspec_ext.small_rows`` runs them (the faster of ``x @ W.T`` and ``(W @ x.T).T``,
 measured per weight shape and row count). One request, ``--prefix`` tokens in its KV cache.
 
-It prints the floor beside each: a forward reads every weight once (bytes / the LM head's measured
-read bandwidth) and does 2 * parameters * T FLOPs (at the best GEMM rate measured here). Rounds of the
+It prints the floor beside each: a forward reads every weight once (bytes / the rate at which a sum
+reads the LM head) and does 2 * parameters * T FLOPs (at the best GEMM rate measured here). Rounds of the
 two ways alternate, so a slow spell of the machine hits both; each cell is the median over rounds.
 
 Usage: python scripts/measure_small_rows.py [--target DIR] [--prefix 256] [--nodes 1,2,3,5,9,17]
@@ -17,7 +17,6 @@ import os
 import platform
 import statistics
 import sys
-import time
 
 import torch
 
@@ -25,27 +24,14 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from measure_batched_verification import forward_ms, tree_parents  # noqa: E402
 
 
-def parents_for(nodes: int) -> list[int]:
-    """A chain for up to 5 nodes (what prompt lookup and a pruned tree verify), else a 4-ary tree."""
-    return [-1] + list(range(nodes - 1)) if nodes <= 5 else tree_parents(nodes)
-
-
 def gemm_rates(weight: torch.Tensor) -> tuple[float, float]:
     """(GB/s reading ``weight`` in a sum, the memory's rate; GFLOP/s multiplying 64 rows), best of 5."""
+    from torchspec_ext.small_rows import best_seconds
 
-    def best(fn):
-        fn()
-        return min(_timed(fn) for _ in range(5))
-
-    read = best(weight.sum)
-    many = best(lambda: torch.nn.functional.linear(torch.randn(64, weight.shape[1]), weight))
+    read = best_seconds(weight.sum, repeats=5)
+    x = torch.randn(64, weight.shape[1])
+    many = best_seconds(lambda: torch.nn.functional.linear(x, weight), repeats=5)
     return weight.numel() * weight.element_size() / read / 1e9, 2 * weight.numel() * 64 / many / 1e9
-
-
-def _timed(fn) -> float:
-    begin = time.perf_counter()
-    fn()
-    return time.perf_counter() - begin
 
 
 def main() -> int:
@@ -72,14 +58,14 @@ def main() -> int:
         bandwidth, gflops = gemm_rates(target.get_output_embeddings().weight)
         enable_small_rows(target)
         for T in nodes:  # the one-off measurements of small_rows, before any timing
-            forward_ms(target, cache_kw, 1, args.prefix, parents_for(T), 1)
+            forward_ms(target, cache_kw, 1, args.prefix, tree_parents(T), 1)
         cells = {(way, T): [] for way in ("usual", "small_rows") for T in nodes}
         for _ in range(args.rounds):
             for way in ("usual", "small_rows"):
                 for m in linears:
                     m.__class__ = SmallRowsLinear if way == "small_rows" else torch.nn.Linear
                 for T in nodes:
-                    cells[way, T].append(forward_ms(target, cache_kw, 1, args.prefix, parents_for(T), args.repeats))
+                    cells[way, T].append(forward_ms(target, cache_kw, 1, args.prefix, tree_parents(T), args.repeats))
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs"
     print(f"# one verification forward, {machine}, {torch.get_num_threads()} torch threads, float32, "
           f"prefix {args.prefix}, median of {args.rounds} rounds of {args.repeats}\n")  # fmt: skip

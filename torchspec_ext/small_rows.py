@@ -22,7 +22,8 @@ OUT_OF_CACHE_BYTES, MAX_COPIES = 64 << 20, 160  # twice the last-level cache of 
 _faster_swapped: dict[tuple, bool] = {}  # (out, in, dtype, rows) -> whether (W @ x.T).T won
 
 
-def _best_seconds(fn, repeats: int = 3) -> float:
+def best_seconds(fn, repeats: int = 3) -> float:
+    """The fastest of ``repeats`` calls of ``fn`` after one warm-up call, in seconds."""
     fn()  # warm-up
     times = []
     for _ in range(repeats):
@@ -55,13 +56,13 @@ def _measure(weight: torch.Tensor) -> dict[int, bool]:
         return dict.fromkeys(SMALL_ROWS, False)
     # In a forward each weight comes from memory, not the cache: time both ways over copies of the
     # weight that together outgrow the caches, as a forward's layers do.
-    copies = [weight] + [weight.clone() for _ in range(min(MAX_COPIES, OUT_OF_CACHE_BYTES // size))]
     won = {}
     with torch.no_grad():
+        copies = [weight] + [weight.clone() for _ in range(min(MAX_COPIES, OUT_OF_CACHE_BYTES // size))]
         for rows in SMALL_ROWS:
             x = torch.randn(rows, weight.shape[1], dtype=weight.dtype)
-            usual = _best_seconds(lambda x=x: [torch.nn.functional.linear(x, w) for w in copies])
-            swapped = _best_seconds(lambda x=x: [_swapped(w, x) for w in copies])
+            usual = best_seconds(lambda x=x: [torch.nn.functional.linear(x, w) for w in copies])
+            swapped = best_seconds(lambda x=x: [_swapped(w, x) for w in copies])
             won[rows] = swapped < 0.9 * usual  # a clear win only: timing is noisy
     return won
 
