@@ -44,6 +44,8 @@ TORCH_LIBRARY(torchspec, m) {
   m.def(
       "verify_tree_sampling(Tensor tokens, Tensor parents, Tensor target_logits, float temperature, Tensor uniforms) "
       "-> (Tensor, Tensor, Tensor)");
+  // x @ weight.T + bias for the few rows of a decoding step, reading each weight once (CPU kernel).
+  m.def("small_rows_linear(Tensor x, Tensor weight, Tensor? bias=None) -> Tensor");
 }
 
 #ifndef TORCHSPEC_OPS_ON_EMULATOR

@@ -4,29 +4,32 @@ import pytest
 import torch
 
 from torchspec_ext import small_rows
+from torchspec_ext.ops import small_rows_linear
 from torchspec_ext.small_rows import SmallRowsLinear, enable_small_rows
+
+WAYS = ("usual", "swapped", "kernel")
 
 
 @pytest.fixture
 def forced(monkeypatch):
     """Sets which way every (shape, dtype, rows) takes, instead of timing them."""
     table = {}
-    monkeypatch.setattr(small_rows, "_faster_swapped", table)
+    monkeypatch.setattr(small_rows, "_fastest", table)
 
-    def force(linear, swapped: bool):
+    def force(linear, way: str):
         for rows in small_rows.SMALL_ROWS:
-            table[(*linear.weight.shape, linear.weight.dtype, rows)] = swapped
+            table[(*linear.weight.shape, linear.weight.dtype, rows)] = way
 
     return force
 
 
-@pytest.mark.parametrize("swapped", [True, False])
+@pytest.mark.parametrize("way", WAYS)
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("shape", [(1, 48), (2, 48), (3, 48), (1, 5, 48), (2, 4, 48), (9, 48), (0, 48)])
-def test_small_rows_linear_matches_float64(forced, swapped, bias, shape):
+def test_small_rows_linear_matches_float64(forced, way, bias, shape):
     torch.manual_seed(len(shape) * 10 + shape[0])
     linear = torch.nn.Linear(48, 33, bias=bias).requires_grad_(False)
-    forced(linear, swapped)
+    forced(linear, way)
     x = torch.randn(shape)
     b = None if linear.bias is None else linear.bias.double()
     want = torch.nn.functional.linear(x.double(), linear.weight.double(), b)
@@ -37,33 +40,93 @@ def test_small_rows_linear_matches_float64(forced, swapped, bias, shape):
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
 
 
-def test_the_swapped_way_is_taken_only_where_it_won(forced, monkeypatch):
+def test_each_way_is_taken_only_where_it_won(forced, monkeypatch):
     linear = torch.nn.Linear(16, 8, bias=False).requires_grad_(False)
     enable_small_rows(linear)
-    forced(linear, True)
     calls = []
-    real = small_rows._swapped
-    monkeypatch.setattr(small_rows, "_swapped", lambda w, x: calls.append(x.shape[0]) or real(w, x))
+    real = small_rows._apply
+
+    def recorded(way, x, w, b):
+        calls.append((way, x.shape[0]))
+        return real(way, x, w, b)
+
+    monkeypatch.setattr(small_rows, "_apply", recorded)
+    for way in ("swapped", "kernel"):
+        forced(linear, way)
+        linear(torch.randn(3, 16))
+        linear(torch.randn(12, 16))  # beyond the small counts: the usual way
+    forced(linear, "usual")
     linear(torch.randn(3, 16))
-    linear(torch.randn(12, 16))  # beyond the small counts: the usual way
-    assert calls == [3]
-    forced(linear, False)
-    linear(torch.randn(3, 16))
-    assert calls == [3]
+    assert calls == [("swapped", 3), ("kernel", 3)]
+
+
+def test_what_autograd_tracks_takes_the_usual_way(forced):
+    linear = torch.nn.Linear(16, 8).requires_grad_(False)
+    enable_small_rows(linear)
+    forced(linear, "kernel")  # the kernel has no gradient
+    x = torch.randn(2, 16, requires_grad=True)
+    linear(x).sum().backward()
+    torch.testing.assert_close(x.grad, linear.weight.sum(0).expand(2, -1))
 
 
 def test_the_first_use_measures_and_remembers(monkeypatch):
     table = {}
-    monkeypatch.setattr(small_rows, "_faster_swapped", table)
+    monkeypatch.setattr(small_rows, "_fastest", table)
     monkeypatch.setattr(small_rows, "OUT_OF_CACHE_BYTES", 1 << 16)
     monkeypatch.setattr(small_rows, "MEASURED_FROM_BYTES", 1 << 12)
     linear, tiny = torch.nn.Linear(64, 32).requires_grad_(False), torch.nn.Linear(8, 8).requires_grad_(False)
     enable_small_rows(torch.nn.Sequential(linear, tiny))
     linear(torch.randn(2, 64))
     assert sorted(table) == [(32, 64, torch.float32, r) for r in small_rows.SMALL_ROWS]
-    assert all(isinstance(won, bool) for won in table.values())
+    assert set(table.values()) <= set(WAYS)
     tiny(torch.randn(2, 8))  # too small to be worth measuring: the usual way
-    assert all(not table[8, 8, torch.float32, r] for r in small_rows.SMALL_ROWS)
+    assert all(table[8, 8, torch.float32, r] == "usual" for r in small_rows.SMALL_ROWS)
+
+
+# The kernel itself, against float64: row counts across its groups of four, input widths with and
+# without a tail past its 16-element steps, weight blocks cut mid-way, bias or none, both dtypes.
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [0, 1, 2, 3, 4, 5, 7, 8, 9, 13])
+@pytest.mark.parametrize("in_features, out_features", [(576, 70), (37, 33), (16, 1), (5, 200), (1, 3)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_the_kernel_matches_float64(dtype, rows, in_features, out_features, bias):
+    generator = torch.Generator().manual_seed(rows * 1000 + in_features)
+    x = torch.randn(rows, in_features, generator=generator).to(dtype)
+    weight = torch.randn(out_features, in_features, generator=generator).to(dtype)
+    b = torch.randn(out_features, generator=generator).to(dtype) if bias else None
+    got = small_rows_linear(x, weight, b)
+    want = torch.nn.functional.linear(x.double(), weight.double(), None if b is None else b.double())
+    assert got.shape == (rows, out_features) and got.dtype == dtype
+    # float32 sums; a bfloat16 result is that sum rounded to 8 bits of mantissa.
+    rtol, atol = (1e-5, 1e-5 * in_features**0.5) if dtype == torch.float32 else (2**-8, 1e-5 * in_features**0.5)
+    torch.testing.assert_close(got.double(), want, rtol=rtol, atol=atol)
+
+
+def test_the_kernel_reads_strided_rows_and_batch_shapes():
+    torch.manual_seed(0)
+    wide = torch.randn(40, 100)
+    weight = wide[:, 10:74]  # rows 100 elements apart
+    x = torch.randn(2, 3, 64)  # [..., in]
+    x_strided = torch.randn(3, 2, 64).transpose(0, 1)
+    for inputs in (x, x_strided):
+        got = small_rows_linear(inputs, weight)
+        torch.testing.assert_close(got.double(), inputs.double() @ weight.double().T, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        ((torch.randn(2, 8), torch.randn(4, 9)), "x's last dimension \\(8\\) must be weight's in \\(9\\)"),
+        ((torch.randn(2, 8), torch.randn(4, 8, 1)), "weight must be 2-D"),
+        ((torch.randn(2, 8).half(), torch.randn(4, 8).half()), "x must be float32 or bfloat16, got Half"),
+        ((torch.randn(2, 8), torch.randn(4, 8).bfloat16()), "weight must have x's dtype"),
+        ((torch.randn(2, 8), torch.randn(4, 8), torch.randn(5)), "bias must be \\[out\\] = \\[4\\]"),
+        ((torch.randn(2, 8), torch.randn(4, 8), torch.randn(4).double()), "bias must have x's dtype"),
+    ],
+)
+def test_the_kernel_names_a_bad_argument(args, message):
+    with pytest.raises(RuntimeError, match="torchspec.small_rows_linear: " + message):
+        small_rows_linear(*args)
 
 
 def test_a_model_keeps_its_weights_copies_and_trains_the_usual_way(forced):
@@ -77,7 +140,7 @@ def test_a_model_keeps_its_weights_copies_and_trains_the_usual_way(forced):
         assert torch.equal(value, before[name]), name
     assert type(copy.deepcopy(model)[0]) is SmallRowsLinear
     for m in (model[0], model[2]):
-        forced(m, True)
+        forced(m, "kernel")
     x = torch.randn(2, 8)
     model(x).sum().backward()  # gradients on: the usual way, autograd as nn.Linear's
     reference = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))

@@ -16,6 +16,7 @@ __all__ = [
     "tree_attention",
     "verify_tree_greedy",
     "verify_tree_sampling",
+    "small_rows_linear",
     "MAX_TOPK",
 ]
 
@@ -445,3 +446,26 @@ def _verify_tree_greedy_fake(tokens, parents, target_logits):
 @torch.library.register_fake("torchspec::verify_tree_sampling")
 def _verify_tree_sampling_fake(tokens, parents, target_logits, temperature, uniforms):
     return _verify_fake(tokens, parents, target_logits)
+
+
+def small_rows_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """``x @ weight.T + bias`` for the few rows of a decoding step, reading each weight once.
+
+    Args:
+        x: ``[..., in]`` float32 or bfloat16; a few rows (1 to 8 is what it is for: any count works).
+        weight: ``[out, in]`` of x's dtype and device; its rows may be strided.
+        bias: ``[out]`` of x's dtype, or None.
+
+    Returns:
+        ``[..., out]`` in x's dtype, accumulated in float32. On the CPU a kernel streams each weight
+        row once past up to four rows of x (more rows in groups, a block of weight rows at a time,
+        the block kept in cache); on CUDA it is ``torch.nn.functional.linear``. No gradient: this is
+        for decoding (``torchspec_ext.small_rows`` chooses it where it is measured to be faster).
+    """
+    return torch.ops.torchspec.small_rows_linear.default(x, weight, bias)
+
+
+@torch.library.register_fake("torchspec::small_rows_linear")
+def _small_rows_linear_fake(x, weight, bias=None):
+    torch._check(weight.dim() == 2, lambda: "torchspec.small_rows_linear: weight must be 2-D [out, in]")
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))

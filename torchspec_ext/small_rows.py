@@ -1,13 +1,15 @@
 """Linear layers that stay fast for the few rows of a verification forward.
 
 Decoding multiplies one row (plain decoding) or a handful (a verification forward over a chain or a
-pruned tree: 2 to 8 nodes) by every weight of the target. On some CPU BLAS builds the usual
-``x @ W.T`` is slow for exactly those counts: on this project's AVX2 machine with PyTorch's MKL, one
-to three rows through the LM head read its weight at a third of the memory's speed, and 2 or 3 rows
-take longer than 16 (scripts/measure_small_rows.py). The same product computed as ``(W @ x.T).T``
-(one row padded to two) takes a BLAS path that reads at full speed. Which way is faster depends on
-the machine and the shape, so it is measured, once per weight shape, dtype and row count, the first
-time it is needed, and the faster way is kept.
+pruned tree: 2 to 8 nodes) by every weight of the target, so it is bound by reading the weights.
+PyTorch's usual ``x @ W.T`` does not read them at the memory's speed for those counts on every CPU
+BLAS: on this project's machine with PyTorch's MKL, one to three rows through the LM head read its
+weight at a third of that speed, and 2 or 3 rows take longer than 16 (scripts/measure_small_rows.py).
+Two other ways compute the same product: ``(W @ x.T).T`` (one row padded to two), which takes
+another BLAS path, and the ``small_rows_linear`` kernel of this package, which streams each weight
+row once past the rows of x (float32 and bfloat16 weights). Which is fastest depends on the machine
+and the shape, so it is measured, once per weight shape, dtype and row count, the first time it is
+needed, and the fastest way is kept.
 """
 
 from __future__ import annotations
@@ -16,10 +18,13 @@ import time
 
 import torch
 
+from torchspec_ext.ops import small_rows_linear
+
 SMALL_ROWS = range(1, 9)  # the row counts that are measured; all others take the usual way
 MEASURED_FROM_BYTES = 1 << 18  # a smaller weight costs microseconds either way: the usual way, unmeasured
 OUT_OF_CACHE_BYTES, MAX_COPIES = 64 << 20, 160  # twice the last-level cache of the machine measured (32 MiB)
-_faster_swapped: dict[tuple, bool] = {}  # (out, in, dtype, rows) -> whether (W @ x.T).T won
+KERNEL_DTYPES = (torch.float32, torch.bfloat16)  # what the small_rows_linear kernel reads
+_fastest: dict[tuple, str] = {}  # (out, in, dtype, rows) -> the way that won: "usual", "swapped" or "kernel"
 
 
 def best_seconds(fn, repeats: int = 3) -> float:
@@ -42,50 +47,63 @@ def _swapped(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return torch.mm(weight, x.t()).t()[:rows]
 
 
-def _swapped_is_faster(weight: torch.Tensor, rows: int) -> bool:
+def _apply(way: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``x [rows, in] @ weight.T + bias`` the given way."""
+    if way == "kernel":
+        return small_rows_linear(x, weight, bias)
+    if way == "swapped":
+        y = _swapped(weight, x)
+        return y if bias is None else y + bias
+    return torch.nn.functional.linear(x, weight, bias)
+
+
+def _fastest_way(weight: torch.Tensor, rows: int) -> str:
     key = (*weight.shape, weight.dtype)
-    if (*key, rows) not in _faster_swapped:
-        _faster_swapped.update({(*key, r): won for r, won in _measure(weight).items()})
-    return _faster_swapped[(*key, rows)]
+    if (*key, rows) not in _fastest:
+        _fastest.update({(*key, r): way for r, way in _measure(weight).items()})
+    return _fastest[(*key, rows)]
 
 
-def _measure(weight: torch.Tensor) -> dict[int, bool]:
-    """For each of SMALL_ROWS, whether the swapped way is clearly faster for ``weight``'s shape."""
+def _measure(weight: torch.Tensor) -> dict[int, str]:
+    """For each of SMALL_ROWS, the way that is clearly fastest for ``weight``'s shape and dtype."""
     size = weight.numel() * weight.element_size()
     if size < MEASURED_FROM_BYTES:
-        return dict.fromkeys(SMALL_ROWS, False)
-    # In a forward each weight comes from memory, not the cache: time both ways over copies of the
+        return dict.fromkeys(SMALL_ROWS, "usual")
+    ways = ["usual", "swapped"] + (["kernel"] if weight.dtype in KERNEL_DTYPES else [])
+    # In a forward each weight comes from memory, not the cache: time every way over copies of the
     # weight that together outgrow the caches, as a forward's layers do.
-    won = {}
+    fastest = {}
     with torch.no_grad():
         copies = [weight] + [weight.clone() for _ in range(min(MAX_COPIES, OUT_OF_CACHE_BYTES // size))]
         for rows in SMALL_ROWS:
             x = torch.randn(rows, weight.shape[1], dtype=weight.dtype)
-            usual = best_seconds(lambda x=x: [torch.nn.functional.linear(x, w) for w in copies])
-            swapped = best_seconds(lambda x=x: [_swapped(w, x) for w in copies])
-            won[rows] = swapped < 0.9 * usual  # a clear win only: timing is noisy
-    return won
+            seconds = {
+                way: best_seconds(lambda way=way, x=x: [_apply(way, x, w, None) for w in copies]) for way in ways
+            }
+            best = min(seconds, key=seconds.get)
+            fastest[rows] = best if seconds[best] < 0.9 * seconds["usual"] else "usual"  # a clear win only
+    return fastest
 
 
 class SmallRowsLinear(torch.nn.Linear):
-    """``nn.Linear`` that computes 1-8 rows on the CPU the faster of the two ways."""
+    """``nn.Linear`` that computes 1-8 rows on the CPU the fastest of the three ways."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
         w = self.weight
-        if rows not in SMALL_ROWS or w.device.type != "cpu" or torch.is_grad_enabled() and w.requires_grad:
+        # The kernel has no gradient: anything autograd tracks takes the usual way.
+        tracked = torch.is_grad_enabled() and (w.requires_grad or x.requires_grad)
+        if rows not in SMALL_ROWS or w.device.type != "cpu" or tracked:
             return super().forward(x)
-        if not _swapped_is_faster(w, rows):
+        way = _fastest_way(w, rows)
+        if way == "usual":
             return super().forward(x)
-        y = _swapped(w, x.reshape(rows, -1))
-        if self.bias is not None:
-            y = y + self.bias
-        return y.reshape(*x.shape[:-1], w.shape[0])
+        return _apply(way, x.reshape(rows, -1), w, self.bias).reshape(*x.shape[:-1], w.shape[0])
 
 
 def enable_small_rows(model: torch.nn.Module) -> None:
     """Makes every ``nn.Linear`` of ``model`` (a target loaded for decoding) a :class:`SmallRowsLinear`:
-    same weights, same results to float rounding; training (gradients on) and other devices take the
+    same weights, same results to float rounding; anything autograd tracks and other devices take the
     usual way. Idempotent."""
     for module in model.modules():
         if type(module) is torch.nn.Linear:

@@ -5,6 +5,7 @@
 #include <cstdint>
 
 #include "../common/draft_loss.h"
+#include "../common/small_rows.h"
 #include "../common/topk_lse.h"
 #include "../common/tree.h"
 
@@ -30,6 +31,9 @@ void tree_attention_units(const TreeAttentionParams& p, int64_t unit_begin, int6
 // Tree verification of batch rows [row_begin, row_end): greedy when p.uniforms is null, else
 // sampling (see TreeVerifyParams).
 void verify_tree_rows(const TreeVerifyParams& p, int64_t row_begin, int64_t row_end);
+
+// Small-rows linear: out[:, o] for the weight rows o in [out_begin, out_end) (see SmallRowsLinearParams).
+void small_rows_linear_range(const SmallRowsLinearParams& p, int64_t out_begin, int64_t out_end);
 
 }  // namespace cpu
 }  // namespace torchspec
