@@ -17,7 +17,7 @@ def forced(monkeypatch):
     monkeypatch.setattr(small_rows, "_fastest", table)
 
     def force(linear, way: str):
-        for rows in small_rows.SMALL_ROWS:
+        for rows in small_rows.MEASURED_ROWS:
             table[(*linear.weight.shape, linear.weight.dtype, rows)] = way
 
     return force
@@ -54,10 +54,17 @@ def test_each_way_is_taken_only_where_it_won(forced, monkeypatch):
     for way in ("swapped", "kernel"):
         forced(linear, way)
         linear(torch.randn(3, 16))
-        linear(torch.randn(12, 16))  # beyond the small counts: the usual way
+        linear(torch.randn(20, 16))  # between two measured counts: the next one's way
+        linear(torch.randn(33, 16))  # beyond the measured counts: the usual way
     forced(linear, "usual")
     linear(torch.randn(3, 16))
-    assert calls == [("swapped", 3), ("kernel", 3)]
+    assert calls == [("swapped", 3), ("swapped", 20), ("kernel", 3), ("kernel", 20)]
+    calls.clear()
+    forced(linear, "swapped")
+    small_rows._fastest[8, 16, torch.float32, 24] = "kernel"
+    linear(torch.randn(16, 16))
+    linear(torch.randn(17, 16))  # 17 to 24 rows take the way measured at 24
+    assert calls == [("swapped", 16), ("kernel", 17)]
 
 
 def test_what_autograd_tracks_takes_the_usual_way(forced):
@@ -77,10 +84,10 @@ def test_the_first_use_measures_and_remembers(monkeypatch):
     linear, tiny = torch.nn.Linear(64, 32).requires_grad_(False), torch.nn.Linear(8, 8).requires_grad_(False)
     enable_small_rows(torch.nn.Sequential(linear, tiny))
     linear(torch.randn(2, 64))
-    assert sorted(table) == [(32, 64, torch.float32, r) for r in small_rows.SMALL_ROWS]
+    assert sorted(table) == [(32, 64, torch.float32, r) for r in small_rows.MEASURED_ROWS]
     assert set(table.values()) <= set(WAYS)
     tiny(torch.randn(2, 8))  # too small to be worth measuring: the usual way
-    assert all(table[8, 8, torch.float32, r] == "usual" for r in small_rows.SMALL_ROWS)
+    assert all(table[8, 8, torch.float32, r] == "usual" for r in small_rows.MEASURED_ROWS)
 
 
 # The kernel itself, against float64: row counts across its groups of four, input widths with and

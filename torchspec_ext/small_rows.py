@@ -1,7 +1,7 @@
 """Linear layers that stay fast for the few rows of a verification forward.
 
 Decoding multiplies one row (plain decoding) or a handful (a verification forward over a chain or a
-pruned tree: 2 to 8 nodes) by every weight of the target, so it is bound by reading the weights.
+tree: 2 to 17 nodes here) by every weight of the target, so it is bound by reading the weights.
 PyTorch's usual ``x @ W.T`` does not read them at the memory's speed for those counts on every CPU
 BLAS: on this project's machine with PyTorch's MKL, one to three rows through the LM head read its
 weight at a third of that speed, and 2 or 3 rows take longer than 16 (scripts/measure_small_rows.py).
@@ -20,7 +20,9 @@ import torch
 
 from torchspec_ext.ops import small_rows_linear
 
-SMALL_ROWS = range(1, 9)  # the row counts that are measured; all others take the usual way
+# The row counts that are measured; a count between two of them takes the way of the next one up,
+# and more rows than the last take the usual way.
+MEASURED_ROWS = (1, 2, 3, 4, 5, 6, 7, 8, 12, 16, 24, 32)
 MEASURED_FROM_BYTES = 1 << 18  # a smaller weight costs microseconds either way: the usual way, unmeasured
 OUT_OF_CACHE_BYTES, MAX_COPIES = 64 << 20, 160  # twice the last-level cache of the machine measured (32 MiB)
 KERNEL_DTYPES = (torch.float32, torch.bfloat16)  # what the small_rows_linear kernel reads
@@ -59,23 +61,24 @@ def _apply(way: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
 
 def _fastest_way(weight: torch.Tensor, rows: int) -> str:
     key = (*weight.shape, weight.dtype)
+    rows = next(r for r in MEASURED_ROWS if r >= rows)
     if (*key, rows) not in _fastest:
         _fastest.update({(*key, r): way for r, way in _measure(weight).items()})
     return _fastest[(*key, rows)]
 
 
 def _measure(weight: torch.Tensor) -> dict[int, str]:
-    """For each of SMALL_ROWS, the way that is clearly fastest for ``weight``'s shape and dtype."""
+    """For each of MEASURED_ROWS, the way that is clearly fastest for ``weight``'s shape and dtype."""
     size = weight.numel() * weight.element_size()
     if size < MEASURED_FROM_BYTES:
-        return dict.fromkeys(SMALL_ROWS, "usual")
+        return dict.fromkeys(MEASURED_ROWS, "usual")
     ways = ["usual", "swapped"] + (["kernel"] if weight.dtype in KERNEL_DTYPES else [])
     # In a forward each weight comes from memory, not the cache: time every way over copies of the
     # weight that together outgrow the caches, as a forward's layers do.
     fastest = {}
     with torch.no_grad():
         copies = [weight] + [weight.clone() for _ in range(min(MAX_COPIES, OUT_OF_CACHE_BYTES // size))]
-        for rows in SMALL_ROWS:
+        for rows in MEASURED_ROWS:
             x = torch.randn(rows, weight.shape[1], dtype=weight.dtype)
             seconds = {
                 way: best_seconds(lambda way=way, x=x: [_apply(way, x, w, None) for w in copies]) for way in ways
@@ -86,14 +89,14 @@ def _measure(weight: torch.Tensor) -> dict[int, str]:
 
 
 class SmallRowsLinear(torch.nn.Linear):
-    """``nn.Linear`` that computes 1-8 rows on the CPU the fastest of the three ways."""
+    """``nn.Linear`` that computes 1-32 rows on the CPU the fastest of the three ways."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
         w = self.weight
         # The kernel has no gradient: anything autograd tracks takes the usual way.
         tracked = torch.is_grad_enabled() and (w.requires_grad or x.requires_grad)
-        if rows not in SMALL_ROWS or w.device.type != "cpu" or tracked:
+        if not 1 <= rows <= MEASURED_ROWS[-1] or w.device.type != "cpu" or tracked:
             return super().forward(x)
         way = _fastest_way(w, rows)
         if way == "usual":
