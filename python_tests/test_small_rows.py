@@ -1,4 +1,5 @@
 import copy
+import json
 
 import pytest
 import torch
@@ -174,3 +175,16 @@ def test_a_loaded_draft_decodes_on_the_small_rows_path(tmp_path):
     _, loaded = drafts.load_draft(tmp_path, target)
     linears = [m for m in loaded.modules() if isinstance(m, torch.nn.Linear)]
     assert linears and all(type(m) is SmallRowsLinear for m in linears)
+
+
+def test_the_benchmark_reports_the_three_ways_against_the_floor(tmp_path, capsys):
+    from torchspec_ext.bench.__main__ import main
+
+    out = tmp_path / "small_rows.json"
+    assert main(["small_rows", "--quick", "--device", "cpu", "--repeat", "1", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [row["rows"] for row in rows] == [1, 5]
+    for row in rows:
+        assert row["result"] is None  # quick sizes: no targets, and not WRONG
+        assert row["ours_ms"] > 0 and row["usual_ms"] > 0 and row["swapped_ms"] > 0 and row["floor_ms"] > 0
+    assert "(W @ x.T).T ms" in capsys.readouterr().out

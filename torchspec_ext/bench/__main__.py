@@ -24,6 +24,10 @@ BENCHMARKS = {
         "fused LM head + top-k teacher loss, forward + backward, vs eager",
     ),
     "tree": ("torchspec_ext.bench.tree", "tree attention vs SDPA with a dense mask, and tree verification"),
+    "small_rows": (
+        "torchspec_ext.bench.small_rows",
+        "decoding's few-row products: the small_rows_linear kernel vs x @ W.T and (W @ x.T).T, against the read floor",
+    ),
     "pipeline": ("torchspec_ext.bench.pipeline", "tensor pipeline vs raw torch.distributed send/recv, and overlap"),
     "train": ("torchspec_ext.bench.train", "training-loop tokens/s with the custom ops vs --reference-ops"),
     "acceptance": (
