@@ -378,6 +378,11 @@ def test_the_held_out_check_measures_the_combination(tiny):
     check = HeldOutCheck(model, family, [ids], 12, depth=3, topk=2, nodes=6, eos=[])
     found = check(draft)
     assert set(found) == {"acceptance_length", "tree_acceptance_length", "combined_acceptance_length",
-                          "best_mode", "best_estimated_speedup"}  # fmt: skip
+                          "best_mode", "best_speedup"}  # fmt: skip
     assert found["best_mode"] in check.modes and found["combined_acceptance_length"] >= 1
+    assert found["best_speedup"] > 0 and check.plain_tokens_per_s > 0
     assert "combined (the tree, prompt lookup and suffix decoding, 6 nodes at most)" in check.describe(found)
+    assert f"best: {found['best_mode']}, " in check.describe(found)
+    timed = check.plain_tokens_per_s
+    check(draft)
+    assert check.plain_tokens_per_s == timed  # plain decoding is timed once a run

@@ -292,19 +292,15 @@ def decode_sets(decoders: dict[str, Decoder], sets, tokenizer, new_tokens: int, 
 
 @dataclass
 class ModeAcceptance:
-    """A mode's greedy decodes of some prompts: tokens per target forward, verified nodes per forward,
-    and the speed-up over plain decoding those imply when a forward costs ``1 + node_cost * nodes``
-    (the combination's cost model; the proposers' own time not counted)."""
+    """A mode's greedy decodes of some prompts: tokens per target forward, and tokens/s measured."""
 
     acceptance_length: float
-    nodes_per_step: float
-    estimated_speedup: float
+    tokens_per_s: float
 
 
 def measure_modes(
-    target, family: DraftFamily, draft, prompts, new_tokens: int, modes: dict[str, ModeSpec], eos,
-    node_cost: float = NODE_COST,
-) -> dict[str, ModeAcceptance]:  # fmt: skip
+    target, family: DraftFamily, draft, prompts, new_tokens: int, modes: dict[str, ModeSpec], eos
+) -> dict[str, ModeAcceptance]:
     """Greedy decodes of ``prompts`` (token ids) in each mode (the draft is left in the train/eval mode
     it was in; a mode's suffix cache holds its earlier outputs)."""
     was_training = draft.training
@@ -314,8 +310,7 @@ def measure_modes(
         decode = speculative_decoder(target, build_proposer(family, draft, spec), 0.0, eos, 0)
         outs = [decode(prompt, new_tokens, i) for i, prompt in enumerate(prompts)]
         tokens, forwards = sum(len(o.tokens) for o in outs), max(1, sum(o.forwards for o in outs))
-        nodes = sum(sum(o.proposed_per_step or []) for o in outs)
-        found[name] = ModeAcceptance(tokens / forwards, nodes / forwards, tokens / (forwards + node_cost * nodes))
+        found[name] = ModeAcceptance(tokens / forwards, tokens / max(1e-9, sum(o.seconds for o in outs)))
     draft.train(was_training)
     return found
 
@@ -326,6 +321,15 @@ def acceptance_lengths(
     """Greedy acceptance length of a draft in training on ``prompts`` (token ids), per mode."""
     found = measure_modes(target, family, draft, prompts, new_tokens, modes, eos)
     return {name: m.acceptance_length for name, m in found.items()}
+
+
+def plain_tokens_per_s(model, prompts, new_tokens: int, eos) -> float:
+    """Tokens/s of plain greedy decoding of ``prompts`` (token ids), ``new_tokens`` each, after a
+    short warm-up decode (which also makes ``small_rows`` measure its ways outside the timing)."""
+    eos = eos or None  # generate takes no empty list: then the model's own end tokens
+    generate_decode(model, prompts[0], 4, 0.0, eos)
+    outs = [generate_decode(model, prompt, new_tokens, 0.0, eos) for prompt in prompts]
+    return sum(len(o.tokens) for o in outs) / max(1e-9, sum(o.seconds for o in outs))
 
 
 def plain_seconds_per_token(model, prompt, tokens: int = 16, repeats: int = 2) -> float:
