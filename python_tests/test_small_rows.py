@@ -19,7 +19,8 @@ def forced(monkeypatch):
 
     def force(linear, way: str):
         for rows in small_rows.MEASURED_ROWS:
-            table[(*linear.weight.shape, linear.weight.dtype, rows)] = way
+            for copy_allowed in (False, True):
+                table[(*linear.weight.shape, linear.weight.dtype, copy_allowed, rows)] = way
 
     return force
 
@@ -47,9 +48,9 @@ def test_each_way_is_taken_only_where_it_won(forced, monkeypatch):
     calls = []
     real = small_rows._apply
 
-    def recorded(way, x, w, b):
+    def recorded(way, x, *args):
         calls.append((way, x.shape[0]))
-        return real(way, x, w, b)
+        return real(way, x, *args)
 
     monkeypatch.setattr(small_rows, "_apply", recorded)
     for way in ("swapped", "kernel"):
@@ -62,7 +63,7 @@ def test_each_way_is_taken_only_where_it_won(forced, monkeypatch):
     assert calls == [("swapped", 3), ("swapped", 20), ("kernel", 3), ("kernel", 20)]
     calls.clear()
     forced(linear, "swapped")
-    small_rows._fastest[8, 16, torch.float32, 24] = "kernel"
+    small_rows._fastest[8, 16, torch.float32, False, 24] = "kernel"
     linear(torch.randn(16, 16))
     linear(torch.randn(17, 16))  # 17 to 24 rows take the way measured at 24
     assert calls == [("swapped", 16), ("kernel", 17)]
@@ -85,10 +86,10 @@ def test_the_first_use_measures_and_remembers(monkeypatch):
     linear, tiny = torch.nn.Linear(64, 32).requires_grad_(False), torch.nn.Linear(8, 8).requires_grad_(False)
     enable_small_rows(torch.nn.Sequential(linear, tiny))
     linear(torch.randn(2, 64))
-    assert sorted(table) == [(32, 64, torch.float32, r) for r in small_rows.MEASURED_ROWS]
+    assert sorted(table) == [(32, 64, torch.float32, False, r) for r in small_rows.MEASURED_ROWS]
     assert set(table.values()) <= set(WAYS)
     tiny(torch.randn(2, 8))  # too small to be worth measuring: the usual way
-    assert all(table[8, 8, torch.float32, r] == "usual" for r in small_rows.MEASURED_ROWS)
+    assert all(table[8, 8, torch.float32, False, r] == "usual" for r in small_rows.MEASURED_ROWS)
 
 
 # The kernel itself, against float64: row counts across its groups of four, input widths with and
@@ -110,6 +111,50 @@ def test_the_kernel_matches_float64(dtype, rows, in_features, out_features, bias
     torch.testing.assert_close(got.double(), want, rtol=rtol, atol=atol)
 
 
+def test_the_kernel_reads_a_bfloat16_weight_for_float32_rows():
+    torch.manual_seed(0)
+    x, weight, bias = torch.randn(5, 100), torch.randn(70, 100).bfloat16(), torch.randn(70)
+    got = small_rows_linear(x, weight, bias)
+    assert got.dtype == torch.float32
+    want = x.double() @ weight.double().T + bias.double()
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-4)
+
+
+def test_a_draft_may_read_a_bfloat16_copy_made_again_when_the_weight_changes(forced):
+    torch.manual_seed(0)
+    draft, target = torch.nn.Linear(64, 40), torch.nn.Linear(64, 40)
+    for m in (draft, target):
+        m.requires_grad_(False)
+    enable_small_rows(draft, bfloat16_copy=True)
+    enable_small_rows(target)
+    assert draft.bfloat16_copy and not target.bfloat16_copy
+    forced(draft, "bfloat16 kernel")
+    x = torch.randn(3, 64)
+    want = lambda m: x.double() @ m.weight.bfloat16().double().T + m.bias.double()
+    torch.testing.assert_close(draft(x).double(), want(draft), rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        draft.weight.mul_(2)  # an optimiser's in-place update
+    torch.testing.assert_close(draft(x).double(), want(draft), rtol=1e-5, atol=1e-5)
+    draft.load_state_dict({"weight": torch.randn(40, 64), "bias": torch.zeros(40)})
+    torch.testing.assert_close(draft(x).double(), want(draft), rtol=1e-5, atol=1e-5)
+
+
+def test_only_a_draft_measures_the_bfloat16_copy(monkeypatch):
+    monkeypatch.setattr(small_rows, "_fastest", {})
+    monkeypatch.setattr(small_rows, "OUT_OF_CACHE_BYTES", 1 << 16)
+    monkeypatch.setattr(small_rows, "MEASURED_FROM_BYTES", 1 << 12)
+    measured = []
+    real = small_rows._apply
+    monkeypatch.setattr(small_rows, "_apply", lambda way, *args: measured.append(way) or real(way, *args))
+    with torch.no_grad():
+        for copy_allowed in (False, True):
+            linear = torch.nn.Linear(64, 32).requires_grad_(False)
+            enable_small_rows(linear, bfloat16_copy=copy_allowed)
+            measured.clear()
+            linear(torch.randn(2, 64))
+            assert ("bfloat16 kernel" in measured) == copy_allowed
+
+
 def test_the_kernel_reads_strided_rows_and_batch_shapes():
     torch.manual_seed(0)
     wide = torch.randn(40, 100)
@@ -127,7 +172,7 @@ def test_the_kernel_reads_strided_rows_and_batch_shapes():
         ((torch.randn(2, 8), torch.randn(4, 9)), "x's last dimension \\(8\\) must be weight's in \\(9\\)"),
         ((torch.randn(2, 8), torch.randn(4, 8, 1)), "weight must be 2-D"),
         ((torch.randn(2, 8).half(), torch.randn(4, 8).half()), "x must be float32 or bfloat16, got Half"),
-        ((torch.randn(2, 8), torch.randn(4, 8).bfloat16()), "weight must have x's dtype"),
+        ((torch.randn(2, 8).bfloat16(), torch.randn(4, 8)), "weight must have x's dtype"),
         ((torch.randn(2, 8), torch.randn(4, 8), torch.randn(5)), "bias must be \\[out\\] = \\[4\\]"),
         ((torch.randn(2, 8), torch.randn(4, 8), torch.randn(4).double()), "bias must have x's dtype"),
     ],

@@ -453,7 +453,8 @@ def small_rows_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> 
 
     Args:
         x: ``[..., in]`` float32 or bfloat16; a few rows (1 to 8 is what it is for: any count works).
-        weight: ``[out, in]`` of x's dtype and device; its rows may be strided.
+        weight: ``[out, in]`` of x's dtype (or bfloat16 for a float32 x: half the bytes read) and
+            device; its rows may be strided.
         bias: ``[out]`` of x's dtype, or None.
 
     Returns:

@@ -19,9 +19,9 @@ namespace {
 typedef float f32x8 __attribute__((vector_size(32)));
 typedef uint32_t u32x8 __attribute__((vector_size(32)));
 typedef uint16_t u16x8 __attribute__((vector_size(16)));
-constexpr int64_t kStep = 16;   // weight elements per step: two 8-lane vectors
+constexpr int64_t kStep = 16;  // weight elements per step: two 8-lane vectors
 
-constexpr int64_t kGroup = 4;   // rows of x per pass over a weight row (8 sums in registers)
+constexpr int64_t kGroup = 4;  // rows of x per pass over a weight row (8 sums in registers)
 constexpr int64_t kBlock = 32;  // weight rows per block: 32 x 2048 float32 is 256 KiB, within L2
 
 template <ScalarKind W>

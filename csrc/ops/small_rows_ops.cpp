@@ -26,16 +26,18 @@ at::Tensor small_rows_linear(const at::Tensor& x, const at::Tensor& weight, cons
   check_same_device(x, "x", weight, "weight", op);
   TORCHSPEC_CHECK_ARG(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, op,
                       "x must be float32 or bfloat16, got ", x.scalar_type());
-  TORCHSPEC_CHECK_ARG(weight.scalar_type() == x.scalar_type(), op, "weight must have x's dtype (", x.scalar_type(),
-                      "), got ", weight.scalar_type());
+  // A float32 x may also read a bfloat16 weight (a copy at half the bytes); the result is float32.
+  const bool mixed = x.scalar_type() == at::kFloat && weight.scalar_type() == at::kBFloat16;
+  TORCHSPEC_CHECK_ARG(weight.scalar_type() == x.scalar_type() || mixed, op, "weight must have x's dtype (",
+                      x.scalar_type(), ") or, for a float32 x, be bfloat16; got ", weight.scalar_type());
   if (bias.has_value()) {
     check_same_device(x, "x", *bias, "bias", op);
-    TORCHSPEC_CHECK_ARG(bias->dim() == 1 && bias->size(0) == out_features, op, "bias must be [out] = [",
-                        out_features, "], got ", bias->sizes());
+    TORCHSPEC_CHECK_ARG(bias->dim() == 1 && bias->size(0) == out_features, op, "bias must be [out] = [", out_features,
+                        "], got ", bias->sizes());
     TORCHSPEC_CHECK_ARG(bias->scalar_type() == x.scalar_type(), op, "bias must have x's dtype (", x.scalar_type(),
                         "), got ", bias->scalar_type());
   }
-  if (x.is_cuda()) return at::linear(x, weight, bias);
+  if (x.is_cuda()) return at::linear(x, weight.to(x.scalar_type()), bias);
 
   std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end() - 1);
   out_shape.push_back(out_features);
@@ -48,7 +50,7 @@ at::Tensor small_rows_linear(const at::Tensor& x, const at::Tensor& weight, cons
   p.weight = w.data_ptr();
   p.bias = b32.defined() ? b32.data_ptr<float>() : nullptr;
   p.out = out.data_ptr<float>();
-  p.weight_dtype = x.scalar_type() == at::kBFloat16 ? ScalarKind::kBFloat16 : ScalarKind::kFloat32;
+  p.weight_dtype = weight.scalar_type() == at::kBFloat16 ? ScalarKind::kBFloat16 : ScalarKind::kFloat32;
   p.rows = x32.size(0);
   p.in_features = in;
   p.out_features = out_features;

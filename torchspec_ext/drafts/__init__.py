@@ -72,14 +72,15 @@ def read_family_config(directory: Path, family: type[DraftFamily], parse: Callab
 def load_draft(directory: Path, target=None):
     """(family, draft) of a folder written by ``train`` or ``export``, whatever its family; with a
     ``target``, a DraftLoadError before any weight is read when the draft was made for another one.
-    The draft's products of 1-8 rows take the faster BLAS path (``small_rows``), as the target's do."""
+    The draft's few-row products take the fastest measured way (``small_rows``), as the target's do,
+    bfloat16 copies of its weights among them (its proposals are checked by the target)."""
     directory = Path(directory)
     raw = read_config(directory)
     found = family_of_config(raw, directory)
     if target is not None:
         check_target(found, raw, target, directory)
     draft = found.load(directory, target)
-    enable_small_rows(draft)
+    enable_small_rows(draft, bfloat16_copy=True)
     return found, draft
 
 

@@ -42,7 +42,7 @@ class HeldOutCheck:
         device = next(self.target.parameters()).device
         if next(draft.parameters()).device != device:
             draft = copy.deepcopy(draft).to(device)
-        enable_small_rows(draft)  # as a loaded draft decodes; training (gradients on) keeps the usual way
+        enable_small_rows(draft, bfloat16_copy=True)  # as a loaded draft decodes; training keeps the usual way
         self.modes = fit_modes(self.family, draft, self.modes)  # the draft's shape is the run's: the same each call
         if self.plain_tokens_per_s is None:
             self.plain_tokens_per_s = plain_tokens_per_s(self.target, self.prompts, self.new_tokens, self.eos)
