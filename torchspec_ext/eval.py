@@ -326,6 +326,8 @@ def acceptance_lengths(
 def plain_tokens_per_s(model, prompts, new_tokens: int, eos) -> float:
     """Tokens/s of plain greedy decoding of ``prompts`` (token ids), ``new_tokens`` each, after a
     short warm-up decode (which also makes ``small_rows`` measure its ways outside the timing)."""
+    if not prompts:
+        return 0.0
     eos = eos or None  # generate takes no empty list: then the model's own end tokens
     generate_decode(model, prompts[0], 4, 0.0, eos)
     outs = [generate_decode(model, prompt, new_tokens, 0.0, eos) for prompt in prompts]

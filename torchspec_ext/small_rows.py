@@ -26,7 +26,8 @@ MEASURED_ROWS = (1, 2, 3, 4, 5, 6, 7, 8, 12, 16, 24, 32)
 MEASURED_FROM_BYTES = 1 << 18  # a smaller weight costs microseconds either way: the usual way, unmeasured
 OUT_OF_CACHE_BYTES, MAX_COPIES = 64 << 20, 160  # twice the last-level cache of the machine measured (32 MiB)
 KERNEL_DTYPES = (torch.float32, torch.bfloat16)  # what the small_rows_linear kernel reads
-_fastest: dict[tuple, str] = {}  # (out, in, dtype, rows) -> the way that won: "usual", "swapped" or "kernel"
+# (out, in, dtype, bfloat16_copy, rows) -> the way that won: "usual", "swapped", "kernel" or "bfloat16 kernel"
+_fastest: dict[tuple, str] = {}
 
 
 def best_seconds(fn, repeats: int = 3) -> float:
@@ -76,7 +77,8 @@ def _measure(weight: torch.Tensor, bfloat16_copy: bool) -> dict[int, str]:
     if size < MEASURED_FROM_BYTES:
         return dict.fromkeys(MEASURED_ROWS, "usual")
     ways = ["usual", "swapped"] + (["kernel"] if weight.dtype in KERNEL_DTYPES else [])
-    ways += ["bfloat16 kernel"] if bfloat16_copy and weight.dtype == torch.float32 and KERNEL_DTYPES else []
+    if bfloat16_copy and weight.dtype == torch.float32 and torch.bfloat16 in KERNEL_DTYPES:
+        ways.append("bfloat16 kernel")
     # In a forward each weight comes from memory, not the cache: time every way over copies of the
     # weight that together outgrow the caches, as a forward's layers do.
     fastest = {}

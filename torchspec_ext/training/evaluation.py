@@ -49,7 +49,8 @@ class HeldOutCheck:
         found = measure_modes(self.target, self.family, draft, self.prompts, self.new_tokens, self.modes, self.eos)
         best = max(found, key=lambda name: found[name].tokens_per_s)
         values = {self._key(name): m.acceptance_length for name, m in found.items()}
-        return values | {"best_mode": best, "best_speedup": found[best].tokens_per_s / self.plain_tokens_per_s}
+        speedup = found[best].tokens_per_s / self.plain_tokens_per_s if self.plain_tokens_per_s else 0.0
+        return values | {"best_mode": best, "best_speedup": speedup}
 
     def describe(self, found: dict) -> str:
         parts = []
