@@ -323,22 +323,24 @@ def acceptance_lengths(
     return {name: m.acceptance_length for name, m in found.items()}
 
 
-def plain_tokens_per_s(model, prompts, new_tokens: int, eos) -> float:
-    """Tokens/s of plain greedy decoding of ``prompts`` (token ids), ``new_tokens`` each, after a
-    short warm-up decode (which also makes ``small_rows`` measure its ways outside the timing)."""
+def plain_tokens_per_s(model, prompts, new_tokens: int, eos, repeats: int = 1, **options) -> float:
+    """Tokens/s of plain greedy decoding of ``prompts`` (token ids), ``new_tokens`` each, the best of
+    ``repeats`` passes, after a short warm-up decode (which also makes ``small_rows`` measure its ways
+    outside the timing); ``options`` go to ``generate`` (``min_new_tokens`` to time exactly that many)."""
     if not prompts:
         return 0.0
     eos = eos or None  # generate takes no empty list: then the model's own end tokens
     generate_decode(model, prompts[0], 4, 0.0, eos)
-    outs = [generate_decode(model, prompt, new_tokens, 0.0, eos) for prompt in prompts]
-    return sum(len(o.tokens) for o in outs) / max(1e-9, sum(o.seconds for o in outs))
+    best = 0.0
+    for _ in range(repeats):
+        outs = [generate_decode(model, prompt, new_tokens, 0.0, eos, **options) for prompt in prompts]
+        best = max(best, sum(len(o.tokens) for o in outs) / max(1e-9, sum(o.seconds for o in outs)))
+    return best
 
 
 def plain_seconds_per_token(model, prompt, tokens: int = 16, repeats: int = 2) -> float:
-    """Best time per token of plain greedy decoding of ``tokens`` tokens (after one warm-up call)."""
-    generate_decode(model, prompt, 4, 0.0, None)
-    runs = (generate_decode(model, prompt, tokens, 0.0, None, min_new_tokens=tokens).seconds for _ in range(repeats))
-    return min(runs) / tokens
+    """Best time per token of plain greedy decoding of exactly ``tokens`` tokens after ``prompt``."""
+    return 1 / plain_tokens_per_s(model, [prompt], tokens, None, repeats, min_new_tokens=tokens)
 
 
 def choose_dtype(target, name: str, prompt) -> tuple:

@@ -23,6 +23,7 @@ from torchspec_ext.ops import small_rows_linear
 # The row counts that are measured; a count between two of them takes the way of the next one up,
 # and more rows than the last take the usual way.
 MEASURED_ROWS = (1, 2, 3, 4, 5, 6, 7, 8, 12, 16, 24, 32)
+_MEASURED_FOR = [next(m for m in MEASURED_ROWS if m >= rows) for rows in range(MEASURED_ROWS[-1] + 1)]
 MEASURED_FROM_BYTES = 1 << 18  # a smaller weight costs microseconds either way: the usual way, unmeasured
 OUT_OF_CACHE_BYTES, MAX_COPIES = 64 << 20, 160  # twice the last-level cache of the machine measured (32 MiB)
 KERNEL_DTYPES = (torch.float32, torch.bfloat16)  # what the small_rows_linear kernel reads
@@ -64,7 +65,7 @@ def _apply(way: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
 
 def _fastest_way(weight: torch.Tensor, rows: int, bfloat16_copy: bool) -> str:
     key = (*weight.shape, weight.dtype, bfloat16_copy)
-    rows = next(r for r in MEASURED_ROWS if r >= rows)
+    rows = _MEASURED_FOR[rows]
     if (*key, rows) not in _fastest:
         _fastest.update({(*key, r): way for r, way in _measure(weight, bfloat16_copy).items()})
     return _fastest[(*key, rows)]

@@ -1,8 +1,8 @@
-// The small-rows linear kernel (common/small_rows.h). A decoding step multiplies a few rows (1 to
-// 17 here) by every weight, so it is bound by reading the weights from memory once: each weight row is read in
-// one pass and multiplied by up to kGroup rows of x (which stay in L1). More rows are done in groups
-// over a block of kBlock weight rows, small enough to stay in L2 between the groups, so the weights
-// still cross the memory bus once.
+// The small-rows linear kernel (common/small_rows.h). A decoding step multiplies a few rows (1 to 17
+// here) by every weight, so it is bound by reading the weights from memory once: each weight row is
+// read in one pass and multiplied by up to kGroup rows of x (which stay in L1). More rows are done in
+// groups over a block of kBlock weight rows, small enough to stay in L2 between the groups, so the
+// weights still cross the memory bus once.
 #include <algorithm>
 #include <cstring>
 
