@@ -325,7 +325,7 @@ def test_modes_and_proposers_for_eval():
     eagle = drafts.family("eagle3")
     modes = evaluation_modes(eagle, depth=4, topk=4, max_nodes=16, min_prob=0.15, lookup_tokens=10)
     assert list(modes) == ["chain", "tree", "chain, p >= 0.15", "tree, p >= 0.15", "lookup", "suffix", "combined"]
-    assert modes["combined"].tree == TreeSpec(4, 4, 16) and modes["combined"].depth == 16
+    assert modes["combined"].tree == TreeSpec(4, 4, 16, 0.15) and modes["combined"].depth == 16  # pruned
     lookup_modes = evaluation_modes(drafts.family("lookup"), 4, 4, 16, 0.0)
     assert list(lookup_modes) == ["lookup", "suffix", "combined"] and lookup_modes["combined"].tree is None
     assert list(evaluation_modes(drafts.family("suffix"), 4, 4, 16, 0.0)) == ["suffix", "lookup", "combined"]
@@ -361,6 +361,8 @@ def test_eval_rows_for_each_proposer_and_the_combination(predictable_target, tmp
     assert costs["steps"] == rows["combined"]["target_forwards"] and costs["forward_ms_per_step"] > 0
     assert costs["merge_ms_per_step"] > 0 and costs["verified_nodes_per_step"] <= 6
     assert report["header"]["modes"]["combined"]["tree"]["depth"] == 3
+    cost = report["header"]["node_cost"]  # measured at the start, as no --node-cost was given
+    assert cost >= 0 and report["header"]["modes"]["combined"]["node_cost"] == cost
     text = markdown(report)  # the table a user reads: the step's costs beside the forward's, per member
     assert "combined: building the tree" in text and f"forward {costs['forward_ms_per_step']:.2f} ms" in text
     assert all(f"| {member} | " in text for member in ("target", "lookup", "suffix"))
@@ -383,6 +385,7 @@ def test_the_held_out_check_measures_the_combination(tiny):
     assert found["best_speedup"] > 0 and check.plain_tokens_per_s > 0
     assert "combined (the tree, prompt lookup and suffix decoding, 6 nodes at most)" in check.describe(found)
     assert f"best: {found['best_mode']}, " in check.describe(found)
-    timed = check.plain_tokens_per_s
+    timed, cost = check.plain_tokens_per_s, check.node_cost
+    assert cost >= 0 and check.modes["combined"].node_cost == cost and check.modes["combined"].tree.min_prob > 0
     check(draft)
-    assert check.plain_tokens_per_s == timed  # plain decoding is timed once a run
+    assert check.plain_tokens_per_s == timed and check.node_cost == cost  # plain decoding and a node timed once a run

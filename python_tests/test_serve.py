@@ -319,6 +319,7 @@ def test_serve_combine_builds_the_combination_from_the_command_line(predictable_
     # Prompt lookup is the draft here: the combination is it and suffix decoding, once each.
     assert isinstance(engine.proposer, Combined) and engine.proposer.names == ["lookup", "suffix"]
     assert engine.proposer.max_nodes == 5 and engine.outputs[0].max_tokens == 1000
+    assert engine.proposer.node_cost >= 0  # measured on this machine at the start
     assert not isinstance(load_engine(parse(ServeConfig, argv)).proposer, Combined)
 
 

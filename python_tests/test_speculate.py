@@ -6,7 +6,14 @@ import math
 import pytest
 import torch
 
-from torchspec_ext.speculate import TargetAsDraft, TreeProposer, TreeSpec, propose_tree, speculative_generate
+from torchspec_ext.speculate import (
+    TargetAsDraft,
+    TreeProposer,
+    TreeSpec,
+    measure_node_cost,
+    propose_tree,
+    speculative_generate,
+)
 from torchspec_ext.target import load_target
 
 
@@ -59,6 +66,21 @@ def test_useless_draft_still_matches_greedy(target):
     result = speculative_generate(model, proposer, ids, 12)
     assert result.tokens == want
     assert result.target_forwards >= len(result.tokens) - 2  # nearly nothing accepted: ~1 token per forward
+
+
+def test_measured_node_cost_leaves_the_target_as_it_was(target):
+    model, tokenizer = target
+    ids = prompt_ids(tokenizer, "What is the capital of France?")
+    want = greedy(model, ids, 8)
+    for prompt, nodes in ((ids, 4), (ids[:1], 2)):  # a one-token prompt has no prefix to cache
+        cost = measure_node_cost(model, prompt, nodes, repeats=1)
+        assert math.isfinite(cost) and cost >= 0
+    assert speculative_generate(model, TreeProposer(TargetAsDraft(model), TreeSpec.chain(3)), ids, 8).tokens == want
+    assert greedy(model, ids, 8) == want
+    with pytest.raises(ValueError, match="needs a prompt and nodes >= 1"):
+        measure_node_cost(model, [], 4)
+    with pytest.raises(ValueError, match="needs a prompt and nodes >= 1"):
+        measure_node_cost(model, ids, 0)
 
 
 def test_sampling_runs_and_is_reproducible(target):

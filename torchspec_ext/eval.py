@@ -30,7 +30,7 @@ import torch
 from torchspec_ext import drafts
 from torchspec_ext.drafts.base import CONFIG_NAME, WEIGHTS_NAME, DraftFamily, DraftLoadError, chat_probe, read_config
 from torchspec_ext.drafts.combined import (
-    NODE_COST,
+    MIN_PROB,
     Combined,
     ModeSpec,
     build_proposer,
@@ -41,7 +41,7 @@ from torchspec_ext.drafts.combined import (
 from torchspec_ext.evalsets import PromptSetError, load_prompt_sets, turn_prompt
 from torchspec_ext.evalstats import Decode
 from torchspec_ext.options import DTYPES, at_least, option, parse
-from torchspec_ext.speculate import Proposer, speculative_generate
+from torchspec_ext.speculate import Proposer, measure_node_cost, speculative_generate
 from torchspec_ext.target import load_target, stop_token_ids
 
 EVAL_DTYPES = ("float32", "bfloat16")
@@ -81,7 +81,7 @@ class EvalConfig:
     topk: int = option(4, "children per tree node (1: no tree rows)", check=at_least(1))
     max_nodes: int = option(16, "draft nodes per tree", check=at_least(1))
     min_prob: float = option(
-        0.15,
+        MIN_PROB,
         "the pruned chain and tree propose no node below this cumulative draft probability (0: no pruned rows)",
         check=_min_prob_check,
     )
@@ -91,10 +91,10 @@ class EvalConfig:
         "of our lookup row and of the combination's lookup",
         check=at_least(1),
     )
-    node_cost: float = option(
-        NODE_COST,
+    node_cost: float | None = option(
+        None,
         "the combination verifies a node only while it raises the expected tokens per cost, a node costing this "
-        "much of a one-token target forward",
+        "much of a one-token target forward (default: measured here at the start)",
         check=at_least(0),
     )
     dtype: str = option(
@@ -393,11 +393,15 @@ def evaluate(args: EvalConfig, modes: dict[str, ModeSpec] | None = None) -> dict
     first = turn_prompt(tokenizer, sets[0].items[0])
     target, dtype = choose_dtype(target, args.dtype, first)
     family, draft = load_draft(args.draft, target)
+    node_cost = args.node_cost
+    if node_cost is None:
+        node_cost = measure_node_cost(target, first)
+        print(f"[eval] a verified node costs {node_cost:.3f} of a one-node target forward here", file=sys.stderr)
     counter = ForwardCounter(target)
     eos = stop_token_ids(target, tokenizer)
     if modes is None:
         modes = evaluation_modes(
-            family, args.depth, args.topk, args.max_nodes, args.min_prob, args.lookup_tokens, args.node_cost
+            family, args.depth, args.topk, args.max_nodes, args.min_prob, args.lookup_tokens, node_cost
         )
     modes = fit_modes(family, draft, modes)
     decoders: dict[str, Decoder] = {
@@ -433,6 +437,7 @@ def evaluate(args: EvalConfig, modes: dict[str, ModeSpec] | None = None) -> dict
             name: {**asdict(spec), "depth": spec.depth, "max_nodes": spec.max_nodes} for name, spec in modes.items()
         },
         "lookup_tokens": args.lookup_tokens,
+        "node_cost": node_cost,
         "template_warning": warning,
         "combination": {
             name: d.combination_report()

@@ -33,6 +33,7 @@ from torch import Tensor
 
 from torchspec_ext.data import pad_rows
 from torchspec_ext.ops import tree_attention, verify_tree_greedy, verify_tree_sampling
+from torchspec_ext.small_rows import best_seconds
 from torchspec_ext.target import stop_token_ids
 
 TREE_ATTENTION = "torchspec_tree"
@@ -251,6 +252,41 @@ def _score_tree(target, tokens: Tensor, parents: Tensor, prefix_len: int, hidden
         tree_prefix_lens=torch.tensor([prefix_len], device=tokens.device),
         **cache,
     )
+
+
+@torch.no_grad()
+def measure_node_cost(target, prompt: Sequence[int], nodes: int = 4, repeats: int = 3) -> float:
+    """What verifying a node costs on this machine, as a share of a verification forward of the root
+    alone: the target's forwards over a chain of ``nodes`` after ``prompt`` and over its root, each
+    the best of ``repeats`` after a warm-up, ``(chain - root) / (nodes * root)``, at least 0. Near 0
+    where a forward is bound by reading the weights whatever its rows (a GPU's); about 0.1 on a 2-core
+    CPU, where each row costs compute. The target's dtype and device are those it decodes in."""
+    from transformers import DynamicCache
+
+    if len(prompt) < 1 or nodes < 1:
+        raise ValueError(
+            f"measure_node_cost: needs a prompt and nodes >= 1, got {len(prompt)} tokens and {nodes} nodes"
+        )
+    enable_tree_attention(target)
+    device = next(target.parameters()).device
+    cache_kw, cache = _cache_keyword(target), DynamicCache()
+    prefix_len = len(prompt) - 1
+    if prefix_len:
+        target(torch.tensor([list(prompt[:-1])], device=device), use_cache=True, **{cache_kw: cache})
+    chain = torch.tensor([prompt[-1], *(list(prompt) * nodes)[:nodes]], device=device)
+
+    def forward(size: int) -> Callable[[], None]:
+        def run():
+            _score_tree(target, chain[:size], torch.arange(-1, size - 1, device=device), prefix_len, False,
+                        {cache_kw: cache})  # fmt: skip
+            _commit_path(cache, prefix_len, chain.new_zeros(0))  # the tree's rows out of the cache again
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+
+        return run
+
+    root, whole = best_seconds(forward(1), repeats), best_seconds(forward(nodes + 1), repeats)
+    return max(0.0, (whole - root) / (nodes * root))
 
 
 @dataclass

@@ -32,10 +32,13 @@ from torchspec_ext.drafts.lookup import PromptLookup
 from torchspec_ext.drafts.suffix import SuffixCache, SuffixDecoding
 from torchspec_ext.speculate import Proposer, ScoredTree, TreeSpec
 
-# A node's marginal cost in the target's forward, relative to a forward of the root alone: what the
-# issue's measurements on a 2-core CPU imply (a 16-node tree accepting 1.65 ran at 0.98x, a pruned one
-# of ~3 nodes accepting 1.27 at 1.13x): about 0.04.
-NODE_COST = 0.04
+# A node's marginal cost in the target's forward, relative to a forward of the root alone, where it is
+# not measured (``speculate.measure_node_cost``, which eval, serve and train's held-out check use): on a
+# 2-core CPU 0.08 in float32 and 0.11-0.14 in bfloat16; near 0 on a GPU.
+NODE_COST = 0.1
+# The cumulative draft probability below which the combination's draft tree stops growing (eval's and
+# serve's --min-prob): the draft's levels cost time whether or not the target follows them.
+MIN_PROB = 0.15
 
 
 class Calibration:
@@ -432,13 +435,14 @@ def evaluation_modes(
 ) -> dict[str, ModeSpec]:  # fmt: skip
     """What ``eval`` measures for ``family``: its own modes, then each training-free proposer alone
     (prompt lookup, suffix decoding) where the family is not that one, then the combination of the
-    family's tree (when it has one) with both."""
+    family's tree (when it has one; pruned below ``min_prob``, so the draft stops proposing where it
+    does not expect to be followed) with both."""
     modes: dict[str, ModeSpec] = dict(family.decode_modes(depth, topk, max_nodes, min_prob))
     if family.name != "lookup":
         modes["lookup"] = LookupSpec(lookup_tokens)
     if family.name != "suffix":
         modes["suffix"] = SuffixSpec(max_spec=max_nodes)
-    tree = None if family.name in ("lookup", "suffix") else TreeSpec(depth, topk, max_nodes)
+    tree = None if family.name in ("lookup", "suffix") else TreeSpec(depth, topk, max_nodes, min_prob)
     modes["combined"] = combination_spec(tree, max_nodes, lookup_tokens, node_cost)
     return modes
 

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from torchspec_ext.drafts.combined import MIN_PROB
 from torchspec_ext.options import at_least, option, parse
 from torchspec_ext.training.losses import LOSSES
 
@@ -50,7 +51,7 @@ class ServeConfig:
     topk: int = option(4, "children per tree node (1: a chain)", check=at_least(1))
     max_nodes: int = option(16, "draft nodes per tree", check=at_least(1))
     min_prob: float = option(
-        0.15, "propose no node below this cumulative draft probability (0: whole trees)", check=_min_prob_check
+        MIN_PROB, "propose no node below this cumulative draft probability (0: whole trees)", check=_min_prob_check
     )
     combine: bool = option(
         False,
@@ -109,7 +110,7 @@ def load_engine(config: ServeConfig):
     from torchspec_ext.eval import load_draft as load_named_draft
     from torchspec_ext.serve.engine import LocalEngine
     from torchspec_ext.serve.learner import LEARNED_DRAFT
-    from torchspec_ext.speculate import TreeSpec
+    from torchspec_ext.speculate import TreeSpec, measure_node_cost
     from torchspec_ext.target import default_target_dir, load_target, stop_token_ids
 
     named = config.draft == "target" or (
@@ -147,7 +148,10 @@ def load_engine(config: ServeConfig):
     if config.combine:
         tree = None if family.name in ("lookup", "suffix") else spec
         suffix = SuffixSpec(max_spec=config.max_nodes, cache_tokens=config.suffix_cache_tokens)
-        mode = CombinationSpec(tree, suffix=suffix, max_nodes=config.max_nodes)
+        node_cost = measure_node_cost(target, prompt)
+        print(f"[serve] --combine: a verified node costs {node_cost:.3f} of a one-node target forward here",
+              file=sys.stderr)  # fmt: skip
+        mode = CombinationSpec(tree, suffix=suffix, max_nodes=config.max_nodes, node_cost=node_cost)
     name = config.served_model_name or Path(config.target or default_target_dir()).name
     engine = LocalEngine(target, tokenizer, family, draft, mode, name, stop_token_ids(target, tokenizer))
     if config.max_model_len:

@@ -6,11 +6,12 @@ their measured speed-up over plain decoding of the same prompts."""
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 
 from torchspec_ext.drafts.base import DraftFamily
-from torchspec_ext.drafts.combined import NODE_COST, CombinationSpec, combination_spec, fit_modes
+from torchspec_ext.drafts.combined import MIN_PROB, NODE_COST, CombinationSpec, combination_spec, fit_modes
 from torchspec_ext.small_rows import enable_small_rows
-from torchspec_ext.speculate import TreeSpec
+from torchspec_ext.speculate import TreeSpec, measure_node_cost
 
 COMBINED = "combined"
 
@@ -26,12 +27,14 @@ class HeldOutCheck:
 
     def __init__(
         self, target, family: DraftFamily, prompts, new_tokens: int, depth: int, topk: int, nodes: int, eos,
-        node_cost: float = NODE_COST,
+        node_cost: float | None = None,
     ):  # fmt: skip
         self.target, self.family, self.prompts, self.new_tokens, self.eos = target, family, prompts, new_tokens, eos
         self.plain_tokens_per_s: float | None = None
+        self.node_cost = node_cost  # None: measured at the first check, as plain decoding is timed
         self.modes = dict(family.decode_modes(depth, topk, nodes, 0.0))
-        self.modes[COMBINED] = combination_spec(TreeSpec(depth, topk, nodes), nodes, node_cost=node_cost)
+        tree = TreeSpec(depth, topk, nodes, MIN_PROB)
+        self.modes[COMBINED] = combination_spec(tree, nodes, node_cost=NODE_COST if node_cost is None else node_cost)
 
     def _key(self, name: str) -> str:
         return "acceptance_length" if name == next(iter(self.modes)) else f"{name}_acceptance_length"
@@ -46,6 +49,9 @@ class HeldOutCheck:
         self.modes = fit_modes(self.family, draft, self.modes)  # the draft's shape is the run's: the same each call
         if self.plain_tokens_per_s is None:
             self.plain_tokens_per_s = plain_tokens_per_s(self.target, self.prompts, self.new_tokens, self.eos)
+        if self.node_cost is None and self.prompts:
+            self.node_cost = measure_node_cost(self.target, self.prompts[0])
+            self.modes[COMBINED] = replace(self.modes[COMBINED], node_cost=self.node_cost)
         found = measure_modes(self.target, self.family, draft, self.prompts, self.new_tokens, self.modes, self.eos)
         best = max(found, key=lambda name: found[name].tokens_per_s)
         values = {self._key(name): m.acceptance_length for name, m in found.items()}
