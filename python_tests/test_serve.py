@@ -3,6 +3,7 @@ against training's teacher, the replay buffer, the queue's order and draft swaps
 
 import asyncio
 import threading
+import types
 
 import pytest
 import torch
@@ -192,24 +193,49 @@ def test_replay_buffer_is_bounded_and_serves_fresh_rows_first():
 
 
 class FakeEngine:
-    """Records the order of the requests and the draft version each ran with; ``gate`` holds the first."""
+    """Records the order in which requests begin and the draft version each began with; a step emits
+    one token to each running request; ``gate`` holds the first step; ``fail_at`` makes that step fail."""
 
     model_name, context_length, vocab_size, stop_token_ids, feature_layers = "fake", 100, 10, [], []
 
-    def __init__(self):
+    def __init__(self, fail_at: int | None = None):
         self.order, self.versions, self.version = [], [], 0
         self.gate = threading.Event()
         self.started = threading.Event()
+        self.running_now: list = []
+        self.widest = self.steps = 0
+        self.fail_at = fail_at
 
-    def generate(self, request, on_tokens, on_verified=None):
-        self.started.set()
-        self.gate.wait(30)
+    @property
+    def running(self):
+        return len(self.running_now)
+
+    def begin(self, request, on_tokens, on_verified=None):
         self.order.append(request.prompt[0])
         self.versions.append(self.version)
-        for t in range(request.max_tokens):
-            if on_tokens([t]):
-                break
-        return GenerationStats(tokens=[0] * request.max_tokens, target_forwards=1, draft_version=self.version)
+        handle = types.SimpleNamespace(request=request, on_tokens=on_tokens, done=False,
+                                       stats=GenerationStats(draft_version=self.version))  # fmt: skip
+        self.running_now.append(handle)
+        return handle
+
+    def step(self):
+        self.started.set()
+        self.gate.wait(30)
+        self.steps += 1
+        if self.steps == self.fail_at:
+            raise RuntimeError("the step failed")
+        self.widest = max(self.widest, len(self.running_now))
+        for h in self.running_now:
+            h.stats.tokens.append(0)
+            h.stats.target_forwards += 1
+            h.done = bool(h.on_tokens([0])) or len(h.stats.tokens) == h.request.max_tokens
+        ended = [h for h in self.running_now if h.done]
+        self.running_now = [h for h in self.running_now if not h.done]
+        return ended
+
+    def abort(self):
+        ended, self.running_now = self.running_now, []
+        return ended
 
     def trainable_draft(self):
         return None
@@ -242,7 +268,48 @@ def test_scheduler_serves_in_arrival_order_skips_cancelled_jobs_and_swaps_drafts
     assert engine.versions == [0, 2, 2, 2]
     assert scheduler.stats.draft_updates == 1
     assert scheduler.stats.requests == {"ok": 4, "cancelled": 1, "error": 0}
-    assert all(kind == "stats" for kind, _ in results)
+    assert all(kind == "stats" for kind, _ in results) and engine.widest == 1  # max_batch 1: one at a time
+
+
+def test_scheduler_batches_up_to_max_batch_in_arrival_order():
+    async def scenario():
+        engine = FakeEngine()
+        scheduler = Scheduler(engine, max_queue=8, max_batch=2)
+        scheduler.start()
+        loop = asyncio.get_running_loop()
+        jobs = [scheduler.submit(GenerationRequest([0], 3), lambda t: False, loop)]
+        await loop.run_in_executor(None, engine.started.wait, 30)  # job 0 runs alone, held at the gate
+        jobs += [scheduler.submit(GenerationRequest([i], 1 + i % 3), lambda t: False, loop) for i in range(1, 6)]
+        scheduler.offer_draft({}, 1)  # for the requests that begin after it, not job 0
+        engine.gate.set()
+        results = [await job.events.get() for job in jobs]
+        scheduler.drain()
+        return engine, scheduler, results
+
+    engine, scheduler, results = asyncio.run(scenario())
+    assert engine.order == [0, 1, 2, 3, 4, 5] and engine.versions == [0, 1, 1, 1, 1, 1]
+    assert engine.widest == 2 and not scheduler.running
+    assert [len(stats.tokens) for _, stats in results] == [3, 2, 3, 1, 2, 3]
+    assert scheduler.stats.requests == {"ok": 6, "cancelled": 0, "error": 0}
+
+
+def test_a_failed_step_fails_its_batch_and_the_server_goes_on():
+    async def scenario():
+        engine = FakeEngine(fail_at=1)
+        scheduler = Scheduler(engine, max_queue=8, max_batch=2)
+        scheduler.start()
+        loop = asyncio.get_running_loop()
+        jobs = [scheduler.submit(GenerationRequest([i], 2), lambda t: False, loop) for i in range(3)]
+        engine.gate.set()
+        results = [await job.events.get() for job in jobs]
+        scheduler.drain()
+        return scheduler, results
+
+    scheduler, results = asyncio.run(scenario())
+    kinds = [kind for kind, _ in results]
+    assert kinds[2] == "stats" and set(kinds[:2]) <= {"error", "stats"} and "error" in kinds[:2]
+    assert results[kinds.index("error")][1] == "RuntimeError: the step failed"
+    assert scheduler.stats.requests["ok"] + scheduler.stats.requests["error"] == 3
 
 
 def test_learning_from_served_requests_raises_their_acceptance_and_resumes(model, tmp_path):
@@ -306,6 +373,43 @@ def test_the_combination_shares_its_suffix_cache_across_requests_and_draft_updat
     again = engine.generate(GenerationRequest(prompt, 24), lambda t: False)
     assert again.tokens == want and again.draft_version == 1 and cache.outputs == 2
     assert again.target_forwards < first.target_forwards, (first.target_forwards, again.target_forwards)
+
+
+@pytest.mark.parametrize("combine", [False, True])
+def test_requests_decoded_together_answer_as_each_alone(model, combine):
+    """The engine's batch: requests of different lengths begun at different steps, each with its own
+    draft state (the EAGLE-3 draft reads each row's own features), answer as plain decoding does, step
+    for step as each would alone; an update between two begins reaches only the later request."""
+    from torchspec_ext.drafts.combined import CombinationSpec, LookupSpec, SuffixSpec
+
+    target, tokenizer = model
+    family, draft = new_draft(target, tokenizer)
+    spec = CombinationSpec(TREE, LookupSpec(6), SuffixSpec(max_spec=6), max_nodes=6) if combine else TREE
+    make = lambda: LocalEngine(target, tokenizer, family, draft, spec, "tiny", stop_token_ids(target, tokenizer))
+    prompts = [prompt_ids(tokenizer, q) for q in ("Name three colours.", "What is two plus two?", "Say hello.")]
+    lengths = [20, 9, 14]
+    alone = []
+    for p, n in zip(prompts, lengths):
+        solo = make()
+        alone.append(solo.begin(GenerationRequest(p, n), lambda t: False))
+        while solo.running:
+            solo.step()
+    engine = make()
+    first = engine.begin(GenerationRequest(prompts[0], lengths[0]), lambda t: False)
+    engine.step()
+    engine.update_draft({k: v.clone() for k, v in draft.trained_state().items()}, 1)  # the same weights, version 1
+    rest = [engine.begin(GenerationRequest(p, n), lambda t: False) for p, n in zip(prompts[1:], lengths[1:])]
+    assert engine.running == 3 and engine.draft is not draft  # running requests keep the module they began with
+    ended = []
+    while engine.running:
+        ended += engine.step()
+    assert len(ended) == 3
+    for running, solo, p, n in zip([first, *rest], alone, prompts, lengths):
+        want = target.generate(torch.tensor([p]), max_new_tokens=n, do_sample=False)[0, len(p) :].tolist()
+        assert running.stats.tokens == solo.stats.tokens == want
+        if not combine:  # a combination's calibration and cache learn from the other requests: its trees differ
+            assert running.sequence.result.accepted_per_step == solo.sequence.result.accepted_per_step
+    assert [r.stats.draft_version for r in (first, *rest)] == [0, 1, 1]
 
 
 def test_serve_combine_builds_the_combination_from_the_command_line(predictable_target):

@@ -12,6 +12,9 @@ EAGLE-2-style trees from any :class:`StepDraft` (``next_logprobs(context, paths)
 EAGLE-3 draft or the target itself (:class:`TargetAsDraft`: every step then accepts the whole depth
 at temperature 0, which the tests use).
 
+Several sequences decode together in a :class:`SpeculativeBatch` (one forward a step verifies every
+sequence's tree, each in its own row of the KV cache); ``speculative_generate`` is a batch of one.
+
 Several proposers verify together: ``speculative_generate`` given a list of them decodes with
 :class:`torchspec_ext.drafts.combined.Combined`, which merges their trees into one (shared prefixes
 merged) and keeps the nodes of highest calibrated confidence within a node budget. A proposer says how
@@ -20,6 +23,7 @@ sure it is of each node through ``propose_scored`` (a :class:`ScoredTree`).
 
 from __future__ import annotations
 
+import copy
 import heapq
 import inspect
 import math
@@ -202,8 +206,23 @@ def _attention(module, query, key, value, attention_mask, dropout=0.0, scaling=N
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
-    out = tree_attention(query, key, value, kwargs["tree_prefix_lens"], parents, scaling)
+    prefix_lens = kwargs["tree_prefix_lens"]
+    _place_trees(key, value, prefix_lens, query.shape[2])
+    out = tree_attention(query, key, value, prefix_lens, parents, scaling)
     return out.transpose(1, 2).contiguous(), None
+
+
+def _place_trees(key: Tensor, value: Tensor, prefix_lens: Tensor, nodes: int) -> None:
+    """The cache appended the tree after its longest row; a shorter row's tree moves to right after the
+    row's own prefix, where tree_attention (and the commit after it) read it. In place: the cache's own
+    tensors."""
+    if key.shape[0] == 1:  # one row: its prefix is the cache's
+        return
+    end = key.shape[2] - nodes
+    for row, length in enumerate(prefix_lens.tolist()):
+        if length != end:
+            key[row, :, length : length + nodes] = key[row, :, end:].clone()
+            value[row, :, length : length + nodes] = value[row, :, end:].clone()
 
 
 def enable_tree_attention(model) -> None:
@@ -227,29 +246,78 @@ def _cache_keyword(model) -> str:
 
 
 def _commit_path(cache, prefix_len: int, path_nodes: Tensor) -> None:
-    """Keep the prefix and the verified path in a DynamicCache: tree node ``path_nodes[i]`` moves to
-    position ``prefix_len + i`` and the rest of the tree is dropped. Costs the moved nodes, not the
-    prefix (the kept part is a view)."""
-    keep = prefix_len + len(path_nodes)
-    moved = path_nodes != torch.arange(len(path_nodes), device=path_nodes.device)
-    src, dst = prefix_len + path_nodes[moved], prefix_len + moved.nonzero().squeeze(1)
+    """Keep the prefix and the verified path in a one-row DynamicCache (:func:`_commit_paths`)."""
+    _commit_paths(cache, [prefix_len], [path_nodes])
+
+
+def _commit_paths(cache, prefix_lens: list[int], paths: list[Tensor]) -> None:
+    """Keep each row's prefix and verified path in a DynamicCache: in row b, tree node ``paths[b][i]``
+    moves to position ``prefix_lens[b] + i`` and the rest of its tree is dropped (a shorter row keeps
+    stale positions after its own length, which nothing reads). Costs the moved nodes, not the
+    prefixes (the kept part is a view)."""
+    keep = max(p + len(path) for p, path in zip(prefix_lens, paths))
+    moves = []
+    for row, (prefix_len, path) in enumerate(zip(prefix_lens, paths)):
+        moved = path != torch.arange(len(path), device=path.device)
+        if moved.any():
+            moves.append((row, prefix_len + path[moved], prefix_len + moved.nonzero().squeeze(1)))
     for layer in cache.layers:
-        if len(src):  # src > dst; the right side is gathered (copied) before the write
-            layer.keys[:, :, dst] = layer.keys[:, :, src]
-            layer.values[:, :, dst] = layer.values[:, :, src]
+        for row, src, dst in moves:  # src > dst; the right side is gathered (copied) before the write
+            layer.keys[row, :, dst] = layer.keys[row, :, src]
+            layer.values[row, :, dst] = layer.values[row, :, src]
         layer.keys, layer.values = layer.keys[:, :, :keep], layer.values[:, :, :keep]
 
 
-def _score_tree(target, tokens: Tensor, parents: Tensor, prefix_len: int, hidden_states: bool, cache: dict):
-    """The target's forward over a tree after ``prefix_len`` cached tokens (tree attention)."""
-    positions = prefix_len + _tree_depths(parents).to(tokens.device)
+def _keep_rows(cache, rows: list[int], lengths: list[int]) -> None:
+    """Only ``rows`` of a DynamicCache, cut to the longest of their ``lengths``."""
+    keep = max(lengths, default=0)
+    index = torch.tensor(rows, dtype=torch.long)
+    for layer in cache.layers:
+        layer.keys = layer.keys[index.to(layer.keys.device), :, :keep]
+        layer.values = layer.values[index.to(layer.values.device), :, :keep]
+
+
+def _stack_cache(cache, rows: int, other) -> None:
+    """Appends the one row of ``other`` (a DynamicCache) below the ``rows`` of ``cache``, the shorter
+    padded with zeros at the end (positions after a row's length are never read). Either may have no
+    layers yet (one-token prompts: nothing prefilled)."""
+    for i in range(max(len(cache.layers), len(other.layers))):
+        like = (cache.layers if i < len(cache.layers) else other.layers)[i].keys
+        if i == len(cache.layers):
+            cache.layers.append(copy.copy(other.layers[i]))
+            cache.layers[i].keys = cache.layers[i].values = _empty_rows(like, rows)
+        mine = cache.layers[i]
+        if i < len(other.layers):
+            keys, values = other.layers[i].keys, other.layers[i].values
+        else:
+            keys = values = _empty_rows(like, 1)
+        length = max(mine.keys.shape[2], keys.shape[2])
+        mine.keys = torch.cat([_pad_positions(mine.keys, length), _pad_positions(keys, length)])
+        mine.values = torch.cat([_pad_positions(mine.values, length), _pad_positions(values, length)])
+
+
+def _empty_rows(like: Tensor, rows: int) -> Tensor:
+    return like.new_zeros(rows, like.shape[1], 0, like.shape[3])
+
+
+def _pad_positions(t: Tensor, length: int) -> Tensor:
+    return torch.nn.functional.pad(t, (0, 0, 0, length - t.shape[2]))
+
+
+def _score_tree(target, tokens: Tensor, parents: Tensor, prefix_len, hidden_states: bool, cache: dict):
+    """The target's forward over trees after their cached prefixes (tree attention): ``tokens`` and
+    ``parents`` ``[T]`` after ``prefix_len`` tokens, or ``[B, T]`` after ``prefix_len[b]`` in row b."""
+    if tokens.dim() == 1:
+        tokens, parents, prefix_len = tokens[None], parents[None], [prefix_len]
+    prefix = torch.tensor(prefix_len, device=tokens.device)
+    positions = prefix[:, None] + torch.stack([_tree_depths(p).to(tokens.device) for p in parents])
     return target(
-        tokens[None],
-        position_ids=positions[None],
+        tokens,
+        position_ids=positions,
         use_cache=True,
         output_hidden_states=hidden_states,
-        tree_parents=parents[None],
-        tree_prefix_lens=torch.tensor([prefix_len], device=tokens.device),
+        tree_parents=parents,
+        tree_prefix_lens=prefix,
         **cache,
     )
 
@@ -315,9 +383,9 @@ def _one_proposer(proposer: Proposer | Sequence[Proposer]) -> Proposer:
     return Combined(proposers)
 
 
-def _features(out, layers: list[int]) -> Tensor | None:
-    """[T, len(layers) * H]: the hidden states ``layers`` of a forward's one sequence."""
-    return torch.cat([out.hidden_states[i][0] for i in layers], -1) if layers else None
+def _features(out, layers: list[int], row: int = 0) -> Tensor | None:
+    """[T, len(layers) * H]: the hidden states ``layers`` of row ``row`` of a forward."""
+    return torch.cat([out.hidden_states[i][row] for i in layers], -1) if layers else None
 
 
 def _prefill(
@@ -331,6 +399,140 @@ def _prefill(
         return prompt[1:], _features(out, layers), out.logits[0]
     empty = torch.empty(0, len(layers) * target.config.hidden_size, device=device) if layers else None
     return [], empty, torch.empty(0, target.config.vocab_size, device=device)
+
+
+@dataclass
+class DecodingSequence:
+    """One sequence of a :class:`SpeculativeBatch`: its proposer, what is committed (the prompt and
+    the tokens emitted), its options, and its result so far. ``done``: it has ended and left the batch."""
+
+    proposer: Proposer
+    committed: list[int]
+    max_new_tokens: int
+    temperature: float
+    stop_ids: set[int]
+    generator: torch.Generator | None
+    on_step: Callable[[list[int], Tensor | None, Tensor], bool | None] | None
+    result: SpeculativeResult
+    started: float
+    done: bool = False
+
+    def finish(self) -> None:
+        self.done = True
+        self.result.seconds = time.perf_counter() - self.started
+
+
+class SpeculativeBatch:
+    """Sequences decoded together: each :meth:`step` verifies every sequence's tree in one target forward
+    (their KV caches are the rows of one, each row's committed positions first; tree_attention reads each
+    row's own prefix and tree), then commits each row on its own. A sequence joins after its prompt's
+    prefill (:meth:`add`) and leaves when it ends; what it generates is what it would generate alone
+    (:func:`speculative_generate` is a batch of one). Rows of several nodes are padded to the widest
+    tree; the padding is never verified."""
+
+    def __init__(self, target):
+        enable_tree_attention(target)
+        self.target, self.device, self.cache_kw = target, next(target.parameters()).device, _cache_keyword(target)
+        self.sequences: list[DecodingSequence] = []  # row b of the cache is sequences[b]
+        self.cache = None
+
+    @torch.no_grad()
+    def add(
+        self, proposer: Proposer | Sequence[Proposer], prompt: Sequence[int], max_new_tokens: int,
+        temperature: float = 0.0, eos_token_id: int | Sequence[int] | None = None,
+        generator: torch.Generator | None = None,
+        on_step: Callable[[list[int], Tensor | None, Tensor], bool | None] | None = None,
+    ) -> DecodingSequence:  # fmt: skip
+        """Prefills ``prompt`` and adds its sequence to the batch (the arguments as
+        :func:`speculative_generate`'s); a sequence with nothing to generate is done at once."""
+        from transformers import DynamicCache
+
+        proposer = _one_proposer(proposer)
+        if len(prompt) < 1:
+            raise ValueError("speculative_generate: the prompt must hold at least one token")
+        if temperature < 0:
+            raise ValueError(f"speculative_generate: temperature must be >= 0, got {temperature}")
+        if eos_token_id is None:
+            eos_token_id = stop_token_ids(self.target)
+        stop_ids = set([eos_token_id] if isinstance(eos_token_id, int) else eos_token_id)
+        started = time.perf_counter()
+        cache = DynamicCache()
+        seen = _prefill(self.target, list(prompt), list(proposer.feature_layers), {self.cache_kw: cache}, self.device)
+        proposer.reset(seen[1])
+        seq = DecodingSequence(proposer, list(prompt), max_new_tokens, temperature, stop_ids, generator, on_step,
+                               SpeculativeResult(tokens=[]), started)  # fmt: skip
+        if (on_step is not None and bool(on_step(*seen))) or max_new_tokens <= 0:
+            seq.finish()
+            return seq
+        if self.cache is None:
+            self.cache = cache
+        else:
+            _stack_cache(self.cache, len(self.sequences), cache)
+        self.sequences.append(seq)
+        return seq
+
+    @torch.no_grad()
+    def step(self) -> list[DecodingSequence]:
+        """One verification of every sequence in the batch; returns those that ended (they leave it)."""
+        if not self.sequences:
+            return []
+        trees = [seq.proposer.propose(seq.committed) for seq in self.sequences]
+        width = max(len(tokens) for tokens, _ in trees)
+        tokens = torch.zeros(len(trees), width, dtype=torch.long)
+        parents = torch.zeros(len(trees), width, dtype=torch.long)  # padding: children of the root
+        for row, (t, p) in enumerate(trees):
+            tokens[row, : len(t)], parents[row, : len(p)] = t, p
+        parents[:, 0] = -1
+        tokens, parents = tokens.to(self.device), parents.to(self.device)
+        prefix_lens = [len(seq.committed) - 1 for seq in self.sequences]
+        layers = [list(seq.proposer.feature_layers) for seq in self.sequences]
+        out = _score_tree(self.target, tokens, parents, prefix_lens, any(layers), {self.cache_kw: self.cache})
+        paths = []
+        for row, seq in enumerate(self.sequences):
+            size = len(trees[row][0])
+            args = (tokens[row : row + 1, :size], parents[row : row + 1, :size], out.logits[row : row + 1, :size])
+            if seq.temperature == 0:
+                num, path, nxt = verify_tree_greedy(*args)
+            else:
+                num, path, nxt = verify_tree_sampling(*args, seq.temperature, seq.generator)
+            path_nodes = path[0, : int(num[0]) + 1]
+            paths.append(path_nodes)
+            self._commit(seq, row, tokens[row, :size], path_nodes, int(nxt[0]), out, layers[row])
+        _commit_paths(self.cache, prefix_lens, paths)
+        ended = [seq for seq in self.sequences if seq.done]
+        if ended:
+            rows = [row for row, seq in enumerate(self.sequences) if not seq.done]
+            self.sequences = [self.sequences[row] for row in rows]
+            _keep_rows(self.cache, rows, [prefix_lens[row] + len(paths[row]) for row in rows])
+            if not self.sequences:
+                self.cache = None
+        return ended
+
+    @staticmethod
+    def _commit(seq: DecodingSequence, row: int, tree: Tensor, path_nodes: Tensor, bonus: int, out, layers) -> None:
+        """Row ``row``'s verified path of its ``tree`` and the target's next token ``bonus``: emitted,
+        observed by the proposer, shown to on_step. The root and the accepted nodes are committed now;
+        the next token is the next root."""
+        kept = _features(out, layers, row)[path_nodes] if layers else None
+        seq.proposer.observe(kept)
+        emitted = tree[path_nodes[1:]].tolist() + [bonus]
+        result = seq.result
+        result.target_forwards += 1
+        result.accepted_per_step.append(len(path_nodes) - 1)
+        result.proposed_per_step.append(len(tree) - 1)
+        done = False
+        for i, token in enumerate(emitted):
+            result.tokens.append(token)
+            seq.committed.append(token)
+            if token in seq.stop_ids or len(result.tokens) == seq.max_new_tokens:
+                emitted, done = emitted[: i + 1], True
+                break
+        if seq.on_step is not None:
+            n = len(emitted)
+            logits = out.logits[row, path_nodes[:n]]
+            done = bool(seq.on_step(emitted, kept[:n] if layers else None, logits)) or done
+        if done:
+            seq.finish()
 
 
 @torch.no_grad()
@@ -360,59 +562,14 @@ def speculative_generate(
     proposer's feature layers, None when it reads none) and ``logits [n, V]`` are the target's at the
     ``n = len(tokens)`` committed positions whose next token is ``tokens[i]``. A true return ends the
     generation after these tokens.
-    """
-    from transformers import DynamicCache
 
-    proposer = _one_proposer(proposer)
-    if len(prompt) < 1:
-        raise ValueError("speculative_generate: the prompt must hold at least one token")
-    if temperature < 0:
-        raise ValueError(f"speculative_generate: temperature must be >= 0, got {temperature}")
-    if eos_token_id is None:
-        eos_token_id = stop_token_ids(target)
-    stop_ids = set([eos_token_id] if isinstance(eos_token_id, int) else eos_token_id)
-    enable_tree_attention(target)
-    device = next(target.parameters()).device
-    cache_kw = _cache_keyword(target)
-    cache = DynamicCache()
-    committed = list(prompt)
-    start = time.perf_counter()
-    layers = list(proposer.feature_layers)
-    seen = _prefill(target, committed, layers, {cache_kw: cache}, device)
-    proposer.reset(seen[1])
-    result = SpeculativeResult(tokens=[])
-    done = on_step is not None and bool(on_step(*seen))
-    del seen  # the prefill's logits ([prompt, V]) are not kept through the generation
-    while not done and len(result.tokens) < max_new_tokens:
-        tokens, parents = proposer.propose(committed)
-        prefix_len = len(committed) - 1
-        tokens, parents = tokens.to(device), parents.to(device)
-        out = _score_tree(target, tokens, parents, prefix_len, bool(layers), {cache_kw: cache})
-        if temperature == 0:
-            num, path, nxt = verify_tree_greedy(tokens[None], parents[None], out.logits)
-        else:
-            num, path, nxt = verify_tree_sampling(tokens[None], parents[None], out.logits, temperature, generator)
-        accepted = int(num[0])
-        path_nodes = path[0, : accepted + 1]
-        _commit_path(cache, prefix_len, path_nodes)
-        # The root and the accepted nodes are committed now; the bonus token is the next root.
-        kept = _features(out, layers)[path_nodes] if layers else None
-        proposer.observe(kept)
-        emitted = tokens[path_nodes[1:]].tolist() + [int(nxt[0])]
-        result.target_forwards += 1
-        result.accepted_per_step.append(accepted)
-        result.proposed_per_step.append(len(tokens) - 1)
-        for i, token in enumerate(emitted):
-            result.tokens.append(token)
-            committed.append(token)
-            if token in stop_ids or len(result.tokens) == max_new_tokens:
-                emitted, done = emitted[: i + 1], True
-                break
-        if on_step is not None:
-            n = len(emitted)
-            done = bool(on_step(emitted, kept[:n] if layers else None, out.logits[0, path_nodes[:n]])) or done
-    result.seconds = time.perf_counter() - start
-    return result
+    Several sequences decode together in a :class:`SpeculativeBatch`.
+    """
+    batch = SpeculativeBatch(target)
+    seq = batch.add(proposer, prompt, max_new_tokens, temperature, eos_token_id, generator, on_step)
+    while not seq.done:
+        batch.step()
+    return seq.result
 
 
 class TargetAsDraft:

@@ -476,7 +476,7 @@ def prometheus_text(state: ServerState) -> str:
     metric("tokens_per_second", "gauge", f"Decoding tokens/s over the last {window} requests", [("", rate)])
     metric("rolling_window_requests", "gauge", "Requests in the rolling window", [("", window)])
     metric("queue_depth", "gauge", "Requests waiting", [("", state.scheduler.waiting)])
-    metric("requests_running", "gauge", "Requests being decoded", [("", int(state.scheduler.running is not None))])
+    metric("requests_running", "gauge", "Requests being decoded", [("", len(state.scheduler.running))])
     learner = state.learner
     if learner is not None:
         metric("learner_steps_total", "counter", "Training steps of the draft on served traffic", [("", learner.steps)])

@@ -1,10 +1,12 @@
-"""The request queue in front of an engine: first come, first served, one request at a time.
+"""The request queue in front of an engine: first come, first served, up to ``max_batch`` at a time.
 
 The HTTP handlers (asyncio) submit :class:`Job`s; one worker thread runs them through the engine in
 the order they came (torch releases the GIL while it computes, so the event loop keeps serving).
-Tokens reach the job's asyncio queue as they are verified. Between two requests, never inside one,
-the worker puts in the newest draft weights the learner handed over. A job cancelled while waiting
-is skipped; one cancelled while running stops at its next verification.
+Up to ``max_batch`` requests decode together, one target forward a step for all of them (a request
+waiting joins between two steps, when one ends or the batch has room). Tokens reach each job's asyncio
+queue as they are verified. Between two steps the worker puts in the newest draft weights the learner
+handed over, for the requests that begin after that (a running one keeps the draft it began with). A
+job cancelled while waiting is skipped; one cancelled while running stops at its next verification.
 """
 
 from __future__ import annotations
@@ -104,13 +106,18 @@ class Stats:
 
 
 class Scheduler:
-    def __init__(self, engine: Engine, max_queue: int, window: int = 50, threads: int | None = None, learner=None):
-        self.engine, self.max_queue, self.learner = engine, max_queue, learner
+    def __init__(
+        self, engine: Engine, max_queue: int, window: int = 50, threads: int | None = None, learner=None,
+        max_batch: int = 1,
+    ):  # fmt: skip
+        if max_batch < 1:
+            raise ValueError(f"Scheduler: max_batch must be >= 1, got {max_batch}")
+        self.engine, self.max_queue, self.learner, self.max_batch = engine, max_queue, learner, max_batch
         self.threads = threads or torch.get_num_threads()  # the loading thread's: what torch chose here
         self.stats = Stats(window)
         self.queue: queue.Queue[Job | None] = queue.Queue()
         self.waiting = 0
-        self.running: Job | None = None
+        self.running: list[Job] = []
         self.draining = False
         self._ids = itertools.count(1)
         self._started = itertools.count()
@@ -133,7 +140,7 @@ class Scheduler:
         return job
 
     def busy(self) -> bool:
-        return self.running is not None or self.waiting > 0
+        return bool(self.running) or self.waiting > 0
 
     def offer_draft(self, state: dict, version: int) -> None:
         """From the learner: weights to put in before the next request (a newer offer replaces it)."""
@@ -157,35 +164,41 @@ class Scheduler:
 
     def _work(self) -> None:
         own_threads(self.threads)
-        while True:
-            job = self.queue.get()
-            if job is None:
-                return
-            with self._lock:
-                self.waiting -= 1
-                self.running = job
-            queued = time.monotonic() - job.submitted
-            recorder, error = None, ""
-            try:
-                stats, status, recorder = self._run(job)
-            except Exception as exc:  # one request's failure is its own: the server goes on
-                error = f"{type(exc).__name__}: {exc}"
-                print(f"[serve] request {job.id} failed: {error}", file=sys.stderr)
-                stats, status = GenerationStats(), "error"
-            with self._lock:
-                self.running = None  # before the counters: whoever sees the request counted sees it done
-            self.stats.finished(job, stats, queued, status)
-            if recorder is not None:  # a cancelled request's verified positions are as good as any
+        running: dict[int, tuple] = {}  # id(the engine's handle) -> (handle, job, recorder, queued)
+        ending = False
+        while not ending or running:
+            while not ending and len(running) < self.max_batch:  # admit, in the order submitted
                 try:
-                    self.learner.add(recorder)
-                except Exception as exc:
-                    print(f"[serve] request {job.id}: not learned from: {type(exc).__name__}: {exc}", file=sys.stderr)
-            job.send(("error", error) if status == "error" else ("stats", stats))
+                    job = self.queue.get(block=not running)  # idle: wait for one
+                except queue.Empty:
+                    break
+                if job is None:
+                    ending = True
+                    break
+                with self._lock:
+                    self.waiting -= 1
+                self._begin(job, running)
+            if not running:
+                continue
+            try:
+                ended = self.engine.step()
+                error = ""
+            except Exception as exc:  # the batch's step failed: its requests end with the error
+                error = f"{type(exc).__name__}: {exc}"
+                print(f"[serve] a decoding step failed: {error}", file=sys.stderr)
+                ended = self.engine.abort()
+            for handle in ended:
+                _, job, recorder, queued = running.pop(id(handle))
+                status = "error" if error else "cancelled" if job.cancelled.is_set() else "ok"
+                self._end(job, handle.stats if not error else GenerationStats(), status, recorder, queued, error)
 
-    def _run(self, job: Job):
-        """(stats, status, recorder) of one job."""
+    def _begin(self, job: Job, running: dict) -> None:
+        """Starts ``job`` in the engine (its prefill), or ends it at once: cancelled while waiting, failed,
+        or with nothing to generate."""
+        queued = time.monotonic() - job.submitted
         if job.cancelled.is_set():
-            return GenerationStats(stopped=True), "cancelled", None
+            self._end(job, GenerationStats(stopped=True), "cancelled", None, queued)
+            return
         self._apply_update()
         job.started_order = next(self._started)
         recorder = self.learner.recorder(job.request.prompt) if self.learner is not None else None
@@ -193,5 +206,28 @@ class Scheduler:
         def on_tokens(tokens: list[int]) -> bool:
             return bool(job.on_tokens(tokens)) or job.cancelled.is_set()
 
-        stats = self.engine.generate(job.request, on_tokens, recorder)
-        return stats, "cancelled" if job.cancelled.is_set() else "ok", recorder
+        with self._lock:
+            self.running.append(job)
+        try:
+            handle = self.engine.begin(job.request, on_tokens, recorder)
+        except Exception as exc:  # one request's failure is its own: the server goes on
+            error = f"{type(exc).__name__}: {exc}"
+            print(f"[serve] request {job.id} failed: {error}", file=sys.stderr)
+            self._end(job, GenerationStats(), "error", None, queued, error)
+            return
+        if handle.done:
+            self._end(job, handle.stats, "cancelled" if job.cancelled.is_set() else "ok", recorder, queued)
+        else:
+            running[id(handle)] = (handle, job, recorder, queued)
+
+    def _end(self, job: Job, stats: GenerationStats, status: str, recorder, queued: float, error: str = "") -> None:
+        with self._lock:
+            if job in self.running:  # before the counters: whoever sees the request counted sees it done
+                self.running.remove(job)
+        self.stats.finished(job, stats, queued, status)
+        if recorder is not None and status != "error":  # a cancelled request's verified positions are as good
+            try:
+                self.learner.add(recorder)
+            except Exception as exc:
+                print(f"[serve] request {job.id}: not learned from: {type(exc).__name__}: {exc}", file=sys.stderr)
+        job.send(("error", error) if status == "error" else ("stats", stats))

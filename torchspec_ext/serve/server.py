@@ -68,6 +68,11 @@ class ServeConfig:
         None, "cap on a completion whose request gives no max_tokens (default: what the context leaves)"
     )
     max_queue: int = option(64, "requests waiting beyond which new ones get 429", check=at_least(1))
+    max_batch: int = option(
+        4,
+        "requests decoded together, one target forward a step for all (1: one request at a time)",
+        check=at_least(1),
+    )
     threads: int | None = option(None, "torch threads of the decoding thread (default: torch's)", check=at_least(1))
     metrics_window: int = option(50, "requests in /metrics' rolling acceptance length and tokens/s", check=at_least(1))
     learn: bool = option(False, "train the draft on the traffic (a copy, swapped in between requests)")
@@ -175,7 +180,7 @@ def build(config: ServeConfig, address: str = ""):
     torch.manual_seed(config.seed)
     engine = load_engine(config)
     learner = None
-    scheduler = Scheduler(engine, config.max_queue, config.metrics_window, config.threads)
+    scheduler = Scheduler(engine, config.max_queue, config.metrics_window, config.threads, max_batch=config.max_batch)
     if config.learn:
         trainable = engine.trainable_draft()
         if trainable is None:
