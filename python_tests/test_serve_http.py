@@ -241,12 +241,15 @@ def test_concurrent_clients_are_all_answered_once_and_right(server, target_and_d
         except Exception as exc:  # noqa: BLE001 - reported below
             errors.append(exc)
 
+    steps, rows = server.metric("decode_steps_total"), server.metric("decode_step_requests_total")
     threads = [threading.Thread(target=ask, args=(i,)) for i in range(6)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     assert not errors and sorted(results) == list(range(6))
+    steps, rows = server.metric("decode_steps_total") - steps, server.metric("decode_step_requests_total") - rows
+    assert rows / steps > 1.5, (rows, steps)  # decoded together (--max-batch 4 by default), not one by one
     assert len({r.id for r in results.values()}) == 6
     for i, out in results.items():
         ids = chat_ids(tokenizer, f"{QUESTIONS[i % 4]} ({i})")

@@ -470,6 +470,11 @@ def prometheus_text(state: ServerState) -> str:
         metric("target_forwards_total", "counter", "Verification passes of the target", [("", s.target_forwards)])
         metric("decode_seconds_total", "counter", "Seconds spent decoding", [("", round(s.decode_seconds, 6))])
         metric("draft_updates_total", "counter", "Draft weight updates put into the engine", [("", s.draft_updates)])
+        metric("decode_steps_total", "counter", "Decoding steps (one target forward each)", [("", s.steps)])
+        metric(
+            "decode_step_requests_total", "counter", "Requests in the decoding steps, summed (/ steps: the mean batch)",
+            [("", s.step_requests)],
+        )  # fmt: skip
     metric(
         "acceptance_length", "gauge", f"Tokens per target forward over the last {window} requests", [("", acceptance)]
     )

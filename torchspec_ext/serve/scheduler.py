@@ -84,6 +84,8 @@ class Stats:
         self.target_forwards = 0
         self.decode_seconds = 0.0
         self.draft_updates = 0
+        self.steps = 0  # the engine's decoding steps
+        self.step_requests = 0  # requests in them, summed: / steps is the mean batch
         self.started = time.monotonic()
 
     def finished(self, job: Job, stats: GenerationStats, queued: float, status: str) -> None:
@@ -180,6 +182,9 @@ class Scheduler:
                 self._begin(job, running)
             if not running:
                 continue
+            with self.stats.lock:
+                self.stats.steps += 1
+                self.stats.step_requests += len(running)
             try:
                 ended = self.engine.step()
                 error = ""
