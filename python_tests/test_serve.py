@@ -427,6 +427,27 @@ def test_serve_combine_builds_the_combination_from_the_command_line(predictable_
     assert not isinstance(load_engine(parse(ServeConfig, argv)).proposer, Combined)
 
 
+def test_the_server_warms_up_before_taking_requests_and_keeps_nothing_of_it(model, predictable_target, tmp_path):
+    from torchspec_ext import small_rows
+    from torchspec_ext.options import parse
+    from torchspec_ext.serve.server import ServeConfig, load_engine
+
+    _, draft = new_draft(*model)
+    draft.save(tmp_path)
+    argv = ["--target", str(predictable_target), "--draft", str(tmp_path), "--dtype", "float32", "--min-prob", "0"]
+    small_rows._fastest.clear()
+    engine = load_engine(parse(ServeConfig, [*argv, "--combine"]))
+    linears = [m for net in (engine.target, engine.draft) for m in net.modules()]
+    linears = [m for m in linears if isinstance(m, small_rows.SmallRowsLinear)]
+    assert any(m in linears for m in engine.draft.modules())
+    # Every weight's way, the target's and the draft's, is chosen (the one-time timings done) before
+    # the first request...
+    for m in linears:
+        assert (*m.weight.shape, m.weight.dtype, m.bfloat16_copy, 1) in small_rows._fastest
+    # ...and the warm-up's output is not in the requests' suffix cache.
+    assert [cache.outputs for cache in engine.outputs] == [0]
+
+
 def test_the_measured_stream_is_distinct_seeded_and_asks_second_turns_after_first_ones():
     from transformers import AutoTokenizer
 

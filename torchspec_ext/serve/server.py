@@ -161,6 +161,8 @@ def load_engine(config: ServeConfig):
     engine = LocalEngine(target, tokenizer, family, draft, mode, name, stop_token_ids(target, tokenizer))
     if config.max_model_len:
         engine.context_length = min(engine.context_length, config.max_model_len)
+    seconds = warm_up(target, family, draft, mode, prompt)
+    print(f"[serve] warmed up in {seconds:.1f} s", file=sys.stderr)
     print(
         f"[serve] {name} ({dtype}), draft {source} ({family.title}), proposals: depth {spec.depth}, top-{spec.topk}, "
         f"{spec.max_nodes} nodes, p >= {spec.min_prob:g}"
@@ -169,6 +171,20 @@ def load_engine(config: ServeConfig):
         file=sys.stderr,
     )
     return engine
+
+
+def warm_up(target, family, draft, mode, prompt: list[int], tokens: int = 8) -> float:
+    """Seconds to decode ``tokens`` after ``prompt`` with a proposer of its own (its suffix cache and
+    calibration then dropped): the one-time costs of a first decode (``small_rows``' timings of the
+    target's and the draft's weights, first allocations) are paid before the server takes requests."""
+    import time
+
+    from torchspec_ext.drafts.combined import build_proposer
+    from torchspec_ext.speculate import speculative_generate
+
+    begin = time.perf_counter()
+    speculative_generate(target, build_proposer(family, draft, mode), prompt, tokens)
+    return time.perf_counter() - begin
 
 
 def build(config: ServeConfig, address: str = ""):
