@@ -424,7 +424,7 @@ def test_serve_combine_builds_the_combination_from_the_command_line(predictable_
     assert isinstance(engine.proposer, Combined) and engine.proposer.names == ["lookup", "suffix"]
     assert engine.proposer.max_nodes == 5 and engine.outputs[0].max_tokens == 1000
     assert engine.proposer.node_cost >= 0  # measured on this machine at the start
-    assert not isinstance(load_engine(parse(ServeConfig, argv)).proposer, Combined)
+    assert not isinstance(load_engine(parse(ServeConfig, [*argv, "--no-combine"])).proposer, Combined)
 
 
 def test_the_server_warms_up_before_taking_requests_and_keeps_nothing_of_it(model, predictable_target, tmp_path):

@@ -10,7 +10,7 @@ and how many answers equal plain decoding's (transformers' ``generate`` of each 
 timed one at a time: the baseline a user has without us).
 
 Usage: python scripts/measure_serve_batching.py --draft torchspec_out/draft [--requests 16]
-       [--clients 4] [--batches 1,4] [--max-tokens 64] [--dtype float32] [--server-args '--combine']
+       [--clients 4] [--batches 1,4] [--max-tokens 64] [--dtype float32] [--server-args='--no-combine']
 """
 
 from __future__ import annotations

@@ -100,8 +100,8 @@ def add_options(parser: argparse.ArgumentParser | argparse._ArgumentGroup, cls, 
         kwargs: dict[str, Any] = {"help": meta.get("help") or None}
         if not meta.get("positional"):
             kwargs["dest"] = f.name
-        if kind is bool:
-            kwargs["action"] = "store_true"
+        if kind is bool:  # a flag that is on by default also gets its --no- form
+            kwargs["action"] = argparse.BooleanOptionalAction if f.default is True else "store_true"
         else:
             kwargs["type"] = kind
             if meta.get("choices") is not None:

@@ -153,11 +153,15 @@ class LocalEngine:
                 raise RuntimeError(f"draft update does not fit the served draft (unexpected {unexpected})")
             self.draft, self.version = draft, version
 
-    def _sequence_proposer(self):
+    def _sequence_proposer(self, seeded_sample: bool):
         """A proposer for one more request: the draft's own (it keeps the request's state), in a
-        combination beside the shared members (prompt lookup and suffix decoding keep none) and calibration."""
+        combination beside the shared members (prompt lookup and suffix decoding keep none) and calibration.
+        A seeded sample gets a combination of its own (an empty suffix cache, a new calibration): its
+        tokens depend on the proposals, which then depend on nothing another request changes."""
         if not isinstance(self.spec, CombinationSpec):
             return self.family.proposer(self.draft, self.spec)
+        if seeded_sample:
+            return build_proposer(self.family, self.draft, self.spec)
         shared = self.proposer
         members = list(shared.proposers)
         if self.spec.tree is not None:  # the draft is the first member
@@ -185,9 +189,10 @@ class LocalEngine:
 
         generator = torch.Generator(device=next(self.target.parameters()).device)
         generator.manual_seed(request.seed if request.seed is not None else torch.seed())
+        seeded_sample = request.temperature > 0 and request.seed is not None
         with self._lock:
             sequence = self.batch.add(
-                self._sequence_proposer(), request.prompt, request.max_tokens, request.temperature,
+                self._sequence_proposer(seeded_sample), request.prompt, request.max_tokens, request.temperature,
                 self.stop_token_ids, generator=generator, on_step=on_step,
             )  # fmt: skip
             running = Running(sequence, stats)

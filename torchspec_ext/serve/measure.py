@@ -47,7 +47,7 @@ class MeasureConfig:
     seed: int = option(0, "of the stream's shuffle")
     out: str = option("serve_measure", "folder of the JSON and Markdown results")
     plot: str | None = option("docs/serving_acceptance.png", "the PNG to write ('' for none)")
-    server_args: str = option("", "more arguments for every server, e.g. '--min-prob 0.15 --learn-lr 1e-3'")
+    server_args: str = option("", "more arguments for every server, e.g. '--no-combine --learn-lr 1e-3'")
     skip_plain: bool = option(False, "do not check the answers against plain decoding")
 
     def check(self) -> list[str]:

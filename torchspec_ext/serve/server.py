@@ -54,9 +54,9 @@ class ServeConfig:
         MIN_PROB, "propose no node below this cumulative draft probability (0: whole trees)", check=_min_prob_check
     )
     combine: bool = option(
-        False,
+        True,
         "verify the draft's tree, prompt lookup and suffix decoding together (eval's 'combined' row), the suffix "
-        "cache holding earlier requests' outputs; worth it where eval or train's held-out check finds it the best",
+        "cache holding earlier requests' outputs (--no-combine: the draft's tree alone)",
     )
     suffix_cache_tokens: int = option(
         1 << 18,
