@@ -436,7 +436,7 @@ def test_the_server_warms_up_before_taking_requests_and_keeps_nothing_of_it(mode
     draft.save(tmp_path)
     argv = ["--target", str(predictable_target), "--draft", str(tmp_path), "--dtype", "float32", "--min-prob", "0"]
     small_rows._fastest.clear()
-    engine = load_engine(parse(ServeConfig, [*argv, "--combine"]))
+    engine = load_engine(parse(ServeConfig, argv))  # the combination, by default
     linears = [m for net in (engine.target, engine.draft) for m in net.modules()]
     linears = [m for m in linears if isinstance(m, small_rows.SmallRowsLinear)]
     assert any(m in linears for m in engine.draft.modules())

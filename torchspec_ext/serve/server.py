@@ -15,6 +15,7 @@ import os
 import signal
 import socket
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -177,8 +178,6 @@ def warm_up(target, family, draft, mode, prompt: list[int], tokens: int = 8) -> 
     """Seconds to decode ``tokens`` after ``prompt`` with a proposer of its own (its suffix cache and
     calibration then dropped): the one-time costs of a first decode (``small_rows``' timings of the
     target's and the draft's weights, first allocations) are paid before the server takes requests."""
-    import time
-
     from torchspec_ext.drafts.combined import build_proposer
     from torchspec_ext.speculate import speculative_generate
 
