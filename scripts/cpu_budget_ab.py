@@ -10,7 +10,7 @@ spent. It prints the greedy acceptance length (no load changes it) on the first 
 (``--eval-sets``: mt-bench, humaneval, sharegpt, the held-out split; sharegpt by default), and, with ``--save``,
 writes the draft with its training metadata for ``python -m torchspec_ext.eval --draft``.
 
-    python scripts/cpu_budget_ab.py make-pool --pool /tmp/pool.pt --batches 60
+    python scripts/cpu_budget_ab.py make-pool --pool /tmp/pool.pt --batches 80
     python scripts/cpu_budget_ab.py run --pool /tmp/pool.pt --cpu-seconds 840 --save /tmp/ab/dflash \\
         -- --draft-family dflash --lr 1e-3
     python -m torchspec_ext.eval --draft /tmp/ab/dflash --prompts mt-bench humaneval sharegpt
@@ -62,18 +62,30 @@ def setup(train_argv: list[str]):
 
 
 def make_pool(count: int, path: Path, train_argv: list[str]) -> None:
+    """The first ``count`` teacher batches; a pool already at ``path`` made with the same shapes is
+    extended (its batches are the same first ones: the batch order is train's, fixed by the seed)."""
     config, target, tokenizer, train, _ = setup(train_argv)
+    shapes = {"batch_size": config.batch_size, "max_length": config.max_length, "topk": config.topk}
+    shapes["seed"] = config.seed  # it orders the batches
+    if path.exists():
+        old = torch.load(path, mmap=True)
+        if {"seed": config.seed, **old.get("shapes", {})} != shapes or old["layers"] != POOL_LAYERS:
+            raise SystemExit(f"{path} holds batches of {old.get('shapes')}, layers {old['layers']}; these would be "
+                             f"{shapes}, layers {POOL_LAYERS}: give another --pool")  # fmt: skip
+        made, cpu = old["batches"], old["teacher_cpu_s"]
+        print(f"[pool] {path} holds {len(made)} batches; making {max(0, count - len(made))} more", file=sys.stderr)
+    else:
+        made, cpu = [], []
     batches = Batches(train, tokenizer, config.batch_size, config.max_length, config.seed)
     teacher = Teacher(target, POOL_LAYERS, torch.arange(target.config.vocab_size), config.topk)
-    made, cpu = [], []
-    for i in range(count):
+    for i in range(len(made), count):
         _, ids, mask = batches.tokens(i)
         begin = time.process_time()
         made.append(teacher(ids, mask, i).tensors())
         cpu.append(time.process_time() - begin)
         print(f"[pool] batch {i + 1}/{count}: {cpu[-1]:.1f} CPU s", file=sys.stderr, flush=True)
-    shapes = {"batch_size": config.batch_size, "max_length": config.max_length, "topk": config.topk}
-    torch.save({"layers": POOL_LAYERS, "batches": made, "teacher_cpu_s": cpu, "shapes": shapes}, path)
+    with atomic.staged(path) as tmp:  # written beside, then renamed: the extended pool is still mapped from path
+        torch.save({"layers": POOL_LAYERS, "batches": made, "teacher_cpu_s": cpu, "shapes": shapes}, tmp)
 
 
 def pool_batch(pool: dict, j: int, columns: list[int], target_to_draft: torch.Tensor, hidden: int) -> TeacherBatch:
@@ -148,7 +160,7 @@ def eval_prompts(sets: list[str], count: int, tokenizer, seed: int) -> dict[str,
 
 
 def run(args, train_argv: list[str]) -> dict:
-    pool = torch.load(args.pool)
+    pool = torch.load(args.pool, mmap=True)  # mapped: runs side by side share one copy of the pool
     config, target, tokenizer, train, _ = setup(train_argv)
     torch.manual_seed(config.seed)
     family = drafts.family(config.draft_family)
