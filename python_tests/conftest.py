@@ -1,4 +1,5 @@
 import json
+import math
 
 import pytest
 import torch
@@ -121,3 +122,33 @@ def run_train(target, tmp_path, *extra) -> int:
     from torchspec_ext import train
 
     return train.main(tiny_argv(target, tmp_path, *extra))
+
+
+def chi_square_p_value(counts, probs):
+    """Upper-tail p-value of Pearson's chi-square statistic for observed counts against
+    probabilities, by the Wilson–Hilferty approximation: (X²/df)^(1/3) is close to normal with
+    mean 1 - 2/(9 df) and variance 2/(9 df) (accurate to a few percent of p in the tail for
+    df >= 3, ample for a threshold of 1e-3 against statistics that are either O(df) or huge)."""
+    counts = torch.as_tensor(counts, dtype=torch.float64)
+    probs = torch.as_tensor(probs, dtype=torch.float64)
+    n = counts.sum()
+    keep = probs > 0
+    assert counts[~keep].sum() == 0, "a category of probability 0 was observed"
+    expected = n * probs[keep]
+    assert expected.min() >= 5, "too few expected counts for the chi-square approximation"
+    stat = ((counts[keep] - expected) ** 2 / expected).sum().item()
+    df = int(keep.sum()) - 1
+    z = ((stat / df) ** (1 / 3) - (1 - 2 / (9 * df))) / math.sqrt(2 / (9 * df))
+    return 0.5 * math.erfc(z / math.sqrt(2))
+
+
+def chi_square_of_draws(draws, probs, least: float = 5.0) -> float:
+    """chi_square_p_value of ``draws`` (category indices) against ``probs``, the categories expected
+    fewer than ``least`` times merged into one (itself expected at least ``least`` times)."""
+    probs = torch.as_tensor(probs, dtype=torch.float64)
+    counts = torch.bincount(torch.as_tensor(draws), minlength=len(probs)).double()
+    rare = probs * len(draws) < least
+    if probs[rare].sum() * len(draws) < least:  # too rare even together: fold them into the likeliest
+        rare[probs.argmax()] = True
+    return chi_square_p_value(torch.cat([counts[~rare], counts[rare].sum(0, keepdim=True)]),
+                              torch.cat([probs[~rare], probs[rare].sum(0, keepdim=True)]))  # fmt: skip

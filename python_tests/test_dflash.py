@@ -1,12 +1,14 @@
 """The DFlash and DSpark draft families (torchspec_ext.drafts.dflash): the block attention against a
 dense float64 reference, training blocks equal to the drafter's, the drafter's slots and Markov bias,
-greedy speculative decoding equal to plain decoding in every mode (with a draft that is accepted),
-anchors, each objective and its gradients against an eager float64 reference, the options, saving
-and loading (the training metadata kept; a folder of one family refused by another's loader, naming
-both), and train -> export -> eval on a tiny target (greedy outputs equal to plain decoding)."""
+greedy speculative decoding equal to plain decoding in every mode and sampling distributed as the
+target's (with a draft that is accepted), anchors, each objective and its gradients against an eager
+float64 reference, the options, saving and loading (the training metadata kept; a folder of one
+family refused by another's loader, naming both), and train -> export -> eval on a tiny target
+(greedy outputs equal to plain decoding)."""
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 
@@ -25,9 +27,10 @@ from torchspec_ext.teacher import Teacher
 from torchspec_ext.train import main as train_main
 from torchspec_ext.training.losses import loss_function
 
-from conftest import write_chat
+from conftest import chi_square_of_draws, write_chat
 
 VOCAB, MASK = 300, 299
+PROMPT = [5, 17, 42, 99, 123, 7]
 
 
 @pytest.fixture(scope="module")
@@ -161,21 +164,39 @@ def test_drafter_slots_and_markov_bias(target):
             drafter.next_logprobs(context, [[1] * draft.config.proposals])
 
 
-@pytest.mark.parametrize("family", ["dflash", "dspark"])
-def test_greedy_decoding_is_plain_decoding_in_every_mode(target, family):
-    """A draft trained a little on the target's own greedy continuations (so that it is accepted, and
-    the paths that commit draft tokens run), in every mode its family evaluates: speculative greedy
-    decoding is the target's greedy decoding token for token."""
-    from torchspec_ext.speculate import speculative_generate
+@pytest.fixture(scope="module")
+def peaked_target(target):
+    """The target with its LM head scaled up: at temperature 1 its likeliest tokens take a fifth of
+    the probability or more (the random target's are nearly uniform), so a draft is accepted when sampling."""
+    peaked = copy.deepcopy(target)
+    with torch.no_grad():
+        peaked.lm_head.weight.mul_(16.0)
+    return peaked
 
+
+@pytest.fixture(scope="module")
+def accepted_drafts(peaked_target):
+    """Per family, a draft trained a little on the peaked target's greedy continuations of PROMPT and 7
+    random prompts, so that decoding commits its tokens (made once per module)."""
+    made = {}
+
+    def draft_of(family: str) -> DFlashDraft:
+        if family not in made:
+            made[family] = _train_on_greedy_continuations(peaked_target, family)
+        return made[family]
+
+    return draft_of
+
+
+def _train_on_greedy_continuations(target, family: str) -> DFlashDraft:
+    torch.manual_seed(0)  # the draft's initial weights, whichever test asks first
     fam = drafts.family(family)
-    prompt = [5, 17, 42, 99, 123, 7]
-    prompts = torch.randint(0, VOCAB - 1, (8, len(prompt)))
-    prompts[0] = torch.tensor(prompt)
+    prompts = torch.randint(0, VOCAB - 1, (8, len(PROMPT)), generator=torch.Generator().manual_seed(0))
+    prompts[0] = torch.tensor(PROMPT)
     with torch.no_grad():
         rows = target.generate(prompts, max_new_tokens=34, do_sample=False)
     mask = torch.zeros_like(rows, dtype=torch.bool)
-    mask[:, len(prompt) :] = True
+    mask[:, len(PROMPT) :] = True
     draft = make_draft(target, family, noise=0.0, block_loss="teacher", num_anchors=16)
     values = dict(block_size=6, draft_layers=2, num_anchors=16, mask_token_id=MASK, block_loss="teacher")
     options = fam.Options(**values, **({"markov_rank": 8} if family == "dspark" else {})).resolved(False)
@@ -186,14 +207,57 @@ def test_greedy_decoding_is_plain_decoding_in_every_mode(target, family):
         optimizer.zero_grad()
         draft(batch, loss, options).total.backward()
         optimizer.step()
-    draft.eval()
-    want = rows[0, len(prompt) : len(prompt) + 24].tolist()
+    return draft.eval()
+
+
+@pytest.mark.parametrize("family", ["dflash", "dspark"])
+def test_greedy_decoding_is_plain_decoding_in_every_mode(peaked_target, accepted_drafts, family):
+    """With a draft that is accepted (so the paths that commit draft tokens run), in every mode its
+    family evaluates: speculative greedy decoding is the target's greedy decoding token for token."""
+    from torchspec_ext.speculate import speculative_generate
+
+    fam, draft = drafts.family(family), accepted_drafts(family)
+    with torch.no_grad():
+        want = peaked_target.generate(torch.tensor([PROMPT]), max_new_tokens=24, do_sample=False)[0, len(PROMPT) :]
     modes = fam.fit_modes(draft, fam.decode_modes(4, 3, 9, 0.0))
     assert len(modes) == (3 if family == "dspark" else 2)
     for name, spec in modes.items():
-        result = speculative_generate(target, fam.proposer(draft, spec), prompt, 24)
-        assert result.tokens == want, name
+        result = speculative_generate(peaked_target, fam.proposer(draft, spec), PROMPT, 24)
+        assert result.tokens == want.tolist(), name
         assert sum(result.accepted_per_step) > 0, name  # draft tokens were committed
+
+
+SAMPLING_DRAWS = 1500
+
+
+@pytest.mark.parametrize(("family", "mode"), [("dflash", "tree"), ("dspark", "block")])
+def test_sampling_is_the_targets_own(peaked_target, accepted_drafts, family, mode):
+    """Lossless sampling end to end (the verification op's own chi-square test, through the drafter,
+    the proposal and speculative decoding's bookkeeping): at temperature 1, with a draft that is
+    accepted, the first emitted token is distributed as the target's softmax after the prompt, and
+    the second, after the likeliest first, as its softmax there. Chi-square against float64
+    probabilities, 1500 draws, a fixed seed."""
+    from torchspec_ext.speculate import SpeculativeBatch
+
+    fam, draft = drafts.family(family), accepted_drafts(family)
+    spec = fam.fit_modes(draft, fam.decode_modes(4, 3, 9, 0.0))[mode]
+    generator, results = torch.Generator().manual_seed(5), []
+    for _ in range(SAMPLING_DRAWS // 250):  # 250 sequences a batch: one target forward verifies them all
+        batch = SpeculativeBatch(peaked_target)
+        seqs = [batch.add(fam.proposer(draft, spec), PROMPT, 2, 1.0, [], generator) for _ in range(250)]
+        while batch.sequences:
+            batch.step()
+        results += [s.result for s in seqs]
+    assert sum(sum(r.accepted_per_step) for r in results) > SAMPLING_DRAWS / 10  # draft tokens were committed
+    first = torch.tensor([r.tokens[0] for r in results])
+    likeliest = int(torch.mode(first).values)
+    second = torch.tensor([r.tokens[1] for r in results if r.tokens[0] == likeliest])
+    with torch.no_grad():
+        logits = peaked_target(torch.tensor([PROMPT + [likeliest]])).logits[0, -2:].double()
+    probs = torch.softmax(logits, -1)
+    assert probs[0].max() < 0.5  # the first token is not nearly certain: the test has something to find
+    assert chi_square_of_draws(first, probs[0]) > 1e-3
+    assert len(second) > 200 and chi_square_of_draws(second, probs[1]) > 1e-3
 
 
 # ---- anchors -----------------------------------------------------------------------------------------

@@ -6,8 +6,6 @@ the Python walks of torchspec_ext.reference; verify_tree_sampling's losslessness
 tests on many draws.
 """
 
-import math
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -20,7 +18,7 @@ from torchspec_ext.ops import (
     verify_tree_sampling_uniforms,
 )
 
-from conftest import DEVICES, HAS_GPU
+from conftest import DEVICES, HAS_GPU, chi_square_p_value
 
 # ---- helpers ------------------------------------------------------------------------------------
 
@@ -309,24 +307,6 @@ def test_verify_sampling_generator_reproducible(device):
     b = verify_tree_sampling(tokens, parents, logits, 1.0, torch.Generator().manual_seed(3))
     for x, y in zip(a, b):
         assert torch.equal(x, y)
-
-
-def chi_square_p_value(counts, probs):
-    """Upper-tail p-value of Pearson's chi-square statistic for observed counts against
-    probabilities, by the Wilson–Hilferty approximation: (X²/df)^(1/3) is close to normal with
-    mean 1 - 2/(9 df) and variance 2/(9 df) (accurate to a few percent of p in the tail for
-    df >= 3, ample for a threshold of 1e-3 against statistics that are either O(df) or huge)."""
-    counts = torch.as_tensor(counts, dtype=torch.float64)
-    probs = torch.as_tensor(probs, dtype=torch.float64)
-    n = counts.sum()
-    keep = probs > 0
-    assert counts[~keep].sum() == 0, "a category of probability 0 was observed"
-    expected = n * probs[keep]
-    assert expected.min() >= 5, "too few expected counts for the chi-square approximation"
-    stat = ((counts[keep] - expected) ** 2 / expected).sum().item()
-    df = int(keep.sum()) - 1
-    z = ((stat / df) ** (1 / 3) - (1 - 2 / (9 * df))) / math.sqrt(2 / (9 * df))
-    return 0.5 * math.erfc(z / math.sqrt(2))
 
 
 # The losslessness tree, vocabulary of 8: root children tokens 2, 5, 2 (a duplicate), 7; node 1
