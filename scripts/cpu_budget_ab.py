@@ -105,19 +105,36 @@ def replay_order(first: int, count: int, epochs: int, seed: int) -> list[int]:
     return order + [j for _ in range(epochs - 1) for j in torch.randperm(count, generator=gen).tolist()]
 
 
+def planned_steps(done: int, made: int, left: float, step_cpu: float, teacher_cpu: list[float], epochs: int) -> int:
+    """The most steps (at least ``done + 1``) whose remaining charges fit in ``left`` CPU seconds:
+    ``step_cpu`` for each step after ``done``, and the teacher's for each batch after the ``made``
+    first that the schedule reads (``epochs`` passes over ``ceil(steps / epochs)`` batches; one past
+    the pool's end charged the pool's mean: the caller says when the pool is too small)."""
+    mean = sum(teacher_cpu) / len(teacher_cpu)
+    total = done + 1
+    while True:
+        batches = math.ceil((total + 1) / epochs)
+        teacher = sum(teacher_cpu[made:batches]) + max(0, batches - max(made, len(teacher_cpu))) * mean
+        if (total + 1 - done) * step_cpu + teacher > left:
+            return total
+        total += 1
+
+
 def train_within(
     trainer, batch_of, teacher_cpu: list[float], cpu_seconds: float, epochs: int, seed: int, steps: int | None = None
 ) -> dict:
     """Steps of ``trainer`` on ``batch_of(j)`` until ``cpu_seconds`` are charged; the schedule's length
-    is planned after two steps, from their cost and the pool's mean teacher cost per replayed use.
-    With ``steps``, exactly that many (the same batches in the same order for every variant of a seed)."""
+    is planned after two steps from their cost, and again after twelve from the cost of steps 2-11
+    (the first steps cost more than the rest), inside the warm-up. With ``steps``, exactly that many
+    (the same batches in the same order for every variant of a seed)."""
     spent, made, step_cpu, losses = 0.0, 0, [], []
     order = [0, 1]
     while True:
         done = len(step_cpu)
-        if done == 2:
-            per_step = sum(step_cpu) / 2 + sum(teacher_cpu) / len(teacher_cpu) / epochs
-            total = steps or 2 + max(1, int((cpu_seconds - spent) / per_step))
+        if done in (2, 12):  # a new plan keeps the order of the steps already taken (the first pass is in order)
+            measured = step_cpu[2:] if done > 2 else step_cpu
+            total = steps or planned_steps(done, made, cpu_seconds - spent, sum(measured) / len(measured),
+                                           teacher_cpu, epochs)  # fmt: skip
             count = min(len(teacher_cpu), math.ceil(total / epochs))
             order = [0, 1] + replay_order(2, count, epochs, seed)
             trainer.total_steps = min(total, len(order))
