@@ -269,6 +269,7 @@ def draft_cost(args) -> list[dict]:
     for folder in args.drafts:
         family, draft = load_draft(str(folder), target)
         for mode, spec in family.fit_modes(draft, family.decode_modes(4, 4, 16, 0.0)).items():
+            speculative_generate(target, family.proposer(draft, spec), prompts[0], 4, eos_token_id=eos)  # warm-up
             timed, steps, tokens, begin = TimedProposer(family.proposer(draft, spec)), 0, 0, time.process_time()
             for prompt in prompts:
                 result = speculative_generate(target, timed, prompt, args.new_tokens, eos_token_id=eos)
