@@ -110,7 +110,7 @@ def planned_steps(done: int, made: int, left: float, step_cpu: float, teacher_cp
     ``step_cpu`` for each step after ``done``, and the teacher's for each batch after the ``made``
     first that the schedule reads (``epochs`` passes over ``ceil(steps / epochs)`` batches; one past
     the pool's end charged the pool's mean: the caller says when the pool is too small)."""
-    mean = sum(teacher_cpu) / len(teacher_cpu)
+    mean, step_cpu = sum(teacher_cpu) / len(teacher_cpu), max(step_cpu, 1e-3)  # a step is never free
     total = done + 1
     while True:
         batches = math.ceil((total + 1) / epochs)
