@@ -65,8 +65,7 @@ def make_pool(count: int, path: Path, train_argv: list[str]) -> None:
     """The first ``count`` teacher batches; a pool already at ``path`` made with the same shapes is
     extended (its batches are the same first ones: the batch order is train's, fixed by the seed)."""
     config, target, tokenizer, train, _ = setup(train_argv)
-    shapes = {"batch_size": config.batch_size, "max_length": config.max_length, "topk": config.topk}
-    shapes["seed"] = config.seed  # it orders the batches
+    shapes = dict(batch_size=config.batch_size, max_length=config.max_length, topk=config.topk, seed=config.seed)
     if path.exists():
         old = torch.load(path, mmap=True)
         if {"seed": config.seed, **old.get("shapes", {})} != shapes or old["layers"] != POOL_LAYERS:
@@ -255,6 +254,7 @@ def draft_cost(args) -> list[dict]:
     beside the whole step's (the target's verification included), greedy on held-out prompts; and the
     speed-up over plain decoding (transformers' generate) that these CPU seconds give."""
     from torchspec_ext.eval import generate_decode, load_draft
+    from torchspec_ext.serve.server import warm_up
     from torchspec_ext.speculate import speculative_generate
 
     config, target, tokenizer, _, _ = setup([])
@@ -269,7 +269,7 @@ def draft_cost(args) -> list[dict]:
     for folder in args.drafts:
         family, draft = load_draft(str(folder), target)
         for mode, spec in family.fit_modes(draft, family.decode_modes(4, 4, 16, 0.0)).items():
-            speculative_generate(target, family.proposer(draft, spec), prompts[0], 4, eos_token_id=eos)  # warm-up
+            warm_up(target, family, draft, spec, prompts[0], 4)  # the first decode's one-time costs, uncharged
             timed, steps, tokens, begin = TimedProposer(family.proposer(draft, spec)), 0, 0, time.process_time()
             for prompt in prompts:
                 result = speculative_generate(target, timed, prompt, args.new_tokens, eos_token_id=eos)
